@@ -1,0 +1,1 @@
+"""Ray cluster access, job submission, metrics exporters and storage paths; no training logic."""

@@ -1,0 +1,1 @@
+"""Corpus readers, dedup, filters, mixing, tokenization and the shard writer; nothing of training."""

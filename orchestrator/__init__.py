@@ -1,0 +1,1 @@
+"""Job spec, planner, Ray controller and the `pretrain` CLI."""

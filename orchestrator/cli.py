@@ -1,0 +1,92 @@
+"""`pretrain`: the one command line of the project.
+
+    pretrain validate job.yaml parallel.tp=2      check a spec, print it resolved
+    pretrain prep prep.yaml                       corpora → Arrow shards
+    pretrain plan job.yaml --gpus 64              memory, FLOPs and layout
+    pretrain submit job.yaml [--address URL]      run on a Ray cluster (embedded local one without --address)
+    pretrain train job.yaml                       one rank, torchrun-style env vars (what the controller starts)
+
+Each subcommand lives in `orchestrator/commands/<name>.py` with `add_arguments(parser)` and `run(args) -> int`;
+those modules import their heavy dependencies inside `run`, so `pretrain --help` stays fast.
+Exit codes: 0 done, 1 the run failed, 2 the input was wrong (the message says which field or file), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from orchestrator.errors import PretrainError, UserError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+# name → (module under orchestrator.commands, one-line help); a module of None is not available in this version.
+COMMANDS: dict[str, tuple[str | None, str]] = {
+    "validate": ("validate", "check a job spec (with overrides) and print it resolved"),
+    "prep": (None, "deduplicate, filter, mix and tokenize corpora into Arrow shards"),
+    "plan": (None, "parameters, FLOPs, memory per GPU and the best layout for a spec"),
+    "sweep": (None, "run a grid of small models and fit a scaling law"),
+    "train": (None, "run one rank of a job (torchrun-style environment variables)"),
+    "submit": (None, "run a job on a Ray cluster (a local one when no --address)"),
+    "status": (None, "show a submitted job's state"),
+    "logs": (None, "print a submitted job's logs"),
+    "stop": (None, "stop a submitted job"),
+    "list": (None, "list submitted jobs"),
+    "export": (None, "write a checkpoint as a Hugging Face Llama model"),
+    "import": (None, "initialise a run from a Hugging Face Llama model"),
+    "generate": (None, "sample continuations from a checkpoint"),
+    "k8s": (None, "render KubeRay manifests from a job spec"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake as one line and exit code 2, never a traceback."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"pretrain: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pretrain", description="LLM pretraining from raw corpora to a checkpointed model on Ray.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, (module, help_text) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        if module is None:
+            command.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        else:
+            _command_module(module).add_arguments(command)
+    return parser
+
+
+def _command_module(module: str):
+    return importlib.import_module(f"orchestrator.commands.{module}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    module, _ = COMMANDS[args.command]
+    if module is None:
+        print(f"pretrain {args.command}: not available in this version of pretrain", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return _command_module(module).run(args)
+    except UserError as e:
+        print(f"pretrain {args.command}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except PretrainError as e:
+        print(f"pretrain {args.command}: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"pretrain {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,404 @@
+"""Load a job spec from YAML and overrides, and report every problem in it at once.
+
+OmegaConf alone stops at the first bad key; users fixing a 64-GPU spec want the whole list. So the raw YAML is
+walked against the dataclasses of `orchestrator.spec`: unknown keys (with a did-you-mean), wrong types, values out
+of range and the cross-field rules are collected as `Problem`s and raised together in one `SpecError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import typing
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from orchestrator.errors import Problem, SpecError
+from orchestrator.spec import JobSpec
+
+VOCAB_PAD = 128
+
+
+def load_spec(path: str | os.PathLike, overrides: Sequence[str] = (), *, require_data: bool = False) -> JobSpec:
+    """Read `path`, apply `section.key=value` overrides, validate, and return the resolved spec."""
+    source = os.fspath(path)
+    try:
+        with open(source, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise SpecError(source, [Problem("", f"cannot read the job spec: {e.strerror or e}")]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError(source, [Problem("", f"not valid YAML{where}: {getattr(e, 'problem', e)}")]) from None
+    return parse_spec({} if raw is None else raw, source=source, overrides=overrides, require_data=require_data)
+
+
+def parse_spec(
+    raw: Any, *, source: str = "job spec", overrides: Sequence[str] = (), require_data: bool = False
+) -> JobSpec:
+    """Validate a spec given as plain data (a YAML mapping or `spec_to_dict`'s output)."""
+    if not isinstance(raw, dict):
+        raise SpecError(source, [Problem("", f"expected a mapping of sections, got {type(raw).__name__}")])
+    problems: list[Problem] = []
+    raw = _apply_overrides(raw, overrides, problems)
+    raw = _resolve_interpolations(raw, problems)
+    bad: set[str] = set()
+    spec = _build(JobSpec, raw, "", problems, bad)
+    _check_limits(spec, "", problems, bad)
+    manifest = _read_manifest(spec, problems, bad, require_data)
+    for rule in RULES:
+        problems.extend(rule(spec, bad, manifest))
+    if problems:
+        raise SpecError(source, problems)
+    return _resolve(spec)
+
+
+def spec_to_dict(spec: JobSpec) -> dict[str, Any]:
+    return dataclasses.asdict(spec)
+
+
+def spec_to_yaml(spec: JobSpec) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(spec_to_dict(spec)))
+
+
+def field_help(cls: type = JobSpec, prefix: str = "") -> Iterable[tuple[str, Any, str]]:
+    """(dotted path, default, help) of every leaf field: the reference table of the spec."""
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(f.type) or f.default_factory is not dataclasses.MISSING:
+            yield from field_help(typing.get_type_hints(cls)[f.name], path + ".")
+        else:
+            yield path, f.default, f.metadata.get("help", "")
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def _apply_overrides(raw: dict, overrides: Sequence[str], problems: list[Problem]) -> dict:
+    items = []
+    for item in overrides:
+        key, eq, _ = item.partition("=")
+        if not eq or not key.strip():
+            message = f"override {item!r} is not of the form section.key=value"
+            problems.append(Problem(key.strip() if eq else "", message))
+        else:
+            items.append(item)
+    if not items:
+        return raw
+    try:
+        merged = OmegaConf.merge(OmegaConf.create(raw), OmegaConf.from_dotlist(items))
+        return OmegaConf.to_container(merged, resolve=False)
+    except OmegaConfBaseException as e:
+        problems.append(Problem(getattr(e, "full_key", "") or "", f"cannot apply overrides {items}: {e.msg}"))
+        return raw
+    except (ValueError, TypeError, yaml.YAMLError) as e:
+        problems.append(Problem("", f"cannot apply overrides {items}: {e}"))
+        return raw
+
+
+def _resolve_interpolations(raw: dict, problems: list[Problem]) -> dict:
+    try:
+        return OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
+    except OmegaConfBaseException as e:
+        problems.append(Problem(getattr(e, "full_key", "") or "", f"bad interpolation: {e.msg}"))
+    except (ValueError, TypeError) as e:
+        problems.append(Problem("", f"not a valid spec: {e}"))
+    return {}
+
+
+def _build(cls: type, data: dict, prefix: str, problems: list[Problem], bad: set[str]) -> Any:
+    """Instantiate `cls` from `data`, keeping defaults where a value is unknown or of the wrong type."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            problems.append(Problem(path, "unknown key" + _did_you_mean(str(key), names, prefix)))
+            continue
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            if isinstance(value, dict):
+                kwargs[key] = _build(kind, value, path + ".", problems, bad)
+            else:
+                problems.append(Problem(path, f"got {value!r}, expected a section (a mapping of keys)"))
+                bad.add(path)
+            continue
+        ok, converted = _coerce(value, kind)
+        if ok:
+            kwargs[key] = converted
+        else:
+            problems.append(Problem(path, f"got {value!r}, expected {_type_name(kind)}"))
+            bad.add(path)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, kind: Any) -> tuple[bool, Any]:
+    args = typing.get_args(kind)
+    if type(None) in args:
+        if value is None:
+            return True, None
+        kind = next(a for a in args if a is not type(None))
+    if kind is bool:
+        if isinstance(value, bool):
+            return True, value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return True, value.lower() == "true"
+        return False, None
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return True, value
+        if isinstance(value, float) and value.is_integer():
+            return True, int(value)
+        return False, None
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                return False, None
+            return math.isfinite(number), number
+        return False, None
+    if kind is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return True, str(value)
+        return False, None
+    return False, None
+
+
+def _type_name(kind: Any) -> str:
+    args = typing.get_args(kind)
+    if type(None) in args:
+        inner = next(a for a in args if a is not type(None))
+        return f"{_type_name(inner)} or null"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(kind, str(kind))
+
+
+def _did_you_mean(key: str, names: list[str], prefix: str) -> str:
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean '{prefix}{close[0]}'?)"
+    elsewhere = [path for path, _, _ in field_help() if path.rsplit(".", 1)[-1] == key]
+    if elsewhere:
+        return f" (did you mean '{elsewhere[0]}'?)"
+    return f"; allowed here: {', '.join(names)}"
+
+
+def _check_limits(obj: Any, prefix: str, problems: list[Problem], bad: set[str]) -> None:
+    for f in dataclasses.fields(obj):
+        path, value = f"{prefix}{f.name}", getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_limits(value, path + ".", problems, bad)
+            continue
+        if value is None or path in bad:
+            continue
+        meta = f.metadata
+        message = None
+        if "choices" in meta and value not in meta["choices"]:
+            message = f"got {value!r}, allowed: {', '.join(repr(c) for c in meta['choices'])}"
+        elif "min" in meta and value < meta["min"]:
+            message = f"got {value!r}, must be ≥ {meta['min']}"
+        elif "max" in meta and value > meta["max"]:
+            message = f"got {value!r}, must be ≤ {meta['max']}"
+        if message:
+            problems.append(Problem(path, message))
+            bad.add(path)
+
+
+def _read_manifest(spec: JobSpec, problems: list[Problem], bad: set[str], require: bool) -> dict | None:
+    if not spec.data.path:
+        if require:
+            problems.append(Problem("data.path", "not set; point it at a directory written by `pretrain prep`"))
+            bad.add("data.path")
+        return None
+    path = os.path.join(spec.data.path, "manifest.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+        if not isinstance(manifest, dict):
+            raise ValueError("not a JSON object")
+        return manifest
+    except FileNotFoundError:
+        if require:
+            problems.append(Problem("data.path", f"no manifest.json in {spec.data.path!r}; run `pretrain prep` first"))
+            bad.add("data.path")
+    except (OSError, ValueError) as e:
+        problems.append(Problem("data.path", f"cannot read {path}: {e}"))
+        bad.add("data.path")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- cross-field rules
+
+Rule = Callable[[JobSpec, set, "dict | None"], list[Problem]]
+RULES: list[Rule] = []
+
+
+def rule(*paths: str) -> Callable[[Callable[..., list[Problem]]], Rule]:
+    """Register a cross-field rule; it is skipped when a field it reads is already reported bad."""
+
+    def register(check: Callable[..., list[Problem]]) -> Rule:
+        def run(spec: JobSpec, bad: set, manifest: dict | None) -> list[Problem]:
+            if any(p in bad for p in paths):
+                return []
+            return check(spec, manifest)
+
+        RULES.append(run)
+        return run
+
+    return register
+
+
+@rule("parallel.dp", "parallel.pp", "parallel.tp", "resources.num_nodes", "resources.gpus_per_node")
+def _layout_fills_world(spec: JobSpec, _: Any) -> list[Problem]:
+    p, r = spec.parallel, spec.resources
+    world = spec.world_size
+    ranks = f"{world} ranks (resources.num_nodes={r.num_nodes} × resources.gpus_per_node={r.gpus_per_node})"
+    if p.dp == 0:
+        if world % (p.pp * p.tp):
+            return [Problem("parallel", f"pp={p.pp} × tp={p.tp} = {p.pp * p.tp} does not divide {ranks}")]
+        return []
+    if p.dp * p.pp * p.tp != world:
+        return [
+            Problem("parallel", f"dp={p.dp} × pp={p.pp} × tp={p.tp} = {p.dp * p.pp * p.tp}, but the run has {ranks}")
+        ]
+    return []
+
+
+@rule("model.n_layers", "parallel.pp")
+def _layers_split_over_stages(spec: JobSpec, _: Any) -> list[Problem]:
+    if spec.model.n_layers % spec.parallel.pp:
+        return [
+            Problem("model.n_layers", f"{spec.model.n_layers} layers do not split into parallel.pp={spec.parallel.pp} "
+                    "equal pipeline stages")
+        ]
+    return []
+
+
+@rule("model.dim", "model.n_heads", "model.n_kv_heads", "parallel.tp")
+def _heads_fit(spec: JobSpec, _: Any) -> list[Problem]:
+    m, tp = spec.model, spec.parallel.tp
+    kv = m.n_kv_heads or m.n_heads
+    out = []
+    if m.dim % m.n_heads:
+        out.append(Problem("model.dim", f"{m.dim} is not divisible by model.n_heads={m.n_heads}"))
+    elif (m.dim // m.n_heads) % 2:
+        out.append(Problem("model.dim", f"head size {m.dim}/{m.n_heads} = {m.dim // m.n_heads} must be even for RoPE"))
+    if m.n_heads % tp:
+        out.append(Problem("model.n_heads", f"{m.n_heads} heads are not divisible by parallel.tp={tp}"))
+    if m.n_kv_heads is not None and m.n_heads % kv:
+        out.append(Problem("model.n_kv_heads", f"{kv} does not divide model.n_heads={m.n_heads}"))
+    elif kv % tp:
+        out.append(Problem("model.n_kv_heads", f"{kv} key/value heads are not divisible by parallel.tp={tp}"))
+    return out
+
+
+@rule("model.vocab_size", "parallel.tp")
+def _vocab_splits(spec: JobSpec, _: Any) -> list[Problem]:
+    v, tp = spec.model.vocab_size, spec.parallel.tp
+    if v is not None and v % tp:
+        return [Problem("model.vocab_size", f"{v} is not divisible by parallel.tp={tp} (vocab-parallel embedding)")]
+    return []
+
+
+@rule("parallel.zero_stage", "parallel.pp", "parallel.backend")
+def _zero_with_pipeline(spec: JobSpec, _: Any) -> list[Problem]:
+    p = spec.parallel
+    if p.backend == "deepspeed" and p.pp > 1 and p.zero_stage >= 2:
+        return [
+            Problem("parallel.zero_stage", f"ZeRO stage {p.zero_stage} with parallel.pp={p.pp}: DeepSpeed's pipeline "
+                    "engine supports only stage 0 or 1; use zero_stage=1, pp=1, or parallel.backend=native")
+        ]
+    return []
+
+
+@rule("parallel.global_batch_size", "parallel.micro_batch_size", "parallel.grad_accum", "parallel.dp",
+      "parallel.pp", "parallel.tp", "resources.num_nodes", "resources.gpus_per_node")
+def _global_batch(spec: JobSpec, _: Any) -> list[Problem]:
+    p = spec.parallel
+    dp = p.dp or spec.world_size // (p.pp * p.tp) or 1
+    product = p.micro_batch_size * p.grad_accum * dp
+    if p.global_batch_size and p.global_batch_size != product:
+        return [
+            Problem("parallel.global_batch_size", f"{p.global_batch_size} ≠ micro_batch_size={p.micro_batch_size} × "
+                    f"grad_accum={p.grad_accum} × dp={dp} = {product}")
+        ]
+    return []
+
+
+@rule("data.seq_len", "model.vocab_size", "data.path")
+def _fits_the_data(spec: JobSpec, manifest: dict | None) -> list[Problem]:
+    if manifest is None:
+        return []
+    out = []
+    data_len = manifest.get("seq_len")
+    if isinstance(data_len, int) and spec.data.seq_len > data_len:
+        out.append(Problem("data.seq_len", f"{spec.data.seq_len} is longer than the shards' seq_len {data_len} "
+                           f"({spec.data.path}/manifest.json)"))
+    tokens = manifest.get("tokenizer", {}).get("vocab_size")
+    v = spec.model.vocab_size
+    if isinstance(tokens, int) and v is not None and v < tokens:
+        out.append(Problem("model.vocab_size", f"{v} is smaller than the tokenizer's {tokens} tokens"))
+    return out
+
+
+@rule("schedule.warmup_steps", "schedule.steps")
+def _warmup_within_steps(spec: JobSpec, _: Any) -> list[Problem]:
+    s = spec.schedule
+    if s.warmup_steps > s.steps:
+        return [Problem("schedule.warmup_steps", f"{s.warmup_steps} is more than schedule.steps={s.steps}")]
+    return []
+
+
+@rule("optim.min_lr", "optim.lr")
+def _min_lr_below_peak(spec: JobSpec, _: Any) -> list[Problem]:
+    if spec.optim.min_lr > spec.optim.lr:
+        return [Problem("optim.min_lr", f"{spec.optim.min_lr} is above optim.lr={spec.optim.lr}")]
+    return []
+
+
+@rule("resources.min_nodes", "resources.num_nodes")
+def _min_nodes_within_nodes(spec: JobSpec, _: Any) -> list[Problem]:
+    r = spec.resources
+    if r.min_nodes > r.num_nodes:
+        return [Problem("resources.min_nodes", f"{r.min_nodes} is more than resources.num_nodes={r.num_nodes}")]
+    return []
+
+
+# ---------------------------------------------------------------------------------------------- resolution
+
+
+def _resolve(spec: JobSpec) -> JobSpec:
+    """Fill the values left open (dp, vocab size from the shards, kv heads, ffn size) so consumers never guess."""
+    defaults_resolved = OmegaConf.to_container(OmegaConf.create(spec_to_dict(spec)), resolve=True)
+    spec = _build(JobSpec, defaults_resolved, "", [], set())
+    p, m = spec.parallel, spec.model
+    if p.dp == 0:
+        p.dp = spec.world_size // (p.pp * p.tp)
+    if not p.global_batch_size:
+        p.global_batch_size = p.micro_batch_size * p.grad_accum * p.dp
+    if m.n_kv_heads is None:
+        m.n_kv_heads = m.n_heads
+    if m.ffn_dim is None:
+        m.ffn_dim = m.multiple_of * math.ceil(int(8 * m.dim / 3) / m.multiple_of)
+    if m.vocab_size is None and spec.data.path:
+        manifest = os.path.join(spec.data.path, "manifest.json")
+        if os.path.exists(manifest):
+            with open(manifest, encoding="utf-8") as f:
+                tokens = json.load(f).get("tokenizer", {}).get("vocab_size")
+            if isinstance(tokens, int):
+                pad = VOCAB_PAD * p.tp
+                m.vocab_size = pad * math.ceil(tokens / pad)
+    return spec

@@ -1,0 +1,36 @@
+"""Fixtures every test folder may use: where the repo, the demo corpus and the shared corpora are."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("PRETRAIN_SHARED", REPO.parent / "shared"))
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def demo_corpus() -> Path:
+    """The small real corpus shipped in examples/corpus (gzip JSONL, several sources)."""
+    return REPO / "examples" / "corpus"
+
+
+@pytest.fixture(scope="session")
+def sample_corpora() -> Path:
+    """The 21 real sample sources in ../shared/corpora/samples."""
+    path = SHARED / "corpora" / "samples"
+    if not path.is_dir():
+        pytest.fail(f"{path} is missing: the tests read the real sample corpora beside the repo (or PRETRAIN_SHARED)")
+    return path
