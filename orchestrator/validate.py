@@ -14,7 +14,7 @@ import math
 import os
 import typing
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from omegaconf import OmegaConf
@@ -24,43 +24,67 @@ from orchestrator.errors import Problem, SpecError
 from orchestrator.spec import JobSpec
 
 VOCAB_PAD = 128
+T = TypeVar("T")
 
 
 def load_spec(path: str | os.PathLike, overrides: Sequence[str] = (), *, require_data: bool = False) -> JobSpec:
     """Read `path`, apply `section.key=value` overrides, validate, and return the resolved spec."""
-    source = os.fspath(path)
-    try:
-        with open(source, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise SpecError(source, [Problem("", f"cannot read the job spec: {e.strerror or e}")]) from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise SpecError(source, [Problem("", f"not valid YAML{where}: {getattr(e, 'problem', e)}")]) from None
-    return parse_spec({} if raw is None else raw, source=source, overrides=overrides, require_data=require_data)
+    return parse_spec(load_yaml(path), source=os.fspath(path), overrides=overrides, require_data=require_data)
 
 
 def parse_spec(
     raw: Any, *, source: str = "job spec", overrides: Sequence[str] = (), require_data: bool = False
 ) -> JobSpec:
     """Validate a spec given as plain data (a YAML mapping or `spec_to_dict`'s output)."""
-    if not isinstance(raw, dict):
-        raise SpecError(source, [Problem("", f"expected a mapping of sections, got {type(raw).__name__}")])
     problems: list[Problem] = []
-    raw = _apply_overrides(raw, overrides, problems)
-    raw = _resolve_interpolations(raw, problems)
     bad: set[str] = set()
-    spec = _build(JobSpec, raw, "", problems, bad)
-    _check_limits(spec, "", problems, bad)
+    spec = parse_config(JobSpec, raw, source=source, overrides=overrides, problems=problems, bad=bad)
     manifest = _read_manifest(spec, problems, bad, require_data)
     for rule in RULES:
         problems.extend(rule(spec, bad, manifest))
     if problems:
         raise SpecError(source, problems)
     return _resolve(spec)
+
+
+def parse_config(
+    cls: type[T], raw: Any, *, source: str, overrides: Sequence[str] = (),
+    problems: list[Problem] | None = None, bad: set[str] | None = None,
+) -> T:
+    """Build any config dataclass declared with `spec.setting` from plain data, checking keys, types and limits.
+
+    Without a `problems` list to collect into, every problem found raises one `SpecError`; with one, the caller
+    adds its own cross-field rules and raises.
+    """
+    collect = problems is not None
+    problems = [] if problems is None else problems
+    bad = set() if bad is None else bad
+    if not isinstance(raw, dict):
+        raise SpecError(source, [Problem("", f"expected a mapping of sections, got {type(raw).__name__}")])
+    raw = _apply_overrides(raw, overrides, problems)
+    raw = _resolve_interpolations(raw, problems)
+    config = _build(cls, raw, "", problems, bad)
+    _check_limits(config, "", problems, bad)
+    if problems and not collect:
+        raise SpecError(source, problems)
+    return config
+
+
+def load_yaml(path: str | os.PathLike) -> Any:
+    """Read a YAML config file; an unreadable file or bad YAML is a `SpecError` naming the file and line."""
+    source = os.fspath(path)
+    try:
+        with open(source, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise SpecError(source, [Problem("", f"cannot read the file: {e.strerror or e}")]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError(source, [Problem("", f"not valid YAML{where}: {getattr(e, 'problem', e)}")]) from None
+    return {} if raw is None else raw
 
 
 def spec_to_dict(spec: JobSpec) -> dict[str, Any]:

@@ -239,7 +239,7 @@ def test_yaml_errors_name_the_file_and_line(tmp_path):
 
 
 def test_missing_file_is_one_line(tmp_path):
-    with pytest.raises(SpecError, match="cannot read the job spec: No such file or directory"):
+    with pytest.raises(SpecError, match="cannot read the file: No such file or directory"):
         load_spec(tmp_path / "nope.yaml")
 
 
