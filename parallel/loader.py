@@ -1,0 +1,256 @@
+"""Deterministic, resumable loading of the Arrow shards written by `pretrain prep`.
+
+The sample order is a function of (manifest, seed, epoch) alone: a keyed bijection over the global row index of the
+split (`sample_order`), so it needs no memory per row and any position can be computed directly. Step `s` of an epoch
+reads positions [s·G, (s+1)·G) of that order, G = micro_batch_size × grad_accum × dp; data-parallel rank r takes the
+r-th contiguous slice of G/dp rows and cuts it into grad_accum micro-batches. The loader's state is therefore just
+(epoch, index within the epoch, seed): no rank, no dp size. Resuming with another dp size (and the same G) reads
+exactly the rows that the uninterrupted run would have read next, only split differently across ranks.
+
+The mixture of sources is applied by `pretrain prep` when it packs rows, so a uniform order over rows keeps the
+mixture's proportions in every stretch of training.
+
+Shards are memory-mapped (`dataprep.shards.open_shard`); the only copy per step is each row into the batch tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from dataprep.shards import open_shard, read_manifest, shard_paths, verify_shard
+from orchestrator.errors import DataError
+
+log = logging.getLogger(__name__)
+
+_FEISTEL_ROUNDS = 6
+_MIX_A = np.uint64(0xBF58476D1CE4E5B9)
+_MIX_B = np.uint64(0x94D049BB133111EB)
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch of this rank: `inputs`/`targets` int64 [rows, seq_len]; `sample_ids` the global row indices."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    sample_ids: torch.Tensor
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: a fast avalanche so neighbouring indices land far apart."""
+    x = (x ^ (x >> np.uint64(30))) * _MIX_A
+    x = (x ^ (x >> np.uint64(27))) * _MIX_B
+    return x ^ (x >> np.uint64(31))
+
+
+def _round_keys(seed: int, epoch: int) -> np.ndarray:
+    return np.random.SeedSequence([seed & 0xFFFFFFFF, seed >> 32 & 0xFFFFFFFF, epoch]).generate_state(
+        _FEISTEL_ROUNDS, dtype=np.uint64)
+
+
+def sample_order(positions: np.ndarray, rows: int, seed: int, epoch: int) -> np.ndarray:
+    """Row index at each position of epoch `epoch`'s order: a permutation of range(rows) keyed by (seed, epoch).
+
+    A balanced Feistel network permutes the smallest even power of two ≥ rows; cycle walking (re-applying it to the
+    few values that land past `rows`) restricts it to a permutation of range(rows). Unlike a materialised
+    permutation this costs O(1) memory for billions of rows and computes any stretch of the order directly.
+    """
+    half = max(1, math.ceil(math.log2(max(rows, 2)) / 2))
+    mask = np.uint64((1 << half) - 1)
+    shift = np.uint64(half)
+    keys = _round_keys(seed, epoch)
+
+    def permute(x: np.ndarray) -> np.ndarray:
+        left, right = x >> shift, x & mask
+        for key in keys:
+            left, right = right, left ^ (_mix(right ^ key) & mask)
+        return (left << shift) | right
+
+    with np.errstate(over="ignore"):
+        out = permute(np.asarray(positions, dtype=np.uint64))
+        outside = out >= np.uint64(rows)
+        while outside.any():
+            out[outside] = permute(out[outside])
+            outside = out >= np.uint64(rows)
+    return out.astype(np.int64)
+
+
+class ShardLoader:
+    """This data-parallel rank's micro-batches of every optimizer step, read ahead by a thread.
+
+    `next_step()` returns grad_accum `MicroBatch`es; `state_dict()` is the position after the last step returned,
+    so a checkpoint taken between steps resumes at the next unread step whatever was prefetched. Every shard of the
+    split is checked against the manifest (sha256) when the loader is built, so a corrupt file fails at start-up
+    with its name rather than as a wrong loss hours later.
+    """
+
+    def __init__(self, path: str, *, seq_len: int, micro_batch_size: int, grad_accum: int = 1, dp_rank: int = 0,
+                 dp_size: int = 1, seed: int = 0, split: str = "train", shuffle: bool = True, prefetch: int = 2,
+                 verify: bool = True, pin_memory: bool = False):
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank must be in [0, {dp_size}), got {dp_rank}")
+        self.path = path
+        self.manifest = read_manifest(path)
+        self.split = split
+        if split not in self.manifest["splits"]:
+            raise DataError(f"{path}/manifest.json: has no {split!r} split; splits: "
+                            f"{', '.join(self.manifest['splits'])}")
+        width = self.manifest["seq_len"]
+        if seq_len > width:
+            raise DataError(f"{path}/manifest.json: shards hold rows of seq_len {width}, shorter than the "
+                            f"requested seq_len {seq_len}")
+        entries = self.manifest["splits"][split]["shards"]
+        if verify:
+            for entry in entries:
+                verify_shard(path, entry)
+        self.shards = [open_shard(p, width) for p in shard_paths(path, self.manifest, split)]
+        for array, entry, file in zip(self.shards, entries, shard_paths(path, self.manifest, split), strict=True):
+            if len(array) != entry["rows"]:
+                raise DataError(f"{file}: holds {len(array)} rows, manifest.json says {entry['rows']}")
+        self.offsets = np.cumsum([0] + [len(a) for a in self.shards])
+        self.rows = int(self.offsets[-1])
+        self.seq_len = seq_len
+        self.micro_batch_size = micro_batch_size
+        self.grad_accum = grad_accum
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.global_batch = micro_batch_size * grad_accum * dp_size
+        if self.rows < self.global_batch:
+            raise DataError(f"{path}: the {split!r} split has {self.rows} rows, fewer than one global batch of "
+                            f"{self.global_batch} (micro_batch_size × grad_accum × dp)")
+        self.steps_per_epoch = self.rows // self.global_batch
+        self.shuffle = shuffle
+        self.pin_memory = pin_memory
+        self.prefetch = prefetch
+        self._state = {"epoch": 0, "index": 0, "seed": seed}
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ---------------------------------------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Rank-independent position: epoch, sample index within it, seed, and the split's size as a guard."""
+        return {**self._state, "rows": self.rows, "split": self.split}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._halt()
+        if state.get("rows", self.rows) != self.rows:
+            log.warning("the shard split %r of %s now has %d rows, the checkpoint was taken with %s: the sample "
+                        "order after resume differs from the uninterrupted run's", self.split, self.path, self.rows,
+                        state["rows"])
+        self._state = {"epoch": int(state["epoch"]), "index": int(state["index"]), "seed": int(state["seed"])}
+
+    def rewind(self) -> None:
+        """Back to the first step of epoch 0 (a validation pass reads the same batches every time)."""
+        self.load_state_dict({**self._state, "epoch": 0, "index": 0})
+
+    # ---------------------------------------------------------------------------------------------- reading
+
+    def next_step(self) -> list[MicroBatch]:
+        if self.prefetch == 0:
+            batches, self._state = self._read_step(self._state)
+            return batches
+        if self._thread is None:
+            self._start()
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self._thread = None
+            raise item
+        batches, self._state = item
+        return batches
+
+    def __iter__(self) -> Iterator[list[MicroBatch]]:
+        while True:
+            yield self.next_step()
+
+    def close(self) -> None:
+        self._halt()
+
+    def step_ids(self, state: dict[str, Any]) -> np.ndarray:
+        """Global row indices of the whole global batch read from `state` (all dp ranks, in rank order)."""
+        epoch, index = self._where(state)
+        positions = np.arange(index, index + self.global_batch)
+        return sample_order(positions, self.rows, state["seed"], epoch) if self.shuffle else positions
+
+    def _where(self, state: dict[str, Any]) -> tuple[int, int]:
+        """(epoch, index) of the next step: an epoch ends when less than a whole global batch is left."""
+        if state["index"] + self.global_batch > self.steps_per_epoch * self.global_batch:
+            return state["epoch"] + 1, 0
+        return state["epoch"], state["index"]
+
+    def _read_step(self, state: dict[str, Any]) -> tuple[list[MicroBatch], dict[str, Any]]:
+        epoch, index = self._where(state)
+        ids = self.step_ids(state)
+        per_rank = self.global_batch // self.dp_size
+        mine = ids[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
+        batches = [self._gather(mine[i:i + self.micro_batch_size]) for i in range(0, per_rank, self.micro_batch_size)]
+        return batches, {"epoch": epoch, "index": index + self.global_batch, "seed": state["seed"]}
+
+    def _gather(self, ids: np.ndarray) -> MicroBatch:
+        shard_of = np.searchsorted(self.offsets, ids, side="right") - 1
+        inputs = np.empty((len(ids), self.seq_len), dtype=np.int64)
+        targets = np.empty_like(inputs)
+        for i, (shard, row) in enumerate(zip(shard_of, ids - self.offsets[shard_of], strict=True)):
+            source = self.shards[shard][row]
+            inputs[i] = source[:self.seq_len]
+            targets[i] = source[1:self.seq_len + 1]
+        batch = MicroBatch(torch.from_numpy(inputs), torch.from_numpy(targets), torch.from_numpy(ids.copy()))
+        if self.pin_memory:
+            batch = MicroBatch(batch.inputs.pin_memory(), batch.targets.pin_memory(), batch.sample_ids)
+        return batch
+
+    # ---------------------------------------------------------------------------------------------- prefetch
+
+    def _start(self) -> None:
+        self._stop.clear()
+        self._queue = queue.Queue(maxsize=self.prefetch)
+        self._thread = threading.Thread(target=self._produce, args=(dict(self._state),), name="shard-loader",
+                                        daemon=True)
+        self._thread.start()
+
+    def _produce(self, state: dict[str, Any]) -> None:
+        try:
+            while not self._stop.is_set():
+                item = self._read_step(state)
+                state = item[1]
+                self._put(item)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it in its own thread
+            self._put(e)
+
+    def _put(self, item: Any) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _halt(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+        self._queue = None
+
+
+def build_loaders(spec: Any, dp_rank: int, dp_size: int) -> tuple[ShardLoader, ShardLoader | None]:
+    """The training loader and, when the shards have a val split, the validation loader of one dp rank."""
+    p, d = spec.parallel, spec.data
+    common = dict(seq_len=d.seq_len, micro_batch_size=p.micro_batch_size, grad_accum=p.grad_accum, dp_rank=dp_rank,
+                  dp_size=dp_size, seed=d.seed)
+    train = ShardLoader(d.path, prefetch=d.prefetch, **common)
+    val_rows = train.manifest["splits"].get("val", {}).get("rows", 0)
+    if val_rows < train.global_batch:
+        log.warning("%s: the val split has %d rows, fewer than one global batch of %d: no validation", d.path,
+                    val_rows, train.global_batch)
+        return train, None
+    return train, ShardLoader(d.path, split="val", shuffle=False, prefetch=0, **common)
