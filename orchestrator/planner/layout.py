@@ -1,0 +1,336 @@
+"""Choose a layout: dp × pp × tp, ZeRO stage, micro-batch and activation checkpointing for a number of GPUs.
+
+Every combination is built as a spec and checked by the validator's own cross-field rules (so the planner never
+proposes what `pretrain validate` would refuse), then by the memory model; the survivors are ranked by an estimated
+step time. The estimate is deliberately simple and says what it counts:
+
+    compute      model FLOPs of the step over (GPUs × peak × MFU × matmul efficiency), the efficiency falling for
+                 small micro-batches as m / (m + 256) tokens; activation checkpointing adds a forward pass
+    pp bubble    1F1B idles (pp - 1) / micro-batches of the compute (Narayanan et al., 2021)
+    tp traffic   4 all-reduces of a micro-batch's hidden states per block (6 with recomputation), inside a node
+    pp traffic   a micro-batch's hidden states forward and their gradient back, per micro-batch
+    dp traffic   a ring all-reduce of the rank's gradients per step, hidden behind the last micro-batch's backward
+                 as far as it lasts; ZeRO-3 also all-gathers weights for every micro-batch's forward and backward
+                 (not hidden); across nodes once a dp group spans more than one
+
+Ranks are ordered tp fastest, then dp, then pp (Megatron's order), so tp groups stay inside a node.
+`choose_layout` is what the controller calls when the spec leaves the layout open.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from dataclasses import dataclass, field
+
+from orchestrator.errors import UserError
+from orchestrator.planner.counting import count_params, flops_per_token, stage_params
+from orchestrator.planner.memory import GiB, MemoryBreakdown, estimate_memory
+from orchestrator.spec import JobSpec, ParallelConfig
+from orchestrator.validate import RULES
+
+HALF_EFFICIENCY_TOKENS = 256  # tokens per micro-batch at which matmuls reach half their large-batch efficiency
+
+
+class NoLayoutError(UserError):
+    """No layout of the given GPUs fits the model; the message says by how much and what would make it fit."""
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """The GPUs a plan is for, and the rates the step-time estimate assumes."""
+
+    gpus: int
+    gpu_mem_bytes: int
+    gpus_per_node: int = 8
+    peak_flops: float = 989e12  # dense bf16 FLOP/s per GPU (H100 SXM)
+    mfu: float = 0.40  # fraction of peak the matmuls reach
+    intra_node_bw: float = 300e9  # bytes/s per GPU for collectives inside a node (NVLink)
+    inter_node_bw: float = 50e9  # bytes/s per GPU across nodes (one 400 Gb/s NIC per GPU)
+
+    def __post_init__(self) -> None:
+        if self.gpus < 1:
+            raise UserError(f"--gpus must be at least 1, got {self.gpus}")
+        if self.gpus_per_node < 1:
+            raise UserError(f"--gpus-per-node must be at least 1, got {self.gpus_per_node}")
+        if self.gpus > self.gpus_per_node and self.gpus % self.gpus_per_node:
+            raise UserError(f"--gpus {self.gpus} is not a whole number of nodes of --gpus-per-node "
+                            f"{self.gpus_per_node}; use a multiple of {self.gpus_per_node}")
+        if self.gpu_mem_bytes <= 0:
+            raise UserError(f"--gpu-mem must be positive, got {self.gpu_mem_bytes} bytes")
+        if not 0 < self.mfu <= 1:
+            raise UserError(f"--mfu must be in (0, 1], got {self.mfu}")
+
+    @property
+    def node_size(self) -> int:
+        return min(self.gpus, self.gpus_per_node)
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Seconds per optimizer step, by cause."""
+
+    compute: float
+    recompute: float
+    bubble: float
+    tp_comm: float
+    pp_comm: float
+    dp_comm: float
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.recompute + self.bubble + self.tp_comm + self.pp_comm + self.dp_comm
+
+    def parts(self) -> dict[str, float]:
+        return {"compute": self.compute, "recomputation": self.recompute, "pipeline bubble": self.bubble,
+                "tp traffic": self.tp_comm, "pp traffic": self.pp_comm, "dp traffic": self.dp_comm}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    parallel: ParallelConfig
+    memory: MemoryBreakdown
+    step: StepTime
+    tokens_per_step: int
+    model_flops_per_step: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens_per_step / self.step.total
+
+    def mfu(self, hw: Hardware) -> float:
+        return self.model_flops_per_step / self.step.total / (hw.gpus * hw.peak_flops)
+
+
+@dataclass
+class Plan:
+    """The chosen layout, the ranked alternatives that fit, and why."""
+
+    best: Candidate
+    ranked: list[Candidate]
+    hardware: Hardware
+    considered: int
+    too_big: int
+    broke_rules: collections.Counter = field(default_factory=collections.Counter)
+    explanation: list[str] = field(default_factory=list)
+
+    @property
+    def parallel(self) -> ParallelConfig:
+        return self.best.parallel
+
+
+def choose_layout(spec: JobSpec, gpus: int, gpu_mem_bytes: int, gpus_per_node: int = 8, *,
+                  mfu: float = 0.40, peak_flops: float | None = None, intra_node_bw: float = 300e9,
+                  inter_node_bw: float = 50e9, global_batch_size: int | None = None) -> Plan:
+    """The fastest layout of `gpus` GPUs that fits `spec`'s model in `gpu_mem_bytes` each.
+
+    The global batch (sequences per step) stays the spec's unless `global_batch_size` is given; precision, backend
+    and optimizer offload stay the spec's. Raises `NoLayoutError` saying by how much the smallest layout misses and
+    what would make it fit.
+    """
+    hw = Hardware(gpus=gpus, gpu_mem_bytes=gpu_mem_bytes, gpus_per_node=gpus_per_node, mfu=mfu,
+                  peak_flops=peak_flops or spec.metrics.peak_flops, intra_node_bw=intra_node_bw,
+                  inter_node_bw=inter_node_bw)
+    return plan_layouts(spec, hw, global_batch_size or spec.parallel.global_batch_size)
+
+
+def plan_layouts(spec: JobSpec, hw: Hardware, global_batch: int) -> Plan:
+    count_params(spec.model)  # a model the planner cannot count fails here, with its field named
+    fitting: list[Candidate] = []
+    broke: collections.Counter = collections.Counter()
+    too_big: list[Candidate] = []
+    considered = 0
+    for parallel in enumerate_layouts(spec, hw, global_batch):
+        considered += 1
+        candidate_spec = with_layout(spec, parallel, hw)
+        problems = [p for rule in RULES for p in rule(candidate_spec, set(), None)]
+        if problems:
+            broke[str(problems[0])] += 1
+            continue
+        candidate = evaluate(candidate_spec, hw)
+        (fitting if candidate.memory.total <= hw.gpu_mem_bytes else too_big).append(candidate)
+    if not fitting:
+        raise NoLayoutError(explain_no_fit(spec, hw, global_batch, too_big, broke))
+    fitting.sort(key=_rank_key)
+    plan = Plan(best=fitting[0], ranked=fitting, hardware=hw, considered=considered, too_big=len(too_big),
+                broke_rules=broke)
+    plan.explanation = explain_choice(plan)
+    return plan
+
+
+def enumerate_layouts(spec: JobSpec, hw: Hardware, global_batch: int):
+    """Every dp × pp × tp × ZeRO × micro-batch × checkpointing combination that keeps the global batch."""
+    base = spec.parallel
+    for tp in _divisors(hw.node_size):
+        for pp in _divisors(hw.gpus // tp):
+            if hw.gpus % (tp * pp) or pp > spec.model.n_layers:
+                continue
+            dp = hw.gpus // (tp * pp)
+            if global_batch % dp:
+                continue
+            per_rank = global_batch // dp
+            for micro in _divisors(per_rank):
+                for zero in (0, 1, 2, 3):
+                    for checkpointing in (False, True):
+                        yield dataclasses.replace(
+                            base, dp=dp, pp=pp, tp=tp, zero_stage=zero, micro_batch_size=micro,
+                            grad_accum=per_rank // micro, global_batch_size=global_batch,
+                            sequence_parallel=tp > 1, activation_checkpointing=checkpointing)
+
+
+def with_layout(spec: JobSpec, parallel: ParallelConfig, hw: Hardware) -> JobSpec:
+    nodes = max(1, hw.gpus // hw.gpus_per_node)
+    resources = dataclasses.replace(spec.resources, num_nodes=nodes, gpus_per_node=hw.node_size,
+                                    min_nodes=min(spec.resources.min_nodes, nodes))
+    return dataclasses.replace(spec, parallel=parallel, resources=resources)
+
+
+def evaluate(spec: JobSpec, hw: Hardware) -> Candidate:
+    """Memory and estimated step time of the spec's own (resolved) layout on `hw`."""
+    p, m = spec.parallel, spec.model
+    seq = spec.data.seq_len
+    tokens = p.global_batch_size * seq
+    model_flops = flops_per_token(m, seq) * tokens
+    width = 2 if p.precision == "bf16" else 4
+
+    micro_tokens = p.micro_batch_size * seq
+    efficiency = micro_tokens / (micro_tokens + HALF_EFFICIENCY_TOKENS)
+    compute = model_flops / (hw.gpus * hw.peak_flops * hw.mfu * efficiency)
+    recompute = compute / 3 if p.activation_checkpointing else 0.0  # one more forward: 2 of the 6 FLOPs/param
+    bubble = (compute + recompute) * (p.pp - 1) / p.grad_accum
+
+    hidden_bytes = p.micro_batch_size * seq * m.dim * width
+    blocks = m.n_layers // p.pp
+    all_reduces = 6 if p.activation_checkpointing else 4
+    tp_comm = blocks * p.grad_accum * all_reduces * _ring(p.tp) * hidden_bytes / hw.intra_node_bw
+
+    spans_nodes = hw.gpus > hw.gpus_per_node
+    pp_bw = hw.inter_node_bw if spans_nodes and p.tp * p.dp >= hw.gpus_per_node else hw.intra_node_bw
+    pp_comm = 2 * p.grad_accum * hidden_bytes / pp_bw if p.pp > 1 else 0.0
+
+    rank_params = max(stage_params(m, p.pp, p.tp))
+    dp_bw = hw.inter_node_bw if p.tp * p.dp > hw.gpus_per_node else hw.intra_node_bw
+    last_backward = compute * 2 / 3 / p.grad_accum
+    dp_comm = max(0.0, _ring(p.dp) * rank_params * width / dp_bw - last_backward)
+    if p.zero_stage == 3:  # an all-gather moves half what an all-reduce does
+        dp_comm += p.grad_accum * 2 * _ring(p.dp) / 2 * rank_params * width / dp_bw
+
+    step = StepTime(compute=compute, recompute=recompute, bubble=bubble, tp_comm=tp_comm, pp_comm=pp_comm,
+                    dp_comm=dp_comm)
+    return Candidate(parallel=p, memory=estimate_memory(spec), step=step, tokens_per_step=tokens,
+                     model_flops_per_step=model_flops)
+
+
+def explain_choice(plan: Plan) -> list[str]:
+    hw, best = plan.hardware, plan.best
+    lines = [
+        f"considered {plan.considered} layouts of {hw.gpus} GPUs ({hw.node_size} per node): {len(plan.ranked)} fit "
+        f"in {_gib(hw.gpu_mem_bytes)} per GPU, {plan.too_big} need more memory, {sum(plan.broke_rules.values())} "
+        "break a spec rule" + (f" (most often: {plan.broke_rules.most_common(1)[0][0]})" if plan.broke_rules else ""),
+        f"chosen: {describe(best.parallel)}: {_gib(best.memory.total)} of {_gib(hw.gpu_mem_bytes)} per GPU, "
+        f"step ≈ {best.step.total:.3g} s ({_parts(best.step)}), ≈ {best.tokens_per_second:,.0f} tokens/s, "
+        f"MFU ≈ {best.mfu(hw):.2f}",
+    ]
+    runner = next((c for c in plan.ranked[1:] if _shape(c) != _shape(best)), None)
+    if runner is not None:
+        slower = runner.step.total / best.step.total - 1
+        lines.append(f"next best split: {describe(runner.parallel)}: {slower:+.1%} step time, "
+                     f"mostly {_largest_difference(runner.step, best.step)}")
+    same = [c for c in plan.ranked if _shape(c) == _shape(best) and c.parallel.zero_stage != best.parallel.zero_stage]
+    if same:
+        other = same[0]
+        extra = other.memory.total - best.memory.total
+        lines.append(f"ZeRO-{best.parallel.zero_stage} rather than ZeRO-{other.parallel.zero_stage} at this split, "
+                     f"which would take {other.step.total / best.step.total - 1:+.1%} step time and "
+                     f"{_gib(abs(extra))} {'more' if extra >= 0 else 'less'} memory per GPU")
+    return lines
+
+
+def explain_no_fit(spec: JobSpec, hw: Hardware, global_batch: int, too_big: list[Candidate],
+                   broke: collections.Counter) -> str:
+    if not too_big:
+        reasons = "; ".join(reason for reason, _ in broke.most_common(3)) or (
+            f"the global batch of {global_batch} sequences does not split over any data-parallel size")
+        return f"no layout of {hw.gpus} GPUs satisfies the spec's rules: {reasons}"
+    smallest = min(too_big, key=lambda c: c.memory.total)
+    need, have = smallest.memory.total, hw.gpu_mem_bytes
+    lines = [
+        f"{spec.name}: {count_params(spec.model).total / 1e9:.2f}B parameters fit no layout of {hw.gpus} GPUs × "
+        f"{_gib(have)}: the smallest, {describe(smallest.parallel)}, needs {_gib(need)} per GPU, "
+        f"{_gib(need - have)} ({need / have - 1:.0%}) too much "
+        f"({', '.join(f'{name} {_gib(size)}' for name, size in smallest.memory.rows()[:5])})",
+        "it would fit with: " + "; ".join(_what_would_fit(spec, hw, global_batch, smallest)),
+    ]
+    return "\n".join(lines)
+
+
+def _what_would_fit(spec: JobSpec, hw: Hardware, global_batch: int, smallest: Candidate) -> list[str]:
+    options = [f"GPUs of ≥ {_gib(smallest.memory.total)}"]
+    for factor in (2, 4, 8, 16, 32, 64):
+        bigger = dataclasses.replace(hw, gpus=hw.gpus * factor)
+        if _fits_somewhere(spec, bigger, global_batch * factor):
+            options.append(f"{bigger.gpus} GPUs of {_gib(hw.gpu_mem_bytes)} (global batch scaled to "
+                           f"{global_batch * factor})")
+            break
+    if not spec.parallel.offload_optimizer:
+        offloaded = dataclasses.replace(spec, parallel=dataclasses.replace(spec.parallel, offload_optimizer=True))
+        if _fits_somewhere(offloaded, hw, global_batch):
+            options.append("parallel.offload_optimizer=true (optimizer states in host memory)")
+    shorter = spec.data.seq_len // 2
+    if shorter >= 8:
+        short = dataclasses.replace(spec, data=dataclasses.replace(spec.data, seq_len=shorter))
+        if _fits_somewhere(short, hw, global_batch):
+            options.append(f"data.seq_len={shorter}")
+    return options
+
+
+def _fits_somewhere(spec: JobSpec, hw: Hardware, global_batch: int) -> bool:
+    for parallel in enumerate_layouts(spec, hw, global_batch):
+        candidate_spec = with_layout(spec, parallel, hw)
+        if any(rule(candidate_spec, set(), None) for rule in RULES):
+            continue
+        if estimate_memory(candidate_spec).total <= hw.gpu_mem_bytes:
+            return True
+    return False
+
+
+def describe(p: ParallelConfig) -> str:
+    extras = [f"micro-batch {p.micro_batch_size} × {p.grad_accum} accumulation"]
+    if p.sequence_parallel:
+        extras.append("sequence parallel")
+    extras.append("activation checkpointing" if p.activation_checkpointing else "no activation checkpointing")
+    return f"dp={p.dp} pp={p.pp} tp={p.tp} ZeRO-{p.zero_stage}, " + ", ".join(extras)
+
+
+def _rank_key(c: Candidate) -> tuple:
+    """Fastest first; among equals the one leaving the most memory free, then the simpler one."""
+    p = c.parallel
+    return (round(c.step.total, 9), c.memory.total, p.zero_stage, p.activation_checkpointing, p.pp, p.tp)
+
+
+def _shape(c: Candidate) -> tuple:
+    p = c.parallel
+    return (p.dp, p.pp, p.tp)
+
+
+def _largest_difference(worse: StepTime, better: StepTime) -> str:
+    a, b = worse.parts(), better.parts()
+    name = max(a, key=lambda k: a[k] - b[k])
+    return f"{name} ({b[name]:.3g} s → {a[name]:.3g} s)"
+
+
+def _parts(step: StepTime) -> str:
+    return ", ".join(f"{name} {seconds:.3g} s" for name, seconds in step.parts().items() if seconds > 0)
+
+
+def _ring(n: int) -> float:
+    """Bytes a ring all-reduce moves per byte of data, per rank."""
+    return 2 * (n - 1) / n
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.1f} GiB"
