@@ -1,0 +1,115 @@
+"""What the training loop tells the outside world, and how it is told: `StepStats` records and `Callback` hooks.
+
+Metrics exporters, heartbeats and loggers implement `Callback`; the loop calls every hook on every rank, so a
+callback that should act once per job checks `stats.rank` itself. Hooks must be cheap: they run on the critical path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+
+@dataclass
+class StepStats:
+    """One optimizer step as seen by one rank. Times in seconds, memory in bytes, rates per second."""
+
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float
+    tokens: int  # tokens consumed by the whole job in this step (all data-parallel ranks)
+    step_seconds: float
+    tokens_per_second: float  # whole job
+    mfu: float  # model FLOPs utilisation of this rank's device, 0..1; see `mfu`
+    memory_allocated_bytes: int = 0
+    memory_peak_bytes: int = 0
+    total_tokens: int = 0  # tokens consumed since step 0 (counting steps before a resume)
+    rank: int = 0
+    world_size: int = 1
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class EvalStats:
+    step: int
+    loss: float
+    batches: int
+    seconds: float
+    rank: int = 0
+
+
+@dataclass
+class CheckpointStats:
+    step: int
+    path: str
+    seconds: float  # how long training was stalled by the save
+    rank: int = 0
+
+
+@runtime_checkable
+class Callback(Protocol):
+    """Named hooks of the training loop; implement the ones you need (see `BaseCallback`)."""
+
+    def on_train_start(self, step: int, rank: int) -> None: ...
+
+    def on_step(self, stats: StepStats) -> None: ...
+
+    def on_eval(self, stats: EvalStats) -> None: ...
+
+    def on_checkpoint(self, stats: CheckpointStats) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class BaseCallback:
+    """Every hook does nothing: subclass and override what you need."""
+
+    def on_train_start(self, step: int, rank: int) -> None:
+        pass
+
+    def on_step(self, stats: StepStats) -> None:
+        pass
+
+    def on_eval(self, stats: EvalStats) -> None:
+        pass
+
+    def on_checkpoint(self, stats: CheckpointStats) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def mfu(flops_per_token: float, tokens_per_second: float, num_devices: int, peak_flops: float) -> float:
+    """Model FLOPs utilisation: (6·N + 12·L·seq·dim) · tokens/s / (devices · peak FLOP/s of one device).
+
+    `flops_per_token` is `LlamaDims.flops_per_token(seq_len)` (the 6·N + attention term); `peak_flops` is the
+    spec's `metrics.peak_flops` (989e12: dense bf16 of an H100 SXM). Recomputed activations are not counted, so
+    activation checkpointing lowers MFU, as it should.
+    """
+    return flops_per_token * tokens_per_second / (num_devices * peak_flops)
+
+
+class LogCallback(BaseCallback):
+    """One log line every `every` steps on rank 0: the loop's own console output."""
+
+    def __init__(self, every: int, print_fn=print):
+        self.every = every
+        self.print = print_fn
+
+    def on_step(self, stats: StepStats) -> None:
+        if stats.rank == 0 and (stats.step % self.every == 0 or stats.step == 1):
+            self.print(
+                f"step {stats.step:>6} | loss {stats.loss:.4f} | lr {stats.lr:.3e} | grad norm {stats.grad_norm:.3f} "
+                f"| {stats.tokens_per_second:,.0f} tok/s | mfu {stats.mfu:.3f} | {stats.step_seconds * 1e3:.0f} ms",
+                flush=True,
+            )
+
+    def on_eval(self, stats: EvalStats) -> None:
+        if stats.rank == 0:
+            self.print(f"step {stats.step:>6} | val loss {stats.loss:.4f} ({stats.batches} batches)", flush=True)
+
+    def on_checkpoint(self, stats: CheckpointStats) -> None:
+        if stats.rank == 0:
+            self.print(f"step {stats.step:>6} | checkpoint {stats.path} ({stats.seconds:.2f} s)", flush=True)

@@ -1,0 +1,69 @@
+"""The one interface between the training loop and a parallel backend (DeepSpeed today; PyTorch-native beside it).
+
+A micro-batch is a LongTensor [micro_batch_size, seq_len + 1] of packed token rows, as the loader yields them:
+inputs are `[:, :-1]`, targets `[:, 1:]`. One `train_step` is one optimizer step over `grad_accum` micro-batches
+(pipeline micro-batches when pp > 1). Losses come back as 0-dim tensors averaged over the whole step and every
+data-parallel rank, left on the device, so the loop reads them (a host sync) only when it logs.
+
+State for checkpoints: `save(directory, client_state)` writes the backend's own files (model and optimizer shards
+of this layout) into `directory`; `load(directory)` restores them and returns `client_state`. For a change of layout,
+`full_state_dict()` gathers the whole model under the Hugging Face-style names of `parallel.model` and
+`load_full_state_dict()` scatters one back into any layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from orchestrator.errors import UserError
+from orchestrator.spec import JobSpec
+from parallel.launch import RankEnv
+from parallel.model import LlamaDims
+from parallel.parallel_dims import ParallelDims
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # 0-dim, on the device; float(loss) syncs
+    grad_norm: torch.Tensor | float  # global norm before clipping
+    lr: float
+
+
+class Engine(Protocol):
+    dims: ParallelDims  # the layout and this rank's place in it
+    model_dims: LlamaDims
+    device: torch.device
+
+    def train_step(self, micro_batches: list[torch.Tensor]) -> StepResult: ...
+
+    def eval_loss(self, micro_batches: list[torch.Tensor]) -> torch.Tensor: ...
+
+    def save(self, directory: str, client_state: dict[str, Any]) -> None: ...
+
+    def load(self, directory: str) -> dict[str, Any]: ...
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every parameter, unsharded, on CPU, on global rank 0 (an empty dict elsewhere); collective."""
+        ...
+
+    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Set the weights from a full state dict present on every rank (optimizer state starts fresh)."""
+        ...
+
+    @property
+    def lr(self) -> float: ...
+
+
+def build_engine(spec: JobSpec, env: RankEnv, device: torch.device) -> Engine:
+    """The engine `spec.parallel.backend` names, with the model built, sharded and initialised from the schedule's seed.
+
+    The process group must already be up (`parallel.launch.init_distributed`).
+    """
+    if spec.parallel.backend == "deepspeed":
+        from parallel.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(spec, env, device)
+    raise UserError(f"parallel.backend: {spec.parallel.backend!r} is not available in this version; use 'deepspeed'")

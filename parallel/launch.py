@@ -1,0 +1,97 @@
+"""Where a rank is and how it joins the others: `RankEnv` from torchrun-style variables or explicit values.
+
+    torchrun --nproc_per_node 2 -m orchestrator.cli train examples/tiny.yaml     # any launcher setting the env vars
+    init_distributed(RankEnv(rank=1, world_size=2, local_rank=1, master_addr="10.0.0.3", master_port=29500))
+
+The Ray controller passes explicit values; nothing here knows about Ray. NCCL is picked when CUDA is present,
+gloo otherwise (the spec's `resources.device` can force CPU on a GPU machine).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from orchestrator.errors import UserError
+
+_REQUIRED = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class RankEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    local_world_size: int = 1
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> RankEnv:
+        """Read torchrun's variables; none set means a single process (rank 0 of 1)."""
+        environ = os.environ if environ is None else environ
+        present = [k for k in _REQUIRED if k in environ]
+        if not present:
+            return cls()
+        missing = [k for k in _REQUIRED if k not in environ]
+        if missing:
+            raise UserError(f"launch environment: {', '.join(present)} set but {', '.join(missing)} missing; "
+                            "start ranks with torchrun or set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT")
+        try:
+            values = {k: int(environ[k]) for k in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+            local_rank = int(environ.get("LOCAL_RANK", "0"))
+            local_world = int(environ.get("LOCAL_WORLD_SIZE", "1"))
+        except ValueError as e:
+            raise UserError(f"launch environment: {e}; RANK, WORLD_SIZE, LOCAL_RANK and MASTER_PORT are integers")\
+                from None
+        env = cls(values["RANK"], values["WORLD_SIZE"], local_rank, environ["MASTER_ADDR"], values["MASTER_PORT"],
+                  local_world)
+        if not 0 <= env.rank < env.world_size:
+            raise UserError(f"launch environment: RANK={env.rank} is outside 0..WORLD_SIZE-1 ({env.world_size})")
+        return env
+
+    def export(self) -> None:
+        """Set the torchrun variables in this process: DeepSpeed and PipelineModule read LOCAL_RANK and friends."""
+        os.environ.update(
+            RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(self.local_rank),
+            LOCAL_WORLD_SIZE=str(self.local_world_size), MASTER_ADDR=self.master_addr,
+            MASTER_PORT=str(self.master_port),
+        )
+
+
+def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
+    """cuda:<local_rank> when CUDA is there (or asked for), else cpu."""
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError("resources.device: 'cuda' asked for, but this machine has no CUDA device; use 'auto' or 'cpu'")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def init_distributed(env: RankEnv, device: torch.device, timeout_s: float = 1800.0) -> None:
+    """Join the process group (NCCL for CUDA, gloo for CPU) through DeepSpeed, which needs its own comm handle too."""
+    import deepspeed
+
+    env.export()
+    if device.type == "cpu":
+        # DeepSpeed would otherwise pick its own accelerator from what it finds installed.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
+                                init_method=f"tcp://{env.master_addr}:{env.master_port}",
+                                timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=device if device.type == "cuda" else None)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

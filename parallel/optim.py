@@ -1,0 +1,67 @@
+"""AdamW with the usual decay exemptions, and the learning-rate schedules of the spec.
+
+Both are backend-neutral: DeepSpeed receives the optimizer and scheduler built here as client objects, so the
+numbers don't depend on the engine.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from orchestrator.spec import OptimConfig, ScheduleConfig
+
+
+def build_param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+    """Decay only matrices that multiply activations; norms (1-D) and embeddings stay undecayed, as in Llama/OLMo.
+
+    A tied lm_head is the embedding and therefore undecayed too.
+    """
+    decay, no_decay = [], []
+    for name, param in named_params:
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "embed_tokens" in name else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(param_groups: list[dict], config: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    # The fused CUDA kernel updates every tensor in one launch; on CPU foreach is the fast path.
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(param_groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
+                             fused=fused, foreach=None if fused else True)
+
+
+def lr_at(step: int, optim: OptimConfig, schedule: ScheduleConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine, warmup-stable-decay or constant.
+
+    cosine: from lr down to min_lr over the steps after warmup.
+    wsd: lr held until the last `decay_fraction` of the steps, then a linear decay to min_lr (MiniCPM, Hägele et al.).
+    """
+    lr, min_lr, total, warmup = optim.lr, optim.min_lr, schedule.steps, schedule.warmup_steps
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule.lr_schedule == "constant":
+        return lr
+    if schedule.lr_schedule == "wsd":
+        decay_steps = max(1, round(schedule.decay_fraction * total)) if schedule.decay_fraction > 0 else 0
+        decay_start = total - decay_steps
+        if decay_steps == 0 or step < decay_start:
+            return lr
+        progress = min(1.0, (step - decay_start + 1) / decay_steps)
+        return lr + (min_lr - lr) * progress
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig,
+                    schedule: ScheduleConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR whose factor is lr_at / peak lr, so resuming only needs the step count (`last_epoch`)."""
+    peak = optim.lr or 1.0
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, optim, schedule) / peak)

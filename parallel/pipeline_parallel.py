@@ -1,0 +1,98 @@
+"""Pipeline parallelism through DeepSpeed's PipelineModule (1F1B schedule), built from the same model's parts.
+
+The model becomes a sequence of pieces, [embedding, block 0, ..., block L-1, final norm + lm_head], split into
+stages balanced by parameter count (`partition_balanced`, as DeepSpeed's 'parameters' method). Each rank
+materialises only its stage's pieces. With tied embeddings the embedding is a `TiedLayerSpec` on the first and the
+last stage, and DeepSpeed all-reduces its gradient between the two.
+
+Pieces pass one tensor (the hidden states) between stages; every block computes RoPE for itself, so nothing else
+has to travel.
+"""
+
+from __future__ import annotations
+
+import torch
+from deepspeed.pipe import PipelineModule, TiedLayerSpec
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+from deepspeed.runtime.utils import partition_balanced
+from torch import nn
+
+from parallel.materialize import materialize_model
+from parallel.model import Llama
+from parallel.parallel_dims import ParallelDims
+
+
+class EmbeddingPiece(nn.Module):
+    def __init__(self, embed: nn.Module, lm_head: nn.Module | None = None):
+        super().__init__()
+        self.embed_tokens = embed
+        self.lm_head = lm_head  # set when tied: the last stage projects with the same weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(tokens)
+
+
+def project_tied(piece: EmbeddingPiece, h: torch.Tensor) -> torch.Tensor:
+    return piece.lm_head(h)
+
+
+class BlockPiece(nn.Module):
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.block(h)
+
+
+class HeadPiece(nn.Module):
+    """The final norm, plus the lm_head when it is not tied to the embedding."""
+
+    def __init__(self, norm: nn.Module, lm_head: nn.Module | None):
+        super().__init__()
+        self.norm = norm
+        self.lm_head = lm_head
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.norm(h)
+        return self.lm_head(h) if self.lm_head is not None else h
+
+
+def _pieces(model: Llama) -> list[tuple[list[str], object]]:
+    """(model parts it holds, piece or spec) in pipeline order."""
+    tied = model.dims.tie_embeddings
+    if tied:
+        embed = [(["embed_tokens"], TiedLayerSpec("embed", EmbeddingPiece, model.embed_tokens, model.lm_head,
+                                                  tied_weight_attr=["embed_tokens.weight"]))]
+    else:
+        embed = [(["embed_tokens"], EmbeddingPiece(model.embed_tokens))]
+    blocks = [([f"layers.{i}"], BlockPiece(block)) for i, block in enumerate(model.layers)]
+    head = [(["norm"] if tied else ["norm", "lm_head"], HeadPiece(model.norm, None if tied else model.lm_head))]
+    if tied:
+        head.append((["embed_tokens"], TiedLayerSpec("embed", EmbeddingPiece, model.embed_tokens, model.lm_head,
+                                                     forward_fn=project_tied,
+                                                     tied_weight_attr=["embed_tokens.weight"])))
+    return embed + blocks + head
+
+
+def _param_count(model: Llama, parts: list[str]) -> int:
+    counted = {id(p): p.numel() for part in parts for p in model.get_submodule(part).parameters()}
+    return sum(counted.values())
+
+
+def apply_pipeline_parallel(model: Llama, dims: ParallelDims, loss_fn, seed: int,
+                            device: torch.device) -> PipelineModule:
+    """This rank's stage of `model` (on meta, already tensor-parallel if tp > 1) as a DeepSpeed PipelineModule,
+    with its pieces materialised on `device` from `seed`."""
+    materialize_model(model, seed, device, parts=stage_parts(model, dims))
+    topology = PipeModelDataParallelTopology(num_pp=dims.pp, num_mp=dims.tp, num_dp=dims.dp)
+    # 'parameters' recomputes the same balanced bounds inside DeepSpeed, from the same counts.
+    return PipelineModule(layers=[piece for _, piece in _pieces(model)], topology=topology, loss_fn=loss_fn,
+                          partition_method="parameters", activation_checkpoint_interval=0)
+
+
+def stage_parts(model: Llama, dims: ParallelDims) -> list[str]:
+    """The model parts on this rank's pipeline stage (what `full_state_dict` gathers from it)."""
+    pieces = _pieces(model)
+    bounds = partition_balanced(weights=[_param_count(model, parts) for parts, _ in pieces], num_parts=dims.pp)
+    return [part for parts, _ in pieces[bounds[dims.pp_rank]:bounds[dims.pp_rank + 1]] for part in parts]

@@ -1,0 +1,262 @@
+"""Megatron-style tensor parallelism: column/row-parallel linears, a vocab-parallel embedding and cross-entropy,
+optional sequence parallelism.
+
+Attention shards by heads (q/k/v column-parallel, o_proj row-parallel) and the MLP by its hidden size (gate/up
+column-parallel, down_proj row-parallel): one all-reduce per sub-layer in the forward, one in the backward. The
+lm_head is column-parallel over the vocabulary and its logits stay sharded: `vocab_parallel_cross_entropy` reduces
+max, sum-exp and the target logit across ranks instead of gathering [batch, seq, vocab].
+
+With sequence parallelism the residual stream between sub-layers is split along the sequence: the all-reduce
+becomes a reduce-scatter after each row-parallel linear plus an all-gather before each column-parallel one (the same
+bytes), and norms run on 1/tp of the tokens, so their weights' gradients are summed over the group.
+
+Everything here works on a model still on the meta device; `parallel.materialize` fills in each rank's shard.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from parallel.model import Llama, RMSNorm
+
+SEQ_DIM = 1
+
+
+# ---------------------------------------------------------------------------------------------- collectives
+
+
+def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    x = x.contiguous()
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def _all_gather_seq(x: torch.Tensor, group) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=SEQ_DIM)
+
+
+def _reduce_scatter_seq(x: torch.Tensor, group) -> torch.Tensor:
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    if dist.get_backend(group) == "gloo":
+        # gloo has no reduce-scatter; the all-reduce moves more bytes but gives the same sums.
+        return _all_reduce(x, group).chunk(size, dim=SEQ_DIM)[rank].contiguous()
+    inputs = [c.contiguous() for c in x.chunk(size, dim=SEQ_DIM)]
+    out = torch.empty_like(inputs[rank])
+    dist.reduce_scatter(out, inputs, group=group)
+    return out
+
+
+class _CopyToRegion(torch.autograd.Function):
+    """Identity forward, all-reduce of the gradient backward: entering a region that each rank computes in part."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad, ctx.group), None
+
+
+class _ReduceFromRegion(torch.autograd.Function):
+    """All-reduce forward, identity backward: summing the partial results of a row-parallel layer."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _GatherSequence(torch.autograd.Function):
+    """All-gather along the sequence forward, reduce-scatter backward (sequence parallel → tensor parallel)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter_seq(grad, ctx.group), None
+
+
+class _ReduceScatterSequence(torch.autograd.Function):
+    """Reduce-scatter along the sequence forward, all-gather backward (tensor parallel → sequence parallel)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_seq(grad, ctx.group), None
+
+
+# ---------------------------------------------------------------------------------------------- layers
+
+
+class _Sharded(nn.Module):
+    """A layer holding one shard of a weight split along `shard_dim`; `parallel.materialize` reads these fields."""
+
+    def __init__(self, shape: tuple[int, int], shard_dim: int, group, rank: int, size: int, sequence_parallel: bool):
+        super().__init__()
+        if shape[shard_dim] % size:
+            raise ValueError(f"dimension {shape[shard_dim]} of a {tuple(shape)} weight does not split over tp={size}")
+        local = list(shape)
+        local[shard_dim] //= size
+        self.weight = nn.Parameter(torch.empty(local))
+        self.shard_dim, self.tp_rank, self.tp_size = shard_dim, rank, size
+        self.group, self.sequence_parallel = group, sequence_parallel
+
+
+class ColumnParallelLinear(_Sharded):
+    """y_i = x · W_i^T: the output features split over ranks; the input is whole on every rank."""
+
+    def __init__(self, in_features: int, out_features: int, group, rank: int, size: int, sequence_parallel: bool):
+        super().__init__((out_features, in_features), 0, group, rank, size, sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _GatherSequence.apply(x, self.group) if self.sequence_parallel else _CopyToRegion.apply(x, self.group)
+        return F.linear(x, self.weight)
+
+
+class RowParallelLinear(_Sharded):
+    """y = Σ_i x_i · W_i^T: the input features split over ranks, partial outputs summed."""
+
+    def __init__(self, in_features: int, out_features: int, group, rank: int, size: int, sequence_parallel: bool):
+        super().__init__((out_features, in_features), 1, group, rank, size, sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        return _ReduceScatterSequence.apply(y, self.group) if self.sequence_parallel \
+            else _ReduceFromRegion.apply(y, self.group)
+
+
+class VocabParallelEmbedding(_Sharded):
+    """Rows [rank·V/tp, (rank+1)·V/tp) of the table; tokens outside look up zeros, and the ranks' rows are summed."""
+
+    def __init__(self, vocab_size: int, dim: int, group, rank: int, size: int, sequence_parallel: bool):
+        super().__init__((vocab_size, dim), 0, group, rank, size, sequence_parallel)
+        self.vocab_start = rank * (vocab_size // size)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        local = tokens - self.vocab_start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        h = F.embedding(local.masked_fill(outside, 0), self.weight)
+        h = h.masked_fill(outside.unsqueeze(-1), 0.0)
+        return _ReduceScatterSequence.apply(h, self.group) if self.sequence_parallel \
+            else _ReduceFromRegion.apply(h, self.group)
+
+
+class SequenceParallelRMSNorm(RMSNorm):
+    """RMSNorm over this rank's slice of the sequence; its weight's gradient is summed over the group."""
+
+    def __init__(self, dim: int, eps: float, group):
+        super().__init__(dim, eps)
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return _CopyToRegion.apply(self.weight, self.group) * h.to(x.dtype)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, group):
+        ctx.dtype = logits.dtype
+        logits = logits.float()
+        vocab_start = dist.get_rank(group) * logits.shape[-1]
+        logits_max = logits.max(dim=-1).values
+        dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
+        shifted = logits - logits_max.unsqueeze(-1)
+        local = labels - vocab_start
+        outside = (local < 0) | (local >= logits.shape[-1])
+        local = local.masked_fill(outside, 0)
+        target = shifted.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
+        dist.all_reduce(target, group=group)
+        exp = shifted.exp()
+        sum_exp = exp.sum(dim=-1)
+        dist.all_reduce(sum_exp, group=group)
+        loss = sum_exp.log() - target
+        softmax = exp.div_(sum_exp.unsqueeze(-1))
+        ctx.save_for_backward(softmax, local, outside)
+        return loss.mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        softmax, local, outside = ctx.saved_tensors
+        grad_logits = softmax
+        hit = (~outside).to(softmax.dtype)
+        grad_logits.scatter_add_(-1, local.unsqueeze(-1), -hit.unsqueeze(-1))
+        grad_logits.mul_(grad / local.numel())
+        return grad_logits.to(ctx.dtype), None, None
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, group) -> torch.Tensor:
+    """Mean next-token loss from vocab-sharded logits [..., V/tp]; the full-vocab logits never exist anywhere.
+
+    Computed in fp32 whatever the logits' dtype, like `parallel.model.cross_entropy`.
+    """
+    return _VocabParallelCrossEntropy.apply(logits, labels, group)
+
+
+class VocabParallelLoss:
+    """`loss_fn(logits, labels)` bound to a tensor-parallel group (picklable, unlike a lambda)."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_cross_entropy(logits, labels, self.group)
+
+
+# ---------------------------------------------------------------------------------------------- applying
+
+
+def apply_tensor_parallel(model: Llama, group, rank: int, size: int, sequence_parallel: bool = False) -> Llama:
+    """Swap the model's layers for sharded ones in place (on the meta device) and lower its head counts to this
+    rank's share. The forward then returns vocab-sharded logits: train with `VocabParallelLoss(group)`.
+    """
+    d = model.dims
+    sp = sequence_parallel
+
+    def column(i, o):
+        return ColumnParallelLinear(i, o, group, rank, size, sp)
+
+    def row(i, o):
+        return RowParallelLinear(i, o, group, rank, size, sp)
+
+    with torch.device("meta"):
+        for block in model.layers:
+            attn, mlp = block.self_attn, block.mlp
+            q, kv = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim
+            attn.q_proj, attn.k_proj, attn.v_proj = column(d.dim, q), column(d.dim, kv), column(d.dim, kv)
+            attn.o_proj = row(q, d.dim)
+            attn.n_heads, attn.n_kv_heads = d.n_heads // size, d.n_kv_heads // size
+            mlp.gate_proj, mlp.up_proj = column(d.dim, d.ffn_dim), column(d.dim, d.ffn_dim)
+            mlp.down_proj = row(d.ffn_dim, d.dim)
+            if sp:
+                block.input_layernorm = SequenceParallelRMSNorm(d.dim, d.norm_eps, group)
+                block.post_attention_layernorm = SequenceParallelRMSNorm(d.dim, d.norm_eps, group)
+        model.embed_tokens = VocabParallelEmbedding(d.vocab_size, d.dim, group, rank, size, sp)
+        model.lm_head = column(d.dim, d.vocab_size)
+        if sp:
+            model.norm = SequenceParallelRMSNorm(d.dim, d.norm_eps, group)
+    if d.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    return model
+
+
+def is_tensor_parallel(module: nn.Module) -> bool:
+    return isinstance(module, _Sharded) and module.tp_size > 1
