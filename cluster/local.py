@@ -1,0 +1,39 @@
+"""An embedded Ray cluster on this machine: what `pretrain submit` runs on when no address is given.
+
+It listens on loopback only and sends no usage statistics. Ray binds every interface on Linux unless
+`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` (then the node address 127.0.0.1 is honoured), and a local `ray.init()`
+with authentication on writes ~/.ray/auth_token, which later breaks job submission to other clusters: both are
+switched off here, before Ray starts any process.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+LOCAL_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+}
+
+
+def apply_local_env() -> None:
+    """Set the loopback / no-telemetry variables, keeping any the user set."""
+    for key, value in LOCAL_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+@contextmanager
+def local_cluster(num_cpus: float | None = None, num_gpus: int | None = None) -> Iterator[dict]:
+    """Start Ray in this process (head node on 127.0.0.1, no dashboard), yield its resources, stop it after."""
+    apply_local_env()
+    import ray
+
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+             _node_ip_address="127.0.0.1", configure_logging=False)
+    try:
+        yield ray.cluster_resources()
+    finally:
+        ray.shutdown()

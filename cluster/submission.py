@@ -1,0 +1,92 @@
+"""Submit, watch and stop runs on a Ray cluster through its Jobs API (http://head:8265).
+
+A submitted run is the controller (`python -m orchestrator.controller`) started as a Ray job on the head node;
+its runtime_env carries the resolved job spec in `PRETRAIN_SPEC`, so nothing has to be copied to the cluster
+beforehand. The code itself comes with the cluster's image (the `pretrain` package installed there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Mapping
+from typing import TextIO
+
+from orchestrator.errors import UserError
+from orchestrator.spec import JobSpec
+
+SPEC_VARIABLE = "PRETRAIN_SPEC"
+ENTRYPOINT = "python -m orchestrator.controller"
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def connect(address: str):
+    """A JobSubmissionClient for `address`, or a `UserError` saying the Jobs API cannot be reached there."""
+    from ray.job_submission import JobSubmissionClient
+
+    if "://" not in address:
+        address = f"http://{address}"
+    try:
+        return JobSubmissionClient(address)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise UserError(
+            f"cannot reach the Ray Jobs API at {address}: {str(e).splitlines()[0]} "
+            "(the head's dashboard port, usually 8265; start it with `ray start --head --dashboard-host=0.0.0.0`)"
+        ) from None
+
+
+def submit(address: str, spec: JobSpec, *, env: Mapping[str, str] | None = None,
+           submission_id: str | None = None) -> str:
+    """Start the run's controller as a Ray job; return its job id."""
+    from orchestrator.validate import spec_to_yaml
+
+    client = connect(address)
+    runtime_env = {"env_vars": {SPEC_VARIABLE: spec_to_yaml(spec), **(env or {})}}
+    return client.submit_job(entrypoint=ENTRYPOINT, runtime_env=runtime_env, submission_id=submission_id,
+                             metadata={"pretrain_run": spec.name})
+
+
+def job_info(address: str, job_id: str):
+    """The job's JobDetails (status, message, driver exit code), or a `UserError` for an unknown id."""
+    client = connect(address)
+    try:
+        return client.get_job_info(job_id)
+    except RuntimeError as e:
+        if "does not exist" in str(e) or "404" in str(e):
+            known = f"`pretrain list --address {address}` shows the jobs there"
+            raise UserError(f"no job {job_id!r} on {address} ({known})") from None
+        raise
+
+
+def stop(address: str, job_id: str) -> bool:
+    """Ask the job to stop; False when it had already ended."""
+    job_info(address, job_id)
+    return connect(address).stop_job(job_id)
+
+
+def list_jobs(address: str) -> list:
+    """Every job the cluster knows, oldest first."""
+    return sorted(connect(address).list_jobs(), key=lambda j: j.start_time or 0)
+
+
+def logs(address: str, job_id: str) -> str:
+    job_info(address, job_id)
+    return connect(address).get_job_logs(job_id)
+
+
+def follow(address: str, job_id: str, out: TextIO = sys.stdout) -> None:
+    """Print the job's log as it grows, until the job ends."""
+    job_info(address, job_id)
+    client = connect(address)
+
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            out.write(chunk)
+            out.flush()
+
+    asyncio.run(tail())
+
+
+def status_name(info) -> str:
+    """A job's state as a plain word: PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED."""
+    return getattr(info.status, "value", str(info.status))

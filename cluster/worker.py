@@ -1,0 +1,158 @@
+"""One rank of a run: a Ray actor that runs the training loop in a thread and answers the controller meanwhile.
+
+The loop runs in a thread of the actor, not in the actor's own call, so the controller can keep asking for
+heartbeats and, when the gang hangs, for every thread's Python stack (`faulthandler` works from any thread, even
+while the loop sits in a collective). A fresh actor is started for every attempt: nothing of a failed
+`torch.distributed` or DeepSpeed state survives into the next one.
+
+Ray prefixes every line an actor prints with its `repr`, so each rank's output reaches the job log as
+`(rank3 pid=…, ip=…) …`.
+
+Fault injection (tests only): `PRETRAIN_TEST_HANG=RANK:STEP:MARKER` makes rank RANK sleep forever after step STEP,
+once: the marker file is created first and a later attempt that finds it trains on. It lives in the heartbeat
+callback, so the training loop needs no hook of its own.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import importlib
+import os
+import socket
+import tempfile
+import threading
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from orchestrator.errors import UserError
+from orchestrator.spec import JobSpec
+from parallel.callbacks import BaseCallback, StepStats
+from parallel.launch import RankEnv
+
+DEFAULT_ENTRY = "parallel.train:run"
+HANG_VARIABLE = "PRETRAIN_TEST_HANG"
+
+
+@dataclass
+class Wiring:
+    """Where a rank sits in the gang and how it finds the others (torchrun's environment variables)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    node_rank: int
+    master_addr: str
+    master_port: int
+
+    def environ(self) -> dict[str, str]:
+        env = {
+            "RANK": self.rank, "WORLD_SIZE": self.world_size, "LOCAL_RANK": self.local_rank,
+            "LOCAL_WORLD_SIZE": self.local_world_size, "GROUP_RANK": self.node_rank, "NODE_RANK": self.node_rank,
+            "MASTER_ADDR": self.master_addr, "MASTER_PORT": self.master_port,
+        }
+        out = {k: str(v) for k, v in env.items()}
+        if self.master_addr.startswith("127."):
+            out.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        return out
+
+
+@dataclass
+class Beat:
+    """What a rank last told the controller."""
+
+    step: int = -1
+    loss: float | None = None
+    step_time: float | None = None
+    done: bool = False
+    error: str | None = None
+    user_error: bool = False
+
+
+class Heartbeat(BaseCallback):
+    """A training-loop callback that records each finished step for the controller to read."""
+
+    def __init__(self, beat: Beat, rank: int):
+        self.beat = beat
+        self.hang_at = _hang_step(rank)
+
+    def on_step(self, stats: StepStats) -> None:
+        self.beat.loss = float(stats.loss)
+        self.beat.step_time = float(stats.step_seconds)
+        self.beat.step = stats.step
+        if self.hang_at is not None and stats.step >= self.hang_at[0] and not os.path.exists(self.hang_at[1]):
+            open(self.hang_at[1], "w").close()
+            print(f"injected hang after step {stats.step} ({HANG_VARIABLE})", flush=True)
+            threading.Event().wait()
+
+
+def _hang_step(rank: int) -> tuple[int, str] | None:
+    value = os.environ.get(HANG_VARIABLE, "")
+    if not value:
+        return None
+    who, step, marker = value.split(":", 2)
+    return (int(step), marker) if int(who) == rank else None
+
+
+@ray.remote(max_concurrency=4)
+class RankWorker:
+    """An actor hosting one rank; the controller starts one per bundle of the gang's placement group."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.beat = Beat()
+        self.thread: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        return f"rank{self.rank}"
+
+    def describe(self) -> dict[str, Any]:
+        """Node, process and devices of this rank: the controller wires the gang from these."""
+        context = ray.get_runtime_context()
+        return {
+            "ip": ray.util.get_node_ip_address(), "node_id": context.get_node_id(), "pid": os.getpid(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+        }
+
+    def free_port(self) -> int:
+        """A port free on this node now: rank 0's, where torch.distributed's store will listen."""
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("", 0))
+            return s.getsockname()[1]
+
+    def start(self, spec: JobSpec, wiring: Wiring, entry: str = DEFAULT_ENTRY) -> None:
+        os.environ.update(wiring.environ())
+        heartbeat = Heartbeat(self.beat, self.rank)
+        self.thread = threading.Thread(target=self._train, args=(spec, wiring, entry, heartbeat), daemon=True)
+        self.thread.start()
+
+    def _train(self, spec: JobSpec, wiring: Wiring, entry: str, heartbeat: Heartbeat) -> None:
+        try:
+            module, _, name = entry.partition(":")
+            train = getattr(importlib.import_module(module), name)
+            train(spec, _rank_env(wiring), callbacks=(heartbeat,))
+            self.beat.done = True
+        except BaseException as e:  # noqa: BLE001 - every failure of a rank is reported to the controller
+            text = "".join(traceback.format_exception(e))
+            print(text, flush=True)
+            self.beat.user_error = isinstance(e, UserError)
+            self.beat.error = f"{type(e).__name__}: {e}"
+
+    def poll(self) -> Beat:
+        return self.beat
+
+    def stacks(self) -> str:
+        """Every thread's Python stack, as faulthandler prints them."""
+        with tempfile.TemporaryFile("w+") as f:
+            faulthandler.dump_traceback(f, all_threads=True)
+            f.seek(0)
+            return f.read()
+
+
+def _rank_env(wiring: Wiring) -> RankEnv:
+    return RankEnv(rank=wiring.rank, world_size=wiring.world_size, local_rank=wiring.local_rank,
+                   master_addr=wiring.master_addr, master_port=wiring.master_port,
+                   local_world_size=wiring.local_world_size)

@@ -1,0 +1,80 @@
+"""`pretrain submit job.yaml [overrides] [--address URL]`: run a job on a Ray cluster.
+
+Without --address an embedded Ray starts on this machine (loopback only) and the controller runs in this process:
+the run lives as long as the command. With --address the controller is submitted through the cluster's Jobs
+API; the command follows the job's log until it ends (--no-wait: print the job id and return).
+
+Relative paths in the spec (data.path, checkpoint.dir, ...) are made absolute here: a cluster sees them only on
+a shared filesystem, so prefer absolute paths or URIs (s3://, gs://) for remote clusters.
+
+Exit codes: 0 the run finished, 1 it failed, 2 the input was wrong, 130 interrupted (a submitted job keeps running).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from orchestrator.spec import JobSpec
+
+EXIT_CODES = {"SUCCEEDED": 0, "STOPPED": 1, "FAILED": 1}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("spec", help="job spec YAML")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    parser.add_argument("--address", help="the cluster's Jobs API (http://head:8265); none: an embedded local Ray")
+    parser.add_argument("--no-wait", action="store_true", help="with --address: print the job id and return")
+    parser.add_argument("--job-id", help="with --address: the submission id to use (default: Ray picks one)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from orchestrator.validate import load_spec
+
+    spec = absolute_paths(load_spec(args.spec, args.overrides, require_data=args.address is None))
+    if args.address is None:
+        return _run_local(spec)
+    return _run_remote(spec, args)
+
+
+def absolute_paths(spec: JobSpec) -> JobSpec:
+    """Make the spec's local paths absolute against this directory; URIs stay."""
+    for section, key in (("data", "path"), ("checkpoint", "dir"), ("checkpoint", "init_from"),
+                         ("metrics", "targets_file")):
+        owner = getattr(spec, section)
+        value = getattr(owner, key)
+        if value and "://" not in value:
+            setattr(owner, key, os.path.abspath(value))
+    return spec
+
+
+def _run_local(spec: JobSpec) -> int:
+    from cluster.local import local_cluster
+    from orchestrator.controller import Controller
+
+    with local_cluster():
+        Controller(spec).run()
+    return 0
+
+
+def _run_remote(spec: JobSpec, args: argparse.Namespace) -> int:
+    from cluster import submission
+
+    job_id = submission.submit(args.address, spec, submission_id=args.job_id)
+    print(f"pretrain submit: job {job_id} submitted to {args.address}", flush=True)
+    if args.no_wait:
+        print(job_id)
+        return 0
+    try:
+        submission.follow(args.address, job_id)
+    except KeyboardInterrupt:
+        print(f"pretrain submit: job {job_id} keeps running; `pretrain stop {job_id} --address {args.address}` "
+              "stops it", file=sys.stderr)
+        raise
+    info = submission.job_info(args.address, job_id)
+    status = submission.status_name(info)
+    print(f"pretrain submit: job {job_id} {status}" + (f": {info.message}" if info.message else ""), flush=True)
+    if status == "FAILED" and info.driver_exit_code == 2:
+        return 2
+    return EXIT_CODES.get(status, 1)

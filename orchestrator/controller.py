@@ -1,0 +1,244 @@
+"""The Ray controller: start a run's gang of ranks and keep it running until it finishes or cannot.
+
+One attempt reserves every rank's resources at once (a placement group, `cluster.placement`), starts one
+`cluster.worker.RankWorker` actor per rank with its torch.distributed wiring (rank 0's address and a free port),
+and watches the ranks' heartbeats. An attempt ends when
+
+- every rank finished: the run is done;
+- a rank's process or node died, a rank raised, or no rank advanced for `resources.hang_timeout_s` (then every
+  rank's Python stacks go to the job log first): the gang is torn down and, as `orchestrator.failure_policy`
+  decides, restarted after a backoff. The training loop resumes from the newest good checkpoint itself
+  (`checkpoint.resume`). When nodes were lost and `resources.min_nodes` allows, the next attempt runs on the
+  nodes left, with the data-parallel size re-planned (`orchestrator.elastic`) and the checkpoint resharded.
+
+Job entry point for the Ray Jobs API (what `pretrain submit --address` runs on the head node):
+
+    PRETRAIN_SPEC="$(cat resolved.yaml)" python -m orchestrator.controller
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import ray
+import yaml
+from ray.exceptions import RayActorError, RayError
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.placement import Gang, alive_nodes, release, reserve_gang
+from cluster.submission import SPEC_VARIABLE
+from cluster.worker import DEFAULT_ENTRY, Beat, RankWorker, Wiring
+from orchestrator.elastic import plan_nodes
+from orchestrator.errors import PretrainError, SchedulingError, UserError, WorkerFailedError
+from orchestrator.failure_policy import Action, Cause, Failure, FailurePolicy
+from orchestrator.spec import JobSpec
+from orchestrator.stragglers import find_stragglers
+from orchestrator.validate import parse_spec
+from orchestrator.watchdog import STARTUP_S, Watchdog
+
+POLL_S = 1.0
+# A rank's error often follows a peer's death (its collective broke): look again this long before blaming it.
+SETTLE_S = 2.0
+# How long a restart waits for enough nodes (a lost pod being replaced) before giving up.
+NODE_WAIT_S = 120.0
+
+
+@dataclass
+class RunResult:
+    step: int
+    loss: float | None
+    restarts: int
+    world_size: int
+
+
+class AttemptFailed(Exception):
+    def __init__(self, failure: Failure):
+        super().__init__(str(failure))
+        self.failure = failure
+
+
+class Controller:
+    def __init__(self, spec: JobSpec, *, entry: str = DEFAULT_ENTRY, poll_s: float = POLL_S,
+                 startup_s: float = STARTUP_S, node_wait_s: float = NODE_WAIT_S):
+        self.spec = spec
+        self.entry = entry
+        self.poll_s = poll_s
+        self.startup_s = startup_s
+        self.node_wait_s = node_wait_s
+        self.policy = FailurePolicy(spec.resources.max_restarts, spec.resources.restart_backoff_s)
+        self.attempt = 0
+
+    def log(self, message: str) -> None:
+        print(f"[controller] {message}", flush=True)
+
+    def run(self) -> RunResult:
+        """Run attempts until one finishes; raise `WorkerFailedError` (or the rank's `UserError`) when giving up."""
+        gang = reserve_gang(self.spec)
+        spec = self.spec
+        while True:
+            self.attempt += 1
+            try:
+                return self._attempt(spec, gang)
+            except AttemptFailed as e:
+                failure = e.failure
+            decision = self.policy.decide(failure)
+            self.log(f"attempt {self.attempt} failed: {failure}")
+            if decision.action is Action.RAISE:
+                self.log(f"giving up: {decision.reason}")
+                if failure.cause is Cause.USER_ERROR:
+                    raise UserError("; ".join(f"rank {r}: {e}" for r, e in sorted(failure.ranks.items())))
+                raise WorkerFailedError(failure.ranks)
+            self.log(f"restarting in {decision.delay_s:g} s ({decision.reason}, cause: {failure.cause.value})")
+            time.sleep(decision.delay_s)
+            spec, gang = self._reserve_again()
+
+    def _reserve_again(self) -> tuple[JobSpec, Gang]:
+        """Reserve the gang anew on the nodes alive now, shrinking the data-parallel size if nodes were lost."""
+        deadline = time.monotonic() + self.node_wait_s
+        while True:
+            try:
+                spec = plan_nodes(self.spec, alive_nodes())
+                if spec.resources.num_nodes != self.spec.resources.num_nodes:
+                    self.log(f"elastic: continuing on {spec.resources.num_nodes} of {self.spec.resources.num_nodes} "
+                             f"nodes, dp={spec.parallel.dp}, grad_accum={spec.parallel.grad_accum}")
+                return spec, reserve_gang(spec, timeout_s=max(1.0, deadline - time.monotonic()))
+            except SchedulingError as e:
+                if time.monotonic() > deadline:
+                    raise
+                self.log(f"waiting for nodes: {e}")
+                time.sleep(5.0)
+
+    def _attempt(self, spec: JobSpec, gang: Gang) -> RunResult:
+        workers: list = []
+        try:
+            cpus, gpus = gang.bundle.get("CPU", 0.0), gang.bundle.get("GPU", 0.0)
+            for rank, bundle in enumerate(gang.bundles):
+                strategy = PlacementGroupSchedulingStrategy(gang.group, placement_group_bundle_index=bundle)
+                workers.append(
+                    RankWorker.options(scheduling_strategy=strategy, num_cpus=cpus, num_gpus=gpus).remote(rank)
+                )
+            infos = self._call_all(workers, "describe", timeout=self.startup_s)
+            port = ray.get(workers[0].free_port.remote())
+            local, local_world, node_rank = gang.local_ranks()
+            p = spec.parallel
+            self.log(f"attempt {self.attempt}: {spec.world_size} ranks (dp={p.dp} pp={p.pp} tp={p.tp}) on "
+                     f"{len(set(gang.nodes))} node(s), master {infos[0]['ip']}:{port}")
+            for rank, info in enumerate(infos):
+                self.log(f"  rank {rank}: node {info['node_id'][:8]} ({info['ip']}) pid {info['pid']} "
+                         f"local_rank {local[rank]} gpus {','.join(info['gpu_ids']) or '-'}")
+            wirings = [
+                Wiring(rank=r, world_size=len(workers), local_rank=local[r], local_world_size=local_world[r],
+                       node_rank=node_rank[r], master_addr=infos[0]["ip"], master_port=port)
+                for r in range(len(workers))
+            ]
+            ray.get([w.start.remote(spec, wirings[r], self.entry) for r, w in enumerate(workers)])
+            return self._monitor(spec, workers, infos)
+        finally:
+            for w in workers:
+                ray.kill(w, no_restart=True)
+            release(gang)
+
+    def _call_all(self, workers: list, method: str, timeout: float) -> list:
+        try:
+            return ray.get([getattr(w, method).remote() for w in workers], timeout=timeout)
+        except (RayActorError, RayError) as e:
+            raise AttemptFailed(Failure(Cause.RANK_DIED, {-1: _short(e)})) from None
+
+    def _monitor(self, spec: JobSpec, workers: list, infos: list[dict]) -> RunResult:
+        watchdog = Watchdog(spec.resources.hang_timeout_s, startup_s=self.startup_s)
+        stragglers: dict[int, float] = {}
+        while True:
+            beats, dead = self._poll(workers)
+            errors = {r: b.error for r, b in beats.items() if b.error}
+            if errors and not dead:
+                time.sleep(SETTLE_S)
+                beats, dead = self._poll(workers)
+                errors = {r: b.error for r, b in beats.items() if b.error}
+            if dead:
+                lost = {i["node_id"] for i in infos} - {n["NodeID"] for n in alive_nodes()}
+                cause = Cause.NODE_LOST if any(infos[r]["node_id"] in lost for r in dead) else Cause.RANK_DIED
+                raise AttemptFailed(Failure(cause, dead))
+            if errors:
+                user = any(beats[r].user_error for r in errors)
+                raise AttemptFailed(Failure(Cause.USER_ERROR if user else Cause.RANK_ERROR, errors))
+            for rank, beat in beats.items():
+                watchdog.observe(rank, beat.step)
+            if len(beats) == len(workers) and all(b.done for b in beats.values()):
+                return self._result(beats, spec)
+            if watchdog.hung():
+                self._dump_stacks(workers, infos)
+                steps = {r: f"no step after {watchdog.steps.get(r, -1)} for {watchdog.stalled_for():.0f} s"
+                         for r in range(len(workers))}
+                raise AttemptFailed(Failure(Cause.HANG, steps))
+            stragglers = self._report_stragglers(beats, stragglers, spec.resources.straggler_factor)
+            time.sleep(self.poll_s)
+
+    def _poll(self, workers: list) -> tuple[dict[int, Beat], dict[int, str]]:
+        refs = {w.poll.remote(): r for r, w in enumerate(workers)}
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=max(5.0, 5 * self.poll_s))
+        beats: dict[int, Beat] = {}
+        dead: dict[int, str] = {}
+        for ref in ready:
+            try:
+                beats[refs[ref]] = ray.get(ref)
+            except RayActorError as e:
+                dead[refs[ref]] = _short(e)
+        return beats, dead
+
+    def _report_stragglers(self, beats: dict[int, Beat], before: dict[int, float], factor: float) -> dict[int, float]:
+        now = find_stragglers({r: b.step_time for r, b in beats.items() if not b.done}, factor)
+        if set(now) != set(before):
+            if now:
+                detail = ", ".join(f"rank {r} {ratio:.2f}×" for r, ratio in now.items())
+                self.log(f"stragglers (step time over {factor:g}× the median): {detail}")
+            else:
+                self.log("no stragglers")
+        return now
+
+    def _dump_stacks(self, workers: list, infos: list[dict]) -> None:
+        self.log(f"no rank advanced for {self.spec.resources.hang_timeout_s:g} s; Python stacks of every rank:")
+        refs = [w.stacks.remote() for w in workers]
+        for rank, ref in enumerate(refs):
+            try:
+                text = ray.get(ref, timeout=10.0)
+            except (RayError, TimeoutError) as e:
+                text = f"(unavailable: {_short(e)})"
+            print(f"----- rank {rank} pid {infos[rank]['pid']} stacks -----\n{text}", flush=True)
+
+    def _result(self, beats: dict[int, Beat], spec: JobSpec) -> RunResult:
+        losses = [b.loss for _, b in sorted(beats.items()) if b.loss is not None]
+        result = RunResult(step=max(b.step for b in beats.values()), loss=losses[0] if losses else None,
+                           restarts=self.policy.restarts, world_size=spec.world_size)
+        self.log(f"finished: step {result.step}, loss {result.loss!r}, restarts {result.restarts}, "
+                 f"{result.world_size} ranks")
+        return result
+
+
+def _short(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+
+
+def main() -> int:
+    """The Jobs API entry point: the spec comes in `PRETRAIN_SPEC`; exit codes as the CLI's."""
+    text = os.environ.get(SPEC_VARIABLE)
+    try:
+        if not text:
+            raise UserError(f"{SPEC_VARIABLE} is not set: it carries the job spec (pretrain submit sets it)")
+        spec = parse_spec(yaml.safe_load(text), source=SPEC_VARIABLE)
+        ray.init(address="auto")
+        Controller(spec).run()
+        return 0
+    except UserError as e:
+        print(f"pretrain: {e}", file=sys.stderr, flush=True)
+        return 2
+    except PretrainError as e:
+        print(f"pretrain: {e}", file=sys.stderr, flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,18 @@
+"""Find ranks slower than the rest: per-rank step time against the median, times a factor.
+
+One slow GPU (thermal throttling, a bad link, a noisy neighbour) sets the pace of the whole synchronous gang; it
+shows as a rank whose own step time stands out from the median of all ranks.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+
+def find_stragglers(step_times: dict[int, float], factor: float) -> dict[int, float]:
+    """rank → its step time / the median, for every rank slower than `factor` × the median."""
+    times = {r: t for r, t in step_times.items() if t is not None and t > 0}
+    if len(times) < 2:
+        return {}
+    median = statistics.median(times.values())
+    return {r: t / median for r, t in sorted(times.items()) if t > factor * median}
