@@ -29,15 +29,15 @@ COMMANDS: dict[str, tuple[str | None, str]] = {
     "plan": (None, "parameters, FLOPs, memory per GPU and the best layout for a spec"),
     "sweep": (None, "run a grid of small models and fit a scaling law"),
     "train": (None, "run one rank of a job (torchrun-style environment variables)"),
-    "submit": (None, "run a job on a Ray cluster (a local one when no --address)"),
-    "status": (None, "show a submitted job's state"),
-    "logs": (None, "print a submitted job's logs"),
-    "stop": (None, "stop a submitted job"),
-    "list": (None, "list submitted jobs"),
+    "submit": ("submit", "run a job on a Ray cluster (a local one when no --address)"),
+    "status": ("status", "show a submitted job's state"),
+    "logs": ("logs", "print a submitted job's logs"),
+    "stop": ("stop", "stop a submitted job"),
+    "list": ("list", "list submitted jobs"),
     "export": (None, "write a checkpoint as a Hugging Face Llama model"),
     "import": (None, "initialise a run from a Hugging Face Llama model"),
     "generate": (None, "sample continuations from a checkpoint"),
-    "k8s": (None, "render KubeRay manifests from a job spec"),
+    "k8s": ("k8s", "render KubeRay manifests from a job spec"),
 }
 
 
