@@ -1,0 +1,382 @@
+"""Prometheus exporters of a run: one per rank, one for the controller, one for a dataprep job.
+
+Every series a run publishes is declared once in `CATALOGUE` below; the Grafana dashboards
+(`cluster.metrics_dashboards`) and the alert rules (`cluster.metrics_alerts`) are generated from the same entries, so
+a renamed metric fails their tests instead of silently emptying a chart. Names follow Prometheus conventions: base
+units, counters end in `_total`, durations in `_seconds`, sizes in `_bytes`. The labels are `run` (the job name;
+`job` belongs to Prometheus, which would rename ours to `exported_job`), `rank` and `node`.
+
+Values are kept as absolute numbers and rendered at scrape time by one small collector, so a counter carried across a
+restart (tokens seen, restarts) continues from the checkpointed total instead of falling back to zero.
+
+Ports: `metrics.port = 0` binds every exporter to a free port; a fixed port P gives the controller P and the rank with
+local rank i the port P + 1 + i (fixed ports are what a Kubernetes PodMonitor needs). Whoever knows every address (the
+controller) writes them to a file_sd targets file with `write_targets_file`, which Prometheus watches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import start_http_server
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from orchestrator.errors import UserError
+
+RUN_LABELS = ("run",)
+RANK_LABELS = ("run", "rank", "node")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One series family: its exposed name (with `_total` for counters), type, help and label names."""
+
+    name: str
+    kind: str
+    help: str
+    labels: tuple[str, ...] = RUN_LABELS
+
+
+def _gauge(name: str, help: str, labels: tuple[str, ...] = RUN_LABELS) -> Metric:
+    return Metric(name, "gauge", help, labels)
+
+
+def _counter(name: str, help: str, labels: tuple[str, ...] = RUN_LABELS) -> Metric:
+    assert name.endswith("_total"), name
+    return Metric(name, "counter", help, labels)
+
+
+# Every rank: what differs between ranks, so stragglers and memory imbalance show per rank.
+STEP = _gauge("pretrain_step", "last optimizer step this rank finished", RANK_LABELS)
+STEP_DURATION = _gauge("pretrain_step_duration_seconds", "wall time of this rank's last optimizer step", RANK_LABELS)
+TOKENS_PER_SECOND = _gauge("pretrain_tokens_per_second", "tokens this rank processed per second, last step",
+                           RANK_LABELS)
+GPU_MEMORY = _gauge("pretrain_gpu_memory_bytes", "peak device memory allocated by this rank during its last step",
+                    RANK_LABELS)
+LAST_STEP_TIME = _gauge("pretrain_last_step_timestamp_seconds", "Unix time at which this rank finished its last step",
+                        RANK_LABELS)
+# Rank 0: one value per run.
+LOSS = _gauge("pretrain_loss", "training loss of the last step (mean over the global batch)")
+EVAL_LOSS = _gauge("pretrain_eval_loss", "validation loss of the last evaluation")
+LEARNING_RATE = _gauge("pretrain_learning_rate", "learning rate of the last step")
+GRAD_NORM = _gauge("pretrain_grad_norm", "global gradient norm of the last step, before clipping")
+MFU = _gauge("pretrain_mfu_ratio", "model FLOP utilisation of the last step: achieved / (devices × metrics.peak_flops)")
+TOKENS = _counter("pretrain_tokens_total", "tokens trained on since the run began, across restarts")
+CHECKPOINT_DURATION = _gauge("pretrain_checkpoint_duration_seconds", "wall time of the last checkpoint save or load",
+                             ("run", "operation"))
+CHECKPOINT_SIZE = _gauge("pretrain_checkpoint_bytes", "size of the last checkpoint saved or loaded",
+                         ("run", "operation"))
+CHECKPOINT_STEP = _gauge("pretrain_checkpoint_step", "step of the newest checkpoint saved or resumed from")
+CHECKPOINT_INTERVAL = _gauge("pretrain_checkpoint_interval_steps", "checkpoint.every of the run (0: only at the end)")
+# Controller: the run as a whole.
+RESTARTS = _counter("pretrain_restarts_total", "gang restarts of the run since it began")
+STRAGGLER_RATIO = _gauge("pretrain_straggler_ratio", "a rank's last step time over the median of all ranks",
+                         RANK_LABELS)
+STRAGGLER_THRESHOLD = _gauge("pretrain_straggler_threshold_ratio", "resources.straggler_factor: the ratio above which "
+                             "a rank counts as a straggler")
+RANKS = _gauge("pretrain_ranks", "ranks the controller is running")
+# Dataprep: per stage of the pipeline, per removal rule.
+_STAGE = ("run", "stage")
+DATAPREP_DOCUMENTS_IN = _counter("pretrain_dataprep_input_documents_total", "documents read by a stage", _STAGE)
+DATAPREP_DOCUMENTS_OUT = _counter("pretrain_dataprep_output_documents_total", "documents a stage kept", _STAGE)
+DATAPREP_BYTES_IN = _counter("pretrain_dataprep_input_bytes_total", "UTF-8 text bytes read by a stage", _STAGE)
+DATAPREP_BYTES_OUT = _counter("pretrain_dataprep_output_bytes_total", "UTF-8 text bytes a stage kept", _STAGE)
+DATAPREP_TOKENS_OUT = _counter("pretrain_dataprep_output_tokens_total", "tokens a stage wrote", _STAGE)
+DATAPREP_REMOVED = _counter("pretrain_dataprep_removed_documents_total", "documents a stage removed, by rule",
+                            ("run", "stage", "rule"))
+
+CATALOGUE: tuple[Metric, ...] = tuple(v for v in list(globals().values()) if isinstance(v, Metric))
+# Dataprep counter names keyed by what a stage reports (see `DataprepExporter.publish`).
+DATAPREP_COUNTS = {
+    "documents_in": DATAPREP_DOCUMENTS_IN, "documents_out": DATAPREP_DOCUMENTS_OUT,
+    "bytes_in": DATAPREP_BYTES_IN, "bytes_out": DATAPREP_BYTES_OUT, "tokens_out": DATAPREP_TOKENS_OUT,
+}
+
+
+class MetricsPortError(UserError):
+    """An exporter could not bind its port; the message names the `metrics.port` setting to change."""
+
+
+class MetricStore(Collector):
+    """Absolute values per (metric, label values), rendered into metric families at scrape time."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: dict[Metric, dict[tuple[str, ...], float]] = {}
+
+    def set(self, metric: Metric, value: float, **labels: Any) -> None:
+        key = tuple(str(labels[name]) for name in metric.labels)
+        with self._lock:
+            self._values.setdefault(metric, {})[key] = float(value)
+
+    def add(self, metric: Metric, amount: float, **labels: Any) -> None:
+        key = tuple(str(labels[name]) for name in metric.labels)
+        with self._lock:
+            series = self._values.setdefault(metric, {})
+            series[key] = series.get(key, 0.0) + float(amount)
+
+    def get(self, metric: Metric, **labels: Any) -> float | None:
+        key = tuple(str(labels[name]) for name in metric.labels)
+        with self._lock:
+            return self._values.get(metric, {}).get(key)
+
+    def collect(self) -> Iterable[Any]:
+        with self._lock:
+            snapshot = {metric: dict(series) for metric, series in self._values.items()}
+        for metric, series in snapshot.items():
+            family_type = CounterMetricFamily if metric.kind == "counter" else GaugeMetricFamily
+            family = family_type(metric.name, metric.help, labels=metric.labels)
+            for key, value in series.items():
+                family.add_metric(key, value)
+            yield family
+
+
+class Exporter:
+    """An HTTP endpoint serving one registry; `target` is the host:port Prometheus should scrape."""
+
+    def __init__(self, collector: Collector, *, host: str, port: int, advertise_host: str | None = None,
+                 owner: str = "exporter"):
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(collector)
+        try:
+            self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as e:
+            raise MetricsPortError(
+                f"metrics.port: the {owner} cannot listen on {host}:{port} ({e.strerror or e}); "
+                "choose a free metrics.port, or 0 to pick free ports"
+            ) from None
+        self.host = host
+        self.port = int(self._server.server_port)
+        self.advertise_host = advertise_host or _reachable_host(host)
+
+    @property
+    def target(self) -> str:
+        return f"{self.advertise_host}:{self.port}"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+def _reachable_host(bind: str) -> str:
+    """The address other machines reach a server bound to `bind` at (a wildcard bind means this host's address)."""
+    if bind not in ("", "0.0.0.0", "::"):
+        return bind
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def controller_port(base: int) -> int:
+    """The controller's port for `metrics.port = base` (0: any free port)."""
+    return base
+
+
+def rank_port(base: int, local_rank: int) -> int:
+    """The port of the rank with this local rank for `metrics.port = base` (0: any free port)."""
+    return base + 1 + local_rank if base else 0
+
+
+# ---------------------------------------------------------------------------------------------- ranks
+
+
+class RankExporter:
+    """Serves one rank's metrics; a training-loop callback (`on_step`, `on_eval`, `on_checkpoint`, `close`).
+
+    Every rank publishes its own step time, throughput and memory; rank 0 also publishes the run-level series
+    (loss, learning rate, gradient norm, MFU, tokens, checkpoints) so each appears once per run.
+    """
+
+    def __init__(self, run: str, rank: int, *, node: str | None = None, local_rank: int = 0, host: str = "0.0.0.0",
+                 port: int = 0, checkpoint_every: int = 0, start_step: int = 0, start_tokens: int = 0,
+                 advertise_host: str | None = None):
+        self.run, self.rank, self.node = run, rank, node or socket.gethostname()
+        self.store = MetricStore()
+        self._rank_labels = {"run": run, "rank": rank, "node": self.node}
+        self.store.set(STEP, start_step, **self._rank_labels)
+        if rank == 0:
+            self.store.set(TOKENS, start_tokens, run=run)
+            self.store.set(CHECKPOINT_STEP, start_step, run=run)
+            self.store.set(CHECKPOINT_INTERVAL, checkpoint_every, run=run)
+        self.exporter = Exporter(self.store, host=host, port=rank_port(port, local_rank),
+                                 advertise_host=advertise_host, owner=f"rank {rank}")
+
+    @property
+    def target(self) -> str:
+        return self.exporter.target
+
+    def on_step(self, stats: Any) -> None:
+        """Publish one finished step (`parallel.callbacks.StepStats`)."""
+        labels = self._rank_labels
+        self.store.set(STEP, stats.step, **labels)
+        self.store.set(STEP_DURATION, stats.step_time_s, **labels)
+        self.store.set(TOKENS_PER_SECOND, stats.tokens_per_s, **labels)
+        self.store.set(GPU_MEMORY, stats.memory_bytes, **labels)
+        self.store.set(LAST_STEP_TIME, time.time(), **labels)
+        if self.rank == 0:
+            run = self.run
+            self.store.set(LOSS, stats.loss, run=run)
+            self.store.set(LEARNING_RATE, stats.lr, run=run)
+            self.store.set(GRAD_NORM, stats.grad_norm, run=run)
+            self.store.set(MFU, stats.mfu, run=run)
+            self.store.set(TOKENS, stats.tokens_total, run=run)
+
+    def on_eval(self, step: int, loss: float) -> None:
+        if self.rank == 0:
+            self.store.set(EVAL_LOSS, loss, run=self.run)
+
+    def on_checkpoint(self, step: int, operation: str, seconds: float, size_bytes: int) -> None:
+        """A checkpoint was saved or loaded (`operation` is "save" or "load")."""
+        if self.rank == 0:
+            self.store.set(CHECKPOINT_DURATION, seconds, run=self.run, operation=operation)
+            self.store.set(CHECKPOINT_SIZE, size_bytes, run=self.run, operation=operation)
+            self.store.set(CHECKPOINT_STEP, step, run=self.run)
+
+    def close(self) -> None:
+        self.exporter.close()
+
+
+# ---------------------------------------------------------------------------------------------- controller
+
+
+class ControllerExporter:
+    """The run-level view the controller has: restarts, stragglers, ranks, and where every exporter listens."""
+
+    def __init__(self, run: str, *, host: str = "0.0.0.0", port: int = 0, straggler_factor: float = 1.5,
+                 restarts: int = 0, advertise_host: str | None = None):
+        self.run = run
+        self.store = MetricStore()
+        self.store.set(RESTARTS, restarts, run=run)
+        self.store.set(STRAGGLER_THRESHOLD, straggler_factor, run=run)
+        self.store.set(RANKS, 0, run=run)
+        self.exporter = Exporter(self.store, host=host, port=controller_port(port), advertise_host=advertise_host,
+                                 owner="controller")
+
+    @property
+    def target(self) -> str:
+        return self.exporter.target
+
+    def record_restart(self, ranks: int) -> None:
+        self.store.add(RESTARTS, 1, run=self.run)
+        self.set_ranks(ranks)
+
+    def set_ranks(self, ranks: int) -> None:
+        self.store.set(RANKS, ranks, run=self.run)
+
+    def set_step_times(self, step_times: Mapping[int, tuple[str, float]]) -> dict[int, float]:
+        """Publish each rank's step time over the median ({rank: (node, seconds)}); returns {rank: ratio}."""
+        ratios = straggler_ratios({rank: seconds for rank, (_, seconds) in step_times.items()})
+        for rank, ratio in ratios.items():
+            self.store.set(STRAGGLER_RATIO, ratio, run=self.run, rank=rank, node=step_times[rank][0])
+        return ratios
+
+    def write_targets(self, path: str | os.PathLike, rank_targets: Iterable[str]) -> None:
+        """Advertise this exporter and the ranks' (host:port each) to Prometheus through a file_sd file."""
+        write_targets_file(path, [
+            {"targets": [self.target], "labels": {"run": self.run, "role": "controller"}},
+            {"targets": sorted(rank_targets), "labels": {"run": self.run, "role": "rank"}},
+        ])
+
+    def close(self) -> None:
+        self.exporter.close()
+
+
+def straggler_ratios(step_times: Mapping[int, float]) -> dict[int, float]:
+    """Each rank's step time over the median of all ranks: 1.0 is typical, above `straggler_factor` a straggler."""
+    if not step_times:
+        return {}
+    median = statistics.median(step_times.values())
+    return {rank: (seconds / median if median > 0 else 1.0) for rank, seconds in step_times.items()}
+
+
+def write_targets_file(path: str | os.PathLike, groups: list[dict[str, Any]]) -> None:
+    """Write a Prometheus file_sd targets file atomically, so Prometheus never reads half of one."""
+    path = os.fspath(path)
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".targets-", suffix=".json", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump([g for g in groups if g["targets"]], f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def default_targets_path(targets_file: str, checkpoint_dir: str, run: str) -> str:
+    """`metrics.targets_file`, else `<checkpoint.dir>/../targets.json`, else (remote checkpoints) `runs/<run>/`."""
+    if targets_file:
+        return targets_file
+    if "://" in checkpoint_dir:
+        return os.path.join("runs", run, "targets.json")
+    return os.path.join(os.path.dirname(os.path.normpath(checkpoint_dir)), "targets.json")
+
+
+# ---------------------------------------------------------------------------------------------- dataprep
+
+
+class DataprepExporter:
+    """A dataprep job's throughput and removals per stage, read from the job's own counters at each scrape."""
+
+    def __init__(self, run: str, *, poll: Callable[[], Mapping[str, Mapping[str, Any]]] | None = None,
+                 host: str = "0.0.0.0", port: int = 0, advertise_host: str | None = None):
+        self.run = run
+        self._poll = poll
+        self._published: dict[str, Mapping[str, Any]] = {}
+        self._lock = threading.Lock()
+        self.exporter = Exporter(_PollingCollector(self._render), host=host, port=port,
+                                 advertise_host=advertise_host, owner="dataprep exporter")
+
+    @property
+    def target(self) -> str:
+        return self.exporter.target
+
+    def publish(self, stage: str, counts: Mapping[str, Any]) -> None:
+        """Set a stage's running totals: documents_in/out, bytes_in/out, tokens_out (ints) and removed ({rule: n})."""
+        unknown = set(counts) - set(DATAPREP_COUNTS) - {"removed"}
+        if unknown:
+            raise ValueError(f"unknown dataprep counts {sorted(unknown)}; allowed: {sorted(DATAPREP_COUNTS)}, removed")
+        with self._lock:
+            self._published[stage] = dict(counts)
+
+    def _render(self) -> MetricStore:
+        with self._lock:
+            stages = dict(self._published)
+        if self._poll is not None:
+            stages.update(self._poll())
+        store = MetricStore()
+        for stage, counts in stages.items():
+            for key, metric in DATAPREP_COUNTS.items():
+                if counts.get(key) is not None:
+                    store.set(metric, counts[key], run=self.run, stage=stage)
+            for rule, removed in (counts.get("removed") or {}).items():
+                store.set(DATAPREP_REMOVED, removed, run=self.run, stage=stage, rule=rule)
+        return store
+
+    def close(self) -> None:
+        self.exporter.close()
+
+
+class _PollingCollector(Collector):
+    def __init__(self, render: Callable[[], MetricStore]):
+        self._render = render
+
+    def collect(self) -> Iterable[Any]:
+        return self._render().collect()
