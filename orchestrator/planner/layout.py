@@ -159,7 +159,7 @@ def plan_layouts(spec: JobSpec, hw: Hardware, global_batch: int) -> Plan:
 
 
 def enumerate_layouts(spec: JobSpec, hw: Hardware, global_batch: int):
-    """Every dp × pp × tp × ZeRO × micro-batch × checkpointing combination that keeps the global batch."""
+    """Every dp × pp × tp × ZeRO (1-3) × micro-batch × checkpointing combination that keeps the global batch."""
     base = spec.parallel
     for tp in _divisors(hw.node_size):
         for pp in _divisors(hw.gpus // tp):
@@ -170,7 +170,7 @@ def enumerate_layouts(spec: JobSpec, hw: Hardware, global_batch: int):
                 continue
             per_rank = global_batch // dp
             for micro in _divisors(per_rank):
-                for zero in (0, 1, 2, 3):
+                for zero in (1, 2, 3):  # ZeRO-0 moves the same bytes as ZeRO-1 and keeps more
                     for checkpointing in (False, True):
                         yield dataclasses.replace(
                             base, dp=dp, pp=pp, tp=tp, zero_stage=zero, micro_batch_size=micro,

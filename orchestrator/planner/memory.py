@@ -2,17 +2,23 @@
 
 The estimate is built to be compared with `torch.cuda.max_memory_allocated` (tensors only: `allocated`), and then
 padded with what the allocator and the CUDA context take beside the tensors (`reserve`) to decide whether a layout
-fits. Every term is per rank of the fullest pipeline stage, which is the one a run runs out of memory on.
+fits. Every term is per rank of the fullest pipeline stage, the one a run runs out of memory on.
 
-Mixed precision keeps bf16 weights and gradients with fp32 master weights and two fp32 Adam moments (16 bytes per
-parameter, as ZeRO's paper counts them); fp32 training keeps 16 bytes too (weights, gradients, two moments), without a
-master copy. ZeRO stage 1 shards the optimizer states over data-parallel ranks, 2 also the gradients, 3 also the
-weights (Rajbhandari et al., 2020).
+Model states follow what DeepSpeed allocates under the config `parallel.deepspeed_config` builds (read from it, so
+bucket sizes and dtypes stay in step with the engine). Mixed precision keeps bf16 weights, fp32 master weights, two
+fp32 Adam moments and fp32 gradient accumulation:
 
-Activations follow Korthikanti et al. (2022, "Reducing activation recomputation"), recounted for this model's block
-(RMSNorm, grouped-query attention through a flash kernel, SwiGLU): tensors inside tensor-parallel regions shrink with
-tp, the norms' and residual tensors only with sequence parallelism. The pipeline's first stage holds `pp` micro-batches
-in flight under 1F1B, the last one holds the logits.
+    ZeRO-1 (DeepSpeed's BF16_Optimizer): bf16 weights and gradients, a full fp32 gradient buffer, sharded master+Adam
+    ZeRO-2: bf16 weights, fp32 gradient shard, sharded master+Adam, bf16 gradient buckets
+    ZeRO-3: every state sharded, plus the weights of the modules gathered to run (largest one and the prefetch)
+
+fp32 training has the same structure with 4-byte weights and gradients (ZeRO still keeps its own fp32 copy of the
+rank's shard). ZeRO-0 is not planned: it moves the same bytes as ZeRO-1 and keeps more.
+
+Activations are counted from the tensors autograd saves in `parallel.model`'s block (the RMSNorm saves an fp32 copy
+of its input, the flash attention kernel q, k, v and its output, SwiGLU four ffn-wide tensors), after Korthikanti et
+al. (2022): tensors inside tensor-parallel regions shrink with tp, the norms' only with sequence parallelism. Under
+1F1B the first pipeline stage holds `pp` micro-batches in flight; the last one holds the logits.
 """
 
 from __future__ import annotations
@@ -24,18 +30,12 @@ from orchestrator.spec import JobSpec, ModelConfig, ParallelConfig
 
 GiB = 1024**3
 
-# DeepSpeed's defaults for the buffers it allocates beside the model (elements): ZeRO-2/3 gradient reduction
-# bucket and ZeRO-3 parameter prefetch bucket.
-REDUCE_BUCKET = 5e8
-PREFETCH_BUCKET = 5e7
-
-# Activation elements saved per token and layer, as multiples of the hidden size (d), of the key/value width and
-# of the SwiGLU width (f); calibrated against the tensors autograd saves for the real block (tests/orchestrator).
-NORM_SAVED = 4.0  # two RMSNorms: input and normalised output each (replicated unless sequence parallel)
-ATTN_SAVED_D = 3.0  # q, attention output, output-projection input (tensor-parallel)
-ATTN_SAVED_KV = 2.0  # k, v after RoPE (tensor-parallel)
-FFN_SAVED_F = 4.0  # w1 and w3 outputs, SiLU output, product into w2 (tensor-parallel)
-LOGIT_BYTES = 8  # beyond the logits themselves: fp32 log-softmax kept for backward and the fp32 gradient
+# Activation elements saved per token and block (multiples of dim, kv width and ffn_dim) beside the norms.
+ATTN_SAVED_D = 2.0  # attention output and the output projection's input (tensor-parallel)
+ATTN_SAVED_QKV = 1.0  # q, k, v after RoPE (tensor-parallel)
+FFN_SAVED_F = 4.0  # gate and up outputs, SiLU output, product into down_proj (tensor-parallel)
+NORMS = 2  # RMSNorms per block; each saves its input in fp32 and two tensors of the activation dtype
+LOGIT_EXTRA_BYTES = 8  # per logit beyond its own width: the fp32 log-softmax kept for backward and its gradient
 
 # Beside the tensors: CUDA context and NCCL buffers, and the caching allocator's fragmentation.
 RESERVE_BYTES = int(1.5 * GiB)
@@ -50,7 +50,7 @@ class MemoryBreakdown:
     gradients: int
     optimizer: int
     activations: int
-    overhead: int  # framework buffers: reduction buckets, gathered ZeRO-3 weights, fp32 gradients at the step
+    overhead: int  # framework buffers: reduction buckets, gathered ZeRO-3 weights
     stage: int
 
     @property
@@ -73,72 +73,98 @@ class MemoryBreakdown:
                 ("total", self.total)]
 
 
+@dataclass(frozen=True)
+class EngineBuffers:
+    """The engine settings that size memory beside the model: bucket sizes (elements) and overlap."""
+
+    reduce_bucket: float = 2e8
+    prefetch_bucket: float = 5e7
+    overlap_comm: bool = True
+
+
 def estimate_memory(spec: JobSpec, parallel: ParallelConfig | None = None) -> MemoryBreakdown:
     """Peak bytes per GPU for `spec` under `parallel` (default: the spec's own, resolved layout)."""
     p = parallel or spec.parallel
+    buffers = engine_buffers(spec, p)
     per_stage = stage_params(spec.model, p.pp, p.tp)
-    breakdowns = [_stage_memory(spec.model, spec.data.seq_len, p, s, per_stage[s]) for s in range(p.pp)]
+    breakdowns = [_stage_memory(spec.model, spec.data.seq_len, p, buffers, s, per_stage[s]) for s in range(p.pp)]
     return max(breakdowns, key=lambda b: b.allocated)
 
 
-def _stage_memory(model: ModelConfig, seq_len: int, p: ParallelConfig, stage: int, params: int) -> MemoryBreakdown:
+def engine_buffers(spec: JobSpec, p: ParallelConfig) -> EngineBuffers:
+    """Bucket sizes from the DeepSpeed config the engine will build for this layout."""
+    if p.backend != "deepspeed":
+        return EngineBuffers()
+    import dataclasses
+
+    from parallel.deepspeed_config import build_ds_config
+    from parallel.parallel_dims import ParallelDims
+
+    dims = ParallelDims(dp=max(p.dp, 1), pp=p.pp, tp=p.tp)
+    zero = build_ds_config(dataclasses.replace(spec, parallel=p), dims).get("zero_optimization", {})
+    default = EngineBuffers()
+    return EngineBuffers(reduce_bucket=float(zero.get("reduce_bucket_size", 5e8)),
+                         prefetch_bucket=float(zero.get("stage3_prefetch_bucket_size", default.prefetch_bucket)),
+                         overlap_comm=bool(zero.get("overlap_comm", p.zero_stage == 3)))
+
+
+def _stage_memory(model: ModelConfig, seq_len: int, p: ParallelConfig, buffers: EngineBuffers, stage: int,
+                  params: int) -> MemoryBreakdown:
     mixed = p.precision == "bf16"
     width = 2 if mixed else 4
-    weights_sharded = p.zero_stage >= 3
-    grads_sharded = p.zero_stage >= 2
-    states_sharded = p.zero_stage >= 1
     dp = max(p.dp, 1)
+    zero = max(p.zero_stage, 1)
 
-    weights = width * params // (dp if weights_sharded else 1)
-    gradients = width * params // (dp if grads_sharded else 1)
-    optimizer_per_param = 12 if mixed else 8  # fp32 master + two moments, or two moments
-    optimizer = 0 if p.offload_optimizer else optimizer_per_param * params // (dp if states_sharded else 1)
+    weights = width * params // (dp if zero >= 3 else 1)
+    # ZeRO-1: gradients of the weights' width plus, in mixed precision, the full fp32 accumulator; ZeRO-2/3: an
+    # fp32 shard.
+    gradients = width * params + (4 * params if mixed else 0) if zero == 1 else 4 * params // dp
+    optimizer = 0 if p.offload_optimizer else 12 * params // dp  # fp32 master copy of the shard + two moments
 
     activations = _activation_bytes(model, seq_len, p, stage, width)
-    # The optimizer step upcasts this rank's gradient shard to fp32 once the activations are gone: the peak is
-    # whichever of the two is larger, counted here with the buffers.
-    step_grads = 4 * params // (dp if states_sharded else 1) if mixed and not p.offload_optimizer else 0
-    overhead = _buffer_bytes(model, p, width) + max(0, step_grads - activations)
+    overhead = _buffer_bytes(model, p, buffers, width, zero)
     return MemoryBreakdown(weights=weights, gradients=gradients, optimizer=optimizer,
                            activations=activations, overhead=overhead, stage=stage)
 
 
-def activation_elements_per_token(model: ModelConfig, tp: int = 1, sequence_parallel: bool = False) -> float:
-    """Elements autograd keeps per token for one transformer block (no recomputation)."""
+def activation_bytes_per_token(model: ModelConfig, width: int, tp: int = 1, sequence_parallel: bool = False) -> float:
+    """Bytes autograd keeps per token for one transformer block (no recomputation)."""
     d = model.dim
     kv = model.n_kv_heads * (d // model.n_heads)
-    replicated = NORM_SAVED * d / (tp if sequence_parallel else 1)
-    split = (ATTN_SAVED_D * d + ATTN_SAVED_KV * kv + FFN_SAVED_F * model.ffn_dim) / tp
-    return replicated + split
+    norms = NORMS * d * (4 + 2 * width) / (tp if sequence_parallel else 1)
+    split = (ATTN_SAVED_D * d + ATTN_SAVED_QKV * (d + 2 * kv) + FFN_SAVED_F * model.ffn_dim) * width / tp
+    return norms + split
 
 
 def _activation_bytes(model: ModelConfig, seq_len: int, p: ParallelConfig, stage: int, width: int) -> int:
     tokens = p.micro_batch_size * seq_len
     layers = model.n_layers // p.pp
     in_flight = min(p.pp - stage, p.grad_accum)
-    full_layer = tokens * activation_elements_per_token(model, p.tp, p.sequence_parallel) * width
+    full_layer = tokens * activation_bytes_per_token(model, width, p.tp, p.sequence_parallel)
     if p.activation_checkpointing:
         block_input = tokens * model.dim / (p.tp if p.sequence_parallel else 1) * width
         kept = layers * in_flight * block_input + full_layer  # one block recomputed at a time
     else:
         kept = layers * in_flight * full_layer
     if stage == p.pp - 1:
-        kept += tokens * model.vocab_size / p.tp * (width + LOGIT_BYTES)
+        kept += tokens * model.vocab_size / p.tp * (width + LOGIT_EXTRA_BYTES)
     return int(kept)
 
 
-def _buffer_bytes(model: ModelConfig, p: ParallelConfig, width: int) -> int:
+def _buffer_bytes(model: ModelConfig, p: ParallelConfig, buffers: EngineBuffers, width: int, zero: int) -> int:
     """Buffers DeepSpeed keeps beside the model state, sized by its bucket settings.
 
-    With ZeRO ≥ 1 every backward pass stages gradients in a contiguous bucket of REDUCE_BUCKET elements, allocated
-    whole however small the model; ZeRO-3 also gathers each module's weights before it runs: the largest module
-    (often the vocab-parallel embedding) plus what is prefetched behind it.
+    ZeRO-2 stages gradients in contiguous buckets of `reduce_bucket` elements (two when communication overlaps),
+    allocated whole however small the model; ZeRO-1's bf16 optimizer reduces straight from its fp32 buffer. ZeRO-3
+    keeps one reduction bucket and gathers each module's weights before it runs: the largest module (often the
+    vocab-parallel embedding) plus what is prefetched behind it.
     """
-    if p.zero_stage == 0:
+    if zero == 1 and p.precision == "bf16":
         return 0
-    bucket = REDUCE_BUCKET * width
-    if p.zero_stage < 3:
+    copies = 2 if buffers.overlap_comm and zero < 3 else 1
+    bucket = buffers.reduce_bucket * width * copies
+    if zero < 3:
         return int(bucket)
     layer = (2 * model.dim * model.dim + 3 * model.dim * model.ffn_dim) / p.tp
     largest = max(layer, model.vocab_size * model.dim / p.tp)
-    return int(bucket + (largest + min(PREFETCH_BUCKET, layer)) * width)
+    return int(bucket + (largest + min(buffers.prefetch_bucket, layer)) * width)

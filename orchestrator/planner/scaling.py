@@ -1,0 +1,138 @@
+"""Scaling laws: how big a model a compute budget should buy, and how good it will be.
+
+Two answers, as in Hoffmann et al. (2022, "Chinchilla"):
+
+- the rule of thumb: training FLOPs C ≈ 6·N·D, compute-optimal at about 20 tokens per parameter;
+- a fitted law L(N, D) = E + A/N^α + B/D^β (approach 3): a Huber loss (δ = 1e-3) on the log of the predicted
+  loss, written as a log-sum-exp of (log A − α log N, log B − β log D, log E), minimised with L-BFGS from a grid of
+  initialisations (the paper's grid), keeping the best. Its compute-optimal frontier is
+  N_opt = G·(C/6)^(β/(α+β)), D_opt = (C/6)^(α/(α+β)) / G, with G = (αA / (βB))^(1/(α+β)).
+
+The IsoFLOP view (approach 2) reads the same runs along curves of constant C = 6·N·D.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from orchestrator.errors import UserError
+
+TOKENS_PER_PARAM = 20.0
+HUBER_DELTA = 1e-3
+# Chinchilla's initialisation grid: α, β ∈ {0, 0.5, …, 2}, e ∈ {−1, −0.5, …, 1}, a, b ∈ {0, 5, …, 25}.
+GRID_EXPONENTS = (0.0, 0.5, 1.0, 1.5, 2.0)
+GRID_E = (-1.0, -0.5, 0.0, 0.5, 1.0)
+GRID_AB = (0.0, 5.0, 10.0, 15.0, 20.0, 25.0)
+
+
+@dataclass(frozen=True)
+class ScalingLaw:
+    """L(N, D) = E + A / N^alpha + B / D^beta, N parameters and D training tokens."""
+
+    E: float
+    A: float
+    B: float
+    alpha: float
+    beta: float
+
+    def loss(self, n: float | np.ndarray, d: float | np.ndarray) -> float | np.ndarray:
+        return self.E + self.A / np.power(n, self.alpha) + self.B / np.power(d, self.beta)
+
+    def compute_optimal(self, flops: float) -> tuple[float, float]:
+        """(N, D) minimising the loss at C = 6·N·D."""
+        a, b = self.alpha, self.beta
+        g = (a * self.A / (b * self.B)) ** (1 / (a + b))
+        return g * (flops / 6) ** (b / (a + b)), (flops / 6) ** (a / (a + b)) / g
+
+
+# Chinchilla's own fit (approach 3), the default law before a sweep of one's own.
+CHINCHILLA = ScalingLaw(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
+
+
+def chinchilla_optimal(flops: float) -> tuple[float, float]:
+    """(N, D) by the 20-tokens-per-parameter rule: C = 6·N·(20·N)."""
+    n = math.sqrt(flops / (6 * TOKENS_PER_PARAM))
+    return n, TOKENS_PER_PARAM * n
+
+
+def gpu_hours_to_flops(gpu_hours: float, peak_flops: float = 989e12, mfu: float = 0.4) -> float:
+    """Training FLOPs a budget of GPU-hours buys at a given model-FLOP utilisation."""
+    if gpu_hours <= 0 or not 0 < mfu <= 1:
+        raise UserError(f"a GPU-hour budget must be positive and MFU in (0, 1]; got {gpu_hours} h at MFU {mfu}")
+    return gpu_hours * 3600 * peak_flops * mfu
+
+
+def fit_scaling_law(params: Sequence[float], tokens: Sequence[float], losses: Sequence[float], *,
+                    top_starts: int = 64) -> ScalingLaw:
+    """Fit L(N, D) to runs of N parameters trained on D tokens reaching `losses`.
+
+    The whole initialisation grid (4,500 points) is scored, and L-BFGS runs from the `top_starts` best of them:
+    the starts that lose are far from any minimum the others reach.
+    """
+    from scipy.optimize import minimize
+
+    log_n, log_d, log_l = (np.log(np.asarray(x, dtype=float)) for x in (params, tokens, losses))
+    if not (len(log_n) == len(log_d) == len(log_l)) or len(log_l) < 5:
+        raise UserError(f"a scaling-law fit needs at least 5 runs (N, D, loss) of equal length; got {len(log_l)}")
+    if not np.all(np.isfinite(log_l)):
+        raise UserError("a scaling-law fit needs positive, finite losses; some runs diverged or did not finish")
+
+    def objective(x: np.ndarray) -> tuple[float, np.ndarray]:
+        a, b, e, alpha, beta = x
+        terms = np.stack([a - alpha * log_n, b - beta * log_d, np.full_like(log_n, e)])
+        top = terms.max(axis=0)
+        weights = np.exp(terms - top)
+        total = weights.sum(axis=0)
+        residual = top + np.log(total) - log_l
+        small = np.abs(residual) <= HUBER_DELTA
+        value = np.where(small, 0.5 * residual**2, HUBER_DELTA * (np.abs(residual) - 0.5 * HUBER_DELTA)).sum()
+        slope = np.where(small, residual, HUBER_DELTA * np.sign(residual))
+        share = weights / total  # d(log-sum-exp)/d(term)
+        grad = np.array([(slope * share[0]).sum(), (slope * share[1]).sum(), (slope * share[2]).sum(),
+                         -(slope * share[0] * log_n).sum(), -(slope * share[1] * log_d).sum()])
+        return float(value), grad
+
+    grid = np.array([(a, b, e, alpha, beta) for alpha, beta, e, a, b in
+                     itertools.product(GRID_EXPONENTS, GRID_EXPONENTS, GRID_E, GRID_AB, GRID_AB)])
+    scores = np.array([objective(x)[0] for x in grid])
+    best = None
+    for start in grid[np.argsort(scores)[:top_starts]]:
+        result = minimize(objective, start, jac=True, method="L-BFGS-B")
+        if best is None or result.fun < best.fun:
+            best = result
+    a, b, e, alpha, beta = best.x
+    return ScalingLaw(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=float(alpha), beta=float(beta))
+
+
+def isoflop_minima(params: Sequence[float], tokens: Sequence[float], losses: Sequence[float],
+                   rel_tol: float = 0.25) -> list[tuple[float, float, float]]:
+    """(C, N at the lowest loss, that loss) for runs grouped by compute C = 6·N·D within `rel_tol`.
+
+    A parabola in log N through each group's points (three or more) gives the minimum between the sizes tried.
+    """
+    runs = sorted(zip((6 * n * d for n, d in zip(params, tokens, strict=True)), params, losses, strict=True))
+    groups: list[list[tuple[float, float, float]]] = []
+    for run in runs:
+        if groups and run[0] <= groups[-1][0][0] * (1 + rel_tol):
+            groups[-1].append(run)
+        else:
+            groups.append([run])
+    minima = []
+    for group in groups:
+        flops = float(np.exp(np.mean([np.log(c) for c, _, _ in group])))
+        x = np.log([n for _, n, _ in group])
+        y = np.array([loss for _, _, loss in group])
+        if len(group) >= 3 and len(set(x)) >= 3:
+            c2, c1, c0 = np.polyfit(x, y, 2)
+            if c2 > 0 and x.min() <= -c1 / (2 * c2) <= x.max():
+                vertex = -c1 / (2 * c2)
+                minima.append((flops, float(np.exp(vertex)), float(c0 + c1 * vertex + c2 * vertex**2)))
+                continue
+        i = int(np.argmin(y))
+        minima.append((flops, float(np.exp(x[i])), float(y[i])))
+    return minima
