@@ -32,6 +32,8 @@ from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from orchestrator.errors import UserError
+from orchestrator.spec import JobSpec
+from parallel.callbacks import BaseCallback, CheckpointStats, EvalStats, StepStats
 
 RUN_LABELS = ("run",)
 RANK_LABELS = ("run", "rank", "node")
@@ -59,8 +61,8 @@ def _counter(name: str, help: str, labels: tuple[str, ...] = RUN_LABELS) -> Metr
 # Every rank: what differs between ranks, so stragglers and memory imbalance show per rank.
 STEP = _gauge("pretrain_step", "last optimizer step this rank finished", RANK_LABELS)
 STEP_DURATION = _gauge("pretrain_step_duration_seconds", "wall time of this rank's last optimizer step", RANK_LABELS)
-TOKENS_PER_SECOND = _gauge("pretrain_tokens_per_second", "tokens this rank processed per second, last step",
-                           RANK_LABELS)
+TOKENS_PER_SECOND = _gauge("pretrain_tokens_per_second", "this rank's share of the run's tokens per second, "
+                           "last step (their sum over ranks is the run's throughput)", RANK_LABELS)
 GPU_MEMORY = _gauge("pretrain_gpu_memory_bytes", "peak device memory allocated by this rank during its last step",
                     RANK_LABELS)
 LAST_STEP_TIME = _gauge("pretrain_last_step_timestamp_seconds", "Unix time at which this rank finished its last step",
@@ -74,7 +76,7 @@ MFU = _gauge("pretrain_mfu_ratio", "model FLOP utilisation of the last step: ach
 TOKENS = _counter("pretrain_tokens_total", "tokens trained on since the run began, across restarts")
 CHECKPOINT_DURATION = _gauge("pretrain_checkpoint_duration_seconds", "wall time of the last checkpoint save or load",
                              ("run", "operation"))
-CHECKPOINT_SIZE = _gauge("pretrain_checkpoint_bytes", "size of the last checkpoint saved or loaded",
+CHECKPOINT_SIZE = _gauge("pretrain_checkpoint_bytes", "size on disk of the last checkpoint saved or loaded",
                          ("run", "operation"))
 CHECKPOINT_STEP = _gauge("pretrain_checkpoint_step", "step of the newest checkpoint saved or resumed from")
 CHECKPOINT_INTERVAL = _gauge("pretrain_checkpoint_interval_steps", "checkpoint.every of the run (0: only at the end)")
@@ -192,38 +194,47 @@ def rank_port(base: int, local_rank: int) -> int:
 # ---------------------------------------------------------------------------------------------- ranks
 
 
-class RankExporter:
-    """Serves one rank's metrics; a training-loop callback (`on_step`, `on_eval`, `on_checkpoint`, `close`).
+class RankExporter(BaseCallback):
+    """Serves one rank's metrics as a training-loop callback (`parallel.callbacks.Callback`).
 
-    Every rank publishes its own step time, throughput and memory; rank 0 also publishes the run-level series
-    (loss, learning rate, gradient norm, MFU, tokens, checkpoints) so each appears once per run.
+    Every rank publishes its own step time, throughput share and memory; rank 0 also publishes the run-level series
+    (loss, learning rate, gradient norm, MFU, tokens, checkpoints) so each appears once per run. Hooks only store
+    numbers: the HTTP server thread renders them when Prometheus scrapes, off the training loop's critical path.
     """
 
     def __init__(self, run: str, rank: int, *, node: str | None = None, local_rank: int = 0, host: str = "0.0.0.0",
-                 port: int = 0, checkpoint_every: int = 0, start_step: int = 0, start_tokens: int = 0,
-                 advertise_host: str | None = None):
+                 port: int = 0, checkpoint_every: int = 0, advertise_host: str | None = None):
         self.run, self.rank, self.node = run, rank, node or socket.gethostname()
         self.store = MetricStore()
         self._rank_labels = {"run": run, "rank": rank, "node": self.node}
-        self.store.set(STEP, start_step, **self._rank_labels)
+        self._checkpoint = _CheckpointSize(run)
         if rank == 0:
-            self.store.set(TOKENS, start_tokens, run=run)
-            self.store.set(CHECKPOINT_STEP, start_step, run=run)
             self.store.set(CHECKPOINT_INTERVAL, checkpoint_every, run=run)
-        self.exporter = Exporter(self.store, host=host, port=rank_port(port, local_rank),
+        self.exporter = Exporter(_Merged(self.store, self._checkpoint), host=host, port=rank_port(port, local_rank),
                                  advertise_host=advertise_host, owner=f"rank {rank}")
+
+    @classmethod
+    def from_spec(cls, spec: JobSpec, rank: int, local_rank: int, *, node: str | None = None,
+                  advertise_host: str | None = None) -> RankExporter:
+        m = spec.metrics
+        return cls(spec.name, rank, node=node, local_rank=local_rank, host=m.host, port=m.port,
+                   checkpoint_every=spec.checkpoint.every, advertise_host=advertise_host)
 
     @property
     def target(self) -> str:
         return self.exporter.target
 
-    def on_step(self, stats: Any) -> None:
-        """Publish one finished step (`parallel.callbacks.StepStats`)."""
+    def on_train_start(self, step: int, rank: int) -> None:
+        self.store.set(STEP, step, **self._rank_labels)
+        if self.rank == 0:
+            self.store.set(CHECKPOINT_STEP, step, run=self.run)
+
+    def on_step(self, stats: StepStats) -> None:
         labels = self._rank_labels
         self.store.set(STEP, stats.step, **labels)
-        self.store.set(STEP_DURATION, stats.step_time_s, **labels)
-        self.store.set(TOKENS_PER_SECOND, stats.tokens_per_s, **labels)
-        self.store.set(GPU_MEMORY, stats.memory_bytes, **labels)
+        self.store.set(STEP_DURATION, stats.step_seconds, **labels)
+        self.store.set(TOKENS_PER_SECOND, stats.tokens_per_second / max(stats.world_size, 1), **labels)
+        self.store.set(GPU_MEMORY, stats.memory_peak_bytes, **labels)
         self.store.set(LAST_STEP_TIME, time.time(), **labels)
         if self.rank == 0:
             run = self.run
@@ -231,21 +242,59 @@ class RankExporter:
             self.store.set(LEARNING_RATE, stats.lr, run=run)
             self.store.set(GRAD_NORM, stats.grad_norm, run=run)
             self.store.set(MFU, stats.mfu, run=run)
-            self.store.set(TOKENS, stats.tokens_total, run=run)
+            self.store.set(TOKENS, stats.total_tokens, run=run)
 
-    def on_eval(self, step: int, loss: float) -> None:
+    def on_eval(self, stats: EvalStats) -> None:
         if self.rank == 0:
-            self.store.set(EVAL_LOSS, loss, run=self.run)
+            self.store.set(EVAL_LOSS, stats.loss, run=self.run)
 
-    def on_checkpoint(self, step: int, operation: str, seconds: float, size_bytes: int) -> None:
-        """A checkpoint was saved or loaded (`operation` is "save" or "load")."""
+    def on_checkpoint(self, stats: CheckpointStats) -> None:
         if self.rank == 0:
-            self.store.set(CHECKPOINT_DURATION, seconds, run=self.run, operation=operation)
-            self.store.set(CHECKPOINT_SIZE, size_bytes, run=self.run, operation=operation)
-            self.store.set(CHECKPOINT_STEP, step, run=self.run)
+            self.store.set(CHECKPOINT_DURATION, stats.seconds, run=self.run, operation="save")
+            self.store.set(CHECKPOINT_STEP, stats.step, run=self.run)
+            self._checkpoint.path = stats.path
 
     def close(self) -> None:
         self.exporter.close()
+
+
+class _CheckpointSize(Collector):
+    """The newest checkpoint's size, measured at scrape time: walking its files on the loop's thread would stall it."""
+
+    def __init__(self, run: str):
+        self.run = run
+        self.path: str | None = None
+        self._sized: tuple[str, float] | None = None
+
+    def collect(self) -> Iterable[Any]:
+        path = self.path
+        if path is None or "://" in path or not os.path.isdir(path):
+            return
+        if self._sized is None or self._sized[0] != path:
+            self._sized = (path, float(_directory_bytes(path)))
+        family = GaugeMetricFamily(CHECKPOINT_SIZE.name, CHECKPOINT_SIZE.help, labels=CHECKPOINT_SIZE.labels)
+        family.add_metric((self.run, "save"), self._sized[1])
+        yield family
+
+
+def _directory_bytes(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(root, name))
+            except OSError:
+                continue
+    return total
+
+
+class _Merged(Collector):
+    def __init__(self, *collectors: Collector):
+        self.collectors = collectors
+
+    def collect(self) -> Iterable[Any]:
+        for collector in self.collectors:
+            yield from collector.collect()
 
 
 # ---------------------------------------------------------------------------------------------- controller
@@ -263,6 +312,12 @@ class ControllerExporter:
         self.store.set(RANKS, 0, run=run)
         self.exporter = Exporter(self.store, host=host, port=controller_port(port), advertise_host=advertise_host,
                                  owner="controller")
+
+    @classmethod
+    def from_spec(cls, spec: JobSpec, *, restarts: int = 0, advertise_host: str | None = None) -> ControllerExporter:
+        m = spec.metrics
+        return cls(spec.name, host=m.host, port=m.port, straggler_factor=spec.resources.straggler_factor,
+                   restarts=restarts, advertise_host=advertise_host)
 
     @property
     def target(self) -> str:

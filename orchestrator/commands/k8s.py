@@ -35,8 +35,9 @@ DASHBOARDS_CONFIGMAP = "pretrain-dashboards"
 PART_OF = {"app.kubernetes.io/part-of": "pretrain"}
 RUN_LABEL = "pretrain.io/run"
 RAY_METRICS_PORT = 8080
-# Inside the RayJob the entrypoint is the driver on the head pod, already connected to the cluster (RAY_ADDRESS).
-ENTRYPOINT = f"pretrain submit {SPEC_MOUNT}/{SPEC_FILE} --address auto"
+# The RayJob's entrypoint runs on the head pod, inside the cluster: it is the controller itself, given the spec the
+# way `pretrain submit --address` gives it (orchestrator.controller's Jobs API entry point).
+ENTRYPOINT = f'PRETRAIN_SPEC="$(cat {SPEC_MOUNT}/{SPEC_FILE})" python -m orchestrator.controller'
 NCCL_ENV = {
     "NCCL_DEBUG": "WARN",
     "NCCL_SOCKET_IFNAME": "eth0",
@@ -127,10 +128,10 @@ def render(spec: JobSpec, args: argparse.Namespace) -> dict[str, str]:
     if args.base:
         files.update({os.path.join(args.base, p): _text(v) for p, v in shared.items()})
         files[os.path.join(args.base, "kustomization.yaml")] = _text(_kustomization(shared, []))
-        files["kustomization.yaml"] = _text(_kustomization(run_parts, [args.base], spec_configmap(spec)))
+        files["kustomization.yaml"] = _text(_kustomization(run_parts, [args.base], spec_configmap(spec.name)))
     else:
         files.update({p: _text(v) for p, v in shared.items()})
-        files["kustomization.yaml"] = _text(_kustomization({**shared, **run_parts}, [], spec_configmap(spec)))
+        files["kustomization.yaml"] = _text(_kustomization({**shared, **run_parts}, [], spec_configmap(spec.name)))
     files.update({p: _text(v) for p, v in run_parts.items()})
     return files
 
@@ -225,8 +226,8 @@ def build_data_pvc(storage_class: str, size: str) -> dict[str, Any]:
             "metadata": {"name": DATA_PVC, "labels": dict(PART_OF)}, "spec": spec}
 
 
-def spec_configmap(spec: JobSpec) -> str:
-    return f"{spec.name}-job-spec"
+def spec_configmap(run: str) -> str:
+    return f"{run}-job-spec"
 
 
 def _pod_template(labels: dict[str, str], role: str, container: dict[str, Any], *, shm: str,
@@ -236,7 +237,7 @@ def _pod_template(labels: dict[str, str], role: str, container: dict[str, Any], 
         "containers": [container],
         "volumes": [
             {"name": "data", "persistentVolumeClaim": {"claimName": DATA_PVC}},
-            {"name": "job-spec", "configMap": {"name": f"{labels[RUN_LABEL]}-job-spec"}},
+            {"name": "job-spec", "configMap": {"name": spec_configmap(labels[RUN_LABEL])}},
             # NCCL and the DataLoader share memory through /dev/shm; a container's default 64 MiB breaks both.
             {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}},
         ],
