@@ -47,8 +47,9 @@ import yaml
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 
 from orchestrator.errors import CheckpointError
-from orchestrator.spec import CheckpointConfig, JobSpec
+from orchestrator.spec import JobSpec
 from parallel.callbacks import CheckpointStats
+from parallel.parallel_dims import ParallelDims
 from parallel.storage import Storage, local_sha256
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ MANIFEST = "manifest.json"
 LATEST = "latest"
 UNIVERSAL_CACHE = ".universal"
 _STEP = re.compile(r"^step_(\d+)$")
+_ROW_PARALLEL = re.compile(r"(^|\.)(o_proj|down_proj)\.weight$")
 _MARKER_POLL_S = 0.05
 _COMMIT_TIMEOUT_S = 3600.0
 
@@ -148,17 +150,20 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def universal_checkpoint_info(module: torch.nn.Module) -> dict[str, Any]:
-    """How `ds_to_universal` merges tensor-parallel slices, read from the parameters themselves.
+    """How `ds_to_universal` merges tensor-parallel slices and how a later run re-splits them, for any tp.
 
-    A tensor-parallel layer marks its weight with `partition_dim` (0: split by output rows, 1: split by input
-    columns); unmarked parameters are replicated across the tensor-parallel group. Layer numbers become a wildcard
-    so one pattern covers a parameter of every block.
+    A sharded weight carries `partition_dim` (0: split by output rows, 1: by input columns). A checkpoint written
+    at tp=1 has no sharded weights, yet a resume at tp>1 must split the row-parallel ones (o_proj, down_proj in the
+    model's Hugging Face names) along dim 1, so those are recognised by name too; vectors (norms) are replicated.
+    Layer numbers become a wildcard so one pattern covers a parameter of every block.
     """
     replicated, by_columns = set(), set()
     for name, param in module.named_parameters():
         pattern = re.sub(r"(^|\\\.)\d+(?=\\\.)", r"\1\\d+", re.escape(name)) + "$"
         dim = getattr(param, "partition_dim", None)
-        if dim is None:
+        if dim is None and _ROW_PARALLEL.search(name):
+            dim = 1
+        if dim is None and param.dim() == 1:
             replicated.add(pattern)
         elif dim == 1:
             by_columns.add(pattern)
@@ -175,22 +180,23 @@ def universal_checkpoint_info(module: torch.nn.Module) -> dict[str, Any]:
 class Checkpointer:
     """Saves and resumes one rank's part of every checkpoint; all ranks construct one and call it together.
 
-    `layout` names the parallel layout ({"dp", "pp", "tp", "zero_stage"}); a resume whose saved layout differs
-    converts the engine state first. Ranks agree through torch.distributed when it is initialised.
+    `engine` is a `parallel.engine.Engine` of the DeepSpeed backend (its DeepSpeed engine is `engine.ds`) or a
+    DeepSpeed engine itself. A resume whose saved layout (dp, pp, tp, ZeRO stage) differs from `dims` converts the
+    engine state first. Ranks agree through torch.distributed when it is initialised.
     """
 
-    def __init__(self, config: CheckpointConfig, *, spec: JobSpec, layout: dict[str, int], rank: int = 0,
-                 world_size: int = 1, staging_dir: str | None = None):
-        self.config = config
-        self.storage = Storage(config.dir)
+    def __init__(self, spec: JobSpec, dims: ParallelDims, staging_dir: str | None = None):
+        self.config = spec.checkpoint
+        self.storage = Storage(self.config.dir)
         self.spec = spec
-        self.layout = {**layout, "world_size": world_size}
-        self.rank, self.world_size = rank, world_size
+        self.layout = {"dp": dims.dp, "pp": dims.pp, "tp": dims.tp, "zero_stage": spec.parallel.zero_stage,
+                       "world_size": dims.world_size}
+        self.rank, self.world_size = dims.rank, dims.world_size
         self._staging_root = staging_dir
         self._writer: threading.Thread | None = None
         self._writer_error: BaseException | None = None
         self.last_write_seconds = 0.0
-        if rank == 0:
+        if self.rank == 0:
             self.storage.makedirs()
 
     # ------------------------------------------------------------------------------------------ saving
@@ -212,12 +218,13 @@ class Checkpointer:
         local = self.storage.local_path(write_dir) or self._staging(name)
         asynchronous = self.config.async_save
         recorder = RecordingEngine(defer=asynchronous)
-        original, engine.checkpoint_engine = engine.checkpoint_engine, recorder
+        ds = _deepspeed(engine)
+        original, ds.checkpoint_engine = ds.checkpoint_engine, recorder
         try:
-            engine.save_checkpoint(local, tag=ENGINE_TAG, save_latest=False,
-                                   client_state={"universal_checkpoint_info": universal_checkpoint_info(engine.module)})
+            ds.save_checkpoint(local, tag=ENGINE_TAG, save_latest=False,
+                               client_state={"universal_checkpoint_info": universal_checkpoint_info(ds.module)})
         finally:
-            engine.checkpoint_engine = original
+            ds.checkpoint_engine = original
         job = _SaveJob(step=step, name=name, write_dir=write_dir, local=local, pending=recorder.drain(),
                        rng=rng_state(), loader_state=dict(loader_state) if self.rank == 0 else None)
         if asynchronous:
@@ -441,11 +448,12 @@ class Checkpointer:
 
     def _load_engine(self, engine: Any, directory: str, universal: bool) -> None:
         # DeepSpeed reads `load_universal` from its config only inside load_checkpoint, so it is set for this call
-        config = engine._config
+        ds = _deepspeed(engine)
+        config = ds._config
         before = config.load_universal_checkpoint
         config.load_universal_checkpoint = universal
         try:
-            path, _ = engine.load_checkpoint(directory, tag=ENGINE_TAG, load_optimizer_states=True,
+            path, _ = ds.load_checkpoint(directory, tag=ENGINE_TAG, load_optimizer_states=True,
                                              load_lr_scheduler_states=True)
         finally:
             config.load_universal_checkpoint = before
@@ -477,6 +485,10 @@ def convert_to_universal(engine_dir: str, output_dir: str) -> None:
     if done.returncode:
         tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
         raise CheckpointError(f"{engine_dir}: conversion to a universal checkpoint failed:\n{tail}")
+
+
+def _deepspeed(engine: Any) -> Any:
+    return getattr(engine, "ds", engine)
 
 
 def _written_by_engine_rank(rel: str) -> bool:

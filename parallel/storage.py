@@ -81,6 +81,7 @@ class Storage:
             with self.fs.open_output_stream(target) as f:
                 f.write(data)
             return
+        os.makedirs(os.path.dirname(target), exist_ok=True)
         tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
         with open(tmp, "wb") as f:
             f.write(data)
