@@ -34,3 +34,17 @@ def sample_corpora() -> Path:
     if not path.is_dir():
         pytest.fail(f"{path} is missing: the tests read the real sample corpora beside the repo (or PRETRAIN_SHARED)")
     return path
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """Three Ray nodes on this machine: a head (job drivers, the Jobs API) and two nodes of one simulated GPU each.
+
+    Started once per test process and shared: mark its users `xdist_group("ray")`. Ranks can import `tests.*`.
+    """
+    from cluster.testing import SimulatedCluster
+
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    cluster = SimulatedCluster(nodes=2, gpus_per_node=1)
+    yield cluster
+    cluster.shutdown()
