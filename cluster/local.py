@@ -17,11 +17,19 @@ LOCAL_ENV = {
     "RAY_AUTH_MODE": "disabled",
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
 }
+# Every rank's line reaches the driver's log as printed: Ray would fold identical lines of several ranks into one
+# ("[repeated 4x across cluster]") and colour the prefixes.
+LOG_ENV = {"RAY_DEDUP_LOGS": "0", "RAY_COLOR_PREFIX": "0"}
 
 
 def apply_local_env() -> None:
-    """Set the loopback / no-telemetry variables, keeping any the user set."""
-    for key, value in LOCAL_ENV.items():
+    """Set the loopback / no-telemetry / plain-log variables, keeping any the user set."""
+    for key, value in {**LOCAL_ENV, **LOG_ENV}.items():
+        os.environ.setdefault(key, value)
+
+
+def apply_log_env() -> None:
+    for key, value in LOG_ENV.items():
         os.environ.setdefault(key, value)
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import ray
 
+from cluster.metrics import RankExporter
 from orchestrator.errors import UserError
 from orchestrator.spec import JobSpec
 from parallel.callbacks import BaseCallback, StepStats
@@ -49,15 +50,11 @@ class Wiring:
     master_port: int
 
     def environ(self) -> dict[str, str]:
-        env = {
-            "RANK": self.rank, "WORLD_SIZE": self.world_size, "LOCAL_RANK": self.local_rank,
-            "LOCAL_WORLD_SIZE": self.local_world_size, "GROUP_RANK": self.node_rank, "NODE_RANK": self.node_rank,
-            "MASTER_ADDR": self.master_addr, "MASTER_PORT": self.master_port,
-        }
-        out = {k: str(v) for k, v in env.items()}
+        """What the loop's `RankEnv.export` does not set: the node's rank, and gloo's interface on loopback."""
+        env = {"NODE_RANK": str(self.node_rank), "GROUP_RANK": str(self.node_rank)}
         if self.master_addr.startswith("127."):
-            out.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        return out
+            env["GLOO_SOCKET_IFNAME"] = os.environ.get("GLOO_SOCKET_IFNAME", "lo")
+        return env
 
 
 @dataclass
@@ -123,17 +120,25 @@ class RankWorker:
             s.bind(("", 0))
             return s.getsockname()[1]
 
-    def start(self, spec: JobSpec, wiring: Wiring, entry: str = DEFAULT_ENTRY) -> None:
+    def start(self, spec: JobSpec, wiring: Wiring, entry: str = DEFAULT_ENTRY) -> str | None:
+        """Start the loop in a thread; return where this rank's metrics exporter listens (host:port), if any."""
         os.environ.update(wiring.environ())
-        heartbeat = Heartbeat(self.beat, self.rank)
-        self.thread = threading.Thread(target=self._train, args=(spec, wiring, entry, heartbeat), daemon=True)
+        callbacks: list[BaseCallback] = [Heartbeat(self.beat, self.rank)]
+        target = None
+        if spec.metrics.enabled:
+            ip = ray.util.get_node_ip_address()
+            exporter = RankExporter.from_spec(spec, self.rank, wiring.local_rank, node=ip, advertise_host=ip)
+            callbacks.append(exporter)
+            target = exporter.target
+        self.thread = threading.Thread(target=self._train, args=(spec, wiring, entry, callbacks), daemon=True)
         self.thread.start()
+        return target
 
-    def _train(self, spec: JobSpec, wiring: Wiring, entry: str, heartbeat: Heartbeat) -> None:
+    def _train(self, spec: JobSpec, wiring: Wiring, entry: str, callbacks: list[BaseCallback]) -> None:
         try:
             module, _, name = entry.partition(":")
             train = getattr(importlib.import_module(module), name)
-            train(spec, _rank_env(wiring), callbacks=(heartbeat,))
+            train(spec, _rank_env(wiring), callbacks=tuple(callbacks))
             self.beat.done = True
         except BaseException as e:  # noqa: BLE001 - every failure of a rank is reported to the controller
             text = "".join(traceback.format_exception(e))

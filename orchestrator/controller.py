@@ -28,6 +28,8 @@ import yaml
 from ray.exceptions import RayActorError, RayError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cluster.local import apply_log_env
+from cluster.metrics import ControllerExporter, default_targets_path
 from cluster.placement import Gang, alive_nodes, release, reserve_gang
 from cluster.submission import SPEC_VARIABLE
 from cluster.worker import DEFAULT_ENTRY, Beat, RankWorker, Wiring
@@ -40,6 +42,8 @@ from orchestrator.validate import parse_spec
 from orchestrator.watchdog import STARTUP_S, Watchdog
 
 POLL_S = 1.0
+# Rank actors are named `<run>-<ray job id>-a<attempt>-rank<r>` in this namespace, so tools can find them.
+NAMESPACE = "pretrain"
 # A rank's error often follows a peer's death (its collective broke): look again this long before blaming it.
 SETTLE_S = 2.0
 # How long a restart waits for enough nodes (a lost pod being replaced) before giving up.
@@ -70,6 +74,7 @@ class Controller:
         self.node_wait_s = node_wait_s
         self.policy = FailurePolicy(spec.resources.max_restarts, spec.resources.restart_backoff_s)
         self.attempt = 0
+        self.exporter: ControllerExporter | None = None
 
     def log(self, message: str) -> None:
         print(f"[controller] {message}", flush=True)
@@ -77,6 +82,15 @@ class Controller:
     def run(self) -> RunResult:
         """Run attempts until one finishes; raise `WorkerFailedError` (or the rank's `UserError`) when giving up."""
         gang = reserve_gang(self.spec)
+        if self.spec.metrics.enabled:
+            self.exporter = ControllerExporter.from_spec(self.spec, advertise_host=ray.util.get_node_ip_address())
+        try:
+            return self._run(gang)
+        finally:
+            if self.exporter is not None:
+                self.exporter.close()
+
+    def _run(self, gang: Gang) -> RunResult:
         spec = self.spec
         while True:
             self.attempt += 1
@@ -94,6 +108,8 @@ class Controller:
             self.log(f"restarting in {decision.delay_s:g} s ({decision.reason}, cause: {failure.cause.value})")
             time.sleep(decision.delay_s)
             spec, gang = self._reserve_again()
+            if self.exporter is not None:
+                self.exporter.record_restart(spec.world_size)
 
     def _reserve_again(self) -> tuple[JobSpec, Gang]:
         """Reserve the gang anew on the nodes alive now, shrinking the data-parallel size if nodes were lost."""
@@ -115,11 +131,12 @@ class Controller:
         workers: list = []
         try:
             cpus, gpus = gang.bundle.get("CPU", 0.0), gang.bundle.get("GPU", 0.0)
+            job = ray.get_runtime_context().get_job_id()
             for rank, bundle in enumerate(gang.bundles):
                 strategy = PlacementGroupSchedulingStrategy(gang.group, placement_group_bundle_index=bundle)
-                workers.append(
-                    RankWorker.options(scheduling_strategy=strategy, num_cpus=cpus, num_gpus=gpus).remote(rank)
-                )
+                name = f"{spec.name}-{job}-a{self.attempt}-rank{rank}"
+                workers.append(RankWorker.options(scheduling_strategy=strategy, num_cpus=cpus, num_gpus=gpus,
+                                                  name=name, namespace=NAMESPACE).remote(rank))
             infos = self._call_all(workers, "describe", timeout=self.startup_s)
             port = ray.get(workers[0].free_port.remote())
             local, local_world, node_rank = gang.local_ranks()
@@ -134,7 +151,11 @@ class Controller:
                        node_rank=node_rank[r], master_addr=infos[0]["ip"], master_port=port)
                 for r in range(len(workers))
             ]
-            ray.get([w.start.remote(spec, wirings[r], self.entry) for r, w in enumerate(workers)])
+            targets = ray.get([w.start.remote(spec, wirings[r], self.entry) for r, w in enumerate(workers)])
+            if self.exporter is not None:
+                self.exporter.set_ranks(spec.world_size)
+                path = default_targets_path(spec.metrics.targets_file, spec.checkpoint.dir, spec.name)
+                self.exporter.write_targets(path, [t for t in targets if t])
             return self._monitor(spec, workers, infos)
         finally:
             for w in workers:
@@ -173,7 +194,7 @@ class Controller:
                 steps = {r: f"no step after {watchdog.steps.get(r, -1)} for {watchdog.stalled_for():.0f} s"
                          for r in range(len(workers))}
                 raise AttemptFailed(Failure(Cause.HANG, steps))
-            stragglers = self._report_stragglers(beats, stragglers, spec.resources.straggler_factor)
+            stragglers = self._report_stragglers(beats, infos, stragglers, spec.resources.straggler_factor)
             time.sleep(self.poll_s)
 
     def _poll(self, workers: list) -> tuple[dict[int, Beat], dict[int, str]]:
@@ -188,8 +209,12 @@ class Controller:
                 dead[refs[ref]] = _short(e)
         return beats, dead
 
-    def _report_stragglers(self, beats: dict[int, Beat], before: dict[int, float], factor: float) -> dict[int, float]:
-        now = find_stragglers({r: b.step_time for r, b in beats.items() if not b.done}, factor)
+    def _report_stragglers(self, beats: dict[int, Beat], infos: list[dict], before: dict[int, float],
+                           factor: float) -> dict[int, float]:
+        times = {r: b.step_time for r, b in beats.items() if not b.done and b.step_time}
+        if self.exporter is not None:
+            self.exporter.set_step_times({r: (infos[r]["ip"], t) for r, t in times.items()})
+        now = find_stragglers(times, factor)
         if set(now) != set(before):
             if now:
                 detail = ", ".join(f"rank {r} {ratio:.2f}×" for r, ratio in now.items())
@@ -229,6 +254,7 @@ def main() -> int:
         if not text:
             raise UserError(f"{SPEC_VARIABLE} is not set: it carries the job spec (pretrain submit sets it)")
         spec = parse_spec(yaml.safe_load(text), source=SPEC_VARIABLE)
+        apply_log_env()
         ray.init(address="auto")
         Controller(spec).run()
         return 0

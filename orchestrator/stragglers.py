@@ -6,13 +6,14 @@ shows as a rank whose own step time stands out from the median of all ranks.
 
 from __future__ import annotations
 
-import statistics
+from collections.abc import Mapping
+
+from cluster.metrics import straggler_ratios
 
 
-def find_stragglers(step_times: dict[int, float], factor: float) -> dict[int, float]:
+def find_stragglers(step_times: Mapping[int, float], factor: float) -> dict[int, float]:
     """rank → its step time / the median, for every rank slower than `factor` × the median."""
     times = {r: t for r, t in step_times.items() if t is not None and t > 0}
     if len(times) < 2:
         return {}
-    median = statistics.median(times.values())
-    return {r: t / median for r, t in sorted(times.items()) if t > factor * median}
+    return {r: ratio for r, ratio in sorted(straggler_ratios(times).items()) if ratio > factor}

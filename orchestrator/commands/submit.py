@@ -50,7 +50,9 @@ def absolute_paths(spec: JobSpec) -> JobSpec:
 
 
 def _run_local(spec: JobSpec) -> int:
-    from cluster.local import local_cluster
+    from cluster.local import apply_local_env, local_cluster
+
+    apply_local_env()  # before Ray is imported: it reads the variables once, at import
     from orchestrator.controller import Controller
 
     with local_cluster():

@@ -1,0 +1,59 @@
+"""Several Ray "nodes" on one machine, with GPUs simulated as resources: for tests and demos of placement,
+job submission and recovery without a real cluster.
+
+Each node is a real raylet (`ray.cluster_utils.Cluster`), so killing one is a real node loss. A node's
+`num_gpus` is only a resource count here: Ray assigns the ids and sets CUDA_VISIBLE_DEVICES, and a CPU build of
+torch trains on the CPU anyway (`resources.device: auto`).
+"""
+
+from __future__ import annotations
+
+import socket
+
+from cluster.local import apply_local_env
+
+
+class SimulatedCluster:
+    """A head node (job drivers, the Jobs API on 127.0.0.1) and `nodes` worker nodes with `gpus_per_node` each."""
+
+    def __init__(self, nodes: int = 2, gpus_per_node: int = 1, cpus_per_node: float = 1.0, head_cpus: float = 1.0):
+        apply_local_env()
+        from ray.cluster_utils import Cluster
+
+        self.node_args = {"num_cpus": cpus_per_node, "num_gpus": gpus_per_node, "node_ip_address": "127.0.0.1"}
+        self.jobs_port = _free_port()
+        self.cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": head_cpus, "node_ip_address": "127.0.0.1", "include_dashboard": True,
+            "dashboard_host": "127.0.0.1", "dashboard_port": self.jobs_port,
+        })
+        self.nodes = [self.cluster.add_node(**self.node_args) for _ in range(nodes)]
+        self.size = nodes
+
+    @property
+    def address(self) -> str:
+        """The GCS address, for `ray.init(address=...)`."""
+        return self.cluster.address
+
+    @property
+    def jobs_url(self) -> str:
+        """The Jobs API, for `pretrain submit --address`."""
+        return f"http://127.0.0.1:{self.jobs_port}"
+
+    def kill_node(self, index: int = -1) -> None:
+        """Kill a worker node's raylet and every process on it, as a lost machine would."""
+        node = self.nodes.pop(index)
+        self.cluster.remove_node(node, allow_graceful=False)
+
+    def restore(self) -> None:
+        """Add worker nodes back until there are as many as at the start."""
+        while len(self.nodes) < self.size:
+            self.nodes.append(self.cluster.add_node(**self.node_args))
+
+    def shutdown(self) -> None:
+        self.cluster.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
