@@ -14,7 +14,7 @@ export RAY_AUTH_MODE := disabled
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test lint tools
+.PHONY: demo test lint tools k8s
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,3 +36,7 @@ lint: $(STAMP)
 
 test: $(STAMP) tools lint
 	$(BIN)/python -m pytest -n 2 --dist loadgroup tests
+
+# Regenerate k8s/base and k8s/overlays (dashboards and alert rules included) from the specs in k8s/specs.
+k8s: $(STAMP)
+	for o in 1x8 4x8; do $(BIN)/pretrain k8s render k8s/specs/$$o.yaml -o k8s/overlays/$$o --base ../../base; done
