@@ -3,9 +3,8 @@
 The counts follow the model of `parallel/` exactly (RMSNorm, SwiGLU, grouped-query attention, no biases, optional
 tied embeddings): the planner's memory and step-time estimates are only as good as these numbers.
 
-FLOPs per token use the convention of PaLM (appendix B) and of the MFU metric the ranks export:
-6 · (parameters in matrix multiplies) + 12 · n_layers · dim · seq_len for attention scores and values. The input
-embedding is a lookup, not a matmul, so it is left out of the 6N term; the output projection is in it, tied or not.
+FLOPs per token are the model's own (`parallel.model.LlamaDims.flops_per_token`, PaLM's 6·N + 12·L·dim·seq): the
+planner's step times and the MFU the ranks export use one formula.
 """
 
 from __future__ import annotations
@@ -40,12 +39,6 @@ class ParamCount:
     def non_embedding(self) -> int:
         """Kaplan et al.'s N: everything but the embedding and output matrices."""
         return self.n_layers * self.per_layer + self.final_norm
-
-    @property
-    def matmul(self) -> int:
-        """Parameters that multiply each token once per pass: the blocks' linears and the output projection."""
-        head = self.output or self.embedding
-        return self.n_layers * (self.attention + self.ffn) + head
 
 
 def check_resolved(model: ModelConfig) -> None:
@@ -92,5 +85,7 @@ def stage_params(model: ModelConfig, pp: int = 1, tp: int = 1) -> list[int]:
 
 def flops_per_token(model: ModelConfig, seq_len: int) -> float:
     """Training FLOPs (forward and backward) per token, without activation recomputation."""
-    count = count_params(model)
-    return 6.0 * count.matmul + 12.0 * model.n_layers * model.dim * seq_len
+    from parallel.model import LlamaDims
+
+    check_resolved(model)
+    return float(LlamaDims.from_config(model).flops_per_token(seq_len))

@@ -1,0 +1,106 @@
+"""The memory model: activations against what autograd really saves in the model's block; how ZeRO stages,
+checkpointing, sequence parallelism and pipeline stages move the bytes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from orchestrator.planner.counting import stage_params
+from orchestrator.planner.memory import activation_bytes_per_token, estimate_memory
+from orchestrator.validate import parse_spec
+from parallel.model import build_model, cross_entropy
+
+
+def saved_activation_bytes(model: torch.nn.Module, tokens: torch.Tensor) -> int:
+    """Bytes of the distinct tensors autograd keeps for backward, weights excluded."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        cross_entropy(model(tokens[:, :-1]), tokens[:, 1:])
+    return sum(kept.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_block_activations_match_what_autograd_saves(dtype):
+    measured = []
+    for layers in (1, 3):
+        spec = parse_spec({"model": {"vocab_size": 512, "dim": 192, "n_layers": layers, "n_heads": 6,
+                                     "n_kv_heads": 2, "multiple_of": 32}})
+        model = build_model(spec.model, "cpu").to(dtype)
+        tokens = torch.randint(0, 512, (2, 97), generator=torch.Generator().manual_seed(0))
+        measured.append(saved_activation_bytes(model, tokens))
+    per_block = (measured[1] - measured[0]) / 2 / (2 * 96)
+    width = 2 if dtype == torch.bfloat16 else 4
+    estimate = activation_bytes_per_token(spec.model, width)
+    assert estimate == pytest.approx(per_block, rel=0.08)
+
+
+@pytest.fixture(scope="module")
+def billion():
+    return parse_spec({
+        "model": {"vocab_size": 50304, "dim": 2048, "n_layers": 16, "n_heads": 16},
+        "data": {"seq_len": 2048},
+        "parallel": {"micro_batch_size": 2, "precision": "bf16"},
+        "resources": {"num_nodes": 1, "gpus_per_node": 8},
+    })
+
+
+def with_parallel(spec, **changes):
+    return dataclasses.replace(spec.parallel, **changes)
+
+
+def test_each_zero_stage_shards_more(billion):
+    totals = [estimate_memory(billion, with_parallel(billion, zero_stage=z)).allocated for z in (1, 2, 3)]
+    assert totals[0] > totals[1] > totals[2]
+    one, three = (estimate_memory(billion, with_parallel(billion, zero_stage=z)) for z in (1, 3))
+    params = stage_params(billion.model)[0]
+    assert three.weights == 2 * params // 8 and one.weights == 2 * params
+    assert one.optimizer == three.optimizer == 12 * params // 8  # fp32 master + two moments, sharded from stage 1
+
+
+def test_checkpointing_keeps_block_inputs_only(billion):
+    plain = estimate_memory(billion).activations
+    recomputed = estimate_memory(billion, with_parallel(billion, activation_checkpointing=True)).activations
+    assert recomputed < plain / 2.5  # the logits of the last micro-batch stay either way
+    seq = billion.data.seq_len
+    block_inputs = 16 * 2 * seq * 2048 * 2
+    assert recomputed > block_inputs
+
+
+def test_sequence_parallel_shards_the_norms(billion):
+    tp = with_parallel(billion, tp=4, dp=2)
+    without = estimate_memory(billion, tp).activations
+    with_sp = estimate_memory(billion, dataclasses.replace(tp, sequence_parallel=True)).activations
+    one_rank = estimate_memory(billion).activations
+    assert with_sp == pytest.approx(one_rank / 4, rel=1e-6)  # every saved tensor is split four ways
+    assert with_sp < without < one_rank
+
+
+def test_first_pipeline_stage_holds_micro_batches_in_flight(billion):
+    pp = with_parallel(billion, pp=4, dp=2, grad_accum=8)
+    memory = estimate_memory(billion, pp)
+    assert memory.stage == 0
+    two_in_flight = estimate_memory(billion, dataclasses.replace(pp, grad_accum=2))
+    assert two_in_flight.activations < memory.activations
+
+
+def test_offload_leaves_no_optimizer_state_on_the_gpu(billion):
+    assert estimate_memory(billion, with_parallel(billion, offload_optimizer=True)).optimizer == 0
+
+
+def test_breakdown_rows_add_up(billion):
+    memory = estimate_memory(billion)
+    rows = dict(memory.rows())
+    parts = ("weights", "gradients", "optimizer states", "activations", "framework buffers")
+    assert sum(rows[name] for name in parts) == rows["allocated (peak tensors)"]
+    assert rows["total"] == memory.allocated + memory.reserve
