@@ -208,8 +208,10 @@ class RankExporter(BaseCallback):
         self.store = MetricStore()
         self._rank_labels = {"run": run, "rank": rank, "node": self.node}
         self._checkpoint = _CheckpointSize(run)
+        self.store.set(STEP, 0, **self._rank_labels)
         if rank == 0:
             self.store.set(CHECKPOINT_INTERVAL, checkpoint_every, run=run)
+            self.store.set(CHECKPOINT_STEP, 0, run=run)
         self.exporter = Exporter(_Merged(self.store, self._checkpoint), host=host, port=rank_port(port, local_rank),
                                  advertise_host=advertise_host, owner=f"rank {rank}")
 
@@ -225,6 +227,7 @@ class RankExporter(BaseCallback):
         return self.exporter.target
 
     def on_train_start(self, step: int, rank: int) -> None:
+        """The loop starts at `step` (a resumed run: the step of the checkpoint it loaded)."""
         self.store.set(STEP, step, **self._rank_labels)
         if self.rank == 0:
             self.store.set(CHECKPOINT_STEP, step, run=self.run)
@@ -427,6 +430,26 @@ class DataprepExporter:
 
     def close(self) -> None:
         self.exporter.close()
+
+
+def prep_stage_counts(snapshot: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per-stage counts from a `dataprep.stats.PrepStats.snapshot()` (flat counters: docs_in, bytes_in, docs_kept,
+    removed_<reason>, train_tokens, val_tokens), the shape `DataprepExporter(poll=...)` takes.
+
+    Ingest reads every document; select applies dedup and the quality filters (its removals carry the rule); pack
+    writes the tokens.
+    """
+    counters = snapshot.get("counters", {})
+    out: dict[str, dict[str, Any]] = {}
+    if "docs_in" in counters or "bytes_in" in counters:
+        out["ingest"] = {"documents_in": counters.get("docs_in"), "bytes_in": counters.get("bytes_in")}
+    removed = {k.removeprefix("removed_"): v for k, v in counters.items() if k.startswith("removed_")}
+    if "docs_kept" in counters:
+        out["select"] = {"documents_in": counters.get("docs_in"), "documents_out": counters["docs_kept"],
+                         "removed": removed}
+    if "train_tokens" in counters:
+        out["pack"] = {"tokens_out": counters["train_tokens"] + counters.get("val_tokens", 0)}
+    return out
 
 
 class _PollingCollector(Collector):
