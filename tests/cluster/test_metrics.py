@@ -195,3 +195,16 @@ def _free_port_block(size: int) -> int:
             for s in sockets:
                 s.close()
     raise RuntimeError("no block of free ports")
+
+
+def test_prep_stats_become_per_stage_counts():
+    snapshot = {"stage": "pack", "counters": {
+        "docs_in": 100, "bytes_in": 40000, "docs_kept": 80, "removed_exact_duplicate": 12, "removed_gopher_quality": 8,
+        "tasks_done": 3, "train_tokens": 9000, "val_tokens": 1000, "train_rows": 40}}
+    assert m.prep_stage_counts(snapshot) == {
+        "ingest": {"documents_in": 100, "bytes_in": 40000},
+        "select": {"documents_in": 100, "documents_out": 80,
+                   "removed": {"exact_duplicate": 12, "gopher_quality": 8}},
+        "pack": {"tokens_out": 10000},
+    }
+    assert m.prep_stage_counts({"stage": "starting", "counters": {}}) == {}
