@@ -31,11 +31,11 @@ pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl
 
 
 @functools.cache
-def crd_schema(kind: str) -> dict:
+def crd_validator(kind: str) -> jsonschema.Draft7Validator:
     plural = {"RayJob": "rayjobs", "RayCluster": "rayclusters"}[kind]
     crd = yaml.load((SHARED / "k8s-crds" / f"ray.io_{plural}.yaml").read_text(), Loader=yaml.CSafeLoader)
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
-    return _strict(copy.deepcopy(version["schema"]["openAPIV3Schema"]))
+    return jsonschema.Draft7Validator(_strict(copy.deepcopy(version["schema"]["openAPIV3Schema"])))
 
 
 def _strict(schema: dict) -> dict:
@@ -68,10 +68,10 @@ def validate(documents: list[dict], tmp_path: Path) -> None:
     core = [d for d in documents if d["kind"] in CORE_KINDS]
     for doc in documents:
         if doc["kind"] == "RayJob":
-            jsonschema.validate(doc, crd_schema("RayJob"))
+            crd_validator("RayJob").validate(doc)
             cluster = {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": {"name": "c"},
                        "spec": doc["spec"]["rayClusterSpec"]}
-            jsonschema.validate(cluster, crd_schema("RayCluster"))
+            crd_validator("RayCluster").validate(cluster)
             spec = doc["spec"]
             groups = [spec["rayClusterSpec"]["headGroupSpec"], *spec["rayClusterSpec"]["workerGroupSpecs"]]
             for i, template in enumerate([g["template"] for g in groups] + [spec["submitterPodTemplate"]]):
@@ -185,7 +185,7 @@ def test_the_crd_schema_rejects_unknown_fields(tmp_path):
     [rayjob] = by_kind(kustomize(K8S / "overlays" / OVERLAYS[0]))["RayJob"]
     rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resource"] = {}
     with pytest.raises(jsonschema.ValidationError, match="'resource' was unexpected"):
-        jsonschema.validate(rayjob, crd_schema("RayJob"))
+        crd_validator("RayJob").validate(rayjob)
 
 
 def test_a_wrong_layout_fails_with_the_spec_error(tmp_path, capsys):
