@@ -121,6 +121,16 @@ class MetricStore(Collector):
         with self._lock:
             self._values.setdefault(metric, {})[key] = float(value)
 
+    def update(self, values: Mapping[Metric, float], **labels: Any) -> None:
+        """Set several series sharing `labels` under one lock acquisition (the per-step path)."""
+        keys: dict[tuple[str, ...], tuple[str, ...]] = {}
+        with self._lock:
+            for metric, value in values.items():
+                key = keys.get(metric.labels)
+                if key is None:
+                    key = keys[metric.labels] = tuple(str(labels[name]) for name in metric.labels)
+                self._values.setdefault(metric, {})[key] = float(value)
+
     def add(self, metric: Metric, amount: float, **labels: Any) -> None:
         key = tuple(str(labels[name]) for name in metric.labels)
         with self._lock:
@@ -233,19 +243,14 @@ class RankExporter(BaseCallback):
             self.store.set(CHECKPOINT_STEP, step, run=self.run)
 
     def on_step(self, stats: StepStats) -> None:
-        labels = self._rank_labels
-        self.store.set(STEP, stats.step, **labels)
-        self.store.set(STEP_DURATION, stats.step_seconds, **labels)
-        self.store.set(TOKENS_PER_SECOND, stats.tokens_per_second / max(stats.world_size, 1), **labels)
-        self.store.set(GPU_MEMORY, stats.memory_peak_bytes, **labels)
-        self.store.set(LAST_STEP_TIME, time.time(), **labels)
+        values = {
+            STEP: stats.step, STEP_DURATION: stats.step_seconds, GPU_MEMORY: stats.memory_peak_bytes,
+            TOKENS_PER_SECOND: stats.tokens_per_second / max(stats.world_size, 1), LAST_STEP_TIME: time.time(),
+        }
         if self.rank == 0:
-            run = self.run
-            self.store.set(LOSS, stats.loss, run=run)
-            self.store.set(LEARNING_RATE, stats.lr, run=run)
-            self.store.set(GRAD_NORM, stats.grad_norm, run=run)
-            self.store.set(MFU, stats.mfu, run=run)
-            self.store.set(TOKENS, stats.total_tokens, run=run)
+            values.update({LOSS: stats.loss, LEARNING_RATE: stats.lr, GRAD_NORM: stats.grad_norm, MFU: stats.mfu,
+                           TOKENS: stats.total_tokens})
+        self.store.update(values, **self._rank_labels)
 
     def on_eval(self, stats: EvalStats) -> None:
         if self.rank == 0:
