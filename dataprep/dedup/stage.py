@@ -1,0 +1,70 @@
+"""The dedup stage over all ingested parts: exact losers, near-duplicate clusters, and the per-file removal lists.
+
+The survivor of an exact group or a near-duplicate cluster is its lowest key: source priority first, then file and
+record order. A document that is both an exact and a near duplicate counts as exact.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dataprep.config import DedupConfig
+from dataprep.dedup.buckets import BAND_ROW, EXACT_ROW, find_duplicates
+from dataprep.dedup.components import find_components
+from dataprep.ingest import RECORD_BITS
+
+EXACT, NEAR = 1, 2  # removal codes, in precedence order
+
+
+def removal_file(directory: str, file_id: int) -> str:
+    return os.path.join(directory, f"removed-{file_id:012d}.parquet")
+
+
+def run_dedup(parts: list[str], out_dir: str, config: DedupConfig, partitions: int) -> dict:
+    """Write `removed-<file>.parquet` (key, code) per input file that lost documents; return the stage counters."""
+    stats: dict = {"exact_removed": 0, "near_removed": 0, "clusters": {}, "rounds": 0, "candidate_edges": 0}
+    if not (config.exact or config.near):
+        return stats
+    found = find_duplicates(parts, partitions, config.exact, config.near).materialize()
+    removals = found.filter(expr=f"kind == {EXACT_ROW}").map_batches(
+        lambda t: _codes(t.column("a"), EXACT), batch_format="pyarrow")
+    if config.near:
+        edges = found.filter(expr=f"kind == {BAND_ROW}").map_batches(
+            lambda t: pa.table({"u": t.column("b"), "v": t.column("a")}), batch_format="pyarrow").materialize()
+        stats["candidate_edges"] = edges.count()
+        members, stats["rounds"], stats["clusters"] = find_components(
+            edges, partitions, config.local_components_max_edges)
+        removals = removals.union(members.map_batches(lambda t: _codes(t.column("key"), NEAR),
+                                                      batch_format="pyarrow"))
+    routed = removals.map_batches(_with_file, batch_format="pyarrow").repartition(partitions, keys=["file"])
+    counts = routed.map_batches(lambda t: _write_removals(t, out_dir), batch_size=None, batch_format="pyarrow")
+    for row in counts.iter_rows():
+        stats["exact_removed"] += int(row["exact"])
+        stats["near_removed"] += int(row["near"])
+    return stats
+
+
+def _codes(keys: pa.ChunkedArray | pa.Array, code: int) -> pa.Table:
+    return pa.table({"key": keys, "code": pa.array(np.full(len(keys), code, np.int8))})
+
+
+def _with_file(t: pa.Table) -> pa.Table:
+    return t.append_column("file", pa.array(t.column("key").to_numpy() >> RECORD_BITS, pa.int64()))
+
+
+def _write_removals(t: pa.Table, out_dir: str) -> pa.Table:
+    """One file per input file, keys sorted, each key once with its strongest reason (exact before near)."""
+    key, code, file = (t.column(c).to_numpy() for c in ("key", "code", "file"))
+    order = np.lexsort((code, key))
+    key, code, file = key[order], code[order], file[order]
+    first = np.concatenate([[True], key[1:] != key[:-1]]) if len(key) else np.zeros(0, bool)
+    key, code, file = key[first], code[first], file[first]
+    for f in np.unique(file):
+        mine = file == f
+        table = pa.table({"key": pa.array(key[mine], pa.int64()), "code": pa.array(code[mine], pa.int8())})
+        pq.write_table(table, removal_file(out_dir, int(f)))
+    return pa.table({"exact": [int((code == EXACT).sum())], "near": [int((code == NEAR).sum())]})

@@ -1,0 +1,65 @@
+"""The filter interface and the chain a prose source goes through.
+
+A filter sees a batch of texts and returns one verdict per text: None keeps it, a string is the drop reason
+(`<filter>_<rule>`), a `str` subclass `Edit` keeps it with new text (C4 line cleanup). Counting lives in the stage,
+which tallies kept and dropped per reason, so filters stay pure functions of the text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from dataprep.config import PrepConfig
+
+
+class Edit(str):
+    """A verdict that keeps the document with this text instead."""
+
+
+Verdict = str | None
+
+
+class BaseFilter:
+    name = "filter"
+
+    def apply(self, texts: Sequence[str]) -> list[Verdict]:
+        return [self.check(t) for t in texts]
+
+    def check(self, text: str) -> Verdict:
+        raise NotImplementedError
+
+
+def build_filters(config: PrepConfig) -> list[BaseFilter]:
+    """The prose chain in Gopher → repetition → C4 → language order: cheap word statistics first."""
+    from dataprep.filters.c4_filters import C4QualityFilter
+    from dataprep.filters.gopher_quality import GopherQualityFilter
+    from dataprep.filters.gopher_repetition import GopherRepetitionFilter
+    from dataprep.filters.language import LanguageFilter
+
+    f = config.filters
+    chain: list[BaseFilter] = []
+    if f.gopher_quality.enabled:
+        chain.append(GopherQualityFilter(f.gopher_quality))
+    if f.gopher_repetition.enabled:
+        chain.append(GopherRepetitionFilter(f.gopher_repetition))
+    if f.c4.enabled:
+        chain.append(C4QualityFilter(f.c4))
+    if f.language.enabled:
+        chain.append(LanguageFilter(f.language))
+    return chain
+
+
+def apply_filters(chain: Sequence[BaseFilter], texts: list[str]) -> tuple[list[str], list[str]]:
+    """Run the chain; returns (texts, reasons) where reason '' means kept. Dropped texts skip later filters."""
+    reasons = [""] * len(texts)
+    texts = list(texts)
+    for f in chain:
+        alive = [i for i, r in enumerate(reasons) if not r]
+        if not alive:
+            break
+        for i, verdict in zip(alive, f.apply([texts[i] for i in alive]), strict=True):
+            if isinstance(verdict, Edit):
+                texts[i] = str(verdict)
+            elif verdict:
+                reasons[i] = verdict
+    return texts, reasons

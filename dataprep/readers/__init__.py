@@ -1,0 +1,5 @@
+"""Corpus readers: JSONL (plain, .gz, .zst), Parquet and directories of text files, one record per document."""
+
+from dataprep.readers.base import BadInput, Record, list_files, read_records
+
+__all__ = ["BadInput", "Record", "list_files", "read_records"]

@@ -1,0 +1,85 @@
+"""What every reader yields, and how a source's path becomes an ordered list of files.
+
+Readers never raise on a bad record: they yield it with the reason, so the stage can count it with file and line
+(or stop, in strict mode) and the conservation check still balances.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from orchestrator.errors import DataError
+
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".json.gz", ".json.zst", ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One document as read: `text` is None when the record is bad, and `problem` says why."""
+
+    index: int  # 0-based record number in its file (the line for JSONL)
+    doc_id: str
+    text: str | None
+    problem: str = ""  # reason code: malformed_json, missing_field, too_large, invalid_utf8, unreadable_file
+    detail: str = ""
+    repaired: bool = False  # invalid UTF-8 replaced by U+FFFD
+
+
+class BadInput(DataError):
+    """A bad record or file in strict mode; names the file and line."""
+
+
+def list_files(path: str) -> list[str]:
+    """The files of a source in a stable order: a file, every file under a directory, or a glob's matches."""
+    matches = sorted(glob.glob(path))
+    files = []
+    for match in matches:
+        if os.path.isdir(match):
+            for root, dirs, names in os.walk(match):
+                dirs.sort()
+                files.extend(os.path.join(root, n) for n in sorted(names) if not n.startswith("."))
+        else:
+            files.append(match)
+    return files
+
+
+def detect_format(path: str, declared: str) -> str:
+    if declared != "auto":
+        return declared
+    name = path.lower()
+    if name.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    return "text"
+
+
+def read_records(path: str, fmt: str, text_field: str, id_field: str, max_doc_bytes: int,
+                 repair_utf8: bool) -> Iterator[Record]:
+    """Records of one file; an unreadable file yields one bad record instead of raising."""
+    from dataprep.readers.jsonl import read_jsonl
+    from dataprep.readers.parquet import read_parquet
+    from dataprep.readers.text import read_text_file
+
+    fmt = detect_format(path, fmt)
+    try:
+        if fmt == "jsonl":
+            yield from read_jsonl(path, text_field, id_field, max_doc_bytes, repair_utf8)
+        elif fmt == "parquet":
+            yield from read_parquet(path, text_field, id_field, max_doc_bytes)
+        else:
+            yield from read_text_file(path, max_doc_bytes, repair_utf8)
+    except (OSError, EOFError, ValueError) as e:
+        yield Record(-1, os.path.basename(path), None, "unreadable_file", f"{type(e).__name__}: {e}")
+
+
+def decode_utf8(data: bytes, repair: bool) -> tuple[str | None, bool]:
+    """Text of `data` and whether it was repaired; None when invalid and not repaired."""
+    try:
+        return data.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return (data.decode("utf-8", errors="replace"), True) if repair else (None, False)

@@ -1,0 +1,139 @@
+"""The prep report: per source, documents / bytes / tokens through each stage, removals per rule, duplicate
+cluster sizes, mixture targets against what was realised, bad input with file and line, and a few examples.
+
+Saved as report.json and report.png beside the shards, and printed as a table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from dataprep.config import PrepConfig
+from dataprep.shards import write_atomic
+
+REPORT_JSON, REPORT_PNG = "report.json", "report.png"
+
+
+def build_report(config: PrepConfig, ingested: dict, selected: dict, encoded: dict, packed: dict, dedup: dict,
+                 plans: dict, manifest: dict, conservation: dict, stage_seconds: dict) -> dict[str, Any]:
+    sources: dict[str, dict[str, Any]] = {
+        n: {"files": 0, "docs_in": 0, "bytes_in": 0, "removed": {}, "docs_kept": 0, "bytes_kept": 0,
+            "repaired_utf8": 0, "train_docs": 0, "train_tokens": 0, "val_docs": 0, "val_tokens": 0}
+        for n in config.sources}
+    bad, bad_files, examples = [], [], {}
+    bad_count = 0
+    for stat in ingested.values():
+        s = sources[stat["source"]]
+        s["files"] += 1
+        s["docs_in"] += stat["docs_in"]
+        s["bytes_in"] += stat["bytes_in"]
+        s["repaired_utf8"] += stat["repaired_utf8"]
+        _merge(s["removed"], stat["removed"])
+        bad.extend(stat["bad"])
+        bad_count += stat["bad_count"]
+        bad_files.extend(stat.get("bad_files", []))
+        for reason, shown in stat["examples"].items():
+            examples.setdefault(reason, []).extend(shown)
+    for stat in selected.values():
+        s = sources[stat["source"]]
+        s["docs_kept"] += stat["docs"]
+        s["bytes_kept"] += stat["bytes"]
+        _merge(s["removed"], stat["removed"])
+    for stat in encoded.values():
+        s = sources[stat["source"]]
+        for key in ("train_docs", "train_tokens", "val_docs", "val_tokens"):
+            s[key] += stat[key]
+    for name, entry in manifest["sources"].items():
+        sources[name].update({"target_share": entry["target_share"], "realised_share": entry["realised_share"],
+                              "epochs": entry["epochs"], "emitted_tokens": entry["tokens"]})
+    removed_total: dict[str, int] = {}
+    for s in sources.values():
+        _merge(removed_total, s["removed"])
+    examples = {reason: shown[: config.examples] for reason, shown in sorted(examples.items())
+                if reason in removed_total}
+    return {
+        "name": config.name, "config_hash": manifest["config_hash"], "output": config.output,
+        "totals": {"docs_in": sum(s["docs_in"] for s in sources.values()),
+                   "docs_kept": sum(s["docs_kept"] for s in sources.values()),
+                   "bytes_in": sum(s["bytes_in"] for s in sources.values()),
+                   "bytes_kept": sum(s["bytes_kept"] for s in sources.values()),
+                   "removed": dict(sorted(removed_total.items())),
+                   "train_rows": manifest["splits"]["train"]["rows"],
+                   "val_rows": manifest["splits"].get("val", {}).get("rows", 0)},
+        "sources": sources, "dedup": dedup, "conservation": conservation,
+        "bad_input": {"count": bad_count, "listed": bad, "files": bad_files},
+        "examples": examples, "stage_seconds": {k: round(v, 3) for k, v in stage_seconds.items()},
+    }
+
+
+def write_report(report: dict, output: str, print_table: bool = True) -> None:
+    write_atomic(os.path.join(output, REPORT_JSON), (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
+    draw_report(report, os.path.join(output, REPORT_PNG))
+    if print_table:
+        print(format_table(report))
+
+
+def format_table(report: dict) -> str:
+    head = f"{'source':<22}{'docs in':>10}{'kept':>10}{'MB in':>9}{'MB kept':>9}{'train tok':>12}" \
+           f"{'target':>8}{'real':>8}{'epochs':>8}"
+    lines = [f"prep {report['name']}: {report['output']}", head, "-" * len(head)]
+    for name, s in report["sources"].items():
+        lines.append(f"{name:<22}{s['docs_in']:>10,}{s['docs_kept']:>10,}{s['bytes_in'] / 1e6:>9.2f}"
+                     f"{s['bytes_kept'] / 1e6:>9.2f}{s.get('emitted_tokens', 0):>12,}"
+                     f"{s.get('target_share', 0):>8.3f}{s.get('realised_share', 0):>8.3f}{s.get('epochs', 0):>8.2f}")
+    t = report["totals"]
+    lines.append(f"{'total':<22}{t['docs_in']:>10,}{t['docs_kept']:>10,}{t['bytes_in'] / 1e6:>9.2f}"
+                 f"{t['bytes_kept'] / 1e6:>9.2f}")
+    lines.append("removed: " + ", ".join(f"{r} {n:,}" for r, n in t["removed"].items()))
+    d = report["dedup"]
+    lines.append(f"dedup: {d.get('exact_removed', 0):,} exact, {d.get('near_removed', 0):,} near; "
+                 f"cluster sizes {d.get('clusters', {})}")
+    bad = report["bad_input"]
+    if bad["count"] or bad["files"]:
+        lines.append(f"bad input: {bad['count']:,} records, {len(bad['files'])} files; first: " +
+                     "; ".join(f"{b['file']}:{b['line']} {b['reason']}" for b in bad["listed"][:3]))
+    lines.append(f"rows: {t['train_rows']:,} train, {t['val_rows']:,} val; documents in = kept + removed: "
+                 f"{'yes' if report['conservation']['ok'] else 'NO'}")
+    return "\n".join(lines)
+
+
+def draw_report(report: dict, path: str) -> None:
+    """Removals per reason and source (stacked) and target vs realised shares."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["sources"])
+    reasons = list(report["totals"]["removed"]) + ["kept"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, max(4, 0.35 * len(names) + 2)))
+    base = [0] * len(names)
+    for reason in reasons:
+        values = [report["sources"][n]["docs_kept"] if reason == "kept" else report["sources"][n]["removed"].get(
+            reason, 0) for n in names]
+        left.barh(names, values, left=base, label=reason)
+        base = [a + b for a, b in zip(base, values, strict=True)]
+    left.set_xlabel("documents")
+    left.set_title("documents per source: kept and removed per reason")
+    left.legend(fontsize=7, loc="lower right")
+    y = range(len(names))
+    right.barh([i - 0.2 for i in y], [report["sources"][n].get("target_share", 0) for n in names], height=0.4,
+               label="target")
+    right.barh([i + 0.2 for i in y], [report["sources"][n].get("realised_share", 0) for n in names], height=0.4,
+               label="realised")
+    right.set_yticks(list(y), names)
+    right.set_xlabel("share of training tokens")
+    right.set_title("mixture")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _merge(into: dict, counts: dict) -> None:
+    for k, v in counts.items():
+        into[k] = into.get(k, 0) + v

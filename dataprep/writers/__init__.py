@@ -1,0 +1,1 @@
+"""Final outputs: the Arrow shards with their manifest, and the report."""
