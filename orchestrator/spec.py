@@ -56,6 +56,8 @@ class ParallelConfig:
     backend: str = setting("deepspeed", "parallel engine", choices=("deepspeed", "native"))
     dp: int = setting(0, "data-parallel size; 0 means ranks / (pp·tp)", min=0)
     pp: int = setting(1, "pipeline stages", min=1)
+    pp_schedule: str = setting("1f1b", "pipeline schedule; interleaved_1f1b and zero_bubble (native only) run two "
+                               "stages per rank", choices=("1f1b", "interleaved_1f1b", "zero_bubble"))
     tp: int = setting(1, "tensor-parallel size", min=1)
     zero_stage: int = setting(1, "ZeRO optimizer sharding stage", choices=(0, 1, 2, 3))
     sequence_parallel: bool = setting(False, "shard activations along the sequence between tensor-parallel regions")
