@@ -66,4 +66,8 @@ def build_engine(spec: JobSpec, env: RankEnv, device: torch.device) -> Engine:
         from parallel.deepspeed_engine import DeepSpeedEngine
 
         return DeepSpeedEngine(spec, env, device)
-    raise UserError(f"parallel.backend: {spec.parallel.backend!r} is not available in this version; use 'deepspeed'")
+    if spec.parallel.backend == "native":
+        from parallel.native_engine import NativeEngine
+
+        return NativeEngine(spec, env, device)
+    raise UserError(f"parallel.backend: {spec.parallel.backend!r} is not available; use 'deepspeed' or 'native'")
