@@ -77,7 +77,7 @@ class Controller:
         self.exporter: ControllerExporter | None = None
 
     def log(self, message: str) -> None:
-        print(f"[controller] {message}", flush=True)
+        print(f"[controller {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
     def run(self) -> RunResult:
         """Run attempts until one finishes; raise `WorkerFailedError` (or the rank's `UserError`) when giving up."""

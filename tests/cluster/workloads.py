@@ -1,0 +1,40 @@
+"""Small real training-loop stand-ins for controller tests: gloo collectives over the real rank wiring.
+
+They follow `parallel.train.run`'s contract (spec, RankEnv, callbacks) but cost a fraction of a second per step,
+so the controller's restart, hang and straggler paths are tested without building a model.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from parallel.callbacks import StepStats
+
+STEP_S = 0.2
+
+
+def allreduce_steps(spec, env, callbacks=()):
+    """`spec.schedule.steps` steps of an all-reduce of the rank ids; the 'loss' is the reduced sum.
+
+    `PRETRAIN_TEST_SLOW_RANK=R` makes rank R take three times as long per step (a straggler).
+    """
+    dist.init_process_group("gloo", init_method=f"tcp://{env.master_addr}:{env.master_port}", rank=env.rank,
+                            world_size=env.world_size, timeout=datetime.timedelta(seconds=60))
+    slow = os.environ.get("PRETRAIN_TEST_SLOW_RANK") == str(env.rank)
+    for step in range(1, spec.schedule.steps + 1):
+        start = time.monotonic()
+        time.sleep(STEP_S * (3 if slow else 1))
+        compute = time.monotonic() - start
+        value = torch.tensor([float(env.rank + step)])
+        dist.all_reduce(value)
+        stats = StepStats(step=step, loss=float(value), lr=0.0, grad_norm=0.0, tokens=0,
+                          step_seconds=time.monotonic() - start, tokens_per_second=0.0, mfu=0.0, rank=env.rank,
+                          world_size=env.world_size, extra={"compute_seconds": compute})
+        for callback in callbacks:
+            callback.on_step(stats)
+    dist.destroy_process_group()
