@@ -25,7 +25,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 # name → (module under orchestrator.commands, one-line help); a module of None is not available in this version.
 COMMANDS: dict[str, tuple[str | None, str]] = {
     "validate": ("validate", "check a job spec (with overrides) and print it resolved"),
-    "prep": (None, "deduplicate, filter, mix and tokenize corpora into Arrow shards"),
+    "prep": ("prep", "deduplicate, filter, mix and tokenize corpora into Arrow shards"),
     "plan": ("plan", "parameters, FLOPs, memory per GPU and the best layout for a spec"),
     "sweep": (None, "run a grid of small models and fit a scaling law"),
     "train": (None, "run one rank of a job (torchrun-style environment variables)"),
