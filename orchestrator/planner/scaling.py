@@ -75,6 +75,7 @@ def fit_scaling_law(params: Sequence[float], tokens: Sequence[float], losses: Se
     the starts that lose are far from any minimum the others reach.
     """
     from scipy.optimize import minimize
+    from threadpoolctl import threadpool_limits
 
     log_n, log_d, log_l = (np.log(np.asarray(x, dtype=float)) for x in (params, tokens, losses))
     if not (len(log_n) == len(log_d) == len(log_l)) or len(log_l) < 5:
@@ -82,29 +83,35 @@ def fit_scaling_law(params: Sequence[float], tokens: Sequence[float], losses: Se
     if not np.all(np.isfinite(log_l)):
         raise UserError("a scaling-law fit needs positive, finite losses; some runs diverged or did not finish")
 
-    def objective(x: np.ndarray) -> tuple[float, np.ndarray]:
-        a, b, e, alpha, beta = x
-        terms = np.stack([a - alpha * log_n, b - beta * log_d, np.full_like(log_n, e)])
+    def residuals(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """log L̂ − log L for parameter rows x = (a, b, e, α, β), and each term's share of L̂."""
+        a, b, e, alpha, beta = (x[..., i, None] for i in range(5))
+        terms = np.stack(np.broadcast_arrays(a - alpha * log_n, b - beta * log_d, e + 0 * log_n))
         top = terms.max(axis=0)
         weights = np.exp(terms - top)
         total = weights.sum(axis=0)
-        residual = top + np.log(total) - log_l
-        small = np.abs(residual) <= HUBER_DELTA
-        value = np.where(small, 0.5 * residual**2, HUBER_DELTA * (np.abs(residual) - 0.5 * HUBER_DELTA)).sum()
-        slope = np.where(small, residual, HUBER_DELTA * np.sign(residual))
-        share = weights / total  # d(log-sum-exp)/d(term)
+        return top + np.log(total) - log_l, weights / total
+
+    def huber(r: np.ndarray) -> np.ndarray:
+        small = np.abs(r) <= HUBER_DELTA
+        return np.where(small, 0.5 * r**2, HUBER_DELTA * (np.abs(r) - 0.5 * HUBER_DELTA)).sum(axis=-1)
+
+    def objective(x: np.ndarray) -> tuple[float, np.ndarray]:
+        r, share = residuals(x)
+        slope = np.clip(r, -HUBER_DELTA, HUBER_DELTA)  # the Huber loss's derivative
         grad = np.array([(slope * share[0]).sum(), (slope * share[1]).sum(), (slope * share[2]).sum(),
                          -(slope * share[0] * log_n).sum(), -(slope * share[1] * log_d).sum()])
-        return float(value), grad
+        return float(huber(r)), grad
 
     grid = np.array([(a, b, e, alpha, beta) for alpha, beta, e, a, b in
                      itertools.product(GRID_EXPONENTS, GRID_EXPONENTS, GRID_E, GRID_AB, GRID_AB)])
-    scores = np.array([objective(x)[0] for x in grid])
+    scores = huber(residuals(grid)[0])
     best = None
-    for start in grid[np.argsort(scores)[:top_starts]]:
-        result = minimize(objective, start, jac=True, method="L-BFGS-B")
-        if best is None or result.fun < best.fun:
-            best = result
+    with threadpool_limits(1):  # five-parameter problems: BLAS threads only spin against each other
+        for start in grid[np.argsort(scores)[:top_starts]]:
+            result = minimize(objective, start, jac=True, method="L-BFGS-B")
+            if best is None or result.fun < best.fun:
+                best = result
     a, b, e, alpha, beta = best.x
     return ScalingLaw(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=float(alpha), beta=float(beta))
 
