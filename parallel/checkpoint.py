@@ -329,9 +329,9 @@ class Checkpointer:
             self.storage.move(job.write_dir, job.name)
         self.storage.write_bytes((job.name + "\n").encode(), LATEST)
         log.info("checkpoint %s complete (%d files)", self.storage.path(job.name), len(files))
-        self._apply_retention(job.step)
+        self.apply_retention(job.step)
 
-    def _apply_retention(self, newest: int) -> None:
+    def apply_retention(self, newest: int) -> None:
         """Keep the newest `keep_last` and every step that is a multiple of `keep_every`; delete the rest."""
         steps = self.list_steps()
         keep = set(steps[-self.config.keep_last:]) | {newest}
@@ -404,6 +404,7 @@ class Checkpointer:
         if name is None:
             return None
         local = self.storage.local_path(name) or self._download(name)
+        check_same_model(os.path.join(local, "spec.yaml"), self.spec)
         saved = json.loads(_read_text(os.path.join(local, "layout.json")))
         keys = ("dp", "pp", "tp", "zero_stage")
         converted = any(saved.get(k) != self.layout.get(k) for k in keys)
@@ -474,6 +475,21 @@ class _SaveJob:
 
     def __post_init__(self) -> None:
         self.saved_paths = [p for p, _ in self.pending]
+
+
+def check_same_model(saved_spec: str, spec: JobSpec) -> None:
+    """A layout can change on resume, the model cannot: name every `model.*` value that differs.
+
+    The common trap is `model.vocab_size: null`, which pads the tokenizer's size to a multiple of 128·tp, so a
+    resume at another tp gets another vocabulary unless the size is pinned.
+    """
+    saved = (yaml.safe_load(_read_text(saved_spec)) or {}).get("model", {})
+    current = dataclasses.asdict(spec.model)
+    changed = [f"model.{k}: {saved.get(k)!r} in the checkpoint, {v!r} now" for k, v in current.items()
+               if saved.get(k) != v]
+    if changed:
+        raise CheckpointError(f"{saved_spec}: the checkpoint's model differs from this run's: " + "; ".join(changed)
+                              + "; set the checkpoint's values in the job spec (pin model.vocab_size when tp changes)")
 
 
 def convert_to_universal(engine_dir: str, output_dir: str) -> None:
