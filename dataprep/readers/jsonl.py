@@ -40,7 +40,7 @@ def read_jsonl(path: str, text_field: str, id_field: str, max_doc_bytes: int, re
             try:
                 obj = json.loads(decoded)
             except json.JSONDecodeError as e:
-                yield Record(index, doc_id, None, "malformed_json", f"{e.msg} at column {e.colno}")
+                yield Record(index, doc_id, None, "malformed_json", f"{e.msg} (column {e.colno})")
                 continue
             text = obj.get(text_field) if isinstance(obj, dict) else None
             if not isinstance(text, str):
