@@ -15,6 +15,7 @@ import os
 import posixpath
 import uuid
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from orchestrator.errors import CheckpointError
@@ -28,7 +29,7 @@ class Storage:
         if "://" in uri:
             try:
                 self.fs, self.root = pafs.FileSystem.from_uri(uri)
-            except (pafs.ArrowInvalid, OSError, ValueError) as e:
+            except (pa.ArrowInvalid, OSError, ValueError) as e:
                 raise CheckpointError(f"checkpoint.dir {uri!r}: not a usable filesystem URI: {e}") from None
         else:
             self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(uri)
