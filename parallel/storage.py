@@ -13,11 +13,11 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
-import uuid
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from dataprep.shards import write_atomic
 from orchestrator.errors import CheckpointError
 
 _CHUNK = 1 << 22
@@ -83,12 +83,7 @@ class Storage:
                 f.write(data)
             return
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+        write_atomic(target, data)
 
     def upload(self, local_file: str, *parts: str) -> None:
         pafs.copy_files(local_file, self.path(*parts), destination_filesystem=self.fs)
