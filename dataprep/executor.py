@@ -44,7 +44,7 @@ def connect_ray(address: str | None, num_cpus: int) -> bool:
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(num_cpus=num_cpus or None, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=num_cpus or None, include_dashboard=False, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     # Each hash-shuffle aggregator is an actor: on a small machine a few are faster to start than one per partition.
     ctx.max_hash_shuffle_aggregators = max(1, int(ray.cluster_resources().get("CPU", 1)))
