@@ -15,6 +15,7 @@ from parallel.parallel_dims import ParallelDims
 # Bucket sizes in elements: large enough to keep NCCL busy, small enough to overlap with the backward pass.
 REDUCE_BUCKET = 200_000_000
 ALLGATHER_BUCKET = 200_000_000
+NO_CLIP = 1e30
 
 
 def build_ds_config(spec: JobSpec, dims: ParallelDims) -> dict[str, Any]:
@@ -34,7 +35,8 @@ def build_ds_config(spec: JobSpec, dims: ParallelDims) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": p.micro_batch_size,
         "gradient_accumulation_steps": p.grad_accum,
         "train_batch_size": p.micro_batch_size * p.grad_accum * dims.dp,
-        "gradient_clipping": spec.optim.grad_clip,
+        # No clipping is a threshold never reached, so DeepSpeed still computes the norm we report.
+        "gradient_clipping": spec.optim.grad_clip or NO_CLIP,
         "zero_optimization": zero,
         # The client torch AdamW (fused on CUDA) is what ZeRO wraps; DeepSpeed only vouches for its own by default.
         "zero_allow_untested_optimizer": True,

@@ -145,11 +145,13 @@ class Attention(nn.Module):
         self.rotary = rotary
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        # Head counts are read from self: tensor parallelism lowers them to this rank's share.
-        b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        # Shapes are read from the projections, not from x: under tensor parallelism they hold this rank's heads,
+        # and under sequence parallelism the whole sequence while x holds a slice of it.
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        b, s, _ = q.shape
+        q = q.view(b, s, -1, self.head_dim).transpose(1, 2)
+        k = k.view(b, s, -1, self.head_dim).transpose(1, 2)
+        v = v.view(b, s, -1, self.head_dim).transpose(1, 2)
         start = cache.pos if cache is not None else 0
         cos, sin = self.rotary(start + s, x.device)
         q, k = apply_rope(q, cos[start:], sin[start:]), apply_rope(k, cos[start:], sin[start:])

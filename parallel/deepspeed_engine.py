@@ -1,0 +1,186 @@
+"""The DeepSpeed backend: the model built, parallelised and initialised per the spec, wrapped in a DeepSpeed engine.
+
+Order of construction (each step is one function, in its own module):
+  1. `build_model` on the meta device (no memory);
+  2. `apply_tensor_parallel` swaps in sharded layers (tp > 1);
+  3. `apply_activation_checkpointing`, `apply_compile` on the blocks;
+  4. `apply_pipeline_parallel` keeps and materialises this rank's stage (pp > 1), or `materialize_model` the whole;
+  5. AdamW + LR schedule from `parallel.optim`, handed to `deepspeed.initialize` with the `build_ds_config` config
+     and, for tensor parallelism without pipelining, our `ModelParallelUnit` (the pipeline module brings its own).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.runtime.utils import clip_grad_norm_
+
+from orchestrator.errors import UserError
+from orchestrator.spec import JobSpec
+from parallel.activation_checkpoint import apply_activation_checkpointing
+from parallel.compile import apply_compile
+from parallel.deepspeed_config import build_ds_config
+from parallel.engine import StepResult
+from parallel.launch import RankEnv
+from parallel.materialize import materialize_model
+from parallel.model import LlamaDims, build_model, cross_entropy
+from parallel.optim import build_optimizer, build_param_groups, build_scheduler
+from parallel.parallel_dims import ModelParallelUnit, ParallelDims
+from parallel.tensor_parallel import VocabParallelLoss, apply_tensor_parallel
+
+
+class DeepSpeedEngine:
+    def __init__(self, spec: JobSpec, env: RankEnv, device: torch.device):
+        self.spec, self.device = spec, device
+        p = spec.parallel
+        self.dims = ParallelDims.from_spec(spec, env.world_size, env.rank)
+        self.dims.build_groups()
+        self.model_dims = LlamaDims.from_config(spec.model)
+        if p.sequence_parallel and p.tp > 1 and spec.data.seq_len % p.tp:
+            raise UserError(f"parallel.sequence_parallel: data.seq_len={spec.data.seq_len} must be divisible by "
+                            f"parallel.tp={p.tp} to split the sequence")
+        seed = spec.schedule.seed
+        model = build_model(self.model_dims)
+        self.loss_fn = cross_entropy
+        if self.dims.tp > 1:
+            tp_group = self.dims.group("tp")
+            apply_tensor_parallel(model, tp_group, self.dims.tp_rank, self.dims.tp, p.sequence_parallel)
+            self.loss_fn = VocabParallelLoss(tp_group)
+        if p.activation_checkpointing:
+            apply_activation_checkpointing(model.layers)
+        if p.compile:
+            apply_compile(model.layers)
+        if self.dims.pp > 1:
+            from parallel.pipeline_parallel import apply_pipeline_parallel
+
+            module = apply_pipeline_parallel(model, self.dims, self.loss_fn, seed, device)
+        else:
+            materialize_model(model, seed, device)
+            module = model
+        self.model = model  # under pp, the parts of other stages stay on the meta device
+        named = [(n, q) for n, q in model.named_parameters() if not q.is_meta]
+        self.optimizer = build_optimizer(build_param_groups(named, spec.optim.weight_decay), spec.optim, device)
+        self.scheduler = build_scheduler(self.optimizer, spec.optim, spec.schedule)
+        self.ds_config = build_ds_config(spec, self.dims)
+        self.ds, _, _, _ = deepspeed.initialize(
+            model=module, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=self.ds_config,
+            mpu=None if self.dims.pp > 1 else ModelParallelUnit(self.dims),
+        )
+        self.pipelined = self.dims.pp > 1
+        self._fp32_grad_norm: torch.Tensor | None = None
+        self.ds.clip_fp32_gradients = self._clip_fp32_gradients
+
+    def _clip_fp32_gradients(self) -> None:
+        # Without ZeRO or bf16, DeepSpeed clips with `clip_grad_norm_` and drops the norm it computed; keep it.
+        self._fp32_grad_norm = clip_grad_norm_(parameters=self.ds.module.parameters(),
+                                               max_norm=self.ds.gradient_clipping(), mpu=self.ds.mpu)
+
+    def _grad_norm(self) -> torch.Tensor | float:
+        norm = self.ds.get_global_grad_norm()
+        return norm if norm is not None else self._fp32_grad_norm
+
+    # ------------------------------------------------------------------------------------------ steps
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def train_step(self, micro_batches: Sequence[Any]) -> StepResult:
+        if len(micro_batches) != self.spec.parallel.grad_accum:
+            raise ValueError(f"a step takes grad_accum={self.spec.parallel.grad_accum} micro-batches, "
+                             f"got {len(micro_batches)}")
+        lr = self.lr
+        self.ds.train()
+        if self.pipelined:
+            loss = self.ds.train_batch(iter(self._pairs(micro_batches)))
+        else:
+            losses = []
+            for inputs, targets in self._pairs(micro_batches):
+                loss = self.loss_fn(self.ds(inputs), targets)
+                self.ds.backward(loss)
+                self.ds.step()
+                losses.append(loss.detach())
+            loss = self._mean_over_dp(torch.stack(losses).mean())
+        return StepResult(loss=loss, grad_norm=self._grad_norm(), lr=lr)
+
+    @torch.no_grad()
+    def eval_loss(self, micro_batches: Sequence[Any]) -> torch.Tensor:
+        self.ds.eval()
+        pairs = self._pairs(micro_batches)
+        if self.pipelined:
+            loss = self.ds.eval_batch(iter(pairs), num_micro_batches=len(pairs))
+        else:
+            loss = self._mean_over_dp(torch.stack([self.loss_fn(self.ds(x), y) for x, y in pairs]).mean())
+        self.ds.train()
+        return loss
+
+    def _pairs(self, micro_batches: Sequence[Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(mb.inputs.to(self.device, non_blocking=True), mb.targets.to(self.device, non_blocking=True))
+                for mb in micro_batches]
+
+    def _mean_over_dp(self, loss: torch.Tensor) -> torch.Tensor:
+        if self.dims.dp > 1:
+            dist.all_reduce(loss, group=self.dims.group("dp"))
+            loss = loss / self.dims.dp
+        return loss
+
+    # ------------------------------------------------------------------------------------------ state
+
+    def save(self, directory: str, client_state: dict[str, Any]) -> None:
+        self.ds.save_checkpoint(directory, tag=None, client_state=client_state, save_latest=False)
+
+    def load(self, directory: str) -> dict[str, Any]:
+        path, client_state = self.ds.load_checkpoint(directory, tag=None)
+        if path is None:
+            raise UserError(f"{directory}: no DeepSpeed checkpoint to load")
+        return client_state or {}
+
+    def _local_params(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """This rank's real parameters under the model's names; on the last stage of a tied pipeline the embedding
+        is a copy of the first stage's and is left out."""
+        params = [(n, q) for n, q in self.model.named_parameters() if not q.is_meta]
+        if self.pipelined and self.model_dims.tie_embeddings and self.dims.pp_rank > 0:
+            params = [(n, q) for n, q in params if n != "embed_tokens.weight"]
+        return params
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        zero3 = self.spec.parallel.zero_stage == 3
+        keep = self.dims.tp_rank == 0 and self.dims.dp_rank == 0
+        local: dict[str, torch.Tensor] = {}
+        for name, param in self._local_params():
+            with deepspeed.zero.GatheredParameters([param], enabled=zero3):
+                value = param.detach().clone()
+            if getattr(param, "tensor_model_parallel", False):
+                parts = [torch.empty_like(value) for _ in range(self.dims.tp)]
+                dist.all_gather(parts, value.contiguous(), group=self.dims.group("tp"))
+                value = torch.cat(parts, dim=param.partition_dim)
+            if keep:
+                local[name] = value.float().cpu()
+        gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(local if keep else {}, gathered, dst=0)
+        if dist.get_rank() != 0:
+            return {}
+        full: dict[str, torch.Tensor] = {}
+        for part in gathered:
+            full.update(part)
+        return dict(sorted(full.items()))
+
+    @torch.no_grad()
+    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        zero3 = self.spec.parallel.zero_stage == 3
+        for name, param in self._local_params():
+            value = state[name]
+            if getattr(param, "tensor_model_parallel", False):
+                value = value.chunk(self.dims.tp, dim=param.partition_dim)[self.dims.tp_rank]
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None, enabled=zero3):
+                param.copy_(value.to(param.dtype))
+        if self.pipelined and self.model_dims.tie_embeddings and self.dims.pp_rank > 0:
+            self.model.embed_tokens.weight.copy_(state["embed_tokens.weight"].chunk(self.dims.tp)[self.dims.tp_rank]
+                                                 .to(self.model.embed_tokens.weight.dtype))
+        refresh = getattr(self.ds.optimizer, "refresh_fp32_params", None)
+        if refresh is not None:
+            refresh()

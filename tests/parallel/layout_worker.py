@@ -1,0 +1,75 @@
+"""One rank of a layout run for the equivalence tests: fixed tokens, N steps, per-step losses and the final gathered
+parameters written by rank 0. Started by torchrun from tests/parallel/test_deepspeed_engine.py.
+
+    torchrun --nproc_per_node 4 tests/parallel/layout_worker.py OUT.pt parallel.pp=2 parallel.tp=2 ...
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from orchestrator.validate import parse_spec
+from parallel.engine import build_engine
+from parallel.launch import RankEnv, init_distributed, shutdown_distributed
+from parallel.loader import MicroBatch
+
+TINY = {
+    "model": {"vocab_size": 128, "dim": 64, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 32},
+    "data": {"seq_len": 32},
+    "parallel": {"precision": "fp32", "zero_stage": 0},
+    "optim": {"lr": 3e-3, "min_lr": 3e-4, "weight_decay": 0.1, "grad_clip": 0.5, "eps": 1e-6},
+    "schedule": {"steps": 10, "warmup_steps": 2, "lr_schedule": "cosine", "seed": 7},
+    "resources": {"device": "cpu", "gpus_per_node": 1},
+}
+GLOBAL_BATCH = 8
+GRAD_ACCUM = 2
+
+
+def fixed_tokens(steps: int, seq_len: int, vocab: int) -> torch.Tensor:
+    """[steps, GLOBAL_BATCH, seq_len + 1] tokens, the same for every layout and the reference: arithmetic runs
+    (random start and stride) mod vocab, learnable in a few steps so the losses move."""
+    g = torch.Generator().manual_seed(11)
+    start = torch.randint(0, vocab, (steps, GLOBAL_BATCH, 1), generator=g)
+    stride = torch.randint(1, 5, (steps, GLOBAL_BATCH, 1), generator=g)
+    return (start + stride * torch.arange(seq_len + 1)) % vocab
+
+
+def rank_micro_batches(rows: torch.Tensor, dp_rank: int, dp: int) -> list[MicroBatch]:
+    """This rank's contiguous slice of a global batch cut into GRAD_ACCUM micro-batches (the loader's convention)."""
+    mine = rows.chunk(dp)[dp_rank]
+    return [MicroBatch(inputs=mb[:, :-1], targets=mb[:, 1:], sample_ids=torch.arange(len(mb)))
+            for mb in mine.chunk(GRAD_ACCUM)]
+
+
+def main(out: str, overrides: list[str]) -> None:
+    env = RankEnv.from_env()
+    spec = parse_spec(TINY, overrides=[*overrides, f"resources.gpus_per_node={env.world_size}"])
+    dp = env.world_size // (spec.parallel.pp * spec.parallel.tp)
+    spec.parallel.micro_batch_size = GLOBAL_BATCH // (GRAD_ACCUM * dp)
+    spec.parallel.grad_accum = GRAD_ACCUM
+    device = torch.device("cpu")
+    init_distributed(env, device)
+    engine = build_engine(spec, env, device)
+    tokens = fixed_tokens(spec.schedule.steps, spec.data.seq_len, spec.model.vocab_size)
+    losses, norms, lrs = [], [], []
+    for step in range(spec.schedule.steps):
+        result = engine.train_step(rank_micro_batches(tokens[step], engine.dims.dp_rank, engine.dims.dp))
+        losses.append(float(result.loss))
+        norms.append(float(result.grad_norm))
+        lrs.append(result.lr)
+    eval_loss = float(engine.eval_loss(rank_micro_batches(tokens[0], engine.dims.dp_rank, engine.dims.dp)))
+    params = engine.full_state_dict()
+    if env.rank == 0:
+        torch.save({"losses": losses, "grad_norms": norms, "lrs": lrs, "eval_loss": eval_loss, "params": params},
+                   out)
+    shutdown_distributed()
+    sys.stdout.flush()
+    # ZeRO-3 can abort in interpreter teardown after finishing (ENV-NOTES); the results are already written.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])
