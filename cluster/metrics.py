@@ -92,7 +92,6 @@ _STAGE = ("run", "stage")
 DATAPREP_DOCUMENTS_IN = _counter("pretrain_dataprep_input_documents_total", "documents read by a stage", _STAGE)
 DATAPREP_DOCUMENTS_OUT = _counter("pretrain_dataprep_output_documents_total", "documents a stage kept", _STAGE)
 DATAPREP_BYTES_IN = _counter("pretrain_dataprep_input_bytes_total", "UTF-8 text bytes read by a stage", _STAGE)
-DATAPREP_BYTES_OUT = _counter("pretrain_dataprep_output_bytes_total", "UTF-8 text bytes a stage kept", _STAGE)
 DATAPREP_TOKENS_OUT = _counter("pretrain_dataprep_output_tokens_total", "tokens a stage wrote", _STAGE)
 DATAPREP_REMOVED = _counter("pretrain_dataprep_removed_documents_total", "documents a stage removed, by rule",
                             ("run", "stage", "rule"))
@@ -101,7 +100,7 @@ CATALOGUE: tuple[Metric, ...] = tuple(v for v in list(globals().values()) if isi
 # Dataprep counter names keyed by what a stage reports (see `DataprepExporter.publish`).
 DATAPREP_COUNTS = {
     "documents_in": DATAPREP_DOCUMENTS_IN, "documents_out": DATAPREP_DOCUMENTS_OUT,
-    "bytes_in": DATAPREP_BYTES_IN, "bytes_out": DATAPREP_BYTES_OUT, "tokens_out": DATAPREP_TOKENS_OUT,
+    "bytes_in": DATAPREP_BYTES_IN, "tokens_out": DATAPREP_TOKENS_OUT,
 }
 
 
@@ -412,7 +411,7 @@ class DataprepExporter:
         return self.exporter.target
 
     def publish(self, stage: str, counts: Mapping[str, Any]) -> None:
-        """Set a stage's running totals: documents_in/out, bytes_in/out, tokens_out (ints) and removed ({rule: n})."""
+        """Set a stage's running totals: documents_in/out, bytes_in, tokens_out (ints) and removed ({rule: n})."""
         unknown = set(counts) - set(DATAPREP_COUNTS) - {"removed"}
         if unknown:
             raise ValueError(f"unknown dataprep counts {sorted(unknown)}; allowed: {sorted(DATAPREP_COUNTS)}, removed")

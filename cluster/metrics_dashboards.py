@@ -119,7 +119,7 @@ DATAPREP = Dashboard("pretrain-dataprep", "pretrain / dataprep", (
                                          "{{stage}}: {{rule}}"),), kind="bargauge"),
     Panel("Totals", (
         (f"sum by (stage) ({m.DATAPREP_DOCUMENTS_OUT.name}{{{RUN}}})", "{{stage}} documents"),
-        (f"sum by (stage) ({m.DATAPREP_BYTES_OUT.name}{{{RUN}}})", "{{stage}} bytes"),
+        (f"sum by (stage) ({m.DATAPREP_TOKENS_OUT.name}{{{RUN}}})", "{{stage}} tokens"),
     ), kind="stat"),
 ), variables=(("run", f"label_values({m.DATAPREP_DOCUMENTS_IN.name}, run)"),))
 

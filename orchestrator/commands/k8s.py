@@ -74,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec, args.overrides)
     check_kubernetes_spec(spec, args.spec, metrics_port=args.metrics_port)
-    files = render(spec, args)
+    spec.metrics.port = spec.metrics.port or args.metrics_port
+    files = render(spec, args, mounted_spec_text(args.spec, args.overrides, spec))
     for path, text in files.items():
         full = os.path.join(args.output, path)
         os.makedirs(os.path.dirname(full), exist_ok=True)
@@ -105,14 +106,28 @@ def check_kubernetes_spec(spec: JobSpec, source: str, *, metrics_port: int) -> N
         raise SpecError(source, problems)
 
 
-def render(spec: JobSpec, args: argparse.Namespace) -> dict[str, str]:
+def mounted_spec_text(path: str, overrides: list[str], spec: JobSpec) -> str:
+    """The spec as the user wrote it, overrides applied and the metrics port fixed: what the pods read.
+
+    Kept unresolved (defaults stay implicit) so that it reads like the user's file, and the controller resolves it
+    with the same rules as everywhere else.
+    """
+    from omegaconf import OmegaConf
+
+    from orchestrator.validate import load_yaml
+
+    raw = OmegaConf.merge(OmegaConf.create(load_yaml(path)), OmegaConf.from_dotlist(list(overrides)))
+    data = OmegaConf.to_container(raw, resolve=False)
+    data.setdefault("metrics", {})["port"] = spec.metrics.port
+    return f"# Rendered by `pretrain k8s render` from {os.path.basename(path)}.\n" + yaml.safe_dump(
+        data, sort_keys=False, width=120)
+
+
+def render(spec: JobSpec, args: argparse.Namespace, spec_text: str) -> dict[str, str]:
     """{relative path: text} of the kustomize directory (and of the base, under `args.base`)."""
     from cluster.metrics_alerts import build_prometheus_rule, build_rules
     from cluster.metrics_dashboards import DASHBOARDS, build_dashboard
-    from orchestrator.validate import spec_to_yaml
 
-    if not spec.metrics.port:
-        spec.metrics.port = args.metrics_port
     shared: dict[str, Any] = {
         "pvc.yaml": build_data_pvc(args.storage_class, args.storage_size),
         "prometheus/rules.yml": build_rules(),
@@ -120,7 +135,7 @@ def render(spec: JobSpec, args: argparse.Namespace) -> dict[str, str]:
     }
     shared.update({f"grafana/{d.uid}.json": build_dashboard(d) for d in DASHBOARDS})
     run_parts: dict[str, Any] = {
-        SPEC_FILE: spec_to_yaml(spec),
+        SPEC_FILE: spec_text,
         "rayjob.yaml": build_rayjob(spec, args),
         "podmonitor.yaml": build_pod_monitor(spec, args.prometheus_release),
     }

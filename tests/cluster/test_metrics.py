@@ -157,7 +157,7 @@ def test_default_targets_path():
 
 
 def test_dataprep_exporter_reads_counters_at_scrape_time(exporters):
-    totals = {"documents_in": 10, "documents_out": 7, "bytes_in": 5000, "bytes_out": 3000,
+    totals = {"documents_in": 10, "documents_out": 7, "bytes_in": 5000,
               "removed": {"exact_duplicate": 2, "too_short": 1}}
     dataprep = m.DataprepExporter("prep", poll=lambda: {"filter": totals}, host="127.0.0.1")
     exporters.append(dataprep)

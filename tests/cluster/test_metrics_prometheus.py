@@ -16,7 +16,7 @@ import pytest
 import yaml
 from prometheus_server import PrometheusServer
 
-from cluster.metrics_dashboards import TRAINING, build_dashboard, panel_expressions
+from cluster.metrics_dashboards import DATAPREP, TRAINING, build_dashboard, panel_expressions
 
 REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "k8s" / "base" / "prometheus" / "rules.yml"
@@ -99,3 +99,39 @@ def test_every_training_panel_returns_series_from_a_real_run(ray_cluster, tmp_pa
         if running():
             submission.stop(ray_cluster.jobs_url, job)
         prometheus.stop()
+
+
+@pytest.mark.xdist_group("ray")
+def test_every_dataprep_panel_returns_series_from_a_real_prep_run(ray_cluster, demo_corpus, tmp_path):
+    from cluster.metrics import DataprepExporter, prep_stage_counts
+    from dataprep.config import parse_prep_config
+    from dataprep.pipeline import run_prep
+    from dataprep.stats import PrepStats
+
+    config = parse_prep_config({
+        "name": RUN, "output": str(tmp_path / "shards"), "seq_len": 64, "rows_per_shard": 256,
+        # The same file as two sources: the second copy is removed as exact duplicates (a removal rule to see).
+        "sources": {"fortunes": {"path": str(demo_corpus / "fortunes.jsonl.gz")},
+                    "fortunes_again": {"path": str(demo_corpus / "fortunes.jsonl.gz"), "priority": 1}},
+        "tokenizer": {"vocab_size": 300, "sample_bytes": 20_000},
+    })
+    stats = PrepStats()
+    exporter = DataprepExporter(RUN, poll=lambda: prep_stage_counts(stats.snapshot()), host="127.0.0.1")
+    targets = tmp_path / "targets.json"
+    from cluster.metrics import write_targets_file
+
+    write_targets_file(targets, [{"targets": [exporter.target], "labels": {"run": RUN, "role": "dataprep"}}])
+    prometheus = PrometheusServer(tmp_path / "prometheus", targets)
+    try:
+        report = run_prep(config, address=ray_cluster.address, stats=stats, progress=False)
+        # The exporter outlives the run, as the prep command's does, so its final totals stay scrapable.
+        missing = wait_for_series(prometheus, expressions(DATAPREP), lambda: True, timeout=60)
+        assert not missing, f"panels without data: {missing}"
+        removed = prometheus.query(f'sum(pretrain_dataprep_removed_documents_total{{run="{RUN}"}})')
+        kept = prometheus.query(f'pretrain_dataprep_output_documents_total{{run="{RUN}", stage="select"}}')
+        read = prometheus.query(f'pretrain_dataprep_input_documents_total{{run="{RUN}", stage="ingest"}}')
+        assert float(read[0]["value"][1]) == float(kept[0]["value"][1]) + float(removed[0]["value"][1]) > 0
+        assert report
+    finally:
+        prometheus.stop()
+        exporter.close()
