@@ -348,6 +348,50 @@ def _zero_with_pipeline(spec: JobSpec, _: Any) -> list[Problem]:
     return []
 
 
+@rule("parallel.pp_schedule", "parallel.backend", "parallel.pp", "parallel.grad_accum", "parallel.compile",
+      "model.n_layers")
+def _pipeline_schedule(spec: JobSpec, _: Any) -> list[Problem]:
+    p, layers = spec.parallel, spec.model.n_layers
+    if p.pp == 1:
+        return []
+    if p.backend == "deepspeed" and p.pp_schedule != "1f1b":
+        return [Problem("parallel.pp_schedule", f"{p.pp_schedule!r}: DeepSpeed's pipeline engine runs only '1f1b'; "
+                        "use parallel.backend=native for interleaved_1f1b or zero_bubble")]
+    if p.backend != "native":
+        return []
+    out = []
+    if p.pp_schedule == "1f1b" and p.grad_accum < p.pp:
+        out.append(Problem("parallel.grad_accum", f"{p.grad_accum} micro-batches are fewer than parallel.pp={p.pp} "
+                           "stages; 1F1B needs at least one per stage"))
+    if p.pp_schedule != "1f1b":
+        if p.grad_accum % p.pp:
+            out.append(Problem("parallel.grad_accum", f"{p.grad_accum} is not a multiple of parallel.pp={p.pp}, as "
+                               f"the {p.pp_schedule} schedule's rounds need"))
+        if layers % (2 * p.pp):
+            out.append(Problem("model.n_layers", f"{layers} layers do not split into 2 × parallel.pp={p.pp} "
+                               f"stages ({p.pp_schedule} runs two stages per rank)"))
+    if p.pp_schedule == "zero_bubble" and p.compile:
+        out.append(Problem("parallel.compile", "zero_bubble splits each backward into input and weight gradients, "
+                           "which torch.compile'd blocks do not support; use compile=false or another pp_schedule"))
+    return out
+
+
+@rule("parallel.backend", "parallel.pp", "model.tie_embeddings", "parallel.offload_optimizer")
+def _native_limits(spec: JobSpec, _: Any) -> list[Problem]:
+    p = spec.parallel
+    if p.backend != "native":
+        return []
+    out = []
+    if p.pp > 1 and spec.model.tie_embeddings:
+        out.append(Problem("model.tie_embeddings", f"with parallel.pp={p.pp} the native backend cannot share one "
+                           "weight between the first and the last stage; use tie_embeddings=false or "
+                           "parallel.backend=deepspeed"))
+    if p.offload_optimizer:
+        out.append(Problem("parallel.offload_optimizer", "not available with parallel.backend=native; use "
+                           "parallel.backend=deepspeed to keep optimizer states in host memory"))
+    return out
+
+
 @rule("parallel.global_batch_size", "parallel.micro_batch_size", "parallel.grad_accum", "parallel.dp",
       "parallel.pp", "parallel.tp", "resources.num_nodes", "resources.gpus_per_node")
 def _global_batch(spec: JobSpec, _: Any) -> list[Problem]:

@@ -146,7 +146,8 @@ def test_zero_2_3_refused_with_pipeline(stage):
 
 
 def test_zero_3_with_pipeline_allowed_on_native():
-    raw = {"parallel": {"pp": 2, "zero_stage": 3, "backend": "native"}, "resources": {"gpus_per_node": 2}}
+    raw = {"parallel": {"pp": 2, "zero_stage": 3, "backend": "native", "grad_accum": 2},
+           "resources": {"gpus_per_node": 2}}
     assert parse_spec(raw).parallel.zero_stage == 3
 
 
