@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,11 +41,13 @@ def sample_corpora() -> Path:
 def ray_cluster():
     """Three Ray nodes on this machine: a head (job drivers, the Jobs API) and two nodes of one simulated GPU each.
 
-    Started once per test process and shared: mark its users `xdist_group("ray")`. Ranks can import `tests.*`.
+    Started once per test process and shared: mark its users `xdist_group("ray")`. Ranks can import `tests.*`, and
+    a job's `python` is this interpreter, as on a cluster whose image has pretrain installed.
     """
     from cluster.testing import SimulatedCluster
 
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    os.environ["PATH"] = os.pathsep.join((os.path.dirname(sys.executable), os.environ.get("PATH", "")))
     cluster = SimulatedCluster(nodes=2, gpus_per_node=1)
     yield cluster
     cluster.shutdown()
