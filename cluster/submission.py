@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from collections.abc import Mapping
 from typing import TextIO
 
@@ -17,7 +18,7 @@ from orchestrator.spec import JobSpec
 
 SPEC_VARIABLE = "PRETRAIN_SPEC"
 ENTRYPOINT = "python -m orchestrator.controller"
-TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+AGENT_WAIT_S = 60.0
 
 
 def connect(address: str):
@@ -42,8 +43,16 @@ def submit(address: str, spec: JobSpec, *, env: Mapping[str, str] | None = None,
 
     client = connect(address)
     runtime_env = {"env_vars": {SPEC_VARIABLE: spec_to_yaml(spec), **(env or {})}}
-    return client.submit_job(entrypoint=ENTRYPOINT, runtime_env=runtime_env, submission_id=submission_id,
-                             metadata={"pretrain_run": spec.name})
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return client.submit_job(entrypoint=ENTRYPOINT, runtime_env=runtime_env, submission_id=submission_id,
+                                     metadata={"pretrain_run": spec.name})
+        except RuntimeError as e:
+            # A head that just started answers before its job agent is up.
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
 
 
 def job_info(address: str, job_id: str):
@@ -74,10 +83,11 @@ def logs(address: str, job_id: str) -> str:
     return connect(address).get_job_logs(job_id)
 
 
-def follow(address: str, job_id: str, out: TextIO = sys.stdout) -> None:
+def follow(address: str, job_id: str, out: TextIO | None = None) -> None:
     """Print the job's log as it grows, until the job ends."""
     job_info(address, job_id)
     client = connect(address)
+    out = out or sys.stdout
 
     async def tail() -> None:
         async for chunk in client.tail_job_logs(job_id):

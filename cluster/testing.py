@@ -22,9 +22,11 @@ class SimulatedCluster:
 
         self.node_args = {"num_cpus": cpus_per_node, "num_gpus": gpus_per_node, "node_ip_address": "127.0.0.1"}
         self.jobs_port = _free_port()
+        # Other Ray instances on the machine hold the default ports (the job agent's 52365): take free ones.
         self.cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": head_cpus, "node_ip_address": "127.0.0.1", "include_dashboard": True,
             "dashboard_host": "127.0.0.1", "dashboard_port": self.jobs_port,
+            "dashboard_agent_listen_port": _free_port(), "metrics_export_port": _free_port(),
         })
         self.nodes = [self.cluster.add_node(**self.node_args) for _ in range(nodes)]
         self.size = nodes
