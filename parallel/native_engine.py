@@ -1,0 +1,268 @@
+"""The PyTorch-native backend: FSDP2, DTensor tensor parallelism, torch.distributed.pipelining and DCP checkpoints.
+
+Order of construction (torchtitan's), each step one function in its own module:
+  1. `build_model` on the meta device; a DeviceMesh (pp, dp, tp) laid out as `ParallelDims` numbers ranks;
+  2. `prune_to_stages` keeps this rank's pipeline stages (pp > 1);
+  3. `apply_dtensor_tp` shards the linears and the embedding (tp > 1);
+  4. `apply_activation_checkpointing`, `apply_compile` on the blocks;
+  5. `apply_fsdp` shards blocks, then the roots, over the dp axis (dp > 1; see `parallel.fsdp` for the ZeRO mapping);
+  6. every parameter materialised on the device from `init_parameter`, each rank keeping its shard;
+  7. AdamW (fused on CUDA) and the LR schedule from `parallel.optim`, as the DeepSpeed backend uses them.
+
+A step never waits for the host: losses and the gradient norm stay on the device (`StepResult`), clipping multiplies
+by a device-side coefficient, and the only collectives are the ones the layout needs.
+
+Checkpoints are DCP: each rank writes its own shards (asynchronously: state is staged in host memory, then written
+by a background thread) under names that do not depend on the layout, so a checkpoint loads into any dp × pp × tp.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from orchestrator.errors import CheckpointError, UserError
+from orchestrator.spec import JobSpec
+from parallel.activation_checkpoint import apply_activation_checkpointing
+from parallel.compile import apply_compile
+from parallel.dtensor_tp import apply_dtensor_tp
+from parallel.engine import StepResult
+from parallel.fsdp import apply_fsdp, reshards_after_forward
+from parallel.launch import RankEnv
+from parallel.model import LlamaDims, build_model, cross_entropy, init_parameter
+from parallel.optim import build_optimizer, build_param_groups, build_scheduler
+from parallel.parallel_dims import ParallelDims
+from parallel.tensor_parallel import VocabParallelLoss
+
+DCP_DIR = "dcp"
+ENGINE_STATE = "engine_state.pt"
+
+
+class NativeEngine:
+    def __init__(self, spec: JobSpec, env: RankEnv, device: torch.device):
+        self.spec, self.device = spec, device
+        p = spec.parallel
+        self.dims = dims = ParallelDims.from_spec(spec, env.world_size, env.rank)
+        if p.sequence_parallel and p.tp > 1 and spec.data.seq_len % p.tp:
+            raise UserError(f"parallel.sequence_parallel: data.seq_len={spec.data.seq_len} must be divisible by "
+                            f"parallel.tp={p.tp} to split the sequence")
+        self.mesh = init_device_mesh(device.type, (dims.pp, dims.dp, dims.tp), mesh_dim_names=("pp", "dp", "tp"))
+        dims.groups = {axis: self.mesh[axis].get_group() for axis in ("pp", "dp", "tp")}
+        self.model_dims = LlamaDims.from_config(spec.model)
+        self.model = model = build_model(self.model_dims)
+        self.pipelined = dims.pp > 1
+        if self.pipelined:
+            from parallel.pipelining import prune_to_stages
+
+            stages = prune_to_stages(model, dims.pp_rank, dims.pp, p.pp_schedule)
+            blocks, roots = list(model.layers.values()), stages
+        else:
+            blocks, roots = list(model.layers), [model]
+        self.loss_fn = cross_entropy
+        if dims.tp > 1:
+            apply_dtensor_tp(model, blocks, self.mesh["tp"], p.sequence_parallel)
+            self.loss_fn = VocabParallelLoss(dims.group("tp"))
+        if p.activation_checkpointing:
+            apply_activation_checkpointing(blocks)
+        if p.compile:
+            apply_compile(blocks)
+        bf16 = p.precision == "bf16"
+        self.sharded = dims.dp > 1
+        if self.sharded:
+            apply_fsdp(blocks, roots, self.mesh["dp"], torch.bfloat16 if bf16 else torch.float32,
+                       reshards_after_forward(p.zero_stage))
+        # Without FSDP's mixed precision, bf16 is autocast over fp32 weights.
+        self._autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 and not self.sharded \
+            else contextlib.nullcontext
+        self._materialize(spec.schedule.seed)
+        self.params = [q for q in model.parameters()]
+        self.optimizer = build_optimizer(build_param_groups(model.named_parameters(), spec.optim.weight_decay),
+                                         spec.optim, device)
+        self.scheduler = build_scheduler(self.optimizer, spec.optim, spec.schedule)
+        if self.pipelined:
+            from parallel.pipelining import build_schedule
+
+            self.schedule, self.first_stage, self.last_stage = build_schedule(
+                stages, dims.pp_rank, dims.pp, p.pp_schedule, p.grad_accum, self.loss_fn, device, dims.group("pp"))
+        self._pending_save = None
+        self._save_group = None
+
+    @torch.no_grad()
+    def _materialize(self, seed: int) -> None:
+        tied = self.model_dims.tie_embeddings
+        self.model.to_empty(device=self.device)
+        if tied and not self.sharded:
+            self.model.lm_head.weight = self.model.embed_tokens.weight  # to_empty made two tensors of the one
+        for name, param in self.model.named_parameters():
+            value = init_parameter(name, tuple(param.shape), self.model_dims, seed, self.device)
+            if isinstance(param, DTensor):
+                # Every rank computes the same full value and keeps its own shard: no communication.
+                value = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
+            param.copy_(value)
+
+    # ------------------------------------------------------------------------------------------ steps
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def train_step(self, micro_batches: Sequence[Any]) -> StepResult:
+        if len(micro_batches) != self.spec.parallel.grad_accum:
+            raise ValueError(f"a step takes grad_accum={self.spec.parallel.grad_accum} micro-batches, "
+                             f"got {len(micro_batches)}")
+        lr = self.lr
+        pairs = self._pairs(micro_batches)
+        if self.pipelined:
+            loss = self._run_pipeline(pairs, train=True)
+        else:
+            losses = []
+            for inputs, targets in pairs:
+                with self._autocast():
+                    loss = self.loss_fn(self.model(inputs), targets)
+                (loss / len(pairs)).backward()
+                losses.append(loss.detach())
+            loss = torch.stack(losses).mean()
+        grad_norm = self._clip_grad_norm()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return StepResult(loss=self._mean_over_dp(loss), grad_norm=grad_norm, lr=lr)
+
+    @torch.no_grad()
+    def eval_loss(self, micro_batches: Sequence[Any]) -> torch.Tensor:
+        pairs = self._pairs(micro_batches)
+        if self.pipelined:
+            n = self.spec.parallel.grad_accum
+            if len(pairs) % n:
+                raise ValueError(f"evaluation under pipelining takes a multiple of grad_accum={n} micro-batches, "
+                                 f"got {len(pairs)}")
+            loss = torch.stack([self._run_pipeline(pairs[i:i + n], train=False)
+                                for i in range(0, len(pairs), n)]).mean()
+        else:
+            with self._autocast():
+                loss = torch.stack([self.loss_fn(self.model(x), y) for x, y in pairs]).mean()
+        self._reshard()
+        return self._mean_over_dp(loss)
+
+    def _run_pipeline(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], train: bool) -> torch.Tensor:
+        """One pass of the schedule over the micro-batches; the mean loss, on every stage."""
+        args = (torch.cat([x for x, _ in pairs]),) if self.first_stage else ()
+        losses: list[torch.Tensor] = []
+        kwargs = {"target": torch.cat([y for _, y in pairs]), "losses": losses} if self.last_stage else {}
+        with self._autocast():
+            (self.schedule.step if train else self.schedule.eval)(*args, **kwargs)
+        loss = torch.stack(losses).detach().mean() if self.last_stage else torch.zeros((), device=self.device)
+        dist.all_reduce(loss, group=self.dims.group("pp"))  # the last stage's loss, everywhere
+        return loss
+
+    def _pairs(self, micro_batches: Sequence[Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(mb.inputs.to(self.device, non_blocking=True), mb.targets.to(self.device, non_blocking=True))
+                for mb in micro_batches]
+
+    def _mean_over_dp(self, loss: torch.Tensor) -> torch.Tensor:
+        if self.dims.dp > 1:
+            loss = loss.clone()
+            dist.all_reduce(loss, group=self.dims.group("dp"))
+            loss = loss / self.dims.dp
+        return loss
+
+    def _clip_grad_norm(self) -> torch.Tensor:
+        """The global gradient norm (before clipping), and the gradients clipped to `optim.grad_clip` if set.
+
+        Gradients live on different meshes (2-D for tensor-parallel weights under FSDP, 1-D for the rest, plain
+        tensors without either): each group's norm is reduced over its own mesh, stages' squares are summed over pp.
+        """
+        groups: dict[Any, list[torch.Tensor]] = {}
+        for param in self.params:
+            if param.grad is not None:
+                groups.setdefault(getattr(param.grad, "device_mesh", None), []).append(param.grad)
+        squares = torch.zeros((), device=self.device)
+        for grads in groups.values():
+            norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+            if isinstance(norm, DTensor):
+                norm = norm.full_tensor()
+            squares = squares + norm.float() ** 2
+        if self.pipelined:
+            dist.all_reduce(squares, group=self.dims.group("pp"))
+        total = squares.sqrt()
+        if self.spec.optim.grad_clip:
+            for grads in groups.values():
+                torch.nn.utils.clip_grads_with_norm_(grads, self.spec.optim.grad_clip, total, foreach=True)
+        return total
+
+    def _reshard(self) -> None:
+        """Free parameters a forward without backward left gathered (no-reshard FSDP keeps them for the backward)."""
+        if self.sharded:
+            for module in self.model.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
+
+    # ------------------------------------------------------------------------------------------ state
+
+    def save(self, directory: str, client_state: dict[str, Any]) -> None:
+        """Stage this rank's shards in host memory and write them in the background (DCP); `wait_saved` joins."""
+        self.wait_saved()
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        if self.device.type == "cuda" and self._save_group is None:
+            self._save_group = dist.new_group(backend="gloo")  # the background writer coordinates on the host
+        self._pending_save = dcp.async_save({"model": model_state, "optim": optim_state},
+                                            checkpoint_id=os.path.join(directory, DCP_DIR),
+                                            process_group=self._save_group)
+        if self.dims.rank == 0:
+            torch.save({"scheduler": self.scheduler.state_dict(), "client_state": client_state},
+                       os.path.join(directory, ENGINE_STATE))
+
+    def wait_saved(self) -> None:
+        """Block until the checkpoint being written in the background is complete (re-raises its error)."""
+        if self._pending_save is not None:
+            pending, self._pending_save = self._pending_save, None
+            pending.result()
+
+    def load(self, directory: str) -> dict[str, Any]:
+        """Restore model, optimizer and schedule from a DCP checkpoint of any layout; returns its client_state."""
+        self.wait_saved()
+        path = os.path.join(directory, ENGINE_STATE)
+        if not os.path.exists(path) or not os.path.isdir(os.path.join(directory, DCP_DIR)):
+            raise CheckpointError(f"{directory}: no native checkpoint ({DCP_DIR}/ and {ENGINE_STATE}) to load")
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        dcp.load(state, checkpoint_id=os.path.join(directory, DCP_DIR))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        extra = torch.load(path, weights_only=False)
+        self.scheduler.load_state_dict(extra["scheduler"])
+        return extra["client_state"]
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        keep = self.dims.tp_rank == 0 and self.dims.dp_rank == 0
+        local: dict[str, torch.Tensor] = {}
+        for name, param in self.model.named_parameters():
+            value = param.full_tensor() if isinstance(param, DTensor) else param
+            if keep:
+                local[name] = value.detach().float().cpu()
+        gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(local, gathered, dst=0)
+        if dist.get_rank() != 0:
+            return {}
+        full: dict[str, torch.Tensor] = {}
+        for part in gathered:
+            full.update(part)
+        return dict(sorted(full.items()))
+
+    @torch.no_grad()
+    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name, param in self.model.named_parameters():
+            value = state[name].to(self.device, param.dtype)
+            if isinstance(param, DTensor):
+                value = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
+            param.copy_(value)
+        self.optimizer.state.clear()
