@@ -179,3 +179,30 @@ def test_straggler_is_reported_and_exported(ray_cluster, tmp_path, capsys):
     node = "127.0.0.1"
     assert controller.exporter.store.get(STRAGGLER_RATIO, run="ctl", rank=1, node=node) > 1.5
     assert controller.exporter.store.get(STRAGGLER_RATIO, run="ctl", rank=0, node=node) < 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("ray")
+def test_lost_node_continues_on_the_nodes_left(ray_cluster, tmp_path, capsys):
+    import ray
+
+    from orchestrator.controller import Controller
+
+    spec = _spec(tmp_path, schedule={"steps": 12}, resources={"min_nodes": 1})
+    controller = Controller(spec, entry=WORKLOAD)
+    outcome = {}
+    try:
+        with _driver(ray_cluster):
+            runner = threading.Thread(target=lambda: outcome.update(result=controller.run()))
+            runner.start()
+            actor = _rank_actor(spec, 1, 0)
+            while ray.get(actor.poll.remote()).step < 3:
+                time.sleep(0.1)
+            ray_cluster.kill_node()
+            runner.join(timeout=180)
+    finally:
+        ray_cluster.restore()
+    out = capsys.readouterr().out
+    assert "attempt 1 failed: " in out
+    assert "elastic: continuing on 1 of 2 nodes, dp=1, grad_accum=2" in out
+    assert (outcome["result"].world_size, outcome["result"].step, outcome["result"].restarts) == (1, 12, 1)
