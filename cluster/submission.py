@@ -17,6 +17,7 @@ from orchestrator.errors import UserError
 from orchestrator.spec import JobSpec
 
 SPEC_VARIABLE = "PRETRAIN_SPEC"
+PLAN_VARIABLE = "PRETRAIN_PLAN_LAYOUT"
 ENTRYPOINT = "python -m orchestrator.controller"
 AGENT_WAIT_S = 60.0
 
@@ -36,13 +37,14 @@ def connect(address: str):
         ) from None
 
 
-def submit(address: str, spec: JobSpec, *, env: Mapping[str, str] | None = None,
+def submit(address: str, spec: JobSpec, *, plan_layout: bool = False, env: Mapping[str, str] | None = None,
            submission_id: str | None = None) -> str:
-    """Start the run's controller as a Ray job; return its job id."""
+    """Start the run's controller as a Ray job; return its job id. `plan_layout`: the spec left the layout open."""
     from orchestrator.validate import spec_to_yaml
 
     client = connect(address)
-    runtime_env = {"env_vars": {SPEC_VARIABLE: spec_to_yaml(spec), **(env or {})}}
+    variables = {SPEC_VARIABLE: spec_to_yaml(spec), PLAN_VARIABLE: "1" if plan_layout else "0"}
+    runtime_env = {"env_vars": {**variables, **(env or {})}}
     deadline = time.monotonic() + AGENT_WAIT_S
     while True:
         try:

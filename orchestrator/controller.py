@@ -11,7 +11,11 @@ and watches the ranks' heartbeats. An attempt ends when
   (`checkpoint.resume`). When nodes were lost and `resources.min_nodes` allows, the next attempt runs on the
   nodes left, with the data-parallel size re-planned (`orchestrator.elastic`) and the checkpoint resharded.
 
-Job entry point for the Ray Jobs API (what `pretrain submit --address` runs on the head node):
+A spec that leaves the layout open (no parallel.dp/pp/tp) on GPUs gets the planner's layout for the GPUs reserved
+(`orchestrator.layout_choice`).
+
+Job entry point for the Ray Jobs API (what `pretrain submit --address` runs on the head node; PRETRAIN_PLAN_LAYOUT=1
+asks for the planner):
 
     PRETRAIN_SPEC="$(cat resolved.yaml)" python -m orchestrator.controller
 """
@@ -31,11 +35,12 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from cluster.local import apply_log_env
 from cluster.metrics import ControllerExporter, default_targets_path
 from cluster.placement import Gang, alive_nodes, release, reserve_gang
-from cluster.submission import SPEC_VARIABLE
+from cluster.submission import PLAN_VARIABLE, SPEC_VARIABLE
 from cluster.worker import DEFAULT_ENTRY, Beat, RankWorker, Wiring
 from orchestrator.elastic import plan_nodes
 from orchestrator.errors import PretrainError, SchedulingError, UserError, WorkerFailedError
 from orchestrator.failure_policy import Action, Cause, Failure, FailurePolicy
+from orchestrator.layout_choice import apply_planner
 from orchestrator.spec import JobSpec
 from orchestrator.stragglers import find_stragglers
 from orchestrator.validate import parse_spec
@@ -65,9 +70,10 @@ class AttemptFailed(Exception):
 
 
 class Controller:
-    def __init__(self, spec: JobSpec, *, entry: str = DEFAULT_ENTRY, poll_s: float = POLL_S,
-                 startup_s: float = STARTUP_S, node_wait_s: float = NODE_WAIT_S):
+    def __init__(self, spec: JobSpec, *, entry: str = DEFAULT_ENTRY, plan_layout: bool = False,
+                 poll_s: float = POLL_S, startup_s: float = STARTUP_S, node_wait_s: float = NODE_WAIT_S):
         self.spec = spec
+        self.plan_layout = plan_layout
         self.entry = entry
         self.poll_s = poll_s
         self.startup_s = startup_s
@@ -82,6 +88,8 @@ class Controller:
     def run(self) -> RunResult:
         """Run attempts until one finishes; raise `WorkerFailedError` (or the rank's `UserError`) when giving up."""
         gang = reserve_gang(self.spec)
+        if self.plan_layout and "GPU" in gang.bundle:
+            self._plan(gang)
         if self.spec.metrics.enabled:
             self.exporter = ControllerExporter.from_spec(self.spec, advertise_host=ray.util.get_node_ip_address())
         try:
@@ -89,6 +97,17 @@ class Controller:
         finally:
             if self.exporter is not None:
                 self.exporter.close()
+
+    def _plan(self, gang: Gang) -> None:
+        """Ask the planner for the layout, sized by the memory of the GPUs just reserved."""
+        strategy = PlacementGroupSchedulingStrategy(gang.group, placement_group_bundle_index=gang.bundles[0])
+        memory = ray.get(_gpu_memory.options(scheduling_strategy=strategy, num_gpus=1, num_cpus=0).remote())
+        if memory is None:
+            self.log("layout: the reserved GPUs are not visible to torch; keeping dp = ranks / (pp·tp)")
+            return
+        self.spec, reasons = apply_planner(self.spec, memory)
+        for line in reasons:
+            self.log(f"layout: {line}")
 
     def _run(self, gang: Gang) -> RunResult:
         spec = self.spec
@@ -242,6 +261,13 @@ class Controller:
         return result
 
 
+@ray.remote
+def _gpu_memory() -> int | None:
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+
+
 def _short(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
@@ -256,7 +282,7 @@ def main() -> int:
         spec = parse_spec(yaml.safe_load(text), source=SPEC_VARIABLE)
         apply_log_env()
         ray.init(address="auto")
-        Controller(spec).run()
+        Controller(spec, plan_layout=os.environ.get(PLAN_VARIABLE) == "1").run()
         return 0
     except UserError as e:
         print(f"pretrain: {e}", file=sys.stderr, flush=True)

@@ -30,12 +30,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from orchestrator.validate import load_spec
+    from orchestrator.layout_choice import layout_is_open
+    from orchestrator.validate import load_spec, load_yaml
 
     spec = absolute_paths(load_spec(args.spec, args.overrides, require_data=args.address is None))
+    plan = layout_is_open(load_yaml(args.spec), args.overrides)
     if args.address is None:
-        return _run_local(spec)
-    return _run_remote(spec, args)
+        return _run_local(spec, plan)
+    return _run_remote(spec, plan, args)
 
 
 def absolute_paths(spec: JobSpec) -> JobSpec:
@@ -49,21 +51,21 @@ def absolute_paths(spec: JobSpec) -> JobSpec:
     return spec
 
 
-def _run_local(spec: JobSpec) -> int:
+def _run_local(spec: JobSpec, plan: bool) -> int:
     from cluster.local import apply_local_env, local_cluster
 
     apply_local_env()  # before Ray is imported: it reads the variables once, at import
     from orchestrator.controller import Controller
 
     with local_cluster():
-        Controller(spec).run()
+        Controller(spec, plan_layout=plan).run()
     return 0
 
 
-def _run_remote(spec: JobSpec, args: argparse.Namespace) -> int:
+def _run_remote(spec: JobSpec, plan: bool, args: argparse.Namespace) -> int:
     from cluster import submission
 
-    job_id = submission.submit(args.address, spec, submission_id=args.job_id)
+    job_id = submission.submit(args.address, spec, plan_layout=plan, submission_id=args.job_id)
     print(f"pretrain submit: job {job_id} submitted to {args.address}", flush=True)
     if args.no_wait:
         print(job_id)

@@ -14,8 +14,9 @@ import pytest
 from orchestrator.elastic import plan_nodes, resize
 from orchestrator.errors import SchedulingError
 from orchestrator.failure_policy import Action, Cause, Failure, FailurePolicy
+from orchestrator.layout_choice import apply_planner, layout_is_open
 from orchestrator.stragglers import find_stragglers
-from orchestrator.validate import parse_spec
+from orchestrator.validate import load_spec, parse_spec
 from orchestrator.watchdog import Watchdog
 
 WORKLOAD = "tests.cluster.workloads:allreduce_steps"
@@ -87,6 +88,22 @@ def test_plan_uses_the_nodes_left_down_to_min_nodes():
     with pytest.raises(SchedulingError, match=r"room for 1 node\(s\) of 2 rank\(s\).*needs at least 2 "
                                               r"\(resources.min_nodes=0, resources.num_nodes=2\)"):
         plan_nodes(strict, [node])
+
+
+def test_layout_is_open_only_when_no_split_is_given():
+    assert layout_is_open({"model": {"dim": 64}})
+    assert not layout_is_open({"parallel": {"tp": 1}})
+    assert not layout_is_open({}, ["parallel.pp=2"])
+    assert layout_is_open({"parallel": {"zero_stage": 3}}, ["optim.lr=1e-3"])
+
+
+def test_planner_fills_an_open_layout_for_the_gpus_reserved(repo_root):
+    spec = load_spec(repo_root / "examples" / "llama-1b.yaml", ["resources.num_nodes=2", "resources.gpus_per_node=8"])
+    planned, reasons = apply_planner(spec, 80 * 2**30)
+    p = planned.parallel
+    assert p.dp * p.pp * p.tp == 16
+    assert p.global_batch_size == spec.parallel.global_batch_size
+    assert reasons[1].startswith("chosen: ")
 
 
 # ---------------------------------------------------------------------------------------------- on a cluster
