@@ -185,10 +185,10 @@ class NativeEngine:
         groups: dict[Any, list[torch.Tensor]] = {}
         for param in self.params:
             if param.grad is not None:
-                groups.setdefault(getattr(param.grad, "device_mesh", None), []).append(param.grad)
+                groups.setdefault(getattr(param.grad, "device_mesh", None), []).append(param)
         squares = torch.zeros((), device=self.device)
-        for grads in groups.values():
-            norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        for params in groups.values():
+            norm = torch.nn.utils.get_total_norm([q.grad for q in params], foreach=True)
             if isinstance(norm, DTensor):
                 norm = norm.full_tensor()
             squares = squares + norm.float() ** 2
@@ -196,8 +196,8 @@ class NativeEngine:
             dist.all_reduce(squares, group=self.dims.group("pp"))
         total = squares.sqrt()
         if self.spec.optim.grad_clip:
-            for grads in groups.values():
-                torch.nn.utils.clip_grads_with_norm_(grads, self.spec.optim.grad_clip, total, foreach=True)
+            for params in groups.values():
+                torch.nn.utils.clip_grads_with_norm_(params, self.spec.optim.grad_clip, total, foreach=True)
         return total
 
     def _reshard(self) -> None:
