@@ -26,7 +26,7 @@ def setting(default: Any, help: str, **limits: Any) -> Any:
 class ModelConfig:
     """A decoder-only Llama-style transformer (RMSNorm, SwiGLU, RoPE, grouped-query attention, no biases)."""
 
-    vocab_size: int | None = setting(None, "vocab size; null: the shards' tokenizer size, padded to 128", min=2)
+    vocab_size: int | None = setting(None, "vocab size; null: the shards' tokenizer size, padded to 1024", min=2)
     dim: int = setting(256, "hidden size", min=8)
     n_layers: int = setting(4, "transformer blocks", min=1)
     n_heads: int = setting(4, "attention heads", min=1)

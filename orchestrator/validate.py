@@ -23,7 +23,8 @@ from omegaconf.errors import OmegaConfBaseException
 from orchestrator.errors import Problem, SpecError
 from orchestrator.spec import JobSpec
 
-VOCAB_PAD = 128
+# Padding independent of tp, so a run resumed under another tensor-parallel size keeps the same vocabulary.
+VOCAB_PAD = 1024
 T = TypeVar("T")
 
 
@@ -467,6 +468,5 @@ def _resolve(spec: JobSpec) -> JobSpec:
             with open(manifest, encoding="utf-8") as f:
                 tokens = json.load(f).get("tokenizer", {}).get("vocab_size")
             if isinstance(tokens, int):
-                pad = VOCAB_PAD * p.tp
-                m.vocab_size = pad * math.ceil(tokens / pad)
+                m.vocab_size = VOCAB_PAD * math.ceil(tokens / VOCAB_PAD)
     return spec
