@@ -35,7 +35,9 @@ ATTN_SAVED_D = 2.0  # attention output and the output projection's input (tensor
 ATTN_SAVED_QKV = 1.0  # q, k, v after RoPE (tensor-parallel)
 FFN_SAVED_F = 4.0  # gate and up outputs, SiLU output, product into down_proj (tensor-parallel)
 NORMS = 2  # RMSNorms per block; each saves its input in fp32 and two tensors of the activation dtype
-LOGIT_EXTRA_BYTES = 8  # per logit beyond its own width: the fp32 log-softmax kept for backward and its gradient
+# Per logit at the start of backward, either precision: the fp32 log-softmax kept for backward, the gradient coming
+# into it and the one going out (the logits themselves are freed once upcast).
+LOGIT_BYTES = 12
 
 # Beside the tensors: CUDA context and NCCL buffers, and the caching allocator's fragmentation.
 RESERVE_BYTES = int(1.5 * GiB)
@@ -147,7 +149,7 @@ def _activation_bytes(model: ModelConfig, seq_len: int, p: ParallelConfig, stage
     else:
         kept = layers * in_flight * full_layer
     if stage == p.pp - 1:
-        kept += tokens * model.vocab_size / p.tp * (width + LOGIT_EXTRA_BYTES)
+        kept += tokens * model.vocab_size / p.tp * LOGIT_BYTES
     return int(kept)
 
 
