@@ -13,6 +13,8 @@ import torch
 from test_deepspeed_engine import PARAM_ATOL, RTOL, reference_run, run_layout
 
 NATIVE = ["parallel.backend=native"]
+# layout_worker sets grad_accum=2 after validation; the validator must see it to accept two stages.
+PP2 = ["parallel.pp=2", "parallel.grad_accum=2"]
 
 # name → (processes, spec overrides); features ride along where they are numerically neutral.
 LAYOUTS = {
@@ -20,13 +22,13 @@ LAYOUTS = {
     "dp2-reshard": (2, ["parallel.zero_stage=3", "model.tie_embeddings=true"]),
     "dp2-no-reshard": (2, ["parallel.zero_stage=2", "parallel.activation_checkpointing=true"]),
     "tp2": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
-    "pp2": (2, ["parallel.pp=2"]),
-    "pp2-interleaved": (2, ["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b"]),
-    "pp2-zero-bubble": (2, ["parallel.pp=2", "parallel.pp_schedule=zero_bubble"]),
+    "pp2": (2, [*PP2]),
+    "pp2-interleaved": (2, [*PP2, "parallel.pp_schedule=interleaved_1f1b"]),
+    "pp2-zero-bubble": (2, [*PP2, "parallel.pp_schedule=zero_bubble"]),
     "dp2-tp2": (4, ["parallel.tp=2", "parallel.zero_stage=3", "model.tie_embeddings=true"]),
-    "dp2-pp2": (4, ["parallel.pp=2", "parallel.zero_stage=2"]),
-    "pp2-tp2": (4, ["parallel.pp=2", "parallel.tp=2", "parallel.sequence_parallel=true"]),
-    "dp2-pp2-tp2": (8, ["parallel.pp=2", "parallel.tp=2", "parallel.zero_stage=3",
+    "dp2-pp2": (4, [*PP2, "parallel.zero_stage=2"]),
+    "pp2-tp2": (4, [*PP2, "parallel.tp=2", "parallel.sequence_parallel=true"]),
+    "dp2-pp2-tp2": (8, [*PP2, "parallel.tp=2", "parallel.zero_stage=3",
                         "parallel.pp_schedule=interleaved_1f1b"]),
 }
 
