@@ -149,43 +149,46 @@ class Controller:
     def _attempt(self, spec: JobSpec, gang: Gang) -> RunResult:
         workers: list = []
         try:
-            cpus, gpus = gang.bundle.get("CPU", 0.0), gang.bundle.get("GPU", 0.0)
-            job = ray.get_runtime_context().get_job_id()
-            for rank, bundle in enumerate(gang.bundles):
-                strategy = PlacementGroupSchedulingStrategy(gang.group, placement_group_bundle_index=bundle)
-                name = f"{spec.name}-{job}-a{self.attempt}-rank{rank}"
-                workers.append(RankWorker.options(scheduling_strategy=strategy, num_cpus=cpus, num_gpus=gpus,
-                                                  name=name, namespace=NAMESPACE).remote(rank))
-            infos = self._call_all(workers, "describe", timeout=self.startup_s)
-            port = ray.get(workers[0].free_port.remote())
-            local, local_world, node_rank = gang.local_ranks()
-            p = spec.parallel
-            self.log(f"attempt {self.attempt}: {spec.world_size} ranks (dp={p.dp} pp={p.pp} tp={p.tp}) on "
-                     f"{len(set(gang.nodes))} node(s), master {infos[0]['ip']}:{port}")
-            for rank, info in enumerate(infos):
-                self.log(f"  rank {rank}: node {info['node_id'][:8]} ({info['ip']}) pid {info['pid']} "
-                         f"local_rank {local[rank]} gpus {','.join(info['gpu_ids']) or '-'}")
-            wirings = [
-                Wiring(rank=r, world_size=len(workers), local_rank=local[r], local_world_size=local_world[r],
-                       node_rank=node_rank[r], master_addr=infos[0]["ip"], master_port=port)
-                for r in range(len(workers))
-            ]
-            targets = ray.get([w.start.remote(spec, wirings[r], self.entry) for r, w in enumerate(workers)])
-            if self.exporter is not None:
-                self.exporter.set_ranks(spec.world_size)
-                path = default_targets_path(spec.metrics.targets_file, spec.checkpoint.dir, spec.name)
-                self.exporter.write_targets(path, [t for t in targets if t])
+            try:
+                infos = self._start(spec, gang, workers)
+            except RayError as e:  # a rank's process or node died while the gang was being wired
+                raise AttemptFailed(Failure(Cause.RANK_DIED, {-1: _short(e)})) from None
             return self._monitor(spec, workers, infos)
         finally:
             for w in workers:
                 ray.kill(w, no_restart=True)
             release(gang)
 
-    def _call_all(self, workers: list, method: str, timeout: float) -> list:
-        try:
-            return ray.get([getattr(w, method).remote() for w in workers], timeout=timeout)
-        except (RayActorError, RayError) as e:
-            raise AttemptFailed(Failure(Cause.RANK_DIED, {-1: _short(e)})) from None
+    def _start(self, spec: JobSpec, gang: Gang, workers: list) -> list[dict]:
+        """Start one actor per rank in its bundle, wire them together and start their loops; append to `workers`."""
+        cpus, gpus = gang.bundle.get("CPU", 0.0), gang.bundle.get("GPU", 0.0)
+        job = ray.get_runtime_context().get_job_id()
+        for rank, bundle in enumerate(gang.bundles):
+            strategy = PlacementGroupSchedulingStrategy(gang.group, placement_group_bundle_index=bundle)
+            name = f"{spec.name}-{job}-a{self.attempt}-rank{rank}"
+            workers.append(RankWorker.options(scheduling_strategy=strategy, num_cpus=cpus, num_gpus=gpus,
+                                              name=name, namespace=NAMESPACE).remote(rank))
+        infos = ray.get([w.describe.remote() for w in workers], timeout=self.startup_s)
+        port = ray.get(workers[0].free_port.remote(), timeout=60)
+        local, local_world, node_rank = gang.local_ranks()
+        devices = _visible_devices(gang.nodes, [i["gpu_ids"] for i in infos])
+        p = spec.parallel
+        self.log(f"attempt {self.attempt}: {spec.world_size} ranks (dp={p.dp} pp={p.pp} tp={p.tp}) on "
+                 f"{len(set(gang.nodes))} node(s), master {infos[0]['ip']}:{port}")
+        for rank, info in enumerate(infos):
+            self.log(f"  rank {rank}: node {info['node_id'][:8]} ({info['ip']}) pid {info['pid']} "
+                     f"local_rank {local[rank]} gpus {','.join(info['gpu_ids']) or '-'}")
+        wirings = [
+            Wiring(rank=r, world_size=len(workers), local_rank=local[r], local_world_size=local_world[r],
+                   node_rank=node_rank[r], master_addr=infos[0]["ip"], master_port=port, visible_devices=devices[r])
+            for r in range(len(workers))
+        ]
+        targets = ray.get([w.start.remote(spec, wirings[r], self.entry) for r, w in enumerate(workers)], timeout=120)
+        if self.exporter is not None:
+            self.exporter.set_ranks(spec.world_size)
+            path = default_targets_path(spec.metrics.targets_file, spec.checkpoint.dir, spec.name)
+            self.exporter.write_targets(path, [t for t in targets if t])
+        return infos
 
     def _monitor(self, spec: JobSpec, workers: list, infos: list[dict]) -> RunResult:
         watchdog = Watchdog(spec.resources.hang_timeout_s, startup_s=self.startup_s)
@@ -266,6 +269,18 @@ def _gpu_memory() -> int | None:
     import torch
 
     return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+
+
+def _visible_devices(nodes: list[str], gpu_ids: list[list[str]]) -> list[str | None]:
+    """Each rank's CUDA_VISIBLE_DEVICES: every GPU of its node's ranks, in local-rank order.
+
+    Ray gives each actor only its own GPU; the ranks of a node then see the node's GPUs alike, so device
+    `local_rank` is the rank's own one and NCCL can use peer-to-peer copies between them.
+    """
+    per_node: dict[str, list[str]] = {}
+    for node, ids in zip(nodes, gpu_ids, strict=True):
+        per_node.setdefault(node, []).extend(ids)
+    return [",".join(per_node[node]) if per_node[node] else None for node in nodes]
 
 
 def _short(error: BaseException) -> str:

@@ -90,6 +90,13 @@ def test_plan_uses_the_nodes_left_down_to_min_nodes():
         plan_nodes(strict, [node])
 
 
+def test_ranks_of_a_node_see_its_gpus_in_local_rank_order():
+    from orchestrator.controller import _visible_devices
+
+    assert _visible_devices(["a", "a", "b", "b"], [["3"], ["5"], ["1"], ["0"]]) == ["3,5", "3,5", "1,0", "1,0"]
+    assert _visible_devices(["a", "a"], [[], []]) == [None, None]
+
+
 def test_layout_is_open_only_when_no_split_is_given():
     assert layout_is_open({"model": {"dim": 64}})
     assert not layout_is_open({"parallel": {"tp": 1}})
