@@ -33,6 +33,20 @@ from parallel.parallel_dims import ModelParallelUnit, ParallelDims
 from parallel.tensor_parallel import VocabParallelLoss, apply_tensor_parallel
 
 
+def mark_norm_owners(module: torch.nn.Module, dims: ParallelDims) -> None:
+    """Tell DeepSpeed's gradient-norm code which rank counts each parameter, so the clipping norm is global.
+
+    DeepSpeed counts a parameter marked `model_parallel` on every rank of the model-parallel group, and an unmarked
+    one only on that group's rank 0. Under pipelining that group spans all stages, so unmarked parameters of later
+    stages would never be counted. So: a parameter is marked when this rank is its one owner: tensor-parallel
+    shards always, replicated ones (norms) on tp rank 0, never the last stage's copy of a tied embedding.
+    """
+    for param in module.parameters():
+        sharded = getattr(param, "tensor_model_parallel", False)
+        replica = getattr(param, "ds_pipe_replicated", False)
+        param.model_parallel = (sharded or dims.tp_rank == 0) and not replica
+
+
 class DeepSpeedEngine:
     def __init__(self, spec: JobSpec, env: RankEnv, device: torch.device):
         self.spec, self.device = spec, device
@@ -62,6 +76,7 @@ class DeepSpeedEngine:
             materialize_model(model, seed, device)
             module = model
         self.model = model  # under pp, the parts of other stages stay on the meta device
+        mark_norm_owners(module, self.dims)
         named = [(n, q) for n, q in model.named_parameters() if not q.is_meta]
         self.optimizer = build_optimizer(build_param_groups(named, spec.optim.weight_decay), spec.optim, device)
         self.scheduler = build_scheduler(self.optimizer, spec.optim, spec.schedule)
@@ -75,9 +90,15 @@ class DeepSpeedEngine:
         self.ds.clip_fp32_gradients = self._clip_fp32_gradients
 
     def _clip_fp32_gradients(self) -> None:
-        # Without ZeRO or bf16, DeepSpeed clips with `clip_grad_norm_` and drops the norm it computed; keep it.
-        self._fp32_grad_norm = clip_grad_norm_(parameters=self.ds.module.parameters(),
-                                               max_norm=self.ds.gradient_clipping(), mpu=self.ds.mpu)
+        """Replaces DeepSpeed's clipping without ZeRO or bf16, which drops the norm it computes and counts the last
+        stage's copy of a tied embedding a second time (ZeRO's own norm skips it, as here)."""
+        params = [q for q in self.ds.module.parameters() if q.grad is not None]
+        counted = [q for q in params if not getattr(q, "ds_pipe_replicated", False)]
+        norm = clip_grad_norm_(parameters=counted, max_norm=float("inf"), mpu=self.ds.mpu)  # the norm only
+        coef = torch.clamp(self.ds.gradient_clipping() / (norm + 1e-6), max=1.0)
+        for q in params:
+            q.grad.mul_(coef)
+        self._fp32_grad_norm = norm
 
     def _grad_norm(self) -> torch.Tensor | float:
         norm = self.ds.get_global_grad_norm()

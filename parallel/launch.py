@@ -82,6 +82,9 @@ def init_distributed(env: RankEnv, device: torch.device, timeout_s: float = 1800
     if device.type == "cpu":
         # DeepSpeed would otherwise pick its own accelerator from what it finds installed.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # Its CPU backend JIT-compiles a shared-memory all-reduce at init, used only by inference_all_reduce:
+        # tens of seconds and a build lock shared by every process of the machine, for nothing training calls.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
