@@ -31,7 +31,6 @@ from cluster.metrics import RankExporter
 from orchestrator.errors import UserError
 from orchestrator.spec import JobSpec
 from parallel.callbacks import BaseCallback, StepStats
-from parallel.launch import RankEnv
 
 DEFAULT_ENTRY = "parallel.train:run"
 HANG_VARIABLE = "PRETRAIN_TEST_HANG"
@@ -158,7 +157,9 @@ class RankWorker:
             return f.read()
 
 
-def _rank_env(wiring: Wiring) -> RankEnv:
+def _rank_env(wiring: Wiring) -> Any:
+    from parallel.launch import RankEnv  # torch: imported in the rank's process only, not in the controller's
+
     return RankEnv(rank=wiring.rank, world_size=wiring.world_size, local_rank=wiring.local_rank,
                    master_addr=wiring.master_addr, master_port=wiring.master_port,
                    local_world_size=wiring.local_world_size)

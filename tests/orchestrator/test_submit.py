@@ -66,3 +66,36 @@ def test_job_larger_than_the_cluster_fails_fast_and_is_listed(ray_cluster, tmp_p
 def test_unknown_job_id_names_the_cluster(ray_cluster, capsys):
     assert main(["status", "no-such-job", "--address", ray_cluster.jobs_url]) == 2
     assert f"no job 'no-such-job' on {ray_cluster.jobs_url}" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("ray")
+def test_stop_ends_a_running_job(ray_cluster, tmp_path, capsys):
+    """A job waiting for GPUs another driver holds is RUNNING until stopped."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from cluster import submission
+
+    url = ray_cluster.jobs_url
+    ray.init(address=ray_cluster.address)
+    held = placement_group([{"GPU": 1}, {"GPU": 1}])
+    try:
+        ray.get(held.ready(), timeout=60)
+        assert main(["submit", _write_spec(tmp_path), "--address", url, "--no-wait", "--job-id", "waiting"]) == 0
+        assert capsys.readouterr().out.splitlines()[-1] == "waiting"
+        deadline = time.monotonic() + 60
+        while submission.status_name(submission.job_info(url, "waiting")) != "RUNNING":
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        assert main(["status", "waiting", "--address", url]) == 0
+        assert main(["stop", "waiting", "--address", url]) == 0
+        assert "waiting: stopping" in capsys.readouterr().out
+        while submission.status_name(submission.job_info(url, "waiting")) == "RUNNING":
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        assert main(["status", "waiting", "--address", url]) == 1
+        assert "waiting: STOPPED" in capsys.readouterr().out
+    finally:
+        remove_placement_group(held)
+        ray.shutdown()
