@@ -1,0 +1,199 @@
+"""Both parallel backends and a plain single-file PyTorch loop on the same ~1B Llama, side by side in one launch.
+
+    # one GPU: the plain loop, native (fp32 master weights + bf16 autocast, no FSDP at dp=1), DeepSpeed ZeRO-1
+    torchrun --nproc_per_node 1 benchmarks/gpu_backends.py --runs plain,native-zero1,deepspeed-zero1
+    # two GPUs: native FSDP2 with and without resharding after forward, DeepSpeed ZeRO-1 and ZeRO-3
+    torchrun --nproc_per_node 2 benchmarks/gpu_backends.py \
+        --runs native-zero3,native-zero2,deepspeed-zero1,deepspeed-zero3
+
+The model is examples/llama-1b.yaml's (1.15B parameters, GQA, vocab 50304) at seq 2048, bf16, compiled blocks,
+micro-batch 4 × grad_accum 2 per GPU, random tokens already on the GPU (the loader is benchmarked on its own).
+Each run: `--warmup` steps (compilation), then `--steps` timed steps between two CUDA synchronisations; the loss is
+read once at the end, as a training loop reading it only when it logs would.
+
+tokens/s counts the whole job's tokens. MFU per GPU = `LlamaDims.flops_per_token(seq)` (6·N over the matmul weights
++ 12·L·seq·dim for attention, PaLM's formula, no causal halving) × tokens/s / (GPUs × 989 TFLOP/s, H100 SXM dense
+bf16). Peak memory is `torch.cuda.max_memory_allocated`, the largest over ranks. One line per run and a JSON file
+(device, versions, figures) in --out ($OUT when set, else benchmarks/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from orchestrator.validate import load_yaml, parse_spec
+from parallel.engine import build_engine
+from parallel.launch import RankEnv, init_distributed, pick_device
+from parallel.loader import MicroBatch
+from parallel.materialize import materialize_model
+from parallel.model import LlamaDims, build_model, cross_entropy
+from parallel.optim import build_optimizer, build_param_groups, build_scheduler
+
+REPO = Path(__file__).resolve().parent.parent
+H100_FLOPS = 989e12
+
+
+def build_spec(backend: str, zero_stage: int, world: int, args: argparse.Namespace):
+    model = load_yaml(args.model)["model"]
+    raw = {
+        "name": "gpu-backends",
+        "model": model,
+        "data": {"seq_len": args.seq_len},
+        "parallel": {"backend": backend, "zero_stage": zero_stage, "micro_batch_size": args.micro_batch_size,
+                     "grad_accum": args.grad_accum, "precision": args.precision, "compile": not args.no_compile},
+        "optim": {"lr": 3e-4, "min_lr": 3e-5, "weight_decay": 0.1, "grad_clip": 1.0},
+        "schedule": {"steps": 1000, "warmup_steps": 10, "seed": 0},
+        "metrics": {"enabled": False},
+        "resources": {"device": args.device, "gpus_per_node": world},
+    }
+    return parse_spec(raw)
+
+
+def random_micro_batches(spec, device: torch.device, count: int) -> list[list[MicroBatch]]:
+    p, seq, vocab = spec.parallel, spec.data.seq_len, spec.model.vocab_size
+    generator = torch.Generator(device=device).manual_seed(1234 + dist.get_rank())
+    steps = []
+    for _ in range(count):
+        rows = torch.randint(0, vocab, (p.grad_accum, p.micro_batch_size, seq + 1), device=device,
+                             generator=generator)
+        steps.append([MicroBatch(inputs=r[:, :-1], targets=r[:, 1:], sample_ids=torch.arange(len(r))) for r in rows])
+    return steps
+
+
+class PlainLoop:
+    """The reference: one file's worth of PyTorch — fp32 weights, bf16 autocast, torch.compile of the whole model,
+    fused AdamW, clipping, the same LR schedule — and nothing else."""
+
+    def __init__(self, spec, device: torch.device):
+        self.model = build_model(spec.model)
+        materialize_model(self.model, spec.schedule.seed, device)
+        self.compiled = torch.compile(self.model)
+        self.optimizer = build_optimizer(build_param_groups(self.model.named_parameters(), spec.optim.weight_decay),
+                                         spec.optim, device)
+        self.scheduler = build_scheduler(self.optimizer, spec.optim, spec.schedule)
+        self.clip = spec.optim.grad_clip
+        self.device = device
+        self.bf16 = spec.parallel.precision == "bf16"
+
+    def train_step(self, micro_batches: list[MicroBatch]) -> torch.Tensor:
+        total = torch.zeros((), device=self.device)
+        for mb in micro_batches:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                loss = cross_entropy(self.compiled(mb.inputs), mb.targets) / len(micro_batches)
+            loss.backward()
+            total += loss.detach()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip, foreach=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return total
+
+
+def _engine_loss(engine, micro_batches: list[MicroBatch]) -> torch.Tensor:
+    return engine.train_step(micro_batches).loss
+
+
+def measure(name: str, args: argparse.Namespace, env: RankEnv, device: torch.device) -> dict:
+    world = env.world_size
+    if name == "plain":
+        if world != 1:
+            raise SystemExit("the plain loop runs on one GPU: launch it with --nproc_per_node 1")
+        spec = build_spec("native", 1, world, args)
+        runner = PlainLoop(spec, device)
+        step = runner.train_step
+    else:
+        backend, stage = name.split("-zero")
+        spec = build_spec(backend, int(stage), world, args)
+        runner = build_engine(spec, env, device)
+        step = functools.partial(_engine_loss, runner)
+    batches = random_micro_batches(spec, device, 4)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(args.warmup):
+        step(batches[i % len(batches)])
+    if cuda:
+        torch.cuda.synchronize()
+    dist.barrier()
+    start = time.perf_counter()
+    for i in range(args.steps):
+        loss = step(batches[i % len(batches)])
+    final_loss = float(loss)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = torch.tensor(torch.cuda.max_memory_allocated() if cuda else 0, device=device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    p = spec.parallel
+    tokens_per_step = p.micro_batch_size * p.grad_accum * spec.data.seq_len * world
+    tokens_per_s = tokens_per_step * args.steps / seconds
+    dims = LlamaDims.from_config(spec.model)
+    mfu = dims.flops_per_token(spec.data.seq_len) * tokens_per_s / (world * H100_FLOPS)
+    del runner, step
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()
+    return {"run": name, "gpus": world, "tokens_per_s": round(tokens_per_s), "mfu_per_gpu": round(mfu, 4),
+            "peak_mem_gib": round(peak.item() / 2**30, 2), "step_s": round(seconds / args.steps, 4),
+            "final_loss": round(final_loss, 4), "params": dims.num_params()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default="plain,native-zero1,deepspeed-zero1",
+                        help="comma-separated: plain, native-zero{1,2,3}, deepspeed-zero{0,1,2,3}")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--micro-batch-size", type=int, default=4)
+    parser.add_argument("--grad-accum", type=int, default=2)
+    parser.add_argument("--model", default=str(REPO / "examples" / "llama-1b.yaml"),
+                        help="job spec whose model section is benchmarked")
+    parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a smoke run of the script")
+    parser.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "benchmarks" / "results"))
+    args = parser.parse_args()
+    env = RankEnv.from_env()
+    device = pick_device(args.device, env.local_rank)
+    init_distributed(env, device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    results = []
+    for name in args.runs.split(","):
+        result = measure(name, args, env, device)
+        results.append(result)
+        if env.rank == 0:
+            print(f"{name:>18} gpus={result['gpus']} tokens/s={result['tokens_per_s']:>9,} "
+                  f"MFU/GPU={result['mfu_per_gpu']:.3f} peak={result['peak_mem_gib']:.1f} GiB "
+                  f"step={result['step_s'] * 1000:.0f} ms loss={result['final_loss']}", flush=True)
+    if env.rank == 0:
+        import deepspeed
+
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+        record = {"device": name, "gpus": env.world_size, "torch": torch.__version__,
+                  "deepspeed": deepspeed.__version__, "python": platform.python_version(),
+                  "cuda": torch.version.cuda, "seq_len": args.seq_len, "micro_batch_size": args.micro_batch_size,
+                  "grad_accum": args.grad_accum, "timed_steps": args.steps, "warmup_steps": args.warmup,
+                  "peak_flops_per_gpu": H100_FLOPS, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  "results": results}
+        os.makedirs(args.out, exist_ok=True)
+        path = Path(args.out) / f"gpu_backends_{env.world_size}gpu.json"
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {path}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
