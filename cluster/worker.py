@@ -11,6 +11,9 @@ Ray prefixes every line an actor prints with its `repr`, so each rank's output r
 Fault injection (tests only): `PRETRAIN_TEST_HANG=RANK:STEP:MARKER` makes rank RANK sleep forever after step STEP,
 once: the marker file is created first and a later attempt that finds it trains on. It lives in the heartbeat
 callback, so the training loop needs no hook of its own.
+
+When an actor cannot answer at all (a thread holding the GIL in a C extension), `stacks_from_outside` reads its
+stacks with py-spy, run as a task on the rank's node.
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ from __future__ import annotations
 import faulthandler
 import importlib
 import os
+import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import traceback
@@ -26,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cluster.metrics import RankExporter
 from orchestrator.errors import UserError
@@ -155,6 +162,22 @@ class RankWorker:
             faulthandler.dump_traceback(f, all_threads=True)
             f.seek(0)
             return f.read()
+
+
+@ray.remote(num_cpus=0)
+def _py_spy_dump(pid: int) -> str:
+    py_spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    done = subprocess.run([py_spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=60)
+    return done.stdout + done.stderr
+
+
+def stacks_from_outside(node_id: str, pid: int, timeout: float = 90.0) -> str:
+    """A process's Python stacks read by py-spy on its node: works while the process itself cannot answer."""
+    strategy = NodeAffinitySchedulingStrategy(node_id, soft=False)
+    try:
+        return ray.get(_py_spy_dump.options(scheduling_strategy=strategy).remote(pid), timeout=timeout)
+    except (ray.exceptions.RayError, OSError) as e:
+        return f"(unavailable: {type(e).__name__}: {e})"
 
 
 def _rank_env(wiring: Wiring) -> Any:

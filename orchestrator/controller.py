@@ -36,7 +36,7 @@ from cluster.local import apply_log_env
 from cluster.metrics import ControllerExporter, default_targets_path
 from cluster.placement import Gang, alive_nodes, release, reserve_gang
 from cluster.submission import PLAN_VARIABLE, SPEC_VARIABLE
-from cluster.worker import DEFAULT_ENTRY, Beat, RankWorker, Wiring
+from cluster.worker import DEFAULT_ENTRY, Beat, RankWorker, Wiring, stacks_from_outside
 from orchestrator.elastic import plan_nodes
 from orchestrator.errors import PretrainError, SchedulingError, UserError, WorkerFailedError
 from orchestrator.failure_policy import Action, Cause, Failure, FailurePolicy
@@ -251,8 +251,9 @@ class Controller:
         for rank, ref in enumerate(refs):
             try:
                 text = ray.get(ref, timeout=10.0)
-            except (RayError, TimeoutError) as e:
-                text = f"(unavailable: {_short(e)})"
+            except (RayError, TimeoutError):
+                # The actor does not answer (a thread holding the GIL): read its stacks from outside instead.
+                text = stacks_from_outside(infos[rank]["node_id"], infos[rank]["pid"])
             print(f"----- rank {rank} pid {infos[rank]['pid']} stacks -----\n{text}", flush=True)
 
     def _result(self, beats: dict[int, Beat], spec: JobSpec) -> RunResult:

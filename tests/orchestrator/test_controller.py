@@ -228,3 +228,19 @@ def test_lost_node_continues_on_the_nodes_left(ray_cluster, tmp_path, capsys):
     assert "attempt 1 failed: " in out
     assert "elastic: continuing on 1 of 2 nodes, dp=1, grad_accum=2" in out
     assert (result.world_size, result.step, result.restarts) == (1, 12, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("ray")
+def test_stacks_of_an_unresponsive_rank_are_read_with_py_spy(ray_cluster):
+    import ray
+
+    from cluster.worker import RankWorker, stacks_from_outside
+
+    with _driver(ray_cluster):
+        actor = RankWorker.options(num_cpus=0).remote(7)
+        info = ray.get(actor.describe.remote())
+        text = stacks_from_outside(info["node_id"], info["pid"])
+        ray.kill(actor)
+    assert f"Process {info['pid']}: ray::RankWorker" in text
+    assert "Thread " in text
