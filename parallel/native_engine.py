@@ -76,6 +76,9 @@ class NativeEngine:
             apply_activation_checkpointing(blocks)
         if p.compile:
             apply_compile(blocks)
+            if dims.tp == 1:
+                # Fuses the fp32 upcast of the logits into the loss instead of writing an fp32 copy of them.
+                self.loss_fn = torch.compile(cross_entropy)
         bf16 = p.precision == "bf16"
         self.sharded = dims.dp > 1
         if self.sharded:
