@@ -54,10 +54,13 @@ class Wiring:
     node_rank: int
     master_addr: str
     master_port: int
+    visible_devices: str | None = None
 
     def environ(self) -> dict[str, str]:
-        """What the loop's `RankEnv.export` does not set: the node's rank, and gloo's interface on loopback."""
+        """What the loop's `RankEnv.export` does not set: the node's rank and GPUs, gloo's interface on loopback."""
         env = {"NODE_RANK": str(self.node_rank), "GROUP_RANK": str(self.node_rank)}
+        if self.visible_devices:
+            env["CUDA_VISIBLE_DEVICES"] = self.visible_devices
         if self.master_addr.startswith("127."):
             env["GLOO_SOCKET_IFNAME"] = os.environ.get("GLOO_SOCKET_IFNAME", "lo")
         return env
