@@ -1,0 +1,117 @@
+"""The training loop: one rank of a run, from a resolved job spec to the last checkpoint.
+
+    torchrun --nproc_per_node 2 -m orchestrator.cli train examples/tiny.yaml        # plain processes
+    run(spec, RankEnv(rank=r, world_size=w, ...), callbacks=[heartbeat])            # what the Ray controller calls
+
+Every rank runs the same loop: build the engine (model, parallelism, optimizer) and the loaders, resume from the
+newest good checkpoint, then step, evaluate and checkpoint on the spec's cadence, telling each callback. Nothing here
+knows which backend runs the step or where the rank runs.
+
+The loss is read on the host once per step, for the callbacks; on a GPU that sync costs the overlap of one step's
+launch with the previous one's tail, well under 1% for steps of 100 ms or more.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from orchestrator.errors import UserError
+from orchestrator.spec import JobSpec
+from parallel.callbacks import Callback, EvalStats, LogCallback, StepStats, mfu
+from parallel.checkpoint import Checkpointer
+from parallel.engine import Engine, build_engine
+from parallel.launch import RankEnv, init_distributed, pick_device, shutdown_distributed
+from parallel.loader import ShardLoader, build_loaders
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    step: int  # the last step trained
+    loss: float  # its loss
+    resumed_from: int  # the step resumed after; 0 for a fresh start
+
+
+def run(spec: JobSpec, env: RankEnv | None = None, callbacks: Sequence[Callback] = ()) -> RunResult:
+    """Train this rank to `spec.schedule.steps`; every rank of the run calls it with its own `env`."""
+    env = env or RankEnv.from_env()
+    if spec.model.vocab_size is None:
+        raise UserError(f"model.vocab_size: not set and no tokenizer size found in {spec.data.path or 'data.path'}"
+                        "/manifest.json; run `pretrain prep` first or set model.vocab_size")
+    device = pick_device(spec.resources.device, env.local_rank)
+    init_distributed(env, device)
+    torch.manual_seed(spec.schedule.seed)
+    callbacks = [LogCallback(spec.schedule.log_every), *callbacks]
+    engine = build_engine(spec, env, device)
+    train_loader, val_loader = build_loaders(spec, engine.dims.dp_rank, engine.dims.dp)
+    checkpointer = Checkpointer(spec, engine.dims)
+    try:
+        resumed = checkpointer.resume(engine)
+        start = 0
+        if resumed is not None:
+            train_loader.load_state_dict(resumed.loader_state)
+            start = resumed.step
+        for callback in callbacks:
+            callback.on_train_start(start, env.rank)
+        step, loss = _train(spec, env, engine, train_loader, val_loader, checkpointer, callbacks, start)
+        checkpointer.wait()
+    finally:
+        train_loader.close()
+        if val_loader is not None:
+            val_loader.close()
+        for callback in callbacks:
+            callback.close()
+    shutdown_distributed()
+    return RunResult(step=step, loss=loss, resumed_from=start)
+
+
+def _train(spec: JobSpec, env: RankEnv, engine: Engine, loader: ShardLoader, val_loader: ShardLoader | None,
+           checkpointer: Checkpointer, callbacks: list[Callback], start: int) -> tuple[int, float]:
+    s, p = spec.schedule, spec.parallel
+    tokens_per_step = p.micro_batch_size * p.grad_accum * engine.dims.dp * spec.data.seq_len
+    flops_per_token = engine.model_dims.flops_per_token(spec.data.seq_len)
+    step, loss = start, float("nan")
+    for step in range(start + 1, s.steps + 1):
+        begin = time.perf_counter()
+        result = engine.train_step(loader.next_step())
+        loss = float(result.loss)  # waits for the step to finish, so the time below is the step's
+        seconds = time.perf_counter() - begin
+        rate = tokens_per_step / seconds
+        stats = StepStats(
+            step=step, loss=loss, lr=result.lr, grad_norm=float(result.grad_norm), tokens=tokens_per_step,
+            step_seconds=seconds, tokens_per_second=rate,
+            mfu=mfu(flops_per_token, rate, env.world_size, spec.metrics.peak_flops),
+            memory_allocated_bytes=_memory("memory_allocated", engine.device),
+            memory_peak_bytes=_memory("max_memory_allocated", engine.device),
+            total_tokens=step * tokens_per_step, rank=env.rank, world_size=env.world_size,
+        )
+        for callback in callbacks:
+            callback.on_step(stats)
+        if val_loader is not None and s.eval_every and (step % s.eval_every == 0 or step == s.steps):
+            evaluation = evaluate(engine, val_loader, s.eval_batches, step, env.rank)
+            for callback in callbacks:
+                callback.on_eval(evaluation)
+        if step == s.steps or (spec.checkpoint.every and step % spec.checkpoint.every == 0):
+            saved = checkpointer.save(step, engine, loader.state_dict())
+            for callback in callbacks:
+                callback.on_checkpoint(saved)
+    return step, loss
+
+
+def evaluate(engine: Engine, loader: ShardLoader, batches: int, step: int, rank: int) -> EvalStats:
+    """Mean loss over the first `batches` global batches of the held-out split: the same ones at every evaluation."""
+    begin = time.perf_counter()
+    loader.rewind()
+    losses = [engine.eval_loss(loader.next_step()) for _ in range(batches)]
+    loss = float(torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in losses]).mean())
+    return EvalStats(step=step, loss=loss, batches=batches, seconds=time.perf_counter() - begin, rank=rank)
+
+
+def _memory(what: str, device: torch.device) -> int:
+    return getattr(torch.cuda, what)(device) if device.type == "cuda" else 0
