@@ -28,7 +28,7 @@ COMMANDS: dict[str, tuple[str | None, str]] = {
     "prep": ("prep", "deduplicate, filter, mix and tokenize corpora into Arrow shards"),
     "plan": ("plan", "parameters, FLOPs, memory per GPU and the best layout for a spec"),
     "sweep": ("sweep", "run a grid of small models and fit a scaling law"),
-    "train": (None, "run one rank of a job (torchrun-style environment variables)"),
+    "train": ("train", "run one rank of a job (torchrun-style environment variables)"),
     "submit": ("submit", "run a job on a Ray cluster (a local one when no --address)"),
     "status": ("status", "show a submitted job's state"),
     "logs": ("logs", "print a submitted job's logs"),
