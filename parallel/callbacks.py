@@ -6,7 +6,9 @@ callback that should act once per job checks `stats.rank` itself. Hooks must be 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+import os
+from dataclasses import asdict, dataclass, field
 from typing import Protocol, runtime_checkable
 
 
@@ -113,3 +115,50 @@ class LogCallback(BaseCallback):
     def on_checkpoint(self, stats: CheckpointStats) -> None:
         if stats.rank == 0:
             self.print(f"step {stats.step:>6} | checkpoint {stats.path} ({stats.seconds:.2f} s)", flush=True)
+
+
+class HistoryCallback(BaseCallback):
+    """Rank 0 appends every step, evaluation and checkpoint as a JSON line to `path`.
+
+    The run's own record for reports and plots once the exporters are gone; it is appended to, so a resumed run
+    continues the same file (lines of steps trained again after a crash appear twice; the last one wins).
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self._file = None
+
+    def _write(self, kind: str, record: object) -> None:
+        if self._file is None:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
+        self._file.write(json.dumps({"kind": kind, **asdict(record)}) + "\n")
+        self._file.flush()
+
+    def on_step(self, stats: StepStats) -> None:
+        if stats.rank == 0:
+            self._write("step", stats)
+
+    def on_eval(self, stats: EvalStats) -> None:
+        if stats.rank == 0:
+            self._write("eval", stats)
+
+    def on_checkpoint(self, stats: CheckpointStats) -> None:
+        if stats.rank == 0:
+            self._write("checkpoint", stats)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_history(path: str) -> dict[str, list[dict]]:
+    """The records of a history file by kind, one per step (a step trained again after a resume: its last record)."""
+    latest: dict[str, dict[int, dict]] = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                record = json.loads(line)
+                latest.setdefault(record.pop("kind"), {})[record["step"]] = record
+    return {kind: [records[s] for s in sorted(records)] for kind, records in latest.items()}

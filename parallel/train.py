@@ -14,6 +14,7 @@ launch with the previous one's tail, well under 1% for steps of 100 ms or more.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import torch
 
 from orchestrator.errors import UserError
 from orchestrator.spec import JobSpec
-from parallel.callbacks import Callback, EvalStats, LogCallback, StepStats, mfu
+from parallel.callbacks import Callback, EvalStats, HistoryCallback, LogCallback, StepStats, mfu
 from parallel.checkpoint import Checkpointer
 from parallel.engine import Engine, build_engine
 from parallel.launch import RankEnv, init_distributed, pick_device, shutdown_distributed
@@ -47,7 +48,7 @@ def run(spec: JobSpec, env: RankEnv | None = None, callbacks: Sequence[Callback]
     device = pick_device(spec.resources.device, env.local_rank)
     init_distributed(env, device)
     torch.manual_seed(spec.schedule.seed)
-    callbacks = [LogCallback(spec.schedule.log_every), *callbacks]
+    callbacks = [LogCallback(spec.schedule.log_every), *_history(spec), *callbacks]
     engine = build_engine(spec, env, device)
     train_loader, val_loader = build_loaders(spec, engine.dims.dp_rank, engine.dims.dp)
     checkpointer = Checkpointer(spec, engine.dims)
@@ -111,6 +112,13 @@ def evaluate(engine: Engine, loader: ShardLoader, batches: int, step: int, rank:
     losses = [engine.eval_loss(loader.next_step()) for _ in range(batches)]
     loss = float(torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in losses]).mean())
     return EvalStats(step=step, loss=loss, batches=batches, seconds=time.perf_counter() - begin, rank=rank)
+
+
+def _history(spec: JobSpec) -> list[Callback]:
+    """A history.jsonl beside the checkpoints, where they are on a local or mounted filesystem."""
+    if "://" in spec.checkpoint.dir:
+        return []
+    return [HistoryCallback(os.path.join(spec.checkpoint.dir, "history.jsonl"))]
 
 
 def _memory(what: str, device: torch.device) -> int:
