@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.utils._pytree import tree_map_only
 
 from orchestrator.errors import CheckpointError, UserError
 from orchestrator.spec import JobSpec
@@ -215,11 +216,16 @@ class NativeEngine:
     def save(self, directory: str, client_state: dict[str, Any]) -> None:
         """Stage this rank's shards in host memory and write them in the background (DCP); `wait_saved` joins."""
         self.wait_saved()
+        os.makedirs(directory, exist_ok=True)
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        if self.device.type == "cuda" and self._save_group is None:
-            self._save_group = dist.new_group(backend="gloo")  # the background writer coordinates on the host
-        self._pending_save = dcp.async_save({"model": model_state, "optim": optim_state},
-                                            checkpoint_id=os.path.join(directory, DCP_DIR),
+        state = {"model": model_state, "optim": optim_state}
+        if self.device.type == "cpu":
+            # DCP stages by copying to host memory, which for host tensors is no copy: training would overwrite them.
+            state = tree_map_only(torch.Tensor, lambda t: t.detach().clone(), state)
+        if self._save_group is None:
+            # The writer thread's collectives get their own group, never interleaved with the training step's.
+            self._save_group = dist.new_group(backend="gloo")
+        self._pending_save = dcp.async_save(state, checkpoint_id=os.path.join(directory, DCP_DIR),
                                             process_group=self._save_group)
         if self.dims.rank == 0:
             torch.save({"scheduler": self.scheduler.state_dict(), "client_state": client_state},
