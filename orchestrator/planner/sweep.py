@@ -3,8 +3,9 @@
     pretrain sweep examples/sweep-demo.yaml [key=value ...] [--address ray://head:10001]
 
 Every run is one single-process training through the real loop (`parallel.train.run`), in a Ray task holding
-`cpus_per_run` CPUs (or one GPU), so the cluster runs as many at once as it holds. A task's process serves one run
-and exits (`max_calls=1`): DeepSpeed and torch.distributed keep process-wide state that must not leak into the next.
+`cpus_per_run` CPUs (or one GPU), so the cluster runs as many at once as it holds. The task trains in a child process
+(`python -m orchestrator.planner.sweep`): DeepSpeed and torch.distributed keep process-wide state that must not leak
+into the Ray worker or the next run. A failed run is reported with the end of its output and left for a rerun.
 Each finished run appends a line to `results.jsonl`, and a rerun skips the runs already there; then the law
 L(N, D) = E + A/N^α + B/D^β is fitted (`scaling.fit_scaling_law`) and written to `fit.json` with the IsoFLOP minima,
 the compute-optimal frontier and the predicted loss of a target run, and drawn to `scaling.png`.
@@ -101,7 +102,7 @@ def plan_runs(config: SweepConfig) -> list[RunPlan]:
                 "parallel.grad_accum=1", "parallel.global_batch_size=0",
                 f"schedule.steps={steps}", f"schedule.warmup_steps={int(steps * config.warmup_fraction)}",
                 f"schedule.eval_every={steps}", f"schedule.eval_batches={config.eval_batches}",
-                f"schedule.log_every={max(1, steps // 5)}",
+                f"schedule.log_every={steps}",
                 f"checkpoint.dir={config.output}/runs/{name}/checkpoints", "checkpoint.every=0",
                 "checkpoint.resume=false", "metrics.enabled=false",
                 "resources.num_nodes=1", "resources.gpus_per_node=1", "resources.min_nodes=0",
@@ -139,18 +140,24 @@ def _train_on_ray(config: SweepConfig, todo: list[RunPlan], results_path: Path, 
     import ray
 
     def launch() -> None:
-        task = ray.remote(max_calls=1)(train_one).options(num_cpus=config.cpus_per_run,
-                                                          num_gpus=config.gpus_per_run)
+        task = ray.remote(train_one).options(num_cpus=config.cpus_per_run, num_gpus=config.gpus_per_run)
         pending = {task.remote(config.base, list(run.overrides)): run for run in todo}
+        failed = []
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             run = pending.pop(ready[0])
-            record = {**ray.get(ready[0]), "name": run.name, "dim": run.dim, "n_layers": run.n_layers,
-                      "tokens": run.tokens}
+            outcome = ray.get(ready[0])
+            if "error" in outcome:
+                failed.append(run.name)
+                log(f"  {run.name}: FAILED\n{outcome['error']}")
+                continue
+            record = {**outcome, "name": run.name, "dim": run.dim, "n_layers": run.n_layers, "tokens": run.tokens}
             with open(results_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
             log(f"  {run.name}: {record['params'] / 1e6:.2f}M parameters, {run.tokens:,} tokens → validation "
                 f"loss {record['val_loss']:.4f} ({record['seconds']:.0f} s)")
+        if failed:
+            log(f"{len(failed)} runs failed ({', '.join(failed)}); a rerun retries them")
 
     if address:
         ray.init(address=address)
@@ -164,8 +171,25 @@ def _train_on_ray(config: SweepConfig, todo: list[RunPlan], results_path: Path, 
 
 
 def train_one(base: str, overrides: list[str]) -> dict[str, Any]:
-    """One run in its own process: the real training loop, single rank; returns its size and final losses."""
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    """One run, in a child process of the Ray task: DeepSpeed and torch.distributed keep process-wide state (and
+    can abort at interpreter exit), none of which may reach the Ray worker. Returns the run's size and losses, or
+    {"error": the end of its output}."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        cmd = [sys.executable, "-m", "orchestrator.planner.sweep", base, out, *overrides]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if done.returncode != 0 or not os.path.exists(out):
+            return {"error": (done.stdout[-1500:] + done.stderr[-3000:]).strip()}
+        with open(out, encoding="utf-8") as f:
+            return json.load(f)
+
+
+def _train_in_this_process(base: str, out: str, overrides: list[str]) -> None:
     from orchestrator.planner.counting import count_params
     from orchestrator.validate import load_spec
     from parallel import train
@@ -177,21 +201,18 @@ def train_one(base: str, overrides: list[str]) -> dict[str, Any]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
     class Record(BaseCallback):
-        def __init__(self) -> None:
-            self.val_loss = float("nan")
-            self.train_loss = float("nan")
+        val_loss = float("nan")
 
         def on_eval(self, stats) -> None:
             self.val_loss = stats.loss
 
-        def on_step(self, stats) -> None:
-            self.train_loss = stats.loss
-
     record = Record()
     start = time.perf_counter()
-    train.run(spec, RankEnv(master_port=_free_port()), callbacks=[record])
-    return {"params": count_params(spec.model).total, "val_loss": record.val_loss, "train_loss": record.train_loss,
-            "seconds": time.perf_counter() - start}
+    result = train.run(spec, RankEnv(master_port=_free_port()), callbacks=[record])
+    outcome = {"params": count_params(spec.model).total, "val_loss": record.val_loss, "train_loss": result.loss,
+               "seconds": time.perf_counter() - start}
+    with open(out, "w", encoding="utf-8") as f:
+        json.dump(outcome, f)
 
 
 def summarize(config: SweepConfig, results: list[dict[str, Any]], log=print) -> dict[str, Any]:
@@ -278,3 +299,11 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    import sys
+
+    _train_in_this_process(sys.argv[1], sys.argv[2], sys.argv[3:])
+    sys.stdout.flush()
+    os._exit(0)  # the result is written; DeepSpeed can abort in interpreter teardown (ZeRO-3)
