@@ -120,11 +120,12 @@ def reserve_gang(spec: JobSpec, *, timeout_s: float = PLACEMENT_TIMEOUT_S) -> Ga
     node_order = list(dict.fromkeys(by_bundle[i] for i in range(ranks)))
     order = sorted(range(ranks), key=lambda i: (node_order.index(by_bundle[i]), i))
     gang = Gang(group=group, bundle=bundle, bundles=order, nodes=[by_bundle[i] for i in order])
-    _check_tensor_groups(gang, spec.parallel.tp)
+    check_tensor_groups(gang, spec.parallel.tp)
     return gang
 
 
-def _check_tensor_groups(gang: Gang, tp: int) -> None:
+def check_tensor_groups(gang: Gang, tp: int) -> None:
+    """Release the gang and raise `SchedulingError` when a tensor-parallel group would span nodes."""
     for start in range(0, len(gang.nodes), tp):
         if len(set(gang.nodes[start:start + tp])) > 1:
             release(gang)

@@ -34,7 +34,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.local import apply_log_env
 from cluster.metrics import ControllerExporter, default_targets_path
-from cluster.placement import Gang, alive_nodes, release, reserve_gang
+from cluster.placement import Gang, alive_nodes, check_tensor_groups, release, reserve_gang
 from cluster.submission import PLAN_VARIABLE, SPEC_VARIABLE
 from cluster.worker import DEFAULT_ENTRY, Beat, RankWorker, Wiring, stacks_from_outside
 from orchestrator.elastic import plan_nodes
@@ -88,10 +88,14 @@ class Controller:
     def run(self) -> RunResult:
         """Run attempts until one finishes; raise `WorkerFailedError` (or the rank's `UserError`) when giving up."""
         gang = reserve_gang(self.spec)
-        if self.plan_layout and "GPU" in gang.bundle:
-            self._plan(gang)
-        if self.spec.metrics.enabled:
-            self.exporter = ControllerExporter.from_spec(self.spec, advertise_host=ray.util.get_node_ip_address())
+        try:
+            if self.plan_layout and "GPU" in gang.bundle:
+                self._plan(gang)
+            if self.spec.metrics.enabled:
+                self.exporter = ControllerExporter.from_spec(self.spec, advertise_host=ray.util.get_node_ip_address())
+        except BaseException:
+            release(gang)
+            raise
         try:
             return self._run(gang)
         finally:
@@ -108,6 +112,7 @@ class Controller:
         self.spec, reasons = apply_planner(self.spec, memory)
         for line in reasons:
             self.log(f"layout: {line}")
+        check_tensor_groups(gang, self.spec.parallel.tp)
 
     def _run(self, gang: Gang) -> RunResult:
         spec = self.spec
