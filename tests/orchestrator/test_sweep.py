@@ -11,7 +11,7 @@ import yaml
 from orchestrator.cli import main
 from orchestrator.errors import SpecError
 from orchestrator.planner.scaling import CHINCHILLA
-from orchestrator.planner.sweep import load_sweep, plan_runs, summarize
+from orchestrator.planner.sweep import load_sweep, plan_runs, summarize, train_one
 from tests.parallel.real_shards import write_shards
 
 
@@ -85,3 +85,21 @@ def test_summary_fits_predicts_and_draws(tmp_path, shards):
 def test_cli_reports_a_bad_sweep_with_exit_2(tmp_path, shards, capsys):
     assert main(["sweep", write_sweep(tmp_path, shards, sizes="")]) == 2
     assert "sizes: no sizes given; list them as dim x n_layers" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_one_run_trains_through_the_real_loop(tmp_path, shards):
+    config = load_sweep(write_sweep(tmp_path, shards, sizes="32x1", tokens="5e3", eval_batches=2))
+    (run,) = plan_runs(config)
+    outcome = train_one(config.base, list(run.overrides))
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["params"] == 32 * 384 * 2 + 4 * 32 * 32 + 3 * 32 * 96 + 3 * 32
+    assert 0 < outcome["val_loss"] < np.log(384)  # learned something beyond uniform over the vocab
+    assert (tmp_path / "out" / "runs" / run.name / "checkpoints").is_dir()
+
+
+@pytest.mark.slow
+def test_a_failing_run_returns_its_output(tmp_path, shards):
+    config = load_sweep(write_sweep(tmp_path, shards))
+    outcome = train_one(config.base, ["model.dim=wide"])
+    assert "model.dim: got 'wide', expected an integer" in outcome["error"]
