@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import yaml
 from orchestrator.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
-SHARED = REPO.parent / "shared"
+SHARED = Path(os.environ.get("PRETRAIN_SHARED", REPO.parent / "shared"))
 K8S = REPO / "k8s"
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir())
 CORE_KINDS = {"ConfigMap", "PersistentVolumeClaim", "PodTemplate"}
