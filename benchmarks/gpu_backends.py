@@ -8,8 +8,9 @@
 
 The model is examples/llama-1b.yaml's (1.15B parameters, GQA, vocab 50304) at seq 2048, bf16, compiled blocks,
 micro-batch 4 × grad_accum 2 per GPU, random tokens already on the GPU (the loader is benchmarked on its own).
-Each run: `--warmup` steps (compilation), then `--steps` timed steps between two CUDA synchronisations; the loss is
-read once at the end, as a training loop reading it only when it logs would.
+Each run: `--warmup` steps (compilation), then `--repeats` windows of `--steps` timed steps, each between two CUDA
+synchronisations, the loss read once per window as a training loop reading it only when it logs would; tokens/s is
+the median window's. A configuration that fails is recorded with its error and the others still run.
 
 tokens/s counts the whole job's tokens. MFU per GPU = `LlamaDims.flops_per_token(seq)` (6·N over the matmul weights
 + 12·L·seq·dim for attention, PaLM's formula, no causal halving) × tokens/s / (GPUs × 989 TFLOP/s, H100 SXM dense
@@ -25,6 +26,7 @@ import gc
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -124,14 +126,17 @@ def measure(name: str, args: argparse.Namespace, env: RankEnv, device: torch.dev
         step(batches[i % len(batches)])
     if cuda:
         torch.cuda.synchronize()
-    dist.barrier()
-    start = time.perf_counter()
-    for i in range(args.steps):
-        loss = step(batches[i % len(batches)])
-    final_loss = float(loss)
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    windows = []
+    for _ in range(args.repeats):
+        dist.barrier()
+        start = time.perf_counter()
+        for i in range(args.steps):
+            loss = step(batches[i % len(batches)])
+        final_loss = float(loss)  # the one host sync of the window
+        if cuda:
+            torch.cuda.synchronize()
+        windows.append(time.perf_counter() - start)
+    seconds = statistics.median(windows)
     peak = torch.tensor(torch.cuda.max_memory_allocated() if cuda else 0, device=device)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     p = spec.parallel
@@ -146,15 +151,39 @@ def measure(name: str, args: argparse.Namespace, env: RankEnv, device: torch.dev
     torch._dynamo.reset()
     return {"run": name, "gpus": world, "tokens_per_s": round(tokens_per_s), "mfu_per_gpu": round(mfu, 4),
             "peak_mem_gib": round(peak.item() / 2**30, 2), "step_s": round(seconds / args.steps, 4),
+            "window_tokens_per_s": [round(tokens_per_step * args.steps / w) for w in windows],
             "final_loss": round(final_loss, 4), "params": dims.num_params()}
+
+
+def summary(result: dict) -> str:
+    if "error" in result:
+        return f"{result['run']:>18} gpus={result['gpus']} FAILED {result['error'][:300]}"
+    return (f"{result['run']:>18} gpus={result['gpus']} tokens/s={result['tokens_per_s']:>9,} "
+            f"MFU/GPU={result['mfu_per_gpu']:.3f} peak={result['peak_mem_gib']:.1f} GiB "
+            f"step={result['step_s'] * 1000:.0f} ms loss={result['final_loss']}")
+
+
+def write_results(args: argparse.Namespace, env: RankEnv, device: torch.device, results: list[dict]) -> None:
+    import deepspeed
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    record = {"device": name, "gpus": env.world_size, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+              "python": platform.python_version(), "cuda": torch.version.cuda, "seq_len": args.seq_len,
+              "micro_batch_size": args.micro_batch_size, "grad_accum": args.grad_accum, "timed_steps": args.steps,
+              "repeats": args.repeats, "warmup_steps": args.warmup, "peak_flops_per_gpu": H100_FLOPS,
+              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "results": results}
+    os.makedirs(args.out, exist_ok=True)
+    path = Path(args.out) / f"gpu_backends_{env.world_size}gpu.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="plain,native-zero1,deepspeed-zero1",
                         help="comma-separated: plain, native-zero{1,2,3}, deepspeed-zero{0,1,2,3}")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per window")
+    parser.add_argument("--repeats", type=int, default=3, help="timed windows; tokens/s is their median")
+    parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--micro-batch-size", type=int, default=4)
     parser.add_argument("--grad-accum", type=int, default=2)
@@ -171,26 +200,18 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     results = []
     for name in args.runs.split(","):
-        result = measure(name, args, env, device)
+        try:
+            result = measure(name, args, env, device)
+        except Exception as e:  # noqa: BLE001 - one failing configuration must not cost the others' figures
+            result = {"run": name, "gpus": env.world_size, "error": f"{type(e).__name__}: {e}"[:2000]}
+            gc.collect()
+            torch._dynamo.reset()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         results.append(result)
         if env.rank == 0:
-            print(f"{name:>18} gpus={result['gpus']} tokens/s={result['tokens_per_s']:>9,} "
-                  f"MFU/GPU={result['mfu_per_gpu']:.3f} peak={result['peak_mem_gib']:.1f} GiB "
-                  f"step={result['step_s'] * 1000:.0f} ms loss={result['final_loss']}", flush=True)
-    if env.rank == 0:
-        import deepspeed
-
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-        record = {"device": name, "gpus": env.world_size, "torch": torch.__version__,
-                  "deepspeed": deepspeed.__version__, "python": platform.python_version(),
-                  "cuda": torch.version.cuda, "seq_len": args.seq_len, "micro_batch_size": args.micro_batch_size,
-                  "grad_accum": args.grad_accum, "timed_steps": args.steps, "warmup_steps": args.warmup,
-                  "peak_flops_per_gpu": H100_FLOPS, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                  "results": results}
-        os.makedirs(args.out, exist_ok=True)
-        path = Path(args.out) / f"gpu_backends_{env.world_size}gpu.json"
-        path.write_text(json.dumps(record, indent=2) + "\n")
-        print(f"wrote {path}")
+            print(summary(result), flush=True)
+            write_results(args, env, device, results)
     dist.barrier()
     dist.destroy_process_group()
 
