@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -34,6 +35,7 @@ BASE = {
     "resources": {"device": "cuda"},
 }
 STEPS = 3
+LAYOUT_TIMEOUT_S = 300
 
 # name → (GPUs, spec overrides)
 LAYOUTS = {
@@ -105,12 +107,21 @@ def run_layout(name: str) -> dict | None:
     gpus, overrides = LAYOUTS[name]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", __file__, "--worker", name]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "4"}
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    line = next((x for x in result.stdout.splitlines() if x.startswith("RANKS ")), None)
-    if result.returncode != 0 or line is None:
-        print(f"{name}: FAILED (exit {result.returncode})\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}",
-              flush=True)
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "4"}
+    # A session of its own, so a layout that hangs is stopped with every rank torchrun started.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=LAYOUT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        print(f"{name}: no result within {LAYOUT_TIMEOUT_S} s", flush=True)
+        return None
+    line = next((x for x in stdout.splitlines() if x.startswith("RANKS ")), None)
+    if proc.returncode != 0 or line is None:
+        print(f"{name}: FAILED (exit {proc.returncode})\n{stdout[-2000:]}\n{stderr[-4000:]}", flush=True)
         return None
     ranks = json.loads(line[len("RANKS "):])
     estimate = estimate_memory(build_spec(overrides, gpus))
