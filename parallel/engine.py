@@ -13,10 +13,12 @@ of this layout) into `directory`; `load(directory)` restores them and returns `c
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 
 from orchestrator.errors import UserError
 from orchestrator.spec import JobSpec
@@ -55,6 +57,24 @@ class Engine(Protocol):
 
     @property
     def lr(self) -> float: ...
+
+
+def device_pairs(micro_batches: Sequence[Any], grad_accum: int | None,
+                 device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(inputs, targets) of each micro-batch on `device`, copied without blocking the host; a training step must
+    bring exactly `grad_accum` of them (None: any number, for evaluation)."""
+    if grad_accum is not None and len(micro_batches) != grad_accum:
+        raise ValueError(f"a step takes grad_accum={grad_accum} micro-batches, got {len(micro_batches)}")
+    return [(mb.inputs.to(device, non_blocking=True), mb.targets.to(device, non_blocking=True))
+            for mb in micro_batches]
+
+
+def mean_over_dp(loss: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
+    """A rank's loss averaged over its data-parallel peers, in place and without a host sync."""
+    if dims.dp > 1:
+        dist.all_reduce(loss, group=dims.group("dp"))
+        loss = loss / dims.dp
+    return loss
 
 
 def build_engine(spec: JobSpec, env: RankEnv, device: torch.device) -> Engine:

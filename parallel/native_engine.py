@@ -37,7 +37,7 @@ from orchestrator.spec import JobSpec
 from parallel.activation_checkpoint import apply_activation_checkpointing
 from parallel.compile import apply_compile
 from parallel.dtensor_tp import apply_dtensor_tp
-from parallel.engine import StepResult
+from parallel.engine import StepResult, device_pairs, mean_over_dp
 from parallel.fsdp import apply_fsdp, reshards_after_forward
 from parallel.launch import RankEnv
 from parallel.model import LlamaDims, build_model, cross_entropy, init_parameter
@@ -121,11 +121,8 @@ class NativeEngine:
         return self.optimizer.param_groups[0]["lr"]
 
     def train_step(self, micro_batches: Sequence[Any]) -> StepResult:
-        if len(micro_batches) != self.spec.parallel.grad_accum:
-            raise ValueError(f"a step takes grad_accum={self.spec.parallel.grad_accum} micro-batches, "
-                             f"got {len(micro_batches)}")
         lr = self.lr
-        pairs = self._pairs(micro_batches)
+        pairs = device_pairs(micro_batches, self.spec.parallel.grad_accum, self.device)
         if self.pipelined:
             loss = self._run_pipeline(pairs, train=True)
         else:
@@ -140,11 +137,11 @@ class NativeEngine:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return StepResult(loss=self._mean_over_dp(loss), grad_norm=grad_norm, lr=lr)
+        return StepResult(loss=mean_over_dp(loss, self.dims), grad_norm=grad_norm, lr=lr)
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: Sequence[Any]) -> torch.Tensor:
-        pairs = self._pairs(micro_batches)
+        pairs = device_pairs(micro_batches, None, self.device)
         if self.pipelined:
             n = self.spec.parallel.grad_accum
             if len(pairs) % n:
@@ -156,7 +153,7 @@ class NativeEngine:
             with self._autocast():
                 loss = torch.stack([self.loss_fn(self.model(x), y) for x, y in pairs]).mean()
         self._reshard()
-        return self._mean_over_dp(loss)
+        return mean_over_dp(loss, self.dims)
 
     def _run_pipeline(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], train: bool) -> torch.Tensor:
         """One pass of the schedule over the micro-batches; the mean loss, on every stage."""
@@ -167,17 +164,6 @@ class NativeEngine:
             (self.schedule.step if train else self.schedule.eval)(*args, **kwargs)
         loss = torch.stack(losses).detach().mean() if self.last_stage else torch.zeros((), device=self.device)
         dist.all_reduce(loss, group=self.dims.group("pp"))  # the last stage's loss, everywhere
-        return loss
-
-    def _pairs(self, micro_batches: Sequence[Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(mb.inputs.to(self.device, non_blocking=True), mb.targets.to(self.device, non_blocking=True))
-                for mb in micro_batches]
-
-    def _mean_over_dp(self, loss: torch.Tensor) -> torch.Tensor:
-        if self.dims.dp > 1:
-            loss = loss.clone()
-            dist.all_reduce(loss, group=self.dims.group("dp"))
-            loss = loss / self.dims.dp
         return loss
 
     def _clip_grad_norm(self) -> torch.Tensor:
