@@ -24,7 +24,7 @@ from orchestrator.spec import JobSpec
 from parallel.activation_checkpoint import apply_activation_checkpointing
 from parallel.compile import apply_compile
 from parallel.deepspeed_config import build_ds_config
-from parallel.engine import StepResult
+from parallel.engine import StepResult, device_pairs, mean_over_dp
 from parallel.launch import RankEnv
 from parallel.materialize import materialize_model
 from parallel.model import LlamaDims, build_model, cross_entropy
@@ -111,42 +111,30 @@ class DeepSpeedEngine:
         return self.optimizer.param_groups[0]["lr"]
 
     def train_step(self, micro_batches: Sequence[Any]) -> StepResult:
-        if len(micro_batches) != self.spec.parallel.grad_accum:
-            raise ValueError(f"a step takes grad_accum={self.spec.parallel.grad_accum} micro-batches, "
-                             f"got {len(micro_batches)}")
+        pairs = device_pairs(micro_batches, self.spec.parallel.grad_accum, self.device)
         lr = self.lr
         self.ds.train()
         if self.pipelined:
-            loss = self.ds.train_batch(iter(self._pairs(micro_batches)))
+            loss = self.ds.train_batch(iter(pairs))
         else:
             losses = []
-            for inputs, targets in self._pairs(micro_batches):
+            for inputs, targets in pairs:
                 loss = self.loss_fn(self.ds(inputs), targets)
                 self.ds.backward(loss)
                 self.ds.step()
                 losses.append(loss.detach())
-            loss = self._mean_over_dp(torch.stack(losses).mean())
+            loss = mean_over_dp(torch.stack(losses).mean(), self.dims)
         return StepResult(loss=loss, grad_norm=self._grad_norm(), lr=lr)
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: Sequence[Any]) -> torch.Tensor:
         self.ds.eval()
-        pairs = self._pairs(micro_batches)
+        pairs = device_pairs(micro_batches, None, self.device)
         if self.pipelined:
             loss = self.ds.eval_batch(iter(pairs), num_micro_batches=len(pairs))
         else:
-            loss = self._mean_over_dp(torch.stack([self.loss_fn(self.ds(x), y) for x, y in pairs]).mean())
+            loss = mean_over_dp(torch.stack([self.loss_fn(self.ds(x), y) for x, y in pairs]).mean(), self.dims)
         self.ds.train()
-        return loss
-
-    def _pairs(self, micro_batches: Sequence[Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(mb.inputs.to(self.device, non_blocking=True), mb.targets.to(self.device, non_blocking=True))
-                for mb in micro_batches]
-
-    def _mean_over_dp(self, loss: torch.Tensor) -> torch.Tensor:
-        if self.dims.dp > 1:
-            dist.all_reduce(loss, group=self.dims.group("dp"))
-            loss = loss / self.dims.dp
         return loss
 
     # ------------------------------------------------------------------------------------------ state
