@@ -35,7 +35,10 @@ def apply_fsdp(blocks: Iterable[nn.Module], roots: Iterable[nn.Module], mesh: De
                reshard_after_forward: bool) -> None:
     """Shard each block, then each root module (a whole model, or each pipeline stage's module) over `mesh`."""
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for block in blocks:
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    blocks = list(blocks)
+    for i, block in enumerate(blocks):
+        # The last block's backward comes right after its forward: freeing its parameters would only re-gather them.
+        last = i == len(blocks) - 1
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward and not last)
     for root in roots:
         fully_shard(root, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)

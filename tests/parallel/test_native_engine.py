@@ -22,7 +22,6 @@ LAYOUTS = {
     "dp2-reshard": (2, ["parallel.zero_stage=3", "model.tie_embeddings=true"]),
     "dp2-no-reshard": (2, ["parallel.zero_stage=2", "parallel.activation_checkpointing=true"]),
     "tp2": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
-    "pp2": (2, [*PP2]),
     "pp2-interleaved": (2, [*PP2, "parallel.pp_schedule=interleaved_1f1b"]),
     "pp2-zero-bubble": (2, [*PP2, "parallel.pp_schedule=zero_bubble"]),
     "dp2-tp2": (4, ["parallel.tp=2", "parallel.zero_stage=3", "model.tie_embeddings=true"]),
