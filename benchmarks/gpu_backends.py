@@ -2,9 +2,10 @@
 
     # one GPU: the plain loop, native (fp32 master weights + bf16 autocast, no FSDP at dp=1), DeepSpeed ZeRO-1
     torchrun --nproc_per_node 1 benchmarks/gpu_backends.py --runs plain,native-zero1,deepspeed-zero1
-    # two GPUs: native FSDP2 with and without resharding after forward, DeepSpeed ZeRO-1 and ZeRO-3
+    # two GPUs: native FSDP2 resharding after forward (zero3) or not (zero1: gradients reduced once per step),
+    # DeepSpeed ZeRO-1 and ZeRO-3
     torchrun --nproc_per_node 2 benchmarks/gpu_backends.py \
-        --runs native-zero3,native-zero2,deepspeed-zero1,deepspeed-zero3
+        --runs native-zero3,native-zero1,deepspeed-zero1,deepspeed-zero3
 
 The model is examples/llama-1b.yaml's (1.15B parameters, GQA, vocab 50304) at seq 2048, bf16, compiled blocks,
 micro-batch 4 × grad_accum 2 per GPU, random tokens already on the GPU (the loader is benchmarked on its own).

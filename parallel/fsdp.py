@@ -6,8 +6,9 @@ The spec's ZeRO stage maps onto FSDP2 as follows:
                  again for its backward (ZeRO-3: least memory, one more all-gather per block).
   zero_stage 2 → no reshard after forward: gathered parameters stay until the block's backward (ZeRO-2's memory
                  for parameters during a step, ZeRO-3's for them between steps).
-  zero_stage 1, 0 → as 2. FSDP2 has no replicated-parameter mode beside sharding; ZeRO-2 sends the same bytes as
-                 ZeRO-1 and ZeRO-0 (reduce-scatter + all-gather = all-reduce) and holds less, so nothing is lost.
+  zero_stage 1, 0 → as 2, with gradients accumulated unsharded (in fp32) over the micro-batches of a step and
+                 reduce-scattered once at its end: ZeRO-1's gradient memory and traffic. FSDP2 has no
+                 replicated-parameter mode; reduce-scatter + all-gather move the bytes of ZeRO-0's all-reduce.
 
 With one data-parallel rank there is nothing to shard: the native engine skips FSDP and keeps fp32 parameters under
 bf16 autocast, the plain single-GPU loop's recipe.

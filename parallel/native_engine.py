@@ -86,6 +86,9 @@ class NativeEngine:
             apply_fsdp(blocks, roots, self.mesh["dp"], torch.bfloat16 if bf16 else torch.float32,
                        reshards_after_forward(p.zero_stage))
         # Without FSDP's mixed precision, bf16 is autocast over fp32 weights.
+        # ZeRO-0/1: gradients accumulate unsharded in fp32 over the micro-batches and are reduced once per step
+        # (the pipeline schedule does the same on its own).
+        self.reduce_once_per_step = self.sharded and p.zero_stage <= 1 and not self.pipelined
         self._autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 and not self.sharded \
             else contextlib.nullcontext
         self._materialize(spec.schedule.seed)
@@ -127,7 +130,9 @@ class NativeEngine:
             loss = self._run_pipeline(pairs, train=True)
         else:
             losses = []
-            for inputs, targets in pairs:
+            for i, (inputs, targets) in enumerate(pairs):
+                if self.reduce_once_per_step:
+                    self.model.set_requires_gradient_sync(i == len(pairs) - 1)
                 with self._autocast():
                     loss = self.loss_fn(self.model(inputs), targets)
                 (loss / len(pairs)).backward()

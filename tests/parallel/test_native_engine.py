@@ -21,6 +21,7 @@ LAYOUTS = {
     "single": (1, ["model.tie_embeddings=true"]),
     "dp2-reshard": (2, ["parallel.zero_stage=3", "model.tie_embeddings=true"]),
     "dp2-no-reshard": (2, ["parallel.zero_stage=2", "parallel.activation_checkpointing=true"]),
+    "dp2-reduce-once": (2, ["parallel.zero_stage=1"]),
     "tp2": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
     "pp2-interleaved": (2, [*PP2, "parallel.pp_schedule=interleaved_1f1b"]),
     "pp2-zero-bubble": (2, [*PP2, "parallel.pp_schedule=zero_bubble"]),
