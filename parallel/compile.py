@@ -8,4 +8,4 @@ from torch import nn
 
 def apply_compile(blocks: nn.ModuleList) -> None:
     for block in blocks:
-        block.compile(fullgraph=True)
+        block.compile()

@@ -45,8 +45,9 @@ def build_ds_config(spec: JobSpec, dims: ParallelDims) -> dict[str, Any]:
         "wall_clock_breakdown": False,
         "dump_state": False,
     }
-    if p.precision == "bf16":
-        # Accumulate gradients over micro-batches in fp32: bf16 sums lose low bits with grad_accum > 1.
+    if p.precision == "bf16" and p.zero_stage >= 1:
+        # Accumulate gradients over micro-batches in fp32: bf16 sums lose low bits with grad_accum > 1. DeepSpeed
+        # offers it only with ZeRO (stage 1 through its BF16_Optimizer); without ZeRO it refuses the mix.
         config["data_types"] = {"grad_accum_dtype": "fp32"}
     if dims.pp > 1:
         config["pipeline"] = {"activation_checkpoint_interval": 0, "pipe_partitioned": False,
