@@ -117,14 +117,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache:
     """Keys and values of the positions seen so far, one layer's worth; `update` appends and returns everything.
 
-    Preallocated to `max_len` so decoding does no reallocation; `pos` is where the next token goes.
+    Preallocated to `max_len` so decoding does no reallocation; `pos` is where the next token goes. A batch of
+    prompts of different lengths is left-padded: `valid` [batch, max_len] marks the real positions, and padding is
+    hidden from every query but itself (a row of padding then attends to something, so no NaNs). RoPE needs no
+    per-row positions for that: a row's scores depend only on distances between its tokens.
     """
 
     def __init__(self, batch: int, n_kv_heads: int, head_dim: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device | str):
+                 device: torch.device | str, valid: torch.Tensor | None = None):
         self.k = torch.zeros(batch, n_kv_heads, max_len, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.pos = 0
+        self.valid = valid
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.pos + k.shape[2]
@@ -132,6 +136,18 @@ class KVCache:
         self.v[:, :, self.pos:end] = v
         self.pos = end
         return self.k[:, :, :end], self.v[:, :, :end]
+
+    def attention_mask(self, new: int) -> torch.Tensor | None:
+        """Which keys the `new` latest queries may see (True: attend); None when plain causal attention is right."""
+        end = self.pos
+        if self.valid is None and new == end:
+            return None
+        # Each new query sees every earlier key and the new ones up to itself.
+        mask = torch.ones(new, end, dtype=torch.bool, device=self.k.device).tril(end - new)
+        if self.valid is None:
+            return mask
+        own = torch.arange(end, device=mask.device) == torch.arange(end - new, end, device=mask.device)[:, None]
+        return (mask & self.valid[:, None, None, :end]) | own
 
 
 class Attention(nn.Module):
@@ -155,12 +171,10 @@ class Attention(nn.Module):
         start = cache.pos if cache is not None else 0
         cos, sin = self.rotary(start + s, x.device)
         q, k = apply_rope(q, cos[start:], sin[start:]), apply_rope(k, cos[start:], sin[start:])
+        mask = None
         if cache is not None:
             k, v = cache.update(k, v)
-        mask = None
-        if k.shape[2] != s:
-            # Decoding after a prefix: each new query sees every cached key and the new ones up to itself.
-            mask = torch.ones(s, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - s)
+            mask = cache.attention_mask(s)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
@@ -207,10 +221,12 @@ class Llama(nn.Module):
             h = layer(h, caches[i] if caches is not None else None)
         return self.lm_head(self.norm(h))
 
-    def new_caches(self, batch: int, max_len: int) -> list[KVCache]:
+    def new_caches(self, batch: int, max_len: int, valid: torch.Tensor | None = None) -> list[KVCache]:
+        """One cache per layer; `valid` [batch, max_len] marks real tokens when prompts are left-padded."""
         p = self.lm_head.weight
         d = self.dims
-        return [KVCache(batch, d.n_kv_heads, d.head_dim, max_len, p.dtype, p.device) for _ in range(d.n_layers)]
+        return [KVCache(batch, d.n_kv_heads, d.head_dim, max_len, p.dtype, p.device, valid)
+                for _ in range(d.n_layers)]
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
