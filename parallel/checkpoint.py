@@ -401,8 +401,10 @@ class Checkpointer:
         if not self.config.resume:
             return None
         name = self.find_resumable()
-        if name is None:
-            return None
+        return None if name is None else self.restore(engine, name)
+
+    def restore(self, engine: Any, name: str) -> Resumed:
+        """Restore engine, RNG and loader position from checkpoint `name` (a step_<N> under checkpoint.dir)."""
         local = self.storage.local_path(name) or self._download(name)
         check_same_model(os.path.join(local, "spec.yaml"), self.spec)
         saved = json.loads(_read_text(os.path.join(local, "layout.json")))
