@@ -17,6 +17,7 @@ def plot_sweep(path: str | os.PathLike, params: Sequence[float], tokens: Sequenc
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     params, tokens, losses = (np.asarray(x, dtype=float) for x in (params, tokens, losses))
     sizes = np.unique(params)
@@ -30,6 +31,7 @@ def plot_sweep(path: str | os.PathLike, params: Sequence[float], tokens: Sequenc
         left.plot(d_grid, law.loss(n, d_grid), color=color, alpha=0.7)
     left.set(xscale="log", xlabel="training tokens D", ylabel="validation loss",
              title=f"fit: L = {law.E:.2f} + {law.A:.3g}/N^{law.alpha:.2f} + {law.B:.3g}/D^{law.beta:.2f}")
+    left.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     left.legend(fontsize=8)
 
     compute = 6 * params * tokens
