@@ -26,6 +26,7 @@ import gc
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -174,6 +175,8 @@ def main() -> None:
 
     recorder = StepRecorder()
     run(spec, env, callbacks=[recorder])
+    if env.local_rank == 0:
+        shutil.rmtree(checkpoints, ignore_errors=True)  # tens of GB for a 1B model; a later call may share the disk
     p = spec.parallel
     dims = LlamaDims.from_config(spec.model)
     ours = summarise(f"ours-deepspeed-zero{p.zero_stage}-dp{env.world_size}", [s.step_seconds for s in recorder.steps],

@@ -66,7 +66,8 @@ class DeepSpeedEngine:
             self.loss_fn = VocabParallelLoss(tp_group)
         if p.activation_checkpointing:
             apply_activation_checkpointing(model.layers)
-        if p.compile:
+        if p.compile and p.zero_stage < 3:
+            # ZeRO-3 gathers each block's weights in module hooks that a compiled block would trace through.
             apply_compile(model.layers)
         if self.dims.pp > 1:
             from parallel.pipeline_parallel import apply_pipeline_parallel
