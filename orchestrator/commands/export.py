@@ -1,0 +1,78 @@
+"""`pretrain export CKPT OUT`: a checkpoint of any layout as a Hugging Face Llama directory.
+
+    pretrain export runs/tiny/checkpoints out/tiny-hf                      # the newest complete checkpoint
+    pretrain export runs/tiny/checkpoints/step_200 out/tiny-hf --dtype bfloat16
+
+OUT gets config.json, model.safetensors (files of at most --max-shard-size, with model.safetensors.index.json when
+there are several), generation_config.json and, while data.path still holds the shards, their tokenizer
+(tokenizer.json, tokenizer_config.json): `LlamaForCausalLM.from_pretrained(OUT)` and `AutoTokenizer` load it.
+The checkpoint's shards are gathered by restarting its layout in local CPU processes (see `parallel.consolidate`).
+OUT is written under OUT.partial and renamed when complete; an OUT that already holds files is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import sys
+
+from orchestrator.errors import UserError
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a step_<N> checkpoint, or a checkpoint directory (its newest is used)")
+    parser.add_argument("output", help="directory to write the Hugging Face model into")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                        help="weights' dtype (default: bfloat16 for a run trained in bf16, else float32)")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB")
+
+
+def parse_size(text: str) -> int:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", text, re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        raise UserError(f"--max-shard-size: {text!r} is not a size such as 5GB, 500MB or 1000000")
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "").upper()])
+
+
+def check_output(output: str) -> None:
+    """Nothing already written is overwritten: OUT must be new or an empty directory."""
+    if os.path.isfile(output):
+        raise UserError(f"{output}: is a file; give a directory to write the model into")
+    if os.path.isdir(output) and os.listdir(output):
+        raise UserError(f"{output}: already holds files; give a new or empty directory")
+
+
+def run(args: argparse.Namespace) -> int:
+    from orchestrator.validate import load_spec
+    from parallel.consolidate import HFWriter, consolidate, find_checkpoint, saved_layout
+    from parallel.hf import HFExport, parse_dtype, shard_tokenizer
+
+    check_output(args.output)
+    max_shard = parse_size(args.max_shard_size)
+    step_dir = find_checkpoint(args.checkpoint)
+    spec = load_spec(os.path.join(step_dir, "spec.yaml"))
+    dtype = parse_dtype(args.dtype or ("bfloat16" if spec.parallel.precision == "bf16" else "float32"))
+    tokenizer = shard_tokenizer(spec.data.path)
+    if tokenizer is None:
+        print(f"pretrain export: no tokenizer at data.path={spec.data.path!r}; exporting the model without one",
+              file=sys.stderr)
+    partial = os.path.abspath(args.output.rstrip("/") + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    how = HFExport(dtype=dtype, max_shard_bytes=max_shard, max_positions=spec.data.seq_len, tokenizer=tokenizer)
+    try:
+        consolidate(spec, step_dir, HFWriter(partial, how))
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if os.path.isdir(args.output):
+        os.rmdir(args.output)
+    os.rename(partial, args.output)
+    layout = saved_layout(step_dir)
+    files = ", ".join(sorted(os.listdir(args.output)))
+    print(f"pretrain export: {step_dir} (step {layout.get('step')}, dp={layout['dp']} pp={layout['pp']} "
+          f"tp={layout['tp']} ZeRO-{layout['zero_stage']}) → {args.output}: {files}")
+    return 0

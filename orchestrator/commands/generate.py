@@ -1,0 +1,84 @@
+"""`pretrain generate CKPT --prompt TEXT [--prompt TEXT ...]`: sample continuations, with a KV cache.
+
+    pretrain generate runs/tiny/checkpoints --prompt "And God said" --max-new-tokens 40 --temperature 0.8 --top-p 0.9
+    pretrain generate out/tiny-hf --prompt "To be" --temperature 0                  # greedy, from an exported model
+
+CKPT is a checkpoint directory (its newest), one of its step_<N>, or a Hugging Face Llama directory. A checkpoint
+is first gathered from its layout (as `pretrain export` does) into a temporary directory; the tokenizer is the
+shards' (data.path) or the Hugging Face directory's tokenizer.json. All prompts run as one left-padded batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+
+from orchestrator.errors import UserError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="checkpoint directory, step_<N>, or Hugging Face Llama directory")
+    parser.add_argument("--prompt", action="append", required=True, help="text to continue (repeatable: a batch)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to add to each prompt at most")
+    parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 is greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0: all")
+    parser.add_argument("--top-p", type=float, default=1.0, help="sample among the most likely tokens holding "
+                        "this much probability; 1: all")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating tokens")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--no-cache", action="store_true", help="recompute the whole prefix each step (slow)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from parallel.generate import SamplingConfig
+    from parallel.hf import CONFIG
+
+    config = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    config.check()
+    for i, prompt in enumerate(args.prompt, 1):
+        if not prompt:
+            raise UserError(f"--prompt #{i} is empty; give some text to continue")
+    if os.path.isfile(os.path.join(args.checkpoint, CONFIG)):
+        return _generate(args.checkpoint, args, config)
+    from orchestrator.validate import load_spec
+    from parallel.consolidate import HFWriter, consolidate, find_checkpoint
+    from parallel.hf import HFExport, shard_tokenizer
+
+    step_dir = find_checkpoint(args.checkpoint)
+    spec = load_spec(os.path.join(step_dir, "spec.yaml"))
+    tokenizer = shard_tokenizer(spec.data.path)
+    if tokenizer is None:
+        raise UserError(f"{step_dir}: its run's shards (data.path={spec.data.path!r}) and their tokenizer.json are "
+                        "gone; export the checkpoint and put the tokenizer.json beside it")
+    with tempfile.TemporaryDirectory(prefix="pretrain-generate-") as hf_dir:
+        consolidate(spec, step_dir, HFWriter(hf_dir, HFExport(max_positions=spec.data.seq_len, tokenizer=tokenizer)))
+        return _generate(hf_dir, args, config)
+
+
+def _generate(hf_dir: str, args: argparse.Namespace, config) -> int:
+    import dataclasses
+
+    from tokenizers import Tokenizer
+
+    from parallel.generate import generate
+    from parallel.hf import TOKENIZER, load_hf_model, read_hf_config
+    from parallel.launch import pick_device
+
+    path = os.path.join(hf_dir, TOKENIZER)
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: missing; generation needs the model's tokenizer")
+    tokenizer = Tokenizer.from_file(path)
+    eos = read_hf_config(hf_dir).get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) and eos else eos
+    model = load_hf_model(hf_dir, pick_device(args.device))
+    prompts = [tokenizer.encode(p, add_special_tokens=False).ids for p in args.prompt]
+    result = generate(model, prompts, dataclasses.replace(config, eos_id=eos), use_cache=not args.no_cache)
+    for i, (prompt, tokens) in enumerate(zip(args.prompt, result.tokens, strict=True), 1):
+        print(f"[{i}] {prompt}{tokenizer.decode(tokens, skip_special_tokens=False)}")
+    cache = "without a KV cache" if args.no_cache else "KV cache"
+    print(f"pretrain generate: {len(prompts)} prompt(s), {result.new_tokens} new tokens in {result.seconds:.2f} s "
+          f"({result.tokens_per_second:,.1f} tokens/s; prompt {result.prefill_seconds:.2f} s; {cache})")
+    return 0

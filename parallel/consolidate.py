@@ -1,0 +1,195 @@
+"""A checkpoint of any layout as one full state dict: restart its layout in local gloo processes, load it, gather.
+
+    step_dir = find_checkpoint("runs/tiny/checkpoints")               # the newest complete step_<N>, or one named
+    consolidate(spec, step_dir, HFWriter("out/", HFExport(...)))      # rank 0 hands the whole model to the writer
+
+Why restart the layout rather than read the files: the engine that wrote a checkpoint is the one reader that knows
+its format for every combination of backend, ZeRO stage, tensor and pipeline parallelism. DeepSpeed's ZeRO files
+hold flattened, padded partitions per rank, its pipeline files name layers by stage, the native backend writes DCP;
+`Checkpointer.restore` loads each of them exactly as a resume does (checksums verified first), and
+`Engine.full_state_dict` is the gathering code the layout-equivalence tests hold to one process. Reading
+DeepSpeed's files directly (zero_to_fp32, or its universal checkpoint) would cover one backend, follow its file
+format from version to version, and the universal route writes a converted copy of the optimizer state (three times
+the model) beside the checkpoint. The price: as many processes as the run had ranks, on this machine's CPUs, holding
+together about the checkpoint's size in memory (model and optimizer state, each rank its share).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from orchestrator.errors import CheckpointError, UserError
+from orchestrator.spec import JobSpec
+from parallel.hf import HFExport, save_hf
+from parallel.model import LlamaDims
+
+MANIFEST, LATEST, LAYOUT = "manifest.json", "latest", "layout.json"
+_ERROR_FILE = "error_rank_{}.txt"
+_POLL_S = 0.2
+
+
+class StateWriter(Protocol):
+    """What rank 0 does with the gathered model; pickled to the rank processes, so a plain dataclass."""
+
+    def __call__(self, state: dict[str, torch.Tensor], dims: LlamaDims) -> Any: ...
+
+
+@dataclass
+class HFWriter:
+    directory: str
+    how: HFExport
+
+    def __call__(self, state: dict[str, torch.Tensor], dims: LlamaDims) -> list[str]:
+        return save_hf(self.directory, state, dims, self.how)
+
+
+def find_checkpoint(path: str) -> str:
+    """A complete step_<N> directory: `path` itself, or the newest one under a checkpoint directory."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if os.path.exists(os.path.join(path, LAYOUT)) or os.path.basename(os.path.normpath(path)).startswith("step_"):
+        if not os.path.exists(os.path.join(path, MANIFEST)):
+            raise CheckpointError(f"{path}: incomplete checkpoint, it has no {MANIFEST} (the run stopped while "
+                                  "writing it); pick an earlier step_<N>")
+        return path
+    latest = os.path.join(path, LATEST)
+    if os.path.isfile(latest):
+        with open(latest, encoding="utf-8") as f:
+            named = os.path.join(path, f.read().strip())
+        if os.path.exists(os.path.join(named, MANIFEST)):
+            return named
+    steps = sorted((int(n[5:]), n) for n in os.listdir(path) if n.startswith("step_") and n[5:].isdigit()
+                   and os.path.exists(os.path.join(path, n, MANIFEST)))
+    if not steps:
+        raise CheckpointError(f"{path}: holds no complete checkpoint (a step_<N> directory with {MANIFEST}); "
+                              "give a checkpoint directory or one of its step_<N>")
+    return os.path.join(path, steps[-1][1])
+
+
+def saved_layout(step_dir: str) -> dict[str, int]:
+    try:
+        with open(os.path.join(step_dir, LAYOUT), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{os.path.join(step_dir, LAYOUT)}: unreadable: {e}") from None
+
+
+def layout_spec(spec: JobSpec, step_dir: str) -> JobSpec:
+    """The run's spec with the checkpoint's own layout, on this machine's CPUs, reading checkpoints beside it."""
+    layout = saved_layout(step_dir)
+    spec = copy.deepcopy(spec)
+    p = spec.parallel
+    p.dp, p.pp, p.tp, p.zero_stage = layout["dp"], layout["pp"], layout["tp"], layout["zero_stage"]
+    p.compile = False  # compiling costs more than the one gather it would speed up
+    spec.resources.device, spec.resources.num_nodes = "cpu", 1
+    spec.resources.gpus_per_node = layout["dp"] * layout["pp"] * layout["tp"]
+    spec.checkpoint.dir = os.path.dirname(os.path.normpath(step_dir))
+    spec.checkpoint.async_save = False
+    return spec
+
+
+def consolidate(spec: JobSpec, step_dir: str, write: StateWriter) -> None:
+    """Load checkpoint `step_dir` of `spec`'s run in its own layout and give rank 0's full state dict to `write`."""
+    step_dir = os.path.abspath(step_dir)  # the ranks run in a scratch directory
+    spec = layout_spec(spec, step_dir)
+    world = spec.world_size
+    with tempfile.TemporaryDirectory(prefix="pretrain-consolidate-") as work:
+        job = os.path.join(work, "job.pkl")
+        with open(job, "wb") as f:
+            pickle.dump((spec, step_dir, write), f)
+        _run_ranks(world, job, work)
+
+
+def _run_ranks(world: int, job: str, work: str) -> None:
+    """Start `world` rank processes, wait for all; a failing rank stops the others and its error is raised."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    port = _free_port()
+    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(world), "GLOO_SOCKET_IFNAME": "lo",
+            "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world)),
+            "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    procs = []
+    for rank in range(world):
+        log = open(os.path.join(work, f"rank_{rank}.log"), "wb")  # noqa: SIM115 - closed with its process below
+        env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+        procs.append((subprocess.Popen([sys.executable, "-m", "parallel.consolidate", job], env=env, stdout=log,
+                                       stderr=subprocess.STDOUT, cwd=work), log))
+    try:
+        while True:
+            codes = [p.poll() for p, _ in procs]
+            failed = next((r for r, code in enumerate(codes) if code), None)
+            if failed is not None or all(code == 0 for code in codes):
+                break
+            time.sleep(_POLL_S)
+    finally:
+        for p, log in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+            log.close()
+    if failed is not None:
+        error_file = os.path.join(work, _ERROR_FILE.format(failed))
+        if os.path.exists(error_file):
+            with open(error_file, encoding="utf-8") as f:
+                raise CheckpointError(f.read())
+        with open(os.path.join(work, f"rank_{failed}.log"), encoding="utf-8", errors="replace") as f:
+            tail = "\n".join(f.read().strip().splitlines()[-20:])
+        raise CheckpointError(f"gathering the checkpoint failed on rank {failed} of {world}:\n{tail}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(job: str) -> None:
+    """One rank: build the engine in the saved layout, restore the checkpoint, gather, rank 0 writes."""
+    import torch.distributed as dist
+
+    from parallel.checkpoint import Checkpointer
+    from parallel.engine import build_engine
+    from parallel.launch import RankEnv, init_distributed, shutdown_distributed
+
+    with open(job, "rb") as f:
+        spec, step_dir, write = pickle.load(f)
+    env = RankEnv.from_env()
+    try:
+        device = torch.device("cpu")
+        init_distributed(env, device)
+        engine = build_engine(spec, env, device)
+        checkpointer = Checkpointer(spec, engine.dims)
+        name = os.path.basename(os.path.normpath(step_dir))
+        reasons: list[str | None] = [None] * env.world_size
+        dist.all_gather_object(reasons, checkpointer.verify(name, (env.rank, env.world_size)))
+        broken = [r for r in reasons if r]
+        if broken:
+            raise CheckpointError(broken[0])
+        checkpointer.restore(engine, name)
+        state = engine.full_state_dict()
+        if env.rank == 0:
+            write(state, engine.model_dims)
+        shutdown_distributed()
+    except UserError as e:
+        with open(_ERROR_FILE.format(env.rank), "w", encoding="utf-8") as f:
+            f.write(str(e))
+        sys.stdout.flush()
+        os._exit(2)
+    sys.stdout.flush()
+    os._exit(0)  # DeepSpeed's ZeRO-3 may abort at interpreter exit after a clean finish
+
+
+if __name__ == "__main__":
+    _rank_main(sys.argv[1])

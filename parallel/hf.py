@@ -1,0 +1,343 @@
+"""Llama checkpoints in Hugging Face's format: `config.json`, `model.safetensors` (or shards and an index), tokenizer.
+
+    weights = open_hf_weights("Llama-3.2-1B/", dims)     # validated, lazy: engine.load_full_state_dict(weights)
+    save_hf("out/", engine.full_state_dict(), dims, HFExport(dtype=torch.bfloat16, tokenizer=...))
+
+Our parameter names are LlamaForCausalLM's without `model.` and RoPE uses its rotate-half layout, so conversion is a
+rename. What needs care is refusing what the model cannot represent (biases, scaled RoPE, another activation, a
+head_dim other than dim / n_heads) rather than loading it into the wrong computation, and naming the tensor whose
+shape is off. Reading is lazy (safetensors are memory-mapped and read one tensor at a time), so every rank of a
+large layout takes its slices from the files without holding a second full copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from orchestrator.errors import UserError
+from parallel.model import Llama, LlamaDims, build_model
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+TOKENIZER = "tokenizer.json"
+DEFAULT_SHARD_BYTES = 5 * 2**30  # transformers' own default for save_pretrained
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Buffers some exporters write beside the weights; recomputed, never loaded.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def to_hf_name(name: str) -> str:
+    return name if name == "lm_head.weight" else f"model.{name}"
+
+
+def from_hf_name(name: str) -> str:
+    return name.removeprefix("model.")
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def read_hf_config(directory: str) -> dict[str, Any]:
+    """config.json of a Hugging Face model directory; a missing directory or file, or bad JSON, is a UserError."""
+    if not os.path.isdir(directory):
+        raise UserError(f"{directory}: no such directory (expected a Hugging Face model directory with {CONFIG})")
+    path = os.path.join(directory, CONFIG)
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: missing; a Hugging Face Llama directory holds {CONFIG} and {WEIGHTS}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not readable JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _rope_theta(config: dict[str, Any], problems: list[str]) -> float:
+    """RoPE base from either spelling (transformers 4: rope_theta + rope_scaling; 5: rope_parameters)."""
+    params = config.get("rope_parameters") or {}
+    scaling = config.get("rope_scaling")
+    kind = params.get("rope_type", "default")
+    if scaling or kind != "default":
+        problems.append(f"rope_scaling={scaling or params!r}: scaled RoPE is not supported (only plain RoPE)")
+    return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+
+
+def dims_from_hf_config(config: dict[str, Any], source: str) -> LlamaDims:
+    """The model dims of a Llama config.json, or a UserError listing everything in it the model cannot represent."""
+    problems: list[str] = []
+    if config.get("model_type") != "llama":
+        problems.append(f"model_type={config.get('model_type')!r}: not a Llama model (expected 'llama')")
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    problems += [f"{k}: missing" for k in required if not isinstance(config.get(k), int)]
+    for key in ("attention_bias", "mlp_bias"):
+        if config.get(key):
+            problems.append(f"{key}=true: biases are not supported (the model has none)")
+    if config.get("hidden_act", "silu") not in ("silu", "swish"):
+        problems.append(f"hidden_act={config.get('hidden_act')!r}: only silu (SwiGLU) is supported")
+    theta = _rope_theta(config, problems)
+    if not problems:
+        heads = config["num_attention_heads"]
+        head_dim = config.get("head_dim") or config["hidden_size"] // heads
+        if head_dim * heads != config["hidden_size"]:
+            problems.append(f"head_dim={head_dim}: must be hidden_size / num_attention_heads = "
+                            f"{config['hidden_size']} / {heads}")
+    if problems:
+        raise UserError(f"{source}: cannot load as a Llama model: " + "; ".join(problems))
+    return LlamaDims(
+        vocab_size=config["vocab_size"], dim=config["hidden_size"], n_layers=config["num_hidden_layers"],
+        n_heads=config["num_attention_heads"],
+        n_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
+        ffn_dim=config["intermediate_size"], norm_eps=float(config.get("rms_norm_eps", 1e-6)), rope_theta=theta,
+        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+        init_std=float(config.get("initializer_range", 0.02)),
+    )
+
+
+def model_settings(dims: LlamaDims) -> dict[str, Any]:
+    """The job spec's `model.*` values that build these dims."""
+    return {"vocab_size": dims.vocab_size, "dim": dims.dim, "n_layers": dims.n_layers, "n_heads": dims.n_heads,
+            "n_kv_heads": dims.n_kv_heads, "ffn_dim": dims.ffn_dim, "norm_eps": dims.norm_eps,
+            "rope_theta": dims.rope_theta, "tie_embeddings": dims.tie_embeddings}
+
+
+def check_same_dims(found: LlamaDims, expected: LlamaDims, source: str) -> None:
+    """A Hugging Face model can initialise a run only if its shape is the run's: name every `model.*` that differs."""
+    have, want = model_settings(found), model_settings(expected)
+    changed = [f"model.{k}: {want[k]!r} in the job spec, {have[k]!r} in {CONFIG}" for k in want if have[k] != want[k]]
+    if changed:
+        raise UserError(f"{source}: the model differs from the run's: " + "; ".join(changed)
+                        + " (`pretrain import` writes a spec with the model's values)")
+
+
+def hf_config(dims: LlamaDims, max_positions: int, dtype: torch.dtype, eos_id: int | None = None) -> dict[str, Any]:
+    """config.json for LlamaForCausalLM; RoPE is written in both transformers 4's and 5's spelling."""
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": dims.vocab_size,
+        "hidden_size": dims.dim, "intermediate_size": dims.ffn_dim, "num_hidden_layers": dims.n_layers,
+        "num_attention_heads": dims.n_heads, "num_key_value_heads": dims.n_kv_heads, "head_dim": dims.head_dim,
+        "hidden_act": "silu", "max_position_embeddings": max_positions, "rms_norm_eps": dims.norm_eps,
+        "rope_theta": dims.rope_theta, "rope_scaling": None,
+        "rope_parameters": {"rope_type": "default", "rope_theta": dims.rope_theta},
+        "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
+        "tie_word_embeddings": dims.tie_embeddings, "initializer_range": dims.init_std,
+        "bos_token_id": None, "eos_token_id": eos_id, "pad_token_id": None,
+        "torch_dtype": str(dtype).removeprefix("torch."), "use_cache": True,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- weights
+
+
+def expected_shapes(dims: LlamaDims) -> dict[str, tuple[int, ...]]:
+    """Every parameter of the full model under our names (a tied lm_head is the embedding's, so not listed)."""
+    return {n: tuple(p.shape) for n, p in build_model(dims, "meta").named_parameters()}
+
+
+class HFWeights(Mapping[str, torch.Tensor]):
+    """A Hugging Face model's weights under our names, read from the safetensors files when asked for."""
+
+    def __init__(self, dims: LlamaDims, files: dict[str, str], hf_names: dict[str, str]):
+        self.dims = dims  # the model they make, from config.json
+        self._files = files  # our name → file
+        self._hf_names = hf_names  # our name → name in the file
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        with safe_open(self._files[name], framework="pt") as f:
+            return f.get_tensor(self._hf_names[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+
+def _weight_files(directory: str) -> list[str]:
+    index = os.path.join(directory, INDEX)
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                names = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            raise UserError(f"{index}: not a safetensors index (a JSON object with weight_map): {e}") from None
+        return [os.path.join(directory, n) for n in names]
+    single = os.path.join(directory, WEIGHTS)
+    if os.path.isfile(single):
+        return [single]
+    others = sorted(n for n in os.listdir(directory) if n.endswith((".bin", ".pt", ".pth")))
+    hint = f" ({', '.join(others)} found: convert them to safetensors first)" if others else ""
+    raise UserError(f"{directory}: no {WEIGHTS} or {INDEX}{hint}")
+
+
+def open_hf_weights(directory: str, dims: LlamaDims | None = None) -> HFWeights:
+    """The weights of a Llama directory, checked against its config (and `dims`, the run's model, when given).
+
+    Every parameter must be present with its exact shape; a tensor the model has no place for (a bias, another
+    architecture's layer) is refused rather than dropped.
+    """
+    found = dims_from_hf_config(read_hf_config(directory), os.path.join(directory, CONFIG))
+    if dims is not None:
+        check_same_dims(found, dims, directory)
+    wanted = expected_shapes(found)
+    files: dict[str, str] = {}
+    hf_names: dict[str, str] = {}
+    for path in _weight_files(directory):
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: missing, listed in {INDEX}")
+        try:
+            with safe_open(path, framework="pt") as f:
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - not a dict
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own untyped errors for a damaged file
+            raise UserError(f"{path}: not a readable safetensors file: {e}") from None
+        for hf_name, shape in shapes.items():
+            name = from_hf_name(hf_name)
+            if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and found.tie_embeddings):
+                continue
+            if name not in wanted:
+                raise UserError(f"{path}: tensor {hf_name} {list(shape)} has no place in a Llama model without "
+                                "biases (unsupported architecture or layer)")
+            if shape != wanted[name]:
+                raise UserError(f"{path}: tensor {hf_name} has shape {list(shape)}, the config ({CONFIG}) "
+                                f"needs {list(wanted[name])}")
+            files[name], hf_names[name] = path, hf_name
+    missing = [to_hf_name(n) for n in wanted if n not in files]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise UserError(f"{directory}: tensor {', '.join(missing[:3])}{more} missing from the weights")
+    return HFWeights(found, files, hf_names)
+
+
+def open_init_weights(path: str, dims: LlamaDims) -> HFWeights:
+    """The weights `checkpoint.init_from` names, for a run whose model is `dims`."""
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, CONFIG)) and any(
+            n == "latest" or n == "layout.json" or n.startswith("step_") for n in os.listdir(path)):
+        raise UserError(f"checkpoint.init_from: {path} is a pretrain checkpoint; export it with `pretrain export "
+                        f"{path} DIR` and set checkpoint.init_from=DIR (or set checkpoint.dir to resume it)")
+    try:
+        return open_hf_weights(path, dims)
+    except UserError as e:
+        raise UserError(f"checkpoint.init_from: {e}") from None
+
+
+def load_hf_model(directory: str, device: torch.device | str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> Llama:
+    """A whole Llama from a Hugging Face directory, in one process (generation, tests)."""
+    weights = open_hf_weights(directory)
+    model = build_model(weights.dims, device).to(dtype)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(weights[name])
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+@dataclass
+class TokenizerFiles:
+    """The shards' tokenizer, to travel with an exported model."""
+
+    tokenizer_json: str
+    eos_id: int | None = None
+
+
+@dataclass
+class HFExport:
+    """How to write a model: the weights' dtype, the largest safetensors file, positions, the tokenizer."""
+
+    dtype: torch.dtype = torch.float32
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES
+    max_positions: int = 2048
+    tokenizer: TokenizerFiles | None = None
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise UserError(f"--dtype: {name!r} is not one of {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def save_hf(directory: str, state: Mapping[str, torch.Tensor], dims: LlamaDims, how: HFExport) -> list[str]:
+    """Write a LlamaForCausalLM directory from a full state dict under our names; returns the files written.
+
+    Weights go into files of at most `max_shard_bytes` (one tensor larger than that gets a file of its own), with
+    `model.safetensors.index.json` naming each tensor's file when there is more than one, as transformers expects.
+    """
+    wanted = expected_shapes(dims)
+    missing = sorted(set(wanted) - set(state))
+    if missing:
+        raise UserError(f"the model state lacks {', '.join(missing[:3])}: not a whole {dims.n_layers}-layer model")
+    for name, shape in wanted.items():
+        if tuple(state[name].shape) != shape:
+            raise UserError(f"tensor {name} has shape {list(state[name].shape)}, the model needs {list(shape)}")
+    os.makedirs(directory, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in wanted:
+        tensor = state[name].detach().to("cpu", how.dtype).contiguous()
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > how.max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][to_hf_name(name)] = tensor
+        size += nbytes
+    names = [WEIGHTS] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards, strict=True):
+        save_file(shard, os.path.join(directory, name), metadata={"format": "pt"})
+    written = list(names)
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for s in shards for t in s.values())
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {k: n for n, s in zip(names, shards, strict=True) for k in s}}
+        _write_json(os.path.join(directory, INDEX), index)
+        written.append(INDEX)
+    eos = how.tokenizer.eos_id if how.tokenizer else None
+    _write_json(os.path.join(directory, CONFIG), hf_config(dims, how.max_positions, how.dtype, eos))
+    _write_json(os.path.join(directory, "generation_config.json"), {"eos_token_id": eos, "bos_token_id": None})
+    written += [CONFIG, "generation_config.json"]
+    if how.tokenizer is not None:
+        written += write_tokenizer(directory, how.tokenizer, how.max_positions)
+    return written
+
+
+def shard_tokenizer(data_path: str) -> TokenizerFiles | None:
+    """The tokenizer a shard directory was written with, or None when the shards (or their tokenizer) are gone."""
+    from dataprep.shards import MANIFEST_FILE, read_manifest
+
+    if not data_path or not os.path.isfile(os.path.join(data_path, MANIFEST_FILE)):
+        return None
+    entry = read_manifest(data_path).get("tokenizer", {})
+    path = os.path.join(data_path, entry.get("file", TOKENIZER))
+    return TokenizerFiles(path, entry.get("eos_id")) if os.path.isfile(path) else None
+
+
+def write_tokenizer(directory: str, tokenizer: TokenizerFiles, max_positions: int) -> list[str]:
+    """tokenizer.json as is, and a tokenizer_config.json that lets AutoTokenizer load it as a fast tokenizer."""
+    from tokenizers import Tokenizer
+
+    shutil.copyfile(tokenizer.tokenizer_json, os.path.join(directory, TOKENIZER))
+    config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_positions,
+                              "clean_up_tokenization_spaces": False}
+    if tokenizer.eos_id is not None:
+        config["eos_token"] = Tokenizer.from_file(tokenizer.tokenizer_json).id_to_token(tokenizer.eos_id)
+    _write_json(os.path.join(directory, "tokenizer_config.json"), config)
+    return [TOKENIZER, "tokenizer_config.json"]
+
+
+def _write_json(path: str, value: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2)
+        f.write("\n")
