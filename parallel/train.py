@@ -26,6 +26,7 @@ from orchestrator.spec import JobSpec
 from parallel.callbacks import Callback, EvalStats, HistoryCallback, LogCallback, StepStats, mfu
 from parallel.checkpoint import Checkpointer
 from parallel.engine import Engine, build_engine
+from parallel.hf import open_init_weights
 from parallel.launch import RankEnv, init_distributed, pick_device, shutdown_distributed
 from parallel.loader import ShardLoader, build_loaders
 
@@ -58,6 +59,8 @@ def run(spec: JobSpec, env: RankEnv | None = None, callbacks: Sequence[Callback]
         if resumed is not None:
             train_loader.load_state_dict(resumed.loader_state)
             start = resumed.step
+        elif spec.checkpoint.init_from:
+            engine.load_full_state_dict(open_init_weights(spec.checkpoint.init_from, engine.model_dims))
         for callback in callbacks:
             callback.on_train_start(start, env.rank)
         step, loss = _train(spec, env, engine, train_loader, val_loader, checkpointer, callbacks, start)
