@@ -34,9 +34,9 @@ COMMANDS: dict[str, tuple[str | None, str]] = {
     "logs": ("logs", "print a submitted job's logs"),
     "stop": ("stop", "stop a submitted job"),
     "list": ("list", "list submitted jobs"),
-    "export": (None, "write a checkpoint as a Hugging Face Llama model"),
-    "import": (None, "initialise a run from a Hugging Face Llama model"),
-    "generate": (None, "sample continuations from a checkpoint"),
+    "export": ("export", "write a checkpoint as a Hugging Face Llama model"),
+    "import": ("import_", "initialise a run from a Hugging Face Llama model"),
+    "generate": ("generate", "sample continuations from a checkpoint"),
     "k8s": ("k8s", "render KubeRay manifests from a job spec"),
 }
 
