@@ -8,7 +8,8 @@ Model states follow what DeepSpeed allocates under the config `parallel.deepspee
 bucket sizes and dtypes stay in step with the engine). Mixed precision keeps bf16 weights, fp32 master weights, two
 fp32 Adam moments and fp32 gradient accumulation:
 
-    ZeRO-1 (DeepSpeed's BF16_Optimizer): bf16 weights and gradients, a full fp32 gradient buffer, sharded master+Adam
+    ZeRO-1 (DeepSpeed's BF16_Optimizer): bf16 weights, a full fp32 gradient buffer, sharded master+Adam; bf16
+            gradients from the end of backward through the step (after the activations are freed)
     ZeRO-2: bf16 weights, fp32 gradient shard, sharded master+Adam, bf16 gradient buckets
     ZeRO-3: every state sharded, plus the weights of the modules gathered to run (largest one and the prefetch)
 
@@ -52,7 +53,7 @@ class MemoryBreakdown:
     gradients: int
     optimizer: int
     activations: int
-    overhead: int  # framework buffers: reduction buckets, gathered ZeRO-3 weights
+    overhead: int  # framework buffers (reduction buckets, gathered ZeRO-3 weights), gradients beyond activations
     stage: int
 
     @property
@@ -118,13 +119,15 @@ def _stage_memory(model: ModelConfig, seq_len: int, p: ParallelConfig, buffers: 
     zero = max(p.zero_stage, 1)
 
     weights = width * params // (dp if zero >= 3 else 1)
-    # ZeRO-1: gradients of the weights' width plus, in mixed precision, the full fp32 accumulator; ZeRO-2/3: an
-    # fp32 shard.
-    gradients = width * params + (4 * params if mixed else 0) if zero == 1 else 4 * params // dp
+    # Gradients held through the step: ZeRO-1 in mixed precision keeps a full fp32 accumulator, ZeRO-2/3 an fp32
+    # shard. ZeRO-1's gradients of the weights' width (and in fp32 the shard the step reads) live only from the end
+    # of backward to the end of the step, when the activations are gone: whichever is larger sets the peak.
+    gradients = (4 * params if mixed else 0) if zero == 1 else 4 * params // dp
+    late_gradients = width * params + (0 if mixed else 4 * params // dp) if zero == 1 else 0
     optimizer = 0 if p.offload_optimizer else 12 * params // dp  # fp32 master copy of the shard + two moments
 
     activations = _activation_bytes(model, seq_len, p, stage, width)
-    overhead = _buffer_bytes(model, p, buffers, width, zero)
+    overhead = _buffer_bytes(model, p, buffers, width, zero) + max(0, late_gradients - activations)
     return MemoryBreakdown(weights=weights, gradients=gradients, optimizer=optimizer,
                            activations=activations, overhead=overhead, stage=stage)
 

@@ -4,14 +4,24 @@ checkpointing, sequence parallelism and pipeline stages move the bytes."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from memory_probe import SPEC
 
 from orchestrator.planner.counting import stage_params
 from orchestrator.planner.memory import activation_bytes_per_token, estimate_memory
 from orchestrator.validate import parse_spec
 from parallel.model import build_model, cross_entropy
+
+PROBE = Path(__file__).with_name("memory_probe.py")
+REPO = PROBE.parents[2]
 
 
 def saved_activation_bytes(model: torch.nn.Module, tokens: torch.Tensor) -> int:
@@ -104,3 +114,25 @@ def test_breakdown_rows_add_up(billion):
     parts = ("weights", "gradients", "optimizer states", "activations", "framework buffers")
     assert sum(rows[name] for name in parts) == rows["allocated (peak tensors)"]
     assert rows["total"] == memory.allocated + memory.reserve
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [1, 3])
+def test_model_states_match_a_real_deepspeed_engine(zero, tmp_path):
+    """Tensors alive between steps of a real 2-rank bf16 engine (gloo) = the estimate's model states: weights, the
+    gradients kept through the step, Adam and master shards, and ZeRO-3's resident reduction bucket."""
+    out = tmp_path / "probe.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "DS_ACCELERATOR": "cpu",
+           "TMPDIR": str(tmp_path), "PYTHONPATH": str(REPO)}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={port}", str(PROBE), str(out), str(zero)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and out.exists(), done.stdout[-2000:] + done.stderr[-4000:]
+    live = json.loads(out.read_text())["live_bytes"]
+    spec = parse_spec(SPEC, overrides=[f"parallel.zero_stage={zero}", "resources.gpus_per_node=2"])
+    memory = estimate_memory(spec)
+    kept = memory.weights + memory.gradients + memory.optimizer + (memory.overhead if zero == 3 else 0)
+    assert live == pytest.approx(kept, rel=0.05)
