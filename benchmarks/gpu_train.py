@@ -91,7 +91,7 @@ def build_spec(args: argparse.Namespace, env: RankEnv, data: str | None, checkpo
         "name": "gpu-train",
         "model": load_yaml(args.model)["model"],
         "data": {"path": data or "", "seq_len": args.seq_len},
-        "parallel": {"backend": "deepspeed", "zero_stage": args.zero_stage, "micro_batch_size": args.micro_batch_size,
+        "parallel": {"backend": args.backend, "zero_stage": args.zero_stage, "micro_batch_size": args.micro_batch_size,
                      "grad_accum": args.grad_accum, "precision": "bf16" if args.device == "cuda" else "fp32",
                      "compile": args.device == "cuda"},
         "optim": {"lr": 6e-4, "min_lr": 6e-5, "weight_decay": 0.1, "grad_clip": 1.0},
@@ -151,6 +151,7 @@ def run_reference(spec, env: RankEnv, device: torch.device, args: argparse.Names
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(REPO / "examples" / "llama-1b.yaml"), help="spec whose model is used")
+    parser.add_argument("--backend", default="deepspeed", choices=("deepspeed", "native"))
     parser.add_argument("--zero-stage", type=int, default=1, choices=(0, 1, 2, 3))
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--micro-batch-size", type=int, default=4)
@@ -179,7 +180,8 @@ def main() -> None:
         shutil.rmtree(checkpoints, ignore_errors=True)  # tens of GB for a 1B model; a later call may share the disk
     p = spec.parallel
     dims = LlamaDims.from_config(spec.model)
-    ours = summarise(f"ours-deepspeed-zero{p.zero_stage}-dp{env.world_size}", [s.step_seconds for s in recorder.steps],
+    name = f"ours-{p.backend}-zero{p.zero_stage}-dp{env.world_size}"
+    ours = summarise(name, [s.step_seconds for s in recorder.steps],
                      [s.loss for s in recorder.steps], p.micro_batch_size * p.grad_accum * spec.data.seq_len,
                      dims.flops_per_token(spec.data.seq_len), args.warmup, device)
     results.append(ours)
