@@ -117,7 +117,7 @@ def test_breakdown_rows_add_up(billion):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero", [1])  # ZeRO-1 is the default; stage 3 (0.2% off) costs as much again to check
+@pytest.mark.parametrize("zero", [1])  # ZeRO-1 is the default; stage 3 (0.3% off when tried) costs as much again
 def test_model_states_match_a_real_deepspeed_engine(zero, tmp_path):
     """Tensors alive between steps of a real 2-rank bf16 engine (gloo) = the estimate's model states: weights, the
     gradients kept through the step, Adam and master shards, and ZeRO-3's resident reduction bucket."""
