@@ -9,6 +9,7 @@ switched off here, before Ray starts any process.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -17,15 +18,22 @@ LOCAL_ENV = {
     "RAY_AUTH_MODE": "disabled",
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
 }
+CLUSTER_VARIABLE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 # Every rank's line reaches the driver's log as printed: Ray would fold identical lines of several ranks into one
 # ("[repeated 4x across cluster]") and colour the prefixes.
 LOG_ENV = {"RAY_DEDUP_LOGS": "0", "RAY_COLOR_PREFIX": "0"}
 
 
-def apply_local_env() -> None:
-    """Set the loopback / no-telemetry / plain-log variables, keeping any the user set."""
+def apply_local_env() -> bool:
+    """Set the loopback / no-telemetry / plain-log variables, keeping any the user set.
+
+    Returns False when Ray was imported before with the other value of RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER: Ray then
+    binds the machine's address instead of loopback.
+    """
     for key, value in {**LOCAL_ENV, **LOG_ENV}.items():
         os.environ.setdefault(key, value)
+    constants = sys.modules.get("ray._private.ray_constants")
+    return constants is None or (os.environ[CLUSTER_VARIABLE] != "0") == constants.ENABLE_RAY_CLUSTER
 
 
 def apply_log_env() -> None:
@@ -36,7 +44,9 @@ def apply_log_env() -> None:
 @contextmanager
 def local_cluster(num_cpus: float | None = None, num_gpus: int | None = None) -> Iterator[dict]:
     """Start Ray in this process (head node on 127.0.0.1, no dashboard), yield its resources, stop it after."""
-    apply_local_env()
+    if not apply_local_env():
+        print(f"pretrain: Ray was imported before {CLUSTER_VARIABLE}=0 was set; the local cluster listens on this "
+              "machine's address, not only on loopback", file=sys.stderr)
     import ray
 
     ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,

@@ -17,7 +17,9 @@ class SimulatedCluster:
     """A head node (job drivers, the Jobs API on 127.0.0.1) and `nodes` worker nodes with `gpus_per_node` each."""
 
     def __init__(self, nodes: int = 2, gpus_per_node: int = 1, cpus_per_node: float = 1.0, head_cpus: float = 1.0):
-        apply_local_env()
+        if not apply_local_env():
+            # The nodes advertise 127.0.0.1 while Ray would bind the machine's address: drivers would never connect.
+            raise RuntimeError("Ray was imported before cluster.local.apply_local_env() ran; call it first")
         from ray.cluster_utils import Cluster
 
         self.node_args = {"num_cpus": cpus_per_node, "num_gpus": gpus_per_node, "node_ip_address": "127.0.0.1"}

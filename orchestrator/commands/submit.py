@@ -54,7 +54,7 @@ def absolute_paths(spec: JobSpec) -> JobSpec:
 def _run_local(spec: JobSpec, plan: bool) -> int:
     from cluster.local import apply_local_env, local_cluster
 
-    apply_local_env()  # before Ray is imported: it reads the variables once, at import
+    apply_local_env()  # before the controller imports Ray, which reads the variables once
     from orchestrator.controller import Controller
 
     with local_cluster():
