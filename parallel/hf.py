@@ -69,8 +69,10 @@ def _rope_theta(config: dict[str, Any], problems: list[str]) -> float:
     params = config.get("rope_parameters") or {}
     scaling = config.get("rope_scaling")
     kind = params.get("rope_type", "default")
-    if scaling or kind != "default":
-        problems.append(f"rope_scaling={scaling or params!r}: scaled RoPE is not supported (only plain RoPE)")
+    if scaling:
+        problems.append(f"rope_scaling={scaling!r}: scaled RoPE is not supported (only plain RoPE)")
+    elif kind != "default":
+        problems.append(f"rope_parameters.rope_type={kind!r}: scaled RoPE is not supported (only 'default')")
     return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
 
 

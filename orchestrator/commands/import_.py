@@ -6,8 +6,8 @@
 Checks the Hugging Face directory completely (config.json describes a model we can represent, every tensor is
 there with its shape), then writes the job spec with `model.*` set from config.json and `checkpoint.init_from`
 pointing at the directory: the training loop loads those weights into whatever layout the spec has when there is
-no checkpoint of the run to resume. The shards must be tokenized with the model's tokenizer; a shard vocabulary
-larger than the model's is refused.
+no checkpoint of the run to resume. The shards must be tokenized with the model's tokenizer (the spec's validation
+refuses a shard vocabulary larger than the model's).
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-
-from orchestrator.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,21 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dataprep.shards import write_atomic
     from orchestrator.validate import load_spec, spec_to_yaml
-    from parallel.hf import model_settings, open_hf_weights, shard_tokenizer
+    from parallel.hf import model_settings, open_hf_weights
 
     weights = open_hf_weights(args.hf_dir)
     hf_dir = os.path.abspath(args.hf_dir)
     taken = [f"model.{k}={v}" for k, v in model_settings(weights.dims).items()]
     spec = load_spec(args.spec, [*args.overrides, *taken, f"checkpoint.init_from={hf_dir}"])
-    shards = shard_tokenizer(spec.data.path)
-    if shards is not None:
-        from tokenizers import Tokenizer
-
-        size = Tokenizer.from_file(shards.tokenizer_json).get_vocab_size()
-        if size > weights.dims.vocab_size:
-            raise UserError(f"{shards.tokenizer_json}: the shards' tokenizer has {size} tokens, the model "
-                            f"{weights.dims.vocab_size}; prepare the corpus with {hf_dir}/tokenizer.json "
-                            "(prep tokenizer.type=file)")
     text = spec_to_yaml(spec)
     if args.output:
         write_atomic(args.output, text.encode())
