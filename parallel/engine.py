@@ -77,6 +77,19 @@ def mean_over_dp(loss: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
     return loss
 
 
+def gather_full_state(local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every rank's part of the full state (empty where a rank holds only copies) merged on global rank 0, sorted by
+    name; an empty dict elsewhere. Collective."""
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(local, gathered, dst=0)
+    if dist.get_rank() != 0:
+        return {}
+    full: dict[str, torch.Tensor] = {}
+    for part in gathered:
+        full.update(part)
+    return dict(sorted(full.items()))
+
+
 def build_engine(spec: JobSpec, env: RankEnv, device: torch.device) -> Engine:
     """The engine `spec.parallel.backend` names, with the model built, sharded and initialised from the schedule's seed.
 

@@ -37,7 +37,7 @@ from orchestrator.spec import JobSpec
 from parallel.activation_checkpoint import apply_activation_checkpointing
 from parallel.compile import apply_compile
 from parallel.dtensor_tp import apply_dtensor_tp
-from parallel.engine import StepResult, device_pairs, mean_over_dp
+from parallel.engine import StepResult, device_pairs, gather_full_state, mean_over_dp
 from parallel.fsdp import apply_fsdp, reshards_after_forward
 from parallel.launch import RankEnv
 from parallel.model import LlamaDims, build_model, cross_entropy, init_parameter
@@ -249,14 +249,7 @@ class NativeEngine:
             value = param.full_tensor() if isinstance(param, DTensor) else param
             if keep:
                 local[name] = value.detach().float().cpu()
-        gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-        dist.gather_object(local, gathered, dst=0)
-        if dist.get_rank() != 0:
-            return {}
-        full: dict[str, torch.Tensor] = {}
-        for part in gathered:
-            full.update(part)
-        return dict(sorted(full.items()))
+        return gather_full_state(local)
 
     @torch.no_grad()
     def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
