@@ -24,7 +24,7 @@ from orchestrator.spec import JobSpec
 from parallel.activation_checkpoint import apply_activation_checkpointing
 from parallel.compile import apply_compile
 from parallel.deepspeed_config import build_ds_config
-from parallel.engine import StepResult, device_pairs, mean_over_dp
+from parallel.engine import StepResult, device_pairs, gather_full_state, mean_over_dp
 from parallel.launch import RankEnv
 from parallel.materialize import materialize_model
 from parallel.model import LlamaDims, build_model, cross_entropy
@@ -170,14 +170,7 @@ class DeepSpeedEngine:
                 value = torch.cat(parts, dim=param.partition_dim)
             if keep:
                 local[name] = value.float().cpu()
-        gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-        dist.gather_object(local if keep else {}, gathered, dst=0)
-        if dist.get_rank() != 0:
-            return {}
-        full: dict[str, torch.Tensor] = {}
-        for part in gathered:
-            full.update(part)
-        return dict(sorted(full.items()))
+        return gather_full_state(local)
 
     @torch.no_grad()
     def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
