@@ -94,6 +94,11 @@ def references() -> dict[tuple[str, ...], dict]:
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_single_process(layout: str, references: dict, tmp_path: Path) -> None:
     procs, overrides = LAYOUTS[layout]
+    assert_layout_matches(procs, overrides, references, tmp_path)
+
+
+def assert_layout_matches(procs: int, overrides: list[str], references: dict, tmp_path: Path) -> None:
+    """Run the layout and hold its losses, parameters, schedule and eval loss to the single-process reference."""
     model_overrides = tuple(o for o in overrides if o.startswith("model."))
     if model_overrides not in references:
         references[model_overrides] = reference_run(list(model_overrides))
