@@ -189,7 +189,9 @@ class Checkpointer:
         self.config = spec.checkpoint
         self.storage = Storage(self.config.dir)
         self.spec = spec
-        self.layout = {"dp": dims.dp, "pp": dims.pp, "tp": dims.tp, "zero_stage": spec.parallel.zero_stage,
+        self.deepspeed = spec.parallel.backend == "deepspeed"
+        self.layout = {"backend": spec.parallel.backend, "dp": dims.dp, "pp": dims.pp, "tp": dims.tp,
+                       "zero_stage": spec.parallel.zero_stage,
                        "world_size": dims.world_size}
         self.rank, self.world_size = dims.rank, dims.world_size
         self._staging_root = staging_dir
@@ -217,16 +219,16 @@ class Checkpointer:
         _barrier()
         local = self.storage.local_path(write_dir) or self._staging(name)
         asynchronous = self.config.async_save
-        recorder = RecordingEngine(defer=asynchronous)
-        ds = _deepspeed(engine)
-        original, ds.checkpoint_engine = ds.checkpoint_engine, recorder
-        try:
-            ds.save_checkpoint(local, tag=ENGINE_TAG, save_latest=False,
-                               client_state={"universal_checkpoint_info": universal_checkpoint_info(ds.module)})
-        finally:
-            ds.checkpoint_engine = original
-        job = _SaveJob(step=step, name=name, write_dir=write_dir, local=local, pending=recorder.drain(),
-                       rng=rng_state(), loader_state=dict(loader_state) if self.rank == 0 else None)
+        if self.deepspeed:
+            pending = self._save_deepspeed(engine, local, defer=asynchronous)
+        else:
+            # The native engine stages its shards in host memory and writes them in the background itself (DCP);
+            # the writer below joins that write before it checksums the files.
+            engine.save(os.path.join(local, ENGINE_TAG), client_state={})
+            pending = []
+        job = _SaveJob(step=step, name=name, write_dir=write_dir, local=local, pending=pending,
+                       rng=rng_state(), loader_state=dict(loader_state) if self.rank == 0 else None,
+                       engine=None if self.deepspeed else engine)
         if asynchronous:
             self._writer = threading.Thread(target=self._write_in_background, args=(job,), name="checkpoint-writer",
                                             daemon=True)
@@ -235,6 +237,19 @@ class Checkpointer:
             self._write(job)
         stall = time.perf_counter() - start
         return CheckpointStats(step=step, path=self.storage.path(name), seconds=stall, rank=self.rank)
+
+    @staticmethod
+    def _save_deepspeed(engine: Any, local: str, defer: bool) -> list[tuple[str, Any]]:
+        """DeepSpeed's save with its file writes captured (as host snapshots when `defer`), for the writer thread."""
+        recorder = RecordingEngine(defer=defer)
+        ds = _deepspeed(engine)
+        original, ds.checkpoint_engine = ds.checkpoint_engine, recorder
+        try:
+            ds.save_checkpoint(local, tag=ENGINE_TAG, save_latest=False,
+                               client_state={"universal_checkpoint_info": universal_checkpoint_info(ds.module)})
+        finally:
+            ds.checkpoint_engine = original
+        return recorder.drain()
 
     def wait(self) -> None:
         """Block until the checkpoint being written in the background is committed (or re-raise its error)."""
@@ -262,6 +277,8 @@ class Checkpointer:
 
     def _write(self, job: _SaveJob) -> None:
         start = time.perf_counter()
+        if job.engine is not None:
+            job.engine.wait_saved()
         for path, state in job.pending:
             if state is not None:
                 torch.save(state, path)
@@ -299,7 +316,8 @@ class Checkpointer:
             for root, _, names in os.walk(job.local):
                 for n in names:
                     rel = os.path.relpath(os.path.join(root, n), job.local)
-                    if not rel.startswith(("ranks", "rng")) and not _written_by_engine_rank(rel):
+                    by_engine_rank = self.deepspeed and _written_by_engine_rank(rel)
+                    if not rel.startswith(("ranks", "rng")) and not by_engine_rank:
                         mine.add(rel)
         out = {}
         for rel in sorted(mine):
@@ -408,16 +426,24 @@ class Checkpointer:
         local = self.storage.local_path(name) or self._download(name)
         check_same_model(os.path.join(local, "spec.yaml"), self.spec)
         saved = json.loads(_read_text(os.path.join(local, "layout.json")))
+        backend = saved.get("backend", "deepspeed")
+        if backend != self.layout["backend"]:
+            raise CheckpointError(
+                f"{self.storage.path(name)} was written by the {backend} backend and this run uses parallel.backend="
+                f"{self.layout['backend']}: resume with parallel.backend={backend}, or move the weights across with "
+                f"`pretrain export {self.storage.path(name)} DIR` and checkpoint.init_from=DIR")
         keys = ("dp", "pp", "tp", "zero_stage")
         converted = any(saved.get(k) != self.layout.get(k) for k in keys)
-        if converted:
+        if not self.deepspeed:
+            # DCP reshards on load: a native checkpoint of any layout loads as it is.
+            engine.load(os.path.join(local, ENGINE_TAG))
+        elif converted:
             if self.rank == 0:
                 log.warning("checkpoint %s was written with %s, this run has %s: converting it to a universal "
                             "checkpoint", name, {k: saved.get(k) for k in keys}, {k: self.layout[k] for k in keys})
-            engine_dir = self._universal(name, local)
+            self._load_engine(engine, self._universal(name, local), universal=True)
         else:
-            engine_dir = local
-        self._load_engine(engine, engine_dir, universal=converted)
+            self._load_engine(engine, local, universal=False)
         rng_file = os.path.join(local, "rng", f"rank_{self.rank:05d}.pt")
         if os.path.exists(rng_file):
             set_rng_state(torch.load(rng_file, weights_only=False))
@@ -473,6 +499,7 @@ class _SaveJob:
     pending: list[tuple[str, Any]]
     rng: dict[str, Any]
     loader_state: dict[str, Any] | None
+    engine: Any = None  # a native engine whose background DCP write the writer joins first
     saved_paths: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:

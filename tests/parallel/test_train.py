@@ -57,3 +57,28 @@ def test_a_layout_that_does_not_fit_the_launched_ranks_is_one_readable_error(tmp
     assert result.returncode == 2
     assert "parallel: dp=2 × pp=1 × tp=1 = 2, but the run has 1 ranks" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_native_backend_checkpoints_in_the_background_and_resumes_exactly(tmp_path: Path) -> None:
+    shards = write_shards(tmp_path / "shards", seq_len=64, rows=400)
+    # a constant LR after warmup, so stopping at 8 of 8 steps and going on to 10 is the same run as 10 straight
+    native = [f"data.path={shards}", "parallel.backend=native", "parallel.zero_stage=3",
+              "checkpoint.async_save=true", "schedule.lr_schedule=constant"]
+    straight = pretrain_train(2, tmp_path, *native, f"checkpoint.dir={tmp_path / 'straight'}", "schedule.steps=10")
+    assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
+    resumed_dir = f"checkpoint.dir={tmp_path / 'resumed'}"
+    first = pretrain_train(2, tmp_path, *native, resumed_dir, "schedule.steps=8")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    manifest = (tmp_path / "resumed" / "step_8" / "manifest.json").read_text()
+    assert "engine/dcp/.metadata" in manifest and ".distcp" in manifest and "engine/engine_state.pt" in manifest
+
+    second = pretrain_train(2, tmp_path, *native, resumed_dir, "schedule.steps=10")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    after = losses(second.stdout)
+    assert sorted(after) == [9, 10]
+    assert after == {step: loss for step, loss in losses(straight.stdout).items() if step > 8}
+
+    other = pretrain_train(2, tmp_path, f"data.path={shards}", resumed_dir, "schedule.steps=12")
+    assert other.returncode != 0  # each rank exits 2; torchrun reports its children's failure as 1
+    assert "was written by the native backend and this run uses parallel.backend=deepspeed" in other.stderr
