@@ -19,6 +19,7 @@ from parallel.hf import HFExport, load_hf_model, open_hf_weights, open_init_weig
 from parallel.model import LlamaDims, build_model
 
 ATOL = 1e-4
+TINY = Path(__file__).resolve().parents[2] / "examples" / "tiny.yaml"
 
 CONFIGS = {
     "gqa": dict(num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0),
@@ -192,10 +193,13 @@ def test_checkpoint_lookup_errors(tmp_path: Path) -> None:
 
 def test_cli_reports_bad_inputs_in_one_line(hf_dir: Path, tmp_path: Path, capsys) -> None:
     edit_config(hf_dir, attention_bias=True)
-    assert pretrain(["import", str(hf_dir), "examples/tiny.yaml"]) == 2
-    assert "pretrain import: " in capsys.readouterr().err
+    assert pretrain(["import", str(hf_dir), str(TINY)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pretrain import: ") and "attention_bias=true: biases are not supported" in err
+    assert "Traceback" not in err
     assert pretrain(["export", str(tmp_path / "none"), str(tmp_path / "out")]) == 2
-    assert "pretrain export: " in capsys.readouterr().err
+    assert "pretrain export: " + str(tmp_path / "none") + ": no such checkpoint directory" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
     assert pretrain(["export", str(tmp_path / "none"), str(tmp_path / "full")]) == 2
@@ -207,7 +211,7 @@ def test_cli_reports_bad_inputs_in_one_line(hf_dir: Path, tmp_path: Path, capsys
 
 def test_import_writes_a_spec_with_the_model_and_init_from(good_dir: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "job.yaml"
-    argv = ["import", str(good_dir), "examples/tiny.yaml", f"data.path={tmp_path / 'shards'}", "parallel.pp=2"]
+    argv = ["import", str(good_dir), str(TINY), f"data.path={tmp_path / 'shards'}", "parallel.pp=2"]
     assert pretrain([*argv, "-o", str(out)]) == 0
     from orchestrator.validate import load_spec
 
