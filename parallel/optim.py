@@ -11,6 +11,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from orchestrator.spec import OptimConfig, ScheduleConfig
 
@@ -25,10 +26,15 @@ def build_param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_
         if not param.requires_grad:
             continue
         (no_decay if param.ndim < 2 or "embed_tokens" in name else decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    groups = []
+    for params, decay_rate in ((decay, weight_decay), (no_decay, 0.0)):
+        # foreach and fused AdamW update a group in one call, which can't mix DTensor (tensor-parallel) parameters
+        # with plain ones: such a group is split in two, DTensors first.
+        dtensors = [p for p in params if isinstance(p, DTensor)]
+        plain = [p for p in params if not isinstance(p, DTensor)]
+        parts = [dtensors, plain] if dtensors else [params]
+        groups += [{"params": part, "weight_decay": decay_rate} for part in parts if part or not dtensors]
+    return groups
 
 
 def build_optimizer(param_groups: list[dict], config: OptimConfig, device: torch.device) -> torch.optim.AdamW:

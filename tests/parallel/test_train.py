@@ -82,3 +82,14 @@ def test_native_backend_checkpoints_in_the_background_and_resumes_exactly(tmp_pa
     other = pretrain_train(2, tmp_path, f"data.path={shards}", resumed_dir, "schedule.steps=12")
     assert other.returncode != 0  # each rank exits 2; torchrun reports its children's failure as 1
     assert "was written by the native backend and this run uses parallel.backend=deepspeed" in other.stderr
+
+
+@pytest.mark.slow
+def test_native_tensor_parallel_trains_through_the_loop(tmp_path: Path) -> None:
+    """DTensor (sharded) and plain (replicated) parameters share one fused/foreach AdamW."""
+    shards = write_shards(tmp_path / "shards", seq_len=64, rows=200)
+    result = pretrain_train(2, tmp_path, f"data.path={shards}", "parallel.backend=native", "parallel.tp=2",
+                            f"checkpoint.dir={tmp_path / 'ckpt'}", "schedule.steps=4")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    seen = losses(result.stdout)
+    assert sorted(seen) == [1, 2, 3, 4] and seen[4] < seen[1]
