@@ -53,6 +53,15 @@ def uses_gpus(spec: JobSpec, cluster: dict[str, float]) -> bool:
     return device == "cuda" or (device == "auto" and cluster.get("GPU", 0) > 0)
 
 
+def bundle_on(spec: JobSpec, nodes: list[dict]) -> dict[str, float]:
+    """One rank's bundle on these nodes (Ray's alive-node records): with GPUs when the spec and the nodes have them."""
+    totals: dict[str, float] = {}
+    for n in nodes:
+        for k, v in n["Resources"].items():
+            totals[k] = totals.get(k, 0.0) + v
+    return rank_bundle(spec, uses_gpus(spec, totals))
+
+
 def rank_bundle(spec: JobSpec, gpus: bool) -> dict[str, float]:
     bundle = {"CPU": spec.resources.cpus_per_rank}
     if gpus:
@@ -97,11 +106,7 @@ def _node_name(node: dict) -> str:
 def reserve_gang(spec: JobSpec, *, timeout_s: float = PLACEMENT_TIMEOUT_S) -> Gang:
     """Reserve one bundle per rank for `spec.world_size` ranks, or raise `SchedulingError` naming what is short."""
     nodes = alive_nodes()
-    totals: dict[str, float] = {}
-    for n in nodes:
-        for k, v in n["Resources"].items():
-            totals[k] = totals.get(k, 0.0) + v
-    bundle = rank_bundle(spec, uses_gpus(spec, totals))
+    bundle = bundle_on(spec, nodes)
     ranks = spec.world_size
     check_fits(bundle, ranks, spec.resources.gpus_per_node, nodes)
     strategy = "STRICT_PACK" if spec.resources.num_nodes == 1 else "PACK"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from cluster.placement import node_capacity, rank_bundle, uses_gpus
+from cluster.placement import bundle_on, node_capacity
 from orchestrator.errors import SchedulingError
 from orchestrator.spec import JobSpec
 from orchestrator.validate import parse_spec, spec_to_dict
@@ -18,11 +18,7 @@ from orchestrator.validate import parse_spec, spec_to_dict
 def plan_nodes(spec: JobSpec, nodes: Iterable[dict]) -> JobSpec:
     """The spec to run on `nodes` (Ray's alive-node records): all of `spec`'s nodes, or as few as min_nodes allows."""
     nodes = list(nodes)
-    totals: dict[str, float] = {}
-    for n in nodes:
-        for k, v in n["Resources"].items():
-            totals[k] = totals.get(k, 0.0) + v
-    bundle = rank_bundle(spec, uses_gpus(spec, totals))
+    bundle = bundle_on(spec, nodes)
     r = spec.resources
     room = sum(node_capacity(bundle, n["Resources"]) for n in nodes) // r.gpus_per_node
     fewest = r.min_nodes or r.num_nodes
