@@ -75,8 +75,11 @@ def test_submitted_job_trains_checkpoints_and_finishes(undisturbed):
     assert "(rank0 pid=" in log and "(rank1 pid=" in log  # every rank's output, prefixed
 
 
-def _wait_for_step(run: str, attempt: int, rank: int, step: int, timeout: float = 240.0) -> int:
-    """Wait until rank `rank` of the run's attempt `attempt` has finished `step`; return its pid."""
+def _wait_for_step(address: str, run: str, attempt: int, rank: int, step: int, timeout: float = 240.0) -> int:
+    """Wait until rank `rank` of the run's attempt `attempt` has finished `step`; return its pid.
+
+    The cluster's address is named: other Ray instances may run on the machine (e.g. another test worker's).
+    """
     import ray
     from ray.util.state import list_actors
 
@@ -86,7 +89,8 @@ def _wait_for_step(run: str, attempt: int, rank: int, step: int, timeout: float 
     while time.monotonic() < deadline:
         try:
             if actor is None:
-                found = list_actors(filters=[("class_name", "=", "RankWorker"), ("state", "=", "ALIVE")])
+                alive = [("class_name", "=", "RankWorker"), ("state", "=", "ALIVE")]
+                found = list_actors(address=address, filters=alive)
                 names = [a.name for a in found if a.name.startswith(f"{run}-") and a.name.endswith(suffix)]
                 actor = ray.get_actor(names[0], namespace="pretrain") if names else None
             elif ray.get(actor.poll.remote(), timeout=10).step >= step:
@@ -108,7 +112,7 @@ def test_two_rank_kills_finish_with_the_undisturbed_loss(ray_cluster, shards, un
     try:
         for attempt, low in ((1, 2), (2, 5)):
             rank, step = rng.randrange(2), rng.randint(low, STEPS - 3)
-            os.kill(_wait_for_step("chaos", attempt, rank, step), signal.SIGKILL)
+            os.kill(_wait_for_step(ray_cluster.address, "chaos", attempt, rank, step), signal.SIGKILL)
         _wait_for_end(ray_cluster.jobs_url, job)
     finally:
         ray.shutdown()
@@ -128,7 +132,7 @@ def test_lost_node_resumes_on_the_node_left(ray_cluster, shards, undisturbed, tm
                             submission_id="elastic")
     ray.init(address=ray_cluster.address)
     try:
-        _wait_for_step("elastic", 1, 1, 4)  # past the first checkpoint
+        _wait_for_step(ray_cluster.address, "elastic", 1, 1, 4)  # past the first checkpoint
         ray_cluster.kill_node()
         _wait_for_end(ray_cluster.jobs_url, job)
     finally:
