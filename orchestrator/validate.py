@@ -45,7 +45,7 @@ def parse_spec(
         problems.extend(rule(spec, bad, manifest))
     if problems:
         raise SpecError(source, problems)
-    return _resolve(spec)
+    return _resolve(spec, manifest)
 
 
 def parse_config(
@@ -449,7 +449,7 @@ def _min_nodes_within_nodes(spec: JobSpec, _: Any) -> list[Problem]:
 # ---------------------------------------------------------------------------------------------- resolution
 
 
-def _resolve(spec: JobSpec) -> JobSpec:
+def _resolve(spec: JobSpec, manifest: dict | None) -> JobSpec:
     """Fill the values left open (dp, vocab size from the shards, kv heads, ffn size) so consumers never guess."""
     defaults_resolved = OmegaConf.to_container(OmegaConf.create(spec_to_dict(spec)), resolve=True)
     spec = _build(JobSpec, defaults_resolved, "", [], set())
@@ -462,11 +462,8 @@ def _resolve(spec: JobSpec) -> JobSpec:
         m.n_kv_heads = m.n_heads
     if m.ffn_dim is None:
         m.ffn_dim = m.multiple_of * math.ceil(int(8 * m.dim / 3) / m.multiple_of)
-    if m.vocab_size is None and spec.data.path:
-        manifest = os.path.join(spec.data.path, "manifest.json")
-        if os.path.exists(manifest):
-            with open(manifest, encoding="utf-8") as f:
-                tokens = json.load(f).get("tokenizer", {}).get("vocab_size")
-            if isinstance(tokens, int):
-                m.vocab_size = VOCAB_PAD * math.ceil(tokens / VOCAB_PAD)
+    if m.vocab_size is None and manifest is not None:
+        tokens = manifest.get("tokenizer", {}).get("vocab_size")
+        if isinstance(tokens, int):
+            m.vocab_size = VOCAB_PAD * math.ceil(tokens / VOCAB_PAD)
     return spec
