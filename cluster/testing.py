@@ -29,9 +29,10 @@ class SimulatedCluster:
             "num_cpus": head_cpus, "node_ip_address": "127.0.0.1", "include_dashboard": True,
             "dashboard_host": "127.0.0.1", "dashboard_port": self.jobs_port,
             "dashboard_agent_listen_port": _free_port(), "metrics_export_port": _free_port(),
-            # Notice a killed node within about 2 s instead of Ray's default 15 s; wait longer for a node's agent,
-            # slow to start on a loaded test machine.
-            "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 3,
+            # Notice a killed node within about 8 s instead of Ray's default 15 s, yet ride out a raylet stalled for
+            # seconds on a loaded test machine (a false node death takes the jobs on it down); wait longer for a
+            # node's agent, slow to start there too.
+            "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 8,
                                "agent_register_timeout_ms": 180000},
         })
         self.nodes = [self.cluster.add_node(**self.node_args) for _ in range(nodes)]
