@@ -2,16 +2,21 @@
 
     # one GPU: the plain loop, native (fp32 master weights + bf16 autocast, no FSDP at dp=1), DeepSpeed ZeRO-1
     torchrun --nproc_per_node 1 benchmarks/gpu_backends.py --runs plain,native-zero1,deepspeed-zero1
-    # two GPUs: native FSDP2 resharding after forward (zero3) or not (zero1: gradients reduced once per step),
-    # DeepSpeed ZeRO-1 and ZeRO-3
+    # two GPUs: dp2 at ZeRO-1 and ZeRO-3 on both backends, tensor parallelism (tp2), DeepSpeed before its tuning
     torchrun --nproc_per_node 2 benchmarks/gpu_backends.py \
-        --runs native-zero3,native-zero1,deepspeed-zero1,deepspeed-zero3
+        --runs native-zero1,native-zero3,deepspeed-zero1,deepspeed-zero3,native-zero1-tp2,deepspeed-zero3-untuned
+
+A run is `plain` or `<backend>-zero<stage>[-tp<n>][-untuned]`: `-tp<n>` splits the model over n GPUs (the rest is
+data parallel); `-untuned` runs DeepSpeed as configured before its tuning (per-step overflow check, bf16 gradients
+copied to the fp32 accumulator after the backward pass, no compile under ZeRO-3), for before/after figures in one
+launch.
 
 The model is examples/llama-1b.yaml's (1.15B parameters, GQA, vocab 50304) at seq 2048, bf16, compiled blocks,
-micro-batch 4 × grad_accum 2 per GPU, random tokens already on the GPU (the loader is benchmarked on its own).
-Each run: `--warmup` steps (compilation), then `--repeats` windows of `--steps` timed steps, each between two CUDA
-synchronisations, the loss read once per window as a training loop reading it only when it logs would; tokens/s is
-the median window's. A configuration that fails is recorded with its error and the others still run.
+with that spec's micro-batch size and gradient accumulation per GPU unless given; random tokens already on the GPU
+(the loader is benchmarked on its own). Each run: `--warmup` steps (compilation), then `--repeats` windows of
+`--steps` timed steps, each between two CUDA synchronisations, the loss read once per window as a training loop
+reading it only when it logs would; tokens/s is the median window's. A configuration that fails is recorded with its
+error and the others still run.
 
 tokens/s counts the whole job's tokens. MFU per GPU = `LlamaDims.flops_per_token(seq)` (6·N over the matmul weights
 + 12·L·seq·dim for attention, PaLM's formula, no causal halving) × tokens/s / (GPUs × 989 TFLOP/s, H100 SXM dense
@@ -27,6 +32,7 @@ import gc
 import json
 import os
 import platform
+import re
 import statistics
 import time
 from pathlib import Path
@@ -44,16 +50,20 @@ from parallel.optim import build_optimizer, build_param_groups, build_scheduler
 
 REPO = Path(__file__).resolve().parent.parent
 H100_FLOPS = 989e12
+RUN = re.compile(r"(?P<backend>native|deepspeed)-zero(?P<stage>[0-3])(-tp(?P<tp>\d+))?(?P<untuned>-untuned)?")
 
 
-def build_spec(backend: str, zero_stage: int, world: int, args: argparse.Namespace):
-    model = load_yaml(args.model)["model"]
+def build_spec(backend: str, zero_stage: int, world: int, args: argparse.Namespace, tp: int = 1,
+               compile_blocks: bool = True):
+    spec = load_yaml(args.model)
     raw = {
         "name": "gpu-backends",
-        "model": model,
+        "model": spec["model"],
         "data": {"seq_len": args.seq_len},
-        "parallel": {"backend": backend, "zero_stage": zero_stage, "micro_batch_size": args.micro_batch_size,
-                     "grad_accum": args.grad_accum, "precision": args.precision, "compile": not args.no_compile},
+        "parallel": {"backend": backend, "zero_stage": zero_stage, "tp": tp, "precision": args.precision,
+                     "micro_batch_size": args.micro_batch_size or spec["parallel"]["micro_batch_size"],
+                     "grad_accum": args.grad_accum or spec["parallel"]["grad_accum"],
+                     "compile": compile_blocks and not args.no_compile},
         "optim": {"lr": 3e-4, "min_lr": 3e-5, "weight_decay": 0.1, "grad_clip": 1.0},
         "schedule": {"steps": 1000, "warmup_steps": 10, "seed": 0},
         "metrics": {"enabled": False},
@@ -64,7 +74,8 @@ def build_spec(backend: str, zero_stage: int, world: int, args: argparse.Namespa
 
 def random_micro_batches(spec, device: torch.device, count: int) -> list[list[MicroBatch]]:
     p, seq, vocab = spec.parallel, spec.data.seq_len, spec.model.vocab_size
-    generator = torch.Generator(device=device).manual_seed(1234 + dist.get_rank())
+    # Ranks of one tensor-parallel group (adjacent ranks) read the same batch.
+    generator = torch.Generator(device=device).manual_seed(1234 + dist.get_rank() // p.tp)
     steps = []
     for _ in range(count):
         rows = torch.randint(0, vocab, (p.grad_accum, p.micro_batch_size, seq + 1), device=device,
@@ -106,19 +117,50 @@ def _engine_loss(engine, micro_batches: list[MicroBatch]) -> torch.Tensor:
     return engine.train_step(micro_batches).loss
 
 
-def measure(name: str, args: argparse.Namespace, env: RankEnv, device: torch.device) -> dict:
+def untuned_ds_config(config: dict) -> dict:
+    """The DeepSpeed config as it was before tuning: bf16 with its defaults (an overflow flag read back every step,
+    gradients copied into the fp32 accumulator after the backward pass)."""
+    return {**config, "bf16": {"enabled": config["bf16"]["enabled"]}}
+
+
+def parse_run(name: str) -> re.Match:
+    run = RUN.fullmatch(name)
+    if run is None:
+        raise SystemExit(f"--runs: {name!r} is not plain or <native|deepspeed>-zero<0-3>[-tp<n>][-untuned]")
+    if run["untuned"] and run["backend"] != "deepspeed":
+        raise SystemExit(f"--runs: {name!r}: only deepspeed runs have an untuned form")
+    return run
+
+
+def build_runner(name: str, args: argparse.Namespace, env: RankEnv, device: torch.device):
+    """The spec and the step function of run `name`."""
     world = env.world_size
     if name == "plain":
         if world != 1:
             raise SystemExit("the plain loop runs on one GPU: launch it with --nproc_per_node 1")
         spec = build_spec("native", 1, world, args)
-        runner = PlainLoop(spec, device)
-        step = runner.train_step
+        return spec, PlainLoop(spec, device).train_step
+    run = parse_run(name)
+    stage, untuned = int(run["stage"]), bool(run["untuned"])
+    spec = build_spec(run["backend"], stage, world, args, tp=int(run["tp"] or 1),
+                      compile_blocks=not (untuned and stage == 3))
+    if untuned:
+        import parallel.deepspeed_engine as ds_engine
+
+        tuned = ds_engine.build_ds_config
+        ds_engine.build_ds_config = lambda s, dims: untuned_ds_config(tuned(s, dims))
+        try:
+            engine = build_engine(spec, env, device)
+        finally:
+            ds_engine.build_ds_config = tuned
     else:
-        backend, stage = name.split("-zero")
-        spec = build_spec(backend, int(stage), world, args)
-        runner = build_engine(spec, env, device)
-        step = functools.partial(_engine_loss, runner)
+        engine = build_engine(spec, env, device)
+    return spec, functools.partial(_engine_loss, engine)
+
+
+def measure(name: str, args: argparse.Namespace, env: RankEnv, device: torch.device) -> dict:
+    world = env.world_size
+    spec, step = build_runner(name, args, env, device)
     batches = random_micro_batches(spec, device, 4)
     cuda = device.type == "cuda"
     if cuda:
@@ -141,16 +183,17 @@ def measure(name: str, args: argparse.Namespace, env: RankEnv, device: torch.dev
     peak = torch.tensor(torch.cuda.max_memory_allocated() if cuda else 0, device=device)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     p = spec.parallel
-    tokens_per_step = p.micro_batch_size * p.grad_accum * spec.data.seq_len * world
+    tokens_per_step = p.micro_batch_size * p.grad_accum * spec.data.seq_len * p.dp
     tokens_per_s = tokens_per_step * args.steps / seconds
     dims = LlamaDims.from_config(spec.model)
     mfu = dims.flops_per_token(spec.data.seq_len) * tokens_per_s / (world * H100_FLOPS)
-    del runner, step
+    del step
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
     torch._dynamo.reset()
-    return {"run": name, "gpus": world, "tokens_per_s": round(tokens_per_s), "mfu_per_gpu": round(mfu, 4),
+    return {"run": name, "gpus": world, "micro_batch_size": p.micro_batch_size, "grad_accum": p.grad_accum,
+            "tokens_per_s": round(tokens_per_s), "mfu_per_gpu": round(mfu, 4),
             "peak_mem_gib": round(peak.item() / 2**30, 2), "step_s": round(seconds / args.steps, 4),
             "window_tokens_per_s": [round(tokens_per_step * args.steps / w) for w in windows],
             "final_loss": round(final_loss, 4), "params": dims.num_params()}
@@ -181,13 +224,13 @@ def write_results(args: argparse.Namespace, env: RankEnv, device: torch.device, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="plain,native-zero1,deepspeed-zero1",
-                        help="comma-separated: plain, native-zero{1,2,3}, deepspeed-zero{0,1,2,3}")
+                        help="comma-separated: plain, <native|deepspeed>-zero<0-3>[-tp<n>][-untuned]")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per window")
     parser.add_argument("--repeats", type=int, default=3, help="timed windows; tokens/s is their median")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--micro-batch-size", type=int, default=4)
-    parser.add_argument("--grad-accum", type=int, default=2)
+    parser.add_argument("--micro-batch-size", type=int, default=0, help="0: the --model spec's")
+    parser.add_argument("--grad-accum", type=int, default=0, help="0: the --model spec's")
     parser.add_argument("--model", default=str(REPO / "examples" / "llama-1b.yaml"),
                         help="job spec whose model section is benchmarked")
     parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
@@ -195,12 +238,16 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a smoke run of the script")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "benchmarks" / "results"))
     args = parser.parse_args()
+    names = args.runs.split(",")
+    for name in names:
+        if name != "plain":
+            parse_run(name)
     env = RankEnv.from_env()
     device = pick_device(args.device, env.local_rank)
     init_distributed(env, device)
     torch.backends.cuda.matmul.allow_tf32 = True
     results = []
-    for name in args.runs.split(","):
+    for name in names:
         try:
             result = measure(name, args, env, device)
         except Exception as e:  # noqa: BLE001 - one failing configuration must not cost the others' figures

@@ -53,7 +53,9 @@ class DataConfig:
 class ParallelConfig:
     """How the model is split over ranks: dp × pp × tp must equal the number of ranks."""
 
-    backend: str = setting("deepspeed", "parallel engine", choices=("deepspeed", "native"))
+    backend: str = setting("auto", "parallel engine; auto: native (the faster on GPUs for every layout measured), or "
+                           "deepspeed where the spec needs it (offload_optimizer; tie_embeddings with pp > 1)",
+                           choices=("auto", "deepspeed", "native"))
     dp: int = setting(0, "data-parallel size; 0 means ranks / (pp·tp)", min=0)
     pp: int = setting(1, "pipeline stages", min=1)
     pp_schedule: str = setting("1f1b", "pipeline schedule; interleaved_1f1b and zero_bubble (native only) run two "

@@ -40,12 +40,26 @@ def parse_spec(
     problems: list[Problem] = []
     bad: set[str] = set()
     spec = parse_config(JobSpec, raw, source=source, overrides=overrides, problems=problems, bad=bad)
+    if not bad & {"parallel.backend", "parallel.offload_optimizer", "parallel.pp", "model.tie_embeddings"}:
+        spec.parallel.backend = pick_backend(spec)
     manifest = _read_manifest(spec, problems, bad, require_data)
     for rule in RULES:
         problems.extend(rule(spec, bad, manifest))
     if problems:
         raise SpecError(source, problems)
     return _resolve(spec, manifest)
+
+
+def pick_backend(spec: JobSpec) -> str:
+    """`parallel.backend: auto` made concrete before any rule reads it, so a resolved spec (and every checkpoint's
+    copy of it) names the engine that ran. Native was the faster engine on H100s for one GPU and for data parallelism
+    at every ZeRO stage (docs/backends.md); DeepSpeed is kept where only it can run the spec."""
+    p = spec.parallel
+    if p.backend != "auto":
+        return p.backend
+    if p.offload_optimizer or (p.pp > 1 and spec.model.tie_embeddings):
+        return "deepspeed"
+    return "native"
 
 
 def parse_config(

@@ -75,7 +75,8 @@ def test_numbers_as_strings_are_accepted():
     ("raw", "expected"),
     [
         ({"parallel": {"zero_stage": 4}}, "parallel.zero_stage: got 4, allowed: 0, 1, 2, 3"),
-        ({"parallel": {"backend": "megatron"}}, "parallel.backend: got 'megatron', allowed: 'deepspeed', 'native'"),
+        ({"parallel": {"backend": "megatron"}},
+         "parallel.backend: got 'megatron', allowed: 'auto', 'deepspeed', 'native'"),
         ({"model": {"n_layers": 0}}, "model.n_layers: got 0, must be ≥ 1"),
         ({"optim": {"beta2": 1.5}}, "optim.beta2: got 1.5, must be ≤ 1.0"),
         ({"metrics": {"port": 70000}}, "metrics.port: got 70000, must be ≤ 65535"),
@@ -97,12 +98,13 @@ def test_open_dp_must_divide():
 
 
 def test_open_dp_is_filled_from_the_ranks():
-    spec = parse_spec({"parallel": {"tp": 2, "pp": 2}, "resources": {"num_nodes": 2, "gpus_per_node": 8}})
+    spec = parse_spec({"parallel": {"tp": 2, "pp": 2, "grad_accum": 2},
+                       "resources": {"num_nodes": 2, "gpus_per_node": 8}})
     assert spec.parallel.dp == 4
 
 
 def test_layers_divide_into_stages():
-    raw = {"model": {"n_layers": 5}, "parallel": {"pp": 2}, "resources": {"gpus_per_node": 2}}
+    raw = {"model": {"n_layers": 5}, "parallel": {"pp": 2, "grad_accum": 2}, "resources": {"gpus_per_node": 2}}
     assert problems(raw) == ["model.n_layers: 5 layers do not split into parallel.pp=2 equal pipeline stages"]
 
 
@@ -140,9 +142,21 @@ def test_vocab_divides_by_tp():
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_2_3_refused_with_pipeline(stage):
-    raw = {"parallel": {"pp": 2, "zero_stage": stage}, "resources": {"gpus_per_node": 2}}
+    raw = {"parallel": {"backend": "deepspeed", "pp": 2, "zero_stage": stage}, "resources": {"gpus_per_node": 2}}
     (message,) = problems(raw)
     assert message.startswith(f"parallel.zero_stage: ZeRO stage {stage} with parallel.pp=2: DeepSpeed's pipeline")
+
+
+@pytest.mark.parametrize(("parallel", "model", "expected"), [
+    ({}, {}, "native"),
+    ({"zero_stage": 3, "tp": 2, "pp": 2, "grad_accum": 2}, {}, "native"),
+    ({"offload_optimizer": True}, {}, "deepspeed"),
+    ({"pp": 2, "grad_accum": 2}, {"tie_embeddings": True}, "deepspeed"),
+    ({"backend": "deepspeed"}, {}, "deepspeed"),
+])
+def test_auto_backend_is_native_unless_only_deepspeed_runs_the_spec(parallel, model, expected):
+    raw = {"parallel": parallel, "model": {"n_layers": 4, **model}, "resources": {"gpus_per_node": 8}}
+    assert parse_spec(raw).parallel.backend == expected
 
 
 def test_zero_3_with_pipeline_allowed_on_native():

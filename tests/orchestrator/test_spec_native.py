@@ -19,7 +19,7 @@ def problems(parallel: dict, model: dict | None = None) -> list[str]:
 
 @pytest.mark.parametrize("schedule", ["interleaved_1f1b", "zero_bubble"])
 def test_deepspeed_runs_only_1f1b(schedule):
-    assert problems({"pp_schedule": schedule, "grad_accum": 2}) == [
+    assert problems({"backend": "deepspeed", "pp_schedule": schedule, "grad_accum": 2}) == [
         f"parallel.pp_schedule: '{schedule}': DeepSpeed's pipeline engine runs only '1f1b'; use "
         "parallel.backend=native for interleaved_1f1b or zero_bubble"]
 

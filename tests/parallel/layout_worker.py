@@ -19,7 +19,7 @@ from parallel.loader import MicroBatch
 TINY = {
     "model": {"vocab_size": 128, "dim": 64, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 32},
     "data": {"seq_len": 32},
-    "parallel": {"precision": "fp32", "zero_stage": 0},
+    "parallel": {"backend": "deepspeed", "precision": "fp32", "zero_stage": 0},
     "optim": {"lr": 3e-3, "min_lr": 3e-4, "weight_decay": 0.1, "grad_clip": 0.5, "eps": 1e-6},
     "schedule": {"steps": 10, "warmup_steps": 2, "lr_schedule": "cosine", "seed": 7},
     "resources": {"device": "cpu", "gpus_per_node": 1},
