@@ -157,6 +157,8 @@ class PrepConfig:
                                 choices=("repair", "drop"))
     max_doc_bytes: int = setting(10_000_000, "documents larger than this are dropped as bad input", min=1)
     part_bytes: int = setting(32_000_000, "text per intermediate part: bounds the memory of one task", min=1000)
+    span_bytes: int = setting(16_000_000, "plain JSONL and Parquet files larger than this are read as spans of about "
+                              "this size by separate tasks; 0: one task per file (the output is the same)", min=0)
     rows_per_shard: int = setting(8192, "rows per Arrow shard file", min=1)
     examples: int = setting(3, "removed documents shown per reason in the report", min=0)
     num_cpus: int = setting(0, "CPUs of the embedded local Ray; 0: all (ignored with --address)", min=0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
@@ -34,24 +35,32 @@ def stage_dir(work: str, name: str, *key: Any) -> str:
     return os.path.join(work, f"{name}-{stable_hash(*key)[:16]}")
 
 
-def connect_ray(address: str | None, num_cpus: int) -> bool:
-    """Join the cluster at `address`, or start an embedded local Ray; returns whether this call started Ray."""
+def connect_ray(address: str | None, num_cpus: int, progress: bool = True) -> bool:
+    """Join the cluster at `address`, or start an embedded local Ray; returns whether this call started Ray.
+
+    Without `progress`, Ray Data shows no progress (bars, or the periodic log lines it writes instead when stdout
+    is not a terminal) and logs only errors, so a quiet run prints nothing.
+    """
     import ray
 
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(address="local", num_cpus=num_cpus or None, include_dashboard=False, log_to_driver=False)
+    started = not ray.is_initialized()
+    if started:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        level = logging.INFO if progress else logging.WARNING
+        if address:
+            ray.init(address=address, log_to_driver=False, logging_level=level)
+        else:
+            ray.init(address="local", num_cpus=num_cpus or None, include_dashboard=False, log_to_driver=False,
+                     logging_level=level)
     ctx = ray.data.DataContext.get_current()
     # Each hash-shuffle aggregator is an actor: on a small machine a few are faster to start than one per partition.
     ctx.max_hash_shuffle_aggregators = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    ctx.enable_progress_bars = True
+    ctx.enable_progress_bars = progress
     ctx.print_on_execution_start = False
     ctx.verbose_stats_logs = False
-    return True
+    ctx.enable_auto_log_stats = False
+    logging.getLogger("ray.data").setLevel(logging.INFO if progress else logging.ERROR)
+    return started
 
 
 def write_table_atomic(table: pa.Table, path: str) -> None:

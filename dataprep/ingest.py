@@ -1,14 +1,18 @@
-"""Stage 1, one task per input file: read, normalize, filter, hash and sign every document.
+"""Stage 1, one task per input file or span of one: read, normalize, filter, hash and sign every document.
 
 Everything that needs a document's full text happens in this one pass, so the text is read and decoded once:
 the exact-dedup hash and the MinHash band keys are taken from the normalized text, and the quality verdict is
 computed now but applied after dedup (the order of the design: dedup, then filters). Output parts are Parquet
 files of at most `part_bytes` of text holding one row per readable document; bad records are only counted.
+A large plain JSONL or Parquet file is read as several spans by separate tasks (`readers.split_file`); each span
+numbers its records from the file's own record index, so keys, ids and reported lines do not depend on the split,
+and `merge_span_stats` folds the spans' counters back into the file's.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +26,7 @@ from dataprep.executor import write_table_atomic
 from dataprep.filters.base import apply_filters, build_filters
 from dataprep.normalize import normalize_text
 from dataprep.readers import BadInput, read_records
+from dataprep.readers.base import WHOLE_FILE
 
 SOURCE_BITS, FILE_BITS, RECORD_BITS = 12, 20, 31
 MAX_BAD_LISTED = 20  # per file: the report names these, and counts the rest
@@ -39,6 +44,9 @@ class FileTask:
     fmt: str
     text_field: str
     id_field: str
+    start: int = WHOLE_FILE[0]  # the span of the file this task reads (see `readers.split_file`)
+    stop: int = WHOLE_FILE[1]
+    first_index: int = WHOLE_FILE[2]
 
 
 def doc_key(source_rank: int, file_index: int, record: int) -> int:
@@ -87,7 +95,7 @@ def ingest_file(payload: dict, directory: str, config: PrepConfig) -> dict:
     batch_bytes = 0
     name = task.name
     for record in read_records(task.path, task.fmt, task.text_field, task.id_field, config.max_doc_bytes,
-                               config.invalid_utf8 == "repair"):
+                               config.invalid_utf8 == "repair", (task.start, task.stop, task.first_index)):
         if record.problem == "unreadable_file":
             _fail_or_count(config, out, record.problem, task.path, None, record.detail)
             continue
@@ -114,6 +122,24 @@ def ingest_file(payload: dict, directory: str, config: PrepConfig) -> dict:
     if out.stats["docs_in"] == 0 and not out.stats["removed"].get("unreadable_file"):
         _fail_or_count(config, out, "empty_file", task.path, None, "no documents")
     return out.stats
+
+
+def merge_span_stats(spans: list[dict], examples: int) -> dict:
+    """The counters of a whole file from those of its spans, in file order: what one task reading it would report."""
+    merged = json.loads(json.dumps(spans[0]))
+    for stat in spans[1:]:
+        for key in ("docs_in", "bytes_in", "bad_count", "repaired_utf8", "parts", "docs_out"):
+            merged[key] += stat[key]
+        for reason, n in stat["removed"].items():
+            merged["removed"][reason] = merged["removed"].get(reason, 0) + n
+        for reason, shown in stat["examples"].items():
+            merged["examples"].setdefault(reason, []).extend(shown)
+        merged["bad"].extend(stat["bad"])
+        if stat.get("bad_files"):
+            merged.setdefault("bad_files", []).extend(stat["bad_files"])
+    merged["bad"] = merged["bad"][:MAX_BAD_LISTED]
+    merged["examples"] = {reason: shown[:examples] for reason, shown in merged["examples"].items()}
+    return merged
 
 
 def _fail_or_count(config: PrepConfig, out: _Collector, reason: str, doc_id: str, line: int | None,

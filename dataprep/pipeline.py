@@ -32,15 +32,15 @@ from dataprep.executor import (
     stage_dir,
     user_error_in,
 )
-from dataprep.ingest import FileTask, ingest_file
+from dataprep.ingest import FileTask, ingest_file, merge_span_stats
 from dataprep.mix import _target_shares, plan_mixture
 from dataprep.readers import list_files
-from dataprep.readers.base import detect_format
+from dataprep.readers.base import detect_format, split_file
 from dataprep.shards import MANIFEST_FILE, read_manifest, verify_shard, write_atomic
 from dataprep.stats import PrepStats
 from orchestrator.errors import DataError, PretrainError
 
-FILE_INGEST_VERSION = 1
+FILE_INGEST_VERSION = 2
 
 
 class ConservationError(PretrainError):
@@ -51,7 +51,7 @@ def run_prep(config: PrepConfig, address: str | None = None, stats: PrepStats | 
              progress: bool = True) -> dict[str, Any]:
     """Run every stage not already done; returns the report (also written as report.json beside the shards)."""
     stats = stats or PrepStats()
-    started_ray = connect_ray(address, config.num_cpus)
+    started_ray = connect_ray(address, config.num_cpus, progress)
     try:
         return _Prep(config, stats, progress).run()
     finally:
@@ -75,8 +75,13 @@ class _Prep:
         tasks = self._file_tasks()
         ingest_key = (FILE_INGEST_VERSION, _ingest_settings(c))
         ingest_dir = stage_dir(self.work, "ingest", ingest_key)
-        ingested = self._per_file("ingest", ingest_dir, [(t["name"], t) for t in tasks],
-                                  lambda p, d, cfg=c: ingest_file(_task_fields(p), d, cfg))
+        spans = self._span_tasks(tasks)
+        by_span = self._per_file("ingest", ingest_dir, [(name, p) for name, p, _ in spans],
+                                 lambda p, d, cfg=c: ingest_file(_task_fields(p), d, cfg))
+        of_file: dict[str, list[dict]] = {t["name"]: [] for t in tasks}
+        for name, payload in sorted((n, p) for n, p, _ in spans):  # span names sort in file order
+            of_file[payload["file"]].append(by_span[name])
+        ingested = {name: merge_span_stats(stats, c.examples) for name, stats in of_file.items()}
         parts_by_task = {t["name"]: sorted(f for f in _files_with_prefix(ingest_dir, t["name"] + "-")) for t in tasks}
         all_parts = [p for t in tasks for p in parts_by_task[t["name"]]]
 
@@ -148,6 +153,21 @@ class _Prep:
                               "id_field": source.id_field, "digest": digest, "size": os.path.getsize(path),
                               "file_id": (rank << 20) | index})
         return tasks
+
+    def _span_tasks(self, tasks: list[dict]) -> list[tuple[str, dict, int]]:
+        """(name, payload, bytes) of every span of every file, largest first so that no big span starts last.
+
+        Span names sort in file order, so the file's parts (`<file>-s<span>-<part>.parquet`) do too.
+        """
+        spans = []
+        for t in tasks:
+            cuts = split_file(t["path"], t["fmt"], t["text_field"], self.c.span_bytes)
+            for k, (start, stop, first_index) in enumerate(cuts):
+                name = f"{t['name']}-s{k:06d}"
+                size = stop - start if t["fmt"] == "jsonl" and stop >= 0 else t["size"] // len(cuts)
+                spans.append((name, {**t, "file": t["name"], "name": name, "start": start, "stop": stop,
+                                     "first_index": first_index}, size))
+        return sorted(spans, key=lambda s: -s[2])
 
     def _per_file(self, stage: str, directory: str, tasks: list[tuple[str, dict]], fn) -> dict[str, dict]:
         self.stats.enter(stage, len(tasks))
@@ -246,7 +266,7 @@ class _Prep:
         fingerprints = [(t["source"], t["file_index"], os.path.basename(t["path"]), t["size"], t["digest"])
                         for t in tasks]
         resolved = config_to_dict(self.c)
-        for key in ("output", "work_dir", "num_cpus"):
+        for key in ("output", "work_dir", "num_cpus", "span_bytes"):
             resolved.pop(key)
         for s in resolved["sources"].values():
             s.pop("path")
@@ -291,7 +311,7 @@ class _Prep:
 def _ingest_settings(c: PrepConfig) -> dict:
     d = config_to_dict(c)
     return {"strict": c.strict, "invalid_utf8": c.invalid_utf8, "max_doc_bytes": c.max_doc_bytes,
-            "part_bytes": c.part_bytes, "examples": c.examples, "filters": d["filters"],
+            "part_bytes": c.part_bytes, "span_bytes": c.span_bytes, "examples": c.examples, "filters": d["filters"],
             "minhash": [c.dedup.ngram, c.dedup.bands, c.dedup.rows, c.dedup.seed],
             "sources": {n: {k: v for k, v in s.items() if k not in ("share", "path")} for n, s in d["sources"].items()},
             "priority_order": sorted(((s.priority, i) for i, s in enumerate(c.sources.values())))}

@@ -19,7 +19,7 @@ def find_duplicates(parts: list[str], partitions: int, exact: bool, near: bool):
     """A Ray Dataset of (a, b, kind): kind 0 is 'a duplicates b exactly', kind 1 an LSH edge a < b."""
     import ray
 
-    ds = ray.data.read_parquet(parts, columns=["key", "hash", "bands", "has_shingles"])
+    ds = ray.data.read_parquet(parts).select_columns(["key", "hash", "bands", "has_shingles"])
     rows = ds.map_batches(lambda t: _bucket_rows(t, exact, near), batch_format="pyarrow")
     return rows.repartition(partitions, keys=["bucket"]).map_batches(
         _scan_buckets, batch_size=None, batch_format="pyarrow")

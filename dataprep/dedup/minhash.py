@@ -1,7 +1,8 @@
 """MinHash signatures over word n-gram shingles, and their LSH band keys, computed with numpy for a whole batch.
 
 Python's `hash` is salted per process, so words are hashed here from their UTF-8 bytes with a polynomial hash
-evaluated by prefix sums (all 64-bit wrapping arithmetic): the same text gets the same signature on any worker.
+evaluated as one segmented sum over all words (64-bit wrapping arithmetic): the same text gets the same signature
+on any worker.
 Words are lower-cased and punctuation separates them, so "Foo," and "foo" are the same word.
 A batch of texts is handled as one byte array, so the per-document Python cost is a few numpy calls, not a loop
 over words.
@@ -16,7 +17,8 @@ import numpy as np
 _WORD_BYTE = np.ones(256, dtype=bool)
 _WORD_BYTE[[ord(c) for c in " \t\n\r\x0b\x0c!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"]] = False
 _P = np.uint64(1099511628211)
-_MAX_SHINGLES_PER_BLOCK = 1 << 15
+_SHINGLES_PER_BLOCK = 2048
+_TEXT_CHARS_PER_CHUNK = 4_000_000
 U64 = np.uint64
 
 
@@ -43,23 +45,16 @@ class MinHasher:
 
         A document shorter than `ngram` words contributes one shingle of all its words; one with no word gives none.
         """
-        data = "\n".join(texts).lower().encode("utf-8", "surrogatepass")
-        b = np.frombuffer(data, dtype=np.uint8)
-        lengths = np.fromiter((len(t.lower().encode("utf-8", "surrogatepass")) for t in texts), np.int64, len(texts))
+        encoded = [t.lower().encode("utf-8", "surrogatepass") for t in texts]
+        b = np.frombuffer(b"\n".join(encoded), dtype=np.uint8)
+        lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
         doc_starts = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]])
         word = _WORD_BYTE[b]
         edges = np.diff(np.concatenate([[False], word, [False]]).astype(np.int8))
         starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
         if not len(starts):
             return np.zeros(0, np.uint64), np.zeros(0, np.int64)
-        with np.errstate(over="ignore"):
-            powers = np.cumprod(np.full(len(b) + 1, _P, dtype=np.uint64))
-            powers = np.concatenate([[U64(1)], powers[:-1]])
-            prefix = np.concatenate([[U64(0)], np.cumsum(b.astype(np.uint64) * powers[:-1], dtype=np.uint64)])
-            # H(word) · P^start; scaling every word of a text by its own start is undone by comparing only
-            # within-document n-grams after multiplying back by the inverse power, which for odd P exists mod 2^64.
-            raw = prefix[ends] - prefix[starts]
-            words = splitmix64(raw * _inverse_powers(starts))
+        words = splitmix64(_word_hashes(b, word, starts, ends))
         owner = np.searchsorted(doc_starts, starts, side="right") - 1
         return self._ngrams(words, owner)
 
@@ -87,20 +82,39 @@ class MinHasher:
         return grams, gram_owner
 
     def signatures(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(uint32 [n, bands·rows] MinHash signatures, bool [n] whether the document had any shingle)."""
-        grams, owner = self.shingles(texts)
+        """(uint32 [n, bands·rows] MinHash signatures, bool [n] whether the document had any shingle).
+
+        Texts are taken a few MB at a time, and shingles a block at a time through one preallocated buffer: the
+        permutations are computed in place in cache-sized memory rather than in fresh large temporaries.
+        """
         sig = np.full((len(texts), len(self.a)), np.iinfo(np.uint32).max, dtype=np.uint32)
         has = np.zeros(len(texts), dtype=bool)
-        has[owner] = True
-        with np.errstate(over="ignore"):
-            for lo in range(0, len(grams), _MAX_SHINGLES_PER_BLOCK):
-                g, o = grams[lo: lo + _MAX_SHINGLES_PER_BLOCK], owner[lo: lo + _MAX_SHINGLES_PER_BLOCK]
-                values = ((g[:, None] * self.a[None, :] + self.b[None, :]) >> U64(32)).astype(np.uint32)
-                seg = np.flatnonzero(np.concatenate([[True], o[1:] != o[:-1]]))
-                mins = np.minimum.reduceat(values, seg, axis=0)
-                docs = o[seg]
-                sig[docs] = np.minimum(sig[docs], mins)
+        buf = np.empty((_SHINGLES_PER_BLOCK, len(self.a)), dtype=np.uint64)
+        lo = 0
+        while lo < len(texts):
+            hi, size = lo, 0
+            while hi < len(texts) and (hi == lo or size < _TEXT_CHARS_PER_CHUNK):
+                size += len(texts[hi])
+                hi += 1
+            grams, owner = self.shingles(texts[lo:hi])
+            has[lo + owner] = True
+            self._fold_minima(grams, owner + lo, sig, buf)
+            lo = hi
         return sig, has
+
+    def _fold_minima(self, grams: np.ndarray, owner: np.ndarray, sig: np.ndarray, buf: np.ndarray) -> None:
+        """sig[d] = min(sig[d], min over shingles g of d of ((g·a + b) mod 2^64) >> 32), a block at a time."""
+        a, b, shift = self.a, self.b, U64(32)
+        for lo in range(0, len(grams), len(buf)):
+            g, o = grams[lo: lo + len(buf)], owner[lo: lo + len(buf)]
+            values = buf[: len(g)]
+            np.multiply(g[:, None], a, out=values)
+            values += b
+            values >>= shift
+            seg = np.flatnonzero(np.concatenate([[True], o[1:] != o[:-1]]))
+            mins = np.minimum.reduceat(values, seg, axis=0)
+            docs = o[seg]
+            sig[docs] = np.minimum(sig[docs], mins)
 
     def band_keys(self, sig: np.ndarray) -> np.ndarray:
         """One 64-bit bucket key per band; the band number is mixed in so equal rows in different bands differ."""
@@ -114,19 +128,17 @@ class MinHasher:
         return keys
 
 
-def _inverse_powers(starts: np.ndarray) -> np.ndarray:
-    """P^-s mod 2^64 for each s, by square-and-multiply on the whole array."""
-    inv = U64(pow(int(_P), -1, 2**64))
-    result = np.ones(len(starts), dtype=np.uint64)
-    base = np.full(len(starts), inv, dtype=np.uint64)
-    e = starts.astype(np.uint64)
-    with np.errstate(over="ignore"):
-        while e.any():
-            odd = (e & U64(1)).astype(bool)
-            result[odd] *= base[odd]
-            base = base * base
-            e >>= U64(1)
-    return result
+def _word_hashes(b: np.ndarray, word: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """H(w) = Σ_k w[k]·P^k (mod 2^64) for every word [start, end) of the byte array, as one segmented sum."""
+    lengths = ends - starts
+    offsets = np.arange(int(lengths.sum()), dtype=np.int64)
+    first = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    offsets -= np.repeat(first, lengths)
+    powers = np.cumprod(np.full(int(lengths.max()), _P, dtype=np.uint64))
+    powers = np.concatenate([[U64(1)], powers[:-1]])
+    terms = b[word].astype(np.uint64)
+    terms *= powers[offsets]
+    return np.add.reduceat(terms, first)
 
 
 def _combine(words: np.ndarray) -> np.uint64:

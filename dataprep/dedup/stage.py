@@ -26,14 +26,16 @@ def removal_file(directory: str, file_id: int) -> str:
 
 def run_dedup(parts: list[str], out_dir: str, config: DedupConfig, partitions: int) -> dict:
     """Write `removed-<file>.parquet` (key, code) per input file that lost documents; return the stage counters."""
+    from ray.data.expressions import col
+
     stats: dict = {"exact_removed": 0, "near_removed": 0, "clusters": {}, "rounds": 0, "candidate_edges": 0}
     if not (config.exact or config.near):
         return stats
     found = find_duplicates(parts, partitions, config.exact, config.near).materialize()
-    removals = found.filter(expr=f"kind == {EXACT_ROW}").map_batches(
+    removals = found.filter(expr=col("kind") == EXACT_ROW).map_batches(
         lambda t: _codes(t.column("a"), EXACT), batch_format="pyarrow")
     if config.near:
-        edges = found.filter(expr=f"kind == {BAND_ROW}").map_batches(
+        edges = found.filter(expr=col("kind") == BAND_ROW).map_batches(
             lambda t: pa.table({"u": t.column("b"), "v": t.column("a")}), batch_format="pyarrow").materialize()
         stats["candidate_edges"] = edges.count()
         members, stats["rounds"], stats["clusters"] = find_components(

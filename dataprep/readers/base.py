@@ -17,6 +17,10 @@ JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".json.gz", ".js
 PARQUET_SUFFIXES = (".parquet",)
 
 
+Span = tuple[int, int, int]  # (start, stop, index of its first record): bytes of JSONL, row groups of Parquet
+WHOLE_FILE: Span = (0, -1, 0)
+
+
 @dataclass(frozen=True)
 class Record:
     """One document as read: `text` is None when the record is bad, and `problem` says why."""
@@ -58,9 +62,28 @@ def detect_format(path: str, declared: str) -> str:
     return "text"
 
 
+def split_file(path: str, fmt: str, text_field: str, span_bytes: int) -> list[Span]:
+    """The spans of a file that separate tasks may read: about `span_bytes` each for plain JSONL (cut at line
+    starts) and Parquet (whole row groups); one for compressed or text files, or when `span_bytes` is 0."""
+    from dataprep.readers.jsonl import is_splittable, line_spans
+    from dataprep.readers.parquet import row_group_spans
+
+    if span_bytes <= 0:
+        return [WHOLE_FILE]
+    fmt = detect_format(path, fmt)
+    try:
+        if fmt == "jsonl" and is_splittable(path):
+            return line_spans(path, span_bytes)
+        if fmt == "parquet":
+            return row_group_spans(path, text_field, span_bytes)
+    except (OSError, ValueError):  # reported as an unreadable file by the task that reads it whole
+        pass
+    return [WHOLE_FILE]
+
+
 def read_records(path: str, fmt: str, text_field: str, id_field: str, max_doc_bytes: int,
-                 repair_utf8: bool) -> Iterator[Record]:
-    """Records of one file; an unreadable file yields one bad record instead of raising."""
+                 repair_utf8: bool, span: Span = WHOLE_FILE) -> Iterator[Record]:
+    """Records of one file (or of one span of it); an unreadable file yields one bad record instead of raising."""
     from dataprep.readers.jsonl import read_jsonl
     from dataprep.readers.parquet import read_parquet
     from dataprep.readers.text import read_text_file
@@ -68,9 +91,9 @@ def read_records(path: str, fmt: str, text_field: str, id_field: str, max_doc_by
     fmt = detect_format(path, fmt)
     try:
         if fmt == "jsonl":
-            yield from read_jsonl(path, text_field, id_field, max_doc_bytes, repair_utf8)
+            yield from read_jsonl(path, text_field, id_field, max_doc_bytes, repair_utf8, span)
         elif fmt == "parquet":
-            yield from read_parquet(path, text_field, id_field, max_doc_bytes)
+            yield from read_parquet(path, text_field, id_field, max_doc_bytes, span)
         else:
             yield from read_text_file(path, max_doc_bytes, repair_utf8)
     except (OSError, EOFError, ValueError) as e:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 
 import pyarrow as pa
@@ -11,8 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from dataprep.config import parse_prep_config
-from dataprep.ingest import ingest_file
+from dataprep.ingest import ingest_file, merge_span_stats
 from dataprep.readers import BadInput
+from dataprep.readers.base import WHOLE_FILE, split_file
 
 
 def _config(tmp_path, **top):
@@ -108,3 +110,46 @@ def test_zstd_parquet_and_text_directories_read_the_same_documents(tmp_path, dem
         ingest_file(task, str(tmp_path), config)
         texts += pq.read_table(tmp_path / f"t{i}-0000.parquet").column("text").to_pylist()
     assert outputs[0] == outputs[1] == texts and len(set(texts)) == 8
+
+
+def _spans_stats(tmp_path, path, fmt, config, spans):
+    stats = []
+    for k, (start, stop, first_index) in enumerate(spans):
+        task = {**_task(path, fmt), "name": f"span{k:03d}", "start": start, "stop": stop, "first_index": first_index}
+        stats.append(ingest_file(task, str(tmp_path), config))
+    table = pa.concat_tables(pq.read_table(p) for p in sorted(tmp_path.glob("span*.parquet")))
+    return merge_span_stats(stats, config.examples), table
+
+
+def test_a_file_read_as_spans_gives_what_one_reader_gives(tmp_path, bad_jsonl, demo_corpus):
+    bad_jsonl.write_bytes(b"".join(_real_lines(demo_corpus, 30)) + bad_jsonl.read_bytes() + b"\n"
+                          + b"".join(_real_lines(demo_corpus, 12)))
+    config = _config(tmp_path, max_doc_bytes=2000, examples=2)
+    whole = ingest_file({**_task(bad_jsonl), "name": "whole"}, str(tmp_path), config)
+    spans = split_file(str(bad_jsonl), "jsonl", "text", 700)
+    assert len(spans) > 10 and spans[0][2] == 0
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(spans)) and spans[-1][1] == bad_jsonl.stat().st_size
+    merged, table = _spans_stats(tmp_path, bad_jsonl, "jsonl", config, spans)
+    assert merged.pop("parts") == len(spans) and whole.pop("parts") == 1
+    assert merged == whole and {(b["line"], b["reason"]) for b in whole["bad"]} == {
+        (32, "malformed_json"), (34, "missing_field"), (37, "too_large"), (38, "malformed_json")}
+    assert table.equals(pq.read_table(tmp_path / "whole-0000.parquet"))
+
+
+def test_parquet_is_split_by_row_groups_and_compressed_files_stay_whole(tmp_path, demo_corpus):
+    docs = [json.loads(line) for line in _real_lines(demo_corpus, 40)]
+    path = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"id": [d["id"] for d in docs], "text": [d["text"] for d in docs]}), path,
+                   row_group_size=6)
+    config = _config(tmp_path)
+    whole = ingest_file({**_task(path, "parquet"), "name": "whole"}, str(tmp_path), config)
+    spans = split_file(str(path), "parquet", "text", 1)
+    assert [s[2] for s in spans] == list(range(0, 40, 6))
+    merged, table = _spans_stats(tmp_path, path, "parquet", config, spans)
+    merged.pop("parts"), whole.pop("parts")
+    assert merged == whole and table.equals(pq.read_table(tmp_path / "whole-0000.parquet"))
+    assert split_file(str(path), "parquet", "body", 1) == [WHOLE_FILE]
+    zst = tmp_path / "docs.jsonl.zst"
+    with pa.CompressedOutputStream(str(zst), "zstd") as f:
+        f.write(b"".join(_real_lines(demo_corpus, 40)))
+    assert split_file(str(zst), "auto", "text", 1) == [WHOLE_FILE]

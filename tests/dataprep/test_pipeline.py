@@ -163,5 +163,38 @@ def test_crash_and_rerun_resumes_and_gives_identical_output(single_node, prep_ya
     before = {p.name: p.stat().st_mtime_ns for p in ingest.iterdir()}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == "" and " INFO " not in done.stderr, "--quiet prints no progress"
     assert {p.name: p.stat().st_mtime_ns for p in ingest.iterdir()} == before, "finished work is not redone"
     assert read_manifest(out) == read_manifest(config.output), "same inputs and config: identical output"
+
+
+def test_files_read_as_many_spans_give_the_same_shards_and_report(tmp_path, sample_corpora):
+    import ray
+
+    plain = {}
+    for name in ("fortunes", "debian_desc", "kjv"):
+        with gzip.open(sample_corpora / f"{name}.jsonl.gz", "rb") as f:
+            lines = f.read().splitlines(keepends=True)
+        plain[name] = tmp_path / f"{name}.jsonl"
+        plain[name].write_bytes(b"".join(lines[:50]) + b'{"text": broken}\n' + b"".join(lines[50:]))
+    raw = {"output": str(tmp_path / "whole" / "shards"), "seq_len": 64, "span_bytes": 0,
+           "filters": {"c4": {"drop_lines_without_terminal_punct": False, "min_words_per_line": 0}},
+           "tokenizer": {"vocab_size": 400, "sample_bytes": 200_000},
+           "sources": {n: {"path": str(p), "kind": "code" if n == "debian_desc" else "prose"}
+                       for n, p in plain.items()}}
+    path = tmp_path / "prep.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    whole = load_prep_config(path)
+    split = load_prep_config(path, [f"output={tmp_path}/split/shards", "span_bytes=40000"])
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        reports = [run_prep(config, progress=False) for config in (whole, split)]
+    finally:
+        ray.shutdown()
+    spans = [p for p in os.listdir(split.work) if p.startswith("ingest-")]
+    assert len([f for f in os.listdir(os.path.join(split.work, spans[0])) if f.endswith(".done.json")]) >= 10
+    assert read_manifest(split.output) == read_manifest(whole.output)
+    for key in ("sources", "bad_input", "examples", "totals", "dedup"):
+        assert reports[1][key] == reports[0][key], key
+    assert {(os.path.basename(b["file"]), b["line"]) for b in reports[1]["bad_input"]["listed"]} == {
+        (f"{n}.jsonl", 51) for n in plain}
