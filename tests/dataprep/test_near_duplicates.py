@@ -11,35 +11,17 @@ import itertools
 import json
 
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from dataprep.config import DedupConfig
-from dataprep.dedup.buckets import BAND_ROW, _bucket_rows, _scan_buckets
-from dataprep.dedup.components import components_in_memory
 from dataprep.dedup.minhash import MinHasher, shingle_set
+from dataprep.dedup.quality import cluster_roots, pair_jaccard
 from dataprep.normalize import normalize_text
 
 
 def _texts(path, limit=200):
     with gzip.open(path, "rt", encoding="utf-8") as f:
         return [normalize_text(json.loads(line)["text"]) for line in itertools.islice(f, limit)]
-
-
-def _clusters(texts, config: DedupConfig) -> np.ndarray:
-    hasher = MinHasher(config.ngram, config.bands, config.rows, config.seed)
-    sig, has = hasher.signatures(texts)
-    bands = hasher.band_keys(sig)
-    table = pa.table({"key": np.arange(len(texts), dtype=np.int64),
-                      "hash": pa.array([b"\0" * 16] * len(texts), pa.binary(16)),
-                      "has_shingles": has,
-                      "bands": pa.FixedSizeListArray.from_arrays(pa.array(bands.reshape(-1)), config.bands)})
-    pairs = _scan_buckets(_bucket_rows(table, exact=False, near=True))
-    band = pairs.filter(pa.compute.equal(pairs.column("kind"), BAND_ROW))
-    members = components_in_memory(np.stack([band.column("a").to_numpy(), band.column("b").to_numpy()], axis=1))
-    root = np.arange(len(texts))
-    root[members.column("key").to_numpy()] = members.column("root").to_numpy()
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +38,7 @@ def labelled(sample_corpora):
 
 def test_default_lsh_finds_near_duplicates_and_rarely_merges_dissimilar_pairs(labelled):
     texts, truth = labelled
-    root = _clusters(texts, DedupConfig())
+    root = cluster_roots(texts, DedupConfig())
     edges = np.array([0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 1.01])
     curve = []
     for lo, hi in itertools.pairwise(edges):
@@ -81,3 +63,11 @@ def test_signatures_ignore_case_and_punctuation_but_not_words():
                                   "a dog sat on the mat today", "", "..."])
     assert (sig[0] == sig[1]).all() and not (sig[0] == sig[2]).all()
     assert has.tolist() == [True, True, True, False, False]
+
+
+def test_sparse_pair_jaccard_equals_the_set_definition(labelled):
+    texts, truth = labelled
+    i, j, jaccard, total = pair_jaccard(texts, 5)
+    found = {(int(a), int(b)): float(x) for a, b, x in zip(i, j, jaccard, strict=True)}
+    assert total == len(truth) and len(found) > 100
+    assert all(abs(found.get(p, 0.0) - x) < 1e-12 for p, x in truth.items())
