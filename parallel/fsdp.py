@@ -42,4 +42,6 @@ def apply_fsdp(blocks: Iterable[nn.Module], roots: Iterable[nn.Module], mesh: De
         last = i == len(blocks) - 1
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward and not last)
     for root in roots:
-        fully_shard(root, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+        # What the roots gather (embedding, final norm, lm_head) stays until the backward, which starts with lm_head
+        # right after the forward ends: resharding would only be followed by an all-gather nothing can hide.
+        fully_shard(root, mesh=mesh, mp_policy=policy, reshard_after_forward=False)

@@ -37,7 +37,7 @@ LAYOUTS = {
     "single": (1, []),
     "dp2-zero1": (2, ["parallel.zero_stage=1"]),
     "dp2-zero2": (2, ["parallel.zero_stage=2", "parallel.activation_checkpointing=true"]),
-    "dp2-zero3": (2, ["parallel.zero_stage=3", "model.tie_embeddings=true", "parallel.compile=true"]),
+    "dp2-zero3": (2, ["parallel.zero_stage=3", "model.tie_embeddings=true"]),
     "tp2": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
     "pp2": (2, ["parallel.pp=2", "model.tie_embeddings=true"]),
     "dp2-tp2": (4, ["parallel.tp=2", "parallel.zero_stage=1"]),
