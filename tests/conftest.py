@@ -17,6 +17,22 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under `--dist loadgroup`, xdist suffixes each grouped test's id with its group; where it did not, the tests
+    sharing a Ray cluster or a port would run at once on two workers and fail for reasons unrelated to the code."""
+    if getattr(config.option, "loadgroup", False):  # set in each xdist worker under --dist loadgroup
+        for item in items:
+            if item.get_closest_marker("xdist_group") and "@" not in item.nodeid:
+                item.add_marker("ungrouped")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("ungrouped"):
+        pytest.fail("--dist loadgroup did not group this xdist_group test: this pytest / pytest-xdist pair does not "
+                    "group; install the versions pinned in constraints.txt", pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
