@@ -1,0 +1,47 @@
+"""The batched Gopher repetition rules give, on real text, the verdicts of the one-document definition."""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+from collections import Counter
+
+import pytest
+
+from dataprep.config import GopherRepetitionConfig
+from dataprep.filters.gopher_repetition import GopherRepetitionFilter
+from dataprep.normalize import normalize_text
+
+
+@pytest.fixture(scope="module")
+def texts(sample_corpora):
+    out = []
+    for path in sorted(sample_corpora.glob("*.jsonl.gz")):
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            out += [normalize_text(json.loads(line)["text"]) for line in itertools.islice(f, 120)]
+    words = out[0].split()
+    # Repeats planted on real words: a doubled passage, a chorus, ties between equally frequent n-grams.
+    out += [" ".join(words[:60] * 2), " ".join(words[:40] + words[5:12] * 6 + words[40:80]),
+            " ".join(["to be or", "not to be"] * 5 + words[:30]), "one", "two words", "a b a b a b"]
+    return [t for t in out if t]
+
+
+def test_batched_verdicts_equal_the_definition(texts):
+    rules = GopherRepetitionFilter(GopherRepetitionConfig())
+    batched = rules.apply(texts)
+    assert batched == [rules.check(t) for t in texts]
+    reasons = Counter(v for v in batched if v)
+    assert len(reasons) >= 5 and sum(reasons.values()) < len(texts) / 2, reasons
+
+
+def test_strict_thresholds_exercise_every_ngram_rule(texts):
+    strict = GopherRepetitionConfig(dup_line_frac=1, dup_para_frac=1, dup_line_char_frac=1, dup_para_char_frac=1,
+                                    top_2gram_frac=0.5, top_3gram_frac=0.08, top_4gram_frac=0.06,
+                                    dup_5gram_frac=0.2, dup_6gram_frac=0.1, dup_7gram_frac=0.08,
+                                    dup_8gram_frac=0.06, dup_9gram_frac=0.04, dup_10gram_frac=0.01)
+    rules = GopherRepetitionFilter(strict)
+    batched = rules.apply(texts)
+    assert batched == [rules.check(t) for t in texts]
+    assert {v for v in batched if v} >= {f"gopher_repetition_top_{n}gram" for n in (3, 4)} | {
+        f"gopher_repetition_dup_{n}gram" for n in (5, 10)}
