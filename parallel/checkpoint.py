@@ -49,6 +49,7 @@ from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngi
 from orchestrator.errors import CheckpointError
 from orchestrator.spec import JobSpec
 from parallel.callbacks import CheckpointStats
+from parallel.optim import set_schedule_step
 from parallel.parallel_dims import ParallelDims
 from parallel.storage import Storage, local_sha256
 
@@ -426,15 +427,12 @@ class Checkpointer:
         local = self.storage.local_path(name) or self._download(name)
         check_same_model(os.path.join(local, "spec.yaml"), self.spec)
         saved = json.loads(_read_text(os.path.join(local, "layout.json")))
-        backend = saved.get("backend", "deepspeed")
-        if backend != self.layout["backend"]:
-            raise CheckpointError(
-                f"{self.storage.path(name)} was written by the {backend} backend and this run uses parallel.backend="
-                f"{self.layout['backend']}: resume with parallel.backend={backend}, or move the weights across with "
-                f"`pretrain export {self.storage.path(name)} DIR` and checkpoint.init_from=DIR")
-        keys = ("dp", "pp", "tp", "zero_stage")
+        saved.setdefault("backend", "deepspeed")  # written before there was a choice
+        keys = ("backend", "dp", "pp", "tp", "zero_stage")
         converted = any(saved.get(k) != self.layout.get(k) for k in keys)
-        if not self.deepspeed:
+        if saved["backend"] != self.layout["backend"]:
+            self._restore_across_backends(engine, name, local, saved["backend"], saved["step"])
+        elif not self.deepspeed:
             # DCP reshards on load: a native checkpoint of any layout loads as it is.
             engine.load(os.path.join(local, ENGINE_TAG))
         elif converted:
@@ -474,6 +472,30 @@ class Checkpointer:
             raise CheckpointError(f"{cache_local}: the universal checkpoint made by rank 0 is not visible here; "
                                   "checkpoint.dir must be shared by every node")
         return cache_local
+
+    def _restore_across_backends(self, engine: Any, name: str, local: str, backend: str, step: int) -> None:
+        """Continue from a checkpoint of the other backend: its weights, gathered once by the engine that wrote them
+        (`parallel.consolidate`, in local CPU processes of the saved layout) and cached beside the checkpoints, go
+        into this engine, and the LR schedule goes on from the saved step. AdamW's moments start again from zero:
+        the two engines keep optimizer state in unrelated layouts, so the first steps move as after a warm restart."""
+        from parallel.consolidate import TorchWriter, consolidate
+
+        cache_local = self.storage.local_path(UNIVERSAL_CACHE, name) or self._staging(f"universal-{name}")
+        weights = os.path.join(cache_local, f"weights-{backend}.pt")
+        converts = self.rank == 0 or not self.storage.is_local
+        if converts and not os.path.exists(weights):
+            if self.rank == 0:
+                log.warning("checkpoint %s was written by the %s backend, this run uses %s: gathering its weights "
+                            "with the %s engine; optimizer moments restart", name, backend,
+                            self.layout["backend"], backend)
+            os.makedirs(cache_local, exist_ok=True)
+            consolidate(self.spec, local, TorchWriter(weights))
+        _barrier()
+        if not os.path.exists(weights):
+            raise CheckpointError(f"{weights}: the weights gathered by rank 0 are not visible here; checkpoint.dir "
+                                  "must be shared by every node")
+        engine.load_full_state_dict(torch.load(weights, weights_only=True))
+        set_schedule_step(engine.scheduler, step)
 
     def _load_engine(self, engine: Any, directory: str, universal: bool) -> None:
         # DeepSpeed reads `load_universal` from its config only inside load_checkpoint, so it is set for this call

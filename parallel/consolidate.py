@@ -55,6 +55,19 @@ class HFWriter:
         return save_hf(self.directory, state, dims, self.how)
 
 
+@dataclass
+class TorchWriter:
+    """The full state dict as one `torch.save` file, written whole or not at all."""
+
+    path: str
+
+    def __call__(self, state: dict[str, torch.Tensor], dims: LlamaDims) -> str:
+        partial = f"{self.path}.partial"
+        torch.save(state, partial)
+        os.replace(partial, self.path)
+        return self.path
+
+
 def find_checkpoint(path: str) -> str:
     """A complete step_<N> directory: `path` itself, or the newest one under a checkpoint directory."""
     if not os.path.isdir(path):
@@ -92,6 +105,7 @@ def layout_spec(spec: JobSpec, step_dir: str) -> JobSpec:
     spec = copy.deepcopy(spec)
     p = spec.parallel
     p.dp, p.pp, p.tp, p.zero_stage = layout["dp"], layout["pp"], layout["tp"], layout["zero_stage"]
+    p.backend = layout.get("backend", "deepspeed")  # the engine that wrote it is the one that reads it
     p.compile = False  # compiling costs more than the one gather it would speed up
     spec.resources.device, spec.resources.num_nodes = "cpu", 1
     spec.resources.gpus_per_node = layout["dp"] * layout["pp"] * layout["tp"]
@@ -116,7 +130,10 @@ def _run_ranks(world: int, job: str, work: str) -> None:
     """Start `world` rank processes, wait for all; a failing rank stops the others and its error is raised."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     port = _free_port()
-    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
+    # Started from a torchrun rank (resuming across backends), the inherited TORCHELASTIC_* variables would have
+    # these ranks look for torchrun's store instead of rank 0 creating their own.
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC_")}
+    base = {**inherited, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
             "LOCAL_WORLD_SIZE": str(world), "GLOO_SOCKET_IFNAME": "lo",
             "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world)),
             "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}

@@ -71,3 +71,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig,
     """A LambdaLR whose factor is lr_at / peak lr, so resuming only needs the step count (`last_epoch`)."""
     peak = optim.lr or 1.0
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, optim, schedule) / peak)
+
+
+def set_schedule_step(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """Put a schedule built by `build_scheduler` where it is after `step` steps, and its learning rates with it."""
+    scheduler.last_epoch = step
+    lrs = [base * factor(step) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs

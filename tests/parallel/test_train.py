@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -60,7 +61,7 @@ def test_a_layout_that_does_not_fit_the_launched_ranks_is_one_readable_error(tmp
 
 
 @pytest.mark.slow
-def test_native_backend_checkpoints_in_the_background_and_resumes_exactly(tmp_path: Path) -> None:
+def test_native_backend_checkpoints_in_the_background_and_resumes_exactly_and_across_backends(tmp_path: Path) -> None:
     shards = write_shards(tmp_path / "shards", seq_len=64, rows=400)
     # a constant LR after warmup, so stopping at 8 of 8 steps and going on to 10 is the same run as 10 straight
     native = [f"data.path={shards}", "parallel.backend=native", "parallel.zero_stage=3",
@@ -79,9 +80,16 @@ def test_native_backend_checkpoints_in_the_background_and_resumes_exactly(tmp_pa
     assert sorted(after) == [9, 10]
     assert after == {step: loss for step, loss in losses(straight.stdout).items() if step > 8}
 
-    other = pretrain_train(2, tmp_path, f"data.path={shards}", resumed_dir, "schedule.steps=12")
-    assert other.returncode != 0  # each rank exits 2; torchrun reports its children's failure as 1
-    assert "was written by the native backend and this run uses parallel.backend=deepspeed" in other.stderr
+    # The other backend (examples/tiny.yaml's deepspeed) goes on from a copy of the native step_8: its step 9 is a
+    # forward pass of the same weights over the same batch (optimizer moments restart, they shape only the updates).
+    shutil.copytree(tmp_path / "resumed" / "step_8", tmp_path / "crossed" / "step_8")
+    other = pretrain_train(2, tmp_path, f"data.path={shards}", f"checkpoint.dir={tmp_path / 'crossed'}",
+                           "schedule.steps=10", "schedule.lr_schedule=constant")
+    assert other.returncode == 0, other.stdout[-3000:] + other.stderr[-3000:]
+    assert "was written by the native backend, this run uses deepspeed" in other.stdout + other.stderr
+    crossed = losses(other.stdout)
+    assert sorted(crossed) == [9, 10]
+    assert crossed[9] == pytest.approx(after[9], abs=2e-4)
 
 
 @pytest.mark.slow
