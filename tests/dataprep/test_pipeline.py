@@ -174,7 +174,7 @@ def test_files_read_as_many_spans_give_the_same_shards_and_report(tmp_path, samp
     plain = {}
     for name in ("fortunes", "debian_desc", "kjv"):
         with gzip.open(sample_corpora / f"{name}.jsonl.gz", "rb") as f:
-            lines = f.read().splitlines(keepends=True)
+            lines = f.read().splitlines(keepends=True)[:100]
         plain[name] = tmp_path / f"{name}.jsonl"
         plain[name].write_bytes(b"".join(lines[:50]) + b'{"text": broken}\n' + b"".join(lines[50:]))
     raw = {"output": str(tmp_path / "whole" / "shards"), "seq_len": 64, "span_bytes": 0,
@@ -185,7 +185,7 @@ def test_files_read_as_many_spans_give_the_same_shards_and_report(tmp_path, samp
     path = tmp_path / "prep.yaml"
     path.write_text(yaml.safe_dump(raw))
     whole = load_prep_config(path)
-    split = load_prep_config(path, [f"output={tmp_path}/split/shards", "span_bytes=40000"])
+    split = load_prep_config(path, [f"output={tmp_path}/split/shards", "span_bytes=20000"])
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
         reports = [run_prep(config, progress=False) for config in (whole, split)]
