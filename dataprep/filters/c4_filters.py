@@ -25,13 +25,18 @@ class C4QualityFilter(BaseFilter):
             return "c4_lorem_ipsum"
         if c.drop_curly_bracket and "{" in text:
             return "c4_curly_bracket"
-        kept = [line for line in text.split("\n") if self._keep_line(line)]
-        cleaned = "\n".join(kept)
+        # A line can mention javascript or a policy only if the document does: most documents skip those tests.
+        javascript = c.drop_javascript_lines and "javascript" in lowered
+        policy = c.drop_policy_lines and any(p in lowered for p in _POLICY)
+        if javascript or policy or c.drop_lines_without_terminal_punct or c.min_words_per_line:
+            cleaned = "\n".join(line for line in text.split("\n") if self._keep_line(line, javascript, policy))
+        else:
+            cleaned = text
         if len(_SENTENCE_END.findall(cleaned)) < c.min_sentences:
             return "c4_too_few_sentences"
         return Edit(cleaned) if len(cleaned) != len(text) else None
 
-    def _keep_line(self, line: str) -> bool:
+    def _keep_line(self, line: str, javascript: bool, policy: bool) -> bool:
         c = self.c
         stripped = line.strip()
         if not stripped:
@@ -40,7 +45,9 @@ class C4QualityFilter(BaseFilter):
             return False
         if len(stripped.split()) < c.min_words_per_line:
             return False
+        if not (javascript or policy):
+            return True
         lowered = stripped.lower()
-        if c.drop_javascript_lines and "javascript" in lowered:
+        if javascript and "javascript" in lowered:
             return False
-        return not (c.drop_policy_lines and any(p in lowered for p in _POLICY))
+        return not (policy and any(p in lowered for p in _POLICY))
