@@ -8,7 +8,9 @@ torch trains on the CPU anyway (`resources.device: auto`).
 
 from __future__ import annotations
 
+import shutil
 import socket
+import tempfile
 
 from cluster.local import apply_local_env
 
@@ -22,11 +24,15 @@ class SimulatedCluster:
             raise RuntimeError("Ray was imported before cluster.local.apply_local_env() ran; call it first")
         from ray.cluster_utils import Cluster
 
-        self.node_args = {"num_cpus": cpus_per_node, "num_gpus": gpus_per_node, "node_ip_address": "127.0.0.1"}
+        # Its own temp dir: a job's driver finds its cluster through the "current cluster" file there, which in the
+        # shared /tmp/ray names whichever Ray instance on the machine started last.
+        self.temp_dir = tempfile.mkdtemp(prefix="ray-")
+        self.node_args = {"num_cpus": cpus_per_node, "num_gpus": gpus_per_node, "node_ip_address": "127.0.0.1",
+                          "temp_dir": self.temp_dir}
         self.jobs_port = _free_port()
         # Other Ray instances on the machine hold the default ports (the job agent's 52365): take free ones.
         self.cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": head_cpus, "node_ip_address": "127.0.0.1", "include_dashboard": True,
+            "num_cpus": head_cpus, "node_ip_address": "127.0.0.1", "include_dashboard": True, "temp_dir": self.temp_dir,
             "dashboard_host": "127.0.0.1", "dashboard_port": self.jobs_port,
             "dashboard_agent_listen_port": _free_port(), "metrics_export_port": _free_port(),
             # Notice a killed node within about 8 s instead of Ray's default 15 s, yet ride out a raylet stalled for
@@ -60,6 +66,7 @@ class SimulatedCluster:
 
     def shutdown(self) -> None:
         self.cluster.shutdown()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def _free_port() -> int:

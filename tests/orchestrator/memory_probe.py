@@ -21,7 +21,7 @@ from parallel.loader import MicroBatch
 SPEC = {
     "model": {"vocab_size": 4096, "dim": 256, "n_layers": 4, "n_heads": 4, "multiple_of": 64},
     "data": {"seq_len": 64},
-    "parallel": {"precision": "bf16", "micro_batch_size": 2},
+    "parallel": {"backend": "deepspeed", "precision": "bf16", "micro_batch_size": 2},
     "resources": {"device": "cpu"},
 }
 

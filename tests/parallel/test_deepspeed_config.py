@@ -8,7 +8,8 @@ from parallel.parallel_dims import ParallelDims
 
 
 def config(*overrides: str, world: int = 4) -> dict:
-    spec = parse_spec({"model": {"vocab_size": 128}, "resources": {"gpus_per_node": world}}, overrides=overrides)
+    raw = {"model": {"vocab_size": 128}, "parallel": {"backend": "deepspeed"}, "resources": {"gpus_per_node": world}}
+    spec = parse_spec(raw, overrides=overrides)
     return build_ds_config(spec, ParallelDims.from_spec(spec, world, 0))
 
 
