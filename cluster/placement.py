@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -110,7 +111,10 @@ def reserve_gang(spec: JobSpec, *, timeout_s: float = PLACEMENT_TIMEOUT_S) -> Ga
     ranks = spec.world_size
     check_fits(bundle, ranks, spec.resources.gpus_per_node, nodes)
     strategy = "STRICT_PACK" if spec.resources.num_nodes == 1 else "PACK"
-    group = placement_group([dict(bundle) for _ in range(ranks)], strategy=strategy, name=f"pretrain-{spec.name}")
+    # A fresh name each time: the group of a gang that lost a node keeps its name until Ray has released the dead
+    # node's bundles, which can come after the next reservation.
+    name = f"pretrain-{spec.name}-{uuid.uuid4().hex[:8]}"
+    group = placement_group([dict(bundle) for _ in range(ranks)], strategy=strategy, name=name)
     deadline = time.monotonic() + timeout_s
     while not group.wait(timeout_seconds=5):
         if time.monotonic() > deadline:
