@@ -4,7 +4,8 @@ The n-gram statistics are computed on integer word ids with numpy, not on Python
 hashed once, every n-gram becomes one combined 64-bit id, and sorting finds the repeats. `check` states the rules
 for one document; `apply` gives the same verdicts for a whole batch with one sort per n-gram length over all its
 documents (an id is salted with its document's number), sorting only candidates for n > 5: an (n+1)-gram can
-repeat only where its leading n-gram does.
+repeat only where its leading n-gram does. Words are hashed with Python's per-process salted `hash`, so nothing
+may depend on the order of the ids: of equally frequent top n-grams, the one seen first counts.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ class GopherRepetitionFilter(BaseFilter):
             keys = keys[:-1] * _MIX + ids[n - 1:]
             valid = doc[: len(grams)] == doc[n - 1:]
             if n in self.top:
-                fraction = _top_fractions(grams, keys, np.flatnonzero(valid), doc, cumulative, n, totals)
+                fraction = _top_fractions(keys, np.flatnonzero(valid), doc, cumulative, n, totals)
                 _decide(verdicts, undecided, fraction > self.top[n], f"gopher_repetition_top_{n}gram")
             if n in self.dup:
                 if candidates is None:
@@ -125,7 +126,7 @@ class GopherRepetitionFilter(BaseFilter):
     @staticmethod
     def _top_fraction(grams: np.ndarray, lengths: np.ndarray, n: int, total: float) -> float:
         values, first, counts = np.unique(grams, return_index=True, return_counts=True)
-        best = int(np.argmax(counts))
+        best = int(np.lexsort((first, -counts))[0])  # ties: the one seen first, whatever the word hashes
         if counts[best] < 2:
             return 0.0
         start = int(first[best])
@@ -170,9 +171,9 @@ def _repeated(keys: np.ndarray, where: np.ndarray) -> np.ndarray:
     return np.sort(where[order[repeated]])
 
 
-def _top_fractions(grams: np.ndarray, keys: np.ndarray, where: np.ndarray, doc: np.ndarray, cumulative: np.ndarray,
-                   n: int, totals: np.ndarray) -> np.ndarray:
-    """Per document: characters of its most frequent n-gram (ties: the smallest id, as `np.unique` orders them)
+def _top_fractions(keys: np.ndarray, where: np.ndarray, doc: np.ndarray, cumulative: np.ndarray, n: int,
+                   totals: np.ndarray) -> np.ndarray:
+    """Per document: characters of its most frequent n-gram (ties: the one seen first)
     times its count over all characters; 0 when no n-gram repeats."""
     first, count = _runs(keys[where], where)
     repeats = count >= 2
@@ -180,7 +181,7 @@ def _top_fractions(grams: np.ndarray, keys: np.ndarray, where: np.ndarray, doc: 
     fraction = np.zeros(len(totals))
     if not len(first):
         return fraction
-    best = np.lexsort((grams[first], -count, doc[first]))
+    best = np.lexsort((first, -count, doc[first]))
     head = best[np.concatenate([[True], doc[first][best][1:] != doc[first][best][:-1]])]
     chars = (cumulative[first[head] + n] - cumulative[first[head]]).astype(np.float64)
     fraction[doc[first[head]]] = chars * count[head] / totals[doc[first[head]]]

@@ -5,6 +5,9 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
+import os
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -45,3 +48,23 @@ def test_strict_thresholds_exercise_every_ngram_rule(texts):
     assert batched == [rules.check(t) for t in texts]
     assert {v for v in batched if v} >= {f"gopher_repetition_top_{n}gram" for n in (3, 4)} | {
         f"gopher_repetition_dup_{n}gram" for n in (5, 10)}
+
+
+def test_verdicts_do_not_depend_on_the_process_hash_seed(sample_corpora):
+    """Word ids come from the salted `hash`: ties between top n-grams must not be broken by id order."""
+    script = ("import gzip, itertools, json, sys\n"
+              "from dataprep.config import GopherRepetitionConfig\n"
+              "from dataprep.filters.gopher_repetition import GopherRepetitionFilter\n"
+              "from dataprep.normalize import normalize_text\n"
+              "texts = []\n"
+              "for name in ('debian_desc', 'fortunes', 'dicts'):\n"
+              "    with gzip.open(f'{sys.argv[1]}/{name}.jsonl.gz', 'rt') as f:\n"
+              "        texts += [normalize_text(json.loads(x)['text']) for x in f]\n"
+              "rules = GopherRepetitionFilter(GopherRepetitionConfig())\n"
+              "texts = [t for t in texts if t]\n"
+              "print(json.dumps([rules.apply(texts), [rules.check(t) for t in texts]]))\n")
+    runs = [subprocess.run([sys.executable, "-c", script, str(sample_corpora)], capture_output=True, text=True,
+                           check=True, env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in (1, 2, 3)]
+    batched, single = json.loads(runs[0])
+    assert runs[1] == runs[2] == runs[0] and batched == single
+    assert sum(1 for v in batched if v and "top" in v) >= 5
