@@ -22,7 +22,7 @@ def texts(sample_corpora):
     out = []
     for path in sorted(sample_corpora.glob("*.jsonl.gz")):
         with gzip.open(path, "rt", encoding="utf-8") as f:
-            out += [normalize_text(json.loads(line)["text"]) for line in itertools.islice(f, 120)]
+            out += [normalize_text(json.loads(line)["text"]) for line in itertools.islice(f, 50)]
     words = out[0].split()
     # Repeats planted on real words: a doubled passage, a chorus, ties between equally frequent n-grams.
     out += [" ".join(words[:60] * 2), " ".join(words[:40] + words[5:12] * 6 + words[40:80]),
