@@ -75,13 +75,17 @@ def test_submitted_job_trains_checkpoints_and_finishes(undisturbed):
     assert "(rank0 pid=" in log and "(rank1 pid=" in log  # every rank's output, prefixed
 
 
-def _wait_for_step(address: str, run: str, attempt: int, rank: int, step: int, timeout: float = 240.0) -> int:
-    """Wait until rank `rank` of the run's attempt `attempt` has finished `step`; return its pid.
+def _wait_for_step(cluster, run: str, attempt: int, rank: int, step: int, timeout: float = 360.0) -> int:
+    """Wait until rank `rank` of job `run`'s attempt `attempt` has finished `step`; return its pid.
 
     The cluster's address is named: other Ray instances may run on the machine (e.g. another test worker's).
     """
     import ray
     from ray.util.state import list_actors
+
+    from cluster import submission
+
+    address = cluster.address
 
     deadline = time.monotonic() + timeout
     suffix = f"-a{attempt}-rank{rank}"
@@ -98,7 +102,9 @@ def _wait_for_step(address: str, run: str, attempt: int, rank: int, step: int, t
         except ray.exceptions.RayError:
             actor = None
         time.sleep(0.02 if actor else 0.5)
-    raise AssertionError(f"rank {rank} of attempt {attempt} did not reach step {step} in {timeout:g} s")
+    log = submission.logs(cluster.jobs_url, run)
+    raise AssertionError(f"rank {rank} of attempt {attempt} did not reach step {step} in {timeout:g} s; the job's "
+                         f"log ends:\n{log[-4000:]}")
 
 
 def test_two_rank_kills_finish_with_the_undisturbed_loss(ray_cluster, shards, undisturbed, tmp_path):
@@ -112,7 +118,7 @@ def test_two_rank_kills_finish_with_the_undisturbed_loss(ray_cluster, shards, un
     try:
         for attempt, low in ((1, 2), (2, 5)):
             rank, step = rng.randrange(2), rng.randint(low, STEPS - 3)
-            os.kill(_wait_for_step(ray_cluster.address, "chaos", attempt, rank, step), signal.SIGKILL)
+            os.kill(_wait_for_step(ray_cluster, "chaos", attempt, rank, step), signal.SIGKILL)
         _wait_for_end(ray_cluster.jobs_url, job)
     finally:
         ray.shutdown()
@@ -132,7 +138,7 @@ def test_lost_node_resumes_on_the_node_left(ray_cluster, shards, undisturbed, tm
                             submission_id="elastic")
     ray.init(address=ray_cluster.address)
     try:
-        _wait_for_step(ray_cluster.address, "elastic", 1, 1, 4)  # past the first checkpoint
+        _wait_for_step(ray_cluster, "elastic", 1, 1, 4)  # past the first checkpoint
         ray_cluster.kill_node()
         _wait_for_end(ray_cluster.jobs_url, job)
     finally:
