@@ -9,7 +9,8 @@ bucket sizes and dtypes stay in step with the engine). Mixed precision keeps bf1
 fp32 Adam moments and fp32 gradient accumulation:
 
     ZeRO-1 (DeepSpeed's BF16_Optimizer): bf16 weights, a full fp32 gradient buffer, sharded master+Adam; bf16
-            gradients from the end of backward through the step (after the activations are freed)
+            gradients from the end of backward through the step (after the activations are freed), unless the
+            config adds each one to the fp32 buffer as it is made (`bf16.immediate_grad_update`)
     ZeRO-2: bf16 weights, fp32 gradient shard, sharded master+Adam, bf16 gradient buckets
     ZeRO-3: every state sharded, plus the weights of the modules gathered to run (largest one and the prefetch)
 
@@ -83,6 +84,7 @@ class EngineBuffers:
     reduce_bucket: float = 2e8
     prefetch_bucket: float = 5e7
     overlap_comm: bool = True
+    frees_bf16_gradients: bool = False  # bf16 gradients go into the fp32 accumulator during backward
 
 
 def estimate_memory(spec: JobSpec, parallel: ParallelConfig | None = None) -> MemoryBreakdown:
@@ -104,11 +106,13 @@ def engine_buffers(spec: JobSpec, p: ParallelConfig) -> EngineBuffers:
     from parallel.parallel_dims import ParallelDims
 
     dims = ParallelDims(dp=max(p.dp, 1), pp=p.pp, tp=p.tp)
-    zero = build_ds_config(dataclasses.replace(spec, parallel=p), dims).get("zero_optimization", {})
+    config = build_ds_config(dataclasses.replace(spec, parallel=p), dims)
+    zero = config.get("zero_optimization", {})
     default = EngineBuffers()
     return EngineBuffers(reduce_bucket=float(zero.get("reduce_bucket_size", 5e8)),
                          prefetch_bucket=float(zero.get("stage3_prefetch_bucket_size", default.prefetch_bucket)),
-                         overlap_comm=bool(zero.get("overlap_comm", p.zero_stage == 3)))
+                         overlap_comm=bool(zero.get("overlap_comm", p.zero_stage == 3)),
+                         frees_bf16_gradients=bool(config["bf16"].get("immediate_grad_update", False)))
 
 
 def _stage_memory(model: ModelConfig, seq_len: int, p: ParallelConfig, buffers: EngineBuffers, stage: int,
@@ -121,9 +125,11 @@ def _stage_memory(model: ModelConfig, seq_len: int, p: ParallelConfig, buffers: 
     weights = width * params // (dp if zero >= 3 else 1)
     # Gradients held through the step: ZeRO-1 in mixed precision keeps a full fp32 accumulator, ZeRO-2/3 an fp32
     # shard. ZeRO-1's gradients of the weights' width (and in fp32 the shard the step reads) live only from the end
-    # of backward to the end of the step, when the activations are gone: whichever is larger sets the peak.
+    # of backward to the end of the step, when the activations are gone: whichever is larger sets the peak. bf16
+    # gradients added to the accumulator as they are made never pile up.
     gradients = (4 * params if mixed else 0) if zero == 1 else 4 * params // dp
-    late_gradients = width * params + (0 if mixed else 4 * params // dp) if zero == 1 else 0
+    held = 0 if mixed and buffers.frees_bf16_gradients else width * params
+    late_gradients = held + (0 if mixed else 4 * params // dp) if zero == 1 else 0
     optimizer = 0 if p.offload_optimizer else 12 * params // dp  # fp32 master copy of the shard + two moments
 
     activations = _activation_bytes(model, seq_len, p, stage, width)

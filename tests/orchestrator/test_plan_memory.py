@@ -16,7 +16,7 @@ import torch
 from memory_probe import SPEC
 
 from orchestrator.planner.counting import stage_params
-from orchestrator.planner.memory import activation_bytes_per_token, estimate_memory
+from orchestrator.planner.memory import activation_bytes_per_token, engine_buffers, estimate_memory
 from orchestrator.validate import parse_spec
 from parallel.model import build_model, cross_entropy
 
@@ -106,6 +106,18 @@ def test_first_pipeline_stage_holds_micro_batches_in_flight(billion):
 
 def test_offload_leaves_no_optimizer_state_on_the_gpu(billion):
     assert estimate_memory(billion, with_parallel(billion, offload_optimizer=True)).optimizer == 0
+
+
+def test_deepspeed_zero1_bf16_gradients_pile_up_only_when_accumulated_after_backward(billion):
+    """With checkpointing and one sequence the activations are smaller than the model's bf16 gradients, so the
+    gradients DeepSpeed holds from backward to the step set the peak; added to the fp32 buffer as they are made
+    (`immediate_grad_update`, not used with optimizer offload), they never pile up."""
+    ds = with_parallel(billion, backend="deepspeed", micro_batch_size=1, activation_checkpointing=True)
+    looped = dataclasses.replace(ds, offload_optimizer=True)
+    assert engine_buffers(billion, ds).frees_bf16_gradients and not engine_buffers(billion, looped).frees_bf16_gradients
+    immediate, after = estimate_memory(billion, ds), estimate_memory(billion, looped)
+    assert immediate.overhead == 0
+    assert after.overhead == 2 * stage_params(billion.model, 1, 1)[0] - after.activations
 
 
 def test_breakdown_rows_add_up(billion):
