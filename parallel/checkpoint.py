@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -456,22 +457,31 @@ class Checkpointer:
         self.storage.download(target, name)
         return target
 
+    def _made_once(self, name: str, product: str, what: str, make: Callable[[str], None]) -> str:
+        """The local path of `product` in `name`'s cache beside the checkpoints, made by `make(path)` on rank 0 alone
+        (on object stores each rank makes its own, in its staging) unless an earlier run made it."""
+        cache_local = self.storage.local_path(UNIVERSAL_CACHE, name) or self._staging(f"universal-{name}")
+        target = os.path.join(cache_local, product)
+        if (self.rank == 0 or not self.storage.is_local) and not os.path.exists(target):
+            os.makedirs(cache_local, exist_ok=True)
+            make(target)
+        _barrier()
+        if not os.path.exists(target):
+            raise CheckpointError(f"{target}: the {what} made by rank 0 is not visible here; checkpoint.dir must be "
+                                  "shared by every node")
+        return target
+
     def _universal(self, name: str, local: str) -> str:
         """A universal checkpoint of `name`'s engine state in the cache beside the checkpoints (made once)."""
-        cache_local = self.storage.local_path(UNIVERSAL_CACHE, name) or self._staging(f"universal-{name}")
-        output = os.path.join(cache_local, ENGINE_TAG)
-        converts = self.rank == 0 or not self.storage.is_local  # object stores: each rank converts into its staging
-        if converts and not os.path.exists(os.path.join(cache_local, "done")):
-            shutil.rmtree(cache_local, ignore_errors=True)
-            os.makedirs(cache_local)
+
+        def convert(done: str) -> None:
+            output = os.path.join(os.path.dirname(done), ENGINE_TAG)
+            shutil.rmtree(output, ignore_errors=True)  # what a conversion cut short left
             convert_to_universal(os.path.join(local, ENGINE_TAG), output)
-            with open(os.path.join(cache_local, "done"), "w") as f:
+            with open(done, "w") as f:
                 f.write(name + "\n")
-        _barrier()
-        if not os.path.exists(os.path.join(cache_local, "done")):
-            raise CheckpointError(f"{cache_local}: the universal checkpoint made by rank 0 is not visible here; "
-                                  "checkpoint.dir must be shared by every node")
-        return cache_local
+
+        return os.path.dirname(self._made_once(name, "done", "universal checkpoint", convert))
 
     def _restore_across_backends(self, engine: Any, name: str, local: str, backend: str, step: int) -> None:
         """Continue from a checkpoint of the other backend: its weights, gathered once by the engine that wrote them
@@ -480,20 +490,14 @@ class Checkpointer:
         the two engines keep optimizer state in unrelated layouts, so the first steps move as after a warm restart."""
         from parallel.consolidate import TorchWriter, consolidate
 
-        cache_local = self.storage.local_path(UNIVERSAL_CACHE, name) or self._staging(f"universal-{name}")
-        weights = os.path.join(cache_local, f"weights-{backend}.pt")
-        converts = self.rank == 0 or not self.storage.is_local
-        if converts and not os.path.exists(weights):
+        def gather(weights: str) -> None:
             if self.rank == 0:
                 log.warning("checkpoint %s was written by the %s backend, this run uses %s: gathering its weights "
                             "with the %s engine; optimizer moments restart", name, backend,
                             self.layout["backend"], backend)
-            os.makedirs(cache_local, exist_ok=True)
             consolidate(self.spec, local, TorchWriter(weights))
-        _barrier()
-        if not os.path.exists(weights):
-            raise CheckpointError(f"{weights}: the weights gathered by rank 0 are not visible here; checkpoint.dir "
-                                  "must be shared by every node")
+
+        weights = self._made_once(name, f"weights-{backend}.pt", f"{backend} weights", gather)
         engine.load_full_state_dict(torch.load(weights, weights_only=True))
         set_schedule_step(engine.scheduler, step)
 
