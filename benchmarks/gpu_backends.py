@@ -8,8 +8,7 @@
 
 A run is `plain` or `<backend>-zero<stage>[-tp<n>][-untuned]`: `-tp<n>` splits the model over n GPUs (the rest is
 data parallel); `-untuned` runs DeepSpeed as configured before its tuning (per-step overflow check, bf16 gradients
-copied to the fp32 accumulator after the backward pass, no compile under ZeRO-3), for before/after figures in one
-launch.
+copied to the fp32 accumulator after the backward pass), for before/after figures in one launch.
 
 The model is examples/llama-1b.yaml's (1.15B parameters, GQA, vocab 50304) at seq 2048, bf16, compiled blocks,
 with that spec's micro-batch size and gradient accumulation per GPU unless given; random tokens already on the GPU
@@ -53,8 +52,7 @@ H100_FLOPS = 989e12
 RUN = re.compile(r"(?P<backend>native|deepspeed)-zero(?P<stage>[0-3])(-tp(?P<tp>\d+))?(?P<untuned>-untuned)?")
 
 
-def build_spec(backend: str, zero_stage: int, world: int, args: argparse.Namespace, tp: int = 1,
-               compile_blocks: bool = True):
+def build_spec(backend: str, zero_stage: int, world: int, args: argparse.Namespace, tp: int = 1):
     spec = load_yaml(args.model)
     raw = {
         "name": "gpu-backends",
@@ -63,7 +61,7 @@ def build_spec(backend: str, zero_stage: int, world: int, args: argparse.Namespa
         "parallel": {"backend": backend, "zero_stage": zero_stage, "tp": tp, "precision": args.precision,
                      "micro_batch_size": args.micro_batch_size or spec["parallel"]["micro_batch_size"],
                      "grad_accum": args.grad_accum or spec["parallel"]["grad_accum"],
-                     "compile": compile_blocks and not args.no_compile},
+                     "compile": not args.no_compile},
         "optim": {"lr": 3e-4, "min_lr": 3e-5, "weight_decay": 0.1, "grad_clip": 1.0},
         "schedule": {"steps": 1000, "warmup_steps": 10, "seed": 0},
         "metrics": {"enabled": False},
@@ -141,10 +139,8 @@ def build_runner(name: str, args: argparse.Namespace, env: RankEnv, device: torc
         spec = build_spec("native", 1, world, args)
         return spec, PlainLoop(spec, device).train_step
     run = parse_run(name)
-    stage, untuned = int(run["stage"]), bool(run["untuned"])
-    spec = build_spec(run["backend"], stage, world, args, tp=int(run["tp"] or 1),
-                      compile_blocks=not (untuned and stage == 3))
-    if untuned:
+    spec = build_spec(run["backend"], int(run["stage"]), world, args, tp=int(run["tp"] or 1))
+    if run["untuned"]:
         import parallel.deepspeed_engine as ds_engine
 
         tuned = ds_engine.build_ds_config
