@@ -22,10 +22,12 @@ class SimulatedCluster:
         if not apply_local_env():
             # The nodes advertise 127.0.0.1 while Ray would bind the machine's address: drivers would never connect.
             raise RuntimeError("Ray was imported before cluster.local.apply_local_env() ran; call it first")
+        from ray._private import utils as ray_utils
         from ray.cluster_utils import Cluster
 
-        # Its own temp dir: a job's driver finds its cluster through the "current cluster" file there, which in the
-        # shared /tmp/ray names whichever Ray instance on the machine started last.
+        # Its own temp dir: a job's driver finds its cluster through the "current cluster" file in the head's temp
+        # dir. In the shared /tmp/ray that file names whichever Ray instance on the machine started last; missing,
+        # Ray picks any GCS process it sees running.
         self.temp_dir = tempfile.mkdtemp(prefix="ray-")
         self.node_args = {"num_cpus": cpus_per_node, "num_gpus": gpus_per_node, "node_ip_address": "127.0.0.1",
                           "temp_dir": self.temp_dir}
@@ -41,6 +43,8 @@ class SimulatedCluster:
             "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 8,
                                "agent_register_timeout_ms": 180000},
         })
+        # `Cluster` writes that file to /tmp/ray whatever the temp dir: write it where this cluster's drivers look.
+        ray_utils.write_ray_address(self.cluster.gcs_address, self.temp_dir)
         self.nodes = [self.cluster.add_node(**self.node_args) for _ in range(nodes)]
         self.size = nodes
 
