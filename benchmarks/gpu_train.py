@@ -151,7 +151,8 @@ def run_reference(spec, env: RankEnv, device: torch.device, args: argparse.Names
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(REPO / "examples" / "llama-1b.yaml"), help="spec whose model is used")
-    parser.add_argument("--backend", default="deepspeed", choices=("deepspeed", "native"))
+    parser.add_argument("--backend", default="auto", choices=("auto", "deepspeed", "native"),
+                        help="auto: what `pretrain train` would pick for the spec")
     parser.add_argument("--zero-stage", type=int, default=1, choices=(0, 1, 2, 3))
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--micro-batch-size", type=int, default=4)

@@ -27,7 +27,7 @@ class SourcePlan:
 
 def plan_mixture(tokens: dict[str, int], sources: dict[str, SourceConfig], config: MixConfig) -> dict[str, SourcePlan]:
     names = [n for n in tokens if tokens[n] > 0]
-    shares = _target_shares({n: tokens[n] for n in names}, {n: sources[n].share for n in names}, config.temperature)
+    shares = target_shares({n: tokens[n] for n in names}, {n: sources[n].share for n in names}, config.temperature)
     total = config.total_tokens or sum(tokens[n] for n in names)
     planned = _water_fill({n: shares[n] * total for n in names}, {n: config.max_epochs * tokens[n] for n in names})
     plans = {n: SourcePlan(tokens[n], shares.get(n, 0.0), planned.get(n, 0.0) / tokens[n] if tokens[n] else 0.0,
@@ -37,7 +37,7 @@ def plan_mixture(tokens: dict[str, int], sources: dict[str, SourceConfig], confi
     return plans
 
 
-def _target_shares(tokens: dict[str, int], given: dict[str, float], temperature: float) -> dict[str, float]:
+def target_shares(tokens: dict[str, int], given: dict[str, float], temperature: float) -> dict[str, float]:
     fixed = {n: s for n, s in given.items() if s > 0}
     free = [n for n in tokens if n not in fixed]
     rest = max(0.0, 1.0 - sum(fixed.values()))

@@ -33,7 +33,7 @@ from dataprep.executor import (
     user_error_in,
 )
 from dataprep.ingest import FileTask, ingest_file, merge_span_stats
-from dataprep.mix import _target_shares, plan_mixture
+from dataprep.mix import plan_mixture, target_shares
 from dataprep.readers import list_files
 from dataprep.readers.base import detect_format, split_file
 from dataprep.shards import MANIFEST_FILE, read_manifest, verify_shard, write_atomic
@@ -234,7 +234,7 @@ class _Prep:
         kept = {n: 0 for n in self.c.sources}
         for stat in selected.values():
             kept[stat["source"]] += stat["bytes"]
-        shares = _target_shares({n: b for n, b in kept.items() if b}, {n: s.share for n, s in self.c.sources.items()},
+        shares = target_shares({n: b for n, b in kept.items() if b}, {n: s.share for n, s in self.c.sources.items()},
                                 self.c.mix.temperature)
         rates = {n: min(1.0, shares.get(n, 0.0) * self.c.tokenizer.sample_bytes / b) if b else 0.0
                  for n, b in kept.items()}

@@ -20,12 +20,12 @@ def find_duplicates(parts: list[str], partitions: int, exact: bool, near: bool):
     import ray
 
     ds = ray.data.read_parquet(parts).select_columns(["key", "hash", "bands", "has_shingles"])
-    rows = ds.map_batches(lambda t: _bucket_rows(t, exact, near), batch_format="pyarrow")
+    rows = ds.map_batches(lambda t: bucket_rows(t, exact, near), batch_format="pyarrow")
     return rows.repartition(partitions, keys=["bucket"]).map_batches(
-        _scan_buckets, batch_size=None, batch_format="pyarrow")
+        scan_buckets, batch_size=None, batch_format="pyarrow")
 
 
-def _bucket_rows(table: pa.Table, exact: bool, near: bool) -> pa.Table:
+def bucket_rows(table: pa.Table, exact: bool, near: bool) -> pa.Table:
     keys = table.column("key").to_numpy()
     buckets, checks, owners, kinds = [], [], [], []
     if exact:
@@ -50,7 +50,7 @@ def _bucket_rows(table: pa.Table, exact: bool, near: bool) -> pa.Table:
                      "kind": pa.array(np.concatenate(kinds), pa.int8())})
 
 
-def _scan_buckets(table: pa.Table) -> pa.Table:
+def scan_buckets(table: pa.Table) -> pa.Table:
     bucket, check, key, kind = (table.column(c).to_numpy() for c in ("bucket", "check", "key", "kind"))
     order = np.lexsort((key, kind, check, bucket))
     bucket, check, key, kind = bucket[order], check[order], key[order], kind[order]

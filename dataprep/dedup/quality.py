@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dataprep.config import DedupConfig
-from dataprep.dedup.buckets import BAND_ROW, _bucket_rows, _scan_buckets
+from dataprep.dedup.buckets import BAND_ROW, bucket_rows, scan_buckets
 from dataprep.dedup.components import components_in_memory
 from dataprep.dedup.minhash import MinHasher
 
@@ -32,7 +32,7 @@ def cluster_roots(texts: Sequence[str], config: DedupConfig) -> np.ndarray:
                       "hash": pa.array([b"\0" * 16] * len(texts), pa.binary(16)),
                       "has_shingles": has,
                       "bands": pa.FixedSizeListArray.from_arrays(pa.array(bands.reshape(-1)), config.bands)})
-    pairs = _scan_buckets(_bucket_rows(table, exact=False, near=True))
+    pairs = scan_buckets(bucket_rows(table, exact=False, near=True))
     band = pairs.filter(pc.equal(pairs.column("kind"), BAND_ROW))
     members = components_in_memory(np.stack([band.column("a").to_numpy(), band.column("b").to_numpy()], axis=1))
     root = np.arange(len(texts))
