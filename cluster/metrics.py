@@ -61,6 +61,8 @@ def _counter(name: str, help: str, labels: tuple[str, ...] = RUN_LABELS) -> Metr
 # Every rank: what differs between ranks, so stragglers and memory imbalance show per rank.
 STEP = _gauge("pretrain_step", "last optimizer step this rank finished", RANK_LABELS)
 STEP_DURATION = _gauge("pretrain_step_duration_seconds", "wall time of this rank's last optimizer step", RANK_LABELS)
+STEP_BUSY = _gauge("pretrain_step_busy_seconds", "this rank's own part of its last step (data, host work, the step "
+                   "itself), without waiting for slower ranks: what sets a straggler apart", RANK_LABELS)
 TOKENS_PER_SECOND = _gauge("pretrain_tokens_per_second", "this rank's share of the run's tokens per second, "
                            "last step (their sum over ranks is the run's throughput)", RANK_LABELS)
 GPU_MEMORY = _gauge("pretrain_gpu_memory_bytes", "peak device memory allocated by this rank during its last step",
@@ -82,7 +84,7 @@ CHECKPOINT_STEP = _gauge("pretrain_checkpoint_step", "step of the newest checkpo
 CHECKPOINT_INTERVAL = _gauge("pretrain_checkpoint_interval_steps", "checkpoint.every of the run (0: only at the end)")
 # Controller: the run as a whole.
 RESTARTS = _counter("pretrain_restarts_total", "gang restarts of the run since it began")
-STRAGGLER_RATIO = _gauge("pretrain_straggler_ratio", "a rank's last step time over the median of all ranks",
+STRAGGLER_RATIO = _gauge("pretrain_straggler_ratio", "a rank's last busy time over the median of all ranks",
                          RANK_LABELS)
 STRAGGLER_THRESHOLD = _gauge("pretrain_straggler_threshold_ratio", "resources.straggler_factor: the ratio above which "
                              "a rank counts as a straggler")
@@ -249,6 +251,8 @@ class RankExporter(BaseCallback):
         if self.rank == 0:
             values.update({LOSS: stats.loss, LEARNING_RATE: stats.lr, GRAD_NORM: stats.grad_norm, MFU: stats.mfu,
                            TOKENS: stats.total_tokens})
+        if stats.busy_seconds is not None:
+            values[STEP_BUSY] = stats.busy_seconds
         self.store.update(values, **self._rank_labels)
 
     def on_eval(self, stats: EvalStats) -> None:

@@ -66,13 +66,15 @@ TRAINING = Dashboard("pretrain-training", "pretrain / training", (
     Panel("MFU", ((f"{m.MFU.name}{{{RUN}}}", "{{run}}"),), unit="percentunit",
           description="achieved FLOP/s over devices × metrics.peak_flops (H100 SXM dense bf16: 989 TFLOP/s)"),
     Panel("Step time per rank", (
-        (f"{m.STEP_DURATION.name}{{{RANK}}}", "rank {{rank}} ({{node}})"),
-        (f"quantile by (run) (0.5, {m.STEP_DURATION.name}{{{RANK}}})", "median {{run}}"),
-    ), unit="s", description="a rank far above the median is a straggler"),
+        (f"{m.STEP_BUSY.name}{{{RANK}}}", "rank {{rank}} ({{node}}) busy"),
+        (f"quantile by (run) (0.5, {m.STEP_BUSY.name}{{{RANK}}})", "median busy {{run}}"),
+        (f"max by (run) ({m.STEP_DURATION.name}{{{RANK}}})", "step {{run}}"),
+    ), unit="s", description="each rank's own part of the step, without waiting for slower ranks, and the whole step "
+                             "(the same on every rank); a rank far above the median is a straggler"),
     Panel("Straggler ratio per rank", (
         (f"{m.STRAGGLER_RATIO.name}{{{RANK}}}", "rank {{rank}} ({{node}})"),
         (f"{m.STRAGGLER_THRESHOLD.name}{{{RUN}}}", "threshold"),
-    ), description="step time over the median of all ranks; above the threshold a rank is a straggler"),
+    ), description="busy time over the median of all ranks; above the threshold a rank is a straggler"),
     Panel("Gradient norm", ((f"{m.GRAD_NORM.name}{{{RUN}}}", "{{run}}"),)),
     Panel("Device memory per rank", ((f"{m.GPU_MEMORY.name}{{{RANK}}}", "rank {{rank}} ({{node}})"),), unit="bytes"),
     Panel("Checkpoint duration", ((f"{m.CHECKPOINT_DURATION.name}{{{RUN}}}", "{{operation}}"),), unit="s"),
@@ -97,6 +99,9 @@ GPUS = Dashboard("pretrain-gpus", "pretrain / GPUs (DCGM)", (
     Panel("Memory used", ((f"DCGM_FI_DEV_FB_USED{{{_GPU}}} * 1024 * 1024", "{{Hostname}} gpu {{gpu}}"),),
           unit="bytes", description="DCGM reports MiB"),
     Panel("GPU utilisation", ((f"DCGM_FI_DEV_GPU_UTIL{{{_GPU}}}", "{{Hostname}} gpu {{gpu}}"),), unit="percent"),
+    Panel("SM clock", ((f"DCGM_FI_DEV_SM_CLOCK{{{_GPU}}} * 1e6", "{{Hostname}} gpu {{gpu}}"),), unit="hertz",
+          description="DCGM reports MHz; a GPU clocked below its peers (power or thermal throttling) holds up every "
+                      "rank of the run alike"),
     Panel("Power", ((f"DCGM_FI_DEV_POWER_USAGE{{{_GPU}}}", "{{Hostname}} gpu {{gpu}}"),), unit="watt"),
     Panel("Temperature", ((f"DCGM_FI_DEV_GPU_TEMP{{{_GPU}}}", "{{Hostname}} gpu {{gpu}}"),), unit="celsius"),
     Panel("NVLink bandwidth", ((f"rate(DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL{{{_GPU}}}[$__rate_interval])",

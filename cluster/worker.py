@@ -87,8 +87,8 @@ class Heartbeat(BaseCallback):
 
     def on_step(self, stats: StepStats) -> None:
         self.beat.loss = float(stats.loss)
-        # A rank's own work, before it waits for the others, shows a straggler; the whole step is the same everywhere.
-        self.beat.step_time = float(stats.extra.get("compute_seconds", stats.step_seconds))
+        # A rank's own work, without waiting for the others, shows a straggler; the whole step is the same everywhere.
+        self.beat.step_time = float(stats.busy_seconds if stats.busy_seconds is not None else stats.step_seconds)
         self.beat.step = stats.step
         if self.hang_at is not None and stats.step >= self.hang_at[0] and not os.path.exists(self.hang_at[1]):
             open(self.hang_at[1], "w").close()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Protocol, runtime_checkable
 
 
@@ -29,7 +29,9 @@ class StepStats:
     total_tokens: int = 0  # tokens consumed since step 0 (counting steps before a resume)
     rank: int = 0
     world_size: int = 1
-    extra: dict[str, float] = field(default_factory=dict)
+    # This rank's own part of the step, without the time it waited for slower ranks: what tells a straggler, since
+    # the collectives make the whole step equally long everywhere. None where the producer does not measure it.
+    busy_seconds: float | None = None
 
 
 @dataclass

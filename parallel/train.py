@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from orchestrator.errors import UserError
 from orchestrator.spec import JobSpec
@@ -81,15 +82,21 @@ def _train(spec: JobSpec, env: RankEnv, engine: Engine, loader: ShardLoader, val
     tokens_per_step = p.micro_batch_size * p.grad_accum * engine.dims.dp * spec.data.seq_len
     flops_per_token = engine.model_dims.flops_per_token(spec.data.seq_len)
     step, loss = start, float("nan")
+    last_end = time.perf_counter()
     for step in range(start + 1, s.steps + 1):
         begin = time.perf_counter()
-        result = engine.train_step(loader.next_step())
+        batch = loader.next_step()
+        arrived = time.perf_counter()
+        _wait_for_every_rank()
+        released = time.perf_counter()
+        result = engine.train_step(batch)
         loss = float(result.loss)  # waits for the step to finish, so the time below is the step's
-        seconds = time.perf_counter() - begin
+        end = time.perf_counter()
+        seconds, busy, last_end = end - begin, (arrived - last_end) + (end - released), end
         rate = tokens_per_step / seconds
         stats = StepStats(
             step=step, loss=loss, lr=result.lr, grad_norm=float(result.grad_norm), tokens=tokens_per_step,
-            step_seconds=seconds, tokens_per_second=rate,
+            step_seconds=seconds, tokens_per_second=rate, busy_seconds=busy,
             mfu=mfu(flops_per_token, rate, env.world_size, spec.metrics.peak_flops),
             memory_allocated_bytes=_memory("memory_allocated", engine.device),
             memory_peak_bytes=_memory("max_memory_allocated", engine.device),
@@ -106,6 +113,15 @@ def _train(spec: JobSpec, env: RankEnv, engine: Engine, loader: ShardLoader, val
             for callback in callbacks:
                 callback.on_checkpoint(saved)
     return step, loss
+
+
+def _wait_for_every_rank() -> None:
+    """Line the ranks up before the step, so that a rank's own lag since its last step (its data, callbacks,
+    evaluation, checkpoint writes) is told apart from the others' waiting for it; inside the step the collectives
+    make every rank take as long as the slowest. One tiny collective per step, while the device is idle anyway (the
+    loss was just read on the host)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 def evaluate(engine: Engine, loader: ShardLoader, batches: int, step: int, rank: int) -> EvalStats:

@@ -34,7 +34,7 @@ def allreduce_steps(spec, env, callbacks=()):
         dist.all_reduce(value)
         stats = StepStats(step=step, loss=float(value), lr=0.0, grad_norm=0.0, tokens=0,
                           step_seconds=time.monotonic() - start, tokens_per_second=0.0, mfu=0.0, rank=env.rank,
-                          world_size=env.world_size, extra={"compute_seconds": compute})
+                          world_size=env.world_size, busy_seconds=compute)
         for callback in callbacks:
             callback.on_step(stats)
     dist.destroy_process_group()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -19,12 +21,12 @@ TINY_RUN = ["model.dim=64", "model.n_layers=2", "data.seq_len=64", "parallel.mic
             "schedule.log_every=1", "checkpoint.every=4", "checkpoint.async_save=false"]
 
 
-def pretrain_train(procs: int, tmp: Path, *overrides: str) -> subprocess.CompletedProcess:
+def pretrain_train(procs: int, tmp: Path, *overrides: str,
+                   program: tuple[str, ...] = ("-m", "orchestrator.cli", "train")) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "TMPDIR": str(tmp),
            "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", "-m", "orchestrator.cli", "train", str(REPO / "examples" / "tiny.yaml"),
-           *TINY_RUN, *overrides]
+           f"--master_port={free_port()}", *program, str(REPO / "examples" / "tiny.yaml"), *TINY_RUN, *overrides]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp)
 
 
@@ -101,3 +103,25 @@ def test_native_tensor_parallel_trains_through_the_loop(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     seen = losses(result.stdout)
     assert sorted(seen) == [1, 2, 3, 4] and seen[4] < seen[1]
+
+
+@pytest.mark.slow
+def test_a_rank_slow_between_steps_is_the_busy_one_not_the_ones_waiting_for_it(tmp_path: Path) -> None:
+    """Rank 1 sleeps 0.3 s in a callback after each step. The whole step is as long on every rank (rank 0 even looks
+    slower: it waits for rank 1 at the next step's start); the busy time names rank 1, as the controller needs."""
+    from busy_worker import SLOW_S
+
+    from orchestrator.stragglers import find_stragglers
+
+    shards = write_shards(tmp_path / "shards", seq_len=64, rows=200)
+    result = pretrain_train(2, tmp_path, f"data.path={shards}", "parallel.backend=native", "schedule.steps=6",
+                            f"checkpoint.dir={tmp_path / 'ckpt'}", "schedule.eval_every=0", "checkpoint.every=0",
+                            program=(str(Path(__file__).with_name("busy_worker.py")), str(tmp_path)))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text())[1:] for r in (0, 1)]  # step 1 follows setup
+    busy = [statistics.median(s["busy_seconds"] for s in steps) for steps in ranks]
+    wall = [statistics.median(s["step_seconds"] for s in steps) for steps in ranks]
+    assert busy[1] - busy[0] > 0.8 * SLOW_S, (busy, wall)
+    assert wall[0] - busy[0] > 0.8 * SLOW_S, (busy, wall)  # rank 0 spent it waiting
+    assert set(find_stragglers(dict(enumerate(busy)), 1.5)) == {1}
+    assert set(find_stragglers(dict(enumerate(wall)), 1.0)) == {0}  # what the whole step alone would blame
