@@ -63,7 +63,7 @@ def test_a_layout_that_does_not_fit_the_launched_ranks_is_one_readable_error(tmp
 
 
 @pytest.mark.slow
-def test_native_backend_checkpoints_in_the_background_and_resumes_exactly_and_across_backends(tmp_path: Path) -> None:
+def test_native_checkpoints_resume_exactly_and_cross_to_deepspeed_and_back(tmp_path: Path) -> None:
     shards = write_shards(tmp_path / "shards", seq_len=64, rows=400)
     # a constant LR after warmup, so stopping at 8 of 8 steps and going on to 10 is the same run as 10 straight
     native = [f"data.path={shards}", "parallel.backend=native", "parallel.zero_stage=3",
@@ -86,12 +86,19 @@ def test_native_backend_checkpoints_in_the_background_and_resumes_exactly_and_ac
     # forward pass of the same weights over the same batch (optimizer moments restart, they shape only the updates).
     shutil.copytree(tmp_path / "resumed" / "step_8", tmp_path / "crossed" / "step_8")
     other = pretrain_train(2, tmp_path, f"data.path={shards}", f"checkpoint.dir={tmp_path / 'crossed'}",
-                           "schedule.steps=10", "schedule.lr_schedule=constant")
+                           "schedule.steps=11", "schedule.lr_schedule=constant", "checkpoint.every=1")
     assert other.returncode == 0, other.stdout[-3000:] + other.stderr[-3000:]
     assert "was written by the native backend, this run uses deepspeed" in other.stdout + other.stderr
     crossed = losses(other.stdout)
-    assert sorted(crossed) == [9, 10]
+    assert sorted(crossed) == [9, 10, 11]
     assert crossed[9] == pytest.approx(after[9], abs=2e-4)
+
+    # And back: native goes on from DeepSpeed's step_10, its step 11 the DeepSpeed run's.
+    shutil.copytree(tmp_path / "crossed" / "step_10", tmp_path / "back" / "step_10")
+    back = pretrain_train(2, tmp_path, *native, f"checkpoint.dir={tmp_path / 'back'}", "schedule.steps=11")
+    assert back.returncode == 0, back.stdout[-3000:] + back.stderr[-3000:]
+    assert "was written by the deepspeed backend, this run uses native" in back.stdout + back.stderr
+    assert losses(back.stdout) == {11: pytest.approx(crossed[11], abs=2e-4)}
 
 
 @pytest.mark.slow
