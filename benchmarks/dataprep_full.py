@@ -38,8 +38,6 @@ def sample_rss(stop: threading.Event, peak: dict) -> None:
 
 
 def _load_texts(paths: list[str], limit_bytes: int) -> tuple[list[str], int]:
-    import json
-
     texts, size = [], 0
     for path in paths:
         with open(path, encoding="utf-8") as f:

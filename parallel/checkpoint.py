@@ -50,6 +50,7 @@ from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngi
 from orchestrator.errors import CheckpointError
 from orchestrator.spec import JobSpec
 from parallel.callbacks import CheckpointStats
+from parallel.launch import barrier
 from parallel.optim import set_schedule_step
 from parallel.parallel_dims import ParallelDims
 from parallel.storage import Storage, local_sha256
@@ -218,7 +219,7 @@ class Checkpointer:
                             self.storage.path(write_dir))
                 self.storage.delete_dir(write_dir)
             self.storage.makedirs(write_dir)
-        _barrier()
+        barrier()
         local = self.storage.local_path(write_dir) or self._staging(name)
         asynchronous = self.config.async_save
         if self.deepspeed:
@@ -465,7 +466,7 @@ class Checkpointer:
         if (self.rank == 0 or not self.storage.is_local) and not os.path.exists(target):
             os.makedirs(cache_local, exist_ok=True)
             make(target)
-        _barrier()
+        barrier()
         if not os.path.exists(target):
             raise CheckpointError(f"{target}: the {what} made by rank 0 is not visible here; checkpoint.dir must be "
                                   "shared by every node")
@@ -573,11 +574,6 @@ def _read_text(path: str) -> str:
             return f.read()
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def _all_gather(value: Any) -> list[Any]:

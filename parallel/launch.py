@@ -94,6 +94,12 @@ def init_distributed(env: RankEnv, device: torch.device, timeout_s: float = 1800
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
 
+def barrier() -> None:
+    """Wait for every rank of the process group; nothing to wait for without one, or alone in it."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.barrier()

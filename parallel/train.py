@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from orchestrator.errors import UserError
 from orchestrator.spec import JobSpec
@@ -28,7 +27,7 @@ from parallel.callbacks import Callback, EvalStats, HistoryCallback, LogCallback
 from parallel.checkpoint import Checkpointer
 from parallel.engine import Engine, build_engine
 from parallel.hf import open_init_weights
-from parallel.launch import RankEnv, init_distributed, pick_device, shutdown_distributed
+from parallel.launch import RankEnv, barrier, init_distributed, pick_device, shutdown_distributed
 from parallel.loader import ShardLoader, build_loaders
 
 log = logging.getLogger(__name__)
@@ -87,7 +86,10 @@ def _train(spec: JobSpec, env: RankEnv, engine: Engine, loader: ShardLoader, val
         begin = time.perf_counter()
         batch = loader.next_step()
         arrived = time.perf_counter()
-        _wait_for_every_rank()
+        # The ranks line up here, so that a rank's own lag since its last step (its data, callbacks, evaluation,
+        # checkpoint writes) is told apart from the others' waiting for it; inside the step the collectives make
+        # every rank take as long as the slowest. One tiny collective, while the device is idle (the loss was read).
+        barrier()
         released = time.perf_counter()
         result = engine.train_step(batch)
         loss = float(result.loss)  # waits for the step to finish, so the time below is the step's
@@ -113,15 +115,6 @@ def _train(spec: JobSpec, env: RankEnv, engine: Engine, loader: ShardLoader, val
             for callback in callbacks:
                 callback.on_checkpoint(saved)
     return step, loss
-
-
-def _wait_for_every_rank() -> None:
-    """Line the ranks up before the step, so that a rank's own lag since its last step (its data, callbacks,
-    evaluation, checkpoint writes) is told apart from the others' waiting for it; inside the step the collectives
-    make every rank take as long as the slowest. One tiny collective per step, while the device is idle anyway (the
-    loss was just read on the host)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def evaluate(engine: Engine, loader: ShardLoader, batches: int, step: int, rank: int) -> EvalStats:
