@@ -209,7 +209,8 @@ def write_results(args: argparse.Namespace, env: RankEnv, device: torch.device, 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     record = {"device": name, "gpus": env.world_size, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
               "python": platform.python_version(), "cuda": torch.version.cuda, "seq_len": args.seq_len,
-              "timed_steps": args.steps, "repeats": args.repeats, "warmup_steps": args.warmup, "peak_flops_per_gpu": H100_FLOPS,
+              "timed_steps": args.steps, "repeats": args.repeats, "warmup_steps": args.warmup,
+              "peak_flops_per_gpu": H100_FLOPS,
               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "results": results}
     os.makedirs(args.out, exist_ok=True)
     path = Path(args.out) / f"gpu_backends_{env.world_size}gpu.json"

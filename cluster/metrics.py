@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import statistics
 import tempfile
 import threading
 import time
@@ -84,7 +83,7 @@ CHECKPOINT_STEP = _gauge("pretrain_checkpoint_step", "step of the newest checkpo
 CHECKPOINT_INTERVAL = _gauge("pretrain_checkpoint_interval_steps", "checkpoint.every of the run (0: only at the end)")
 # Controller: the run as a whole.
 RESTARTS = _counter("pretrain_restarts_total", "gang restarts of the run since it began")
-STRAGGLER_RATIO = _gauge("pretrain_straggler_ratio", "a rank's last busy time over the median of all ranks",
+STRAGGLER_RATIO = _gauge("pretrain_straggler_ratio", "a rank's last busy time over the median of the other ranks",
                          RANK_LABELS)
 STRAGGLER_THRESHOLD = _gauge("pretrain_straggler_threshold_ratio", "resources.straggler_factor: the ratio above which "
                              "a rank counts as a straggler")
@@ -342,7 +341,7 @@ class ControllerExporter:
         self.store.set(RANKS, ranks, run=self.run)
 
     def set_step_times(self, step_times: Mapping[int, tuple[str, float]]) -> dict[int, float]:
-        """Publish each rank's step time over the median ({rank: (node, seconds)}); returns {rank: ratio}."""
+        """Publish each rank's step time over the others' median ({rank: (node, seconds)}); returns {rank: ratio}."""
         ratios = straggler_ratios({rank: seconds for rank, (_, seconds) in step_times.items()})
         for rank, ratio in ratios.items():
             self.store.set(STRAGGLER_RATIO, ratio, run=self.run, rank=rank, node=step_times[rank][0])
@@ -360,11 +359,25 @@ class ControllerExporter:
 
 
 def straggler_ratios(step_times: Mapping[int, float]) -> dict[int, float]:
-    """Each rank's step time over the median of all ranks: 1.0 is typical, above `straggler_factor` a straggler."""
-    if not step_times:
-        return {}
-    median = statistics.median(step_times.values())
-    return {rank: (seconds / median if median > 0 else 1.0) for rank, seconds in step_times.items()}
+    """Each rank's step time over the median of the other ranks: 1.0 is typical, above `straggler_factor` a straggler.
+
+    The others', not all ranks': of two ranks the median of all is their mean, and a rank twice as slow as its partner
+    would show 1.33 rather than 2; with many ranks the two agree.
+    """
+    if len(step_times) < 2:
+        return {rank: 1.0 for rank in step_times}
+    ranks = sorted(step_times, key=step_times.__getitem__)
+    ordered = [step_times[r] for r in ranks]
+    others = len(ordered) - 1
+
+    def other(position: int, skipped: int) -> float:
+        return ordered[position + (position >= skipped)]
+
+    ratios = {}
+    for skipped, rank in enumerate(ranks):
+        median = (other(others // 2, skipped) + other((others - 1) // 2, skipped)) / 2
+        ratios[rank] = step_times[rank] / median if median > 0 else 1.0
+    return ratios
 
 
 def write_targets_file(path: str | os.PathLike, groups: list[dict[str, Any]]) -> None:

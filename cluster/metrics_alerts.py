@@ -48,7 +48,7 @@ ALERTS = (
     Alert("PretrainStraggler",
           f"{m.STRAGGLER_RATIO.name} > on (run) group_left () {m.STRAGGLER_THRESHOLD.name}", "10m", "warning",
           "Rank {{ $labels.rank }} of run {{ $labels.run }} is a straggler",
-          "Rank {{ $labels.rank }} on {{ $labels.node }} takes {{ $value }}× the median step time; the whole run "
+          "Rank {{ $labels.rank }} on {{ $labels.node }} is busy {{ $value }}× the other ranks' median; the whole run "
           "waits for it. Check that node's GPUs (thermal throttling, XID errors) and network."),
     Alert("PretrainCheckpointOverdue",
           f"max by (run) ({m.STEP.name}) - max by (run) ({m.CHECKPOINT_STEP.name}) "

@@ -74,7 +74,7 @@ TRAINING = Dashboard("pretrain-training", "pretrain / training", (
     Panel("Straggler ratio per rank", (
         (f"{m.STRAGGLER_RATIO.name}{{{RANK}}}", "rank {{rank}} ({{node}})"),
         (f"{m.STRAGGLER_THRESHOLD.name}{{{RUN}}}", "threshold"),
-    ), description="busy time over the median of all ranks; above the threshold a rank is a straggler"),
+    ), description="busy time over the median of the other ranks; above the threshold a rank is a straggler"),
     Panel("Gradient norm", ((f"{m.GRAD_NORM.name}{{{RUN}}}", "{{run}}"),)),
     Panel("Device memory per rank", ((f"{m.GPU_MEMORY.name}{{{RANK}}}", "rank {{rank}} ({{node}})"),), unit="bytes"),
     Panel("Checkpoint duration", ((f"{m.CHECKPOINT_DURATION.name}{{{RUN}}}", "{{operation}}"),), unit="s"),

@@ -245,7 +245,7 @@ class Controller:
         if set(now) != set(before):
             if now:
                 detail = ", ".join(f"rank {r} {ratio:.2f}×" for r, ratio in now.items())
-                self.log(f"stragglers (step time over {factor:g}× the median): {detail}")
+                self.log(f"stragglers (busy time over {factor:g}× the other ranks' median): {detail}")
             else:
                 self.log("no stragglers")
         return now

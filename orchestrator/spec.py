@@ -135,7 +135,7 @@ class ResourcesConfig:
     max_restarts: int = setting(3, "gang restarts before the job fails", min=0)
     restart_backoff_s: float = setting(5.0, "first wait before a restart; doubles each time", min=0.0)
     hang_timeout_s: float = setting(600.0, "restart when no rank advances for this long", min=1.0)
-    straggler_factor: float = setting(1.5, "a rank slower than factor × the median step time is a straggler", min=1.0)
+    straggler_factor: float = setting(1.5, "a rank busier than factor × the others' median is a straggler", min=1.0)
 
 
 @dataclass

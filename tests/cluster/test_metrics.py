@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import socket
+import statistics
 import time
 import urllib.request
 
@@ -125,19 +127,27 @@ def test_a_taken_port_names_the_setting_to_change(exporters):
             m.ControllerExporter("r", host="127.0.0.1", port=port)
 
 
+@pytest.mark.parametrize("ranks", [2, 3, 4, 7, 64])
+def test_straggler_ratio_is_over_the_median_of_the_other_ranks(ranks):
+    times = {r: random.Random(ranks * 1000 + r).uniform(0.5, 3.0) for r in range(ranks)}
+    times[ranks - 1] = times[0]  # a tie must not shift the others' median
+    expected = {r: t / statistics.median(v for o, v in times.items() if o != r) for r, t in times.items()}
+    assert m.straggler_ratios(times) == pytest.approx(expected)
+
+
 def test_controller_exports_restarts_stragglers_and_writes_targets(exporters, tmp_path):
     spec = parse_spec({"name": "r", "metrics": {"host": "127.0.0.1"}, "resources": {"straggler_factor": 1.4}})
     controller = m.ControllerExporter.from_spec(spec, restarts=1)
     exporters.append(controller)
     controller.record_restart(ranks=4)
     ratios = controller.set_step_times({0: ("n0", 1.0), 1: ("n0", 1.0), 2: ("n1", 1.1), 3: ("n1", 2.0)})
-    assert ratios == pytest.approx({0: 1 / 1.05, 1: 1 / 1.05, 2: 1.1 / 1.05, 3: 2.0 / 1.05})
+    assert ratios == pytest.approx({0: 1 / 1.1, 1: 1 / 1.1, 2: 1.1, 3: 2.0})  # each over the others' median
     samples = scrape(controller.target)
     assert samples["pretrain_restarts_total"] == [({"run": "r"}, 2.0)]
     assert samples["pretrain_ranks"] == [({"run": "r"}, 4.0)]
     assert samples["pretrain_straggler_threshold_ratio"] == [({"run": "r"}, 1.4)]
     straggler = {s[0]["rank"]: s for s in samples["pretrain_straggler_ratio"]}["3"]
-    assert straggler[0] == {"run": "r", "rank": "3", "node": "n1"} and straggler[1] == pytest.approx(2.0 / 1.05)
+    assert straggler[0] == {"run": "r", "rank": "3", "node": "n1"} and straggler[1] == pytest.approx(2.0)
 
     path = tmp_path / "sd" / "targets.json"
     controller.write_targets(path, ["127.0.0.1:9502", "127.0.0.1:9501"])

@@ -130,6 +130,5 @@ def test_a_rank_slow_between_steps_is_the_busy_one_not_the_ones_waiting_for_it(t
     wall = [statistics.median(s["step_seconds"] for s in steps) for steps in ranks]
     assert busy[1] - busy[0] > 0.8 * SLOW_S, (busy, wall)
     assert wall[0] - busy[0] > 0.8 * SLOW_S, (busy, wall)  # rank 0 spent it waiting
-    # Of two ranks the median is their mean, so factor 1 picks the slower one whatever this machine's step time is.
     assert set(find_stragglers(dict(enumerate(busy)), 1.0)) == {1}
     assert set(find_stragglers(dict(enumerate(wall)), 1.0)) == {0}  # what the whole step alone would blame
