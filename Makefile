@@ -35,7 +35,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 test: $(STAMP) tools lint
-	$(BIN)/python -m pytest -n 2 --dist loadgroup tests
+	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=25 tests
 
 # Regenerate k8s/base and k8s/overlays (dashboards and alert rules included) from the specs in k8s/specs.
 k8s: $(STAMP)
