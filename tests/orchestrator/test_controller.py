@@ -161,7 +161,8 @@ def test_straggler_is_reported_and_exported(ray_cluster, tmp_path, capsys):
         controller.run()
     out = capsys.readouterr().out
     found = re.search(r"stragglers \(busy time over 1\.2× the other ranks' median\): rank 1 ([\d.]+)×", out)
-    assert found and float(found[1]) == pytest.approx(3.0, rel=0.05), out[-2000:]  # 3× the work of rank 0
+    # 3× the work of rank 0 (sleeps, so give or take a loaded machine's scheduling); of all ranks' median, 1.5×
+    assert found and 2.4 < float(found[1]) < 3.6, out[-2000:]
     node = "127.0.0.1"
     assert controller.exporter.store.get(STRAGGLER_RATIO, run="ctl", rank=1, node=node) > 1.2
     assert controller.exporter.store.get(STRAGGLER_RATIO, run="ctl", rank=0, node=node) < 1.0
