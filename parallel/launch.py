@@ -102,5 +102,5 @@ def barrier() -> None:
 
 def shutdown_distributed() -> None:
     if dist.is_initialized():
-        dist.barrier()
+        barrier()
         dist.destroy_process_group()
