@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import gzip
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,7 +22,7 @@ import yaml
 from orchestrator.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
-SHARED = Path(os.environ.get("PRETRAIN_SHARED", REPO.parent / "shared"))
+CRDS = REPO / "tests" / "data" / "k8s-crds"
 K8S = REPO / "k8s"
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir())
 CORE_KINDS = {"ConfigMap", "PersistentVolumeClaim", "PodTemplate"}
@@ -34,7 +34,7 @@ pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl
 @functools.cache
 def crd_validator(kind: str) -> jsonschema.Draft7Validator:
     plural = {"RayJob": "rayjobs", "RayCluster": "rayclusters"}[kind]
-    crd = yaml.load((SHARED / "k8s-crds" / f"ray.io_{plural}.yaml").read_text(), Loader=yaml.CSafeLoader)
+    crd = yaml.load(gzip.decompress((CRDS / f"ray.io_{plural}.yaml.gz").read_bytes()), Loader=yaml.CSafeLoader)
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
     return jsonschema.Draft7Validator(_strict(copy.deepcopy(version["schema"]["openAPIV3Schema"])))
 
