@@ -26,14 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from dataprep.hashing import mix64
 from dataprep.shards import open_shard, read_manifest, shard_paths, verify_shard
 from orchestrator.errors import DataError
 
 log = logging.getLogger(__name__)
 
 _FEISTEL_ROUNDS = 6
-_MIX_A = np.uint64(0xBF58476D1CE4E5B9)
-_MIX_B = np.uint64(0x94D049BB133111EB)
 
 
 @dataclass
@@ -43,13 +42,6 @@ class MicroBatch:
     inputs: torch.Tensor
     targets: torch.Tensor
     sample_ids: torch.Tensor
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser: a fast avalanche so neighbouring indices land far apart."""
-    x = (x ^ (x >> np.uint64(30))) * _MIX_A
-    x = (x ^ (x >> np.uint64(27))) * _MIX_B
-    return x ^ (x >> np.uint64(31))
 
 
 def _round_keys(seed: int, epoch: int) -> np.ndarray:
@@ -72,7 +64,7 @@ def sample_order(positions: np.ndarray, rows: int, seed: int, epoch: int) -> np.
     def permute(x: np.ndarray) -> np.ndarray:
         left, right = x >> shift, x & mask
         for key in keys:
-            left, right = right, left ^ (_mix(right ^ key) & mask)
+            left, right = right, left ^ (mix64(right ^ key) & mask)
         return (left << shift) | right
 
     with np.errstate(over="ignore"):

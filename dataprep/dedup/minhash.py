@@ -14,21 +14,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from dataprep.hashing import splitmix64
+
 _WORD_BYTE = np.ones(256, dtype=bool)
 _WORD_BYTE[[ord(c) for c in " \t\n\r\x0b\x0c!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"]] = False
 _P = np.uint64(1099511628211)
 _SHINGLES_PER_BLOCK = 2048
 _TEXT_CHARS_PER_CHUNK = 4_000_000
 U64 = np.uint64
-
-
-def splitmix64(x: np.ndarray) -> np.ndarray:
-    """A bijective 64-bit mixer: turns weak polynomial hashes into well-spread ones."""
-    with np.errstate(over="ignore"):
-        x = x + U64(0x9E3779B97F4A7C15)
-        x = (x ^ (x >> U64(30))) * U64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> U64(27))) * U64(0x94D049BB133111EB)
-        return x ^ (x >> U64(31))
 
 
 class MinHasher:

@@ -18,11 +18,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from dataprep.config import GopherRepetitionConfig
-from dataprep.dedup.minhash import splitmix64
 from dataprep.filters.base import BaseFilter, Verdict
+from dataprep.hashing import GOLDEN_GAMMA, splitmix64
 
 _PARAGRAPHS = re.compile(r"\n{2,}")
-_MIX = np.uint64(0x9E3779B97F4A7C15)
+_MIX = GOLDEN_GAMMA  # combines word ids into n-gram ids
 
 
 def _duplicate_fraction(elements: list[str]) -> tuple[float, float]:

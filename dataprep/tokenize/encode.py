@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dataprep.dedup.minhash import splitmix64
 from dataprep.executor import write_table_atomic
+from dataprep.hashing import splitmix64
 
 TRAIN, VAL = 0, 1
 _ENCODE_BATCH = 512
