@@ -2,7 +2,8 @@
 
     python benchmarks/dataprep_full.py [--corpus /work/corpora/jsonl] [--out /tmp/prep-bench] [--cpus 2]
 
-Build the corpus first (outside the repo): see ../shared/corpora/README.md (fetch_sources.sh, build_corpus.py).
+Build the corpus first, outside the repo, with benchmarks/corpus/fetch_sources.sh and build_corpus.py (see
+benchmarks/corpus/README.md).
 Prints the wall time of each stage and of the whole run, the MinHash+LSH throughput (signatures and band keys, in
 one process and in one process per CPU at once; and the dedup shuffle stage), the peak resident memory of the driver
 plus every Ray process it started (sampled every 0.2 s), and the load average around the run; writes the figures to
