@@ -17,18 +17,18 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
 from dataprep.config import PrepConfig
 from dataprep.dedup.minhash import MinHasher
 from dataprep.executor import write_table_atomic
-from dataprep.filters.base import apply_filters, build_filters
+from dataprep.filters.base import apply_filters
+from dataprep.filters.from_config import build_filters
+from dataprep.keys import doc_key
 from dataprep.normalize import normalize_text
 from dataprep.readers import BadInput, read_records
 from dataprep.readers.base import WHOLE_FILE
 
-SOURCE_BITS, FILE_BITS, RECORD_BITS = 12, 20, 31
 MAX_BAD_LISTED = 20  # per file: the report names these, and counts the rest
 EXAMPLE_CHARS = 240
 
@@ -47,15 +47,6 @@ class FileTask:
     start: int = WHOLE_FILE[0]  # the span of the file this task reads (see `readers.split_file`)
     stop: int = WHOLE_FILE[1]
     first_index: int = WHOLE_FILE[2]
-
-
-def doc_key(source_rank: int, file_index: int, record: int) -> int:
-    """A document's 63-bit key: its dedup rank (source priority, file, record) and its stable identity."""
-    return (source_rank << (FILE_BITS + RECORD_BITS)) | (file_index << RECORD_BITS) | record
-
-
-def file_of(keys: np.ndarray) -> np.ndarray:
-    return keys >> RECORD_BITS
 
 
 def part_schema(bands: int) -> pa.Schema:
@@ -90,7 +81,7 @@ def ingest_file(payload: dict, directory: str, config: PrepConfig) -> dict:
     task = FileTask(**payload)
     out = _Collector(task, config.examples)
     hasher = MinHasher(config.dedup.ngram, config.dedup.bands, config.dedup.rows, config.dedup.seed)
-    chain = build_filters(config) if task.kind == "prose" else []
+    chain = build_filters(config.filters) if task.kind == "prose" else []
     batch: list[tuple[int, str, str]] = []
     batch_bytes = 0
     name = task.name

@@ -33,6 +33,7 @@ from dataprep.executor import (
     user_error_in,
 )
 from dataprep.ingest import FileTask, ingest_file, merge_span_stats
+from dataprep.keys import file_id
 from dataprep.mix import plan_mixture, target_shares
 from dataprep.readers import list_files
 from dataprep.readers.base import detect_format, split_file
@@ -151,7 +152,7 @@ class _Prep:
                               "file_index": index, "path": path, "kind": source.kind,
                               "fmt": detect_format(path, source.format), "text_field": source.text_field,
                               "id_field": source.id_field, "digest": digest, "size": os.path.getsize(path),
-                              "file_id": (rank << 20) | index})
+                              "file_id": file_id(rank, index)})
         return tasks
 
     def _span_tasks(self, tasks: list[dict]) -> list[tuple[str, dict, int]]:

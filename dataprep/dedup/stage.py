@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from dataprep.config import DedupConfig
 from dataprep.dedup.buckets import BAND_ROW, EXACT_ROW, find_duplicates
 from dataprep.dedup.components import find_components
-from dataprep.ingest import RECORD_BITS
+from dataprep.keys import file_of
 
 EXACT, NEAR = 1, 2  # removal codes, in precedence order
 
@@ -55,7 +55,7 @@ def _codes(keys: pa.ChunkedArray | pa.Array, code: int) -> pa.Table:
 
 
 def _with_file(t: pa.Table) -> pa.Table:
-    return t.append_column("file", pa.array(t.column("key").to_numpy() >> RECORD_BITS, pa.int64()))
+    return t.append_column("file", pa.array(file_of(t.column("key").to_numpy()), pa.int64()))
 
 
 def _write_removals(t: pa.Table, out_dir: str) -> pa.Table:

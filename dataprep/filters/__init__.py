@@ -1,5 +1,6 @@
 """Quality filters: each returns None to keep a document or the reason it is dropped (one counter per rule)."""
 
-from dataprep.filters.base import BaseFilter, build_filters
+from dataprep.filters.base import BaseFilter
+from dataprep.filters.from_config import build_filters, filter_for
 
-__all__ = ["BaseFilter", "build_filters"]
+__all__ = ["BaseFilter", "build_filters", "filter_for"]

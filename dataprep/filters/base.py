@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from dataprep.config import PrepConfig
-
 
 class Edit(str):
     """A verdict that keeps the document with this text instead."""
@@ -27,26 +25,6 @@ class BaseFilter:
 
     def check(self, text: str) -> Verdict:
         raise NotImplementedError
-
-
-def build_filters(config: PrepConfig) -> list[BaseFilter]:
-    """The prose chain in Gopher → repetition → C4 → language order: cheap word statistics first."""
-    from dataprep.filters.c4_filters import C4QualityFilter
-    from dataprep.filters.gopher_quality import GopherQualityFilter
-    from dataprep.filters.gopher_repetition import GopherRepetitionFilter
-    from dataprep.filters.language import LanguageFilter
-
-    f = config.filters
-    chain: list[BaseFilter] = []
-    if f.gopher_quality.enabled:
-        chain.append(GopherQualityFilter(f.gopher_quality))
-    if f.gopher_repetition.enabled:
-        chain.append(GopherRepetitionFilter(f.gopher_repetition))
-    if f.c4.enabled:
-        chain.append(C4QualityFilter(f.c4))
-    if f.language.enabled:
-        chain.append(LanguageFilter(f.language))
-    return chain
 
 
 def apply_filters(chain: Sequence[BaseFilter], texts: list[str]) -> tuple[list[str], list[str]]:

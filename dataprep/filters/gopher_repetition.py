@@ -1,5 +1,7 @@
 """Gopher repetition rules (Rae et al. 2021, table A1): repeated lines, paragraphs and word n-grams.
 
+The keyword defaults are the thresholds of table A1.
+
 The n-gram statistics are computed on integer word ids with numpy, not on Python tuples: a document's words are
 hashed once, every n-gram becomes one combined 64-bit id, and sorting finds the repeats. `check` states the rules
 for one document; `apply` gives the same verdicts for a whole batch with one sort per n-gram length over all its
@@ -17,7 +19,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dataprep.config import GopherRepetitionConfig
 from dataprep.filters.base import BaseFilter, Verdict
 from dataprep.hashing import GOLDEN_GAMMA, splitmix64
 
@@ -37,11 +38,16 @@ def _duplicate_fraction(elements: list[str]) -> tuple[float, float]:
 class GopherRepetitionFilter(BaseFilter):
     name = "gopher_repetition"
 
-    def __init__(self, config: GopherRepetitionConfig):
-        self.c = config
-        self.top = {2: config.top_2gram_frac, 3: config.top_3gram_frac, 4: config.top_4gram_frac}
-        self.dup = {5: config.dup_5gram_frac, 6: config.dup_6gram_frac, 7: config.dup_7gram_frac,
-                    8: config.dup_8gram_frac, 9: config.dup_9gram_frac, 10: config.dup_10gram_frac}
+    def __init__(self, *, dup_line_frac: float = 0.3, dup_para_frac: float = 0.3, dup_line_char_frac: float = 0.2,
+                 dup_para_char_frac: float = 0.2, top_2gram_frac: float = 0.2, top_3gram_frac: float = 0.18,
+                 top_4gram_frac: float = 0.16, dup_5gram_frac: float = 0.15, dup_6gram_frac: float = 0.14,
+                 dup_7gram_frac: float = 0.13, dup_8gram_frac: float = 0.12, dup_9gram_frac: float = 0.11,
+                 dup_10gram_frac: float = 0.10):
+        self.dup_line_frac, self.dup_para_frac = dup_line_frac, dup_para_frac
+        self.dup_line_char_frac, self.dup_para_char_frac = dup_line_char_frac, dup_para_char_frac
+        self.top = {2: top_2gram_frac, 3: top_3gram_frac, 4: top_4gram_frac}
+        self.dup = {5: dup_5gram_frac, 6: dup_6gram_frac, 7: dup_7gram_frac, 8: dup_8gram_frac, 9: dup_9gram_frac,
+                    10: dup_10gram_frac}
 
     def apply(self, texts: Sequence[str]) -> list[Verdict]:
         verdicts = [self._line_verdict(t) for t in texts]
@@ -51,17 +57,16 @@ class GopherRepetitionFilter(BaseFilter):
         return verdicts
 
     def _line_verdict(self, text: str) -> Verdict:
-        c = self.c
         lines = [x for x in text.split("\n") if x.strip()]
         frac, chars = _duplicate_fraction(lines)
-        if frac > c.dup_line_frac:
+        if frac > self.dup_line_frac:
             return "gopher_repetition_dup_lines"
-        if chars > c.dup_line_char_frac:
+        if chars > self.dup_line_char_frac:
             return "gopher_repetition_dup_line_chars"
         frac, chars = _duplicate_fraction([p for p in _PARAGRAPHS.split(text) if p.strip()])
-        if frac > c.dup_para_frac:
+        if frac > self.dup_para_frac:
             return "gopher_repetition_dup_paragraphs"
-        if chars > c.dup_para_char_frac:
+        if chars > self.dup_para_char_frac:
             return "gopher_repetition_dup_paragraph_chars"
         return None
 

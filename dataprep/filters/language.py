@@ -6,7 +6,6 @@ import functools
 import os
 from collections.abc import Sequence
 
-from dataprep.config import LanguageConfig
 from dataprep.filters.base import BaseFilter, Verdict
 
 _PREFIX_CHARS = 2000  # the model reads a bag of n-grams: a document's opening is enough, and bounds the cost
@@ -34,9 +33,9 @@ def detect_languages(texts: Sequence[str]) -> list[tuple[str, float]]:
 class LanguageFilter(BaseFilter):
     name = "language"
 
-    def __init__(self, config: LanguageConfig):
-        self.languages = frozenset(x.strip() for x in config.languages.split(",") if x.strip())
-        self.min_score = config.min_score
+    def __init__(self, *, languages: Sequence[str] = ("en",), min_score: float = 0.65):
+        self.languages = frozenset(languages)
+        self.min_score = min_score
 
     def apply(self, texts: Sequence[str]) -> list[Verdict]:
         return [None if lang in self.languages and score >= self.min_score else "language"

@@ -10,8 +10,8 @@ import re
 import pytest
 
 from dataprep.config import C4Config
+from dataprep.filters import filter_for
 from dataprep.filters.base import Edit
-from dataprep.filters.c4_filters import C4QualityFilter
 from dataprep.normalize import normalize_text
 
 POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
@@ -51,7 +51,7 @@ def texts(sample_corpora):
 @pytest.mark.parametrize("config", [C4Config(), C4Config(drop_lines_without_terminal_punct=False,
                                                          min_words_per_line=0)], ids=["default", "lenient"])
 def test_verdicts_and_cleaned_text_follow_the_rules_line_by_line(texts, config):
-    rules = C4QualityFilter(config)
+    rules = filter_for(config)
     verdicts = rules.apply(texts)
     assert [str(v) if isinstance(v, Edit) else v for v in verdicts] == [_reference(t, config) for t in texts]
     cleaned = [v for v in verdicts if isinstance(v, Edit)]

@@ -13,7 +13,7 @@ from collections import Counter
 import pytest
 
 from dataprep.config import GopherRepetitionConfig
-from dataprep.filters.gopher_repetition import GopherRepetitionFilter
+from dataprep.filters import filter_for
 from dataprep.normalize import normalize_text
 
 
@@ -31,7 +31,7 @@ def texts(sample_corpora):
 
 
 def test_batched_verdicts_equal_the_definition(texts):
-    rules = GopherRepetitionFilter(GopherRepetitionConfig())
+    rules = filter_for(GopherRepetitionConfig())
     batched = rules.apply(texts)
     assert batched == [rules.check(t) for t in texts]
     reasons = Counter(v for v in batched if v)
@@ -43,7 +43,7 @@ def test_strict_thresholds_exercise_every_ngram_rule(texts):
                                     top_2gram_frac=0.5, top_3gram_frac=0.08, top_4gram_frac=0.06,
                                     dup_5gram_frac=0.2, dup_6gram_frac=0.1, dup_7gram_frac=0.08,
                                     dup_8gram_frac=0.06, dup_9gram_frac=0.04, dup_10gram_frac=0.01)
-    rules = GopherRepetitionFilter(strict)
+    rules = filter_for(strict)
     batched = rules.apply(texts)
     assert batched == [rules.check(t) for t in texts]
     assert {v for v in batched if v} >= {f"gopher_repetition_top_{n}gram" for n in (3, 4)} | {
@@ -54,13 +54,13 @@ def test_verdicts_do_not_depend_on_the_process_hash_seed(sample_corpora):
     """Word ids come from the salted `hash`: ties between top n-grams must not be broken by id order."""
     script = ("import gzip, itertools, json, sys\n"
               "from dataprep.config import GopherRepetitionConfig\n"
-              "from dataprep.filters.gopher_repetition import GopherRepetitionFilter\n"
+              "from dataprep.filters import filter_for\n"
               "from dataprep.normalize import normalize_text\n"
               "texts = []\n"
               "for name in ('debian_desc', 'fortunes', 'dicts'):\n"
               "    with gzip.open(f'{sys.argv[1]}/{name}.jsonl.gz', 'rt') as f:\n"
               "        texts += [normalize_text(json.loads(x)['text']) for x in f]\n"
-              "rules = GopherRepetitionFilter(GopherRepetitionConfig())\n"
+              "rules = filter_for(GopherRepetitionConfig())\n"
               "texts = [t for t in texts if t]\n"
               "print(json.dumps([rules.apply(texts), [rules.check(t) for t in texts]]))\n")
     runs = [subprocess.run([sys.executable, "-c", script, str(sample_corpora)], capture_output=True, text=True,
