@@ -1,7 +1,8 @@
 """The prep config (`prep.yaml`): named sources, dedup, filters, mixture, tokenizer and output.
 
-Declared with `orchestrator.spec.setting` and checked by `orchestrator.validate.parse_config`, so a prep config
-reports every problem at once with dotted paths, like a job spec. `sources` is a mapping of names to source
+Declared with `setting` and checked by the generic `orchestrator.config_parser` (which knows nothing of job specs),
+so a prep config reports every problem at once with dotted paths, and a misspelt key is answered with the prep
+config's own field names. `sources` is a mapping of names to source
 sections, which the shared validator does not walk, so each source is parsed on its own and its problems are
 re-rooted under `sources.<name>.`.
 """
@@ -15,9 +16,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from orchestrator.config_parser import load_yaml, parse_config, setting
 from orchestrator.errors import Problem, SpecError
-from orchestrator.spec import setting
-from orchestrator.validate import load_yaml, parse_config
+
+SEED_MAX = 2**32 - 1
+EMPTY_PREP = "a prep config needs at least `output` and `sources`, e.g. sources: {books: {path: data/books.jsonl}}"
 
 
 @dataclass
@@ -43,11 +46,12 @@ class DedupConfig:
     ngram: int = setting(5, "words per shingle", min=1, max=32)
     bands: int = setting(16, "LSH bands; bands × rows hash functions", min=1, max=256)
     rows: int = setting(7, "hash functions per band; (1/bands)^(1/rows) ≈ the Jaccard threshold", min=1, max=64)
-    seed: int = setting(1, "seed of the MinHash hash functions")
-    shuffle_partitions: int = setting(0, "hash-shuffle partitions of buckets and edges; 0: one per CPU", min=0)
+    seed: int = setting(1, "seed of the MinHash hash functions", min=0, max=SEED_MAX)
+    shuffle_partitions: int = setting(0, "hash-shuffle partitions of buckets and edges; 0: one per CPU", min=0,
+                                     max=65536)
     local_components_max_edges: int = setting(
         2_000_000, "below this many candidate edges, components are found in one process; above, by "
-        "distributed star contraction over Ray Data", min=0)
+        "distributed star contraction over Ray Data", min=0, max=10**12)
 
 
 @dataclass
@@ -55,15 +59,17 @@ class GopherQualityConfig:
     """Gopher quality rules (Rae et al. 2021, appendix A)."""
 
     enabled: bool = setting(True, "apply the Gopher quality rules to prose sources")
-    min_words: int = setting(50, "fewest words", min=0)
-    max_words: int = setting(100_000, "most words", min=1)
-    min_avg_word_length: float = setting(3.0, "shortest mean word length", min=0.0)
-    max_avg_word_length: float = setting(10.0, "longest mean word length", min=0.0)
-    max_symbol_word_ratio: float = setting(0.1, "most '#' and ellipsis symbols per word", min=0.0)
+    min_words: int = setting(50, "fewest words", min=0, max=10**7)
+    max_words: int = setting(100_000, "most words", min=1, max=10**8)
+    min_avg_word_length: float = setting(3.0, "shortest mean word length", min=0.0, max=1000.0)
+    max_avg_word_length: float = setting(10.0, "longest mean word length", min=0.0, max=1000.0)
+    max_symbol_word_ratio: float = setting(0.1, "most '#' and ellipsis symbols per word", min=0.0,
+                                           max=100.0)
     max_bullet_lines_ratio: float = setting(0.9, "most lines starting with a bullet", min=0.0, max=1.0)
     max_ellipsis_lines_ratio: float = setting(0.3, "most lines ending in an ellipsis", min=0.0, max=1.0)
     min_alpha_words_ratio: float = setting(0.8, "fewest words holding a letter", min=0.0, max=1.0)
-    min_stop_words: int = setting(2, "fewest English stop words (the, be, to, of, and, that, have, with)", min=0)
+    min_stop_words: int = setting(2, "fewest English stop words (the, be, to, of, and, that, have, with)",
+                                 min=0, max=10**6)
 
 
 @dataclass
@@ -92,12 +98,13 @@ class C4Config:
 
     enabled: bool = setting(True, "apply the C4 rules to prose sources")
     drop_lines_without_terminal_punct: bool = setting(True, "remove lines not ending in . ? ! or a quote")
-    min_words_per_line: int = setting(3, "remove lines with fewer words", min=0)
+    min_words_per_line: int = setting(3, "remove lines with fewer words", min=0, max=10_000)
     drop_javascript_lines: bool = setting(True, "remove lines mentioning javascript")
     drop_policy_lines: bool = setting(True, "remove lines about terms of use, privacy or cookie policies")
     drop_lorem_ipsum: bool = setting(True, "drop documents holding 'lorem ipsum'")
     drop_curly_bracket: bool = setting(True, "drop documents holding '{' (code)")
-    min_sentences: int = setting(5, "drop documents with fewer sentences after line cleanup", min=0)
+    min_sentences: int = setting(5, "drop documents with fewer sentences after line cleanup", min=0,
+                                max=10**6)
 
 
 @dataclass
@@ -122,9 +129,11 @@ class MixConfig:
     """How many training tokens each source contributes."""
 
     temperature: float = setting(1.0, "sources without a share get p ∝ tokens^(1/T): 1 natural, large → uniform",
-                                 min=0.01)
-    max_epochs: float = setting(4.0, "most passes over any source's documents (upsampling cap)", min=0.0)
-    total_tokens: int = setting(0, "training tokens to emit; 0: as many as the sources hold", min=0)
+                                 min=0.01, max=1000.0)
+    max_epochs: float = setting(4.0, "most passes over any source's documents (upsampling cap)", min=0.0,
+                                max=10_000.0)
+    total_tokens: int = setting(0, "training tokens to emit; 0: as many as the sources hold", min=0,
+                               max=10**15)
     val_fraction: float = setting(0.005, "documents held out for validation (by document)", min=0.0, max=0.5)
 
 
@@ -136,9 +145,11 @@ class TokenizerConfig:
                         "with encoder.json (or vocab.json) and vocab.bpe (or merges.txt)",
                         choices=("train", "file", "gpt2"))
     path: str = setting("", "file: the tokenizer.json; gpt2: the directory of vocab files")
-    vocab_size: int = setting(8192, "train: vocabulary size (byte alphabet and EOS included)", min=260)
-    min_frequency: int = setting(2, "train: fewest occurrences of a merged pair", min=1)
-    sample_bytes: int = setting(20_000_000, "train: bytes of text sampled from the mix", min=1000)
+    vocab_size: int = setting(8192, "train: vocabulary size (byte alphabet and EOS included)", min=260,
+                             max=2**22)
+    min_frequency: int = setting(2, "train: fewest occurrences of a merged pair", min=1, max=10**9)
+    sample_bytes: int = setting(20_000_000, "train: bytes of text sampled from the mix", min=1000,
+                               max=2**40)
     eos: str = setting("<|endoftext|>", "end-of-document token placed between packed documents")
 
 
@@ -150,18 +161,22 @@ class PrepConfig:
     output: str = setting("", "shard directory to write (manifest.json, tokenizer.json, *.arrow)")
     work_dir: str = setting("", "stage outputs kept for resuming; empty: <output>.work")
     seq_len: int = setting(2048, "tokens per training row (rows hold seq_len + 1: inputs and the shifted target)",
-                           min=8)
-    seed: int = setting(1234, "seed of sampling, validation split and row order")
+                           min=8, max=2**20)
+    seed: int = setting(1234, "seed of sampling, validation split and row order", min=0, max=SEED_MAX)
     strict: bool = setting(False, "stop at the first bad input (else count it, name file and line, go on)")
     invalid_utf8: str = setting("repair", "invalid UTF-8 bytes: repair (U+FFFD) or drop the document",
                                 choices=("repair", "drop"))
-    max_doc_bytes: int = setting(10_000_000, "documents larger than this are dropped as bad input", min=1)
-    part_bytes: int = setting(32_000_000, "text per intermediate part: bounds the memory of one task", min=1000)
+    max_doc_bytes: int = setting(10_000_000, "documents larger than this are dropped as bad input", min=1,
+                                max=2**30)
+    part_bytes: int = setting(32_000_000, "text per intermediate part: bounds the memory of one task",
+                             min=1000, max=2**34)
     span_bytes: int = setting(16_000_000, "plain JSONL and Parquet files larger than this are read as spans of about "
-                              "this size by separate tasks; 0: one task per file (the output is the same)", min=0)
-    rows_per_shard: int = setting(8192, "rows per Arrow shard file", min=1)
-    examples: int = setting(3, "removed documents shown per reason in the report", min=0)
-    num_cpus: int = setting(0, "CPUs of the embedded local Ray; 0: all (ignored with --address)", min=0)
+                              "this size by separate tasks; 0: one task per file (the output is the same)", min=0,
+                              max=2**40)
+    rows_per_shard: int = setting(8192, "rows per Arrow shard file", min=1, max=2**24)
+    examples: int = setting(3, "removed documents shown per reason in the report", min=0, max=1000)
+    num_cpus: int = setting(0, "CPUs of the embedded local Ray; 0: all (ignored with --address)", min=0,
+                           max=4096)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     filters: FiltersConfig = field(default_factory=FiltersConfig)
     mix: MixConfig = field(default_factory=MixConfig)
@@ -177,7 +192,7 @@ def load_prep_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> 
     """Read prep.yaml with `key=value` overrides (`sources.<name>.<key>=…` too); relative paths are resolved
     against the config file's directory so a config runs the same from anywhere."""
     source = os.fspath(path)
-    return parse_prep_config(load_yaml(source), source=source, overrides=overrides,
+    return parse_prep_config(load_yaml(source, empty=EMPTY_PREP), source=source, overrides=overrides,
                              base_dir=os.path.dirname(os.path.abspath(source)))
 
 

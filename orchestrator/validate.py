@@ -1,36 +1,40 @@
-"""Load a job spec from YAML and overrides, and report every problem in it at once.
+"""The job spec's rules: load a spec from YAML and overrides, and report every problem in it at once.
 
 OmegaConf alone stops at the first bad key; users fixing a 64-GPU spec want the whole list. So the raw YAML is
-walked against the dataclasses of `orchestrator.spec`: unknown keys (with a did-you-mean), wrong types, values out
-of range and the cross-field rules are collected as `Problem`s and raised together in one `SpecError`.
+walked against the dataclasses of `orchestrator.spec` by the generic `orchestrator.config_parser` (unknown keys
+with a did-you-mean, wrong types, values out of range), then the cross-field rules below add theirs; all are
+raised together in one `SpecError`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import json
 import math
 import os
-import typing
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
-import yaml
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
+from orchestrator import config_parser
+from orchestrator.config_parser import WRITTEN_FILE_BOUNDS, leaf_fields, load_json, parse_config
 from orchestrator.errors import Problem, SpecError
 from orchestrator.spec import JobSpec
 
 # Padding independent of tp, so a run resumed under another tensor-parallel size keeps the same vocabulary.
 VOCAB_PAD = 1024
-T = TypeVar("T")
+EMPTY_SPEC = ("a job spec needs at least one section, e.g. `model: {n_layers: 4}`; write `{}` to run with every "
+              "default")
 
 
 def load_spec(path: str | os.PathLike, overrides: Sequence[str] = (), *, require_data: bool = False) -> JobSpec:
     """Read `path`, apply `section.key=value` overrides, validate, and return the resolved spec."""
     return parse_spec(load_yaml(path), source=os.fspath(path), overrides=overrides, require_data=require_data)
+
+
+def load_yaml(path: str | os.PathLike) -> Any:
+    """A job spec file's plain data; an unreadable, hostile or empty file is a `SpecError` naming the file."""
+    return config_parser.load_yaml(path, empty=EMPTY_SPEC)
 
 
 def parse_spec(
@@ -62,46 +66,6 @@ def pick_backend(spec: JobSpec) -> str:
     return "native"
 
 
-def parse_config(
-    cls: type[T], raw: Any, *, source: str, overrides: Sequence[str] = (),
-    problems: list[Problem] | None = None, bad: set[str] | None = None,
-) -> T:
-    """Build any config dataclass declared with `spec.setting` from plain data, checking keys, types and limits.
-
-    Without a `problems` list to collect into, every problem found raises one `SpecError`; with one, the caller
-    adds its own cross-field rules and raises.
-    """
-    collect = problems is not None
-    problems = [] if problems is None else problems
-    bad = set() if bad is None else bad
-    if not isinstance(raw, dict):
-        raise SpecError(source, [Problem("", f"expected a mapping of sections, got {type(raw).__name__}")])
-    raw = _apply_overrides(raw, overrides, problems)
-    raw = _resolve_interpolations(raw, problems)
-    config = _build(cls, raw, "", problems, bad)
-    _check_limits(config, "", problems, bad)
-    if problems and not collect:
-        raise SpecError(source, problems)
-    return config
-
-
-def load_yaml(path: str | os.PathLike) -> Any:
-    """Read a YAML config file; an unreadable file or bad YAML is a `SpecError` naming the file and line."""
-    source = os.fspath(path)
-    try:
-        with open(source, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise SpecError(source, [Problem("", f"cannot read the file: {e.strerror or e}")]) from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise SpecError(source, [Problem("", f"not valid YAML{where}: {getattr(e, 'problem', e)}")]) from None
-    return {} if raw is None else raw
-
-
 def spec_to_dict(spec: JobSpec) -> dict[str, Any]:
     return dataclasses.asdict(spec)
 
@@ -110,150 +74,9 @@ def spec_to_yaml(spec: JobSpec) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(spec_to_dict(spec)))
 
 
-def field_help(cls: type = JobSpec, prefix: str = "") -> Iterable[tuple[str, Any, str]]:
+def field_help(cls: type = JobSpec) -> Iterable[tuple[str, Any, str]]:
     """(dotted path, default, help) of every leaf field: the reference table of the spec."""
-    for f in dataclasses.fields(cls):
-        path = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(f.type) or f.default_factory is not dataclasses.MISSING:
-            yield from field_help(typing.get_type_hints(cls)[f.name], path + ".")
-        else:
-            yield path, f.default, f.metadata.get("help", "")
-
-
-# ---------------------------------------------------------------------------------------------- reading
-
-
-def _apply_overrides(raw: dict, overrides: Sequence[str], problems: list[Problem]) -> dict:
-    items = []
-    for item in overrides:
-        key, eq, _ = item.partition("=")
-        if not eq or not key.strip():
-            message = f"override {item!r} is not of the form section.key=value"
-            problems.append(Problem(key.strip() if eq else "", message))
-        else:
-            items.append(item)
-    if not items:
-        return raw
-    try:
-        merged = OmegaConf.merge(OmegaConf.create(raw), OmegaConf.from_dotlist(items))
-        return OmegaConf.to_container(merged, resolve=False)
-    except OmegaConfBaseException as e:
-        problems.append(Problem(getattr(e, "full_key", "") or "", f"cannot apply overrides {items}: {e.msg}"))
-        return raw
-    except (ValueError, TypeError, yaml.YAMLError) as e:
-        problems.append(Problem("", f"cannot apply overrides {items}: {e}"))
-        return raw
-
-
-def _resolve_interpolations(raw: dict, problems: list[Problem]) -> dict:
-    try:
-        return OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
-    except OmegaConfBaseException as e:
-        problems.append(Problem(getattr(e, "full_key", "") or "", f"bad interpolation: {e.msg}"))
-    except (ValueError, TypeError) as e:
-        problems.append(Problem("", f"not a valid spec: {e}"))
-    return {}
-
-
-def _build(cls: type, data: dict, prefix: str, problems: list[Problem], bad: set[str]) -> Any:
-    """Instantiate `cls` from `data`, keeping defaults where a value is unknown or of the wrong type."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        path = f"{prefix}{key}"
-        if key not in names:
-            problems.append(Problem(path, "unknown key" + _did_you_mean(str(key), names, prefix)))
-            continue
-        kind = hints[key]
-        if dataclasses.is_dataclass(kind):
-            if isinstance(value, dict):
-                kwargs[key] = _build(kind, value, path + ".", problems, bad)
-            else:
-                problems.append(Problem(path, f"got {value!r}, expected a section (a mapping of keys)"))
-                bad.add(path)
-            continue
-        ok, converted = _coerce(value, kind)
-        if ok:
-            kwargs[key] = converted
-        else:
-            problems.append(Problem(path, f"got {value!r}, expected {_type_name(kind)}"))
-            bad.add(path)
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, kind: Any) -> tuple[bool, Any]:
-    args = typing.get_args(kind)
-    if type(None) in args:
-        if value is None:
-            return True, None
-        kind = next(a for a in args if a is not type(None))
-    if kind is bool:
-        if isinstance(value, bool):
-            return True, value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return True, value.lower() == "true"
-        return False, None
-    if kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return True, value
-        if isinstance(value, float) and value.is_integer():
-            return True, int(value)
-        return False, None
-    if kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value)
-        if isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                return False, None
-            return math.isfinite(number), number
-        return False, None
-    if kind is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return True, str(value)
-        return False, None
-    return False, None
-
-
-def _type_name(kind: Any) -> str:
-    args = typing.get_args(kind)
-    if type(None) in args:
-        inner = next(a for a in args if a is not type(None))
-        return f"{_type_name(inner)} or null"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(kind, str(kind))
-
-
-def _did_you_mean(key: str, names: list[str], prefix: str) -> str:
-    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
-    if close:
-        return f" (did you mean '{prefix}{close[0]}'?)"
-    elsewhere = [path for path, _, _ in field_help() if path.rsplit(".", 1)[-1] == key]
-    if elsewhere:
-        return f" (did you mean '{elsewhere[0]}'?)"
-    return f"; allowed here: {', '.join(names)}"
-
-
-def _check_limits(obj: Any, prefix: str, problems: list[Problem], bad: set[str]) -> None:
-    for f in dataclasses.fields(obj):
-        path, value = f"{prefix}{f.name}", getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            _check_limits(value, path + ".", problems, bad)
-            continue
-        if value is None or path in bad:
-            continue
-        meta = f.metadata
-        message = None
-        if "choices" in meta and value not in meta["choices"]:
-            message = f"got {value!r}, allowed: {', '.join(repr(c) for c in meta['choices'])}"
-        elif "min" in meta and value < meta["min"]:
-            message = f"got {value!r}, must be ≥ {meta['min']}"
-        elif "max" in meta and value > meta["max"]:
-            message = f"got {value!r}, must be ≤ {meta['max']}"
-        if message:
-            problems.append(Problem(path, message))
-            bad.add(path)
+    return leaf_fields(cls)
 
 
 def _read_manifest(spec: JobSpec, problems: list[Problem], bad: set[str], require: bool) -> dict | None:
@@ -263,20 +86,27 @@ def _read_manifest(spec: JobSpec, problems: list[Problem], bad: set[str], requir
             bad.add("data.path")
         return None
     path = os.path.join(spec.data.path, "manifest.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-        if not isinstance(manifest, dict):
-            raise ValueError("not a JSON object")
-        return manifest
-    except FileNotFoundError:
+    if not os.path.exists(path):
         if require:
             problems.append(Problem("data.path", f"no manifest.json in {spec.data.path!r}; run `pretrain prep` first"))
             bad.add("data.path")
-    except (OSError, ValueError) as e:
-        problems.append(Problem("data.path", f"cannot read {path}: {e}"))
+        return None
+    try:
+        manifest = load_json(path, bounds=WRITTEN_FILE_BOUNDS)
+        if not isinstance(manifest, dict):
+            raise SpecError(path, [Problem("", f"expected a JSON object, got {type(manifest).__name__}")])
+    except SpecError as e:
+        problems.append(Problem("data.path", f"cannot read {path}: {e.problems[0].message}"))
         bad.add("data.path")
-    return None
+        return None
+    return manifest
+
+
+def _manifest_vocab(manifest: dict | None) -> int | None:
+    """The shards' tokenizer size, where the manifest states one."""
+    tokenizer = (manifest or {}).get("tokenizer")
+    tokens = tokenizer.get("vocab_size") if isinstance(tokenizer, dict) else None
+    return tokens if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0 else None
 
 
 # ---------------------------------------------------------------------------------------------- cross-field rules
@@ -430,9 +260,9 @@ def _fits_the_data(spec: JobSpec, manifest: dict | None) -> list[Problem]:
     if isinstance(data_len, int) and spec.data.seq_len > data_len:
         out.append(Problem("data.seq_len", f"{spec.data.seq_len} is longer than the shards' seq_len {data_len} "
                            f"({spec.data.path}/manifest.json)"))
-    tokens = manifest.get("tokenizer", {}).get("vocab_size")
+    tokens = _manifest_vocab(manifest)
     v = spec.model.vocab_size
-    if isinstance(tokens, int) and v is not None and v < tokens:
+    if tokens is not None and v is not None and v < tokens:
         out.append(Problem("model.vocab_size", f"{v} is smaller than the tokenizer's {tokens} tokens"))
     return out
 
@@ -465,8 +295,7 @@ def _min_nodes_within_nodes(spec: JobSpec, _: Any) -> list[Problem]:
 
 def _resolve(spec: JobSpec, manifest: dict | None) -> JobSpec:
     """Fill the values left open (dp, vocab size from the shards, kv heads, ffn size) so consumers never guess."""
-    defaults_resolved = OmegaConf.to_container(OmegaConf.create(spec_to_dict(spec)), resolve=True)
-    spec = _build(JobSpec, defaults_resolved, "", [], set())
+    spec = parse_config(JobSpec, spec_to_dict(spec), source="resolved spec")
     p, m = spec.parallel, spec.model
     if p.dp == 0:
         p.dp = spec.world_size // (p.pp * p.tp)
@@ -476,8 +305,7 @@ def _resolve(spec: JobSpec, manifest: dict | None) -> JobSpec:
         m.n_kv_heads = m.n_heads
     if m.ffn_dim is None:
         m.ffn_dim = m.multiple_of * math.ceil(int(8 * m.dim / 3) / m.multiple_of)
-    if m.vocab_size is None and manifest is not None:
-        tokens = manifest.get("tokenizer", {}).get("vocab_size")
-        if isinstance(tokens, int):
-            m.vocab_size = VOCAB_PAD * math.ceil(tokens / VOCAB_PAD)
+    tokens = _manifest_vocab(manifest)
+    if m.vocab_size is None and tokens is not None:
+        m.vocab_size = VOCAB_PAD * math.ceil(tokens / VOCAB_PAD)
     return spec

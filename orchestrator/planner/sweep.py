@@ -14,6 +14,7 @@ the compute-optimal frontier and the predicted loss of a target run, and drawn t
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import socket
@@ -22,8 +23,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestrator.config_parser import load_yaml, parse_config, setting
 from orchestrator.errors import Problem, SpecError
-from orchestrator.spec import setting
+
+EMPTY_SWEEP = "a sweep config needs at least `base`, the job spec the runs start from (e.g. base: tiny.yaml)"
 
 
 @dataclass
@@ -35,16 +38,20 @@ class SweepConfig:
     data: str = setting("", "shard directory written by `pretrain prep`; empty: the base spec's data.path")
     output: str = setting("runs/sweep", "directory for results.jsonl, fit.json and scaling.png")
     sizes: str = setting("64x2, 96x3, 128x4, 192x4", "model sizes, comma-separated dim x n_layers")
-    head_dim: int = setting(32, "attention head size: n_heads = dim / head_dim", min=2)
+    head_dim: int = setting(32, "attention head size: n_heads = dim / head_dim", min=2, max=4096)
     tokens: str = setting("1e5, 2e5, 4e5", "training tokens of each run, comma-separated")
-    batch_size: int = setting(16, "sequences per optimizer step", min=1)
-    seq_len: int = setting(128, "tokens per sequence", min=8)
+    batch_size: int = setting(16, "sequences per optimizer step", min=1, max=65536)
+    seq_len: int = setting(128, "tokens per sequence", min=8, max=2**20)
     warmup_fraction: float = setting(0.1, "share of each run's steps spent warming up", min=0.0, max=1.0)
-    eval_batches: int = setting(16, "validation batches measured at the end of each run", min=1)
-    cpus_per_run: float = setting(1.0, "CPUs a run holds on the cluster (fractions allowed)", min=0.01)
+    eval_batches: int = setting(16, "validation batches measured at the end of each run", min=1,
+                                max=1_000_000)
+    cpus_per_run: float = setting(1.0, "CPUs a run holds on the cluster (fractions allowed)", min=0.01,
+                                 max=1024.0)
     gpus_per_run: int = setting(0, "GPUs a run holds (0: CPU runs)", min=0, max=1)
-    target_params: float = setting(0.0, "predict the loss of a run with this many parameters (0: none)", min=0.0)
-    target_tokens: float = setting(0.0, "... trained on this many tokens (0: 20 per parameter)", min=0.0)
+    target_params: float = setting(0.0, "predict the loss of a run with this many parameters (0: none)",
+                                   min=0.0, max=1e15)
+    target_tokens: float = setting(0.0, "... trained on this many tokens (0: 20 per parameter)", min=0.0,
+                                   max=1e18)
 
 
 @dataclass(frozen=True)
@@ -60,11 +67,10 @@ class RunPlan:
 
 def load_sweep(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> SweepConfig:
     """The validated sweep config, with its paths made absolute against the file's directory."""
-    from orchestrator.validate import load_yaml, parse_config
-
     source = os.fspath(path)
     problems: list[Problem] = []
-    config = parse_config(SweepConfig, load_yaml(source), source=source, overrides=overrides, problems=problems)
+    config = parse_config(SweepConfig, load_yaml(source, empty=EMPTY_SWEEP), source=source, overrides=overrides,
+                          problems=problems)
     here = Path(source).resolve().parent
     if not config.base:
         problems.append(Problem("base", "not set; name the job spec the runs start from (e.g. tiny.yaml)"))
@@ -264,7 +270,7 @@ def _grid(config: SweepConfig, problems: list[Problem]) -> tuple[list[tuple[int,
 def _parse_sizes(config: SweepConfig, problems: list[Problem]) -> list[tuple[int, int]]:
     sizes = []
     for item in filter(None, (s.strip() for s in config.sizes.split(","))):
-        match = re.fullmatch(r"(\d+)\s*[x×]\s*(\d+)", item)
+        match = re.fullmatch(r"(\d{1,9})\s*[x×]\s*(\d{1,9})", item)
         if match is None:
             problems.append(Problem("sizes", f"{item!r} is not dim x n_layers (e.g. 128x4)"))
             continue
@@ -286,7 +292,9 @@ def _parse_numbers(field: str, text: str, problems: list[Problem]) -> list[float
         except ValueError:
             problems.append(Problem(field, f"{item!r} is not a number"))
             continue
-        if value <= 0:
+        if not math.isfinite(value):
+            problems.append(Problem(field, f"{item!r} is not a finite number"))
+        elif value <= 0:
             problems.append(Problem(field, f"{item} must be positive"))
         else:
             numbers.append(value)
