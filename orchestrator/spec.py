@@ -1,42 +1,42 @@
 """The job spec: one YAML file (plus `section.key=value` overrides) describes a whole pretraining run.
 
 Sections are dataclasses so that OmegaConf, the validator and every consumer agree on one schema. A field's
-allowed range lives beside it in `metadata` (`min`, `max`, `choices`), so the validator, the docs and the error
-messages read from the same place. Loading and checking live in `orchestrator.validate`.
+allowed range lives beside it in `metadata` (`min`, `max`, `choices`), so the validator, the help text and the error
+messages read from the same place; every number has both bounds. Loading and checking live in
+`orchestrator.validate`.
 
-Like `orchestrator.errors`, this module is a contract leaf: `parallel`, `cluster` and the CLI import it; it imports
-nothing of the project.
+`parallel`, `cluster` and the CLI import this module; it imports only `orchestrator.config_parser` (for `setting`),
+which imports nothing of the project but `orchestrator.errors`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
+from orchestrator.config_parser import setting
 
-def setting(default: Any, help: str, **limits: Any) -> Any:
-    """A field with its help text and limits (min, max, choices) kept where the field is declared.
-
-    Other config files (prep.yaml, sweep.yaml) declare their dataclasses with it too, and share the validator.
-    """
-    return field(default=default, metadata={"help": help, **limits})
+SEED_MAX = 2**32 - 1  # what numpy's and DeepSpeed's seeding accept
+STEPS_MAX = 10**9
 
 
 @dataclass
 class ModelConfig:
     """A decoder-only Llama-style transformer (RMSNorm, SwiGLU, RoPE, grouped-query attention, no biases)."""
 
-    vocab_size: int | None = setting(None, "vocab size; null: the shards' tokenizer size, padded to 1024", min=2)
-    dim: int = setting(256, "hidden size", min=8)
-    n_layers: int = setting(4, "transformer blocks", min=1)
-    n_heads: int = setting(4, "attention heads", min=1)
-    n_kv_heads: int | None = setting(None, "key/value heads (grouped-query attention); null means n_heads", min=1)
-    ffn_dim: int | None = setting(None, "SwiGLU hidden size; null means 8/3·dim rounded up to multiple_of", min=1)
-    multiple_of: int = setting(64, "rounding of the default ffn_dim", min=1)
-    norm_eps: float = setting(1e-5, "RMSNorm epsilon", min=0.0)
-    rope_theta: float = setting(10000.0, "RoPE base frequency", min=1.0)
+    vocab_size: int | None = setting(None, "vocab size; null: the shards' tokenizer size, padded to 1024", min=2,
+                                      max=2**22)
+    dim: int = setting(256, "hidden size", min=8, max=65536)
+    n_layers: int = setting(4, "transformer blocks", min=1, max=1024)
+    n_heads: int = setting(4, "attention heads", min=1, max=1024)
+    n_kv_heads: int | None = setting(None, "key/value heads (grouped-query attention); null means n_heads", min=1,
+                                      max=1024)
+    ffn_dim: int | None = setting(None, "SwiGLU hidden size; null means 8/3·dim rounded up to multiple_of",
+                                  min=1, max=2**20)
+    multiple_of: int = setting(64, "rounding of the default ffn_dim", min=1, max=4096)
+    norm_eps: float = setting(1e-5, "RMSNorm epsilon", min=0.0, max=1.0)
+    rope_theta: float = setting(10000.0, "RoPE base frequency", min=1.0, max=1e10)
     tie_embeddings: bool = setting(False, "share the input embedding with the output projection")
-    init_std: float = setting(0.02, "std of the normal initialisation", min=0.0)
+    init_std: float = setting(0.02, "std of the normal initialisation", min=0.0, max=1.0)
 
 
 @dataclass
@@ -44,9 +44,10 @@ class DataConfig:
     """Training data: a shard directory written by `pretrain prep`."""
 
     path: str = setting("", "directory holding manifest.json and the Arrow shards")
-    seq_len: int = setting(256, "tokens per training sequence; at most the shards' seq_len", min=8)
-    seed: int = setting(1234, "seed of the global sample order")
-    prefetch: int = setting(2, "batches read ahead by the loader thread", min=0)
+    seq_len: int = setting(256, "tokens per training sequence; at most the shards' seq_len", min=8,
+                           max=2**20)
+    seed: int = setting(1234, "seed of the global sample order", min=0, max=SEED_MAX)
+    prefetch: int = setting(2, "batches read ahead by the loader thread", min=0, max=64)
 
 
 @dataclass
@@ -56,17 +57,19 @@ class ParallelConfig:
     backend: str = setting("auto", "parallel engine; auto: native (the faster on GPUs for every layout measured), or "
                            "deepspeed where the spec needs it (offload_optimizer; tie_embeddings with pp > 1)",
                            choices=("auto", "deepspeed", "native"))
-    dp: int = setting(0, "data-parallel size; 0 means ranks / (pp·tp)", min=0)
-    pp: int = setting(1, "pipeline stages", min=1)
+    dp: int = setting(0, "data-parallel size; 0 means ranks / (pp·tp)", min=0, max=65536)
+    pp: int = setting(1, "pipeline stages", min=1, max=1024)
     pp_schedule: str = setting("1f1b", "pipeline schedule; interleaved_1f1b and zero_bubble (native only) run two "
                                "stages per rank", choices=("1f1b", "interleaved_1f1b", "zero_bubble"))
-    tp: int = setting(1, "tensor-parallel size", min=1)
+    tp: int = setting(1, "tensor-parallel size", min=1, max=1024)
     zero_stage: int = setting(1, "ZeRO optimizer sharding stage", choices=(0, 1, 2, 3))
     sequence_parallel: bool = setting(False, "shard activations along the sequence between tensor-parallel regions")
     activation_checkpointing: bool = setting(False, "recompute block activations in the backward pass")
-    micro_batch_size: int = setting(4, "sequences per rank per micro-batch", min=1)
-    grad_accum: int = setting(1, "micro-batches per optimizer step (pipeline micro-batches when pp > 1)", min=1)
-    global_batch_size: int = setting(0, "sequences per optimizer step; 0 means micro_batch_size·grad_accum·dp", min=0)
+    micro_batch_size: int = setting(4, "sequences per rank per micro-batch", min=1, max=65536)
+    grad_accum: int = setting(1, "micro-batches per optimizer step (pipeline micro-batches when pp > 1)", min=1,
+                                 max=65536)
+    global_batch_size: int = setting(0, "sequences per optimizer step; 0 means micro_batch_size·grad_accum·dp",
+                                        min=0, max=2**30)
     precision: str = setting("bf16", "training precision", choices=("bf16", "fp32"))
     offload_optimizer: bool = setting(False, "keep optimizer states in host memory (ZeRO 1-3)")
     compile: bool = setting(False, "torch.compile each transformer block")
@@ -76,27 +79,28 @@ class ParallelConfig:
 class OptimConfig:
     """AdamW; norms and embeddings get no weight decay."""
 
-    lr: float = setting(3e-4, "peak learning rate", min=0.0)
-    min_lr: float = setting(3e-5, "learning rate at the end of the decay", min=0.0)
-    weight_decay: float = setting(0.1, "decoupled weight decay", min=0.0)
+    lr: float = setting(3e-4, "peak learning rate", min=0.0, max=10.0)
+    min_lr: float = setting(3e-5, "learning rate at the end of the decay", min=0.0, max=10.0)
+    weight_decay: float = setting(0.1, "decoupled weight decay", min=0.0, max=10.0)
     beta1: float = setting(0.9, "Adam beta1", min=0.0, max=1.0)
     beta2: float = setting(0.95, "Adam beta2", min=0.0, max=1.0)
-    eps: float = setting(1e-8, "Adam epsilon", min=0.0)
-    grad_clip: float = setting(1.0, "clip the global gradient norm to this; 0 disables", min=0.0)
+    eps: float = setting(1e-8, "Adam epsilon", min=0.0, max=1.0)
+    grad_clip: float = setting(1.0, "clip the global gradient norm to this; 0 disables", min=0.0,
+                                max=1e6)
 
 
 @dataclass
 class ScheduleConfig:
     """Steps, learning-rate schedule, evaluation and logging cadence."""
 
-    steps: int = setting(1000, "optimizer steps", min=1)
-    warmup_steps: int = setting(100, "linear warmup steps", min=0)
+    steps: int = setting(1000, "optimizer steps", min=1, max=STEPS_MAX)
+    warmup_steps: int = setting(100, "linear warmup steps", min=0, max=STEPS_MAX)
     lr_schedule: str = setting("cosine", "shape after warmup", choices=("cosine", "wsd", "constant"))
     decay_fraction: float = setting(0.2, "wsd: fraction of steps spent decaying at the end", min=0.0, max=1.0)
-    eval_every: int = setting(100, "steps between validation passes; 0 disables", min=0)
-    eval_batches: int = setting(10, "batches per validation pass", min=1)
-    log_every: int = setting(10, "steps between log lines", min=1)
-    seed: int = setting(0, "seed of initialisation and every other random choice")
+    eval_every: int = setting(100, "steps between validation passes; 0 disables", min=0, max=STEPS_MAX)
+    eval_batches: int = setting(10, "batches per validation pass", min=1, max=1_000_000)
+    log_every: int = setting(10, "steps between log lines", min=1, max=STEPS_MAX)
+    seed: int = setting(0, "seed of initialisation and every other random choice", min=0, max=SEED_MAX)
 
 
 @dataclass
@@ -104,9 +108,10 @@ class CheckpointConfig:
     """Where and how often to checkpoint, and what to keep."""
 
     dir: str = setting("runs/${name}/checkpoints", "checkpoint directory: a local path or a pyarrow.fs URI (s3://, gs://)")
-    every: int = setting(100, "steps between checkpoints; 0 saves only at the end", min=0)
-    keep_last: int = setting(3, "newest checkpoints kept", min=1)
-    keep_every: int = setting(0, "also keep each checkpoint whose step is a multiple of this; 0: none", min=0)
+    every: int = setting(100, "steps between checkpoints; 0 saves only at the end", min=0, max=STEPS_MAX)
+    keep_last: int = setting(3, "newest checkpoints kept", min=1, max=10_000)
+    keep_every: int = setting(0, "also keep each checkpoint whose step is a multiple of this; 0: none", min=0,
+                             max=STEPS_MAX)
     resume: bool = setting(True, "resume from the newest good checkpoint in dir")
     async_save: bool = setting(True, "write checkpoint files in the background after copying state to host memory")
     init_from: str = setting("", "start from this checkpoint or Hugging Face directory's weights")
@@ -120,7 +125,8 @@ class MetricsConfig:
     host: str = setting("0.0.0.0", "address the exporters bind")
     port: int = setting(0, "first exporter port; 0 picks free ports", min=0, max=65535)
     targets_file: str = setting("", "file_sd targets file for Prometheus; empty means <checkpoint.dir>/../targets.json")
-    peak_flops: float = setting(989e12, "dense bf16 FLOP/s of one device: the MFU denominator (H100 SXM)", min=1.0)
+    peak_flops: float = setting(989e12, "dense bf16 FLOP/s of one device: the MFU denominator (H100 SXM)",
+                                 min=1.0, max=1e18)
 
 
 @dataclass
@@ -128,14 +134,18 @@ class ResourcesConfig:
     """What the run asks of the cluster, and how it survives failures."""
 
     device: str = setting("auto", "auto: cuda when present, else cpu", choices=("auto", "cuda", "cpu"))
-    num_nodes: int = setting(1, "nodes", min=1)
-    gpus_per_node: int = setting(1, "ranks per node: GPUs, or processes on CPU", min=1)
-    min_nodes: int = setting(0, "fewest nodes to continue on after a node is lost; 0 means num_nodes", min=0)
-    cpus_per_rank: float = setting(1.0, "CPUs reserved per rank", min=0.0)
-    max_restarts: int = setting(3, "gang restarts before the job fails", min=0)
-    restart_backoff_s: float = setting(5.0, "first wait before a restart; doubles each time", min=0.0)
-    hang_timeout_s: float = setting(600.0, "restart when no rank advances for this long", min=1.0)
-    straggler_factor: float = setting(1.5, "a rank busier than factor × the others' median is a straggler", min=1.0)
+    num_nodes: int = setting(1, "nodes", min=1, max=4096)
+    gpus_per_node: int = setting(1, "ranks per node: GPUs, or processes on CPU", min=1, max=256)
+    min_nodes: int = setting(0, "fewest nodes to continue on after a node is lost; 0 means num_nodes", min=0,
+                             max=4096)
+    cpus_per_rank: float = setting(1.0, "CPUs reserved per rank", min=0.0, max=1024.0)
+    max_restarts: int = setting(3, "gang restarts before the job fails", min=0, max=10_000)
+    restart_backoff_s: float = setting(5.0, "first wait before a restart; doubles each time", min=0.0,
+                                      max=86400.0)
+    hang_timeout_s: float = setting(600.0, "restart when no rank advances for this long", min=1.0,
+                                   max=604800.0)
+    straggler_factor: float = setting(1.5, "a rank busier than factor × the others' median is a straggler",
+                                     min=1.0, max=1000.0)
 
 
 @dataclass
