@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from orchestrator.config_parser import WRITTEN_FILE_BOUNDS, load_json
 from orchestrator.errors import DataError
 
 FORMAT_VERSION = 1
@@ -27,6 +28,7 @@ MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 SPLITS = ("train", "val")
 _HASH_CHUNK = 1 << 20
+MAX_SEQ_LEN, MAX_VOCAB = 2**20, 2**31 - 1  # rows are read whole; token ids are int32
 
 
 def shard_name(split: str, index: int) -> str:
@@ -132,16 +134,9 @@ def write_manifest(directory: str | os.PathLike, manifest: dict[str, Any]) -> No
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     """The manifest of a shard directory, checked; any problem is a `DataError` naming the file and what is wrong."""
     path = os.path.join(os.fspath(directory), MANIFEST_FILE)
-    try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file; is {os.fspath(directory)!r} a directory written by `pretrain prep`?")\
-            from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read: {e}") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file; is {os.fspath(directory)!r} a directory written by `pretrain prep`?")
+    manifest = load_json(path, bounds=WRITTEN_FILE_BOUNDS, error=DataError)
     _check_manifest(manifest, path)
     return manifest
 
@@ -205,16 +200,16 @@ def _manifest_problems(m: Any) -> Iterable[str]:
     if m.get("format_version") != FORMAT_VERSION:
         yield f"format_version is {m.get('format_version')!r}, this version of pretrain reads {FORMAT_VERSION}"
         return
-    if not _is_count(m.get("seq_len"), minimum=1):
-        yield f"seq_len is {m.get('seq_len')!r}, expected an integer ≥ 1"
+    if not _is_count(m.get("seq_len"), minimum=1, maximum=MAX_SEQ_LEN):
+        yield f"seq_len is {m.get('seq_len')!r}, expected an integer from 1 to {MAX_SEQ_LEN}"
     tok = m.get("tokenizer")
     if not isinstance(tok, dict):
         yield "tokenizer is missing or not an object"
     else:
         if not isinstance(tok.get("file"), str) or not tok["file"]:
             yield "tokenizer.file is missing"
-        if not _is_count(tok.get("vocab_size"), minimum=2):
-            yield f"tokenizer.vocab_size is {tok.get('vocab_size')!r}, expected an integer ≥ 2"
+        if not _is_count(tok.get("vocab_size"), minimum=2, maximum=MAX_VOCAB):
+            yield f"tokenizer.vocab_size is {tok.get('vocab_size')!r}, expected an integer from 2 to {MAX_VOCAB}"
         if not _is_count(tok.get("eos_id")) or (
                 _is_count(tok.get("vocab_size")) and tok["eos_id"] >= tok["vocab_size"]):
             yield f"tokenizer.eos_id is {tok.get('eos_id')!r}, expected an integer below vocab_size"
@@ -254,5 +249,6 @@ def _split_problems(name: str, split: Any) -> Iterable[str]:
         yield f"{where}.rows is {split['rows']}, but its shards hold {total} rows"
 
 
-def _is_count(value: Any, minimum: int = 0) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+def _is_count(value: Any, minimum: int = 0, maximum: int = 2**62) -> bool:
+    """An integer in [minimum, maximum]; the default maximum keeps row arithmetic within int64."""
+    return isinstance(value, int) and not isinstance(value, bool) and minimum <= value <= maximum

@@ -28,6 +28,9 @@ class Problem:
         return f"{self.path}: {self.message}" if self.path else self.message
 
 
+SHOWN_PROBLEMS = 50  # a message stays readable when a hostile file holds thousands of problems
+
+
 class SpecError(UserError):
     """Every problem found in a job spec, reported together."""
 
@@ -35,7 +38,9 @@ class SpecError(UserError):
         self.source = source
         self.problems = list(problems)
         count = f"{len(self.problems)} problem" + ("s" if len(self.problems) != 1 else "")
-        lines = [f"{source}: {count}"] + [f"  {p}" for p in self.problems]
+        lines = [f"{source}: {count}"] + [f"  {p}" for p in self.problems[:SHOWN_PROBLEMS]]
+        if len(self.problems) > SHOWN_PROBLEMS:
+            lines.append(f"  … and {len(self.problems) - SHOWN_PROBLEMS} more")
         super().__init__("\n".join(lines))
 
     def __reduce__(self):

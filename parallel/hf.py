@@ -48,17 +48,16 @@ def from_hf_name(name: str) -> str:
 
 
 def read_hf_config(directory: str) -> dict[str, Any]:
-    """config.json of a Hugging Face model directory; a missing directory or file, or bad JSON, is a UserError."""
+    """config.json of a Hugging Face model directory; a missing directory or file, or JSON that is bad or hostile
+    (not UTF-8, oversized, too deep, NaN, huge integers), is a UserError."""
+    from orchestrator.config_parser import load_json
+
     if not os.path.isdir(directory):
         raise UserError(f"{directory}: no such directory (expected a Hugging Face model directory with {CONFIG})")
     path = os.path.join(directory, CONFIG)
     if not os.path.isfile(path):
         raise UserError(f"{path}: missing; a Hugging Face Llama directory holds {CONFIG} and {WEIGHTS}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not readable JSON: {e}") from None
+    config = load_json(path, error=UserError)
     if not isinstance(config, dict):
         raise UserError(f"{path}: expected a JSON object, got {type(config).__name__}")
     return config
