@@ -1,13 +1,20 @@
-"""Reserve a whole gang at once: one placement-group bundle per rank, packed by node, or a clear error.
+"""Reserve a whole gang at once, spread over exactly `resources.num_nodes` nodes, or a clear error.
 
 A gang that starts some ranks and waits for the others wastes the GPUs it holds, so every rank's resources are
-reserved in one placement group before any rank starts. Before asking, the request is checked against the nodes'
-totals: a reservation that can never be met (more GPUs than the cluster has) fails at once, naming what is
-missing, instead of pending forever.
+reserved in one placement group before any rank starts. The group has one bundle per node, holding that node's
+`resources.gpus_per_node` ranks, and the bundles are STRICT_SPREAD: the run gets exactly the node count its spec
+names (per-rank bundles under PACK put ranks that fit on one node all on one node). Before asking, the request is
+checked against the nodes' totals: a reservation that can never be met fails at once, naming what is missing,
+instead of pending forever.
 
-Ranks are numbered node by node over the bundles Ray actually placed, so consecutive ranks share a node: with
-tensor parallel innermost in the rank order (rank = (pp·dp_size + dp)·tp + tp_rank), each tensor-parallel group stays
-inside a node and pipeline stages span nodes.
+A reservation is never left behind: the group is removed on every way out of the wait (met too late, refused
+because a node died meanwhile, an exception, an interrupt), and a group the job still holds when it should not is
+found by name (`pretrain-<run>-<ray job id>-…`) and removed before the next reservation. Otherwise a group left
+pending would take a returning node's resources and the job's next reservation would wait on the job itself.
+
+Ranks are numbered node by node, so consecutive ranks share a node: with tensor parallel innermost in the rank
+order (rank = (pp·dp_size + dp)·tp + tp_rank), each tensor-parallel group stays inside a node and pipeline stages
+span nodes.
 """
 
 from __future__ import annotations
@@ -25,11 +32,16 @@ from orchestrator.errors import SchedulingError
 from orchestrator.spec import JobSpec
 
 PLACEMENT_TIMEOUT_S = 300.0
+# How often a pending reservation looks again at the nodes alive (a node lost meanwhile makes it unmeetable).
+RECHECK_S = 5.0
+# Group states that hold resources on nodes (a PENDING group holds none yet).
+HOLDING = ("CREATED", "PREPARED", "RESCHEDULING")
 
 
 @dataclass
 class Gang:
-    """A ready reservation: `nodes[r]` is the node of rank r, `bundles[r]` its bundle index in `group`."""
+    """A ready reservation: `nodes[r]` is the node of rank r, `bundles[r]` its node's bundle index in `group`;
+    `bundle` is one rank's share of that bundle."""
 
     group: PlacementGroup
     bundle: dict[str, float]
@@ -46,6 +58,16 @@ class Gang:
             local.append(seen.get(node, 0))
             seen[node] = local[-1] + 1
         return local, [counts[n] for n in self.nodes], [order.index(n) for n in self.nodes]
+
+    def describe(self) -> str:
+        """Which nodes the ranks got: `node 1a2b3c4d (10.0.0.5): ranks 0-1; node 5e6f7a8b (10.0.0.6): ranks 2-3`."""
+        addresses = {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in ray.nodes()}
+        parts = []
+        for node in dict.fromkeys(self.nodes):
+            ranks = [r for r, n in enumerate(self.nodes) if n == node]
+            span = f"{ranks[0]}-{ranks[-1]}" if len(ranks) > 1 else f"{ranks[0]}"
+            parts.append(f"node {node[:8]} ({addresses.get(node, '?')}): rank{'s' if len(ranks) > 1 else ''} {span}")
+        return "; ".join(parts)
 
 
 def uses_gpus(spec: JobSpec, cluster: dict[str, float]) -> bool:
@@ -75,26 +97,35 @@ def node_capacity(bundle: dict[str, float], resources: dict[str, float]) -> int:
     return int(min(resources.get(k, 0.0) // v for k, v in bundle.items()))
 
 
+def nodes_with_room(bundle: dict[str, float], ranks_per_node: int, nodes: Iterable[dict]) -> int:
+    """How many of `nodes` can each host `ranks_per_node` ranks of `bundle` (a gang takes one bundle per node)."""
+    return sum(node_capacity(bundle, n["Resources"]) >= ranks_per_node for n in nodes)
+
+
 def alive_nodes() -> list[dict]:
     return [n for n in ray.nodes() if n.get("Alive")]
 
 
 def check_fits(bundle: dict[str, float], ranks: int, ranks_per_node: int, nodes: Iterable[dict]) -> None:
-    """Raise `SchedulingError` when the cluster's nodes, even idle, cannot host `ranks` bundles."""
+    """Raise `SchedulingError` when the cluster's nodes, even idle, cannot host `ranks` bundles, `ranks_per_node`
+    on each of `ranks / ranks_per_node` different nodes."""
     nodes = list(nodes)
-    fits = [node_capacity(bundle, n["Resources"]) for n in nodes]
-    if sum(fits) >= ranks:
+    wanted = ranks // ranks_per_node
+    room = nodes_with_room(bundle, ranks_per_node, nodes)
+    if room >= wanted:
         return
-    shown = ", ".join(f"{k}: {v:g}" for k, v in bundle.items())
+    shown = _amounts(bundle, ": ", sep=", ")
     lines = [
-        f"{_node_name(n)}: " + ", ".join(f"{k} {n['Resources'].get(k, 0):g}" for k in bundle) + f" → {f} rank(s)"
-        for n, f in zip(nodes, fits, strict=True)
+        f"{_node_name(n)}: " + ", ".join(f"{k} {n['Resources'].get(k, 0):g}" for k in bundle)
+        + f" → {node_capacity(bundle, n['Resources'])} rank(s)"
+        for n in nodes
     ]
     missing = {k: v * ranks - sum(n["Resources"].get(k, 0.0) for n in nodes) for k, v in bundle.items()}
-    short = ", ".join(f"{v:g} {k}" for k, v in missing.items() if v > 0) or "room on fewer nodes"
+    short = ", ".join(f"{v:g} {k}" for k, v in missing.items() if v > 0) or \
+        f"{wanted - room} more node(s) with room for {ranks_per_node} rank(s)"
     raise SchedulingError(
-        f"the job asks for {ranks} ranks ({ranks // ranks_per_node} node(s) × {ranks_per_node}) of {{{shown}}} "
-        f"each, but the cluster's {len(nodes)} node(s) can host only {sum(fits)}; missing: {short}.\n  "
+        f"the job asks for {ranks} ranks ({wanted} node(s) × {ranks_per_node}) of {{{shown}}} each, but only {room} "
+        f"of the cluster's {len(nodes)} node(s) can host {ranks_per_node}; missing: {short}.\n  "
         + "\n  ".join(lines)
         + "\nLower resources.num_nodes / resources.gpus_per_node / resources.cpus_per_rank or add nodes."
     )
@@ -104,33 +135,82 @@ def _node_name(node: dict) -> str:
     return f"node {node['NodeID'][:8]} ({node.get('NodeManagerAddress', '?')})"
 
 
+def group_prefix(spec: JobSpec) -> str:
+    """The name every placement group of this run in this Ray job starts with."""
+    return f"pretrain-{spec.name}-{ray.get_runtime_context().get_job_id()}-"
+
+
 def reserve_gang(spec: JobSpec, *, timeout_s: float = PLACEMENT_TIMEOUT_S) -> Gang:
-    """Reserve one bundle per rank for `spec.world_size` ranks, or raise `SchedulingError` naming what is short."""
+    """Reserve `resources.num_nodes` nodes of `resources.gpus_per_node` ranks each, or raise `SchedulingError`
+    naming what is short (and what holds it); no group is left behind when it raises."""
+    r = spec.resources
     nodes = alive_nodes()
     bundle = bundle_on(spec, nodes)
     ranks = spec.world_size
-    check_fits(bundle, ranks, spec.resources.gpus_per_node, nodes)
-    strategy = "STRICT_PACK" if spec.resources.num_nodes == 1 else "PACK"
+    check_fits(bundle, ranks, r.gpus_per_node, nodes)
+    per_node = {k: v * r.gpus_per_node for k, v in bundle.items()}
+    strategy = "STRICT_PACK" if r.num_nodes == 1 else "STRICT_SPREAD"
     # A fresh name each time: the group of a gang that lost a node keeps its name until Ray has released the dead
     # node's bundles, which can come after the next reservation.
-    name = f"pretrain-{spec.name}-{uuid.uuid4().hex[:8]}"
-    group = placement_group([dict(bundle) for _ in range(ranks)], strategy=strategy, name=name)
-    deadline = time.monotonic() + timeout_s
-    while not group.wait(timeout_seconds=5):
-        if time.monotonic() > deadline:
-            remove_placement_group(group)
-            free = ray.available_resources()
-            raise SchedulingError(
-                f"the reservation of {ranks} ranks × {bundle} ({strategy}) was not met within {timeout_s:g} s; "
-                f"free now: {', '.join(f'{k} {free.get(k, 0):g}' for k in bundle)} (other jobs hold the rest)"
-            )
-        check_fits(bundle, ranks, spec.resources.gpus_per_node, alive_nodes())
-    by_bundle = placement_group_table(group)["bundles_to_node_id"]
-    node_order = list(dict.fromkeys(by_bundle[i] for i in range(ranks)))
-    order = sorted(range(ranks), key=lambda i: (node_order.index(by_bundle[i]), i))
-    gang = Gang(group=group, bundle=bundle, bundles=order, nodes=[by_bundle[i] for i in order])
-    check_tensor_groups(gang, spec.parallel.tp)
-    return gang
+    group = placement_group([dict(per_node) for _ in range(r.num_nodes)], strategy=strategy,
+                            name=f"{group_prefix(spec)}{uuid.uuid4().hex[:8]}")
+    kept = False
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not group.wait(timeout_seconds=max(0.1, min(RECHECK_S, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                raise SchedulingError(
+                    f"the reservation of {r.num_nodes} node(s) × {{{_amounts(per_node, ' ')}}} ({strategy}) was not "
+                    f"met within {timeout_s:g} s; {holders(bundle, group_prefix(spec), group)}"
+                )
+            check_fits(bundle, ranks, r.gpus_per_node, alive_nodes())
+        by_bundle = placement_group_table(group)["bundles_to_node_id"]
+        gang = Gang(group=group, bundle=bundle, bundles=[rank // r.gpus_per_node for rank in range(ranks)],
+                    nodes=[by_bundle[rank // r.gpus_per_node] for rank in range(ranks)])
+        check_tensor_groups(gang, spec.parallel.tp)
+        kept = True
+        return gang
+    finally:
+        if not kept:
+            _remove(group)
+
+
+def holders(bundle: dict[str, float], own_prefix: str, waiting: PlacementGroup | None = None) -> str:
+    """What holds the resources `bundle` asks for: free amounts, this job's own groups (by name), other groups,
+    and what actors and tasks outside any group use."""
+    keys = list(bundle)
+    total, free = ray.cluster_resources(), ray.available_resources()
+    skip = waiting.id.hex() if waiting is not None else None
+    groups = [g for g in _live_groups() if g["placement_group_id"] != skip]
+    own = [g for g in groups if g["name"].startswith(own_prefix)]
+    others = [g for g in groups if not g["name"].startswith(own_prefix)]
+    in_groups = {k: sum(_group_total(g, k) for g in groups if g["state"] in HOLDING) for k in keys}
+    outside = {k: max(0.0, total.get(k, 0.0) - free.get(k, 0.0) - in_groups[k]) for k in keys}
+    parts = [f"free now: {_amounts({k: free.get(k, 0.0) for k in keys}, ' ')}"]
+    if own:
+        parts.append("held by this job's own placement group(s), left from an earlier reservation: "
+                     + ", ".join(_group_line(g, keys) for g in own))
+    parts.append("by other jobs' placement groups: " + (", ".join(_group_line(g, keys) for g in others) or "none"))
+    parts.append(f"by actors and tasks outside placement groups: {_amounts(outside, ' ')}")
+    return "; ".join(parts)
+
+
+def _live_groups() -> list[dict]:
+    """Every placement group of the cluster not yet removed, as `placement_group_table` describes it."""
+    return [g for g in placement_group_table().values() if g["state"] != "REMOVED"]
+
+
+def _group_total(group: dict, key: str) -> float:
+    return sum(b.get(key, 0.0) for b in group["bundles"].values())
+
+
+def _group_line(group: dict, keys: list[str]) -> str:
+    name = group["name"] or group["placement_group_id"][:8]
+    return f"{name} ({group['state']}: {_amounts({k: _group_total(group, k) for k in keys}, ' ')})"
+
+
+def _amounts(resources: dict[str, float], between: str, sep: str = ", ") -> str:
+    return sep.join(f"{k}{between}{v:g}" for k, v in resources.items())
 
 
 def check_tensor_groups(gang: Gang, tp: int) -> None:
@@ -139,13 +219,30 @@ def check_tensor_groups(gang: Gang, tp: int) -> None:
         if len(set(gang.nodes[start:start + tp])) > 1:
             release(gang)
             raise SchedulingError(
-                f"ranks {start}..{start + tp - 1} form a tensor-parallel group (parallel.tp={tp}) but Ray placed "
-                f"them on {len(set(gang.nodes[start:start + tp]))} nodes; give every node a multiple of {tp} "
-                "free GPUs or set resources.gpus_per_node to one"
+                f"ranks {start}..{start + tp - 1} form a tensor-parallel group (parallel.tp={tp}) but would run on "
+                f"{len(set(gang.nodes[start:start + tp]))} nodes: each node runs resources.gpus_per_node "
+                f"consecutive ranks; make it a multiple of {tp}"
             )
 
 
+def release_leftovers(spec: JobSpec) -> list[str]:
+    """Remove every placement group this run's Ray job still holds; return their names.
+
+    Called where the job should hold none (before a re-reservation, at the end of a run), so no path that lost
+    track of a group can make the job wait on its own resources.
+    """
+    prefix = group_prefix(spec)
+    left = [g for g in _live_groups() if g["name"].startswith(prefix)]
+    for g in left:
+        _remove(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(g["placement_group_id"]))))
+    return [g["name"] for g in left]
+
+
 def release(gang: Gang) -> None:
+    _remove(gang.group)
+
+
+def _remove(group: PlacementGroup) -> None:
     # The group may already be gone with its node or with the cluster.
     with contextlib.suppress(Exception):
-        remove_placement_group(gang.group)
+        remove_placement_group(group)

@@ -63,10 +63,22 @@ class SimulatedCluster:
         node = self.nodes.pop(index)
         self.cluster.remove_node(node, allow_graceful=False)
 
+    def add_node(self) -> None:
+        """Add one more worker node (`kill_node()` takes it away again; `restore` does not count it)."""
+        self.nodes.append(self.cluster.add_node(**self.node_args))
+
     def restore(self) -> None:
         """Add worker nodes back until there are as many as at the start."""
         while len(self.nodes) < self.size:
             self.nodes.append(self.cluster.add_node(**self.node_args))
+
+    def live_groups(self, prefix: str = "pretrain-") -> list[str]:
+        """Names of the placement groups not yet removed whose name starts with `prefix`, from Ray's state API
+        (asked over the cluster's address, so no driver needs to be connected)."""
+        from ray.util.state import list_placement_groups
+
+        groups = list_placement_groups(address=self.address, filters=[("state", "!=", "REMOVED")], limit=10_000)
+        return sorted(g.name for g in groups if g.name.startswith(prefix))
 
     def shutdown(self) -> None:
         self.cluster.shutdown()

@@ -34,13 +34,22 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.local import apply_log_env
 from cluster.metrics import ControllerExporter, default_targets_path
-from cluster.placement import Gang, alive_nodes, check_tensor_groups, release, reserve_gang
+from cluster.placement import (
+    PLACEMENT_TIMEOUT_S,
+    Gang,
+    alive_nodes,
+    check_tensor_groups,
+    release,
+    release_leftovers,
+    reserve_gang,
+)
 from cluster.submission import PLAN_VARIABLE, SPEC_VARIABLE
 from cluster.worker import DEFAULT_ENTRY, Beat, RankWorker, Wiring, stacks_from_outside
 from orchestrator.elastic import plan_nodes
 from orchestrator.errors import PretrainError, SchedulingError, UserError, WorkerFailedError
 from orchestrator.failure_policy import Action, Cause, Failure, FailurePolicy
 from orchestrator.layout_choice import apply_planner
+from orchestrator.preflight import check_data
 from orchestrator.spec import JobSpec
 from orchestrator.stragglers import find_stragglers
 from orchestrator.validate import parse_spec
@@ -86,21 +95,43 @@ class Controller:
         print(f"[controller {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
     def run(self) -> RunResult:
-        """Run attempts until one finishes; raise `WorkerFailedError` (or the rank's `UserError`) when giving up."""
-        gang = reserve_gang(self.spec)
+        """Run attempts until one finishes; raise `WorkerFailedError` (or the rank's `UserError`) when giving up.
+
+        Whatever ends the run (success, giving up, an exception, the job being stopped: Ray's driver turns SIGTERM
+        into SystemExit), no placement group of the run is left behind.
+        """
+        if self.entry == DEFAULT_ENTRY:
+            check_data(self.spec)  # the training loop reads it; say so now, not after reserving and starting ranks
         try:
-            if self.plan_layout and "GPU" in gang.bundle:
-                self._plan(gang)
-            if self.spec.metrics.enabled:
-                self.exporter = ControllerExporter.from_spec(self.spec, advertise_host=ray.util.get_node_ip_address())
-        except BaseException:
-            release(gang)
-            raise
-        try:
+            gang = self._reserve(self.spec, PLACEMENT_TIMEOUT_S)
+            try:
+                if self.plan_layout and "GPU" in gang.bundle:
+                    self._plan(gang)
+                if self.spec.metrics.enabled:
+                    self.exporter = ControllerExporter.from_spec(self.spec,
+                                                                 advertise_host=ray.util.get_node_ip_address())
+            except BaseException:
+                release(gang)
+                raise
             return self._run(gang)
         finally:
+            self._release_leftovers("at the end of the run")
             if self.exporter is not None:
                 self.exporter.close()
+
+    def _reserve(self, spec: JobSpec, timeout_s: float) -> Gang:
+        gang = reserve_gang(spec, timeout_s=timeout_s)
+        self.log(f"reserved {spec.world_size} rank(s) on {len(set(gang.nodes))} node(s): {gang.describe()}")
+        return gang
+
+    def _release_leftovers(self, when: str) -> None:
+        """Remove placement groups of this run that no gang owns (none, unless a path lost track of one)."""
+        try:
+            names = release_leftovers(self.spec)
+        except RayError:  # the cluster is gone, and its groups with it
+            return
+        if names:
+            self.log(f"{when}: removed placement group(s) the run still held: {', '.join(names)}")
 
     def _plan(self, gang: Gang) -> None:
         """Ask the planner for the layout, sized by the memory of the GPUs just reserved."""
@@ -136,7 +167,12 @@ class Controller:
                 self.exporter.record_restart(spec.world_size)
 
     def _reserve_again(self) -> tuple[JobSpec, Gang]:
-        """Reserve the gang anew on the nodes alive now, shrinking the data-parallel size if nodes were lost."""
+        """Reserve the gang anew on the nodes alive now, shrinking the data-parallel size if nodes were lost.
+
+        The previous gang is released by then; a group of the run still held would only compete with this
+        reservation, so it goes first.
+        """
+        self._release_leftovers("before reserving again")
         deadline = time.monotonic() + self.node_wait_s
         while True:
             try:
@@ -144,7 +180,7 @@ class Controller:
                 if spec.resources.num_nodes != self.spec.resources.num_nodes:
                     self.log(f"elastic: continuing on {spec.resources.num_nodes} of {self.spec.resources.num_nodes} "
                              f"nodes, dp={spec.parallel.dp}, grad_accum={spec.parallel.grad_accum}")
-                return spec, reserve_gang(spec, timeout_s=max(1.0, deadline - time.monotonic()))
+                return spec, self._reserve(spec, max(1.0, deadline - time.monotonic()))
             except SchedulingError as e:
                 if time.monotonic() > deadline:
                     raise

@@ -2,14 +2,16 @@
 
 Pipeline and tensor sizes stay (they shape the model's partitioning); the data-parallel size shrinks with the
 node count, and gradient accumulation grows so that each step still sees `parallel.global_batch_size` sequences:
-the loader's state (a global sample index) then resumes exactly where the larger gang stopped.
+the loader's state (a global sample index) then resumes exactly where the larger gang stopped. A node counts when
+it can host a whole node's share of ranks (`resources.gpus_per_node`): the gang is reserved one bundle per node.
+When lost nodes come back, the next restart returns to `resources.num_nodes`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from cluster.placement import bundle_on, node_capacity
+from cluster.placement import bundle_on, nodes_with_room
 from orchestrator.errors import SchedulingError
 from orchestrator.spec import JobSpec
 from orchestrator.validate import parse_spec, spec_to_dict
@@ -20,7 +22,7 @@ def plan_nodes(spec: JobSpec, nodes: Iterable[dict]) -> JobSpec:
     nodes = list(nodes)
     bundle = bundle_on(spec, nodes)
     r = spec.resources
-    room = sum(node_capacity(bundle, n["Resources"]) for n in nodes) // r.gpus_per_node
+    room = nodes_with_room(bundle, r.gpus_per_node, nodes)  # a gang takes one whole bundle per node
     fewest = r.min_nodes or r.num_nodes
     for count in range(min(room, r.num_nodes), fewest - 1, -1):
         resized = resize(spec, count)

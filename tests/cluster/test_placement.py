@@ -1,8 +1,11 @@
-"""Gang placement: one bundle per rank packed by node, tensor-parallel groups inside a node, and a request the
-cluster can never meet failing at once with what is missing."""
+"""Gang placement: one bundle per node on exactly resources.num_nodes nodes, tensor-parallel groups inside a node, a
+request the cluster can never meet failing at once with what is missing, and no placement group left behind by a
+reservation that fails (refused while pending, or not met in time: then the message names what holds the
+resources)."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -37,10 +40,18 @@ def test_node_capacity_is_set_by_the_scarcest_resource():
 def test_a_request_larger_than_the_cluster_names_what_is_missing():
     nodes = [_node("a" * 16, CPU=8, GPU=2), _node("b" * 16, CPU=8, GPU=2)]
     check_fits({"CPU": 1.0, "GPU": 1.0}, 4, 2, nodes)
-    with pytest.raises(SchedulingError, match=r"asks for 8 ranks \(2 node\(s\) × 4\).*can host only 4; "
-                                              r"missing: 4 GPU") as e:
+    with pytest.raises(SchedulingError, match=r"asks for 8 ranks \(2 node\(s\) × 4\).*only 0 of the cluster's 2 "
+                                              r"node\(s\) can host 4; missing: 4 GPU") as e:
         check_fits({"CPU": 1.0, "GPU": 1.0}, 8, 4, nodes)
     assert "node aaaaaaaa (10.0.0.1): CPU 8, GPU 2 → 2 rank(s)" in str(e.value)
+
+
+def test_room_in_total_but_not_on_enough_nodes_is_refused():
+    """Four GPUs in all, but the spec's two nodes of two ranks each need two nodes with two GPUs."""
+    nodes = [_node("a" * 16, CPU=8, GPU=3), _node("b" * 16, CPU=8, GPU=1)]
+    with pytest.raises(SchedulingError, match=r"only 1 of the cluster's 2 node\(s\) can host 2; missing: 1 more "
+                                              r"node\(s\) with room for 2 rank\(s\)"):
+        check_fits({"CPU": 1.0, "GPU": 1.0}, 4, 2, nodes)
 
 
 def test_local_ranks_count_within_each_node():
@@ -78,9 +89,11 @@ def test_tensor_parallel_group_split_over_nodes_is_refused(driver):
 
     spec = parse_spec({"resources": {"num_nodes": 2, "gpus_per_node": 1, "cpus_per_rank": 0.5},
                        "parallel": {"tp": 2}})
-    with pytest.raises(SchedulingError, match=r"ranks 0\.\.1 form a tensor-parallel group \(parallel.tp=2\) but Ray "
-                                              r"placed them on 2 nodes"):
+    with pytest.raises(SchedulingError, match=r"ranks 0\.\.1 form a tensor-parallel group \(parallel.tp=2\) but would "
+                                              r"run on 2 nodes: each node runs resources.gpus_per_node consecutive "
+                                              r"ranks; make it a multiple of 2"):
         reserve_gang(spec)
+    assert driver.live_groups("pretrain-") == []
 
 
 @pytest.mark.slow
@@ -89,7 +102,84 @@ def test_reservation_beyond_the_cluster_fails_within_seconds(driver):
     from cluster.placement import reserve_gang
 
     start = time.monotonic()
-    with pytest.raises(SchedulingError, match=r"(?s)asks for 4 ranks \(2 node\(s\) × 2\).*can host only 2; "
-                                              r"missing: 2 GPU.*add nodes"):
+    with pytest.raises(SchedulingError, match=r"(?s)asks for 4 ranks \(2 node\(s\) × 2\).*only 0 of the "
+                                              r"cluster's 3 node\(s\) can host 2; missing: 2 GPU.*add nodes"):
         reserve_gang(_spec(num_nodes=2, gpus_per_node=2))
     assert time.monotonic() - start < 5
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("ray")
+def test_num_nodes_spreads_ranks_that_would_fit_on_one_node(driver):
+    """Two CPU ranks of half a CPU fit on any one node of the cluster; num_nodes=2 still gets two nodes."""
+    from cluster.placement import release, reserve_gang
+
+    for nodes, per_node, expected in ((2, 1, 2), (1, 2, 1)):
+        gang = reserve_gang(_spec(device="cpu", num_nodes=nodes, gpus_per_node=per_node))
+        try:
+            assert len(set(gang.nodes)) == expected, gang.nodes
+            assert gang.describe().count("node ") == expected
+        finally:
+            release(gang)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("ray")
+def test_unmet_reservation_names_the_jobs_own_group_and_leaves_nothing(driver):
+    """A group of the run left from an earlier reservation holds both GPUs: the reservation times out saying so,
+    removes its own pending group, and `release_leftovers` removes the old one."""
+    from ray.util.placement_group import placement_group
+
+    from cluster.placement import group_prefix, release_leftovers, reserve_gang
+
+    spec = _spec(num_nodes=2, gpus_per_node=1)
+    leftover = placement_group([{"GPU": 1.0}, {"GPU": 1.0}], strategy="STRICT_SPREAD", name=f"{group_prefix(spec)}old")
+    assert leftover.wait(60)
+    start = time.monotonic()
+    with pytest.raises(SchedulingError, match=r"the reservation of 2 node\(s\) × \{CPU 0\.5, GPU 1\} \(STRICT_SPREAD\) "
+                                              r"was not met within 2 s; free now: CPU [\d.]+, GPU 0; held by this "
+                                              r"job's own placement group\(s\), left from an earlier reservation: "
+                                              r"pretrain-place-\w+-old \(CREATED: CPU 0, GPU 2\); by other jobs' "
+                                              r"placement groups: none"):
+        reserve_gang(spec, timeout_s=2.0)
+    assert time.monotonic() - start < 10
+    assert driver.live_groups("pretrain-place-") == [f"{group_prefix(spec)}old"]
+    assert release_leftovers(spec) == [f"{group_prefix(spec)}old"]
+    assert driver.live_groups("pretrain-place-") == []
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("ray")
+def test_reservation_refused_while_pending_leaves_no_group(driver):
+    """Three one-GPU nodes, one GPU held elsewhere: the reservation pends; the third node dies meanwhile, so it can
+    never be met: it is refused, and its pending group goes with the refusal."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from cluster.placement import reserve_gang
+
+    driver.add_node()
+    held = placement_group([{"GPU": 1.0}])
+    assert held.wait(60)
+    raised: list[BaseException] = []
+
+    def reserve() -> None:
+        try:
+            reserve_gang(_spec(num_nodes=3, gpus_per_node=1), timeout_s=120.0)
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            raised.append(e)
+
+    waiting = threading.Thread(target=reserve)
+    try:
+        waiting.start()
+        deadline = time.monotonic() + 30
+        while driver.live_groups("pretrain-place-") == []:
+            assert time.monotonic() < deadline, "the reservation never asked for a group"
+            time.sleep(0.2)
+        driver.kill_node()
+        waiting.join(timeout=60)
+    finally:
+        remove_placement_group(held)
+    assert not waiting.is_alive()
+    assert len(raised) == 1 and isinstance(raised[0], SchedulingError), raised
+    assert "only 2 of the cluster's 3 node(s) can host 1" in str(raised[0])
+    assert driver.live_groups("pretrain-place-") == []
