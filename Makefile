@@ -23,10 +23,22 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
-# Prometheus (Debian's package) for the metrics tests.
+# Prometheus (Debian's package) for the metrics tests. Another apt run (unattended upgrades, a second make) may hold
+# apt's locks: each apt-get is retried while its only error is a lock, for up to APT_LOCK_WAIT seconds. apt's own
+# DPkg::Lock::Timeout would not do: it waits for dpkg's locks only, and apt-get update fails at once on the lists lock.
+APT_LOCK_WAIT ?= 300
 tools:
-	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  end=$$(($$(date +%s) + $(APT_LOCK_WAIT))); waiting=; \
+	  apt_get() { \
+	    until out=$$(DEBIAN_FRONTEND=noninteractive apt-get "$$@" 2>&1); do \
+	      case "$$out" in *"Could not get lock"*) ;; *) echo "$$out" >&2; return 1;; esac; \
+	      [ "$$(date +%s)" -lt "$$end" ] || { echo "$$out" >&2; return 1; }; \
+	      [ -n "$$waiting" ] || echo "waiting up to $(APT_LOCK_WAIT) s: $$(echo "$$out" | grep -m 1 'Could not get lock')" >&2; \
+	      waiting=1; sleep 2; \
+	    done; \
+	  }; \
+	  apt_get update -qq && apt_get install -y -qq --no-install-recommends prometheus; }
 
 demo: $(STAMP)
 	$(BIN)/python -m examples.demo
