@@ -1,4 +1,4 @@
-"""Fixtures every test folder may use: where the repo, the demo corpus and the shared corpora are."""
+"""Fixtures every test folder may use: where the repo, the demo corpus and the sample corpora are."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("PRETRAIN_SHARED", REPO.parent / "shared"))
+# Each sample source lives in one of these: the demo corpus, then the sources only the tests read.
+CORPUS_DIRS = (REPO / "examples" / "corpus", REPO / "tests" / "data" / "corpora")
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -45,12 +46,19 @@ def demo_corpus() -> Path:
 
 
 @pytest.fixture(scope="session")
-def sample_corpora() -> Path:
-    """The 21 real sample sources in ../shared/corpora/samples."""
-    path = SHARED / "corpora" / "samples"
-    if not path.is_dir():
-        pytest.fail(f"{path} is missing: the tests read the real sample corpora beside the repo (or PRETRAIN_SHARED)")
-    return path
+def sample_corpora() -> dict[str, Path]:
+    """Every real sample source shipped in the repo, by name: `sample_corpora["kjv"]` is its gzip JSONL file.
+
+    A source lives in exactly one folder of CORPUS_DIRS, so the repo never holds two copies of a file.
+    """
+    found: dict[str, Path] = {}
+    for folder in CORPUS_DIRS:
+        for path in sorted(folder.glob("*.jsonl.gz")):
+            name = path.name.removesuffix(".jsonl.gz")
+            if name in found:
+                pytest.fail(f"sample source {name!r} is in both {found[name].parent} and {folder}: keep one copy")
+            found[name] = path
+    return found
 
 
 @pytest.fixture(scope="session")

@@ -40,8 +40,8 @@ def _reference(text: str, c: C4Config):
 @pytest.fixture(scope="module")
 def texts(sample_corpora):
     out = []
-    for name in ("wiki_vital_en", "kjv", "python_docs", "debian_desc", "fortunes"):
-        with gzip.open(sample_corpora / f"{name}.jsonl.gz", "rt", encoding="utf-8") as f:
+    for name in ("wiki_vital_en", "kjv", "python_docs", "django_code", "fortunes"):
+        with gzip.open(sample_corpora[name], "rt", encoding="utf-8") as f:
             out += [normalize_text(json.loads(line)["text"]) for line in itertools.islice(f, 80)]
     planted = [t.replace(". ", ". Please enable JavaScript to view this.\n", 1) for t in out[:40:3]]
     planted += [t.replace(". ", ". This site uses cookies, see our Privacy Policy.\n", 1) for t in out[1:40:3]]

@@ -1,9 +1,8 @@
-"""MinHash signatures against a plain-Python computation of the same definition, on real multilingual text."""
+"""MinHash signatures against a plain-Python computation of the same definition, on real multilingual text and code."""
 
 from __future__ import annotations
 
 import gzip
-import itertools
 import json
 
 import numpy as np
@@ -40,12 +39,21 @@ def _reference_signature(text: str, ngram: int, a: list[int], b: list[int]) -> l
     return [min((((g * ai) + bi) & MASK) >> 32 for g in shingles) for ai, bi in zip(a, b, strict=True)]
 
 
+def _docs(path) -> list[str]:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line)["text"][:3000] for line in f]
+
+
+def _non_ascii(text: str) -> int:
+    return sum(ord(c) > 127 for c in text)
+
+
 @pytest.fixture(scope="module")
 def texts(sample_corpora):
-    out = []
-    for name in ("dasher_multilingual", "django_docs", "fortunes"):
-        with gzip.open(sample_corpora / f"{name}.jsonl.gz", "rt", encoding="utf-8") as f:
-            out += [json.loads(line)["text"][:3000] for line in itertools.islice(f, 12)]
+    out = [doc for name in ("django_docs", "fortunes") for doc in _docs(sample_corpora[name])[:12]]
+    for name in ("wiki_vital_fr", "wiki_vital_es", "django_code"):
+        # The documents richest in multi-byte text: accents, and Django's locale files in a dozen scripts.
+        out += sorted(_docs(sample_corpora[name]), key=_non_ascii, reverse=True)[:12]
     return out + ["", "...", "one", "two words", "Ünïcode ΣΑΣ straße, ЁЖ", "a,b;c d-e f\tg"]
 
 
@@ -63,6 +71,6 @@ def test_signatures_match_the_definition(texts, ngram, bands, rows):
 
 def test_signatures_do_not_depend_on_batching(texts):
     hasher = MinHasher(5, 16, 7, seed=1)
-    whole, _ = hasher.signatures(texts * 60)  # over 4M characters: several chunks
-    parts = np.concatenate([hasher.signatures(texts[i: i + 1])[0] for i in range(len(texts))] * 60)
+    whole, _ = hasher.signatures(texts * 150)  # about 10M characters: three chunks of 4M
+    parts = np.concatenate([hasher.signatures(texts[i: i + 1])[0] for i in range(len(texts))] * 150)
     assert np.array_equal(whole, parts)

@@ -1,4 +1,5 @@
-"""Near-duplicate quality on real labelled pairs: licence texts and package descriptions copied with edits.
+"""Near-duplicate quality on real labelled pairs: Django's documentation and source, whose per-locale date-format
+files are one template edited for each language.
 
 Truth is the exact Jaccard similarity of the word 5-gram shingle sets; a pair is "merged" when the LSH buckets and
 connected components (the pipeline's own block functions) put both documents in one cluster.
@@ -26,7 +27,7 @@ def _texts(path, limit=200):
 
 @pytest.fixture(scope="module")
 def labelled(sample_corpora):
-    texts = _texts(sample_corpora / "debian_copyright.jsonl.gz") + _texts(sample_corpora / "debian_desc.jsonl.gz")
+    texts = _texts(sample_corpora["django_docs"]) + _texts(sample_corpora["django_code"])
     shingles = [shingle_set(t, 5) for t in texts]
     truth = {}
     for i, j in itertools.combinations(range(len(texts)), 2):
@@ -52,7 +53,7 @@ def test_default_lsh_finds_near_duplicates_and_rarely_merges_dissimilar_pairs(la
     low = [p for p, j in truth.items() if j < 0.5]
     recall = sum(root[i] == root[j] for i, j in high) / len(high)
     false_merge = sum(root[i] == root[j] for i, j in low) / len(low)
-    assert len(high) >= 20, "the labelled set must hold real near-duplicates"
+    assert sum(truth[p] < 1 for p in high) >= 20, "the labelled set must hold real near-duplicates, not only copies"
     assert recall >= 0.95, f"recall {recall:.3f} for J ≥ 0.8"
     assert false_merge <= 0.02, f"{false_merge:.3%} of pairs below J 0.5 merged"
 

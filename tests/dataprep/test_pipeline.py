@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("dataprep_ray")]
 @pytest.fixture(scope="module")
 def prep_yaml(tmp_path_factory, sample_corpora):
     root = tmp_path_factory.mktemp("prep")
-    with gzip.open(sample_corpora / "fortunes.jsonl.gz", "rb") as f:
+    with gzip.open(sample_corpora["fortunes"], "rb") as f:
         good = [next(f) for _ in range(3)]
     bad = root / "bad.jsonl"
     bad.write_bytes(good[0] + b'{"id": 1, "text": broken}\n' + good[1] + b'{"id": 2}\n' + good[2])
@@ -36,10 +36,10 @@ def prep_yaml(tmp_path_factory, sample_corpora):
         "filters": {"c4": {"drop_lines_without_terminal_punct": False, "min_words_per_line": 0}},
         "tokenizer": {"vocab_size": 512, "sample_bytes": 300_000},
         "sources": {
-            "wiki": {"path": str(sample_corpora / "wiki_vital_en.jsonl.gz")},
-            "wiki_fr": {"path": str(sample_corpora / "wiki_vital_fr.jsonl.gz")},
-            "copyright": {"path": str(sample_corpora / "debian_copyright.jsonl.gz"), "kind": "code"},
-            "django": {"path": str(sample_corpora / "django_docs.jsonl.gz"), "kind": "code", "priority": -1},
+            "wiki": {"path": str(sample_corpora["wiki_vital_en"])},
+            "wiki_fr": {"path": str(sample_corpora["wiki_vital_fr"])},
+            "code": {"path": str(sample_corpora["django_code"]), "kind": "code"},
+            "django": {"path": str(sample_corpora["django_docs"]), "kind": "code", "priority": -1},
             "bad": {"path": str(bad), "kind": "code"},
         },
     }
@@ -172,15 +172,15 @@ def test_files_read_as_many_spans_give_the_same_shards_and_report(tmp_path, samp
     import ray
 
     plain = {}
-    for name in ("fortunes", "debian_desc", "kjv"):
-        with gzip.open(sample_corpora / f"{name}.jsonl.gz", "rb") as f:
+    for name in ("fortunes", "django_code", "kjv"):
+        with gzip.open(sample_corpora[name], "rb") as f:
             lines = f.read().splitlines(keepends=True)[:100]
         plain[name] = tmp_path / f"{name}.jsonl"
         plain[name].write_bytes(b"".join(lines[:50]) + b'{"text": broken}\n' + b"".join(lines[50:]))
     raw = {"output": str(tmp_path / "whole" / "shards"), "seq_len": 64, "span_bytes": 0,
            "filters": {"c4": {"drop_lines_without_terminal_punct": False, "min_words_per_line": 0}},
            "tokenizer": {"vocab_size": 400, "sample_bytes": 200_000},
-           "sources": {n: {"path": str(p), "kind": "code" if n == "debian_desc" else "prose"}
+           "sources": {n: {"path": str(p), "kind": "code" if n == "django_code" else "prose"}
                        for n, p in plain.items()}}
     path = tmp_path / "prep.yaml"
     path.write_text(yaml.safe_dump(raw))
