@@ -20,14 +20,30 @@ SPEC_VARIABLE = "PRETRAIN_SPEC"
 PLAN_VARIABLE = "PRETRAIN_PLAN_LAYOUT"
 ENTRYPOINT = "python -m orchestrator.controller"
 AGENT_WAIT_S = 60.0
+SCHEMES = ("http", "https")
+
+
+def check_address(address: str) -> str:
+    """`address` as a Jobs API URL (`host:port` becomes http://host:port), or a `UserError` naming the schemes
+    accepted. Ray's client would take ray:// and other forms too, but only after tens of seconds of trying to
+    reach a GCS there."""
+    if "://" not in address:
+        return f"http://{address}"
+    scheme = address.split("://", 1)[0]
+    if scheme.lower() in SCHEMES:
+        return address
+    hint = " (ray:// is the Ray Client port, usually 10001, which job submission does not use)" \
+        if scheme == "ray" else ""
+    raise UserError(f"cluster address {address!r}: the Ray Jobs API is reached over http:// or https://, e.g. "
+                    f"http://HEAD:8265 (the head's dashboard port), or as HEAD:8265; {scheme}:// is not "
+                    f"accepted{hint}")
 
 
 def connect(address: str):
     """A JobSubmissionClient for `address`, or a `UserError` saying the Jobs API cannot be reached there."""
     from ray.job_submission import JobSubmissionClient
 
-    if "://" not in address:
-        address = f"http://{address}"
+    address = check_address(address)
     try:
         return JobSubmissionClient(address)
     except (ConnectionError, RuntimeError, ValueError) as e:

@@ -7,6 +7,9 @@ API; the command follows the job's log until it ends (--no-wait: print the job i
 Relative paths in the spec (data.path, checkpoint.dir, ...) are made absolute here: a cluster sees them only on
 a shared filesystem, so prefer absolute paths or URIs (s3://, gs://) for remote clusters.
 
+The address and, for a local run, the data directory are checked before anything starts; a remote run's data is
+checked by the controller on the head node, before it reserves anything.
+
 Exit codes: 0 the run finished, 1 it failed, 2 the input was wrong, 130 interrupted (a submitted job keeps running).
 """
 
@@ -30,12 +33,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cluster.submission import check_address
     from orchestrator.layout_choice import layout_is_open
+    from orchestrator.preflight import check_data
     from orchestrator.validate import load_spec, load_yaml
 
-    spec = absolute_paths(load_spec(args.spec, args.overrides, require_data=args.address is None))
+    if args.address is not None:
+        check_address(args.address)
+    spec = absolute_paths(load_spec(args.spec, args.overrides))
     plan = layout_is_open(load_yaml(args.spec), args.overrides)
     if args.address is None:
+        check_data(spec)
         return _run_local(spec, plan)
     return _run_remote(spec, plan, args)
 

@@ -1,7 +1,10 @@
-"""`pretrain submit|status|logs|stop|list` against a real Ray Jobs API, and their messages for wrong input."""
+"""`pretrain submit|status|logs|stop|list` against a real Ray Jobs API, and their messages for wrong input: an address
+of a scheme the Jobs API does not speak, and a data directory that is missing or holds no manifest (locally at
+once; on a cluster, from the controller before it reserves anything)."""
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -10,9 +13,18 @@ import yaml
 from orchestrator.cli import main
 
 
-def _write_spec(tmp_path, **resources) -> str:
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from tests.parallel.real_shards import write_shards
+
+    return write_shards(tmp_path_factory.mktemp("submit") / "shards", seq_len=32, rows=20)
+
+
+def _write_spec(tmp_path, data=None, **resources) -> str:
     spec = {"name": "sub", "checkpoint": {"dir": str(tmp_path / "checkpoints")},
             "resources": {"num_nodes": 2, "gpus_per_node": 1, "cpus_per_rank": 0.5, **resources}}
+    if data is not None:
+        spec["data"] = {"path": str(data), "seq_len": 32}
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(spec))
     return str(path)
@@ -21,6 +33,35 @@ def _write_spec(tmp_path, **resources) -> str:
 def test_unreachable_cluster_is_a_usage_error(tmp_path, capsys):
     assert main(["submit", _write_spec(tmp_path), "--address", "http://127.0.0.1:9"]) == 2
     assert "pretrain submit: cannot reach the Ray Jobs API at http://127.0.0.1:9" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("address", ["ray://127.0.0.1:10001", "grpc://127.0.0.1:8265"])
+def test_address_of_another_scheme_is_refused_at_once(tmp_path, capsys, address):
+    start = time.monotonic()
+    assert main(["submit", _write_spec(tmp_path), "--address", address]) == 2
+    err = capsys.readouterr().err
+    assert time.monotonic() - start < 5
+    scheme = address.split(":")[0]
+    assert re.search(rf"pretrain submit: cluster address '{address}': the Ray Jobs API is reached over http:// or "
+                     rf"https://, e.g. http://HEAD:8265 .*; {scheme}:// is not accepted", err), err
+    assert ("Ray Client port" in err) == (scheme == "ray")
+    assert main(["status", "some-job", "--address", address]) == 2
+    assert f"pretrain status: cluster address '{address}'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("missing", ["directory", "manifest"])
+def test_local_run_without_its_data_is_refused_before_ray_starts(tmp_path, capsys, missing):
+    data = tmp_path / "shards"
+    if missing == "manifest":
+        data.mkdir()
+    start = time.monotonic()
+    assert main(["submit", _write_spec(tmp_path, data)]) == 2
+    err = capsys.readouterr().err
+    assert time.monotonic() - start < 5
+    expected = {"directory": f"data.path: the directory '{data}' does not exist on ",
+                "manifest": f"data.path: '{data}' holds no manifest.json, so it is not the output of `pretrain prep`"}
+    assert expected[missing] in err, err
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_job_commands_need_an_address(monkeypatch, capsys):
@@ -39,14 +80,15 @@ def test_bad_spec_is_reported_before_submitting(tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("ray")
-def test_job_larger_than_the_cluster_fails_fast_and_is_listed(ray_cluster, tmp_path, capsys):
+def test_job_larger_than_the_cluster_fails_fast_and_is_listed(ray_cluster, shards, tmp_path, capsys):
     url = ray_cluster.jobs_url
     start = time.monotonic()
-    assert main(["submit", _write_spec(tmp_path, gpus_per_node=2), "--address", url, "--job-id", "too-big"]) == 1
+    spec = _write_spec(tmp_path, shards, gpus_per_node=2)
+    assert main(["submit", spec, "--address", url, "--job-id", "too-big"]) == 1
     elapsed = time.monotonic() - start
     out = capsys.readouterr().out
-    assert "the job asks for 4 ranks (2 node(s) × 2) of {CPU: 0.5, GPU: 1} each, but the cluster's 3 node(s) can " \
-           "host only 2; missing: 2 GPU" in out
+    assert "the job asks for 4 ranks (2 node(s) × 2) of {CPU: 0.5, GPU: 1} each, but only 0 of the cluster's 3 " \
+           "node(s) can host 2; missing: 2 GPU" in out
     assert "pretrain submit: job too-big FAILED" in out
     assert elapsed < 60, f"{elapsed:.0f} s"
 
@@ -63,6 +105,19 @@ def test_job_larger_than_the_cluster_fails_fast_and_is_listed(ray_cluster, tmp_p
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("ray")
+def test_submitted_job_without_its_data_fails_before_reserving(ray_cluster, tmp_path, capsys):
+    data = tmp_path / "not-there"
+    start = time.monotonic()
+    assert main(["submit", _write_spec(tmp_path, data), "--address", ray_cluster.jobs_url, "--job-id", "no-data"]) == 2
+    elapsed = time.monotonic() - start
+    out = capsys.readouterr().out
+    assert f"pretrain: data.path: the directory '{data}' does not exist on " in out, out
+    assert "reserved" not in out and "rank 0" not in out
+    assert elapsed < 30, f"{elapsed:.0f} s"
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("ray")
 def test_unknown_job_id_names_the_cluster(ray_cluster, capsys):
     assert main(["status", "no-such-job", "--address", ray_cluster.jobs_url]) == 2
     assert f"no job 'no-such-job' on {ray_cluster.jobs_url}" in capsys.readouterr().err
@@ -70,7 +125,7 @@ def test_unknown_job_id_names_the_cluster(ray_cluster, capsys):
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("ray")
-def test_stop_ends_a_running_job(ray_cluster, tmp_path, capsys):
+def test_stop_ends_a_running_job(ray_cluster, shards, tmp_path, capsys):
     """A job waiting for GPUs another driver holds is RUNNING until stopped."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
@@ -82,7 +137,8 @@ def test_stop_ends_a_running_job(ray_cluster, tmp_path, capsys):
     held = placement_group([{"GPU": 1}, {"GPU": 1}])
     try:
         ray.get(held.ready(), timeout=60)
-        assert main(["submit", _write_spec(tmp_path), "--address", url, "--no-wait", "--job-id", "waiting"]) == 0
+        spec = _write_spec(tmp_path, shards)
+        assert main(["submit", spec, "--address", url, "--no-wait", "--job-id", "waiting"]) == 0
         assert capsys.readouterr().out.splitlines()[-1] == "waiting"
         deadline = time.monotonic() + 60
         while submission.status_name(submission.job_info(url, "waiting")) != "RUNNING":
@@ -96,6 +152,7 @@ def test_stop_ends_a_running_job(ray_cluster, tmp_path, capsys):
             time.sleep(0.5)
         assert main(["status", "waiting", "--address", url]) == 1
         assert "waiting: STOPPED" in capsys.readouterr().out
+        assert ray_cluster.live_groups("pretrain-sub-") == []  # the stopped job's pending reservation went with it
     finally:
         remove_placement_group(held)
         ray.shutdown()
