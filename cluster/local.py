@@ -20,7 +20,9 @@ LOCAL_ENV = {
 }
 CLUSTER_VARIABLE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 # Every rank's line reaches the driver's log as printed: Ray would fold identical lines of several ranks into one
-# ("[repeated 4x across cluster]") and colour the prefixes.
+# ("[repeated 4x across cluster]"; lines differing only in numbers count as identical) and colour the prefixes. Ray
+# reads these when imported, so they must be in the environment before `import ray`: a submitted job carries them
+# in its runtime_env (`cluster.submission`), the controller's module sets them before its own import.
 LOG_ENV = {"RAY_DEDUP_LOGS": "0", "RAY_COLOR_PREFIX": "0"}
 
 
@@ -34,11 +36,6 @@ def apply_local_env() -> bool:
         os.environ.setdefault(key, value)
     constants = sys.modules.get("ray._private.ray_constants")
     return constants is None or (os.environ[CLUSTER_VARIABLE] != "0") == constants.ENABLE_RAY_CLUSTER
-
-
-def apply_log_env() -> None:
-    for key, value in LOG_ENV.items():
-        os.environ.setdefault(key, value)
 
 
 @contextmanager

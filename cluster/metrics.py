@@ -9,20 +9,29 @@ units, counters end in `_total`, durations in `_seconds`, sizes in `_bytes`. The
 Values are kept as absolute numbers and rendered at scrape time by one small collector, so a counter carried across a
 restart (tokens seen, restarts) continues from the checkpointed total instead of falling back to zero.
 
-Ports: `metrics.port = 0` binds every exporter to a free port; a fixed port P gives the controller P and the rank with
-local rank i the port P + 1 + i (fixed ports are what a Kubernetes PodMonitor needs). Whoever knows every address (the
-controller) writes them to a file_sd targets file with `write_targets_file`, which Prometheus watches.
+Addresses: an exporter binds the node's own address (Ray's node IP; `node_address` outside Ray), not every interface,
+unless `metrics.host` names one (0.0.0.0 for all). Ports: `metrics.port = 0` binds every exporter to a free port; a
+fixed port P gives the controller P and the rank with local rank i the port P + 1 + i (fixed ports are what a
+Kubernetes PodMonitor needs).
+
+Whoever knows every address (the controller) lists them in a file_sd targets file with `write_targets_file`, which
+Prometheus watches, and takes them out with `remove_targets` when the run ends however it ends: a finished run's
+exporters are gone, and a target left behind would read as an exporter down. Several runs may share one file: each
+writes and removes only its own groups.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
+import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,10 +163,15 @@ class MetricStore(Collector):
 
 
 class Exporter:
-    """An HTTP endpoint serving one registry; `target` is the host:port Prometheus should scrape."""
+    """An HTTP endpoint serving one registry; `target` is the host:port Prometheus should scrape.
 
-    def __init__(self, collector: Collector, *, host: str, port: int, advertise_host: str | None = None,
+    `host` empty binds the address it is advertised at (`advertise_host`, else `node_address()`): the node's own
+    interface, where Prometheus reaches it, rather than every interface of the machine.
+    """
+
+    def __init__(self, collector: Collector, *, host: str = "", port: int, advertise_host: str | None = None,
                  owner: str = "exporter"):
+        host = host or advertise_host or node_address()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(collector)
         try:
@@ -182,13 +196,22 @@ class Exporter:
 
 
 def _reachable_host(bind: str) -> str:
-    """The address other machines reach a server bound to `bind` at (a wildcard bind means this host's address)."""
-    if bind not in ("", "0.0.0.0", "::"):
-        return bind
-    try:
-        return socket.gethostbyname(socket.gethostname())
-    except OSError:
-        return "127.0.0.1"
+    """The address other machines reach a server bound to `bind` at (a wildcard bind means this node's address)."""
+    return node_address() if bind in ("", "0.0.0.0", "::") else bind
+
+
+def node_address() -> str:
+    """This node's address as other machines see it: Ray's node IP in a Ray process, else the source address of the
+    route out of the machine (a UDP socket's, which sends nothing); 127.0.0.1 on a machine with no route."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return ray.util.get_node_ip_address()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1: routed like any outside address, never answered
+            return s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
 
 
 def controller_port(base: int) -> int:
@@ -212,7 +235,7 @@ class RankExporter(BaseCallback):
     numbers: the HTTP server thread renders them when Prometheus scrapes, off the training loop's critical path.
     """
 
-    def __init__(self, run: str, rank: int, *, node: str | None = None, local_rank: int = 0, host: str = "0.0.0.0",
+    def __init__(self, run: str, rank: int, *, node: str | None = None, local_rank: int = 0, host: str = "",
                  port: int = 0, checkpoint_every: int = 0, advertise_host: str | None = None):
         self.run, self.rank, self.node = run, rank, node or socket.gethostname()
         self.store = MetricStore()
@@ -313,13 +336,14 @@ class _Merged(Collector):
 class ControllerExporter:
     """The run-level view the controller has: restarts, stragglers, ranks, and where every exporter listens."""
 
-    def __init__(self, run: str, *, host: str = "0.0.0.0", port: int = 0, straggler_factor: float = 1.5,
+    def __init__(self, run: str, *, host: str = "", port: int = 0, straggler_factor: float = 1.5,
                  restarts: int = 0, advertise_host: str | None = None):
         self.run = run
         self.store = MetricStore()
         self.store.set(RESTARTS, restarts, run=run)
         self.store.set(STRAGGLER_THRESHOLD, straggler_factor, run=run)
         self.store.set(RANKS, 0, run=run)
+        self._targets_path: str | None = None
         self.exporter = Exporter(self.store, host=host, port=controller_port(port), advertise_host=advertise_host,
                                  owner="controller")
 
@@ -348,13 +372,20 @@ class ControllerExporter:
         return ratios
 
     def write_targets(self, path: str | os.PathLike, rank_targets: Iterable[str]) -> None:
-        """Advertise this exporter and the ranks' (host:port each) to Prometheus through a file_sd file."""
+        """Advertise this exporter and the ranks' (host:port each) to Prometheus through a file_sd file, in place of
+        what this run listed there before (the exporters of an earlier attempt)."""
         write_targets_file(path, [
             {"targets": [self.target], "labels": {"run": self.run, "role": "controller"}},
             {"targets": sorted(rank_targets), "labels": {"run": self.run, "role": "rank"}},
         ])
+        self._targets_path = os.fspath(path)
 
     def close(self) -> None:
+        """Take the run's targets out of the file_sd file, then stop serving: Prometheus stops scraping the run's
+        exporters as they go away, rather than finding them down."""
+        if self._targets_path is not None:
+            remove_targets(self._targets_path, self.run)
+            self._targets_path = None
         self.exporter.close()
 
 
@@ -381,14 +412,60 @@ def straggler_ratios(step_times: Mapping[int, float]) -> dict[int, float]:
 
 
 def write_targets_file(path: str | os.PathLike, groups: list[dict[str, Any]]) -> None:
-    """Write a Prometheus file_sd targets file atomically, so Prometheus never reads half of one."""
-    path = os.fspath(path)
-    directory = os.path.dirname(path) or "."
+    """List `groups` in a Prometheus file_sd targets file, replacing the earlier groups of the runs they name (their
+    `run` label) and keeping other runs'. The file is replaced atomically, so Prometheus never reads half of one."""
+    runs = {g["labels"].get("run") for g in groups}
+    with _locked(path):
+        kept = [g for g in _read_targets(path) if g.get("labels", {}).get("run") not in runs]
+        _replace_targets(path, kept + [g for g in groups if g["targets"]])
+
+
+def remove_targets(path: str | os.PathLike, run: str) -> None:
+    """Take run `run`'s groups out of a file_sd targets file; the file goes when no group is left."""
+    with _locked(path):
+        kept = [g for g in _read_targets(path) if g.get("labels", {}).get("run") != run]
+        if kept:
+            _replace_targets(path, kept)
+        elif os.path.exists(path):
+            os.unlink(path)
+
+
+@contextmanager
+def _locked(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on `path`'s directory (runs sharing one targets file update it in turn; a lock file
+    would be left beside it)."""
+    directory = os.path.dirname(os.fspath(path)) or "."
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".targets-", suffix=".json", dir=directory)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _read_targets(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The groups listed in `path` now (none when it does not exist); anything else there is the user's, kept."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            groups = json.load(f)
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as e:
+        groups = e
+    if not isinstance(groups, list):
+        raise UserError(f"metrics.targets_file: {os.fspath(path)} is not a Prometheus file_sd list of target groups "
+                        f"({groups if isinstance(groups, Exception) else type(groups).__name__}); move it away or "
+                        "name another file")
+    return groups
+
+
+def _replace_targets(path: str | os.PathLike, groups: list[dict[str, Any]]) -> None:
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(prefix=".targets-", suffix=".json", dir=os.path.dirname(path) or ".")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump([g for g in groups if g["targets"]], f, indent=1)
+            json.dump(groups, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
@@ -415,7 +492,7 @@ class DataprepExporter:
     """A dataprep job's throughput and removals per stage, read from the job's own counters at each scrape."""
 
     def __init__(self, run: str, *, poll: Callable[[], Mapping[str, Mapping[str, Any]]] | None = None,
-                 host: str = "0.0.0.0", port: int = 0, advertise_host: str | None = None):
+                 host: str = "", port: int = 0, advertise_host: str | None = None):
         self.run = run
         self._poll = poll
         self._published: dict[str, Mapping[str, Any]] = {}

@@ -56,10 +56,14 @@ ALERTS = (
           "Run {{ $labels.run }} has not checkpointed for over two checkpoint intervals",
           "Run {{ $labels.run }} is {{ $value }} steps past its last checkpoint: saves are failing or slow; a "
           "failure now would lose that work. Check storage space and the checkpoint duration panel."),
-    Alert("PretrainExporterDown", 'up{role=~"rank|controller"} == 0', "5m", "warning",
+    # A rank exporter down while its run's controller still answers: the run is live, the rank is not. The controller
+    # takes a run's targets out of the file_sd file when the run ends (finished, stopped or failed), and a controller
+    # that is itself down means the job's driver is gone, so a run that is over never fires this.
+    Alert("PretrainExporterDown", 'up{role="rank"} == 0 and on (run) (up{role="controller"} == 1)', "5m", "warning",
           "An exporter of run {{ $labels.run }} is down",
           "Prometheus cannot scrape the {{ $labels.role }} exporter at {{ $labels.instance }} of run "
-          "{{ $labels.run }}: the process died or its node is unreachable."),
+          "{{ $labels.run }} while its controller runs: the rank's process died or its node is unreachable, and no "
+          "restart has replaced it."),
 )
 
 

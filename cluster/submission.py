@@ -13,6 +13,7 @@ import time
 from collections.abc import Mapping
 from typing import TextIO
 
+from cluster.local import LOG_ENV
 from orchestrator.errors import UserError
 from orchestrator.spec import JobSpec
 
@@ -59,7 +60,8 @@ def submit(address: str, spec: JobSpec, *, plan_layout: bool = False, env: Mappi
     from orchestrator.validate import spec_to_yaml
 
     client = connect(address)
-    variables = {SPEC_VARIABLE: spec_to_yaml(spec), PLAN_VARIABLE: "1" if plan_layout else "0"}
+    # LOG_ENV: read by Ray when the driver and the workers import it, so it must be in their environment from the start.
+    variables = {**LOG_ENV, SPEC_VARIABLE: spec_to_yaml(spec), PLAN_VARIABLE: "1" if plan_layout else "0"}
     runtime_env = {"env_vars": {**variables, **(env or {})}}
     deadline = time.monotonic() + AGENT_WAIT_S
     while True:

@@ -8,9 +8,14 @@ while the loop sits in a collective). A fresh actor is started for every attempt
 Ray prefixes every line an actor prints with its `repr`, so each rank's output reaches the job log as
 `(rank3 pid=…, ip=…) …`.
 
+A rank that raises tells the controller its error instead of printing it: a user error (`orchestrator.errors.
+UserError`: a corrupt shard, a bad checkpoint) is reported by the controller once, as the job's error, without a
+traceback; anything else is a bug, and the controller prints the rank's traceback.
+
 Fault injection (tests only): `PRETRAIN_TEST_HANG=RANK:STEP:MARKER` makes rank RANK sleep forever after step STEP,
-once: the marker file is created first and a later attempt that finds it trains on. It lives in the heartbeat
-callback, so the training loop needs no hook of its own.
+and `PRETRAIN_TEST_EXIT=RANK:STEP:MARKER` makes its process exit at once, as a killed one would; each happens once:
+the marker file is created first and a later attempt that finds it trains on. It lives in the heartbeat callback, so
+the training loop needs no hook of its own.
 
 When an actor cannot answer at all (a thread holding the GIL in a C extension), `stacks_from_outside` reads its
 stacks with py-spy, run as a task on the rank's node.
@@ -41,6 +46,7 @@ from parallel.callbacks import BaseCallback, StepStats
 
 DEFAULT_ENTRY = "parallel.train:run"
 HANG_VARIABLE = "PRETRAIN_TEST_HANG"
+EXIT_VARIABLE = "PRETRAIN_TEST_EXIT"
 
 
 @dataclass
@@ -76,6 +82,7 @@ class Beat:
     done: bool = False
     error: str | None = None
     user_error: bool = False
+    traceback: str | None = None  # of an error that is not the user's
 
 
 class Heartbeat(BaseCallback):
@@ -83,21 +90,32 @@ class Heartbeat(BaseCallback):
 
     def __init__(self, beat: Beat, rank: int):
         self.beat = beat
-        self.hang_at = _hang_step(rank)
+        self.hang_at = _injected(HANG_VARIABLE, rank)
+        self.exit_at = _injected(EXIT_VARIABLE, rank)
 
     def on_step(self, stats: StepStats) -> None:
         self.beat.loss = float(stats.loss)
         # A rank's own work, without waiting for the others, shows a straggler; the whole step is the same everywhere.
         self.beat.step_time = float(stats.busy_seconds if stats.busy_seconds is not None else stats.step_seconds)
         self.beat.step = stats.step
-        if self.hang_at is not None and stats.step >= self.hang_at[0] and not os.path.exists(self.hang_at[1]):
-            open(self.hang_at[1], "w").close()
+        if _due(self.hang_at, stats.step):
             print(f"injected hang after step {stats.step} ({HANG_VARIABLE})", flush=True)
             threading.Event().wait()
+        if _due(self.exit_at, stats.step):
+            print(f"injected exit after step {stats.step} ({EXIT_VARIABLE})", flush=True)
+            os._exit(1)
 
 
-def _hang_step(rank: int) -> tuple[int, str] | None:
-    value = os.environ.get(HANG_VARIABLE, "")
+def _due(fault: tuple[int, str] | None, step: int) -> bool:
+    """Whether an injected fault happens now: its step is reached and no earlier attempt left its marker (made now)."""
+    if fault is None or step < fault[0] or os.path.exists(fault[1]):
+        return False
+    open(fault[1], "w").close()
+    return True
+
+
+def _injected(variable: str, rank: int) -> tuple[int, str] | None:
+    value = os.environ.get(variable, "")
     if not value:
         return None
     who, step, marker = value.split(":", 2)
@@ -140,6 +158,8 @@ class RankWorker:
             exporter = RankExporter.from_spec(spec, self.rank, wiring.local_rank, node=ip, advertise_host=ip)
             callbacks.append(exporter)
             target = exporter.target
+        print(f"rank {self.rank} of {wiring.world_size}: node rank {wiring.node_rank}, local rank {wiring.local_rank}"
+              + (f", metrics at http://{target}/metrics" if target else ""), flush=True)
         self.thread = threading.Thread(target=self._train, args=(spec, wiring, entry, callbacks), daemon=True)
         self.thread.start()
         return target
@@ -151,9 +171,9 @@ class RankWorker:
             train(spec, _rank_env(wiring), callbacks=tuple(callbacks))
             self.beat.done = True
         except BaseException as e:  # noqa: BLE001 - every failure of a rank is reported to the controller
-            text = "".join(traceback.format_exception(e))
-            print(text, flush=True)
             self.beat.user_error = isinstance(e, UserError)
+            if not self.beat.user_error:
+                self.beat.traceback = "".join(traceback.format_exception(e))
             self.beat.error = f"{type(e).__name__}: {e}"
 
     def poll(self) -> Beat:

@@ -27,12 +27,16 @@ import sys
 import time
 from dataclasses import dataclass
 
+from cluster.local import LOG_ENV
+
+# Ray reads RAY_DEDUP_LOGS once, when imported: set it first, or identical lines of several ranks are folded into one.
+os.environ.update({key: os.environ.get(key, value) for key, value in LOG_ENV.items()})
+
 import ray
 import yaml
 from ray.exceptions import RayActorError, RayError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.local import apply_log_env
 from cluster.metrics import ControllerExporter, default_targets_path
 from cluster.placement import (
     PLACEMENT_TIMEOUT_S,
@@ -154,11 +158,12 @@ class Controller:
             except AttemptFailed as e:
                 failure = e.failure
             decision = self.policy.decide(failure)
+            if failure.cause is Cause.USER_ERROR:  # the message itself comes once, as the job's error
+                self.log(f"attempt {self.attempt} failed: {failure.cause.value}; giving up: {decision.reason}")
+                raise UserError(_by_message(failure.ranks, len(gang.bundles)))
             self.log(f"attempt {self.attempt} failed: {failure}")
             if decision.action is Action.RAISE:
                 self.log(f"giving up: {decision.reason}")
-                if failure.cause is Cause.USER_ERROR:
-                    raise UserError("; ".join(f"rank {r}: {e}" for r, e in sorted(failure.ranks.items())))
                 raise WorkerFailedError(failure.ranks)
             self.log(f"restarting in {decision.delay_s:g} s ({decision.reason}, cause: {failure.cause.value})")
             time.sleep(decision.delay_s)
@@ -246,8 +251,7 @@ class Controller:
                 cause = Cause.NODE_LOST if any(infos[r]["node_id"] in lost for r in dead) else Cause.RANK_DIED
                 raise AttemptFailed(Failure(cause, dead))
             if errors:
-                user = any(beats[r].user_error for r in errors)
-                raise AttemptFailed(Failure(Cause.USER_ERROR if user else Cause.RANK_ERROR, errors))
+                raise AttemptFailed(self._rank_errors({r: beats[r] for r in errors}))
             for rank, beat in beats.items():
                 watchdog.observe(rank, beat.step)
             if len(beats) == len(workers) and all(b.done for b in beats.values()):
@@ -259,6 +263,17 @@ class Controller:
                 raise AttemptFailed(Failure(Cause.HANG, steps))
             stragglers = self._report_stragglers(beats, infos, stragglers, spec.resources.straggler_factor)
             time.sleep(self.poll_s)
+
+    def _rank_errors(self, beats: dict[int, Beat]) -> Failure:
+        """The failure of ranks that raised. A user error (bad input) is the cause, and its message alone is the
+        news: the other ranks' errors then follow from it (a collective broken by the rank that stopped). Anything
+        else is a bug: every rank's traceback goes to the job log."""
+        user = {r: b.error for r, b in beats.items() if b.user_error}
+        if user:
+            return Failure(Cause.USER_ERROR, user)
+        for rank, beat in sorted(beats.items()):
+            print(f"----- rank {rank} traceback -----\n{beat.traceback or beat.error}", flush=True)
+        return Failure(Cause.RANK_ERROR, {r: b.error for r, b in beats.items()})
 
     def _poll(self, workers: list) -> tuple[dict[int, Beat], dict[int, str]]:
         refs = {w.poll.remote(): r for r, w in enumerate(workers)}
@@ -325,6 +340,16 @@ def _visible_devices(nodes: list[str], gpu_ids: list[list[str]]) -> list[str | N
     return [",".join(per_node[node]) if per_node[node] else None for node in nodes]
 
 
+def _by_message(errors: dict[int, str], world_size: int) -> str:
+    """Each distinct error once, with the ranks that raised it ("every rank" when all did the same)."""
+    ranks: dict[str, list[int]] = {}
+    for rank, error in sorted(errors.items()):
+        ranks.setdefault(error, []).append(rank)
+    if len(ranks) == 1 and len(errors) == world_size > 1:
+        return f"every rank: {next(iter(ranks))}"
+    return "\n".join(f"rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}: {e}" for e, r in ranks.items())
+
+
 def _short(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
@@ -337,7 +362,6 @@ def main() -> int:
         if not text:
             raise UserError(f"{SPEC_VARIABLE} is not set: it carries the job spec (pretrain submit sets it)")
         spec = parse_spec(yaml.safe_load(text), source=SPEC_VARIABLE)
-        apply_log_env()
         ray.init(address="auto")
         Controller(spec, plan_layout=os.environ.get(PLAN_VARIABLE) == "1").run()
         return 0

@@ -95,6 +95,12 @@ def test_every_training_panel_returns_series_from_a_real_run(ray_cluster, tmp_pa
         loss = float(prometheus.query(f'pretrain_loss{{run="{RUN}"}}')[0]["value"][1])
         assert 0 < loss < 10, loss
         assert_rules_evaluate(prometheus)
+        # A stopped run takes its exporters out of the targets file: nothing is left for Prometheus to find down.
+        submission.stop(ray_cluster.jobs_url, job)
+        deadline = time.monotonic() + 60
+        while running() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not targets.exists(), targets.read_text()
     finally:
         if running():
             submission.stop(ray_cluster.jobs_url, job)
