@@ -151,3 +151,19 @@ def atomic_stage(directory: str) -> Iterator[str | None]:
 
 def parquet_files(directory: str) -> list[str]:
     return sorted(os.path.join(directory, f) for f in os.listdir(directory) if f.endswith(".parquet"))
+
+
+def parts_of(directory: str, task: str) -> list[str]:
+    """The Parquet parts a task wrote into a stage directory (`<task>-<part>.parquet`), in order."""
+    if not os.path.isdir(directory):
+        return []
+    return [p for p in parquet_files(directory) if os.path.basename(p).startswith(task + "-")]
+
+
+def file_digest(path: str) -> str:
+    """A file's content hash: input fingerprints and stage keys."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()

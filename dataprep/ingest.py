@@ -19,16 +19,18 @@ from typing import Any
 
 import pyarrow as pa
 
-from dataprep.config import PrepConfig
+from dataprep.config import PrepConfig, config_to_dict
 from dataprep.dedup.minhash import MinHasher
-from dataprep.executor import write_table_atomic
+from dataprep.executor import parts_of, write_table_atomic
 from dataprep.filters.base import apply_filters
 from dataprep.filters.from_config import build_filters
 from dataprep.keys import doc_key
 from dataprep.normalize import normalize_text
 from dataprep.readers import BadInput, read_records
-from dataprep.readers.base import WHOLE_FILE
+from dataprep.readers.base import WHOLE_FILE, split_file
+from dataprep.stages import FileStage, PrepRun, StageOutput
 
+FILE_INGEST_VERSION = 2  # bump when a change to this stage changes its outputs for the same settings
 MAX_BAD_LISTED = 20  # per file: the report names these, and counts the rest
 EXAMPLE_CHARS = 240
 
@@ -47,6 +49,56 @@ class FileTask:
     start: int = WHOLE_FILE[0]  # the span of the file this task reads (see `readers.split_file`)
     stop: int = WHOLE_FILE[1]
     first_index: int = WHOLE_FILE[2]
+
+
+class IngestStage(FileStage):
+    """Read → normalize → quality verdicts, text hash and MinHash band keys, one task per span of a file.
+
+    Its output holds each file's merged counters and, as `info`, each file's parts (the dedup stage's input).
+    """
+
+    name = "ingest"
+
+    def key(self, prep: PrepRun) -> tuple:
+        return FILE_INGEST_VERSION, ingest_settings(self.config)
+
+    def tasks(self, prep: PrepRun) -> list[tuple[str, dict]]:
+        """Every span of every file, largest first so that no big span starts last.
+
+        Span names (`<file>-s<span>`) sort in file order, so the file's parts (`<file>-s<span>-<part>.parquet`) do
+        too.
+        """
+        spans = []
+        for t in prep.files:
+            cuts = split_file(t["path"], t["fmt"], t["text_field"], self.config.span_bytes)
+            for k, (start, stop, first_index) in enumerate(cuts):
+                name = f"{t['name']}-s{k:06d}"
+                size = stop - start if t["fmt"] == "jsonl" and stop >= 0 else t["size"] // len(cuts)
+                spans.append((size, name, {**t, "file": t["name"], "name": name, "start": start, "stop": stop,
+                                           "first_index": first_index}))
+        return [(name, payload) for _, name, payload in sorted(spans, key=lambda s: -s[0])]
+
+    def process(self, payload: dict, directory: str) -> dict:
+        return ingest_file({f: payload[f] for f in FileTask.__dataclass_fields__}, directory, self.config)
+
+    def run(self, prep: PrepRun) -> StageOutput:
+        spans = super().run(prep)
+        of_file: dict[str, list[dict]] = {t["name"]: [] for t in prep.files}
+        for name in sorted(spans.results):
+            of_file[name[: name.rindex("-s")]].append(spans.results[name])
+        merged = {name: merge_span_stats(stats, self.config.examples) for name, stats in of_file.items()}
+        parts = {t["name"]: parts_of(spans.directory, t["name"]) for t in prep.files}
+        return StageOutput(spans.directory, merged, info=parts)
+
+
+def ingest_settings(c: PrepConfig) -> dict:
+    """The settings that change what ingest writes."""
+    d = config_to_dict(c)
+    return {"strict": c.strict, "invalid_utf8": c.invalid_utf8, "max_doc_bytes": c.max_doc_bytes,
+            "part_bytes": c.part_bytes, "span_bytes": c.span_bytes, "examples": c.examples, "filters": d["filters"],
+            "minhash": [c.dedup.ngram, c.dedup.bands, c.dedup.rows, c.dedup.seed],
+            "sources": {n: {k: v for k, v in s.items() if k not in ("share", "path")} for n, s in d["sources"].items()},
+            "priority_order": sorted(((s.priority, i) for i, s in enumerate(c.sources.values())))}
 
 
 def part_schema(bands: int) -> pa.Schema:

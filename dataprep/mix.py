@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dataprep.config import MixConfig, SourceConfig
+from dataprep.stages import PrepRun, Stage, StageOutput
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,18 @@ class SourcePlan:
     @property
     def whole_epochs(self) -> int:
         return int(self.epochs)
+
+
+class MixStage(Stage):
+    """The mixture plan per source (`info`), from the training tokens that encoding found in each."""
+
+    name = "mix"
+
+    def run(self, prep: PrepRun) -> StageOutput:
+        tokens = {name: 0 for name in self.config.sources}
+        for stat in prep["encode"].results.values():
+            tokens[stat["source"]] += stat["train_tokens"] + stat["train_docs"]  # + one EOS per document
+        return StageOutput(info=plan_mixture(tokens, self.config.sources, self.config.mix))
 
 
 def plan_mixture(tokens: dict[str, int], sources: dict[str, SourceConfig], config: MixConfig) -> dict[str, SourcePlan]:

@@ -38,8 +38,8 @@ def build_report(config: PrepConfig, ingested: dict, selected: dict, encoded: di
             examples.setdefault(reason, []).extend(shown)
     for stat in selected.values():
         s = sources[stat["source"]]
-        s["docs_kept"] += stat["docs"]
-        s["bytes_kept"] += stat["bytes"]
+        s["docs_kept"] += stat["docs_kept"]
+        s["bytes_kept"] += stat["bytes_kept"]
         _merge(s["removed"], stat["removed"])
     for stat in encoded.values():
         s = sources[stat["source"]]

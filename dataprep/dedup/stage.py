@@ -6,18 +6,47 @@ record order. A document that is both an exact and a near duplicate counts as ex
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dataprep.config import DedupConfig
+from dataprep.config import DedupConfig, config_to_dict
 from dataprep.dedup.buckets import BAND_ROW, EXACT_ROW, find_duplicates
 from dataprep.dedup.components import find_components
+from dataprep.executor import atomic_stage, stage_dir, user_error_in
 from dataprep.keys import file_of
+from dataprep.shards import write_atomic
+from dataprep.stages import PrepRun, Stage, StageOutput
 
 EXACT, NEAR = 1, 2  # removal codes, in precedence order
+
+
+class DedupStage(Stage):
+    """Exact duplicates, then near-duplicate clusters, over every ingested part: a whole-dataset shuffle.
+
+    Its output directory holds the removal lists per file (none when dedup is off); `info` its counters.
+    """
+
+    name = "dedup"
+
+    def run(self, prep: PrepRun) -> StageOutput:
+        ingest = prep["ingest"]
+        directory = stage_dir(prep.work, self.name, ingest.directory, sorted(ingest.info),
+                              config_to_dict(self.config)["dedup"])
+        prep.stats.enter(self.name)
+        with atomic_stage(directory) as tmp:
+            if tmp is not None:
+                parts = [p for t in prep.files for p in ingest.info[t["name"]]]
+                try:
+                    result = run_dedup(parts, tmp, self.config.dedup, prep.partitions)
+                except Exception as e:
+                    raise user_error_in(e) or e from None
+                write_atomic(os.path.join(tmp, "stats.json"), json.dumps(result).encode())
+        with open(os.path.join(directory, "stats.json"), encoding="utf-8") as f:
+            return StageOutput(directory, info=json.load(f))
 
 
 def removal_file(directory: str, file_id: int) -> str:

@@ -12,8 +12,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dataprep.executor import write_table_atomic
+from dataprep.executor import file_digest, parts_of, write_table_atomic
 from dataprep.hashing import splitmix64
+from dataprep.stages import FileStage, PrepRun
 
 TRAIN, VAL = 0, 1
 _ENCODE_BATCH = 512
@@ -23,6 +24,24 @@ def unit_hash(keys: np.ndarray, seed: int, salt: int = 0) -> np.ndarray:
     """A deterministic uniform number in [0, 1) per key: the coin of sampling and splitting decisions."""
     mixed = splitmix64(keys.astype(np.uint64) ^ splitmix64(np.array([seed * 1_000_003 + salt], dtype=np.uint64)))
     return (mixed >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+class EncodeStage(FileStage):
+    """Train / validation split by document, then token ids, per file."""
+
+    name = "encode"
+
+    def key(self, prep: PrepRun) -> tuple:
+        tokenizer = prep["tokenizer"].info["file"]
+        return (prep["select"].directory, tokenizer, file_digest(tokenizer), self.config.mix.val_fraction,
+                self.config.seed)
+
+    def tasks(self, prep: PrepRun) -> list[tuple[str, dict]]:
+        return [(t["name"], {"name": t["name"], "source": t["source"], "tokenizer": prep["tokenizer"].info["file"],
+                             "parts": parts_of(prep["select"].directory, t["name"])}) for t in prep.files]
+
+    def process(self, payload: dict, directory: str) -> dict:
+        return encode_file(payload, directory, payload["tokenizer"], self.config.mix.val_fraction, self.config.seed)
 
 
 def encode_file(payload: dict, directory: str, tokenizer_path: str, val_fraction: float, seed: int) -> dict:

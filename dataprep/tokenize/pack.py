@@ -12,8 +12,31 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 
+from dataprep.executor import parts_of
 from dataprep.shards import write_atomic
+from dataprep.stages import FileStage, PrepRun
 from dataprep.tokenize.encode import TRAIN, VAL, unit_hash
+
+
+class PackStage(FileStage):
+    """Each file's documents repeated per the mixture plan and packed into rows, train and validation apart."""
+
+    name = "pack"
+    counters = ("train_rows", "train_tokens", "val_rows", "val_tokens")
+
+    def key(self, prep: PrepRun) -> tuple:
+        epochs = {n: round(p.epochs, 9) for n, p in prep["mix"].info.items()}
+        return (prep["encode"].directory, epochs, self.config.seq_len, self.config.seed,
+                prep["tokenizer"].info["eos_id"])
+
+    def tasks(self, prep: PrepRun) -> list[tuple[str, dict]]:
+        plans, eos_id = prep["mix"].info, prep["tokenizer"].info["eos_id"]
+        return [(t["name"], {"name": t["name"], "source": t["source"], "file_id": t["file_id"],
+                             "epochs": plans[t["source"]].epochs, "eos_id": eos_id,
+                             "parts": parts_of(prep["encode"].directory, t["name"])}) for t in prep.files]
+
+    def process(self, payload: dict, directory: str) -> dict:
+        return pack_file(payload, directory, self.config.seq_len, payload["eos_id"], self.config.seed)
 
 
 def pack_file(payload: dict, directory: str, seq_len: int, eos_id: int, seed: int) -> dict:

@@ -3,12 +3,63 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
+import numpy as np
+import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from dataprep.config import TokenizerConfig
+from dataprep.config import TokenizerConfig, config_to_dict
+from dataprep.executor import file_digest, parts_of, stage_dir
+from dataprep.mix import target_shares
+from dataprep.shards import write_atomic
+from dataprep.stages import PrepRun, Stage, StageOutput
+from dataprep.tokenize.encode import unit_hash
 from orchestrator.errors import DataError
+
+
+class TokenizerStage(Stage):
+    """Train a byte-level BPE on a sample of the kept documents, or load one; `info` holds its file, EOS id and
+    vocabulary size."""
+
+    name = "tokenizer"
+
+    def run(self, prep: PrepRun) -> StageOutput:
+        c, t = self.config, self.config.tokenizer
+        prep.stats.enter(self.name)
+        key = [config_to_dict(c)["tokenizer"], {n: s.share for n, s in c.sources.items()}, c.mix.temperature, c.seed]
+        if t.type == "train":
+            key.append(prep["select"].directory)
+        else:
+            key.append(file_digest(t.path) if os.path.isfile(t.path) else sorted(os.listdir(t.path)))
+        directory = stage_dir(prep.work, self.name, *key)
+        path = os.path.join(directory, "tokenizer.json")
+        if not os.path.exists(path):
+            tokenizer = train_tokenizer(self._sample(prep), t) if t.type == "train" else load_tokenizer(t)
+            os.makedirs(directory, exist_ok=True)
+            write_atomic(path, tokenizer.to_str().encode())
+        tokenizer = Tokenizer.from_file(path)
+        return StageOutput(directory, info={"file": path, "eos_id": tokenizer.token_to_id(t.eos),
+                                            "vocab_size": tokenizer.get_vocab_size()})
+
+    def _sample(self, prep: PrepRun) -> Iterator[str]:
+        """Kept documents sampled per source in proportion to the target shares (bytes stand in for tokens)."""
+        c = self.config
+        kept = {n: 0 for n in c.sources}
+        for stat in prep["select"].results.values():
+            kept[stat["source"]] += stat["bytes_kept"]
+        shares = target_shares({n: b for n, b in kept.items() if b}, {n: s.share for n, s in c.sources.items()},
+                                c.mix.temperature)
+        rates = {n: min(1.0, shares.get(n, 0.0) * c.tokenizer.sample_bytes / b) if b else 0.0
+                 for n, b in kept.items()}
+        for task in prep.files:
+            for part in parts_of(prep["select"].directory, task["name"]):
+                table = pq.read_table(part)
+                keys = table.column("key").to_numpy()
+                chosen = np.flatnonzero(unit_hash(keys, c.seed, salt=2) < rates[task["source"]])
+                texts = table.column("text")
+                for i in chosen:
+                    yield texts[int(i)].as_py()
 
 
 def train_tokenizer(texts: Iterable[str], config: TokenizerConfig) -> Tokenizer:

@@ -11,13 +11,91 @@ import shutil
 
 import numpy as np
 
+from dataprep.config import config_to_dict
+from dataprep.executor import stable_hash
 from dataprep.shards import (
     FORMAT_VERSION,
     MANIFEST_FILE,
     TOKENIZER_FILE,
     ShardWriter,
+    read_manifest,
+    verify_shard,
     write_manifest,
 )
+from dataprep.stages import PrepRun, Stage, StageOutput
+from orchestrator.errors import DataError
+
+
+class WriteStage(Stage):
+    """The shard directory: rows in a seeded global order, Arrow shards, tokenizer.json, manifest.json last.
+
+    A directory whose manifest was written for this very config and whose shards verify is kept as it is.
+    `info` is the manifest.
+    """
+
+    name = "write"
+
+    def run(self, prep: PrepRun) -> StageOutput:
+        config_hash = self._config_hash(prep.files)
+        prep.stats.enter(self.name)
+        manifest = complete_manifest(self.config.output, config_hash)
+        if manifest is None:
+            manifest = self._write(prep, config_hash)
+        return StageOutput(self.config.output, info=manifest)
+
+    def _write(self, prep: PrepRun, config_hash: str) -> dict:
+        c, packed, plans, tokenizer = self.config, prep["pack"].results, prep["mix"].info, prep["tokenizer"].info
+        blocks = {split: [os.path.join(prep["pack"].directory, f"{t['name']}-{split}.npy") for t in prep.files]
+                  for split in ("train", "val")}
+        total = sum(s["train_rows"] + s["val_rows"] for s in packed.values())
+        bar = _progress_bar(prep.progress, total, "write shards")
+        splits = write_shards(c.output, blocks, c.seq_len, c.rows_per_shard, c.seed,
+                              progress=bar.update if bar else None)
+        if bar:
+            bar.close()
+        if not splits["val"]["rows"]:
+            splits.pop("val")
+        emitted = {n: 0 for n in c.sources}
+        documents = {n: 0 for n in c.sources}
+        for stat in packed.values():
+            emitted[stat["source"]] += stat["train_tokens"]
+            documents[stat["source"]] += stat["train_docs"]
+        total_tokens = sum(emitted.values()) or 1
+        sources = {n: {"documents": documents[n], "tokens": emitted[n], "target_share": round(p.target_share, 6),
+                       "realised_share": round(emitted[n] / total_tokens, 6), "epochs": round(p.epochs, 6),
+                       "available_tokens": p.tokens} for n, p in plans.items()}
+        manifest = {"seq_len": c.seq_len, "config_hash": config_hash, "sources": sources, "splits": splits,
+                    "tokenizer": {"file": "tokenizer.json", "vocab_size": tokenizer["vocab_size"],
+                                  "eos_id": tokenizer["eos_id"]}}
+        finish_output(c.output, tokenizer["file"], manifest)
+        return read_manifest(c.output)
+
+    def _config_hash(self, files: list[dict]) -> str:
+        """The config and the inputs' content, less what does not change the shards (paths, CPUs, span size)."""
+        fingerprints = [(t["source"], t["file_index"], os.path.basename(t["path"]), t["size"], t["digest"])
+                        for t in files]
+        resolved = config_to_dict(self.config)
+        for key in ("output", "work_dir", "num_cpus", "span_bytes"):
+            resolved.pop(key)
+        for s in resolved["sources"].values():
+            s.pop("path")
+        return stable_hash(resolved, fingerprints)
+
+
+def complete_manifest(output: str, config_hash: str) -> dict | None:
+    """The existing manifest if it was written for this very config and its shards verify; else None."""
+    if not os.path.exists(os.path.join(output, MANIFEST_FILE)):
+        return None
+    try:
+        manifest = read_manifest(output)
+        if manifest.get("config_hash") != config_hash:
+            return None
+        for split in manifest["splits"].values():
+            for entry in split["shards"]:
+                verify_shard(output, entry)
+        return manifest
+    except DataError:
+        return None
 
 
 def write_shards(output: str, blocks: dict[str, list[str]], seq_len: int, rows_per_shard: int, seed: int,
@@ -64,3 +142,11 @@ def finish_output(output: str, tokenizer_file: str, manifest: dict) -> None:
     shutil.copyfile(tokenizer_file, os.path.join(output, TOKENIZER_FILE))
     manifest = {"format_version": FORMAT_VERSION, **manifest}
     write_manifest(output, manifest)
+
+
+def _progress_bar(enabled: bool, total: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="row", leave=False)
