@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import sys
 
 from orchestrator.errors import UserError
-
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+from orchestrator.sizes import parse_size
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,13 +27,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="weights' dtype (default: bfloat16 for a run trained in bf16, else float32)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB")
-
-
-def parse_size(text: str) -> int:
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", text, re.IGNORECASE)
-    if not match or float(match.group(1)) <= 0:
-        raise UserError(f"--max-shard-size: {text!r} is not a size such as 5GB, 500MB or 1000000")
-    return int(float(match.group(1)) * _UNITS[(match.group(2) or "").upper()])
 
 
 def check_output(output: str) -> None:
@@ -52,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from parallel.hf import HFExport, parse_dtype, shard_tokenizer
 
     check_output(args.output)
-    max_shard = parse_size(args.max_shard_size)
+    max_shard = parse_size(args.max_shard_size, "--max-shard-size", examples="5GB, 500MB or 1000000")
     step_dir = find_checkpoint(args.checkpoint)
     spec = load_spec(os.path.join(step_dir, "spec.yaml"))
     dtype = parse_dtype(args.dtype or ("bfloat16" if spec.parallel.precision == "bf16" else "float32"))

@@ -9,21 +9,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 
-from orchestrator.errors import UserError
-
-UNITS = {"": 1024**3, "b": 1, "k": 1024, "kib": 1024, "kb": 1e3, "m": 1024**2, "mib": 1024**2, "mb": 1e6,
-         "g": 1024**3, "gib": 1024**3, "gb": 1e9, "t": 1024**4, "tib": 1024**4, "tb": 1e12}
+from orchestrator.sizes import GiB, parse_size
 
 
-def parse_size(text: str) -> int:
-    """'80GiB', '80GB', '81920MiB', '80G' (binary) or a bare number of GiB → bytes."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in UNITS or float(match.group(1)) <= 0:
-        raise UserError(f"--gpu-mem: {text!r} is not a memory size; use e.g. 80GiB, 80GB or 81920MiB")
-    return int(float(match.group(1)) * UNITS[unit])
+def parse_gpu_mem(text: str) -> int:
+    """--gpu-mem: '80GiB', '80GB', '81920MiB', '80G' (binary) or a bare number of GiB → bytes."""
+    return parse_size(text, "--gpu-mem", bare=GiB, what="a memory size", examples="80GiB, 80GB or 81920MiB")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec, args.overrides)
     gpus = args.gpus or spec.world_size
     per_node = args.gpus_per_node or (spec.resources.gpus_per_node if args.gpus is None else min(gpus, 8))
-    mem = parse_size(args.gpu_mem)
+    mem = parse_gpu_mem(args.gpu_mem)
     print_model(spec)
     print_spec_layout(spec, gpus, per_node, mem)
     plan = choose_layout(spec, gpus, mem, per_node, mfu=args.mfu, global_batch_size=args.global_batch)

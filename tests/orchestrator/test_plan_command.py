@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.cli import main
-from orchestrator.commands.plan import parse_size
+from orchestrator.commands.plan import parse_gpu_mem
 
 
 def test_prints_model_spec_layout_and_ranked_table(repo_root, capsys):
@@ -41,4 +41,4 @@ def test_bad_memory_size_is_named(repo_root, capsys):
 @pytest.mark.parametrize(("text", "size"), [("80GiB", 80 * 2**30), ("80GB", 80e9), ("81920MiB", 80 * 2**30),
                                             ("141 gb", 141e9), ("24", 24 * 2**30)])
 def test_memory_sizes(text, size):
-    assert parse_size(text) == int(size)
+    assert parse_gpu_mem(text) == int(size)
