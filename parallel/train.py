@@ -34,13 +34,15 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class RunResult:
+class TrainResult:
+    """How one rank's training loop ended; the controller's `RunResult` is the whole job's, over restarts."""
+
     step: int  # the last step trained
     loss: float  # its loss
     resumed_from: int  # the step resumed after; 0 for a fresh start
 
 
-def run(spec: JobSpec, env: RankEnv | None = None, callbacks: Sequence[Callback] = ()) -> RunResult:
+def run(spec: JobSpec, env: RankEnv | None = None, callbacks: Sequence[Callback] = ()) -> TrainResult:
     """Train this rank to `spec.schedule.steps`; every rank of the run calls it with its own `env`."""
     env = env or RankEnv.from_env()
     if spec.model.vocab_size is None:
@@ -72,7 +74,7 @@ def run(spec: JobSpec, env: RankEnv | None = None, callbacks: Sequence[Callback]
         for callback in callbacks:
             callback.close()
     shutdown_distributed()
-    return RunResult(step=step, loss=loss, resumed_from=start)
+    return TrainResult(step=step, loss=loss, resumed_from=start)
 
 
 def _train(spec: JobSpec, env: RankEnv, engine: Engine, loader: ShardLoader, val_loader: ShardLoader | None,
