@@ -1,6 +1,8 @@
 """The controller's decisions (failure policy, watchdog, stragglers, elastic re-plan) and its behaviour on a real
 Ray cluster with a light gloo workload: a hung rank, a straggler. Killed ranks and a lost node, with the real
-training loop, are in test_chaos.py."""
+training loop, are in test_chaos.py. Every test on the cluster ends by checking, through Ray's state API, that no
+placement group of a run is left while its driver is still connected (Ray would remove them when the driver
+leaves)."""
 
 from __future__ import annotations
 
@@ -83,6 +85,9 @@ def test_plan_uses_the_nodes_left_down_to_min_nodes():
     spec = _spec(resources={"num_nodes": 2, "gpus_per_node": 2, "min_nodes": 1, "device": "cuda"})
     assert plan_nodes(spec, [node, node]) is spec
     assert plan_nodes(spec, [node]).resources.num_nodes == 1
+    # Room for two nodes' ranks on one node is one node: the gang takes one bundle on each of distinct nodes.
+    big, empty = {"Alive": True, "Resources": {"CPU": 8.0, "GPU": 4.0}}, {"Alive": True, "Resources": {"CPU": 4.0}}
+    assert plan_nodes(spec, [big, empty]).resources.num_nodes == 1
     strict = _spec(resources={"num_nodes": 2, "gpus_per_node": 2, "device": "cuda"})
     with pytest.raises(SchedulingError, match=r"room for 1 node\(s\) of 2 rank\(s\).*needs at least 2 "
                                               r"\(resources.min_nodes=0, resources.num_nodes=2\)"):
@@ -123,6 +128,7 @@ def _driver(cluster, **env: str):
     ray.init(address=cluster.address, runtime_env={"env_vars": env})
     try:
         yield
+        assert cluster.live_groups("pretrain-") == []
     finally:
         ray.shutdown()
 
@@ -143,6 +149,7 @@ def test_hung_rank_dumps_every_stack_then_restarts(ray_cluster, tmp_path, capsys
     assert "----- rank 0 pid" in out and "----- rank 1 pid" in out
     assert "in on_step" in out  # rank 1's loop thread, caught inside the heartbeat that hangs
     assert "in allreduce_steps" in out
+    assert out.count("reserved 2 rank(s) on 2 node(s): node ") == 2  # before each attempt
     assert "attempt 1 failed: hang" in out
     assert "restarting in 0.1 s (restart 1 of 3, cause: hang)" in out
     assert result.restarts == 1 and result.step == 8
