@@ -123,12 +123,39 @@ class HistoryCallback(BaseCallback):
     """Rank 0 appends every step, evaluation and checkpoint as a JSON line to `path`.
 
     The run's own record for reports and plots once the exporters are gone; it is appended to, so a resumed run
-    continues the same file (lines of steps trained again after a crash appear twice; the last one wins).
+    continues the same file. It holds one record per step: a run resuming at step N trains the steps after N again,
+    so at its start the records after N (and a line torn by the crash) are dropped, and the replayed steps replace them.
     """
 
     def __init__(self, path: str):
         self.path = path
         self._file = None
+
+    def on_train_start(self, step: int, rank: int) -> None:
+        if rank == 0 and os.path.exists(self.path):
+            self._keep_until(step)
+
+    def _keep_until(self, step: int) -> None:
+        """Rewrite the file with the last record of each (kind, step) up to `step`, through a temporary file renamed
+        over it: a crash meanwhile leaves the old file or the new one, never half of one."""
+        kept: dict[tuple[str, int], str] = {}
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # the end of a line the crash cut off
+                key = (record.get("kind"), record.get("step", 0))
+                kept.pop(key, None)
+                if key[1] <= step:
+                    kept[key] = line.rstrip("\n") + "\n"
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept.values())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
 
     def _write(self, kind: str, record: object) -> None:
         if self._file is None:
@@ -156,7 +183,8 @@ class HistoryCallback(BaseCallback):
 
 
 def read_history(path: str) -> dict[str, list[dict]]:
-    """The records of a history file by kind, one per step (a step trained again after a resume: its last record)."""
+    """The records of a history file by kind, one per step (in a file written before replayed steps replaced their
+    records, a step trained again after a resume appears twice: its last record wins)."""
     latest: dict[str, dict[int, dict]] = {}
     with open(path, encoding="utf-8") as f:
         for line in f:

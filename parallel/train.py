@@ -18,6 +18,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -63,6 +64,8 @@ def run(spec: JobSpec, env: RankEnv | None = None, callbacks: Sequence[Callback]
             start = resumed.step
         elif spec.checkpoint.init_from:
             engine.load_full_state_dict(open_init_weights(spec.checkpoint.init_from, engine.model_dims))
+        if env.rank == 0:
+            print(_starting_point(spec, resumed), flush=True)
         for callback in callbacks:
             callback.on_train_start(start, env.rank)
         step, loss = _train(spec, env, engine, train_loader, val_loader, checkpointer, callbacks, start)
@@ -126,6 +129,20 @@ def evaluate(engine: Engine, loader: ShardLoader, batches: int, step: int, rank:
     losses = [engine.eval_loss(loader.next_step()) for _ in range(batches)]
     loss = float(torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in losses]).mean())
     return EvalStats(step=step, loss=loss, batches=batches, seconds=time.perf_counter() - begin, rank=rank)
+
+
+def _starting_point(spec: JobSpec, resumed: Any) -> str:
+    """The log line of where this attempt starts: the checkpoint and data position it resumed from (the checkpointer's
+    `Resumed`), or why none (None)."""
+    c = spec.checkpoint
+    if resumed is None:
+        weights = f"the weights of {c.init_from}" if c.init_from else "fresh weights"
+        why = f"no checkpoint in {c.dir}" if c.resume else "checkpoint.resume=false"
+        return f"starting at step 0 with {weights} ({why})"
+    data = resumed.loader_state
+    rows = f" of {data['rows']}" if "rows" in data else ""
+    return (f"resumed from checkpoint {resumed.path} (step {resumed.step}); data position: epoch {data['epoch']}, "
+            f"sample {data['index']}{rows}, seed {data['seed']}")
 
 
 def _history(spec: JobSpec) -> list[Callback]:

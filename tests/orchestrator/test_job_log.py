@@ -1,0 +1,128 @@
+"""What a submitted job's log and history tell: each rank's lines as printed (never folded by Ray), the checkpoint and
+data position every attempt resumed from, a user error (a corrupt shard) as one message without a traceback, and a
+history.jsonl with one record per step after a replay.
+
+The jobs go through the Jobs API of the shared simulated two-node cluster with the real training loop; a rank is made
+to exit mid-run by the worker's fault injection (`PRETRAIN_TEST_EXIT`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+
+from parallel.callbacks import CheckpointStats, HistoryCallback, StepStats
+
+STEPS = 6
+
+
+def _step(n: int, loss: float) -> StepStats:
+    return StepStats(step=n, loss=loss, lr=1e-3, grad_norm=1.0, tokens=256, step_seconds=0.1,
+                     tokens_per_second=2560.0, mfu=0.0)
+
+
+def _records(path) -> list[tuple[str, int, float | str]]:
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    return [(r["kind"], r["step"], r.get("loss", r.get("path"))) for r in lines]
+
+
+def test_history_replaces_the_records_of_replayed_steps(tmp_path):
+    path = tmp_path / "run" / "history.jsonl"
+    first = HistoryCallback(str(path))
+    first.on_train_start(0, 0)
+    for n in (1, 2, 3):
+        first.on_step(_step(n, 10.0 - n))
+        if n == 2:
+            first.on_checkpoint(CheckpointStats(step=2, path="step_2", seconds=0.01))
+    first.close()
+    with open(path, "a") as f:
+        f.write('{"kind": "step", "step": 4, "lo')  # the crash cut the last line off
+    resumed = HistoryCallback(str(path))
+    resumed.on_train_start(2, 1)  # only rank 0 rewrites the file
+    assert path.read_text().count("\n") == 4
+    resumed.on_train_start(2, 0)  # steps 3 and 4 are trained again, from the checkpoint of step 2
+    for n in (3, 4):
+        resumed.on_step(_step(n, 5.0 - n))
+    resumed.close()
+    assert _records(path) == [("step", 1, 9.0), ("step", 2, 8.0), ("checkpoint", 2, "step_2"), ("step", 3, 2.0),
+                              ("step", 4, 1.0)]
+    assert not list(path.parent.glob("*.tmp"))
+
+
+# ---------------------------------------------------------------------------------------------- submitted jobs
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from tests.parallel.real_shards import write_shards
+
+    return write_shards(tmp_path_factory.mktemp("joblog") / "shards", seq_len=64, rows=200)
+
+
+def _spec(tmp_path, shards, name: str):
+    from orchestrator.validate import parse_spec
+
+    return parse_spec({
+        "name": name,
+        "model": {"dim": 32, "n_layers": 2, "n_heads": 2, "multiple_of": 16},
+        "data": {"path": str(shards), "seq_len": 64},
+        "parallel": {"backend": "native", "zero_stage": 1, "micro_batch_size": 2, "precision": "fp32"},
+        "schedule": {"steps": STEPS, "warmup_steps": 2, "eval_every": 0, "log_every": 1, "seed": 3},
+        "checkpoint": {"dir": str(tmp_path / "checkpoints"), "every": 2, "keep_last": 2, "async_save": False},
+        "resources": {"num_nodes": 2, "gpus_per_node": 1, "cpus_per_rank": 0.5, "max_restarts": 2,
+                      "restart_backoff_s": 0.2, "hang_timeout_s": 120},
+    })
+
+
+def _run_to_end(cluster, spec, job: str, env: dict[str, str] | None = None, timeout: float = 420.0) -> tuple:
+    from cluster import submission
+
+    submission.submit(cluster.jobs_url, spec, env=env, submission_id=job)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = submission.job_info(cluster.jobs_url, job)
+        if submission.status_name(info) in ("SUCCEEDED", "FAILED", "STOPPED"):
+            return info, submission.logs(cluster.jobs_url, job)
+        time.sleep(1.0)
+    raise AssertionError(f"job {job} still running after {timeout:g} s")
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("ray")
+def test_job_log_of_a_killed_rank_names_the_resume_point_and_folds_nothing(ray_cluster, shards, tmp_path):
+    spec = _spec(tmp_path, shards, "joblog")
+    info, log = _run_to_end(ray_cluster, spec, "joblog", env={"PRETRAIN_TEST_EXIT": f"1:3:{tmp_path / 'exited'}"})
+    assert info.status == "SUCCEEDED", log[-4000:]
+    assert "injected exit after step 3" in log
+    assert "repeated" not in log
+    for rank in (0, 1):  # the line every rank prints at the start of each of the two attempts, each one as printed
+        assert len(re.findall(rf"\(rank{rank} pid=\d+[^)]*\) rank {rank} of 2: ", log)) == 2, log[-4000:]
+    assert f"starting at step 0 with fresh weights (no checkpoint in {spec.checkpoint.dir})" in log
+    # Rank 1 exited after step 3: the next attempt resumes from the checkpoint of step 2, at the data read by then
+    # (2 steps × 2 ranks × micro-batch 2 = sample 8).
+    resumed = f"resumed from checkpoint {spec.checkpoint.dir}/step_2 (step 2); data position: epoch 0, sample 8 of "
+    assert resumed in log, log[-4000:]
+    history = (tmp_path / "checkpoints" / "history.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in history if json.loads(line)["kind"] == "step"]
+    assert steps == list(range(1, STEPS + 1))
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("ray")
+def test_corrupt_shard_is_one_message_without_traceback(ray_cluster, tmp_path):
+    from tests.parallel.real_shards import write_shards
+
+    shards = write_shards(tmp_path / "shards", seq_len=64, rows=200)
+    shard = sorted(shards.glob("**/*.arrow"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    info, log = _run_to_end(ray_cluster, _spec(tmp_path, shards, "corrupt"), "corrupt")
+    assert (info.status, info.driver_exit_code) == ("FAILED", 2), log[-4000:]
+    assert "Traceback" not in log, log[-6000:]
+    errors = [line for line in log.splitlines() if "DataError" in line]
+    assert len(errors) == 1, log[-6000:]
+    assert errors[0].startswith("pretrain: every rank: DataError: ") and shard.name in errors[0], errors
