@@ -7,6 +7,7 @@ least 5 sentences, no lorem ipsum, no curly bracket, no javascript or policy lin
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from dataprep.filters.base import BaseFilter, Edit, Verdict
 
@@ -15,19 +16,17 @@ _POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "u
 _SENTENCE_END = re.compile(r"[.?!]+(?:\s|$)")
 
 
+@dataclass(frozen=True, kw_only=True)
 class C4QualityFilter(BaseFilter):
     name = "c4"
 
-    def __init__(self, *, drop_lines_without_terminal_punct: bool = True, min_words_per_line: int = 3,
-                 drop_javascript_lines: bool = True, drop_policy_lines: bool = True, drop_lorem_ipsum: bool = True,
-                 drop_curly_bracket: bool = True, min_sentences: int = 5):
-        self.drop_lines_without_terminal_punct = drop_lines_without_terminal_punct
-        self.min_words_per_line = min_words_per_line
-        self.drop_javascript_lines = drop_javascript_lines
-        self.drop_policy_lines = drop_policy_lines
-        self.drop_lorem_ipsum = drop_lorem_ipsum
-        self.drop_curly_bracket = drop_curly_bracket
-        self.min_sentences = min_sentences
+    drop_lines_without_terminal_punct: bool = True
+    min_words_per_line: int = 3
+    drop_javascript_lines: bool = True
+    drop_policy_lines: bool = True
+    drop_lorem_ipsum: bool = True
+    drop_curly_bracket: bool = True
+    min_sentences: int = 5
 
     def check(self, text: str) -> Verdict:
         lowered = text.lower()

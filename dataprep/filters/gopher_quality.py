@@ -6,6 +6,7 @@ The keyword defaults are the paper's thresholds.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from dataprep.filters.base import BaseFilter, Verdict
 
@@ -15,20 +16,19 @@ _NO_LETTER_TOKEN = re.compile(r"(?<!\S)(?:[^\w\s]|[\d_])+(?!\S)")
 _BULLETS = ("•", "-", "*", "‣", "⁃", "◦", "▪")
 
 
+@dataclass(frozen=True, kw_only=True)
 class GopherQualityFilter(BaseFilter):
     name = "gopher_quality"
 
-    def __init__(self, *, min_words: int = 50, max_words: int = 100_000, min_avg_word_length: float = 3.0,
-                 max_avg_word_length: float = 10.0, max_symbol_word_ratio: float = 0.1,
-                 max_bullet_lines_ratio: float = 0.9, max_ellipsis_lines_ratio: float = 0.3,
-                 min_alpha_words_ratio: float = 0.8, min_stop_words: int = 2):
-        self.min_words, self.max_words = min_words, max_words
-        self.min_avg_word_length, self.max_avg_word_length = min_avg_word_length, max_avg_word_length
-        self.max_symbol_word_ratio = max_symbol_word_ratio
-        self.max_bullet_lines_ratio = max_bullet_lines_ratio
-        self.max_ellipsis_lines_ratio = max_ellipsis_lines_ratio
-        self.min_alpha_words_ratio = min_alpha_words_ratio
-        self.min_stop_words = min_stop_words
+    min_words: int = 50
+    max_words: int = 100_000
+    min_avg_word_length: float = 3.0
+    max_avg_word_length: float = 10.0
+    max_symbol_word_ratio: float = 0.1
+    max_bullet_lines_ratio: float = 0.9
+    max_ellipsis_lines_ratio: float = 0.3
+    min_alpha_words_ratio: float = 0.8
+    min_stop_words: int = 2
 
     def check(self, text: str) -> Verdict:
         words = text.split()
