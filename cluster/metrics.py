@@ -271,8 +271,10 @@ class RankExporter(BaseCallback):
             TOKENS_PER_SECOND: stats.tokens_per_second / max(stats.world_size, 1), LAST_STEP_TIME: time.time(),
         }
         if self.rank == 0:
-            values.update({LOSS: stats.loss, LEARNING_RATE: stats.lr, GRAD_NORM: stats.grad_norm, MFU: stats.mfu,
+            values.update({LOSS: stats.loss, LEARNING_RATE: stats.lr, GRAD_NORM: stats.grad_norm,
                            TOKENS: stats.total_tokens})
+            if stats.mfu is not None:  # None where the device's peak FLOP/s is unknown (CPU)
+                values[MFU] = stats.mfu
         if stats.busy_seconds is not None:
             values[STEP_BUSY] = stats.busy_seconds
         self.store.update(values, **self._rank_labels)

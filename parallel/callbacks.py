@@ -23,7 +23,7 @@ class StepStats:
     tokens: int  # tokens consumed by the whole job in this step (all data-parallel ranks)
     step_seconds: float
     tokens_per_second: float  # whole job
-    mfu: float  # model FLOPs utilisation of this rank's device, 0..1; see `mfu`
+    mfu: float | None  # model FLOPs utilisation of this rank's device, 0..1 (see `mfu`); None: peak unknown (CPU)
     memory_allocated_bytes: int = 0
     memory_peak_bytes: int = 0
     total_tokens: int = 0  # tokens consumed since step 0 (counting steps before a resume)
@@ -95,6 +95,12 @@ def mfu(flops_per_token: float, tokens_per_second: float, num_devices: int, peak
     return flops_per_token * tokens_per_second / (num_devices * peak_flops)
 
 
+def device_peak_flops(device_type: str, configured: float) -> float | None:
+    """The peak FLOP/s of one device that MFU is measured against: `metrics.peak_flops` on an accelerator; None on
+    a CPU, whose peak is not what that setting describes, so no MFU is shown or exported there."""
+    return None if device_type == "cpu" else configured
+
+
 class LogCallback(BaseCallback):
     """One log line every `every` steps on rank 0: the loop's own console output."""
 
@@ -104,9 +110,10 @@ class LogCallback(BaseCallback):
 
     def on_step(self, stats: StepStats) -> None:
         if stats.rank == 0 and (stats.step % self.every == 0 or stats.step == 1):
+            mfu = "" if stats.mfu is None else f" | mfu {stats.mfu:.3f}"
             self.print(
                 f"step {stats.step:>6} | loss {stats.loss:.4f} | lr {stats.lr:.3e} | grad norm {stats.grad_norm:.3f} "
-                f"| {stats.tokens_per_second:,.0f} tok/s | mfu {stats.mfu:.3f} | {stats.step_seconds * 1e3:.0f} ms",
+                f"| {stats.tokens_per_second:,.0f} tok/s{mfu} | {stats.step_seconds * 1e3:.0f} ms",
                 flush=True,
             )
 

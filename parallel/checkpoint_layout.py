@@ -91,9 +91,15 @@ def rank_file(rank: int, suffix: str) -> str:
 
 def holds_checkpoints(names: Iterable[str]) -> bool:
     """Whether a directory with these entries is a checkpoint directory or one of its step_<N>."""
-    return any(n in (LATEST_FILE, LAYOUT_FILE, MANIFEST_FILE) or n.startswith(STEP_PREFIX) for n in names)
+    return any(n in (LATEST_FILE, LAYOUT_FILE) or n.startswith(STEP_PREFIX) for n in names)
 
 
 def layout_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """(saved, current) of each layout key in which a checkpoint's layout (`read_layout`) differs from a run's."""
     return {k: (saved.get(k), current.get(k)) for k in LAYOUT_KEYS if saved.get(k) != current.get(k)}
+
+
+def run_layout(spec: Any, dims: Any) -> dict[str, Any]:
+    """The layout a run with `spec` (a JobSpec) and `dims` (its ParallelDims) writes into its checkpoints."""
+    return {"backend": spec.parallel.backend, "dp": dims.dp, "pp": dims.pp, "tp": dims.tp,
+            "zero_stage": spec.parallel.zero_stage, "world_size": dims.world_size}

@@ -6,7 +6,7 @@
 Why restart the layout rather than read the files: the engine that wrote a checkpoint is the one reader that knows
 its format for every combination of backend, ZeRO stage, tensor and pipeline parallelism. DeepSpeed's ZeRO files
 hold flattened, padded partitions per rank, its pipeline files name layers by stage, the native backend writes DCP;
-`Checkpointer.restore` loads each of them exactly as a resume does (checksums verified first), and
+`parallel.restore` loads each of them exactly as a resume does (checksums verified first), and
 `Engine.full_state_dict` is the gathering code the layout-equivalence tests hold to one process. Reading
 DeepSpeed's files directly (zero_to_fp32, or its universal checkpoint) would cover one backend, follow its file
 format from version to version, and the universal route writes a converted copy of the optimizer state (three times
@@ -17,7 +17,6 @@ together about the checkpoint's size in memory (model and optimizer state, each 
 from __future__ import annotations
 
 import copy
-import json
 import os
 import pickle
 import socket
@@ -32,10 +31,10 @@ import torch
 
 from orchestrator.errors import CheckpointError, UserError
 from orchestrator.spec import JobSpec
+from parallel.checkpoint_layout import LATEST_FILE, LAYOUT_FILE, MANIFEST_FILE, STEP_PREFIX, read_layout, step_of
 from parallel.hf import HFExport, save_hf
 from parallel.model import LlamaDims
 
-MANIFEST, LATEST, LAYOUT = "manifest.json", "latest", "layout.json"
 _ERROR_FILE = "error_rank_{}.txt"
 _POLL_S = 0.2
 
@@ -72,31 +71,28 @@ def find_checkpoint(path: str) -> str:
     """A complete step_<N> directory: `path` itself, or the newest one under a checkpoint directory."""
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: no such checkpoint directory")
-    if os.path.exists(os.path.join(path, LAYOUT)) or os.path.basename(os.path.normpath(path)).startswith("step_"):
-        if not os.path.exists(os.path.join(path, MANIFEST)):
-            raise CheckpointError(f"{path}: incomplete checkpoint, it has no {MANIFEST} (the run stopped while "
+    if os.path.exists(os.path.join(path, LAYOUT_FILE)) or os.path.basename(os.path.normpath(path)).startswith(
+            STEP_PREFIX):
+        if not os.path.exists(os.path.join(path, MANIFEST_FILE)):
+            raise CheckpointError(f"{path}: incomplete checkpoint, it has no {MANIFEST_FILE} (the run stopped while "
                                   "writing it); pick an earlier step_<N>")
         return path
-    latest = os.path.join(path, LATEST)
+    latest = os.path.join(path, LATEST_FILE)
     if os.path.isfile(latest):
         with open(latest, encoding="utf-8") as f:
             named = os.path.join(path, f.read().strip())
-        if os.path.exists(os.path.join(named, MANIFEST)):
+        if os.path.exists(os.path.join(named, MANIFEST_FILE)):
             return named
-    steps = sorted((int(n[5:]), n) for n in os.listdir(path) if n.startswith("step_") and n[5:].isdigit()
-                   and os.path.exists(os.path.join(path, n, MANIFEST)))
+    steps = sorted((step, n) for n in os.listdir(path) if (step := step_of(n)) is not None
+                   and os.path.exists(os.path.join(path, n, MANIFEST_FILE)))
     if not steps:
-        raise CheckpointError(f"{path}: holds no complete checkpoint (a step_<N> directory with {MANIFEST}); "
+        raise CheckpointError(f"{path}: holds no complete checkpoint (a step_<N> directory with {MANIFEST_FILE}); "
                               "give a checkpoint directory or one of its step_<N>")
     return os.path.join(path, steps[-1][1])
 
 
 def saved_layout(step_dir: str) -> dict[str, int]:
-    try:
-        with open(os.path.join(step_dir, LAYOUT), encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{os.path.join(step_dir, LAYOUT)}: unreadable: {e}") from None
+    return read_layout(os.path.join(step_dir, LAYOUT_FILE))
 
 
 def layout_spec(spec: JobSpec, step_dir: str) -> JobSpec:
@@ -105,7 +101,7 @@ def layout_spec(spec: JobSpec, step_dir: str) -> JobSpec:
     spec = copy.deepcopy(spec)
     p = spec.parallel
     p.dp, p.pp, p.tp, p.zero_stage = layout["dp"], layout["pp"], layout["tp"], layout["zero_stage"]
-    p.backend = layout.get("backend", "deepspeed")  # the engine that wrote it is the one that reads it
+    p.backend = layout["backend"]  # the engine that wrote it is the one that reads it
     p.compile = False  # compiling costs more than the one gather it would speed up
     spec.resources.device, spec.resources.num_nodes = "cpu", 1
     spec.resources.gpus_per_node = layout["dp"] * layout["pp"] * layout["tp"]
@@ -174,11 +170,10 @@ def _free_port() -> int:
 
 def _rank_main(job: str) -> None:
     """One rank: build the engine in the saved layout, restore the checkpoint, gather, rank 0 writes."""
-    import torch.distributed as dist
-
     from parallel.checkpoint import Checkpointer
     from parallel.engine import build_engine
     from parallel.launch import RankEnv, init_distributed, shutdown_distributed
+    from parallel.restore import load_engine, open_checkpoint
 
     with open(job, "rb") as f:
         spec, step_dir, write = pickle.load(f)
@@ -189,12 +184,10 @@ def _rank_main(job: str) -> None:
         engine = build_engine(spec, env, device)
         checkpointer = Checkpointer(spec, engine.dims)
         name = os.path.basename(os.path.normpath(step_dir))
-        reasons: list[str | None] = [None] * env.world_size
-        dist.all_gather_object(reasons, checkpointer.verify(name, (env.rank, env.world_size)))
-        broken = [r for r in reasons if r]
+        broken = checkpointer.verify_everywhere(name)
         if broken:
             raise CheckpointError(broken[0])
-        checkpointer.restore(engine, name)
+        load_engine(checkpointer, engine, open_checkpoint(checkpointer, name))
         state = engine.full_state_dict()
         if env.rank == 0:
             write(state, engine.model_dims)

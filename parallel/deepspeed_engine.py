@@ -22,13 +22,15 @@ from deepspeed.runtime.utils import clip_grad_norm_
 from orchestrator.errors import UserError
 from orchestrator.spec import JobSpec
 from parallel.activation_checkpoint import apply_activation_checkpointing
+from parallel.checkpoint_layout import layout_changes, run_layout
 from parallel.compile import apply_compile
+from parallel.deepspeed_checkpoint import load_converted, load_deepspeed, save_recorded, write_deferred
 from parallel.deepspeed_config import build_ds_config
-from parallel.engine import StepResult, device_pairs, gather_full_state, mean_over_dp
+from parallel.engine import MakeOnce, StepResult, device_pairs, gather_full_state, mean_over_dp
 from parallel.launch import RankEnv
 from parallel.materialize import materialize_model
 from parallel.model import LlamaDims, build_model, cross_entropy
-from parallel.optim import build_optimizer, build_param_groups, build_scheduler
+from parallel.optim import build_optimizer, build_param_groups, build_scheduler, set_schedule_step
 from parallel.parallel_dims import ModelParallelUnit, ParallelDims
 from parallel.tensor_parallel import VocabParallelLoss, apply_tensor_parallel
 
@@ -47,9 +49,30 @@ def mark_norm_owners(module: torch.nn.Module, dims: ParallelDims) -> None:
         param.model_parallel = (sharded or dims.tp_rank == 0) and not replica
 
 
+def init_deepspeed_comm(device: torch.device) -> None:
+    """DeepSpeed's own communication handle over the process group `parallel.launch.init_distributed` started.
+
+    DeepSpeed 0.19 gathers and reduce-scatters ZeRO partitions through `torch.distributed.all_gather_into_tensor`
+    and `reduce_scatter_tensor`, which torch 2.13 deprecates (a FutureWarning in every run) for `all_gather_single`
+    and `reduce_scatter_single`, the same collectives under their new names: its backend is pointed at those where
+    torch has them.
+    """
+    if device.type == "cpu":
+        # Its CPU backend JIT-compiles a shared-memory all-reduce at init, used only by inference_all_reduce:
+        # tens of seconds and a build lock shared by every process of the machine, for nothing training calls.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+    backend = deepspeed.comm.comm.cdb
+    if hasattr(dist, "all_gather_single") and backend.all_gather_function is not None:
+        backend.all_gather_function = dist.all_gather_single
+    if hasattr(dist, "reduce_scatter_single") and backend.reduce_scatter_function is not None:
+        backend.reduce_scatter_function = dist.reduce_scatter_single
+
+
 class DeepSpeedEngine:
     def __init__(self, spec: JobSpec, env: RankEnv, device: torch.device):
         self.spec, self.device = spec, device
+        init_deepspeed_comm(device)
         p = spec.parallel
         self.dims = ParallelDims.from_spec(spec, env.world_size, env.rank)
         self.dims.build_groups()
@@ -89,6 +112,7 @@ class DeepSpeedEngine:
         )
         self.pipelined = self.dims.pp > 1
         self._fp32_grad_norm: torch.Tensor | None = None
+        self._pending_save: tuple[str, list[tuple[str, Any]]] | None = None
         self.ds.clip_fp32_gradients = self._clip_fp32_gradients
 
     def _clip_fp32_gradients(self) -> None:
@@ -141,14 +165,31 @@ class DeepSpeedEngine:
 
     # ------------------------------------------------------------------------------------------ state
 
-    def save(self, directory: str, client_state: dict[str, Any]) -> None:
-        self.ds.save_checkpoint(directory, tag=None, client_state=client_state, save_latest=False)
+    def save(self, directory: str, client_state: dict[str, Any] | None = None) -> None:
+        """DeepSpeed's files of this rank into `directory`: with `checkpoint.async_save`, host copies now and the
+        writes in `wait_saved` (on the checkpointer's writer thread); otherwise written before this returns."""
+        self.wait_saved()
+        self._pending_save = directory, save_recorded(self.ds, directory, self.spec.checkpoint.async_save,
+                                                      client_state or {})
 
-    def load(self, directory: str) -> dict[str, Any]:
-        path, client_state = self.ds.load_checkpoint(directory, tag=None)
-        if path is None:
-            raise UserError(f"{directory}: no DeepSpeed checkpoint to load")
-        return client_state or {}
+    def wait_saved(self) -> list[str]:
+        if self._pending_save is None:
+            return []
+        (directory, pending), self._pending_save = self._pending_save, None
+        return write_deferred(pending, directory, self.dims.rank)
+
+    def load(self, directory: str, saved_layout: dict[str, Any] | None = None,
+             make_once: MakeOnce | None = None) -> dict[str, Any]:
+        """DeepSpeed's files in `directory`; written in another dp, pp, tp or ZeRO stage, they are converted to a
+        universal checkpoint first (once, through `make_once`)."""
+        self.wait_saved()
+        changes = layout_changes(saved_layout, run_layout(self.spec, self.dims)) if saved_layout else {}
+        if not changes:
+            return load_deepspeed(self.ds, directory, universal=False)
+        if make_once is None:
+            raise UserError(f"{directory}: written with {changes} (saved, now); converting it needs the checkpoint "
+                            "directory it belongs to")
+        return load_converted(self.ds, directory, make_once)
 
     def _local_params(self) -> list[tuple[str, torch.nn.Parameter]]:
         """This rank's real parameters under the model's names; on the last stage of a tied pipeline the embedding
@@ -174,7 +215,7 @@ class DeepSpeedEngine:
         return gather_full_state(local)
 
     @torch.no_grad()
-    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_full_state_dict(self, state: dict[str, torch.Tensor], step: int | None = None) -> None:
         zero3 = self.spec.parallel.zero_stage == 3
         for name, param in self._local_params():
             value = state[name]
@@ -188,3 +229,5 @@ class DeepSpeedEngine:
         refresh = getattr(self.ds.optimizer, "refresh_fp32_params", None)
         if refresh is not None:
             refresh()
+        if step is not None:
+            set_schedule_step(self.scheduler, step)

@@ -5,15 +5,18 @@ inputs are `[:, :-1]`, targets `[:, 1:]`. One `train_step` is one optimizer step
 (pipeline micro-batches when pp > 1). Losses come back as 0-dim tensors averaged over the whole step and every
 data-parallel rank, left on the device, so the loop reads them (a host sync) only when it logs.
 
-State for checkpoints: `save(directory, client_state)` writes the backend's own files (model and optimizer shards
-of this layout) into `directory`; `load(directory)` restores them and returns `client_state`. For a change of layout,
-`full_state_dict()` gathers the whole model under the Hugging Face-style names of `parallel.model` and
-`load_full_state_dict()` scatters one back into any layout.
+State for checkpoints: each engine owns its format. `save(directory)` starts writing this rank's part of the
+model, optimizer and schedule state into `directory` (it may return once the state is copied to host memory);
+`wait_saved()` blocks until those files are written and names them, so the checkpointer (`parallel.checkpoint`) can
+checksum and commit them; `load(directory, saved_layout, make_once)` restores them, also when they were written in
+another layout of the same backend (`make_once` keeps what a conversion derives beside the checkpoint). Across
+backends, `full_state_dict()` gathers the whole model under the Hugging Face-style names of `parallel.model` and
+`load_full_state_dict()` scatters one back into any layout (`parallel.resume` does that).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -25,6 +28,10 @@ from orchestrator.spec import JobSpec
 from parallel.launch import RankEnv
 from parallel.model import LlamaDims
 from parallel.parallel_dims import ParallelDims
+
+# make_once(product, what, make): the local path of `product` in the checkpoint's cache of derived state, made by
+# make(path) on one rank and visible to every rank when it returns (collective); `what` names it in errors.
+MakeOnce = Callable[[str, str, Callable[[str], None]], str]
 
 
 @dataclass
@@ -43,16 +50,27 @@ class Engine(Protocol):
 
     def eval_loss(self, micro_batches: list[torch.Tensor]) -> torch.Tensor: ...
 
-    def save(self, directory: str, client_state: dict[str, Any]) -> None: ...
+    def save(self, directory: str, client_state: dict[str, Any] | None = None) -> None:
+        """Start writing this rank's state (and `client_state`) into `directory`; collective."""
+        ...
 
-    def load(self, directory: str) -> dict[str, Any]: ...
+    def wait_saved(self) -> list[str]:
+        """Block until the last `save`'s files are written; the paths of those this rank wrote (re-raises its
+        error). Nothing pending: an empty list."""
+        ...
+
+    def load(self, directory: str, saved_layout: dict[str, Any] | None = None,
+             make_once: MakeOnce | None = None) -> dict[str, Any]:
+        """Restore what `save` wrote into `directory`, in `saved_layout` (None: this run's); its client_state."""
+        ...
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Every parameter, unsharded, on CPU, on global rank 0 (an empty dict elsewhere); collective."""
         ...
 
-    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Set the weights from a full state dict present on every rank (optimizer state starts fresh)."""
+    def load_full_state_dict(self, state: dict[str, torch.Tensor], step: int | None = None) -> None:
+        """Set the weights from a full state dict present on every rank (optimizer state starts fresh); with
+        `step`, the LR schedule goes on from there."""
         ...
 
     @property

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from orchestrator.errors import UserError
+from parallel.checkpoint_layout import holds_checkpoints
 from parallel.model import Llama, LlamaDims, build_model
 
 CONFIG = "config.json"
@@ -222,8 +223,7 @@ def open_hf_weights(directory: str, dims: LlamaDims | None = None) -> HFWeights:
 
 def open_init_weights(path: str, dims: LlamaDims) -> HFWeights:
     """The weights `checkpoint.init_from` names, for a run whose model is `dims`."""
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, CONFIG)) and any(
-            n == "latest" or n == "layout.json" or n.startswith("step_") for n in os.listdir(path)):
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, CONFIG)) and holds_checkpoints(os.listdir(path)):
         raise UserError(f"checkpoint.init_from: {path} is a pretrain checkpoint; export it with `pretrain export "
                         f"{path} DIR` and set checkpoint.init_from=DIR (or set checkpoint.dir to resume it)")
     try:

@@ -75,23 +75,17 @@ def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
 
 
 def init_distributed(env: RankEnv, device: torch.device, timeout_s: float = 1800.0) -> None:
-    """Join the process group (NCCL for CUDA, gloo for CPU) through DeepSpeed, which needs its own comm handle too."""
-    import deepspeed
-
+    """Join the process group (NCCL for CUDA, gloo for CPU); the DeepSpeed engine adds DeepSpeed's handle to it."""
     env.export()
     if device.type == "cpu":
-        # DeepSpeed would otherwise pick its own accelerator from what it finds installed.
+        # DeepSpeed, where the engine imports it, would otherwise pick its own accelerator from what it finds installed.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        # Its CPU backend JIT-compiles a shared-memory all-reduce at init, used only by inference_all_reduce:
-        # tens of seconds and a build lock shared by every process of the machine, for nothing training calls.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
                                 init_method=f"tcp://{env.master_addr}:{env.master_port}",
                                 timeout=datetime.timedelta(seconds=timeout_s),
                                 device_id=device if device.type == "cuda" else None)
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
 
 def barrier() -> None:

@@ -37,11 +37,11 @@ from orchestrator.spec import JobSpec
 from parallel.activation_checkpoint import apply_activation_checkpointing
 from parallel.compile import apply_compile
 from parallel.dtensor_tp import apply_dtensor_tp
-from parallel.engine import StepResult, device_pairs, gather_full_state, mean_over_dp
+from parallel.engine import MakeOnce, StepResult, device_pairs, gather_full_state, mean_over_dp
 from parallel.fsdp import apply_fsdp, reshards_after_forward
 from parallel.launch import RankEnv
 from parallel.model import LlamaDims, build_model, cross_entropy, init_parameter
-from parallel.optim import build_optimizer, build_param_groups, build_scheduler
+from parallel.optim import build_optimizer, build_param_groups, build_scheduler, set_schedule_step
 from parallel.parallel_dims import ParallelDims
 from parallel.tensor_parallel import VocabParallelLoss
 
@@ -204,7 +204,7 @@ class NativeEngine:
 
     # ------------------------------------------------------------------------------------------ state
 
-    def save(self, directory: str, client_state: dict[str, Any]) -> None:
+    def save(self, directory: str, client_state: dict[str, Any] | None = None) -> None:
         """Stage this rank's shards in host memory and write them in the background (DCP); `wait_saved` joins."""
         self.wait_saved()
         os.makedirs(directory, exist_ok=True)
@@ -216,20 +216,32 @@ class NativeEngine:
         if self._save_group is None:
             # The writer thread's collectives get their own group, never interleaved with the training step's.
             self._save_group = dist.new_group(backend="gloo")
-        self._pending_save = dcp.async_save(state, checkpoint_id=os.path.join(directory, DCP_DIR),
-                                            process_group=self._save_group)
+        future = dcp.async_save(state, checkpoint_id=os.path.join(directory, DCP_DIR), process_group=self._save_group)
+        self._pending_save = directory, future
         if self.dims.rank == 0:
-            torch.save({"scheduler": self.scheduler.state_dict(), "client_state": client_state},
+            torch.save({"scheduler": self.scheduler.state_dict(), "client_state": client_state or {}},
                        os.path.join(directory, ENGINE_STATE))
 
-    def wait_saved(self) -> None:
-        """Block until the checkpoint being written in the background is complete (re-raises its error)."""
-        if self._pending_save is not None:
-            pending, self._pending_save = self._pending_save, None
-            pending.result()
+    def wait_saved(self) -> list[str]:
+        """Block until the checkpoint being written in the background is complete (re-raises its error); the files
+        of this rank: its own DCP shards (named `__<rank>_` by DCP), and on rank 0 the DCP metadata and the
+        schedule's state as well."""
+        if self._pending_save is None:
+            return []
+        (directory, future), self._pending_save = self._pending_save, None
+        metadata = future.result()
+        dcp_dir = os.path.join(directory, DCP_DIR)
+        mine = {info.relative_path for info in metadata.storage_data.values()
+                if info.relative_path.startswith(f"__{self.dims.rank}_")}
+        if self.dims.rank == 0:
+            mine |= {n for n in os.listdir(dcp_dir) if not n.startswith("__")}
+        files = [os.path.join(dcp_dir, n) for n in sorted(mine)]
+        return files + ([os.path.join(directory, ENGINE_STATE)] if self.dims.rank == 0 else [])
 
-    def load(self, directory: str) -> dict[str, Any]:
-        """Restore model, optimizer and schedule from a DCP checkpoint of any layout; returns its client_state."""
+    def load(self, directory: str, saved_layout: dict[str, Any] | None = None,
+             make_once: MakeOnce | None = None) -> dict[str, Any]:
+        """Restore model, optimizer and schedule from a DCP checkpoint of any layout (DCP reshards on load, so
+        `saved_layout` and `make_once` are not needed); returns its client_state."""
         self.wait_saved()
         path = os.path.join(directory, ENGINE_STATE)
         if not os.path.exists(path) or not os.path.isdir(os.path.join(directory, DCP_DIR)):
@@ -252,10 +264,12 @@ class NativeEngine:
         return gather_full_state(local)
 
     @torch.no_grad()
-    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_full_state_dict(self, state: dict[str, torch.Tensor], step: int | None = None) -> None:
         for name, param in self.model.named_parameters():
             value = state[name].to(self.device, param.dtype)
             if isinstance(param, DTensor):
                 value = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
             param.copy_(value)
         self.optimizer.state.clear()
+        if step is not None:
+            set_schedule_step(self.scheduler, step)

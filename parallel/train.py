@@ -24,12 +24,13 @@ import torch
 
 from orchestrator.errors import UserError
 from orchestrator.spec import JobSpec
-from parallel.callbacks import Callback, EvalStats, HistoryCallback, LogCallback, StepStats, mfu
+from parallel.callbacks import Callback, EvalStats, HistoryCallback, LogCallback, StepStats, device_peak_flops, mfu
 from parallel.checkpoint import Checkpointer
 from parallel.engine import Engine, build_engine
 from parallel.hf import open_init_weights
 from parallel.launch import RankEnv, barrier, init_distributed, pick_device, shutdown_distributed
 from parallel.loader import ShardLoader, build_loaders
+from parallel.resume import resume
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def run(spec: JobSpec, env: RankEnv | None = None, callbacks: Sequence[Callback]
     train_loader, val_loader = build_loaders(spec, engine.dims.dp_rank, engine.dims.dp)
     checkpointer = Checkpointer(spec, engine.dims)
     try:
-        resumed = checkpointer.resume(engine)
+        resumed = resume(checkpointer, engine)
         start = 0
         if resumed is not None:
             train_loader.load_state_dict(resumed.loader_state)
@@ -85,6 +86,7 @@ def _train(spec: JobSpec, env: RankEnv, engine: Engine, loader: ShardLoader, val
     s, p = spec.schedule, spec.parallel
     tokens_per_step = p.micro_batch_size * p.grad_accum * engine.dims.dp * spec.data.seq_len
     flops_per_token = engine.model_dims.flops_per_token(spec.data.seq_len)
+    peak = device_peak_flops(engine.device.type, spec.metrics.peak_flops)
     step, loss = start, float("nan")
     last_end = time.perf_counter()
     for step in range(start + 1, s.steps + 1):
@@ -104,7 +106,7 @@ def _train(spec: JobSpec, env: RankEnv, engine: Engine, loader: ShardLoader, val
         stats = StepStats(
             step=step, loss=loss, lr=result.lr, grad_norm=float(result.grad_norm), tokens=tokens_per_step,
             step_seconds=seconds, tokens_per_second=rate, busy_seconds=busy,
-            mfu=mfu(flops_per_token, rate, env.world_size, spec.metrics.peak_flops),
+            mfu=None if peak is None else mfu(flops_per_token, rate, env.world_size, peak),
             memory_allocated_bytes=_memory("memory_allocated", engine.device),
             memory_peak_bytes=_memory("max_memory_allocated", engine.device),
             total_tokens=step * tokens_per_step, rank=env.rank, world_size=env.world_size,

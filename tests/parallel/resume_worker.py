@@ -26,6 +26,7 @@ from parallel.checkpoint import Checkpointer
 from parallel.engine import build_engine
 from parallel.launch import RankEnv, init_distributed, pick_device
 from parallel.loader import ShardLoader
+from parallel.resume import resume
 
 
 def kill_after_first_file_of(step: int) -> None:
@@ -59,7 +60,7 @@ def main() -> None:
                          grad_accum=p.grad_accum, dp_rank=dims.dp_rank, dp_size=dims.dp, seed=spec.data.seed,
                          prefetch=spec.data.prefetch)
     ckpt = Checkpointer(spec, dims)
-    resumed = ckpt.resume(engine)
+    resumed = resume(ckpt, engine)
     start = 0
     if resumed is not None:
         loader.load_state_dict(resumed.loader_state)

@@ -15,9 +15,11 @@ import yaml
 
 from orchestrator.errors import CheckpointError
 from orchestrator.spec import JobSpec
-from parallel.checkpoint import Checkpointer, check_same_model, snapshot_to_host, universal_checkpoint_info
+from parallel.checkpoint import Checkpointer
+from parallel.deepspeed_checkpoint import snapshot_to_host, universal_checkpoint_info
 from parallel.model import build_model
 from parallel.parallel_dims import ParallelDims
+from parallel.restore import check_same_model
 from parallel.storage import Storage
 from parallel.tensor_parallel import apply_tensor_parallel
 

@@ -1,0 +1,94 @@
+"""Reading a verified checkpoint back, for any engine: its files made local, its model checked against the run's,
+the engine state loaded by the engine that wrote it, and this rank's RNG state and the loader position.
+
+`parallel.resume` decides what a run resumes from (and goes across backends); `parallel.consolidate` uses the same
+steps to gather a checkpoint in its own layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from orchestrator.errors import CheckpointError
+from orchestrator.spec import JobSpec
+from parallel import checkpoint_layout as names
+from parallel.checkpoint import Checkpointer
+from parallel.engine import Engine
+
+
+@dataclass
+class Opened:
+    """A checkpoint about to be restored: its name, a local copy's path and the layout it was written with."""
+
+    name: str
+    local: str
+    layout: dict[str, Any]
+
+    @property
+    def engine_dir(self) -> str:
+        return os.path.join(self.local, names.ENGINE_DIR)
+
+
+def open_checkpoint(checkpointer: Checkpointer, name: str) -> Opened:
+    """Checkpoint `name` (a step_<N> under checkpoint.dir) as local files, its model checked against this run's."""
+    local = checkpointer.storage.local_path(name)
+    if local is None:
+        local = checkpointer.staging(f"resume-{name}")
+        checkpointer.storage.download(local, name)
+    check_same_model(os.path.join(local, names.SPEC_FILE), checkpointer.spec)
+    return Opened(name=name, local=local, layout=names.read_layout(os.path.join(local, names.LAYOUT_FILE)))
+
+
+def load_engine(checkpointer: Checkpointer, engine: Engine, opened: Opened) -> None:
+    """The engine state of a checkpoint of this run's backend, in whatever layout it was written; what a change of
+    layout derives (a converted copy) is kept beside the checkpoints."""
+    engine.load(opened.engine_dir, opened.layout, lambda *how: checkpointer.make_once(opened.name, *how))
+
+
+def restore_rank_state(opened: Opened, rank: int) -> dict[str, Any]:
+    """This rank's RNG state set from the checkpoint; the loader position returned."""
+    rng_file = os.path.join(opened.local, names.RNG_DIR, names.rank_file(rank, ".pt"))
+    if os.path.exists(rng_file):
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return json.loads(_read_text(os.path.join(opened.local, names.LOADER_FILE)))
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Put back what `parallel.checkpoint.rng_state` saved."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def check_same_model(saved_spec: str, spec: JobSpec) -> None:
+    """A layout can change on resume, the model cannot: name every `model.*` value that differs.
+
+    The common trap is `model.vocab_size: null`, which pads the tokenizer's size to a multiple of 128·tp, so a
+    resume at another tp gets another vocabulary unless the size is pinned.
+    """
+    saved = (yaml.safe_load(_read_text(saved_spec)) or {}).get("model", {})
+    current = dataclasses.asdict(spec.model)
+    changed = [f"model.{k}: {saved.get(k)!r} in the checkpoint, {v!r} now" for k, v in current.items()
+               if saved.get(k) != v]
+    if changed:
+        raise CheckpointError(f"{saved_spec}: the checkpoint's model differs from this run's: " + "; ".join(changed)
+                              + "; set the checkpoint's values in the job spec (pin model.vocab_size when tp changes)")
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
