@@ -92,7 +92,7 @@ def test_wrong_seq_len_and_non_arrow_files_are_named(shard_dir, tmp_path):
 
 @pytest.mark.parametrize(("edit", "message"), [
     (lambda m: m.update(format_version=2), r"format_version is 2, this version of pretrain reads 1"),
-    (lambda m: m.update(seq_len="x"), r"seq_len is 'x', expected an integer ≥ 1"),
+    (lambda m: m.update(seq_len="x"), r"seq_len is 'x', expected an integer from 1 to 1048576"),
     (lambda m: m["tokenizer"].update(eos_id=5000), r"tokenizer\.eos_id is 5000, expected an integer below vocab_size"),
     (lambda m: m["splits"].pop("train"), r"splits\.train is missing"),
     (lambda m: m["splits"]["train"].update(rows=3), r"splits\.train\.rows is 3, but its shards hold 50 rows"),
