@@ -18,7 +18,6 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -30,7 +29,7 @@ from parallel.engine import Engine, build_engine
 from parallel.hf import open_init_weights
 from parallel.launch import RankEnv, barrier, init_distributed, pick_device, shutdown_distributed
 from parallel.loader import ShardLoader, build_loaders
-from parallel.resume import resume
+from parallel.resume import Resumed, resume
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +132,8 @@ def evaluate(engine: Engine, loader: ShardLoader, batches: int, step: int, rank:
     return EvalStats(step=step, loss=loss, batches=batches, seconds=time.perf_counter() - begin, rank=rank)
 
 
-def _starting_point(spec: JobSpec, resumed: Any) -> str:
-    """The log line of where this attempt starts: the checkpoint and data position it resumed from (the checkpointer's
-    `Resumed`), or why none (None)."""
+def _starting_point(spec: JobSpec, resumed: Resumed | None) -> str:
+    """The log line of where this attempt starts: the checkpoint and data position it resumed from, or why none."""
     c = spec.checkpoint
     if resumed is None:
         weights = f"the weights of {c.init_from}" if c.init_from else "fresh weights"

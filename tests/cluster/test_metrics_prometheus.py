@@ -85,7 +85,9 @@ def test_every_training_panel_returns_series_from_a_real_run(ray_cluster, tmp_pa
         return submission.status_name(submission.job_info(ray_cluster.jobs_url, job)) in ("PENDING", "RUNNING")
 
     try:
-        missing = wait_for_series(prometheus, expressions(TRAINING), running, timeout=300)
+        # MFU is exported only where the device's peak FLOP/s is known: not on this CPU run.
+        panels = [(title, expr) for title, expr in expressions(TRAINING) if "pretrain_mfu_ratio" not in expr]
+        missing = wait_for_series(prometheus, panels, running, timeout=300)
         logs = submission.logs(ray_cluster.jobs_url, job)
         assert not missing, f"panels without data: {missing}\n--- job log (tail) ---\n{logs[-4000:]}"
         roles = {t["labels"]["role"] for t in prometheus.targets() if t["health"] == "up"}

@@ -108,6 +108,7 @@ def test_job_log_of_a_killed_rank_names_the_resume_point_and_folds_nothing(ray_c
     history = (tmp_path / "checkpoints" / "history.jsonl").read_text().splitlines()
     steps = [json.loads(line)["step"] for line in history if json.loads(line)["kind"] == "step"]
     assert steps == list(range(1, STEPS + 1))
+    assert not (tmp_path / "targets.json").exists()  # the finished run's exporters are out of Prometheus's targets
 
 
 @pytest.mark.slow
@@ -126,3 +127,4 @@ def test_corrupt_shard_is_one_message_without_traceback(ray_cluster, tmp_path):
     errors = [line for line in log.splitlines() if "DataError" in line]
     assert len(errors) == 1, log[-6000:]
     assert errors[0].startswith("pretrain: every rank: DataError: ") and shard.name in errors[0], errors
+    assert not (tmp_path / "targets.json").exists()  # nor a failed run's
