@@ -2,9 +2,8 @@
 
 Declared with `setting` and checked by the generic `orchestrator.config_parser` (which knows nothing of job specs),
 so a prep config reports every problem at once with dotted paths, and a misspelt key is answered with the prep
-config's own field names. `sources` is a mapping of names to source
-sections, which the shared validator does not walk, so each source is parsed on its own and its problems are
-re-rooted under `sources.<name>.`.
+config's own field names. `sources` is a mapping of names to source sections, which the shared validator does not
+walk, so each source is parsed on its own under the prefix `sources.<name>.`.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.config_parser import load_yaml, parse_config, setting
+from orchestrator.config_parser import load_yaml, parse_config, setting, show
 from orchestrator.errors import Problem, SpecError
 
 SEED_MAX = 2**32 - 1
@@ -222,7 +221,7 @@ def config_to_dict(config: PrepConfig) -> dict[str, Any]:
 def _parse_sources(raw: Any, overrides: list[str], source: str, problems: list[Problem]) -> dict[str, SourceConfig]:
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
-        problems.append(Problem("sources", f"got {raw!r}, expected a mapping of source names to sections"))
+        problems.append(Problem("sources", f"got {show(raw)}, expected a mapping of source names to sections"))
         return {}
     by_name: dict[str, list[str]] = {}
     for item in overrides:
@@ -232,12 +231,10 @@ def _parse_sources(raw: Any, overrides: list[str], source: str, problems: list[P
     for name in [*raw, *(n for n in by_name if n not in raw)]:
         section = raw.get(name) or {}
         if not isinstance(section, dict):
-            problems.append(Problem(f"sources.{name}", f"got {section!r}, expected a section (a mapping of keys)"))
+            problems.append(Problem(f"sources.{name}", f"got {show(section)}, expected a section (a mapping of keys)"))
             continue
-        found: list[Problem] = []
         sources[str(name)] = parse_config(SourceConfig, section, source=source, overrides=by_name.get(name, ()),
-                                          problems=found)
-        problems.extend(Problem(f"sources.{name}.{p.path}".rstrip("."), p.message) for p in found)
+                                          problems=problems, prefix=f"sources.{name}.")
     return sources
 
 

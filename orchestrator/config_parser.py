@@ -51,7 +51,7 @@ class Bounds:
 
 CONFIG_BOUNDS = Bounds()
 # Files the project writes that grow with the data (manifest.json holds an entry per shard).
-WRITTEN_FILE_BOUNDS = Bounds(max_bytes=256 << 20, max_values=10_000_000)
+WRITTEN_FILE_BOUNDS = Bounds(max_bytes=64 << 20, max_values=5_000_000)
 
 
 def setting(default: Any, help: str, **limits: Any) -> Any:
@@ -86,6 +86,10 @@ def show(value: Any) -> str:
 
 class _Refused(Exception):
     """Why a document is not read; turned into the caller's error with the file name."""
+
+
+class _Malformed(_Refused):
+    """The text is not YAML at all (as opposed to YAML past a bound)."""
 
 
 def read_text(path: str, bounds: Bounds = CONFIG_BOUNDS) -> str:
@@ -129,7 +133,7 @@ def parse_yaml(text: str, bounds: Bounds = CONFIG_BOUNDS) -> Any:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise _Refused(f"not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+        raise _Malformed(f"not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
 
 
 def load_json(path: str | os.PathLike, *, bounds: Bounds = CONFIG_BOUNDS,
@@ -147,6 +151,8 @@ def load_json(path: str | os.PathLike, *, bounds: Bounds = CONFIG_BOUNDS,
 
 
 def parse_json(text: str, bounds: Bounds = CONFIG_BOUNDS) -> Any:
+    if not text.strip():
+        raise _Refused("the file is empty")
     try:
         value = json.loads(text, parse_constant=_no_constant, parse_int=_bounded_int, parse_float=_finite_float)
     except json.JSONDecodeError as e:
@@ -186,7 +192,7 @@ def plain_data_problem(value: Any, bounds: Bounds = CONFIG_BOUNDS) -> Problem | 
         if count > bounds.max_values:
             return Problem("", f"holds more than {bounds.max_values:,} values (aliases counted at each use)")
         if isinstance(item, (dict, list)) and depth > bounds.max_depth:
-            return Problem(path, f"nested deeper than {bounds.max_depth} levels")
+            return Problem("", f"nested deeper than {bounds.max_depth} levels")
         if isinstance(item, dict):
             for key, child in item.items():
                 if not isinstance(key, (str, int)) or isinstance(key, bool):
@@ -266,26 +272,30 @@ def _check_yaml_events(text: str, bounds: Bounds) -> None:
 
 def parse_config(
     cls: type[T], raw: Any, *, source: str, overrides: Sequence[str] = (),
-    problems: list[Problem] | None = None, bad: set[str] | None = None,
+    problems: list[Problem] | None = None, bad: set[str] | None = None, prefix: str = "",
 ) -> T:
     """Build any config dataclass declared with `setting` from plain data, checking keys, types and limits.
 
     Without a `problems` list to collect into, every problem found raises one `SpecError`; with one, the caller
     adds its own cross-field rules and raises. `bad` collects the dotted paths of fields found wrong, so those
-    rules can skip what is already reported.
+    rules can skip what is already reported. `prefix` roots every path, for a section parsed on its own (one of
+    a mapping of named sections, like the prep config's sources).
     """
     collect = problems is not None
     problems = [] if problems is None else problems
     bad = set() if bad is None else bad
+    where = prefix.rstrip(".")
     if not isinstance(raw, dict):
-        raise SpecError(source, [Problem("", f"expected a mapping of sections, got {type(raw).__name__}")])
+        raise SpecError(source, [Problem(where, f"expected a mapping of sections, got {type(raw).__name__}")])
     shape = plain_data_problem(raw)
     if shape is not None:
         raise SpecError(source, [shape])
-    raw = _apply_overrides(raw, overrides, problems)
-    raw = _resolve_interpolations(raw, problems)
-    config = _build(cls, raw, "", problems, bad, cls)
-    _check_limits(config, "", problems, bad)
+    found: list[Problem] = []
+    raw = _apply_overrides(raw, overrides, found)
+    raw = _resolve_interpolations(raw, found)
+    problems.extend(Problem(f"{prefix}{p.path}" if p.path else where, p.message) for p in found)
+    config = _build(cls, raw, prefix, problems, bad, (cls, prefix))
+    _check_limits(config, prefix, problems, bad)
     if problems and not collect:
         raise SpecError(source, problems)
     return config
@@ -307,10 +317,11 @@ def _apply_overrides(raw: dict, overrides: Sequence[str], problems: list[Problem
         else:
             try:
                 parse_yaml(value)
+            except _Malformed:
+                pass  # OmegaConf takes such a value as text
             except _Refused as e:
-                if "not valid YAML" not in str(e):  # OmegaConf reads such a value as text
-                    problems.append(Problem(key, f"override value: {e}"))
-                    continue
+                problems.append(Problem(key, f"override value: {e}"))
+                continue
             items.append(item)
     if not items:
         return raw
@@ -395,8 +406,9 @@ def _leaves(value: Any, path: str) -> Iterable[tuple[str, Any]]:
         yield path, value
 
 
-def _build(cls: type, data: dict, prefix: str, problems: list[Problem], bad: set[str], root: type) -> Any:
-    """Instantiate `cls` from `data`, keeping defaults where a value is unknown or of the wrong type."""
+def _build(cls: type, data: dict, prefix: str, problems: list[Problem], bad: set[str], root: tuple[type, str]) -> Any:
+    """Instantiate `cls` from `data`, keeping defaults where a value is unknown or of the wrong type; `root` is the
+    dataclass parsed and its prefix, where a misspelt key's did-you-mean is looked up."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs: dict[str, Any] = {}
@@ -462,11 +474,11 @@ def _coerce(value: Any, kind: Any) -> tuple[str | None, Any]:
     return str(kind), None
 
 
-def _did_you_mean(key: str, names: list[str], prefix: str, root: type) -> str:
+def _did_you_mean(key: str, names: list[str], prefix: str, root: tuple[type, str]) -> str:
     close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
     if close:
         return f" (did you mean '{prefix}{close[0]}'?)"
-    elsewhere = [path for path, _, _ in leaf_fields(root) if path.rsplit(".", 1)[-1] == key]
+    elsewhere = [path for path, _, _ in leaf_fields(*root) if path.rsplit(".", 1)[-1] == key]
     if elsewhere:
         return f" (did you mean '{elsewhere[0]}'?)"
     return f"; allowed here: {', '.join(names)}"
