@@ -208,7 +208,7 @@ def node_address() -> str:
         return ray.util.get_node_ip_address()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         try:
-            s.connect(("192.0.2.1", 9))  # TEST-NET-1: routed like any outside address, never answered
+            s.connect(("8.8.8.8", 53))  # as Ray finds its node IP: the source address of the default route
             return s.getsockname()[0]
         except OSError:
             return "127.0.0.1"

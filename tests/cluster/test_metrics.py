@@ -117,6 +117,21 @@ def test_port_zero_picks_distinct_free_ports(exporters):
     assert all(r.exporter.port > 0 for r in ranks)
 
 
+def test_exporters_bind_the_node_address_unless_metrics_host_says_otherwise(exporters):
+    node = m.RankExporter("r", 0, advertise_host="127.0.0.1")  # a rank: Ray's node IP is what it is advertised at
+    everywhere = m.RankExporter("r", 1, local_rank=1, host="0.0.0.0", advertise_host="127.0.0.1")
+    outside_ray = m.ControllerExporter("r")  # no Ray in this process: the address of the route out
+    exporters += [node, everywhere, outside_ray]
+    assert node.exporter._server.server_address[0] == "127.0.0.1"
+    assert everywhere.exporter._server.server_address[0] == "0.0.0.0"
+    assert outside_ray.exporter._server.server_address[0] == m.node_address() == outside_ray.target.split(":")[0]
+    scrape(node.target)
+    scrape(outside_ray.target)
+    if m.node_address() != "127.0.0.1":  # a machine with a network: the node-bound exporter is not on its other address
+        with pytest.raises(OSError):
+            socket.create_connection((m.node_address(), node.exporter.port), timeout=2).close()
+
+
 def test_a_taken_port_names_the_setting_to_change(exporters):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
