@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import ray
@@ -34,6 +34,8 @@ from orchestrator.spec import JobSpec
 PLACEMENT_TIMEOUT_S = 300.0
 # How often a pending reservation looks again at the nodes alive (a node lost meanwhile makes it unmeetable).
 RECHECK_S = 5.0
+# A pending reservation says what holds the resources after its first recheck, then this often.
+NOTICE_S = 60.0
 # Group states that hold resources on nodes (a PENDING group holds none yet).
 HOLDING = ("CREATED", "PREPARED", "RESCHEDULING")
 
@@ -140,9 +142,11 @@ def group_prefix(spec: JobSpec) -> str:
     return f"pretrain-{spec.name}-{ray.get_runtime_context().get_job_id()}-"
 
 
-def reserve_gang(spec: JobSpec, *, timeout_s: float = PLACEMENT_TIMEOUT_S) -> Gang:
+def reserve_gang(spec: JobSpec, *, timeout_s: float = PLACEMENT_TIMEOUT_S,
+                 notice: Callable[[str], None] | None = None) -> Gang:
     """Reserve `resources.num_nodes` nodes of `resources.gpus_per_node` ranks each, or raise `SchedulingError`
-    naming what is short (and what holds it); no group is left behind when it raises."""
+    naming what is short (and what holds it); no group is left behind when it raises. While it waits, `notice`
+    hears what holds the resources, so a long wait is never silent."""
     r = spec.resources
     nodes = alive_nodes()
     bundle = bundle_on(spec, nodes)
@@ -154,16 +158,20 @@ def reserve_gang(spec: JobSpec, *, timeout_s: float = PLACEMENT_TIMEOUT_S) -> Ga
     # node's bundles, which can come after the next reservation.
     group = placement_group([dict(per_node) for _ in range(r.num_nodes)], strategy=strategy,
                             name=f"{group_prefix(spec)}{uuid.uuid4().hex[:8]}")
+    asked = f"the reservation of {r.num_nodes} node(s) × {{{_amounts(per_node, ' ')}}} ({strategy})"
     kept = False
     try:
-        deadline = time.monotonic() + timeout_s
+        start = time.monotonic()
+        deadline, noticed = start + timeout_s, start - NOTICE_S + RECHECK_S
         while not group.wait(timeout_seconds=max(0.1, min(RECHECK_S, deadline - time.monotonic()))):
-            if time.monotonic() >= deadline:
-                raise SchedulingError(
-                    f"the reservation of {r.num_nodes} node(s) × {{{_amounts(per_node, ' ')}}} ({strategy}) was not "
-                    f"met within {timeout_s:g} s; {holders(bundle, group_prefix(spec), group)}"
-                )
+            now = time.monotonic()
+            if now >= deadline:
+                raise SchedulingError(f"{asked} was not met within {timeout_s:g} s; "
+                                      f"{holders(bundle, group_prefix(spec), group)}")
             check_fits(bundle, ranks, r.gpus_per_node, alive_nodes())
+            if notice is not None and now - noticed >= NOTICE_S:
+                notice(f"{asked}: waiting {now - start:.0f} s; {holders(bundle, group_prefix(spec), group)}")
+                noticed = now
         by_bundle = placement_group_table(group)["bundles_to_node_id"]
         gang = Gang(group=group, bundle=bundle, bundles=[rank // r.gpus_per_node for rank in range(ranks)],
                     nodes=[by_bundle[rank // r.gpus_per_node] for rank in range(ranks)])

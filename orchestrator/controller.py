@@ -124,7 +124,7 @@ class Controller:
                 self.exporter.close()
 
     def _reserve(self, spec: JobSpec, timeout_s: float) -> Gang:
-        gang = reserve_gang(spec, timeout_s=timeout_s)
+        gang = reserve_gang(spec, timeout_s=timeout_s, notice=self.log)
         self.log(f"reserved {spec.world_size} rank(s) on {len(set(gang.nodes))} node(s): {gang.describe()}")
         return gang
 
