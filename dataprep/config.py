@@ -201,11 +201,11 @@ def parse_prep_config(raw: Any, *, source: str = "prep config", overrides: Seque
         raise SpecError(source, [Problem("", f"expected a mapping of sections, got {type(raw).__name__}")])
     raw = dict(raw)
     raw_sources = raw.pop("sources", None)
-    top_overrides = [o for o in overrides if not o.startswith("sources.")]
+    of_sources = [o for o in overrides if o.partition("=")[0].split(".")[0].strip() == "sources"]
     problems: list[Problem] = []
-    config = parse_config(PrepConfig, raw, source=source, overrides=top_overrides, problems=problems)
-    config.sources = _parse_sources(raw_sources, [o for o in overrides if o.startswith("sources.")], source,
-                                    problems)
+    config = parse_config(PrepConfig, raw, source=source, overrides=[o for o in overrides if o not in of_sources],
+                          problems=problems)
+    config.sources = _parse_sources(raw_sources, of_sources, source, problems)
     if base_dir:
         _resolve_paths(config, base_dir)
     problems.extend(_cross_field_problems(config))
@@ -225,8 +225,13 @@ def _parse_sources(raw: Any, overrides: list[str], source: str, problems: list[P
         return {}
     by_name: dict[str, list[str]] = {}
     for item in overrides:
-        name, _, rest = item[len("sources."):].partition(".")
-        by_name.setdefault(name, []).append(rest)
+        key, eq, value = item.partition("=")
+        name, _, rest = key.strip().removeprefix("sources").removeprefix(".").partition(".")
+        if not (eq and name and rest):
+            problems.append(Problem(key.strip(), f"override {show(item)} does not set a key of one source, as in "
+                                    "sources.books.path=data/books.jsonl"))
+            continue
+        by_name.setdefault(name, []).append(f"{rest}={value}")
     sources = {}
     for name in [*raw, *(n for n in by_name if n not in raw)]:
         section = raw.get(name) or {}

@@ -471,7 +471,7 @@ def _coerce(value: Any, kind: Any) -> tuple[str | None, Any]:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return None, str(value)
         return "a string", None
-    return str(kind), None
+    return ("a mapping" if typing.get_origin(kind) is dict else str(kind)), None
 
 
 def _did_you_mean(key: str, names: list[str], prefix: str, root: tuple[type, str]) -> str:

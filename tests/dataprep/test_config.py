@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from dataprep.config import load_prep_config, parse_prep_config
@@ -40,3 +42,24 @@ def test_cli_reports_a_bad_config_with_exit_code_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "pretrain prep: " in err and "mix.temperature: got 0.0, must be ≥ 0.01" in err
     assert "sources: no sources; add at least one" in err
+
+
+@pytest.mark.parametrize("override", ["sources=5", "sources.books=5", "sources..path=x", "sources.books"])
+def test_an_override_of_sources_must_name_one_sources_key(tmp_path, override):
+    with pytest.raises(SpecError, match=rf"override '{re.escape(override)}' does not set a key of one source, as in "
+                                        r"sources.books.path=data/books.jsonl"):
+        parse_prep_config({"output": str(tmp_path), "sources": {"books": {"path": str(tmp_path)}}},
+                          overrides=[override])
+
+
+def test_a_misspelt_key_is_answered_from_the_prep_configs_own_fields(tmp_path):
+    with pytest.raises(SpecError) as error:
+        parse_prep_config({"output": str(tmp_path), "bands": 3, "zero_stage": 2,
+                           "sources": {"books": {"path": str(tmp_path), "sahre": 0.5}}})
+    assert [str(p) for p in error.value.problems] == [
+        "bands: unknown key (did you mean 'dedup.bands'?)",
+        "zero_stage: unknown key; allowed here: name, output, work_dir, seq_len, seed, strict, invalid_utf8, "
+        "max_doc_bytes, part_bytes, span_bytes, rows_per_shard, examples, num_cpus, dedup, filters, mix, tokenizer, "
+        "sources",
+        "sources.books.sahre: unknown key (did you mean 'sources.books.share'?)",
+    ]
