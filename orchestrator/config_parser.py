@@ -99,6 +99,10 @@ def read_text(path: str, bounds: Bounds = CONFIG_BOUNDS) -> str:
             data = f.read(bounds.max_bytes + 1)
     except OSError as e:
         raise _Refused(f"cannot read the file: {e.strerror or e}") from None
+    return _decode(data, bounds)
+
+
+def _decode(data: bytes, bounds: Bounds) -> str:
     if len(data) > bounds.max_bytes:
         raise _Refused(f"larger than {bounds.max_bytes:,} bytes; this is not a config file")
     try:
@@ -145,9 +149,20 @@ def load_json(path: str | os.PathLike, *, bounds: Bounds = CONFIG_BOUNDS,
     try:
         return parse_json(read_text(source, bounds), bounds)
     except _Refused as e:
-        if error is None:
-            raise SpecError(source, [Problem("", str(e))]) from None
-        raise error(f"{source}: {e}") from None
+        raise _as_error(source, e, error) from None
+
+
+def loads_json(data: bytes, *, source: str, bounds: Bounds = CONFIG_BOUNDS,
+               error: Callable[[str], UserError] | None = None) -> Any:
+    """`load_json` for bytes already read (from an object store, say); `source` names them in the message."""
+    try:
+        return parse_json(_decode(data, bounds), bounds)
+    except _Refused as e:
+        raise _as_error(source, e, error) from None
+
+
+def _as_error(source: str, refused: _Refused, error: Callable[[str], UserError] | None) -> UserError:
+    return SpecError(source, [Problem("", str(refused))]) if error is None else error(f"{source}: {refused}")
 
 
 def parse_json(text: str, bounds: Bounds = CONFIG_BOUNDS) -> Any:

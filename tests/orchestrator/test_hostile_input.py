@@ -28,7 +28,7 @@ import dataprep.pipeline  # noqa: F401 (imported once here, so `pretrain prep` i
 from dataprep.config import PrepConfig, SourceConfig
 from dataprep.shards import read_manifest
 from orchestrator.cli import main
-from orchestrator.config_parser import CONFIG_BOUNDS, WRITTEN_FILE_BOUNDS
+from orchestrator.config_parser import CONFIG_BOUNDS, WRITTEN_FILE_BOUNDS, loads_json
 from orchestrator.errors import CheckpointError, DataError, SpecError, UserError
 from orchestrator.planner.sweep import load_sweep
 from orchestrator.spec import JobSpec
@@ -191,6 +191,18 @@ def test_hostile_json_is_refused_by_every_reader(tmp_path, name, content, messag
     with pytest.raises(CheckpointError, match=f"layout.json: {message}"):
         read_layout(str(write(tmp_path / "step_1", "layout.json", content) / "layout.json"))
     assert time.process_time() - start < 4 * LIMIT_S  # four readers
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [c for c in JSON_CASES if c[0] != "list"],
+                         ids=[c[0] for c in JSON_CASES if c[0] != "list"])
+def test_json_bytes_from_an_object_store_are_refused_alike(name, content, message):
+    with pytest.raises(CheckpointError, match=f"^s3://bucket/run/step_1/manifest.json: {message}"):
+        loads_json(content, source="s3://bucket/run/step_1/manifest.json", error=CheckpointError)
+
+
+def test_oversized_json_bytes_are_refused():
+    with pytest.raises(SpecError, match=r"larger than 1,048,576 bytes"):
+        loads_json(b" " * (CONFIG_BOUNDS.max_bytes + 1), source="layout.json")
 
 
 def test_oversized_json_is_not_read_past_the_bound(tmp_path):
