@@ -7,6 +7,10 @@ Order of construction (each step is one function, in its own module):
   4. `apply_pipeline_parallel` keeps and materialises this rank's stage (pp > 1), or `materialize_model` the whole;
   5. AdamW + LR schedule from `parallel.optim`, handed to `deepspeed.initialize` with the `build_ds_config` config
      and, for tensor parallelism without pipelining, our `ModelParallelUnit` (the pipeline module brings its own).
+
+Checkpoints are DeepSpeed's own files (`parallel.deepspeed_checkpoint`); a change of layout on load goes through its
+universal checkpoint. DeepSpeed is imported here and in the modules only this one imports (`deepspeed_checkpoint`,
+`pipeline_parallel`), so only a run of this backend imports it.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ import dataclasses
 import hashlib
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -142,3 +144,15 @@ def test_storage_writes_atomically_and_lists_and_hashes(tmp_path):
 def test_an_unknown_storage_scheme_is_named():
     with pytest.raises(CheckpointError, match=r"checkpoint.dir 'nosuch://bucket/x': not a usable filesystem URI"):
         Storage("nosuch://bucket/x")
+
+
+def test_the_checkpointer_imports_neither_a_backend_nor_consolidation():
+    """The commit protocol and the training loop import no DeepSpeed; consolidation sits above the checkpointer."""
+    code = ("import sys, parallel.checkpoint, parallel.restore\n"
+            "print(sorted(m for m in ('parallel.consolidate', 'parallel.resume') if m in sys.modules))\n"
+            "import parallel.train\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'deepspeed'))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["[]", "[]"]
