@@ -102,9 +102,13 @@ def read_text(path: str, bounds: Bounds = CONFIG_BOUNDS) -> str:
     return _decode(data, bounds)
 
 
-def _decode(data: bytes, bounds: Bounds) -> str:
-    if len(data) > bounds.max_bytes:
+def _check_size(size: int, bounds: Bounds) -> None:
+    if size > bounds.max_bytes:
         raise _Refused(f"larger than {bounds.max_bytes:,} bytes; this is not a config file")
+
+
+def _decode(data: bytes, bounds: Bounds) -> str:
+    _check_size(len(data), bounds)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -121,7 +125,7 @@ def load_yaml(path: str | os.PathLike, *, empty: str, bounds: Bounds = CONFIG_BO
     """
     source = os.fspath(path)
     try:
-        raw = parse_yaml(read_text(source, bounds), bounds)
+        raw = _parse_yaml(read_text(source, bounds), bounds)
     except _Refused as e:
         raise SpecError(source, [Problem("", str(e))]) from None
     if raw is None:
@@ -129,8 +133,26 @@ def load_yaml(path: str | os.PathLike, *, empty: str, bounds: Bounds = CONFIG_BO
     return raw
 
 
-def parse_yaml(text: str, bounds: Bounds = CONFIG_BOUNDS) -> Any:
+def parse_yaml(text: str, *, source: str, bounds: Bounds = CONFIG_BOUNDS) -> Any:
+    """Plain data of YAML text not read from a file (an environment variable, a checkpoint's spec.yaml fetched from
+    an object store); a refusal is a `SpecError` naming `source`. An empty document is None."""
+    try:
+        _check_size(len(text.encode("utf-8", "surrogatepass")), bounds)
+        return _parse_yaml(text, bounds)
+    except _Refused as e:
+        raise _as_error(source, e, None) from None
+
+
+def _parse_yaml(text: str, bounds: Bounds = CONFIG_BOUNDS) -> Any:
     """Plain data (dicts, lists, text, numbers, booleans, null) of one YAML document, refused past `bounds`."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a command-line argument that was not UTF-8 arrives as lone surrogates
+        code = ord(text[e.start])
+        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"character U+{code:04X}"
+        line = text.count("\n", 0, e.start) + 1
+        column = e.start - (text.rfind("\n", 0, e.start) + 1) + 1
+        raise _Refused(f"not UTF-8 text: {what} at line {line}, column {column}") from None
     try:
         _check_yaml_events(text, bounds)
         return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
@@ -331,7 +353,7 @@ def _apply_overrides(raw: dict, overrides: Sequence[str], problems: list[Problem
                                     "levels"))
         else:
             try:
-                parse_yaml(value)
+                _parse_yaml(value)
             except _Malformed:
                 pass  # OmegaConf takes such a value as text
             except _Refused as e:

@@ -28,7 +28,7 @@ import dataprep.pipeline  # noqa: F401 (imported once here, so `pretrain prep` i
 from dataprep.config import PrepConfig, SourceConfig
 from dataprep.shards import read_manifest
 from orchestrator.cli import main
-from orchestrator.config_parser import CONFIG_BOUNDS, WRITTEN_FILE_BOUNDS, loads_json
+from orchestrator.config_parser import CONFIG_BOUNDS, WRITTEN_FILE_BOUNDS, loads_json, parse_yaml
 from orchestrator.errors import CheckpointError, DataError, SpecError, UserError
 from orchestrator.planner.sweep import load_sweep
 from orchestrator.spec import JobSpec
@@ -122,6 +122,13 @@ def test_spec_values_are_refused_with_their_path(tmp_path, capsys, text, message
     assert code == 2
 
 
+@pytest.mark.parametrize(("name", "content", "message"), [c for c in YAML_CASES if c[0] not in ("not-utf8", "list")],
+                         ids=[c[0] for c in YAML_CASES if c[0] not in ("not-utf8", "list")])
+def test_yaml_text_from_elsewhere_is_refused_alike(name, content, message):
+    with pytest.raises(SpecError, match=message):
+        parse_yaml(content.decode(), source="PRETRAIN_SPEC")
+
+
 def test_interpolations_that_grow_geometrically_are_refused(tmp_path):
     lines = ["name: xxxxxxxxxx"] + [f"k{i}: " + ("${" + (f"k{i - 1}" if i else "name") + "}") * 10 for i in range(8)]
     (tmp_path / "job.yaml").write_text("\n".join(lines) + "\n")
@@ -136,6 +143,8 @@ def test_interpolations_that_grow_geometrically_are_refused(tmp_path):
     ("name=[&a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1], [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a], "
      + ", ".join(["[" + ", ".join(["*a"] * 10) + "]"] * 1100) + "]", r"name: override value: holds more than 10,000"),
     ("model=5", r"model: got 5, expected a section"),
+    # how Python hands over an argument that was not UTF-8: its bytes as lone surrogates
+    (os.fsdecode(b"name=caf\xe9"), r"name: override value: not UTF-8 text: byte 0xe9 at line 1, column 4"),
     ("a" + ".a" * 40 + "=1", r"is nested deeper than 32 levels"),
 ])
 def test_hostile_overrides_are_refused(tmp_path, capsys, override, message):
@@ -413,3 +422,13 @@ def test_every_prep_field_refuses_wrong_overrides(tmp_path_factory, capsys, case
     config = directory / "prep.yaml"
     config.write_text(yaml.safe_dump({"output": "out", "sources": {"s": {"path": "nothing-*.jsonl"}}}))
     refuses_with_path(["prep", str(config), f"{path}={flow(value)}"], path, capsys)
+
+
+def test_an_argument_that_is_not_utf8_prints_no_traceback(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("{}\n")
+    done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "validate", str(path), b"model.dim=\xff"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[1:] == [
+        "  model.dim: override value: not UTF-8 text: byte 0xff at line 1, column 1"]
