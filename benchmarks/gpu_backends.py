@@ -6,26 +6,37 @@
     torchrun --nproc_per_node 2 benchmarks/gpu_backends.py \
         --runs native-zero1,native-zero3,deepspeed-zero1,deepspeed-zero3,native-zero1-tp2,deepspeed-zero3-untuned
 
-A run is `plain` or `<backend>-zero<stage>[-tp<n>][-untuned]`: `-tp<n>` splits the model over n GPUs (the rest is
-data parallel); `-untuned` runs DeepSpeed as configured before its tuning (per-step overflow check, bf16 gradients
-copied to the fp32 accumulator after the backward pass), for before/after figures in one launch.
+    # the 8B shape, each activation checkpointing mode in one launch
+    torchrun --nproc_per_node 2 benchmarks/gpu_backends.py --model examples/llama-8b.yaml --seq-len 4096 \
+        --micro-batch-size 1 --grad-accum 8 --runs native-zero3-acnone,native-zero3-acfull,native-zero3-acselective
 
-The model is examples/llama-1b.yaml's (1.15B parameters, GQA, vocab 50304) at seq 2048, bf16, compiled blocks,
-with that spec's micro-batch size and gradient accumulation per GPU unless given; random tokens already on the GPU
-(the loader is benchmarked on its own). Each run: `--warmup` steps (compilation), then `--repeats` windows of
-`--steps` timed steps, each between two CUDA synchronisations, the loss read once per window as a training loop
-reading it only when it logs would; tokens/s is the median window's. A configuration that fails is recorded with its
-error and the others still run.
+A run is `plain` or `<backend>-zero<stage>[-tp<n>][-ac<mode>][-untuned]`: `-tp<n>` splits the model over n GPUs
+(the rest is data parallel); `-ac<mode>` sets `parallel.activation_checkpointing` (none, full, selective) for that
+run; `-untuned` runs DeepSpeed as configured before its tuning (per-step overflow check, bf16 gradients copied to
+the fp32 accumulator after the backward pass), for before/after figures in one launch.
+
+The spec given by --model (examples/llama-1b.yaml by default: 1.15B parameters, GQA, vocab 50304) is run as written:
+its model, data.seq_len and whole `parallel` section (activation checkpointing, sequence parallelism, precision,
+compile, micro-batch, accumulation, ...), except the layout, which the run name and the launch's GPUs set (backend,
+ZeRO stage, tp, dp = GPUs / tp, pp = 1). Command-line flags override single settings for every run; the run name's
+`-ac<mode>` overrides them for one. `plain` is the reference loop and takes the model, batch and precision only.
+Random tokens already on the GPU (the loader is benchmarked on its own). Each run: `--warmup` steps (compilation),
+then `--repeats` windows of `--steps` timed steps, each between two CUDA synchronisations, the loss read once per
+window as a training loop reading it only when it logs would; tokens/s is the median window's. A configuration that
+fails is recorded with its error and the others still run.
 
 tokens/s counts the whole job's tokens. MFU per GPU = `LlamaDims.flops_per_token(seq)` (6·N over the matmul weights
 + 12·L·seq·dim for attention, PaLM's formula, no causal halving) × tokens/s / (GPUs × 989 TFLOP/s, H100 SXM dense
-bf16). Peak memory is `torch.cuda.max_memory_allocated`, the largest over ranks. One line per run and a JSON file
-(device, versions, figures) in --out ($OUT when set, else benchmarks/results/).
+bf16). Peak memory is `torch.cuda.max_memory_allocated`, the largest over ranks; resident memory is what stays
+allocated between steps (weights, optimizer states), so peak − resident is what a step adds (activations,
+gradients). One line per run and a JSON file (device, versions, figures, the `parallel` section that ran) in --out
+($OUT when set, else benchmarks/results/).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import gc
 import json
@@ -49,19 +60,46 @@ from parallel.optim import build_optimizer, build_param_groups, build_scheduler
 
 REPO = Path(__file__).resolve().parent.parent
 H100_FLOPS = 989e12
-RUN = re.compile(r"(?P<backend>native|deepspeed)-zero(?P<stage>[0-3])(-tp(?P<tp>\d+))?(?P<untuned>-untuned)?")
+RUN = re.compile(r"(?P<backend>native|deepspeed)-zero(?P<stage>[0-3])(-tp(?P<tp>\d+))?"
+                 r"(-ac(?P<ac>none|full|selective))?(?P<untuned>-untuned)?")
+# Set by the benchmark's run, not taken from the spec: the layout over the GPUs of this launch.
+LAYOUT_KEYS = ("backend", "zero_stage", "dp", "pp", "tp", "global_batch_size")
+# Flags that override the spec's `parallel` setting of the same name when given.
+PARALLEL_FLAGS = ("micro_batch_size", "grad_accum", "precision", "compile", "activation_checkpointing",
+                  "sequence_parallel")
 
 
-def build_spec(backend: str, zero_stage: int, world: int, args: argparse.Namespace, tp: int = 1):
-    spec = load_yaml(args.model)
+def spec_parallel(written: dict, args: argparse.Namespace, **layout) -> dict:
+    """The spec's `parallel` section as written, with `layout` in place of its layout keys and the flags given in
+    `args` (None: not given) in place of the settings they name."""
+    parallel = {k: v for k, v in (written.get("parallel") or {}).items() if k not in LAYOUT_KEYS}
+    parallel.update({k: getattr(args, k) for k in PARALLEL_FLAGS if getattr(args, k, None) is not None})
+    return {**parallel, **layout}
+
+
+def add_parallel_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of `PARALLEL_FLAGS`, each defaulting to the spec's value."""
+    parser.add_argument("--micro-batch-size", type=int, help="default: the --model spec's")
+    parser.add_argument("--grad-accum", type=int, help="default: the --model spec's")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), help="default: the --model spec's")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, help="default: the --model spec's")
+    parser.add_argument("--activation-checkpointing", choices=("none", "full", "selective"),
+                        help="default: the --model spec's; a run's -ac<mode> overrides it")
+    parser.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction,
+                        help="default: the --model spec's (applies with tp > 1)")
+
+
+def build_spec(backend: str, zero_stage: int, world: int, args: argparse.Namespace, tp: int = 1,
+               activation_checkpointing: str | None = None):
+    written = load_yaml(args.model)
+    parallel = spec_parallel(written, args, backend=backend, zero_stage=zero_stage, tp=tp)
+    if activation_checkpointing:
+        parallel["activation_checkpointing"] = activation_checkpointing
     raw = {
         "name": "gpu-backends",
-        "model": spec["model"],
+        "model": written["model"],
         "data": {"seq_len": args.seq_len},
-        "parallel": {"backend": backend, "zero_stage": zero_stage, "tp": tp, "precision": args.precision,
-                     "micro_batch_size": args.micro_batch_size or spec["parallel"]["micro_batch_size"],
-                     "grad_accum": args.grad_accum or spec["parallel"]["grad_accum"],
-                     "compile": not args.no_compile},
+        "parallel": parallel,
         "optim": {"lr": 3e-4, "min_lr": 3e-5, "weight_decay": 0.1, "grad_clip": 1.0},
         "schedule": {"steps": 1000, "warmup_steps": 10, "seed": 0},
         "metrics": {"enabled": False},
@@ -124,7 +162,8 @@ def untuned_ds_config(config: dict) -> dict:
 def parse_run(name: str) -> re.Match:
     run = RUN.fullmatch(name)
     if run is None:
-        raise SystemExit(f"--runs: {name!r} is not plain or <native|deepspeed>-zero<0-3>[-tp<n>][-untuned]")
+        raise SystemExit(f"--runs: {name!r} is not plain or "
+                         "<native|deepspeed>-zero<0-3>[-tp<n>][-ac<none|full|selective>][-untuned]")
     if run["untuned"] and run["backend"] != "deepspeed":
         raise SystemExit(f"--runs: {name!r}: only deepspeed runs have an untuned form")
     return run
@@ -139,7 +178,8 @@ def build_runner(name: str, args: argparse.Namespace, env: RankEnv, device: torc
         spec = build_spec("native", 1, world, args)
         return spec, PlainLoop(spec, device).train_step
     run = parse_run(name)
-    spec = build_spec(run["backend"], int(run["stage"]), world, args, tp=int(run["tp"] or 1))
+    spec = build_spec(run["backend"], int(run["stage"]), world, args, tp=int(run["tp"] or 1),
+                      activation_checkpointing=run["ac"])
     if run["untuned"]:
         import parallel.deepspeed_engine as ds_engine
 
@@ -165,6 +205,9 @@ def measure(name: str, args: argparse.Namespace, env: RankEnv, device: torch.dev
         step(batches[i % len(batches)])
     if cuda:
         torch.cuda.synchronize()
+    # Between steps: weights, optimizer states and what the engine keeps; the peak adds activations and gradients.
+    resident = torch.tensor(torch.cuda.memory_allocated() if cuda else 0, device=device)
+    dist.all_reduce(resident, op=dist.ReduceOp.MAX)
     windows = []
     for _ in range(args.repeats):
         dist.barrier()
@@ -190,7 +233,8 @@ def measure(name: str, args: argparse.Namespace, env: RankEnv, device: torch.dev
     torch._dynamo.reset()
     return {"run": name, "gpus": world, "micro_batch_size": p.micro_batch_size, "grad_accum": p.grad_accum,
             "tokens_per_s": round(tokens_per_s), "mfu_per_gpu": round(mfu, 4),
-            "peak_mem_gib": round(peak.item() / 2**30, 2), "step_s": round(seconds / args.steps, 4),
+            "peak_mem_gib": round(peak.item() / 2**30, 2), "resident_mem_gib": round(resident.item() / 2**30, 2),
+            "step_s": round(seconds / args.steps, 4), "parallel": dataclasses.asdict(p),
             "window_tokens_per_s": [round(tokens_per_step * args.steps / w) for w in windows],
             "final_loss": round(final_loss, 4), "params": dims.num_params()}
 
@@ -200,6 +244,7 @@ def summary(result: dict) -> str:
         return f"{result['run']:>18} gpus={result['gpus']} FAILED {result['error'][:300]}"
     return (f"{result['run']:>18} gpus={result['gpus']} tokens/s={result['tokens_per_s']:>9,} "
             f"MFU/GPU={result['mfu_per_gpu']:.3f} peak={result['peak_mem_gib']:.1f} GiB "
+            f"(resident {result['resident_mem_gib']:.1f}) ac={result['parallel']['activation_checkpointing']} "
             f"step={result['step_s'] * 1000:.0f} ms loss={result['final_loss']}")
 
 
@@ -220,20 +265,18 @@ def write_results(args: argparse.Namespace, env: RankEnv, device: torch.device, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="plain,native-zero1,deepspeed-zero1",
-                        help="comma-separated: plain, <native|deepspeed>-zero<0-3>[-tp<n>][-untuned]")
+                        help="comma-separated: plain, <native|deepspeed>-zero<0-3>[-tp<n>][-ac<mode>][-untuned]")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per window")
     parser.add_argument("--repeats", type=int, default=3, help="timed windows; tokens/s is their median")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--micro-batch-size", type=int, default=0, help="0: the --model spec's")
-    parser.add_argument("--grad-accum", type=int, default=0, help="0: the --model spec's")
+    parser.add_argument("--seq-len", type=int, help="default: the --model spec's data.seq_len")
     parser.add_argument("--model", default=str(REPO / "examples" / "llama-1b.yaml"),
-                        help="job spec whose model section is benchmarked")
-    parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
-    parser.add_argument("--no-compile", action="store_true")
+                        help="job spec whose model, seq_len and parallel settings are benchmarked")
+    add_parallel_flags(parser)
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a smoke run of the script")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "benchmarks" / "results"))
     args = parser.parse_args()
+    args.seq_len = args.seq_len or (load_yaml(args.model).get("data") or {}).get("seq_len", 2048)
     names = args.runs.split(",")
     for name in names:
         if name != "plain":

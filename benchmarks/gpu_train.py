@@ -8,9 +8,12 @@
 (b) the reference: `PlainLoop` of benchmarks/gpu_backends.py — fp32 weights + bf16 autocast, SDPA, torch.compile of
     the whole model, fused AdamW, clipping, nothing else — fed the same shards, on every GPU independently.
 
-The model is examples/llama-1b.yaml's (1.15B parameters, GQA, vocab 50304) at seq 2048, micro-batch 4 × grad_accum 2
-per GPU. The shards hold learnable synthetic tokens (Zipf unigrams, half of them a fixed successor of the previous
-token), so the losses fall within the run; `--data DIR` uses shards of `pretrain prep` instead.
+The spec given by --model (examples/llama-1b.yaml by default: 1.15B parameters, GQA, vocab 50304, seq 2048,
+micro-batch 8 × grad_accum 4 per GPU) runs as written: its model, data.seq_len and `parallel` section (activation
+checkpointing, precision, compile, batch, ...), data parallel over the launch's GPUs with --backend and --zero-stage;
+flags (--micro-batch-size, --activation-checkpointing, ...) override single settings. On CPU (a smoke run) it is
+fp32 and uncompiled. The shards hold learnable synthetic tokens (Zipf unigrams, half of them a fixed successor of
+the previous token), so the losses fall within the run; `--data DIR` uses shards of `pretrain prep` instead.
 
 Figures: median over the steps after `--warmup` of each step's time (a host sync per step, as the loop does).
 tokens/s per GPU; MFU per GPU = (6·N + 12·L·seq·dim) · tokens/s / 989 TFLOP/s (`LlamaDims.flops_per_token`,
@@ -22,6 +25,7 @@ benchmarks/results/).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -39,7 +43,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
-from gpu_backends import PlainLoop  # noqa: E402
+from gpu_backends import PlainLoop, add_parallel_flags, spec_parallel  # noqa: E402
 
 from dataprep.shards import MANIFEST_FILE, ShardWriter, write_manifest  # noqa: E402
 from orchestrator.validate import load_yaml, parse_spec  # noqa: E402
@@ -87,13 +91,17 @@ def prepare_data(args: argparse.Namespace, env: RankEnv, vocab: int, rows: int) 
 
 
 def build_spec(args: argparse.Namespace, env: RankEnv, data: str | None, checkpoints: str):
+    """The --model spec's model and `parallel` section as written (flags override single settings), data parallel
+    over this launch's GPUs with --backend and --zero-stage."""
+    written = load_yaml(args.model)
+    parallel = spec_parallel(written, args, backend=args.backend, zero_stage=args.zero_stage)
+    if args.device == "cpu":
+        parallel.update(precision="fp32", compile=False)
     raw = {
         "name": "gpu-train",
-        "model": load_yaml(args.model)["model"],
+        "model": written["model"],
         "data": {"path": data or "", "seq_len": args.seq_len},
-        "parallel": {"backend": args.backend, "zero_stage": args.zero_stage, "micro_batch_size": args.micro_batch_size,
-                     "grad_accum": args.grad_accum, "precision": "bf16" if args.device == "cuda" else "fp32",
-                     "compile": args.device == "cuda"},
+        "parallel": parallel,
         "optim": {"lr": 6e-4, "min_lr": 6e-5, "weight_decay": 0.1, "grad_clip": 1.0},
         "schedule": {"steps": args.warmup + args.steps, "warmup_steps": 5, "lr_schedule": "wsd", "eval_every": 0,
                      "log_every": 5, "seed": 0},
@@ -150,13 +158,13 @@ def run_reference(spec, env: RankEnv, device: torch.device, args: argparse.Names
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(REPO / "examples" / "llama-1b.yaml"), help="spec whose model is used")
+    parser.add_argument("--model", default=str(REPO / "examples" / "llama-1b.yaml"),
+                        help="spec whose model, seq_len and parallel settings are used")
     parser.add_argument("--backend", default="auto", choices=("auto", "deepspeed", "native"),
                         help="auto: what `pretrain train` would pick for the spec")
     parser.add_argument("--zero-stage", type=int, default=1, choices=(0, 1, 2, 3))
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--micro-batch-size", type=int, default=4)
-    parser.add_argument("--grad-accum", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, help="default: the --model spec's data.seq_len")
+    add_parallel_flags(parser)
     parser.add_argument("--steps", type=int, default=30, help="timed steps (after --warmup)")
     parser.add_argument("--warmup", type=int, default=8, help="steps left out of the medians (compilation)")
     parser.add_argument("--data", default="", help="shards of `pretrain prep` instead of synthetic ones")
@@ -167,11 +175,13 @@ def main() -> None:
     env = RankEnv.from_env()
     device = pick_device(args.device, env.local_rank)
     torch.backends.cuda.matmul.allow_tf32 = True
-    vocab = load_yaml(args.model)["model"]["vocab_size"]
-    rows = (args.warmup + args.steps) * args.micro_batch_size * args.grad_accum * env.world_size
-    data = prepare_data(args, env, vocab, rows)
+    written = load_yaml(args.model)
+    args.seq_len = args.seq_len or (written.get("data") or {}).get("seq_len", 2048)
     checkpoints = tempfile.mkdtemp(prefix="gpu_train_ckpt_") if env.world_size == 1 else \
         str(Path(tempfile.gettempdir()) / f"gpu_train_ckpt_{os.environ.get('MASTER_PORT', '0')}")
+    batch = build_spec(args, env, None, checkpoints).parallel
+    rows = (args.warmup + args.steps) * batch.micro_batch_size * batch.grad_accum * env.world_size
+    data = prepare_data(args, env, written["model"]["vocab_size"], rows)
     spec = build_spec(args, env, data, checkpoints)
     results = [] if args.no_reference else [run_reference(spec, env, device, args)]
 
@@ -194,7 +204,8 @@ def main() -> None:
         record = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
                   "gpus": env.world_size, "torch": torch.__version__, "python": platform.python_version(),
                   "cuda": torch.version.cuda, "params": dims.num_params(), "seq_len": args.seq_len,
-                  "micro_batch_size": args.micro_batch_size, "grad_accum": args.grad_accum,
+                  "micro_batch_size": p.micro_batch_size, "grad_accum": p.grad_accum,
+                  "parallel": dataclasses.asdict(p),
                   "timed_steps": args.steps, "warmup_steps": args.warmup, "peak_flops_per_gpu": 989e12,
                   "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "results": results}
         if not args.no_reference:

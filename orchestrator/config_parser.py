@@ -58,6 +58,8 @@ def setting(default: Any, help: str, **limits: Any) -> Any:
     """A field with its help text and limits (`min`, `max`, `choices`) kept where the field is declared.
 
     The numeric range is appended to the help text, so the reference and the error messages state the same bounds.
+    `aliases` maps values an older version of the field took (as lower-case text: "true") to today's, so files
+    written before a field changed type still load, as the new value.
     """
     if "min" in limits or "max" in limits:
         help = f"{help} ({limits.get('min', '…')} to {limits.get('max', '…')})"
@@ -447,7 +449,8 @@ def _build(cls: type, data: dict, prefix: str, problems: list[Problem], bad: set
     """Instantiate `cls` from `data`, keeping defaults where a value is unknown or of the wrong type; `root` is the
     dataclass parsed and its prefix, where a misspelt key's did-you-mean is looked up."""
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    metadata = {f.name: f.metadata for f in dataclasses.fields(cls)}
+    names = list(metadata)
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         path = f"{prefix}{key}"
@@ -462,6 +465,9 @@ def _build(cls: type, data: dict, prefix: str, problems: list[Problem], bad: set
                 problems.append(Problem(path, f"got {show(value)}, expected a section (a mapping of keys)"))
                 bad.add(path)
             continue
+        aliases = metadata[key].get("aliases", {})
+        if isinstance(value, (bool, str)) and str(value).lower() in aliases:
+            value = aliases[str(value).lower()]
         why, converted = _coerce(value, kind)
         if why is None:
             kwargs[key] = converted

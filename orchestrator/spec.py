@@ -64,7 +64,11 @@ class ParallelConfig:
     tp: int = setting(1, "tensor-parallel size", min=1, max=1024)
     zero_stage: int = setting(1, "ZeRO optimizer sharding stage", choices=(0, 1, 2, 3))
     sequence_parallel: bool = setting(False, "shard activations along the sequence between tensor-parallel regions")
-    activation_checkpointing: bool = setting(False, "recompute block activations in the backward pass")
+    activation_checkpointing: str = setting(
+        "none", "recompute activations in the backward pass instead of keeping them: none; full (keep each block's "
+        "input, recompute the whole block); selective (keep attention's and every other matmul's outputs, recompute "
+        "the rest). true and false, from older specs, mean full and none",
+        choices=("none", "full", "selective"), aliases={"true": "full", "false": "none"})
     micro_batch_size: int = setting(4, "sequences per rank per micro-batch", min=1, max=65536)
     grad_accum: int = setting(1, "micro-batches per optimizer step (pipeline micro-batches when pp > 1)", min=1,
                                  max=65536)

@@ -1,17 +1,84 @@
-"""Activation checkpointing: keep only each block's input in the forward pass and recompute the rest in backward.
+"""Activation checkpointing: trade recomputation in the backward pass for activation memory, per transformer block.
+
+Modes (`parallel.activation_checkpointing`):
+  none      every activation autograd needs is kept from forward to backward;
+  full      only each block's input is kept; the whole block runs again in backward;
+  selective attention's outputs and every other matmul's are kept; the other matmuls and the cheap element-wise ops
+            (RMSNorms, RoPE, SiLU·up, residual adds) run again: most of no-AC's speed for part of its memory.
+
+Both checkpointing modes go through one function, `_checkpointed_forward`, defined here. That matters under
+`torch.compile`: a block's `forward` swapped for a partial of `torch.utils.checkpoint.checkpoint` itself starts in
+a file dynamo does not trace, so the compiled block silently ran eagerly (and recomputed eagerly). Starting the
+compiled frame in this module lets dynamo capture the checkpoint as one region, whose forward and recomputation
+inductor compiles and fuses like any other graph (torchtitan's order: checkpoint, then compile, then FSDP).
 
 The block's `forward` is swapped on the instance rather than wrapped in another module, so parameter names (and
-with them checkpoints and the Hugging Face mapping) are the same with and without it.
+with them checkpoints and the Hugging Face mapping) are the same in every mode.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any
 
+import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+MODES = ("none", "full", "selective")
+
+# What selective checkpointing keeps (torchtitan's per-op policy): the outputs of every attention kernel and every
+# other matmul, and, under tensor parallelism, of the reductions after the row-parallel projections, so that
+# recomputation sends nothing. Of a block's seven projections q, v, gate (and down, whose output backward never
+# reads) are kept and k, o and up recomputed: about a third of the forward matmul FLOPs again, for about half the
+# memory of keeping them all. Every element-wise op (RMSNorms, RoPE, SiLU·up, residual adds) is recomputed.
+_ATTENTION = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+              "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+_COLLECTIVES = ("all_reduce", "reduce_scatter_tensor")
+SAVED_OPS = frozenset(
+    [getattr(torch.ops.aten, name).default for name in _ATTENTION if hasattr(torch.ops.aten, name)]
+    + [getattr(torch.ops._c10d_functional, name).default for name in _COLLECTIVES])
+MATMUL = torch.ops.aten.mm.default
 
 
-def apply_activation_checkpointing(blocks: nn.ModuleList) -> None:
+def _selective_contexts() -> tuple[Any, Any]:
+    """Fresh contexts for one checkpointed call: matmuls are counted separately in forward and in recomputation,
+    so the same ones are kept in both."""
+    counts = {False: 0, True: 0}
+
+    def policy(ctx: Any, func: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+        # MUST_SAVE, not PREFER_SAVE: under torch.compile the partitioner may otherwise recompute what is kept.
+        if func == MATMUL:
+            counts[ctx.is_recompute] += 1
+            return CheckpointPolicy.MUST_SAVE if counts[ctx.is_recompute] % 2 else CheckpointPolicy.PREFER_RECOMPUTE
+        return CheckpointPolicy.MUST_SAVE if func in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def _checkpointed_forward(block: nn.Module, context_fn: Callable[[], tuple[Any, Any]] | None,
+                          *args: Any, **kwargs: Any) -> Any:
+    """`type(block).forward` under non-reentrant checkpointing.
+
+    preserve_rng_state=False: the block draws no random numbers (no dropout), so stashing and restoring the RNG
+    state of every device around each recomputation buys nothing.
+    """
+    extra = {"context_fn": context_fn} if context_fn is not None else {}
+    return checkpoint(type(block).forward, block, *args, use_reentrant=False, preserve_rng_state=False,
+                      **extra, **kwargs)
+
+
+def apply_activation_checkpointing(blocks: nn.ModuleList | list[nn.Module], mode: str) -> None:
+    """Checkpoint each block per `mode` (one of `MODES`); `none` leaves them as they are. Apply before compile."""
+    if mode not in MODES:
+        raise ValueError(f"activation checkpointing mode {mode!r}; allowed: {', '.join(MODES)}")
+    if mode == "none":
+        return
+    # The one side effect inside a block is RoPE's table cache filling on first use. Dynamo refuses to capture a
+    # checkpointed region that mutates outer state (the whole block would fall back to eager) unless told that the
+    # mutation need not be replayed when backward recomputes the region: a cache that is already full needs none.
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    context_fn = _selective_contexts if mode == "selective" else None
     for block in blocks:
-        block.forward = functools.partial(checkpoint, type(block).forward, block, use_reentrant=False)
+        block.forward = functools.partial(_checkpointed_forward, block, context_fn)

@@ -73,8 +73,7 @@ class NativeEngine:
         if dims.tp > 1:
             apply_dtensor_tp(model, blocks, self.mesh["tp"], p.sequence_parallel)
             self.loss_fn = VocabParallelLoss(dims.group("tp"))
-        if p.activation_checkpointing:
-            apply_activation_checkpointing(blocks)
+        apply_activation_checkpointing(blocks, p.activation_checkpointing)
         if p.compile:
             apply_compile(blocks)
             if dims.tp == 1:

@@ -93,7 +93,7 @@ def print_table(plan, top: int) -> None:
     for i, c in enumerate(plan.ranked[:top], 1):
         p = c.parallel
         rows.append((str(i), str(p.dp), str(p.pp), str(p.tp), str(p.zero_stage), str(p.micro_batch_size),
-                     str(p.grad_accum), "yes" if p.activation_checkpointing else "no", f"{c.memory.total / GiB:.1f}",
+                     str(p.grad_accum), p.activation_checkpointing, f"{c.memory.total / GiB:.1f}",
                      f"{c.step.total:.3g}", f"{c.tokens_per_second:,.0f}", f"{c.mfu(hw):.2f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for r in rows:

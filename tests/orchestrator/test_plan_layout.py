@@ -24,7 +24,7 @@ def test_a_small_model_runs_data_parallel(llama_124m):
     plan = choose_layout(llama_124m, gpus=16, gpu_mem_bytes=80 * GiB, gpus_per_node=8)
     p = plan.parallel
     assert (p.dp, p.pp, p.tp) == (16, 1, 1)
-    assert not p.activation_checkpointing
+    assert p.activation_checkpointing == "none"
     assert p.micro_batch_size * p.grad_accum * p.dp == llama_124m.parallel.global_batch_size
     assert plan.explanation[1].startswith("chosen: dp=16 pp=1 tp=1")
 
@@ -44,7 +44,7 @@ def test_less_memory_forces_sharding_or_recomputation(llama_8b):
     roomy = choose_layout(llama_8b, gpus=8, gpu_mem_bytes=80 * GiB).parallel
     tight = choose_layout(llama_8b, gpus=8, gpu_mem_bytes=40 * GiB).parallel
     def model_split(p):
-        return p.tp * p.pp * (p.dp if p.zero_stage == 3 else 1) * (4 if p.activation_checkpointing else 1)
+        return p.tp * p.pp * (p.dp if p.zero_stage == 3 else 1) * (4 if p.activation_checkpointing != "none" else 1)
     assert model_split(tight) > model_split(roomy)
 
 

@@ -80,11 +80,20 @@ def test_each_zero_stage_shards_more(billion):
 
 def test_checkpointing_keeps_block_inputs_only(billion):
     plain = estimate_memory(billion).activations
-    recomputed = estimate_memory(billion, with_parallel(billion, activation_checkpointing=True)).activations
+    recomputed = estimate_memory(billion, with_parallel(billion, activation_checkpointing="full")).activations
     assert recomputed < plain / 2.5  # the logits of the last micro-batch stay either way
     seq = billion.data.seq_len
     block_inputs = 16 * 2 * seq * 2048 * 2
     assert recomputed > block_inputs
+
+
+def test_selective_checkpointing_keeps_less_than_none_and_more_than_full(billion):
+    kept = {mode: estimate_memory(billion, with_parallel(billion, activation_checkpointing=mode)).activations
+            for mode in ("none", "selective", "full")}
+    assert kept["none"] > kept["selective"] > kept["full"]
+    tp = with_parallel(billion, tp=2, dp=4, activation_checkpointing="selective")
+    with_sp = estimate_memory(billion, dataclasses.replace(tp, sequence_parallel=True)).activations
+    assert with_sp < estimate_memory(billion, tp).activations < kept["selective"]
 
 
 def test_sequence_parallel_shards_the_norms(billion):
@@ -112,7 +121,7 @@ def test_deepspeed_zero1_bf16_gradients_pile_up_only_when_accumulated_after_back
     """With checkpointing and one sequence the activations are smaller than the model's bf16 gradients, so the
     gradients DeepSpeed holds from backward to the step set the peak; added to the fp32 buffer as they are made
     (`immediate_grad_update`, not used with optimizer offload), they never pile up."""
-    ds = with_parallel(billion, backend="deepspeed", micro_batch_size=1, activation_checkpointing=True)
+    ds = with_parallel(billion, backend="deepspeed", micro_batch_size=1, activation_checkpointing="full")
     looped = dataclasses.replace(ds, offload_optimizer=True)
     assert engine_buffers(billion, ds).frees_bf16_gradients and not engine_buffers(billion, looped).frees_bf16_gradients
     immediate, after = estimate_memory(billion, ds), estimate_memory(billion, looped)

@@ -36,8 +36,9 @@ PARAM_ATOL = 1e-5
 LAYOUTS = {
     "single": (1, []),
     "dp2-zero1": (2, ["parallel.zero_stage=1"]),
-    "dp2-zero2": (2, ["parallel.zero_stage=2", "parallel.activation_checkpointing=true"]),
-    "dp2-zero3": (2, ["parallel.zero_stage=3", "model.tie_embeddings=true"]),
+    "dp2-zero2": (2, ["parallel.zero_stage=2", "parallel.activation_checkpointing=full"]),
+    "dp2-zero3": (2, ["parallel.zero_stage=3", "model.tie_embeddings=true",
+                      "parallel.activation_checkpointing=selective"]),
     "tp2": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
     "pp2": (2, ["parallel.pp=2", "model.tie_embeddings=true"]),
     "dp2-tp2": (4, ["parallel.tp=2", "parallel.zero_stage=1"]),

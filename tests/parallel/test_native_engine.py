@@ -17,11 +17,12 @@ PP2 = ["parallel.pp=2", "parallel.grad_accum=2"]
 
 # name → (processes, spec overrides); features ride along where they are numerically neutral.
 LAYOUTS = {
-    "single": (1, ["model.tie_embeddings=true"]),
-    "dp2-reshard": (2, ["parallel.zero_stage=3", "model.tie_embeddings=true"]),
-    "dp2-no-reshard": (2, ["parallel.zero_stage=2", "parallel.activation_checkpointing=true"]),
+    "single": (1, ["model.tie_embeddings=true", "parallel.activation_checkpointing=selective"]),
+    "dp2-reshard": (2, ["parallel.zero_stage=3", "model.tie_embeddings=true",
+                        "parallel.activation_checkpointing=selective"]),
+    "dp2-no-reshard": (2, ["parallel.zero_stage=2", "parallel.activation_checkpointing=full"]),
     "dp2-reduce-once": (2, ["parallel.zero_stage=1"]),
-    "tp2": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
+    "tp2": (2, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.activation_checkpointing=selective"]),
     "pp2-interleaved": (2, [*PP2, "parallel.pp_schedule=interleaved_1f1b"]),
     "pp2-zero-bubble": (2, [*PP2, "parallel.pp_schedule=zero_bubble"]),
     "dp2-tp2": (4, ["parallel.tp=2", "parallel.zero_stage=3", "model.tie_embeddings=true"]),

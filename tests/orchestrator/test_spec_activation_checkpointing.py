@@ -1,0 +1,48 @@
+"""parallel.activation_checkpointing: none, full or selective; true and false from older specs still load."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from orchestrator.errors import SpecError
+from orchestrator.validate import parse_spec, spec_to_dict
+
+
+@pytest.mark.parametrize("mode", ["none", "full", "selective"])
+def test_each_mode_is_accepted_from_yaml_and_overrides(mode: str) -> None:
+    assert parse_spec({"parallel": {"activation_checkpointing": mode}}).parallel.activation_checkpointing == mode
+    overridden = parse_spec({}, overrides=[f"parallel.activation_checkpointing={mode}"])
+    assert overridden.parallel.activation_checkpointing == mode
+
+
+@pytest.mark.parametrize(("old", "new"), [(True, "full"), (False, "none"), ("true", "full"), ("False", "none")])
+def test_an_older_specs_boolean_means_full_or_none(old: object, new: str) -> None:
+    spec = parse_spec({"parallel": {"activation_checkpointing": old}})
+    assert spec.parallel.activation_checkpointing == new
+    # The resolved spec (what checkpoints and logs keep) says the new name.
+    assert spec_to_dict(spec)["parallel"]["activation_checkpointing"] == new
+    assert parse_spec({}, overrides=[f"parallel.activation_checkpointing={old}"]).parallel.activation_checkpointing \
+        == new
+
+
+def test_the_default_is_none() -> None:
+    assert parse_spec({}).parallel.activation_checkpointing == "none"
+
+
+@pytest.mark.parametrize("bad", ["partial", 1, "yes"])
+def test_anything_else_is_refused_naming_the_allowed_modes(bad: object) -> None:
+    with pytest.raises(SpecError, match=r"parallel\.activation_checkpointing: got .*, allowed: 'none', 'full', "
+                                        r"'selective'"):
+        parse_spec({"parallel": {"activation_checkpointing": bad}})
+
+
+def test_the_cli_refuses_an_unknown_mode_with_exit_code_2(tmp_path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text("parallel: {activation_checkpointing: some}\n")
+    done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "validate", str(path)],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "parallel.activation_checkpointing: got 'some', allowed: 'none', 'full', 'selective'" in done.stderr

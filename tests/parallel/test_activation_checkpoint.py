@@ -1,0 +1,112 @@
+"""Every activation checkpointing mode trains exactly as none does, eager and compiled, and recomputes what it says.
+
+One process, fp32, a 3-block model: losses and gradients are held to the no-checkpointing run within the layout
+tests' tolerances (1e-5 relative on losses, 1e-5 absolute on parameters, here on gradients). Compiled runs use
+`aot_eager_decomp_partition`: dynamo and AOTAutograd's min-cut partitioner as inductor has them (the partitioner is
+where checkpointing under compile happens), without inductor's C++ build, so the test stays quick on CPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from orchestrator.spec import ModelConfig
+from parallel.activation_checkpoint import MODES, apply_activation_checkpointing
+from parallel.compile import apply_compile
+from parallel.model import build_model, cross_entropy
+
+CONFIG = ModelConfig(vocab_size=96, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, multiple_of=32)
+# Checkpointing recomputes a block's forward only as far as backward needs it (non-reentrant checkpoint's early
+# stop), and down_proj's output is only added to the residual stream: full recomputes q, k, v, o, gate and up;
+# selective keeps every other matmul (q, v, gate) and recomputes k, o and up.
+FULL_RECOMPUTED_PER_BLOCK = 6
+SELECTIVE_RECOMPUTED_PER_BLOCK = 3
+RTOL = 1e-5
+GRAD_ATOL = 1e-5
+
+
+def tokens() -> torch.Tensor:
+    return torch.randint(0, CONFIG.vocab_size, (2, 25), generator=torch.Generator().manual_seed(3))
+
+
+def model_with(mode: str, backend: object | None = None) -> torch.nn.Module:
+    model = build_model(CONFIG, "cpu")
+    model.init_weights(seed=5)
+    apply_activation_checkpointing(model.layers, mode)
+    if backend is not None:
+        apply_compile(model.layers, backend=backend)
+    return model
+
+
+def loss_and_grads(model: torch.nn.Module, rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    loss = cross_entropy(model(rows[:, :-1]), rows[:, 1:])
+    loss.backward()
+    return loss.detach(), {n: q.grad.clone() for n, q in model.named_parameters()}
+
+
+def assert_same_training(mode: str, reference: torch.nn.Module, model: torch.nn.Module) -> None:
+    rows = tokens()
+    want_loss, want_grads = loss_and_grads(reference, rows)
+    got_loss, got_grads = loss_and_grads(model, rows)
+    torch.testing.assert_close(got_loss, want_loss, rtol=RTOL, atol=0)
+    assert got_grads.keys() == want_grads.keys()
+    for name, grad in want_grads.items():
+        assert grad.abs().max() > 0, f"{name}: a zero gradient proves nothing"
+        torch.testing.assert_close(got_grads[name], grad, rtol=0, atol=GRAD_ATOL,
+                                   msg=lambda m, n=name: f"{mode} {n}: {m}")
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_eager_checkpointing_matches_no_checkpointing(mode: str) -> None:
+    assert_same_training(mode, model_with("none"), model_with(mode))
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_compiled_blocks_capture_the_checkpointed_region(mode: str) -> None:
+    """A compiled block must compile: before, a checkpointed block ran eagerly under its compile wrapper."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    counter = CompileCounterWithBackend("aot_eager_decomp_partition")
+    assert_same_training(mode, model_with("none"), model_with(mode, backend=counter))
+    assert counter.frame_count >= 1 and counter.op_count >= 1, f"{mode}: no block was compiled"
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    torch._dynamo.reset()
+
+
+class MatmulCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+        return func(*args, **(kwargs or {}))
+
+
+def backward_matmuls(mode: str) -> int:
+    model = model_with(mode)
+    rows = tokens()
+    loss = cross_entropy(model(rows[:, :-1]), rows[:, 1:])
+    with MatmulCounter() as counter:
+        loss.backward()
+    return counter.count
+
+
+def test_full_recomputes_every_matmul_and_selective_every_other() -> None:
+    plain = backward_matmuls("none")
+    assert backward_matmuls("full") == plain + CONFIG.n_layers * FULL_RECOMPUTED_PER_BLOCK
+    assert backward_matmuls("selective") == plain + CONFIG.n_layers * SELECTIVE_RECOMPUTED_PER_BLOCK
+
+
+def test_parameter_names_are_the_same_in_every_mode() -> None:
+    names = [list(model_with(mode).state_dict()) for mode in MODES]
+    assert names[0] == names[1] == names[2]
+    assert "layers.0.self_attn.q_proj.weight" in names[0]
+
+
+def test_an_unknown_mode_is_refused_with_the_allowed_ones() -> None:
+    with pytest.raises(ValueError, match="'partial'; allowed: none, full, selective"):
+        apply_activation_checkpointing(build_model(CONFIG, "meta").layers, "partial")
