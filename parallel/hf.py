@@ -49,9 +49,10 @@ def from_hf_name(name: str) -> str:
 
 
 def read_hf_config(directory: str) -> dict[str, Any]:
-    """config.json of a Hugging Face model directory; a missing directory or file, or JSON that is bad or hostile
-    (not UTF-8, oversized, too deep, NaN, huge integers), is a UserError."""
-    from orchestrator.config_parser import load_json
+    """config.json of a Hugging Face model directory; a missing directory or file, JSON that is bad or hostile
+    (not UTF-8, oversized, too deep, NaN, huge integers), or a setting the model reads holding the wrong type or
+    an impossible size, is a UserError."""
+    from orchestrator.config_parser import load_json, show
 
     if not os.path.isdir(directory):
         raise UserError(f"{directory}: no such directory (expected a Hugging Face model directory with {CONFIG})")
@@ -61,6 +62,28 @@ def read_hf_config(directory: str) -> dict[str, Any]:
     config = load_json(path, error=UserError)
     if not isinstance(config, dict):
         raise UserError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    most = 2**24
+
+    def count(v: Any) -> bool:
+        return type(v) is int and 1 <= v <= most
+
+    def number(v: Any) -> bool:
+        return type(v) in (int, float)
+
+    rope = config.get("rope_parameters")
+    values = {**config, **{f"rope_parameters.{k}": v for k, v in (rope.items() if isinstance(rope, dict) else ())}}
+    checks = [*((key, f"an integer from 1 to {most}", count) for key in (
+                  "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim")),
+              *((key, "a number", number) for key in (
+                  "rms_norm_eps", "rope_theta", "initializer_range", "rope_parameters.rope_theta")),
+              *((key, "an object", lambda v: isinstance(v, dict)) for key in ("rope_parameters", "rope_scaling")),
+              ("rope_parameters.rope_type", "a string", lambda v: isinstance(v, str)),
+              ("tie_word_embeddings", "true or false", lambda v: isinstance(v, bool))]
+    problems = [f"{key}={show(values[key])}: expected {kind}" for key, kind, fits in checks
+                if values.get(key) is not None and not fits(values[key])]
+    if problems:
+        raise UserError(f"{path}: " + "; ".join(problems))
     return config
 
 

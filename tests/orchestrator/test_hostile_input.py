@@ -229,6 +229,17 @@ def test_oversized_json_is_not_read_past_the_bound(tmp_path):
     assert time.process_time() - start < LIMIT_S
 
 
+def test_hf_config_settings_of_the_wrong_type_are_named(tmp_path):
+    config = {"model_type": "llama", "hidden_size": True, "num_hidden_layers": 10**30, "rms_norm_eps": "small",
+              "rope_parameters": {"rope_theta": [1]}, "rope_scaling": "linear", "vocab_size": 32000}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=re.escape(
+            "config.json: hidden_size=True: expected an integer from 1 to 16777216; num_hidden_layers=1" + "0" * 30
+            + ": expected an integer from 1 to 16777216; rms_norm_eps='small': expected a number; "
+            "rope_parameters.rope_theta=[1]: expected a number; rope_scaling='linear': expected an object")):
+        read_hf_config(str(tmp_path))
+
+
 @pytest.mark.parametrize(("layout", "message"), [
     ({"dp": 1, "pp": 1, "tp": 1, "zero_stage": 1, "step": 5, "backend": "megatron"},
      r"backend is 'megatron', expected one of 'deepspeed', 'native'"),
