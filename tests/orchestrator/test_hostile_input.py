@@ -30,7 +30,7 @@ from dataprep.shards import read_manifest
 from orchestrator.cli import main
 from orchestrator.config_parser import CONFIG_BOUNDS, WRITTEN_FILE_BOUNDS, loads_json, parse_yaml
 from orchestrator.errors import CheckpointError, DataError, SpecError, UserError
-from orchestrator.planner.sweep import load_sweep
+from orchestrator.planner.sweep import SweepConfig, load_sweep
 from orchestrator.spec import JobSpec
 from orchestrator.validate import load_spec
 from parallel.checkpoint_layout import read_layout
@@ -298,6 +298,15 @@ def parses_as_finite(text: str) -> bool:
         return math.isfinite(float(text))
     except ValueError:
         return False
+
+
+@pytest.mark.parametrize("cls", [JobSpec, PrepConfig, SourceConfig, SweepConfig])
+def test_every_number_has_both_bounds_stated_in_its_help(cls):
+    numbers = [(path, meta) for path, kind, meta in leaves(cls)
+               if {int, float} & {kind, *typing.get_args(kind)} and "choices" not in meta]
+    unbounded = [path for path, meta in numbers
+                 if "min" not in meta or "max" not in meta or f"({meta['min']} to {meta['max']})" not in meta["help"]]
+    assert numbers and unbounded == []
 
 
 NON_FINITE = st.sampled_from([math.nan, math.inf, -math.inf])
