@@ -163,7 +163,6 @@ class HistoryCallback(BaseCallback):
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
 
-
     def _write(self, kind: str, record: object) -> None:
         if self._file is None:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
