@@ -1,7 +1,8 @@
 """Errors by cause. The CLI turns a `UserError` into one readable message and exit code 2.
 
-This module and `orchestrator.spec` are the contract leaves: every folder may import them, they import nothing
-of the project.
+This module is the contract leaf: every folder may import it, it imports nothing of the project. Above it sit
+`orchestrator.config_parser` (which imports only this module) and `orchestrator.spec` (which imports only those two),
+which every folder may import too.
 """
 
 from __future__ import annotations
