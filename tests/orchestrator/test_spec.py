@@ -319,3 +319,15 @@ def test_random_overrides_fail_only_cleanly(pairs):
         assert e.problems and all(str(p) for p in e.problems)
     else:
         assert spec.parallel.dp * spec.parallel.pp * spec.parallel.tp == spec.world_size
+
+
+@pytest.mark.parametrize(("module", "allowed"), [
+    ("orchestrator.config_parser", {"orchestrator", "orchestrator.errors", "orchestrator.config_parser"}),
+    ("dataprep.config", {"orchestrator", "orchestrator.errors", "orchestrator.config_parser", "dataprep",
+                         "dataprep.config"}),
+])
+def test_the_config_parser_and_the_prep_config_know_no_job_spec(module, allowed):
+    code = (f"import json, sys, {module}; print(json.dumps([m for m in sys.modules "
+            "if m.split('.')[0] in ('orchestrator', 'dataprep', 'parallel', 'cluster')]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert set(json.loads(done.stdout)) == allowed
