@@ -39,6 +39,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from orchestrator.config_parser import WRITTEN_FILE_BOUNDS, load_json
 from orchestrator.errors import UserError
 from orchestrator.spec import JobSpec
 from parallel.callbacks import BaseCallback, CheckpointStats, EvalStats, StepStats
@@ -448,17 +449,18 @@ def _locked(path: str | os.PathLike) -> Iterator[None]:
 
 def _read_targets(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The groups listed in `path` now (none when it does not exist); anything else there is the user's, kept."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            groups = json.load(f)
-    except FileNotFoundError:
+    if not os.path.exists(path):
         return []
-    except (OSError, ValueError) as e:
-        groups = e
-    if not isinstance(groups, list):
-        raise UserError(f"metrics.targets_file: {os.fspath(path)} is not a Prometheus file_sd list of target groups "
-                        f"({groups if isinstance(groups, Exception) else type(groups).__name__}); move it away or "
-                        "name another file")
+    source = os.fspath(path)
+
+    def refused(why: str) -> UserError:
+        return UserError(f"metrics.targets_file: {source} is not a Prometheus file_sd list of target groups ({why}); "
+                         "move it away or name another file")
+
+    groups = load_json(source, bounds=WRITTEN_FILE_BOUNDS, error=lambda why: refused(why.removeprefix(f"{source}: ")))
+    if not isinstance(groups, list) or not all(
+            isinstance(g, dict) and isinstance(g.get("labels", {}), dict) for g in groups):
+        raise refused("each group is an object with targets and labels")
     return groups
 
 

@@ -22,7 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dataprep.shards import write_atomic
-from orchestrator.errors import UserError
+from orchestrator.config_parser import WRITTEN_FILE_BOUNDS, load_json
+from orchestrator.errors import DataError, UserError
 
 DONE_SUFFIX = ".done.json"
 
@@ -73,8 +74,14 @@ def read_done(directory: str, task: str) -> dict | None:
     path = os.path.join(directory, task + DONE_SUFFIX)
     if not os.path.exists(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+
+    def refused(why: str) -> DataError:
+        return DataError(f"{why}; delete the file and the task runs again")
+
+    stats = load_json(path, bounds=WRITTEN_FILE_BOUNDS, error=refused)
+    if not isinstance(stats, dict):
+        raise refused(f"{path}: expected a JSON object (the task's stats), got {type(stats).__name__}")
+    return stats
 
 
 def mark_done(directory: str, task: str, stats: dict) -> None:

@@ -135,14 +135,16 @@ def load_yaml(path: str | os.PathLike, *, empty: str, bounds: Bounds = CONFIG_BO
     return raw
 
 
-def parse_yaml(text: str, *, source: str, bounds: Bounds = CONFIG_BOUNDS) -> Any:
+def parse_yaml(text: str, *, source: str, bounds: Bounds = CONFIG_BOUNDS,
+               error: Callable[[str], UserError] | None = None) -> Any:
     """Plain data of YAML text not read from a file (an environment variable, a checkpoint's spec.yaml fetched from
-    an object store); a refusal is a `SpecError` naming `source`. An empty document is None."""
+    an object store); a refusal raises `error("<source>: <why>")`, or a `SpecError` naming `source` when no `error`
+    is given. An empty document is None."""
     try:
         _check_size(len(text.encode("utf-8", "surrogatepass")), bounds)
         return _parse_yaml(text, bounds)
     except _Refused as e:
-        raise _as_error(source, e, None) from None
+        raise _as_error(source, e, error) from None
 
 
 def _parse_yaml(text: str, bounds: Bounds = CONFIG_BOUNDS) -> Any:
@@ -183,6 +185,26 @@ def loads_json(data: bytes, *, source: str, bounds: Bounds = CONFIG_BOUNDS,
         return parse_json(_decode(data, bounds), bounds)
     except _Refused as e:
         raise _as_error(source, e, error) from None
+
+
+def load_json_lines(path: str | os.PathLike, *, bounds: Bounds = WRITTEN_FILE_BOUNDS,
+                    error: Callable[[str], UserError] | None = None) -> list[tuple[int, Any]]:
+    """(line number, value) of each non-blank line of a JSON-lines file (results.jsonl, a metrics history), the
+    file bounded as a whole and each line as `load_json` would be; a refusal raises `error("<path>, line <n>:
+    <why>")` (or `error("<path>: <why>")` for the file), a `SpecError` when no `error` is given."""
+    source = os.fspath(path)
+    try:
+        lines = read_text(source, bounds).splitlines()
+    except _Refused as e:
+        raise _as_error(source, e, error) from None
+    values = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                values.append((number, parse_json(line, bounds)))
+            except _Refused as e:
+                raise _as_error(f"{source}, line {number}", e, error) from None
+    return values
 
 
 def _as_error(source: str, refused: _Refused, error: Callable[[str], UserError] | None) -> UserError:

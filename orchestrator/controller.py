@@ -33,7 +33,6 @@ from cluster.local import LOG_ENV
 os.environ.update({key: os.environ.get(key, value) for key, value in LOG_ENV.items()})
 
 import ray
-import yaml
 from ray.exceptions import RayActorError, RayError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -49,6 +48,7 @@ from cluster.placement import (
 )
 from cluster.submission import PLAN_VARIABLE, SPEC_VARIABLE
 from cluster.worker import DEFAULT_ENTRY, Beat, RankWorker, Wiring, stacks_from_outside
+from orchestrator.config_parser import parse_yaml
 from orchestrator.elastic import plan_nodes
 from orchestrator.errors import PretrainError, SchedulingError, UserError, WorkerFailedError
 from orchestrator.failure_policy import Action, Cause, Failure, FailurePolicy
@@ -361,7 +361,7 @@ def main() -> int:
     try:
         if not text:
             raise UserError(f"{SPEC_VARIABLE} is not set: it carries the job spec (pretrain submit sets it)")
-        spec = parse_spec(yaml.safe_load(text), source=SPEC_VARIABLE)
+        spec = parse_spec(parse_yaml(text, source=SPEC_VARIABLE), source=SPEC_VARIABLE)
         ray.init(address="auto")
         Controller(spec, plan_layout=os.environ.get(PLAN_VARIABLE) == "1").run()
         return 0

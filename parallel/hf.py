@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from orchestrator.config_parser import load_json, show
 from orchestrator.errors import UserError
 from parallel.checkpoint_layout import holds_checkpoints
 from parallel.model import Llama, LlamaDims, build_model
@@ -52,8 +53,6 @@ def read_hf_config(directory: str) -> dict[str, Any]:
     """config.json of a Hugging Face model directory; a missing directory or file, JSON that is bad or hostile
     (not UTF-8, oversized, too deep, NaN, huge integers), or a setting the model reads holding the wrong type or
     an impossible size, is a UserError."""
-    from orchestrator.config_parser import load_json, show
-
     if not os.path.isdir(directory):
         raise UserError(f"{directory}: no such directory (expected a Hugging Face model directory with {CONFIG})")
     path = os.path.join(directory, CONFIG)
@@ -192,12 +191,14 @@ class HFWeights(Mapping[str, torch.Tensor]):
 def _weight_files(directory: str) -> list[str]:
     index = os.path.join(directory, INDEX)
     if os.path.isfile(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                names = sorted(set(json.load(f)["weight_map"].values()))
-        except (OSError, ValueError, KeyError, AttributeError) as e:
-            raise UserError(f"{index}: not a safetensors index (a JSON object with weight_map): {e}") from None
-        return [os.path.join(directory, n) for n in names]
+        document = load_json(index, error=UserError)
+        weight_map = document.get("weight_map") if isinstance(document, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(n, str) and n == os.path.basename(n) and n not in ("", ".", "..")
+                for n in weight_map.values()):
+            raise UserError(f"{index}: not a safetensors index: it needs \"weight_map\": {{tensor name: file name "
+                            "in the same directory}}")
+        return [os.path.join(directory, n) for n in sorted(set(weight_map.values()))]
     single = os.path.join(directory, WEIGHTS)
     if os.path.isfile(single):
         return [single]

@@ -8,7 +8,6 @@ steps to gather a checkpoint in its own layout.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import random
 from dataclasses import dataclass
@@ -16,8 +15,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
+from orchestrator.config_parser import WRITTEN_FILE_BOUNDS, load_json, parse_yaml
 from orchestrator.errors import CheckpointError
 from orchestrator.spec import JobSpec
 from parallel import checkpoint_layout as names
@@ -59,7 +58,12 @@ def restore_rank_state(opened: Opened, rank: int) -> dict[str, Any]:
     rng_file = os.path.join(opened.local, names.RNG_DIR, names.rank_file(rank, ".pt"))
     if os.path.exists(rng_file):
         set_rng_state(torch.load(rng_file, weights_only=False))
-    return json.loads(_read_text(os.path.join(opened.local, names.LOADER_FILE)))
+    loader_file = os.path.join(opened.local, names.LOADER_FILE)
+    state = load_json(loader_file, bounds=WRITTEN_FILE_BOUNDS, error=CheckpointError)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{loader_file}: expected a JSON object (the loader position), "
+                              f"got {type(state).__name__}")
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -74,21 +78,28 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def check_same_model(saved_spec: str, spec: JobSpec) -> None:
     """A layout can change on resume, the model cannot: name every `model.*` value that differs.
 
-    The common trap is `model.vocab_size: null`, which pads the tokenizer's size to a multiple of 128·tp, so a
-    resume at another tp gets another vocabulary unless the size is pinned.
+    `model.vocab_size: null` is filled with the shards' tokenizer size padded to a multiple of 1024 whatever tp
+    is, so a resume at another tp keeps the vocabulary; it changes when the shards' tokenizer does.
     """
-    saved = (yaml.safe_load(_read_text(saved_spec)) or {}).get("model", {})
+    document = parse_yaml(_read_text(saved_spec), source=saved_spec, bounds=WRITTEN_FILE_BOUNDS,
+                          error=CheckpointError) or {}
+    saved = document.get("model") if isinstance(document, dict) else None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{saved_spec}: expected a job spec with a `model` section")
     current = dataclasses.asdict(spec.model)
     changed = [f"model.{k}: {saved.get(k)!r} in the checkpoint, {v!r} now" for k, v in current.items()
                if saved.get(k) != v]
     if changed:
         raise CheckpointError(f"{saved_spec}: the checkpoint's model differs from this run's: " + "; ".join(changed)
-                              + "; set the checkpoint's values in the job spec (pin model.vocab_size when tp changes)")
+                              + "; set the checkpoint's values in the job spec (pin model.vocab_size when the "
+                              "tokenizer changed)")
 
 
 def _read_text(path: str) -> str:
+    """The file's text, read no further than one byte past `WRITTEN_FILE_BOUNDS` (`parse_yaml` refuses that size);
+    bytes that are not UTF-8 are kept as lone surrogates for `parse_yaml` to name."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
+        with open(path, "rb") as f:
+            return f.read(WRITTEN_FILE_BOUNDS.max_bytes + 1).decode("utf-8", "surrogateescape")
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None

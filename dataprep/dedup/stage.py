@@ -20,6 +20,8 @@ from dataprep.executor import atomic_stage, stage_dir, user_error_in
 from dataprep.keys import file_of
 from dataprep.shards import write_atomic
 from dataprep.stages import PrepRun, Stage, StageOutput
+from orchestrator.config_parser import WRITTEN_FILE_BOUNDS, load_json
+from orchestrator.errors import DataError
 
 EXACT, NEAR = 1, 2  # removal codes, in precedence order
 
@@ -45,8 +47,8 @@ class DedupStage(Stage):
                 except Exception as e:
                     raise user_error_in(e) or e from None
                 write_atomic(os.path.join(tmp, "stats.json"), json.dumps(result).encode())
-        with open(os.path.join(directory, "stats.json"), encoding="utf-8") as f:
-            return StageOutput(directory, info=json.load(f))
+        stats = load_json(os.path.join(directory, "stats.json"), bounds=WRITTEN_FILE_BOUNDS, error=DataError)
+        return StageOutput(directory, info=stats)
 
 
 def removal_file(directory: str, file_id: int) -> str:

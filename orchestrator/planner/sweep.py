@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config_parser import load_yaml, parse_config, setting
-from orchestrator.errors import Problem, SpecError
+from orchestrator.config_parser import load_json_lines, load_yaml, parse_config, setting
+from orchestrator.errors import Problem, SpecError, UserError
 
 EMPTY_SWEEP = "a sweep config needs at least `base`, the job spec the runs start from (e.g. base: tiny.yaml)"
 
@@ -158,8 +158,10 @@ def _train_on_ray(config: SweepConfig, todo: list[RunPlan], results_path: Path, 
                 log(f"  {run.name}: FAILED\n{outcome['error']}")
                 continue
             record = {**outcome, "name": run.name, "dim": run.dim, "n_layers": run.n_layers, "tokens": run.tokens}
+            # NaN (never evaluated, diverged) is written as null: JSON has no NaN, and read_results refuses it
+            line = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
             with open(results_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(line) + "\n")
             log(f"  {run.name}: {record['params'] / 1e6:.2f}M parameters, {run.tokens:,} tokens → validation "
                 f"loss {record['val_loss']:.4f} ({record['seconds']:.0f} s)")
         if failed:
@@ -226,7 +228,7 @@ def summarize(config: SweepConfig, results: list[dict[str, Any]], log=print) -> 
     from orchestrator.planner.plot import plot_sweep
     from orchestrator.planner.scaling import fit_scaling_law, isoflop_minima
 
-    finished = [r for r in results if r["val_loss"] == r["val_loss"]]  # NaN: never evaluated
+    finished = [r for r in results if _is_number(r["val_loss"]) and math.isfinite(r["val_loss"])]  # never evaluated
     params = [r["params"] for r in finished]
     tokens = [r["tokens"] for r in finished]
     losses = [r["val_loss"] for r in finished]
@@ -257,10 +259,27 @@ def summarize(config: SweepConfig, results: list[dict[str, Any]], log=print) -> 
 
 
 def read_results(path: Path) -> list[dict[str, Any]]:
+    """The finished runs of results.jsonl, one JSON object a line; a corrupt line (a run killed mid-write, an edit)
+    is a `UserError` naming the file and line, to be deleted so that a rerun trains that run again."""
     if not path.exists():
         return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+
+    def refused(why: str) -> UserError:
+        return UserError(f"{why}; delete the line and run the sweep again")
+
+    results = []
+    for number, record in load_json_lines(path, error=refused):
+        if not (isinstance(record, dict) and isinstance(record.get("name"), str)
+                and all(_is_number(record.get(key)) for key in ("params", "tokens", "seconds"))
+                and (record.get("val_loss") is None or _is_number(record["val_loss"]))):
+            raise refused(f"{path}, line {number}: not a finished run: it needs name (text), params, tokens, seconds "
+                          "(numbers) and val_loss (a number, or null when never evaluated)")
+        results.append(record)
+    return results
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _grid(config: SweepConfig, problems: list[Problem]) -> tuple[list[tuple[int, int]], list[float]]:
