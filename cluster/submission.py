@@ -15,7 +15,7 @@ from typing import TextIO
 
 from cluster.local import LOG_ENV
 from orchestrator.errors import UserError
-from orchestrator.spec import JobSpec
+from orchestrator.spec import JobSpec, spec_to_yaml
 
 SPEC_VARIABLE = "PRETRAIN_SPEC"
 PLAN_VARIABLE = "PRETRAIN_PLAN_LAYOUT"
@@ -57,8 +57,6 @@ def connect(address: str):
 def submit(address: str, spec: JobSpec, *, plan_layout: bool = False, env: Mapping[str, str] | None = None,
            submission_id: str | None = None) -> str:
     """Start the run's controller as a Ray job; return its job id. `plan_layout`: the spec left the layout open."""
-    from orchestrator.validate import spec_to_yaml
-
     client = connect(address)
     # LOG_ENV: read by Ray when the driver and the workers import it, so it must be in their environment from the start.
     variables = {**LOG_ENV, SPEC_VARIABLE: spec_to_yaml(spec), PLAN_VARIABLE: "1" if plan_layout else "0"}

@@ -11,7 +11,9 @@ which imports nothing of the project but `orchestrator.errors`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+
+from omegaconf import OmegaConf
 
 from orchestrator.config_parser import setting
 
@@ -173,3 +175,10 @@ class JobSpec:
     @property
     def head_dim(self) -> int:
         return self.model.dim // self.model.n_heads
+
+
+def spec_to_yaml(spec: JobSpec) -> str:
+    """The spec as YAML that `orchestrator.validate.parse_spec` reads back to the same spec: what `pretrain submit`
+    hands the controller and `pretrain validate` prints. Here rather than in the validator, so `cluster` can send a
+    spec without importing the rules."""
+    return OmegaConf.to_yaml(OmegaConf.create(asdict(spec)))
