@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from orchestrator import config_parser
 from orchestrator.config_parser import WRITTEN_FILE_BOUNDS, leaf_fields, load_json, parse_config
 from orchestrator.errors import Problem, SpecError
-from orchestrator.spec import JobSpec
+from orchestrator.spec import JobSpec, ModelConfig
 
 # Padding independent of tp, so a run resumed under another tensor-parallel size keeps the same vocabulary.
 VOCAB_PAD = 1024
@@ -47,8 +47,7 @@ def parse_spec(
     if not bad & {"parallel.backend", "parallel.offload_optimizer", "parallel.pp", "model.tie_embeddings"}:
         spec.parallel.backend = pick_backend(spec)
     manifest = _read_manifest(spec, problems, bad, require_data)
-    for rule in RULES:
-        problems.extend(rule(spec, bad, manifest))
+    problems.extend(cross_field_problems(spec, bad, manifest))
     if problems:
         raise SpecError(source, problems)
     return _resolve(spec, manifest)
@@ -115,6 +114,12 @@ Rule = Callable[[JobSpec, set, "dict | None"], list[Problem]]
 RULES: list[Rule] = []
 
 
+def cross_field_problems(spec: JobSpec, bad: set | None = None, manifest: dict | None = None) -> list[Problem]:
+    """What the cross-field rules find in `spec` (skipping rules that read a field in `bad`): every layout rule an
+    engine would otherwise refuse at start, so `pretrain validate` and the planner refuse it first."""
+    return [problem for check in RULES for problem in check(spec, bad or set(), manifest)]
+
+
 def rule(*paths: str) -> Callable[[Callable[..., list[Problem]]], Rule]:
     """Register a cross-field rule; it is skipped when a field it reads is already reported bad."""
 
@@ -174,11 +179,46 @@ def _heads_fit(spec: JobSpec, _: Any) -> list[Problem]:
     return out
 
 
-@rule("model.vocab_size", "parallel.tp")
-def _vocab_splits(spec: JobSpec, _: Any) -> list[Problem]:
+@rule("model.vocab_size", "parallel.tp", "data.path")
+def _vocab_splits(spec: JobSpec, manifest: dict | None) -> list[Problem]:
+    """The vocabulary the model will have (the spec's, or the shards' tokenizer padded) splits over tp; a spec whose
+    shards name no tokenizer size must set one, or the model cannot be built."""
     v, tp = spec.model.vocab_size, spec.parallel.tp
+    tokens = _manifest_vocab(manifest)
+    if v is None and tokens is not None:
+        padded = padded_vocab(tokens)
+        if padded % tp:
+            return [Problem("model.vocab_size", f"the shards' {tokens} tokens padded to {padded} are not divisible "
+                            f"by parallel.tp={tp} (vocab-parallel embedding); set model.vocab_size to a multiple of "
+                            f"{tp} of at least {tokens}")]
+        return []
+    if v is None and manifest is not None:
+        return [Problem("model.vocab_size", f"not set, and {spec.data.path}/manifest.json names no tokenizer "
+                        "vocab_size to take it from; set model.vocab_size")]
     if v is not None and v % tp:
         return [Problem("model.vocab_size", f"{v} is not divisible by parallel.tp={tp} (vocab-parallel embedding)")]
+    return []
+
+
+@rule("model.ffn_dim", "model.dim", "model.multiple_of", "parallel.tp")
+def _ffn_splits(spec: JobSpec, _: Any) -> list[Problem]:
+    """gate/up are split column-wise and down row-wise over tp, so the SwiGLU width must divide."""
+    m, tp = spec.model, spec.parallel.tp
+    ffn = m.ffn_dim or default_ffn_dim(m)
+    if ffn % tp:
+        said = f"{ffn}" if m.ffn_dim else f"the default {ffn} (8/3·dim rounded up to model.multiple_of)"
+        return [Problem("model.ffn_dim", f"{said} is not divisible by parallel.tp={tp} (column- and row-parallel "
+                        "MLP)")]
+    return []
+
+
+@rule("data.seq_len", "parallel.tp", "parallel.sequence_parallel")
+def _sequence_splits(spec: JobSpec, _: Any) -> list[Problem]:
+    """Sequence parallelism shards the residual stream along the sequence over the tp ranks."""
+    p, seq = spec.parallel, spec.data.seq_len
+    if p.sequence_parallel and p.tp > 1 and seq % p.tp:
+        return [Problem("data.seq_len", f"{seq} is not divisible by parallel.tp={p.tp}, as parallel.sequence_parallel "
+                        "needs to split the sequence")]
     return []
 
 
@@ -304,8 +344,17 @@ def _resolve(spec: JobSpec, manifest: dict | None) -> JobSpec:
     if m.n_kv_heads is None:
         m.n_kv_heads = m.n_heads
     if m.ffn_dim is None:
-        m.ffn_dim = m.multiple_of * math.ceil(int(8 * m.dim / 3) / m.multiple_of)
+        m.ffn_dim = default_ffn_dim(m)
     tokens = _manifest_vocab(manifest)
     if m.vocab_size is None and tokens is not None:
-        m.vocab_size = VOCAB_PAD * math.ceil(tokens / VOCAB_PAD)
+        m.vocab_size = padded_vocab(tokens)
     return spec
+
+
+def default_ffn_dim(model: ModelConfig) -> int:
+    """Llama's SwiGLU width: 2/3 of 4·dim (three matrices instead of two), rounded up to multiple_of."""
+    return model.multiple_of * math.ceil(int(8 * model.dim / 3) / model.multiple_of)
+
+
+def padded_vocab(tokens: int) -> int:
+    return VOCAB_PAD * math.ceil(tokens / VOCAB_PAD)

@@ -1,12 +1,14 @@
 """The DeepSpeed backend: the model built, parallelised and initialised per the spec, wrapped in a DeepSpeed engine.
 
-Order of construction (each step is one function, in its own module):
+Order of construction:
   1. `build_model` on the meta device (no memory);
-  2. `apply_tensor_parallel` swaps in sharded layers (tp > 1);
-  3. `apply_activation_checkpointing`, `apply_compile` on the blocks (not under ZeRO-3, see below);
-  4. `apply_pipeline_parallel` keeps and materialises this rank's stage (pp > 1), or `materialize_model` the whole;
-  5. AdamW + LR schedule from `parallel.optim`, handed to `deepspeed.initialize` with the `build_ds_config` config
-     and, for tensor parallelism without pipelining, our `ModelParallelUnit` (the pipeline module brings its own).
+  2. `parallel.parallelize.parallelize_llama` with this engine's `TECHNIQUES`: Megatron-style tensor parallelism
+     (`parallel.tensor_parallel`), activation checkpointing, compile (not under ZeRO-3), and DeepSpeed's
+     PipelineModule (`parallel.pipeline_parallel`), which materialises this rank's stage (pp > 1);
+  3. `materialize_model` the whole model (pp = 1);
+  4. AdamW + LR schedule from `parallel.optim`, handed to `deepspeed.initialize` with the `build_ds_config` config
+     (ZeRO, the data-parallel step) and, for tensor parallelism without pipelining, our `ModelParallelUnit` (the
+     pipeline module brings its own).
 
 Checkpoints are DeepSpeed's own files (`parallel.deepspeed_checkpoint`); a change of layout on load goes through its
 universal checkpoint. DeepSpeed is imported here and in the modules only this one imports (`deepspeed_checkpoint`,
@@ -25,18 +27,18 @@ from deepspeed.runtime.utils import clip_grad_norm_
 
 from orchestrator.errors import UserError
 from orchestrator.spec import JobSpec
-from parallel.activation_checkpoint import apply_activation_checkpointing
 from parallel.checkpoint_layout import layout_changes, run_layout
-from parallel.compile import apply_compile
 from parallel.deepspeed_checkpoint import load_converted, load_deepspeed, save_recorded, write_deferred
 from parallel.deepspeed_config import build_ds_config
 from parallel.engine import MakeOnce, StepResult, device_pairs, gather_full_state, mean_over_dp
 from parallel.launch import RankEnv
 from parallel.materialize import materialize_model
-from parallel.model import LlamaDims, build_model, cross_entropy
+from parallel.model import LlamaDims, build_model
 from parallel.optim import build_optimizer, build_param_groups, build_scheduler, set_schedule_step
 from parallel.parallel_dims import ModelParallelUnit, ParallelDims
-from parallel.tensor_parallel import VocabParallelLoss, apply_tensor_parallel
+from parallel.parallelize import Techniques, parallelize_llama
+from parallel.pipeline_parallel import apply_deepspeed_pipeline
+from parallel.tensor_parallel import apply_megatron_tp
 
 
 def mark_norm_owners(module: torch.nn.Module, dims: ParallelDims) -> None:
@@ -73,42 +75,32 @@ def init_deepspeed_comm(device: torch.device) -> None:
         backend.reduce_scatter_function = dist.reduce_scatter_single
 
 
+# ZeRO-3 gathers each block's weights in module hooks that a compiled block would trace through; its
+# `engine.compile()` (hooks kept out of the graphs) measured 10% slower than no compile (2 H200s, 1.15B), so blocks
+# are compiled only under ZeRO 0-2.
+TECHNIQUES = Techniques(tensor_parallel=apply_megatron_tp, pipeline=apply_deepspeed_pipeline, data_parallel=None,
+                        compile_under_zero3=False)
+
+
 class DeepSpeedEngine:
     def __init__(self, spec: JobSpec, env: RankEnv, device: torch.device):
         self.spec, self.device = spec, device
         init_deepspeed_comm(device)
-        p = spec.parallel
         self.dims = ParallelDims.from_spec(spec, env.world_size, env.rank)
         self.dims.build_groups()
         self.model_dims = LlamaDims.from_config(spec.model)
-        if p.sequence_parallel and p.tp > 1 and spec.data.seq_len % p.tp:
-            raise UserError(f"parallel.sequence_parallel: data.seq_len={spec.data.seq_len} must be divisible by "
-                            f"parallel.tp={p.tp} to split the sequence")
-        seed = spec.schedule.seed
         model = build_model(self.model_dims)
-        self.loss_fn = cross_entropy
-        if self.dims.tp > 1:
-            tp_group = self.dims.group("tp")
-            apply_tensor_parallel(model, tp_group, self.dims.tp_rank, self.dims.tp, p.sequence_parallel)
-            self.loss_fn = VocabParallelLoss(tp_group)
-        apply_activation_checkpointing(model.layers, p.activation_checkpointing)
-        if p.compile and p.zero_stage < 3:
-            # ZeRO-3 gathers each block's weights in module hooks that a compiled block would trace through; its
-            # `engine.compile()` (hooks kept out of the graphs) measured 10% slower than no compile (2 H200s, 1.15B).
-            apply_compile(model.layers)
-        if self.dims.pp > 1:
-            from parallel.pipeline_parallel import apply_pipeline_parallel
-
-            module = apply_pipeline_parallel(model, self.dims, self.loss_fn, seed, device)
-        else:
-            materialize_model(model, seed, device)
-            module = model
+        state = parallelize_llama(model, self.dims, spec, TECHNIQUES, device)
+        if self.dims.pp == 1:
+            materialize_model(model, spec.schedule.seed, device)
+        module, self.loss_fn = state.module, state.loss_fn
         self.model = model  # under pp, the parts of other stages stay on the meta device
         mark_norm_owners(module, self.dims)
         named = [(n, q) for n, q in model.named_parameters() if not q.is_meta]
         self.optimizer = build_optimizer(build_param_groups(named, spec.optim.weight_decay), spec.optim, device)
         self.scheduler = build_scheduler(self.optimizer, spec.optim, spec.schedule)
         self.ds_config = build_ds_config(spec, self.dims)
+        # parallelize_llama's data-parallel step for this engine: ZeRO, applied here with the optimizer.
         self.ds, _, _, _ = deepspeed.initialize(
             model=module, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=self.ds_config,
             mpu=None if self.dims.pp > 1 else ModelParallelUnit(self.dims),

@@ -21,11 +21,17 @@ in bf16 on gathered copies and reduces gradients in fp32 into fp32 shards, so th
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+if TYPE_CHECKING:
+    from orchestrator.spec import JobSpec
+    from parallel.parallel_dims import ParallelDims
+    from parallel.parallelize import Parallelized
 
 
 def reshards_after_forward(zero_stage: int) -> bool:
@@ -45,3 +51,11 @@ def apply_fsdp(blocks: Iterable[nn.Module], roots: Iterable[nn.Module], mesh: De
         # What the roots gather (embedding, final norm, lm_head) stays until the backward, which starts with lm_head
         # right after the forward ends: resharding would only be followed by an all-gather nothing can hide.
         fully_shard(root, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+
+
+def shard_data_parallel(state: Parallelized, dims: ParallelDims, spec: JobSpec) -> None:
+    """`parallelize_llama`'s data-parallel step for the native engine: FSDP2 over the mesh's dp axis, bf16 compute
+    under bf16 precision, resharding after forward per the ZeRO stage."""
+    p = spec.parallel
+    apply_fsdp(state.blocks, state.roots, dims.mesh["dp"], torch.bfloat16 if p.precision == "bf16" else torch.float32,
+               reshards_after_forward(p.zero_stage))

@@ -1,11 +1,11 @@
 """The PyTorch-native backend: FSDP2, DTensor tensor parallelism, torch.distributed.pipelining and DCP checkpoints.
 
-Order of construction (torchtitan's), each step one function in its own module:
+Order of construction:
   1. `build_model` on the meta device; a DeviceMesh (pp, dp, tp) laid out as `ParallelDims` numbers ranks;
-  2. `prune_to_stages` keeps this rank's pipeline stages (pp > 1);
-  3. `apply_dtensor_tp` shards the linears and the embedding (tp > 1);
-  4. `apply_activation_checkpointing`, `apply_compile` on the blocks;
-  5. `apply_fsdp` shards blocks, then the roots, over the dp axis (dp > 1; see `parallel.fsdp` for the ZeRO mapping);
+  2-5. `parallel.parallelize.parallelize_llama` with this engine's `TECHNIQUES`: `apply_dtensor_tp` shards the
+     linears and the embedding (tp > 1); activation checkpointing and compile on the blocks; `prune_to_stages`
+     keeps this rank's pipeline stages (pp > 1); `apply_fsdp` shards blocks, then the roots, over the dp axis
+     (dp > 1; see `parallel.fsdp` for the ZeRO mapping);
   6. every parameter materialised on the device from `init_parameter`, each rank keeping its shard;
   7. AdamW (fused on CUDA) and the LR schedule from `parallel.optim`, as the DeepSpeed backend uses them.
 
@@ -32,21 +32,40 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils._pytree import tree_map_only
 
-from orchestrator.errors import CheckpointError, UserError
+from orchestrator.errors import CheckpointError
 from orchestrator.spec import JobSpec
-from parallel.activation_checkpoint import apply_activation_checkpointing
-from parallel.compile import apply_compile
 from parallel.dtensor_tp import apply_dtensor_tp
 from parallel.engine import MakeOnce, StepResult, device_pairs, gather_full_state, mean_over_dp
-from parallel.fsdp import apply_fsdp, reshards_after_forward
+from parallel.fsdp import shard_data_parallel
 from parallel.launch import RankEnv
 from parallel.model import LlamaDims, build_model, cross_entropy, init_parameter
 from parallel.optim import build_optimizer, build_param_groups, build_scheduler, set_schedule_step
 from parallel.parallel_dims import ParallelDims
+from parallel.parallelize import Parallelized, Techniques, parallelize_llama
 from parallel.tensor_parallel import VocabParallelLoss
 
 DCP_DIR = "dcp"
 ENGINE_STATE = "engine_state.pt"
+
+
+def apply_dtensor_tensor_parallel(state: Parallelized, dims: ParallelDims, spec: JobSpec) -> None:
+    """`parallelize_llama`'s tensor-parallel step: DTensor plans over the mesh's tp axis; logits stay
+    vocabulary-sharded for `VocabParallelLoss`."""
+    apply_dtensor_tp(state.model, state.blocks, dims.mesh["tp"], spec.parallel.sequence_parallel)
+    state.loss_fn = VocabParallelLoss(dims.group("tp"))
+
+
+def apply_torch_pipelining(state: Parallelized, dims: ParallelDims, spec: JobSpec) -> None:
+    """`parallelize_llama`'s pipeline step: this rank's stages of `torch.distributed.pipelining`; the model keeps
+    only their parts, and FSDP shards each stage as a root."""
+    from parallel.pipelining import prune_to_stages
+
+    state.stages = prune_to_stages(state.model, dims.pp_rank, dims.pp, spec.parallel.pp_schedule)
+    state.blocks, state.roots = list(state.model.layers.values()), state.stages
+
+
+TECHNIQUES = Techniques(tensor_parallel=apply_dtensor_tensor_parallel, pipeline=apply_torch_pipelining,
+                        data_parallel=shard_data_parallel, compile_under_zero3=True)
 
 
 class NativeEngine:
@@ -54,36 +73,19 @@ class NativeEngine:
         self.spec, self.device = spec, device
         p = spec.parallel
         self.dims = dims = ParallelDims.from_spec(spec, env.world_size, env.rank)
-        if p.sequence_parallel and p.tp > 1 and spec.data.seq_len % p.tp:
-            raise UserError(f"parallel.sequence_parallel: data.seq_len={spec.data.seq_len} must be divisible by "
-                            f"parallel.tp={p.tp} to split the sequence")
         self.mesh = init_device_mesh(device.type, (dims.pp, dims.dp, dims.tp), mesh_dim_names=("pp", "dp", "tp"))
+        dims.mesh = self.mesh
         dims.groups = {axis: self.mesh[axis].get_group() for axis in ("pp", "dp", "tp")}
         self.model_dims = LlamaDims.from_config(spec.model)
         self.model = model = build_model(self.model_dims)
         self.pipelined = dims.pp > 1
-        if self.pipelined:
-            from parallel.pipelining import prune_to_stages
-
-            stages = prune_to_stages(model, dims.pp_rank, dims.pp, p.pp_schedule)
-            blocks, roots = list(model.layers.values()), stages
-        else:
-            blocks, roots = list(model.layers), [model]
-        self.loss_fn = cross_entropy
-        if dims.tp > 1:
-            apply_dtensor_tp(model, blocks, self.mesh["tp"], p.sequence_parallel)
-            self.loss_fn = VocabParallelLoss(dims.group("tp"))
-        apply_activation_checkpointing(blocks, p.activation_checkpointing)
-        if p.compile:
-            apply_compile(blocks)
-            if dims.tp == 1:
-                # Fuses the fp32 upcast of the logits into the loss instead of writing an fp32 copy of them.
-                self.loss_fn = torch.compile(cross_entropy)
+        state = parallelize_llama(model, dims, spec, TECHNIQUES, device)
+        self.stages, self.loss_fn = state.stages, state.loss_fn
+        if p.compile and dims.tp == 1:
+            # Fuses the fp32 upcast of the logits into the loss instead of writing an fp32 copy of them.
+            self.loss_fn = torch.compile(cross_entropy)
         bf16 = p.precision == "bf16"
         self.sharded = dims.dp > 1
-        if self.sharded:
-            apply_fsdp(blocks, roots, self.mesh["dp"], torch.bfloat16 if bf16 else torch.float32,
-                       reshards_after_forward(p.zero_stage))
         # Without FSDP's mixed precision, bf16 is autocast over fp32 weights.
         # ZeRO-0/1: gradients accumulate unsharded in fp32 over the micro-batches and are reduced once per step
         # (the pipeline schedule does the same on its own).
@@ -99,7 +101,7 @@ class NativeEngine:
             from parallel.pipelining import build_schedule
 
             self.schedule, self.first_stage, self.last_stage = build_schedule(
-                stages, dims.pp_rank, dims.pp, p.pp_schedule, p.grad_accum, self.loss_fn, device, dims.group("pp"))
+                self.stages, dims.pp_rank, dims.pp, p.pp_schedule, p.grad_accum, self.loss_fn, device, dims.group("pp"))
         self._pending_save = None
         self._save_group = None
 

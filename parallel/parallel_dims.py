@@ -8,6 +8,7 @@ and the pipeline engine's own groups line up with ours.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch.distributed as dist
 
@@ -22,6 +23,7 @@ class ParallelDims:
     tp: int
     rank: int = 0
     groups: dict[str, dist.ProcessGroup | None] = field(default_factory=dict, repr=False)
+    mesh: Any = field(default=None, repr=False)  # the native engine's DeviceMesh (pp, dp, tp), where one is built
 
     @classmethod
     def from_spec(cls, spec: JobSpec, world_size: int, rank: int) -> ParallelDims:

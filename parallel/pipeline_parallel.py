@@ -11,6 +11,8 @@ has to travel.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from deepspeed.pipe import PipelineModule, TiedLayerSpec
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
@@ -20,6 +22,10 @@ from torch import nn
 from parallel.materialize import materialize_model
 from parallel.model import Llama
 from parallel.parallel_dims import ParallelDims
+
+if TYPE_CHECKING:
+    from orchestrator.spec import JobSpec
+    from parallel.parallelize import Parallelized
 
 
 class EmbeddingPiece(nn.Module):
@@ -96,3 +102,9 @@ def stage_parts(model: Llama, dims: ParallelDims) -> list[str]:
     pieces = _pieces(model)
     bounds = partition_balanced(weights=[_param_count(model, parts) for parts, _ in pieces], num_parts=dims.pp)
     return [part for parts, _ in pieces[bounds[dims.pp_rank]:bounds[dims.pp_rank + 1]] for part in parts]
+
+
+def apply_deepspeed_pipeline(state: Parallelized, dims: ParallelDims, spec: JobSpec) -> None:
+    """`parallelize_llama`'s pipeline step for the DeepSpeed engine: the PipelineModule of this rank's stage, which
+    the engine then runs; the model's other parts stay on the meta device."""
+    state.module = apply_pipeline_parallel(state.model, dims, state.loss_fn, spec.schedule.seed, state.device)

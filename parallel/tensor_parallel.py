@@ -15,12 +15,19 @@ Everything here works on a model still on the meta device; `parallel.materialize
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from parallel.model import Llama, RMSNorm
+
+if TYPE_CHECKING:
+    from orchestrator.spec import JobSpec
+    from parallel.parallel_dims import ParallelDims
+    from parallel.parallelize import Parallelized
 
 SEQ_DIM = 1
 
@@ -260,3 +267,11 @@ def apply_tensor_parallel(model: Llama, group, rank: int, size: int, sequence_pa
 
 def is_tensor_parallel(module: nn.Module) -> bool:
     return isinstance(module, _Sharded) and module.tp_size > 1
+
+
+def apply_megatron_tp(state: Parallelized, dims: ParallelDims, spec: JobSpec) -> None:
+    """`parallelize_llama`'s tensor-parallel step for the DeepSpeed engine: the layers above over the tp group,
+    trained with the vocabulary-parallel loss."""
+    group = dims.group("tp")
+    apply_tensor_parallel(state.model, group, dims.tp_rank, dims.tp, spec.parallel.sequence_parallel)
+    state.loss_fn = VocabParallelLoss(group)

@@ -61,7 +61,7 @@ def print_model(spec) -> None:
 def print_spec_layout(spec, gpus: int, per_node: int, mem: int) -> None:
     from orchestrator.planner.layout import Hardware, describe, with_layout
     from orchestrator.planner.memory import GiB, estimate_memory
-    from orchestrator.validate import RULES
+    from orchestrator.validate import cross_field_problems
 
     p = spec.parallel
     hw = Hardware(gpus=gpus, gpu_mem_bytes=mem, gpus_per_node=per_node)
@@ -78,7 +78,7 @@ def print_spec_layout(spec, gpus: int, per_node: int, mem: int) -> None:
         print(f"  {name:<26}{size / GiB:>9.2f} GiB")
     verdict = "fits" if memory.total <= mem else f"does NOT fit ({(memory.total - mem) / GiB:.1f} GiB over)"
     print(f"  {verdict} in {mem / GiB:.1f} GiB (pipeline stage {memory.stage} is the fullest)")
-    for problem in (q for rule in RULES for q in rule(own, set(), None)):
+    for problem in cross_field_problems(own):
         print(f"  breaks a rule: {problem}")
 
 

@@ -27,7 +27,7 @@ from orchestrator.errors import UserError
 from orchestrator.planner.counting import count_params, flops_per_token, stage_params
 from orchestrator.planner.memory import GiB, MemoryBreakdown, estimate_memory
 from orchestrator.spec import JobSpec, ParallelConfig
-from orchestrator.validate import RULES
+from orchestrator.validate import cross_field_problems
 
 HALF_EFFICIENCY_TOKENS = 256  # tokens per micro-batch at which matmuls reach half their large-batch efficiency
 # Activation checkpointing modes, simplest first, with the share of the step's compute each adds by recomputing:
@@ -148,7 +148,7 @@ def plan_layouts(spec: JobSpec, hw: Hardware, global_batch: int) -> Plan:
     for parallel in enumerate_layouts(spec, hw, global_batch):
         considered += 1
         candidate_spec = with_layout(spec, parallel, hw)
-        problems = [p for rule in RULES for p in rule(candidate_spec, set(), None)]
+        problems = cross_field_problems(candidate_spec)
         if problems:
             broke[str(problems[0])] += 1
             continue
@@ -292,7 +292,7 @@ def _what_would_fit(spec: JobSpec, hw: Hardware, global_batch: int, smallest: Ca
 def _fits_somewhere(spec: JobSpec, hw: Hardware, global_batch: int) -> bool:
     for parallel in enumerate_layouts(spec, hw, global_batch):
         candidate_spec = with_layout(spec, parallel, hw)
-        if any(rule(candidate_spec, set(), None) for rule in RULES):
+        if cross_field_problems(candidate_spec):
             continue
         if estimate_memory(candidate_spec).total <= hw.gpu_mem_bytes:
             return True
