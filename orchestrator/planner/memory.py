@@ -4,6 +4,9 @@ The estimate is built to be compared with `torch.cuda.max_memory_allocated` (ten
 padded with what the allocator and the CUDA context take beside the tensors (`reserve`) to decide whether a layout
 fits. Every term is per rank of the fullest pipeline stage, the one a run runs out of memory on.
 
+Each engine has its own model behind `memory_model(backend)`, with the same breakdown: this module holds the one of
+DeepSpeed and the activations both share; `orchestrator.planner.memory_native` models FSDP2.
+
 Model states follow what DeepSpeed allocates under the config `parallel.deepspeed_config` builds (read from it, so
 bucket sizes and dtypes stay in step with the engine). Mixed precision keeps bf16 weights, fp32 master weights, two
 fp32 Adam moments and fp32 gradient accumulation:
@@ -30,16 +33,20 @@ reductions' outputs, plus the block input and one block's activations while it i
 Measured against compiled blocks (Llama-3-8B shape, seq 4096, micro-batch 1, FSDP dp2 on H200s; docs/backends.md):
 the activations each mode adds over `full` are 14.6 GiB for `none` and 4.9 GiB for `selective`; this model says
 23.7 and 5.8 GiB. It over-counts `none` by 1.6× (inductor fuses the norms and RoPE and saves less than eager
-autograd does) and `selective` by 1.2×: on the safe side, as a planner should be. (The whole peak it puts 15-23%
-above the measured one, 76.4 / 82.2 / 100.1 GiB against 66.8 / 71.7 / 81.4 for full / selective / none.)
+autograd does) and `selective` by 1.2×: on the safe side, as a planner should be. (With DeepSpeed's model states the
+whole peak came 15-23% above that native run's, 76.4 / 82.2 / 100.1 GiB against 66.8 / 71.7 / 81.4 for full /
+selective / none; the native model, which counts compiled blocks' activations, is within 3% of each.)
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from orchestrator.planner.counting import stage_params
 from orchestrator.spec import JobSpec, ModelConfig, ParallelConfig
+from orchestrator.validate import pick_backend
 
 GiB = 1024**3
 
@@ -103,9 +110,32 @@ class EngineBuffers:
     frees_bf16_gradients: bool = False  # bf16 gradients go into the fp32 accumulator during backward
 
 
+MemoryModel = Callable[[JobSpec, ParallelConfig], MemoryBreakdown]
+
+
 def estimate_memory(spec: JobSpec, parallel: ParallelConfig | None = None) -> MemoryBreakdown:
-    """Peak bytes per GPU for `spec` under `parallel` (default: the spec's own, resolved layout)."""
+    """Peak bytes per GPU for `spec` under `parallel` (default: the spec's own, resolved layout), by the memory
+    model of the engine that runs it."""
     p = parallel or spec.parallel
+    backend = p.backend if p.backend != "auto" else pick_backend(dataclasses.replace(spec, parallel=p))
+    return memory_model(backend)(spec, p)
+
+
+def memory_model(backend: str) -> MemoryModel:
+    """The memory model of engine `backend`: each engine allocates its own way (DeepSpeed keeps bf16 weights beside
+    its fp32 master copy, FSDP2 gathers bf16 copies only of the blocks it runs), so each has its own model with the
+    same breakdown."""
+    if backend == "deepspeed":
+        return deepspeed_memory
+    if backend == "native":
+        from orchestrator.planner.memory_native import native_memory
+
+        return native_memory
+    raise ValueError(f"no memory model for backend {backend!r}; expected 'deepspeed' or 'native'")
+
+
+def deepspeed_memory(spec: JobSpec, p: ParallelConfig) -> MemoryBreakdown:
+    """Peak bytes per GPU of the DeepSpeed engine: the fullest pipeline stage's."""
     buffers = engine_buffers(spec, p)
     per_stage = stage_params(spec.model, p.pp, p.tp)
     breakdowns = [_stage_memory(spec.model, spec.data.seq_len, p, buffers, s, per_stage[s]) for s in range(p.pp)]
@@ -116,8 +146,6 @@ def engine_buffers(spec: JobSpec, p: ParallelConfig) -> EngineBuffers:
     """Bucket sizes from the DeepSpeed config the engine will build for this layout."""
     if p.backend != "deepspeed":
         return EngineBuffers()
-    import dataclasses
-
     from parallel.deepspeed_config import build_ds_config
     from parallel.parallel_dims import ParallelDims
 
@@ -148,7 +176,7 @@ def _stage_memory(model: ModelConfig, seq_len: int, p: ParallelConfig, buffers: 
     late_gradients = held + (0 if mixed else 4 * params // dp) if zero == 1 else 0
     optimizer = 0 if p.offload_optimizer else 12 * params // dp  # fp32 master copy of the shard + two moments
 
-    activations = _activation_bytes(model, seq_len, p, stage, width)
+    activations = activation_bytes(model, seq_len, p, stage, width)
     overhead = _buffer_bytes(model, p, buffers, width, zero) + max(0, late_gradients - activations)
     return MemoryBreakdown(weights=weights, gradients=gradients, optimizer=optimizer,
                            activations=activations, overhead=overhead, stage=stage)
@@ -172,11 +200,17 @@ def selective_bytes_per_token(model: ModelConfig, width: int, tp: int = 1, seque
     return split + reductions
 
 
-def _activation_bytes(model: ModelConfig, seq_len: int, p: ParallelConfig, stage: int, width: int) -> int:
+def activation_bytes(model: ModelConfig, seq_len: int, p: ParallelConfig, stage: int, width: int,
+                     block_bytes_per_token: float | None = None, logit_bytes: int = LOGIT_BYTES) -> int:
+    """Activations at the peak of pipeline stage `stage`, per `p.activation_checkpointing`. A block keeps
+    `block_bytes_per_token` without recomputation (default: what eager autograd saves, `activation_bytes_per_token`)
+    and each logit of the last stage `logit_bytes`."""
     tokens = p.micro_batch_size * seq_len
     layers = model.n_layers // p.pp
     in_flight = min(p.pp - stage, p.grad_accum)
-    full_layer = tokens * activation_bytes_per_token(model, width, p.tp, p.sequence_parallel)
+    if block_bytes_per_token is None:
+        block_bytes_per_token = activation_bytes_per_token(model, width, p.tp, p.sequence_parallel)
+    full_layer = tokens * block_bytes_per_token
     block_input = tokens * model.dim / (p.tp if p.sequence_parallel else 1) * width
     if p.activation_checkpointing == "full":
         kept = layers * in_flight * block_input + full_layer  # one block recomputed at a time
@@ -186,7 +220,7 @@ def _activation_bytes(model: ModelConfig, seq_len: int, p: ParallelConfig, stage
     else:
         kept = layers * in_flight * full_layer
     if stage == p.pp - 1:
-        kept += tokens * model.vocab_size / p.tp * LOGIT_BYTES
+        kept += tokens * model.vocab_size / p.tp * logit_bytes
     return int(kept)
 
 

@@ -69,10 +69,15 @@ def with_parallel(spec, **changes):
     return dataclasses.replace(spec.parallel, **changes)
 
 
-def test_each_zero_stage_shards_more(billion):
-    totals = [estimate_memory(billion, with_parallel(billion, zero_stage=z)).allocated for z in (1, 2, 3)]
+@pytest.mark.parametrize("backend", ["deepspeed", "native"])
+def test_each_zero_stage_shards_more(billion, backend):
+    totals = [estimate_memory(billion, with_parallel(billion, backend=backend, zero_stage=z)).allocated
+              for z in (1, 2, 3)]
     assert totals[0] > totals[1] > totals[2]
-    one, three = (estimate_memory(billion, with_parallel(billion, zero_stage=z)) for z in (1, 3))
+
+
+def test_deepspeed_keeps_bf16_weights_and_shards_master_and_moments(billion):
+    one, three = (estimate_memory(billion, with_parallel(billion, backend="deepspeed", zero_stage=z)) for z in (1, 3))
     params = stage_params(billion.model)[0]
     assert three.weights == 2 * params // 8 and one.weights == 2 * params
     assert one.optimizer == three.optimizer == 12 * params // 8  # fp32 master + two moments, sharded from stage 1
@@ -114,7 +119,8 @@ def test_first_pipeline_stage_holds_micro_batches_in_flight(billion):
 
 
 def test_offload_leaves_no_optimizer_state_on_the_gpu(billion):
-    assert estimate_memory(billion, with_parallel(billion, offload_optimizer=True)).optimizer == 0
+    offloaded = with_parallel(billion, backend="deepspeed", offload_optimizer=True)  # DeepSpeed's alone
+    assert estimate_memory(billion, offloaded).optimizer == 0
 
 
 def test_deepspeed_zero1_bf16_gradients_pile_up_only_when_accumulated_after_backward(billion):

@@ -1,0 +1,73 @@
+"""Memory per GPU of the native engine (FSDP2, DTensor TP, torch.distributed.pipelining), as `parallel.fsdp` runs it.
+
+With more than one data-parallel rank every parameter lives once, as an fp32 shard (the master weights), with an fp32
+gradient shard and Adam's two fp32 moments beside it: 16 bytes a parameter over dp. What FSDP2 adds is the bf16
+(fp32 in fp32 training) copies it gathers to compute: under ZeRO-3 the block running and the one prefetched behind
+it, plus the roots (embedding, final norm, lm_head), which stay gathered from their forward to their backward; under
+ZeRO-1/2 every block, since none is resharded after forward. ZeRO-1 accumulates the micro-batches' gradients
+unsharded in fp32 and reduce-scatters them once a step, so its gradients are a whole fp32 copy. With one
+data-parallel rank there is no FSDP: fp32 weights, gradients and moments, and under bf16 autocast the bf16 casts of
+the weights, cached through the forward for the backward.
+
+Activations are `memory.activation_bytes` per checkpointing mode. Compiled blocks (`parallel.compile`) save less than
+eager autograd: inductor fuses each norm and RoPE into the kernels around them, so a norm keeps only its bf16 input,
+attention q, k, v and its output, SwiGLU gate, up and the product into down_proj; the fused loss keeps the bf16
+logits, the fp32 gradient of the softmax and the bf16 gradient into lm_head (8 bytes a logit against eager's 12).
+
+Checked against the peaks measured on H200s (`torch.cuda.max_memory_allocated`, benchmarks/results/, test in
+tests/orchestrator/test_plan_memory_native.py): 1.15B seq 2048 micro-batch 8 on one GPU, dp2 ZeRO-1 and ZeRO-3, and
+Llama-3-8B's shape seq 4096 micro-batch 1 dp2 ZeRO-3 with each checkpointing mode are all within 10%.
+"""
+
+from __future__ import annotations
+
+from orchestrator.planner.counting import count_params, stage_params
+from orchestrator.planner.memory import NORMS, MemoryBreakdown, activation_bytes
+from orchestrator.spec import JobSpec, ModelConfig, ParallelConfig
+
+COMPILED_LOGIT_BYTES = 8
+IN_FLIGHT_BLOCKS = 2  # ZeRO-3: the block computing and the one FSDP2 prefetches behind it
+
+
+def native_memory(spec: JobSpec, p: ParallelConfig) -> MemoryBreakdown:
+    """Peak bytes per GPU of the native engine: the fullest pipeline stage's."""
+    per_stage = stage_params(spec.model, p.pp, p.tp)
+    return max((_stage_memory(spec.model, spec.data.seq_len, p, s, params) for s, params in enumerate(per_stage)),
+               key=lambda b: b.allocated)
+
+
+def compiled_bytes_per_token(model: ModelConfig, width: int, tp: int = 1, sequence_parallel: bool = False) -> float:
+    """Bytes a compiled block keeps per token without recomputation: each norm's input, q, k, v and attention's
+    output, gate, up and their product (split by tp; the norms only with sequence parallelism)."""
+    d = model.dim
+    kv = model.n_kv_heads * (d // model.n_heads)
+    norms = NORMS * d * width / (tp if sequence_parallel else 1)
+    return norms + (2 * d + 2 * kv + 3 * model.ffn_dim) * width / tp
+
+
+def _stage_memory(model: ModelConfig, seq_len: int, p: ParallelConfig, stage: int, params: int) -> MemoryBreakdown:
+    mixed = p.precision == "bf16"
+    width = 2 if mixed else 4
+    dp = max(p.dp, 1)
+    if dp == 1:
+        gradients = 4 * params
+        gathered = width * params if mixed else 0  # autocast's cached bf16 casts of the fp32 weights
+    else:
+        gradients = 4 * params if p.zero_stage <= 1 else 4 * params // dp
+        gathered = width * (params if p.zero_stage < 3 else _resident_when_resharding(model, p, params))
+    if p.compile:
+        block = compiled_bytes_per_token(model, width, p.tp, p.sequence_parallel)
+        activations = activation_bytes(model, seq_len, p, stage, width, block, COMPILED_LOGIT_BYTES)
+    else:
+        activations = activation_bytes(model, seq_len, p, stage, width)
+    return MemoryBreakdown(weights=4 * params // dp, gradients=gradients, optimizer=8 * params // dp,
+                           activations=activations, overhead=gathered, stage=stage)
+
+
+def _resident_when_resharding(model: ModelConfig, p: ParallelConfig, params: int) -> int:
+    """Parameters gathered at once under ZeRO-3: the blocks in flight and the stage's roots."""
+    count = count_params(model)
+    layer = (count.attention + count.ffn) // p.tp + count.norms
+    blocks = model.n_layers // p.pp
+    roots = params - blocks * layer
+    return min(blocks, IN_FLIGHT_BLOCKS) * layer + roots
