@@ -65,7 +65,7 @@ def assert_rules_evaluate(prometheus: PrometheusServer) -> None:
 def test_every_training_panel_returns_series_from_a_real_run(ray_cluster, tmp_path):
     from cluster import submission
     from orchestrator.validate import parse_spec
-    from tests.parallel.real_shards import write_shards
+    from tests.shards import write_shards
 
     targets = tmp_path / "targets.json"
     spec = parse_spec({

@@ -28,7 +28,7 @@ FINISHED = re.compile(r"finished: step (\d+), loss (\S+), restarts (\d+), (\d+) 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """Real text of the demo corpus as byte tokens, in the shard format the loader reads."""
-    from tests.parallel.real_shards import write_shards
+    from tests.shards import write_shards
 
     return write_shards(tmp_path_factory.mktemp("chaos") / "shards", seq_len=64, rows=200)
 

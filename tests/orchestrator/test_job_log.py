@@ -57,7 +57,7 @@ def test_history_replaces_the_records_of_replayed_steps(tmp_path):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from tests.parallel.real_shards import write_shards
+    from tests.shards import write_shards
 
     return write_shards(tmp_path_factory.mktemp("joblog") / "shards", seq_len=64, rows=200)
 
@@ -117,7 +117,7 @@ def test_job_log_of_a_killed_rank_names_the_resume_point_and_folds_nothing(ray_c
 @pytest.mark.slow
 @pytest.mark.xdist_group("ray")
 def test_corrupt_shard_is_one_message_without_traceback(ray_cluster, tmp_path):
-    from tests.parallel.real_shards import write_shards
+    from tests.shards import write_shards
 
     shards = write_shards(tmp_path / "shards", seq_len=64, rows=200)
     shard = sorted(shards.glob("**/*.arrow"))[0]

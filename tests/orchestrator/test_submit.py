@@ -15,7 +15,7 @@ from orchestrator.cli import main
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from tests.parallel.real_shards import write_shards
+    from tests.shards import write_shards
 
     return write_shards(tmp_path_factory.mktemp("submit") / "shards", seq_len=32, rows=20)
 

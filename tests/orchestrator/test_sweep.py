@@ -12,7 +12,7 @@ from orchestrator.cli import main
 from orchestrator.errors import SpecError
 from orchestrator.planner.scaling import CHINCHILLA
 from orchestrator.planner.sweep import load_sweep, plan_runs, summarize, train_one
-from tests.parallel.real_shards import write_shards
+from tests.shards import write_shards
 
 
 @pytest.fixture(scope="module")

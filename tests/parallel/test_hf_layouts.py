@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from real_shards import EOS, write_shards
 from test_deepspeed_engine import free_port
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -26,6 +25,7 @@ from orchestrator.cli import main as pretrain
 from orchestrator.validate import load_spec
 from parallel.callbacks import read_history
 from parallel.loader import build_loaders
+from tests.shards import EOS, write_shards
 
 REPO = Path(__file__).resolve().parents[2]
 ATOL = 1e-4

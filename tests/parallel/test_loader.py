@@ -7,11 +7,11 @@ import os
 import numpy as np
 import pytest
 import torch
-from real_shards import write_shards
 
 from dataprep.shards import open_shard, read_manifest, shard_paths
 from orchestrator.errors import DataError
 from parallel.loader import ShardLoader, sample_order
+from tests.shards import write_shards
 
 SEQ = 32
 

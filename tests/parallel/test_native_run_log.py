@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from real_shards import write_shards
 from test_deepspeed_engine import free_port
 from test_train import TINY_RUN, losses
+
+from tests.shards import write_shards
 
 REPO = Path(__file__).resolve().parents[2]
 # "path/to/file.py:12: FutureWarning: ..." as the warnings module prints it

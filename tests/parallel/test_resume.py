@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from real_shards import write_shards
+
+from tests.shards import write_shards
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("resume_worker.py")

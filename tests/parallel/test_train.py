@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from real_shards import write_shards
 from test_deepspeed_engine import free_port
+
+from tests.shards import write_shards
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_RUN = ["model.dim=64", "model.n_layers=2", "data.seq_len=64", "parallel.micro_batch_size=4",

@@ -15,7 +15,7 @@ import numpy as np
 
 from dataprep.shards import ShardWriter, write_manifest
 
-CORPUS = Path(__file__).resolve().parents[2] / "examples" / "corpus"
+CORPUS = Path(__file__).resolve().parents[1] / "examples" / "corpus"
 EOS = 256
 
 
