@@ -1,10 +1,17 @@
 """`pretrain`: the one command line of the project.
 
-    pretrain validate job.yaml parallel.tp=2      check a spec, print it resolved
-    pretrain prep prep.yaml                       corpora → Arrow shards
-    pretrain plan job.yaml --gpus 64              memory, FLOPs and layout
-    pretrain submit job.yaml [--address URL]      run on a Ray cluster (embedded local one without --address)
-    pretrain train job.yaml                       one rank, torchrun-style env vars (what the controller starts)
+    pretrain validate job.yaml parallel.tp=2          check a spec, print it resolved
+    pretrain prep prep.yaml                           corpora → Arrow shards
+    pretrain plan job.yaml --gpus 64                  memory, FLOPs and layout
+    pretrain sweep sweep.yaml [--fit-only]            small runs on Ray, a scaling law fitted to them
+    pretrain train job.yaml                           one rank, torchrun-style env vars (what the controller starts)
+    pretrain submit job.yaml [--address URL]          run on a Ray cluster (embedded local one without --address)
+    pretrain status|logs|stop JOB_ID [--address URL]  a submitted job's state, its logs (-f to follow), stop it
+    pretrain list [--address URL]                     the submitted jobs
+    pretrain export step_<N> out/                     a checkpoint as a Hugging Face Llama model
+    pretrain import hf-model/ job.yaml -o run.yaml    start a run from a Hugging Face Llama model
+    pretrain generate step_<N> --prompt TEXT          sample continuations from a checkpoint
+    pretrain k8s render job.yaml -o k8s-run           KubeRay manifests (RayJob, ConfigMaps, PVC, monitoring)
 
 Each subcommand lives in `orchestrator/commands/<name>.py` with `add_arguments(parser)` and `run(args) -> int`;
 those modules import their heavy dependencies inside `run`, so `pretrain --help` stays fast.

@@ -68,7 +68,8 @@ def test_a_missing_file_is_named(tmp_path):
 def test_no_usable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
     _write_checkpoint(tmp_path, 10, complete=False)
     (_write_checkpoint(tmp_path, 20) / "manifest.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match=r"no usable checkpoint in .*\n  .*step_20/manifest.json: not valid JSON at line 1"
+    with pytest.raises(CheckpointError, match=r"no usable checkpoint in .*\n  .*step_20/manifest.json: not valid JSON "
+                                              r"at line 1"
                                               r".*\n  .*step_10: incomplete.*\nmove them away"):
         _checkpointer(tmp_path).find_resumable()
 
