@@ -40,7 +40,7 @@ LAYOUT_TIMEOUT_S = 300
 # name → (GPUs, spec overrides)
 LAYOUTS = {
     "1b-zero1-dp1": (1, ["parallel.zero_stage=1"]),
-    "1b-zero1-ckpt-dp1": (1, ["parallel.zero_stage=1", "parallel.activation_checkpointing=true",
+    "1b-zero1-ckpt-dp1": (1, ["parallel.zero_stage=1", "parallel.activation_checkpointing=full",
                               "parallel.micro_batch_size=8"]),
     "1b-zero1-dp2": (2, ["parallel.zero_stage=1"]),
     "1b-zero2-dp2": (2, ["parallel.zero_stage=2"]),
