@@ -16,6 +16,7 @@ def find_components(edges, partitions: int, local_max_edges: int):
     """(members, rounds, sizes): a Dataset of (key, root) for every document that is not its component's root,
     the contraction rounds used (0: solved in one process) and the histogram {cluster size: clusters}."""
     import ray
+    from ray.data.expressions import col
 
     edges = edges.materialize()
     if edges.count() <= local_max_edges:
@@ -31,10 +32,10 @@ def find_components(edges, partitions: int, local_max_edges: int):
             _large_star, batch_size=None, batch_format="pyarrow").materialize()
         if edges.sum("unsettled") == 0:
             break
-        edges = edges.filter(expr="u >= 0").map_batches(_larger_first, batch_format="pyarrow")
+        edges = edges.filter(expr=col("u") >= 0).map_batches(_larger_first, batch_format="pyarrow")
         edges = edges.repartition(partitions, keys=["u"]).map_batches(
             _small_star, batch_size=None, batch_format="pyarrow")
-    members = edges.filter(expr="u >= 0").map_batches(
+    members = edges.filter(expr=col("u") >= 0).map_batches(
         lambda t: pa.table({"key": t.column("u"), "root": t.column("v")}), batch_format="pyarrow").materialize()
     return members, rounds, _cluster_sizes(members)
 
