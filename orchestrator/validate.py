@@ -14,8 +14,6 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from orchestrator import config_parser
 from orchestrator.config_parser import WRITTEN_FILE_BOUNDS, leaf_fields, load_json, parse_config
 from orchestrator.errors import Problem, SpecError
@@ -67,10 +65,6 @@ def pick_backend(spec: JobSpec) -> str:
 
 def spec_to_dict(spec: JobSpec) -> dict[str, Any]:
     return dataclasses.asdict(spec)
-
-
-def spec_to_yaml(spec: JobSpec) -> str:
-    return OmegaConf.to_yaml(OmegaConf.create(spec_to_dict(spec)))
 
 
 def field_help(cls: type = JobSpec) -> Iterable[tuple[str, Any, str]]:

@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dataprep.shards import write_atomic
-    from orchestrator.validate import load_spec, spec_to_yaml
+    from orchestrator.spec import spec_to_yaml
+    from orchestrator.validate import load_spec
     from parallel.hf import model_settings, open_hf_weights
 
     weights = open_hf_weights(args.hf_dir)

@@ -12,7 +12,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from orchestrator.validate import load_spec, spec_to_yaml
+    from orchestrator.spec import spec_to_yaml
+    from orchestrator.validate import load_spec
 
     spec = load_spec(args.spec, args.overrides, require_data=args.require_data)
     print(spec_to_yaml(spec), end="")

@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from orchestrator.errors import SpecError
-from orchestrator.validate import field_help, load_spec, parse_spec, spec_to_dict, spec_to_yaml
+from orchestrator.spec import spec_to_yaml
+from orchestrator.validate import field_help, load_spec, parse_spec, spec_to_dict
 
 
 def problems(raw: dict, overrides: tuple[str, ...] = (), **kw) -> list[str]:
