@@ -9,21 +9,28 @@
     # the 8B shape, each activation checkpointing mode in one launch
     torchrun --nproc_per_node 2 benchmarks/gpu_backends.py --model examples/llama-8b.yaml --seq-len 4096 \
         --micro-batch-size 1 --grad-accum 8 --runs native-zero3-acnone,native-zero3-acfull,native-zero3-acselective
+    # the 8B shape split over two GPUs: tensor parallel (the spec's sequence parallelism), then two pipeline stages
+    torchrun --nproc_per_node 2 benchmarks/gpu_backends.py --model examples/llama-8b.yaml --seq-len 4096 \
+        --micro-batch-size 1 --grad-accum 8 --runs native-zero1-tp2,native-zero1-pp2-1f1b,native-zero1-pp2-interleaved
 
-A run is `plain` or `<backend>-zero<stage>[-tp<n>][-ac<mode>][-untuned]`: `-tp<n>` splits the model over n GPUs
-(the rest is data parallel); `-ac<mode>` sets `parallel.activation_checkpointing` (none, full, selective) for that
-run; `-untuned` runs DeepSpeed as configured before its tuning (per-step overflow check, bf16 gradients copied to
-the fp32 accumulator after the backward pass), for before/after figures in one launch.
+A run is `plain` or `<backend>-zero<stage>[-tp<n>][-pp<n>[-1f1b|-interleaved|-zerobubble]][-ac<mode>][-untuned]`:
+`-tp<n>` splits the model over n GPUs, `-pp<n>` cuts it into n pipeline stages (the rest is data parallel) run by
+the named schedule (default: the spec's `parallel.pp_schedule`) over `grad_accum` micro-batches; `-ac<mode>` sets
+`parallel.activation_checkpointing` (none, full, selective) for that run; `-untuned` runs DeepSpeed as configured
+before its tuning (per-step overflow check, bf16 gradients copied to the fp32 accumulator after the backward pass),
+for before/after figures in one launch.
 
 The spec given by --model (examples/llama-1b.yaml by default: 1.15B parameters, GQA, vocab 50304) is run as written:
 its model, data.seq_len and whole `parallel` section (activation checkpointing, sequence parallelism, precision,
 compile, micro-batch, accumulation, ...), except the layout, which the run name and the launch's GPUs set (backend,
-ZeRO stage, tp, dp = GPUs / tp, pp = 1). Command-line flags override single settings for every run; the run name's
+ZeRO stage, tp, pp, dp = GPUs / (tp·pp)). Command-line flags override single settings for every run; the run name's
 `-ac<mode>` overrides them for one. `plain` is the reference loop and takes the model, batch and precision only.
 Random tokens already on the GPU (the loader is benchmarked on its own). Each run: `--warmup` steps (compilation),
 then `--repeats` windows of `--steps` timed steps, each between two CUDA synchronisations, the loss read once per
 window as a training loop reading it only when it logs would; tokens/s is the median window's. A configuration that
-fails is recorded with its error and the others still run.
+fails is recorded with its error and the others still run. A native pp run also records its bubble (`pipeline`):
+the schedule's pass alone, timed over m and 2m micro-batches, gives a micro-batch's busy time and thus the idle
+share of a pass, beside the schedule's theory.
 
 tokens/s counts the whole job's tokens. MFU per GPU = `LlamaDims.flops_per_token(seq)` (6·N over the matmul weights
 + 12·L·seq·dim for attention, PaLM's formula, no causal halving) × tokens/s / (GPUs × 989 TFLOP/s, H100 SXM dense
@@ -61,7 +68,11 @@ from parallel.optim import build_optimizer, build_param_groups, build_scheduler
 REPO = Path(__file__).resolve().parent.parent
 H100_FLOPS = 989e12
 RUN = re.compile(r"(?P<backend>native|deepspeed)-zero(?P<stage>[0-3])(-tp(?P<tp>\d+))?"
+                 r"(-pp(?P<pp>\d+)(-(?P<schedule>1f1b|interleaved|zerobubble))?)?"
                  r"(-ac(?P<ac>none|full|selective))?(?P<untuned>-untuned)?")
+RUN_FORM = "<native|deepspeed>-zero<0-3>[-tp<n>][-pp<n>[-1f1b|-interleaved|-zerobubble]][-ac<mode>][-untuned]"
+# The run name's schedule word → `parallel.pp_schedule`.
+SCHEDULES = {"1f1b": "1f1b", "interleaved": "interleaved_1f1b", "zerobubble": "zero_bubble"}
 # Set by the benchmark's run, not taken from the spec: the layout over the GPUs of this launch.
 LAYOUT_KEYS = ("backend", "zero_stage", "dp", "pp", "tp", "global_batch_size")
 # Flags that override the spec's `parallel` setting of the same name when given.
@@ -89,12 +100,14 @@ def add_parallel_flags(parser: argparse.ArgumentParser) -> None:
                         help="default: the --model spec's (applies with tp > 1)")
 
 
-def build_spec(backend: str, zero_stage: int, world: int, args: argparse.Namespace, tp: int = 1,
-               activation_checkpointing: str | None = None):
+def build_spec(backend: str, zero_stage: int, world: int, args: argparse.Namespace, tp: int = 1, pp: int = 1,
+               activation_checkpointing: str | None = None, pp_schedule: str | None = None):
     written = load_yaml(args.model)
-    parallel = spec_parallel(written, args, backend=backend, zero_stage=zero_stage, tp=tp)
+    parallel = spec_parallel(written, args, backend=backend, zero_stage=zero_stage, tp=tp, pp=pp)
     if activation_checkpointing:
         parallel["activation_checkpointing"] = activation_checkpointing
+    if pp_schedule:
+        parallel["pp_schedule"] = pp_schedule
     raw = {
         "name": "gpu-backends",
         "model": written["model"],
@@ -110,8 +123,8 @@ def build_spec(backend: str, zero_stage: int, world: int, args: argparse.Namespa
 
 def random_micro_batches(spec, device: torch.device, count: int) -> list[list[MicroBatch]]:
     p, seq, vocab = spec.parallel, spec.data.seq_len, spec.model.vocab_size
-    # Ranks of one tensor-parallel group (adjacent ranks) read the same batch.
-    generator = torch.Generator(device=device).manual_seed(1234 + dist.get_rank() // p.tp)
+    # Ranks of one data-parallel rank's model replica (its tp group and its pp stages) read the same batch.
+    generator = torch.Generator(device=device).manual_seed(1234 + dist.get_rank() // p.tp % p.dp)
     steps = []
     for _ in range(count):
         rows = torch.randint(0, vocab, (p.grad_accum, p.micro_batch_size, seq + 1), device=device,
@@ -162,8 +175,7 @@ def untuned_ds_config(config: dict) -> dict:
 def parse_run(name: str) -> re.Match:
     run = RUN.fullmatch(name)
     if run is None:
-        raise SystemExit(f"--runs: {name!r} is not plain or "
-                         "<native|deepspeed>-zero<0-3>[-tp<n>][-ac<none|full|selective>][-untuned]")
+        raise SystemExit(f"--runs: {name!r} is not plain or {RUN_FORM}")
     if run["untuned"] and run["backend"] != "deepspeed":
         raise SystemExit(f"--runs: {name!r}: only deepspeed runs have an untuned form")
     return run
@@ -179,7 +191,8 @@ def build_runner(name: str, args: argparse.Namespace, env: RankEnv, device: torc
         return spec, PlainLoop(spec, device).train_step
     run = parse_run(name)
     spec = build_spec(run["backend"], int(run["stage"]), world, args, tp=int(run["tp"] or 1),
-                      activation_checkpointing=run["ac"])
+                      pp=int(run["pp"] or 1), activation_checkpointing=run["ac"],
+                      pp_schedule=SCHEDULES.get(run["schedule"] or ""))
     if run["untuned"]:
         import parallel.deepspeed_engine as ds_engine
 
@@ -192,6 +205,44 @@ def build_runner(name: str, args: argparse.Namespace, env: RankEnv, device: torc
     else:
         engine = build_engine(spec, env, device)
     return spec, functools.partial(_engine_loss, engine)
+
+
+def _timed_passes(engine, pairs: list, repeats: int) -> float:
+    """Seconds of one pass of the engine's pipeline schedule over `pairs` (forward and backward, no optimizer step):
+    one warm-up pass, then the median of `repeats`."""
+    times = []
+    for _ in range(repeats + 1):
+        if pairs[0][0].is_cuda:
+            torch.cuda.synchronize()
+        dist.barrier()
+        start = time.perf_counter()
+        float(engine._run_pipeline(pairs, train=True))
+        times.append(time.perf_counter() - start)
+    engine.optimizer.zero_grad(set_to_none=True)
+    return statistics.median(times[1:])
+
+
+def pipeline_bubble(engine, micro_batches: list[MicroBatch], repeats: int) -> dict:
+    """The schedule's measured bubble: its pass timed alone over m and over 2m micro-batches (a second schedule over
+    the same stages), so t = (T(2m) − T(m)) / m is a micro-batch's busy time per rank and 1 − m·t / T(m) the idle
+    share of a pass; beside the schedule's theory (`bubble_fraction`). The optimizer step is outside both."""
+    from parallel.pipelining import bubble_fraction, build_schedule
+
+    p, dims = engine.spec.parallel, engine.dims
+    m = p.grad_accum
+    pairs = [(mb.inputs, mb.targets) for mb in micro_batches]
+    single = _timed_passes(engine, pairs, repeats)
+    schedule = engine.schedule
+    engine.schedule, _, _ = build_schedule(engine.stages, dims.pp_rank, dims.pp, p.pp_schedule, 2 * m,
+                                           engine.loss_fn, engine.device, dims.group("pp"))
+    try:
+        double = _timed_passes(engine, pairs * 2, repeats)
+    finally:
+        engine.schedule = schedule
+    per_micro_batch = (double - single) / m
+    return {"pass_s": round(single, 4), "pass_2m_s": round(double, 4), "micro_batch_s": round(per_micro_batch, 4),
+            "bubble_measured": round(1 - m * per_micro_batch / single, 4),
+            "bubble_theory": round(bubble_fraction(dims.pp, m, p.pp_schedule), 4)}
 
 
 def measure(name: str, args: argparse.Namespace, env: RankEnv, device: torch.device) -> dict:
@@ -226,6 +277,9 @@ def measure(name: str, args: argparse.Namespace, env: RankEnv, device: torch.dev
     tokens_per_s = tokens_per_step * args.steps / seconds
     dims = LlamaDims.from_config(spec.model)
     mfu = dims.flops_per_token(spec.data.seq_len) * tokens_per_s / (world * H100_FLOPS)
+    extra = {}
+    if p.pp > 1 and p.backend == "native":
+        extra["pipeline"] = pipeline_bubble(step.args[0], batches[0], args.repeats)
     del step
     gc.collect()
     if cuda:
@@ -236,7 +290,7 @@ def measure(name: str, args: argparse.Namespace, env: RankEnv, device: torch.dev
             "peak_mem_gib": round(peak.item() / 2**30, 2), "resident_mem_gib": round(resident.item() / 2**30, 2),
             "step_s": round(seconds / args.steps, 4), "parallel": dataclasses.asdict(p),
             "window_tokens_per_s": [round(tokens_per_step * args.steps / w) for w in windows],
-            "final_loss": round(final_loss, 4), "params": dims.num_params()}
+            "final_loss": round(final_loss, 4), "params": dims.num_params(), **extra}
 
 
 def summary(result: dict) -> str:
@@ -245,7 +299,9 @@ def summary(result: dict) -> str:
     return (f"{result['run']:>18} gpus={result['gpus']} tokens/s={result['tokens_per_s']:>9,} "
             f"MFU/GPU={result['mfu_per_gpu']:.3f} peak={result['peak_mem_gib']:.1f} GiB "
             f"(resident {result['resident_mem_gib']:.1f}) ac={result['parallel']['activation_checkpointing']} "
-            f"step={result['step_s'] * 1000:.0f} ms loss={result['final_loss']}")
+            f"step={result['step_s'] * 1000:.0f} ms loss={result['final_loss']}"
+            + (" bubble={bubble_measured} (theory {bubble_theory})".format(**result["pipeline"])
+               if "pipeline" in result else ""))
 
 
 def write_results(args: argparse.Namespace, env: RankEnv, device: torch.device, results: list[dict]) -> None:
@@ -265,7 +321,7 @@ def write_results(args: argparse.Namespace, env: RankEnv, device: torch.device, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="plain,native-zero1,deepspeed-zero1",
-                        help="comma-separated: plain, <native|deepspeed>-zero<0-3>[-tp<n>][-ac<mode>][-untuned]")
+                        help=f"comma-separated: plain, {RUN_FORM}")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per window")
     parser.add_argument("--repeats", type=int, default=3, help="timed windows; tokens/s is their median")
     parser.add_argument("--warmup", type=int, default=3)

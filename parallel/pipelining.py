@@ -92,3 +92,11 @@ def build_schedule(stages: list[StageModule], pp_rank: int, pp: int, schedule: s
     runner = cls(pipeline_stages[0] if schedule == "1f1b" else pipeline_stages, n_microbatches=n_microbatches,
                  loss_fn=loss_fn, scale_grads=True)
     return runner, 0 in ids, n_stages - 1 in ids
+
+
+def bubble_fraction(pp: int, n_microbatches: int, schedule: str) -> float:
+    """The idle share of a step on each rank in theory: (p − 1) / (v·m + p − 1) for p ranks, m micro-batches and v
+    stages per rank (1F1B: v = 1, so (p − 1) / (m + p − 1)); zero_bubble's is taken as interleaved 1F1B's, an upper
+    bound, since it fills part of that idle time with weight gradients."""
+    v = stages_per_rank(schedule)
+    return (pp - 1) / (v * n_microbatches + pp - 1)
