@@ -1,5 +1,5 @@
 """One rank of a layout run for the equivalence tests: fixed tokens, N steps, per-step losses and the final gathered
-parameters written by rank 0. Started by torchrun from tests/parallel/test_deepspeed_engine.py.
+parameters written by rank 0. Started by torchrun from tests/helpers.py (run_layout).
 
     torchrun --nproc_per_node 4 tests/parallel/layout_worker.py OUT.pt parallel.pp=2 parallel.tp=2 ...
 """

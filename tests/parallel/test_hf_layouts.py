@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_deepspeed_engine import free_port
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -25,6 +24,7 @@ from orchestrator.cli import main as pretrain
 from orchestrator.validate import load_spec
 from parallel.callbacks import read_history
 from parallel.loader import build_loaders
+from tests.helpers import free_port
 from tests.shards import EOS, write_shards
 
 REPO = Path(__file__).resolve().parents[2]

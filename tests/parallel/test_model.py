@@ -6,17 +6,8 @@ import pytest
 import torch
 
 from orchestrator.spec import ModelConfig
-from parallel.materialize import materialize_model
-from parallel.model import LlamaDims, build_model, cross_entropy, init_parameter
-
-CONFIG = ModelConfig(vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32)
-
-
-def tiny(tie: bool = False):
-    config = ModelConfig(**{**CONFIG.__dict__, "tie_embeddings": tie})
-    model = build_model(config)
-    materialize_model(model, seed=3, device=torch.device("cpu"))
-    return model
+from parallel.model import LlamaDims, cross_entropy, init_parameter
+from tests.helpers import CONFIG, tiny
 
 
 def test_parameter_names_are_hugging_face_llama_names() -> None:

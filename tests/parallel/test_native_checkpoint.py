@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from native_resume_worker import SAVE_AT
-from test_deepspeed_engine import PARAM_ATOL, REPO, RTOL, free_port
+
+from tests.helpers import PARAM_ATOL, REPO, RTOL, free_port
 
 WORKER = Path(__file__).with_name("native_resume_worker.py")
 

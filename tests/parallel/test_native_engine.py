@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_deepspeed_engine import assert_layout_matches
+
+from tests.helpers import assert_layout_matches
 
 NATIVE = ["parallel.backend=native"]
 # layout_worker sets grad_accum=2 after validation; the validator must see it to accept two stages.

@@ -11,9 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_deepspeed_engine import free_port
-from test_train import TINY_RUN, losses
 
+from tests.helpers import TINY_RUN, free_port, losses
 from tests.shards import write_shards
 
 REPO = Path(__file__).resolve().parents[2]

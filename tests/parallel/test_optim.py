@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_model import tiny
 
 from orchestrator.spec import OptimConfig, ScheduleConfig
 from parallel.optim import build_optimizer, build_param_groups, build_scheduler, lr_at
+from tests.helpers import tiny
 
 OPTIM = OptimConfig(lr=1.0, min_lr=0.1)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -12,29 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_deepspeed_engine import free_port
 
+from tests.helpers import losses, pretrain_train
 from tests.shards import write_shards
 
 REPO = Path(__file__).resolve().parents[2]
-TINY_RUN = ["model.dim=64", "model.n_layers=2", "data.seq_len=64", "parallel.micro_batch_size=4",
-            "parallel.grad_accum=2", "schedule.warmup_steps=2", "schedule.eval_every=4", "schedule.eval_batches=2",
-            "schedule.log_every=1", "checkpoint.every=4", "checkpoint.async_save=false"]
-
-
-def pretrain_train(procs: int, tmp: Path, *overrides: str,
-                   program: tuple[str, ...] = ("-m", "orchestrator.cli", "train")) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "TMPDIR": str(tmp),
-           "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", *program, str(REPO / "examples" / "tiny.yaml"), *TINY_RUN, *overrides]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp)
-
-
-def losses(output: str) -> dict[int, float]:
-    return {int(s): float(v) for s, v in re.findall(r"step +(\d+) \| loss ([\d.]+)", output)}
-
-
 @pytest.mark.slow
 def test_train_learns_checkpoints_and_resumes_where_it_stopped(tmp_path: Path) -> None:
     shards = write_shards(tmp_path / "shards", seq_len=64, rows=400)

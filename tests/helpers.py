@@ -1,0 +1,109 @@
+"""Helpers the test modules share: free ports, torchrun launches of `pretrain train`, the tiny model, and the
+layout-equivalence check (a layout run under torchrun against the single-process definition of the step)."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from orchestrator.spec import ModelConfig
+from orchestrator.validate import parse_spec
+from parallel.materialize import materialize_model
+from parallel.model import build_model, cross_entropy
+from parallel.optim import build_optimizer, build_param_groups, build_scheduler
+from tests.parallel.layout_worker import TINY, fixed_tokens
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = REPO / "tests" / "parallel" / "layout_worker.py"
+RTOL = 1e-5
+PARAM_ATOL = 1e-5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+TINY_RUN = ["model.dim=64", "model.n_layers=2", "data.seq_len=64", "parallel.micro_batch_size=4",
+            "parallel.grad_accum=2", "schedule.warmup_steps=2", "schedule.eval_every=4", "schedule.eval_batches=2",
+            "schedule.log_every=1", "checkpoint.every=4", "checkpoint.async_save=false"]
+
+
+def pretrain_train(procs: int, tmp: Path, *overrides: str,
+                   program: tuple[str, ...] = ("-m", "orchestrator.cli", "train")) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "TMPDIR": str(tmp),
+           "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", *program, str(REPO / "examples" / "tiny.yaml"), *TINY_RUN, *overrides]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp)
+
+
+def losses(output: str) -> dict[int, float]:
+    return {int(s): float(v) for s, v in re.findall(r"step +(\d+) \| loss ([\d.]+)", output)}
+
+
+CONFIG = ModelConfig(vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32)
+
+
+def tiny(tie: bool = False):
+    config = ModelConfig(**{**CONFIG.__dict__, "tie_embeddings": tie})
+    model = build_model(config)
+    materialize_model(model, seed=3, device=torch.device("cpu"))
+    return model
+
+
+def run_layout(procs: int, overrides: list[str], out: Path, tmp: Path) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "TMPDIR": str(tmp),
+           "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", str(WORKER), str(out), *overrides]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and out.exists(), result.stdout[-3000:] + result.stderr[-6000:]
+    return torch.load(out, weights_only=False)
+
+
+def reference_run(overrides: list[str]) -> dict:
+    """The training step by definition: one process, the whole global batch, torch AdamW, clip, schedule."""
+    spec = parse_spec(TINY, overrides=overrides)
+    model = build_model(spec.model)
+    materialize_model(model, spec.schedule.seed, torch.device("cpu"))
+    optimizer = build_optimizer(build_param_groups(model.named_parameters(), spec.optim.weight_decay), spec.optim,
+                                torch.device("cpu"))
+    scheduler = build_scheduler(optimizer, spec.optim, spec.schedule)
+    tokens = fixed_tokens(spec.schedule.steps, spec.data.seq_len, spec.model.vocab_size)
+    losses = []
+    for rows in tokens:
+        loss = cross_entropy(model(rows[:, :-1]), rows[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), spec.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+        losses.append(loss.item())
+    return {"losses": losses, "params": {n: p.detach() for n, p in model.named_parameters()}}
+
+
+def assert_layout_matches(procs: int, overrides: list[str], references: dict, tmp_path: Path) -> None:
+    """Run the layout and hold its losses, parameters, schedule and eval loss to the single-process reference."""
+    model_overrides = tuple(o for o in overrides if o.startswith("model."))
+    if model_overrides not in references:
+        references[model_overrides] = reference_run(list(model_overrides))
+    expected = references[model_overrides]
+    got = run_layout(procs, overrides, tmp_path / "result.pt", tmp_path)
+
+    assert expected["losses"][-1] < expected["losses"][0] - 0.1, "the reference run should learn something"
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(expected["losses"]), rtol=RTOL, atol=0)
+    assert got["params"].keys() == expected["params"].keys()
+    for name, value in expected["params"].items():
+        torch.testing.assert_close(got["params"][name], value, rtol=0, atol=PARAM_ATOL,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+    assert len(got["lrs"]) == 10 and got["lrs"][0] < got["lrs"][2]
+    assert all(n > 0 for n in got["grad_norms"])
+    assert got["eval_loss"] < expected["losses"][0] - 0.1, "eval of the first batch sees the trained weights"
