@@ -34,7 +34,6 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from orchestrator.config_parser import WRITTEN_FILE_BOUNDS, loads_json
 from orchestrator.errors import CheckpointError
 from orchestrator.spec import JobSpec
 from parallel import checkpoint_layout as names
@@ -176,7 +175,7 @@ class Checkpointer:
                                           f"within {_COMMIT_TIMEOUT_S:.0f} s; the checkpoint stays incomplete")
                 time.sleep(_MARKER_POLL_S)
             source = f"{self.storage.path(job.write_dir)}/{names.RANKS_DIR}/{marker}"
-            files.update(_listed_files(self.storage.read_bytes(job.write_dir, names.RANKS_DIR, marker), source))
+            files.update(names.listed_files(self.storage.read_bytes(job.write_dir, names.RANKS_DIR, marker), source))
         manifest = {"step": job.step, "layout": self.layout, "files": files, "created": time.time()}
         self.storage.write_bytes(json.dumps(manifest, indent=1, sort_keys=True).encode(), job.write_dir,
                                  names.MANIFEST_FILE)
@@ -218,7 +217,7 @@ class Checkpointer:
         if not self._is_complete(name):
             return f"{where}: incomplete, it has no {manifest_file} (the run stopped while writing it)"
         try:
-            files = _listed_files(self.storage.read_bytes(name, manifest_file), f"{where}/{manifest_file}")
+            files = names.listed_files(self.storage.read_bytes(name, manifest_file), f"{where}/{manifest_file}")
         except CheckpointError as e:
             return str(e)
         index, count = share
@@ -272,19 +271,6 @@ class Checkpointer:
             raise CheckpointError(f"{target}: the {what} made by rank 0 is not visible here; checkpoint.dir must be "
                                   "shared by every node")
         return target
-
-
-def _listed_files(data: bytes, source: str) -> dict[str, dict[str, Any]]:
-    """The `files` of a manifest or rank marker: {path: {"sha256": hex, "bytes": size}}, bounded like every file
-    the project reads back; a corrupt or truncated one is a `CheckpointError` naming `source`."""
-    document = loads_json(data, source=source, bounds=WRITTEN_FILE_BOUNDS, error=CheckpointError)
-    files = document.get("files") if isinstance(document, dict) else None
-    if not isinstance(files, dict) or not all(
-            isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and type(entry.get("bytes")) is int
-            for entry in files.values()):
-        raise CheckpointError(f"{source}: not a file list: it needs \"files\": {{path: {{\"sha256\": text, "
-                              "\"bytes\": integer}}}}")
-    return files
 
 
 def rng_state() -> dict[str, Any]:

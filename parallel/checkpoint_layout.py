@@ -27,7 +27,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from orchestrator.config_parser import load_json, show
+from orchestrator.config_parser import WRITTEN_FILE_BOUNDS, load_json, loads_json, show
 from orchestrator.errors import CheckpointError
 from orchestrator.spec import STEPS_MAX, ParallelConfig
 
@@ -72,6 +72,19 @@ def read_layout(path: str) -> dict[str, Any]:
     if problems:
         raise CheckpointError(f"{path}: " + "; ".join(problems))
     return layout
+
+
+def listed_files(data: bytes, source: str) -> dict[str, dict[str, Any]]:
+    """The `files` of a manifest or rank marker: {path: {"sha256": hex, "bytes": size}}, bounded like every file
+    the project reads back; a corrupt or truncated one is a `CheckpointError` naming `source`."""
+    document = loads_json(data, source=source, bounds=WRITTEN_FILE_BOUNDS, error=CheckpointError)
+    files = document.get("files") if isinstance(document, dict) else None
+    if not isinstance(files, dict) or not all(
+            isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and type(entry.get("bytes")) is int
+            for entry in files.values()):
+        raise CheckpointError(f"{source}: not a file list: it needs \"files\": {{path: {{\"sha256\": text, "
+                              "\"bytes\": integer}}}}")
+    return files
 
 
 def step_name(step: int) -> str:
