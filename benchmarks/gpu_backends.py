@@ -226,7 +226,7 @@ def pipeline_bubble(engine, micro_batches: list[MicroBatch], repeats: int) -> di
     """The schedule's measured bubble: its pass timed alone over m and over 2m micro-batches (a second schedule over
     the same stages), so t = (T(2m) − T(m)) / m is a micro-batch's busy time per rank and 1 − m·t / T(m) the idle
     share of a pass; beside the schedule's theory (`bubble_fraction`). The optimizer step is outside both."""
-    from parallel.pipelining import bubble_fraction, build_schedule
+    from parallel.native_pipeline import bubble_fraction, build_schedule
 
     p, dims = engine.spec.parallel, engine.dims
     m = p.grad_accum

@@ -3,8 +3,8 @@
 Order of construction:
   1. `build_model` on the meta device (no memory);
   2. `parallel.parallelize.parallelize_llama` with this engine's `TECHNIQUES`: Megatron-style tensor parallelism
-     (`parallel.tensor_parallel`), activation checkpointing, compile (not under ZeRO-3), and DeepSpeed's
-     PipelineModule (`parallel.pipeline_parallel`), which materialises this rank's stage (pp > 1);
+     (`parallel.megatron_tp`), activation checkpointing, compile (not under ZeRO-3), and DeepSpeed's
+     PipelineModule (`parallel.deepspeed_pipeline`), which materialises this rank's stage (pp > 1);
   3. `materialize_model` the whole model (pp = 1);
   4. AdamW + LR schedule from `parallel.optim`, handed to `deepspeed.initialize` with the `build_ds_config` config
      (ZeRO, the data-parallel step) and, for tensor parallelism without pipelining, our `ModelParallelUnit` (the
@@ -30,15 +30,15 @@ from orchestrator.spec import JobSpec
 from parallel.checkpoint_layout import layout_changes, run_layout
 from parallel.deepspeed_checkpoint import load_converted, load_deepspeed, save_recorded, write_deferred
 from parallel.deepspeed_config import build_ds_config
+from parallel.deepspeed_pipeline import apply_deepspeed_pipeline
 from parallel.engine import MakeOnce, StepResult, device_pairs, gather_full_state, mean_over_dp
 from parallel.launch import RankEnv
 from parallel.materialize import materialize_model
+from parallel.megatron_tp import apply_megatron_tp
 from parallel.model import LlamaDims, build_model
 from parallel.optim import build_optimizer, build_param_groups, build_scheduler, set_schedule_step
 from parallel.parallel_dims import ModelParallelUnit, ParallelDims
 from parallel.parallelize import Techniques, parallelize_llama
-from parallel.pipeline_parallel import apply_deepspeed_pipeline
-from parallel.tensor_parallel import apply_megatron_tp
 
 
 def mark_norm_owners(module: torch.nn.Module, dims: ParallelDims) -> None:

@@ -1,6 +1,6 @@
 """Tensor parallelism (+ sequence parallelism) with DTensor: `parallelize_module` plans on the tp axis of a DeviceMesh.
 
-The split is Megatron's, as in `parallel.tensor_parallel` (the DeepSpeed backend's hand-written layers): q/k/v and
+The split is Megatron's, as in `parallel.megatron_tp` (the DeepSpeed backend's hand-written layers): q/k/v and
 gate/up column-wise (heads and hidden units split), o_proj and down_proj row-wise, the embedding row-wise over the
 vocabulary, the lm_head column-wise with its logits left vocab-sharded for `VocabParallelLoss`. Attention reads its
 head counts from the local projections' widths, so nothing in the model changes.

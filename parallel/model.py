@@ -4,8 +4,8 @@ Parameter names are Hugging Face Llama's without the leading `model.` (`embed_to
 `layers.3.self_attn.q_proj.weight`, `layers.3.mlp.gate_proj.weight`, `norm.weight`; `lm_head.weight` as is), and RoPE
 uses the same rotate-half layout, so converting to and from `LlamaForCausalLM` is a rename with no permutation.
 
-The model knows nothing about parallelism: `parallel.tensor_parallel` swaps its linears for sharded ones and lowers
-`n_heads` / `n_kv_heads` to the local counts, `parallel.pipeline_parallel` regroups its parts into stages. Weights are
+The model knows nothing about parallelism: `parallel.megatron_tp` swaps its linears for sharded ones and lowers
+`n_heads` / `n_kv_heads` to the local counts, `parallel.deepspeed_pipeline` regroups its parts into stages. Weights are
 initialised per parameter name (`init_parameter`), so every layout starts from exactly the same numbers.
 
 `forward` returns logits; the loss lives outside (`cross_entropy` here, a vocab-parallel one under tensor parallelism)

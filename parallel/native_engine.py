@@ -38,11 +38,11 @@ from parallel.dtensor_tp import apply_dtensor_tp
 from parallel.engine import MakeOnce, StepResult, device_pairs, gather_full_state, mean_over_dp
 from parallel.fsdp import shard_data_parallel
 from parallel.launch import RankEnv
+from parallel.megatron_tp import VocabParallelLoss
 from parallel.model import LlamaDims, build_model, cross_entropy, init_parameter
 from parallel.optim import build_optimizer, build_param_groups, build_scheduler, set_schedule_step
 from parallel.parallel_dims import ParallelDims
 from parallel.parallelize import Parallelized, Techniques, parallelize_llama
-from parallel.tensor_parallel import VocabParallelLoss
 
 DCP_DIR = "dcp"
 ENGINE_STATE = "engine_state.pt"
@@ -58,7 +58,7 @@ def apply_dtensor_tensor_parallel(state: Parallelized, dims: ParallelDims, spec:
 def apply_torch_pipelining(state: Parallelized, dims: ParallelDims, spec: JobSpec) -> None:
     """`parallelize_llama`'s pipeline step: this rank's stages of `torch.distributed.pipelining`; the model keeps
     only their parts, and FSDP shards each stage as a root."""
-    from parallel.pipelining import prune_to_stages
+    from parallel.native_pipeline import prune_to_stages
 
     state.stages = prune_to_stages(state.model, dims.pp_rank, dims.pp, spec.parallel.pp_schedule)
     state.blocks, state.roots = list(state.model.layers.values()), state.stages
@@ -98,7 +98,7 @@ class NativeEngine:
                                          spec.optim, device)
         self.scheduler = build_scheduler(self.optimizer, spec.optim, spec.schedule)
         if self.pipelined:
-            from parallel.pipelining import build_schedule
+            from parallel.native_pipeline import build_schedule
 
             self.schedule, self.first_stage, self.last_stage = build_schedule(
                 self.stages, dims.pp_rank, dims.pp, p.pp_schedule, p.grad_accum, self.loss_fn, device, dims.group("pp"))

@@ -22,9 +22,9 @@ from orchestrator.validate import parse_spec
 
 REPO = Path(__file__).resolve().parents[2]
 SCANNED = ["parallel/engine.py", "parallel/deepspeed_engine.py", "parallel/native_engine.py",
-           "parallel/parallelize.py", "parallel/parallel_dims.py", "parallel/dtensor_tp.py", "parallel/pipelining.py",
-           "parallel/tensor_parallel.py", "parallel/pipeline_parallel.py", "parallel/model.py", "parallel/fsdp.py",
-           "parallel/activation_checkpoint.py", "parallel/compile.py"]
+           "parallel/parallelize.py", "parallel/parallel_dims.py", "parallel/dtensor_tp.py",
+           "parallel/native_pipeline.py", "parallel/megatron_tp.py", "parallel/deepspeed_pipeline.py",
+           "parallel/model.py", "parallel/fsdp.py", "parallel/activation_checkpoint.py", "parallel/compile.py"]
 RAISE = re.compile(r"raise (SpecError|UserError|ValueError)\(f?[\"']([^\"']{0,40})")
 BASE = "model: {n_layers: 4, n_heads: 4, dim: 256}\n"
 
@@ -49,7 +49,7 @@ REFUSALS: dict[tuple[str, str], list[Case] | str] = {
         Case(("resources.gpus_per_node=4", "parallel.dp=4"), ("parallel.dp=3",), "parallel"),
         Case(("resources.gpus_per_node=4", "parallel.tp=2"), ("parallel.tp=3",), "parallel"),
     ],
-    ("parallel/tensor_parallel.py", "dimension {shape[shard_dim]} of a"): [
+    ("parallel/megatron_tp.py", "dimension {shape[shard_dim]} of a"): [
         Case(("resources.gpus_per_node=2", "parallel.tp=2"), ("model.n_heads=1",), "model.n_heads"),
         Case(("resources.gpus_per_node=2", "parallel.tp=2", "model.n_kv_heads=2"), ("model.n_kv_heads=1",),
              "model.n_kv_heads"),

@@ -19,11 +19,11 @@ from orchestrator.errors import CheckpointError
 from orchestrator.spec import JobSpec
 from parallel.checkpoint import Checkpointer
 from parallel.deepspeed_checkpoint import snapshot_to_host, universal_checkpoint_info
+from parallel.megatron_tp import apply_tensor_parallel
 from parallel.model import build_model
 from parallel.parallel_dims import ParallelDims
 from parallel.restore import check_same_model
 from parallel.storage import Storage
-from parallel.tensor_parallel import apply_tensor_parallel
 
 
 def _checkpointer(root: Path, **config) -> Checkpointer:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.errors import SpecError
-from parallel.pipelining import bubble_fraction, stages_per_rank
+from parallel.native_pipeline import bubble_fraction, stages_per_rank
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
