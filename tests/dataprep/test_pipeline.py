@@ -61,9 +61,11 @@ def single_node(prep_yaml):
     stats, seen, stop = PrepStats(), [], threading.Event()
 
     def poll():
+        # Every 5 ms: the write stage of this small corpus lasts tens of milliseconds, and a loaded machine delays
+        # each wake-up, so a slower poll can miss it while the stats are pollable all along.
         while not stop.is_set():
             seen.append(stats.snapshot())
-            stop.wait(0.05)
+            stop.wait(0.005)
 
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     poller = threading.Thread(target=poll)
