@@ -15,10 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.config_parser import load_yaml, parse_config, setting, show
+from orchestrator.config_parser import SEED_MAX, load_yaml, parse_config, setting, show
 from orchestrator.errors import Problem, SpecError
 
-SEED_MAX = 2**32 - 1
 EMPTY_PREP = "a prep config needs at least `output` and `sources`, e.g. sources: {books: {path: data/books.jsonl}}"
 
 

@@ -38,6 +38,7 @@ MAX_INTERPOLATED_CHARS = 1 << 20
 MAX_INTERPOLATIONS = 100
 _ENV_CHARS = 4096  # what an environment variable is taken to add
 _SHOWN_CHARS = 60
+SEED_MAX = 2**32 - 1  # what numpy's and DeepSpeed's seeding accept
 
 
 @dataclass(frozen=True)

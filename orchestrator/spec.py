@@ -15,9 +15,8 @@ from dataclasses import asdict, dataclass, field
 
 from omegaconf import OmegaConf
 
-from orchestrator.config_parser import setting
+from orchestrator.config_parser import SEED_MAX, setting
 
-SEED_MAX = 2**32 - 1  # what numpy's and DeepSpeed's seeding accept
 STEPS_MAX = 10**9
 
 

@@ -12,7 +12,7 @@ Order of construction:
 
 Checkpoints are DeepSpeed's own files (`parallel.deepspeed_checkpoint`); a change of layout on load goes through its
 universal checkpoint. DeepSpeed is imported here and in the modules only this one imports (`deepspeed_checkpoint`,
-`pipeline_parallel`), so only a run of this backend imports it.
+`deepspeed_pipeline`), so only a run of this backend imports it.
 """
 
 from __future__ import annotations

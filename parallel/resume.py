@@ -55,8 +55,6 @@ def restore(checkpointer: Checkpointer, engine: Engine, name: str) -> Resumed:
         load_engine(checkpointer, engine, opened)
     loader_state = restore_rank_state(opened, checkpointer.rank)
     path = checkpointer.storage.path(name)
-    if checkpointer.rank == 0:
-        log.info("resumed from %s (step %d)", path, opened.layout["step"])
     return Resumed(step=opened.layout["step"], loader_state=loader_state, path=path, converted=bool(changes))
 
 
