@@ -13,8 +13,8 @@ found by name (`pretrain-<run>-<ray job id>-…`) and removed before the next re
 pending would take a returning node's resources and the job's next reservation would wait on the job itself.
 
 Ranks are numbered node by node, so consecutive ranks share a node: with tensor parallel innermost in the rank
-order (rank = (pp·dp_size + dp)·tp + tp_rank), each tensor-parallel group stays inside a node and pipeline stages
-span nodes.
+order (rank = (pp·dp_size + dp)·tp + tp_rank), each tensor-parallel group stays inside a node (validation makes
+resources.gpus_per_node a multiple of parallel.tp on more than one node) and pipeline stages span nodes.
 """
 
 from __future__ import annotations
@@ -175,7 +175,6 @@ def reserve_gang(spec: JobSpec, *, timeout_s: float = PLACEMENT_TIMEOUT_S,
         by_bundle = placement_group_table(group)["bundles_to_node_id"]
         gang = Gang(group=group, bundle=bundle, bundles=[rank // r.gpus_per_node for rank in range(ranks)],
                     nodes=[by_bundle[rank // r.gpus_per_node] for rank in range(ranks)])
-        check_tensor_groups(gang, spec.parallel.tp)
         kept = True
         return gang
     finally:
@@ -219,18 +218,6 @@ def _group_line(group: dict, keys: list[str]) -> str:
 
 def _amounts(resources: dict[str, float], between: str, sep: str = ", ") -> str:
     return sep.join(f"{k}{between}{v:g}" for k, v in resources.items())
-
-
-def check_tensor_groups(gang: Gang, tp: int) -> None:
-    """Release the gang and raise `SchedulingError` when a tensor-parallel group would span nodes."""
-    for start in range(0, len(gang.nodes), tp):
-        if len(set(gang.nodes[start:start + tp])) > 1:
-            release(gang)
-            raise SchedulingError(
-                f"ranks {start}..{start + tp - 1} form a tensor-parallel group (parallel.tp={tp}) but would run on "
-                f"{len(set(gang.nodes[start:start + tp]))} nodes: each node runs resources.gpus_per_node "
-                f"consecutive ranks; make it a multiple of {tp}"
-            )
 
 
 def release_leftovers(spec: JobSpec) -> list[str]:

@@ -41,7 +41,6 @@ from cluster.placement import (
     PLACEMENT_TIMEOUT_S,
     Gang,
     alive_nodes,
-    check_tensor_groups,
     release,
     release_leftovers,
     reserve_gang,
@@ -147,7 +146,6 @@ class Controller:
         self.spec, reasons = apply_planner(self.spec, memory)
         for line in reasons:
             self.log(f"layout: {line}")
-        check_tensor_groups(gang, self.spec.parallel.tp)
 
     def _run(self, gang: Gang) -> RunResult:
         spec = self.spec

@@ -145,6 +145,18 @@ def _layout_fills_world(spec: JobSpec, _: Any) -> list[Problem]:
     return []
 
 
+@rule("parallel.tp", "resources.num_nodes", "resources.gpus_per_node")
+def _tensor_groups_inside_a_node(spec: JobSpec, _: Any) -> list[Problem]:
+    """Ranks run node by node (rank // gpus_per_node), tp innermost: a group crosses nodes unless a node holds whole
+    groups, and its collectives would then leave NVLink for every layer."""
+    tp, r = spec.parallel.tp, spec.resources
+    if r.num_nodes > 1 and r.gpus_per_node % tp:
+        return [Problem("parallel.tp", f"tensor-parallel groups of {tp} ranks would span nodes: each of the "
+                        f"resources.num_nodes={r.num_nodes} nodes runs resources.gpus_per_node={r.gpus_per_node} "
+                        f"consecutive ranks; make gpus_per_node a multiple of {tp} or lower parallel.tp")]
+    return []
+
+
 @rule("model.n_layers", "parallel.pp")
 def _layers_split_over_stages(spec: JobSpec, _: Any) -> list[Problem]:
     if spec.model.n_layers % spec.parallel.pp:

@@ -1,4 +1,4 @@
-"""Gang placement: one bundle per node on exactly resources.num_nodes nodes, tensor-parallel groups inside a node, a
+"""Gang placement: one bundle per node on exactly resources.num_nodes nodes, a
 request the cluster can never meet failing at once with what is missing, and no placement group left behind by a
 reservation that fails (refused while pending, or not met in time: then the message names what holds the
 resources)."""
@@ -81,20 +81,6 @@ def test_gang_takes_one_gpu_bundle_on_each_node(driver):
         assert gang.local_ranks() == ([0, 0], [1, 1], [0, 1])
     finally:
         release(gang)
-
-
-@pytest.mark.slow
-@pytest.mark.xdist_group("ray")
-def test_tensor_parallel_group_split_over_nodes_is_refused(driver):
-    from cluster.placement import reserve_gang
-
-    spec = parse_spec({"resources": {"num_nodes": 2, "gpus_per_node": 1, "cpus_per_rank": 0.5},
-                       "parallel": {"tp": 2}})
-    with pytest.raises(SchedulingError, match=r"ranks 0\.\.1 form a tensor-parallel group \(parallel.tp=2\) but would "
-                                              r"run on 2 nodes: each node runs resources.gpus_per_node consecutive "
-                                              r"ranks; make it a multiple of 2"):
-        reserve_gang(spec)
-    assert driver.live_groups("pretrain-") == []
 
 
 @pytest.mark.slow

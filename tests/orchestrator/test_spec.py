@@ -141,6 +141,14 @@ def test_vocab_divides_by_tp():
     assert problems(raw) == ["model.vocab_size: 1001 is not divisible by parallel.tp=2 (vocab-parallel embedding)"]
 
 
+def test_tensor_parallel_group_split_over_nodes_is_refused_before_anything_is_reserved():
+    raw = {"resources": {"num_nodes": 2, "gpus_per_node": 1}, "parallel": {"tp": 2}}
+    assert problems(raw) == ["parallel.tp: tensor-parallel groups of 2 ranks would span nodes: each of the "
+                             "resources.num_nodes=2 nodes runs resources.gpus_per_node=1 consecutive ranks; make "
+                             "gpus_per_node a multiple of 2 or lower parallel.tp"]
+    assert parse_spec({"resources": {"num_nodes": 2, "gpus_per_node": 2}, "parallel": {"tp": 2}}).parallel.dp == 2
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_2_3_refused_with_pipeline(stage):
     raw = {"parallel": {"backend": "deepspeed", "pp": 2, "zero_stage": stage}, "resources": {"gpus_per_node": 2}}
