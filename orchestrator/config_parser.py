@@ -121,17 +121,19 @@ def _decode(data: bytes, bounds: Bounds) -> str:
                        "(save the file as UTF-8)") from None
 
 
-def load_yaml(path: str | os.PathLike, *, empty: str, bounds: Bounds = CONFIG_BOUNDS) -> Any:
-    """Read a YAML config file; an unreadable, oversized, non-UTF-8, malformed or empty file is a `SpecError`.
+def load_yaml(path: str | os.PathLike, *, empty: str | None, bounds: Bounds = CONFIG_BOUNDS,
+              error: Callable[[str], UserError] | None = None) -> Any:
+    """Read a YAML file; an unreadable, oversized, non-UTF-8 or malformed one raises `error("<path>: <why>")`, or a
+    `SpecError` naming the file when no `error` is given.
 
-    `empty` says what the file needs, for the message shown when it holds no document at all.
+    `empty` says what the file needs, for the `SpecError` shown when it holds no document at all; None returns None.
     """
     source = os.fspath(path)
     try:
         raw = _parse_yaml(read_text(source, bounds), bounds)
     except _Refused as e:
-        raise SpecError(source, [Problem("", str(e))]) from None
-    if raw is None:
+        raise _as_error(source, e, error) from None
+    if raw is None and empty is not None:
         raise SpecError(source, [Problem("", f"the file is empty: {empty}")])
     return raw
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from orchestrator.config_parser import WRITTEN_FILE_BOUNDS, load_json, parse_yaml
+from orchestrator.config_parser import WRITTEN_FILE_BOUNDS, load_json, load_yaml
 from orchestrator.errors import CheckpointError
 from orchestrator.spec import JobSpec
 from parallel import checkpoint_layout as names
@@ -81,8 +81,7 @@ def check_same_model(saved_spec: str, spec: JobSpec) -> None:
     `model.vocab_size: null` is filled with the shards' tokenizer size padded to a multiple of 1024 whatever tp
     is, so a resume at another tp keeps the vocabulary; it changes when the shards' tokenizer does.
     """
-    document = parse_yaml(_read_text(saved_spec), source=saved_spec, bounds=WRITTEN_FILE_BOUNDS,
-                          error=CheckpointError) or {}
+    document = load_yaml(saved_spec, empty=None, bounds=WRITTEN_FILE_BOUNDS, error=CheckpointError) or {}
     saved = document.get("model") if isinstance(document, dict) else None
     if not isinstance(saved, dict):
         raise CheckpointError(f"{saved_spec}: expected a job spec with a `model` section")
@@ -94,12 +93,3 @@ def check_same_model(saved_spec: str, spec: JobSpec) -> None:
                               + "; set the checkpoint's values in the job spec (pin model.vocab_size when the "
                               "tokenizer changed)")
 
-
-def _read_text(path: str) -> str:
-    """The file's text, read no further than one byte past `WRITTEN_FILE_BOUNDS` (`parse_yaml` refuses that size);
-    bytes that are not UTF-8 are kept as lone surrogates for `parse_yaml` to name."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(WRITTEN_FILE_BOUNDS.max_bytes + 1).decode("utf-8", "surrogateescape")
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
