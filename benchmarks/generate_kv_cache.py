@@ -20,7 +20,7 @@ import argparse
 import torch
 
 from parallel.generate import SamplingConfig, generate
-from parallel.model import LlamaDims, build_model
+from parallel.model import ModelDims, build_model
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    dims = LlamaDims(vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
+    dims = ModelDims(vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
                      n_kv_heads=args.kv_heads, ffn_dim=64 * -(-int(8 * args.dim / 3) // 64), norm_eps=1e-5,
                      rope_theta=10000.0, tie_embeddings=False, init_std=0.02)
     model = build_model(dims, args.device).eval()

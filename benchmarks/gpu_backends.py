@@ -32,7 +32,7 @@ fails is recorded with its error and the others still run. A native pp run also 
 the schedule's pass alone, timed over m and 2m micro-batches, gives a micro-batch's busy time and thus the idle
 share of a pass, beside the schedule's theory.
 
-tokens/s counts the whole job's tokens. MFU per GPU = `LlamaDims.flops_per_token(seq)` (6·N over the matmul weights
+tokens/s counts the whole job's tokens. MFU per GPU = `ModelDims.flops_per_token(seq)` (6·N over the matmul weights
 + 12·L·seq·dim for attention, PaLM's formula, no causal halving) × tokens/s / (GPUs × 989 TFLOP/s, H100 SXM dense
 bf16). Peak memory is `torch.cuda.max_memory_allocated`, the largest over ranks; resident memory is what stays
 allocated between steps (weights, optimizer states), so peak − resident is what a step adds (activations,
@@ -62,7 +62,7 @@ from parallel.engine import build_engine
 from parallel.launch import RankEnv, init_distributed, pick_device
 from parallel.loader import MicroBatch
 from parallel.materialize import materialize_model
-from parallel.model import LlamaDims, build_model, cross_entropy
+from parallel.model import ModelDims, build_model, cross_entropy
 from parallel.optim import build_optimizer, build_param_groups, build_scheduler
 
 REPO = Path(__file__).resolve().parent.parent
@@ -275,7 +275,7 @@ def measure(name: str, args: argparse.Namespace, env: RankEnv, device: torch.dev
     p = spec.parallel
     tokens_per_step = p.micro_batch_size * p.grad_accum * spec.data.seq_len * p.dp
     tokens_per_s = tokens_per_step * args.steps / seconds
-    dims = LlamaDims.from_config(spec.model)
+    dims = ModelDims.from_config(spec.model)
     mfu = dims.flops_per_token(spec.data.seq_len) * tokens_per_s / (world * H100_FLOPS)
     extra = {}
     if p.pp > 1 and p.backend == "native":

@@ -16,7 +16,7 @@ fp32 and uncompiled. The shards hold learnable synthetic tokens (Zipf unigrams, 
 the previous token), so the losses fall within the run; `--data DIR` uses shards of `pretrain prep` instead.
 
 Figures: median over the steps after `--warmup` of each step's time (a host sync per step, as the loop does).
-tokens/s per GPU; MFU per GPU = (6·N + 12·L·seq·dim) · tokens/s / 989 TFLOP/s (`LlamaDims.flops_per_token`,
+tokens/s per GPU; MFU per GPU = (6·N + 12·L·seq·dim) · tokens/s / 989 TFLOP/s (`ModelDims.flops_per_token`,
 `parallel.callbacks.mfu`); peak memory = `torch.cuda.max_memory_allocated`. It prints a line per run, the ratio
 (a)/(b) per GPU, and writes a JSON record (device, versions, figures) to --out ($OUT when set, else
 benchmarks/results/).
@@ -50,7 +50,7 @@ from orchestrator.validate import load_yaml, parse_spec  # noqa: E402
 from parallel.callbacks import BaseCallback, StepStats, mfu  # noqa: E402
 from parallel.launch import RankEnv, pick_device  # noqa: E402
 from parallel.loader import MicroBatch, ShardLoader  # noqa: E402
-from parallel.model import LlamaDims  # noqa: E402
+from parallel.model import ModelDims  # noqa: E402
 from parallel.train import run  # noqa: E402
 
 
@@ -144,7 +144,7 @@ def run_reference(spec, env: RankEnv, device: torch.device, args: argparse.Names
         losses.append(float(loop.train_step(batches)))
         seconds.append(time.perf_counter() - begin)
     loader.close()
-    dims = LlamaDims.from_config(spec.model)
+    dims = ModelDims.from_config(spec.model)
     result = summarise("plain", seconds, losses, p.micro_batch_size * p.grad_accum * spec.data.seq_len,
                        dims.flops_per_token(spec.data.seq_len), args.warmup, device)
     del loop
@@ -190,7 +190,7 @@ def main() -> None:
     if env.local_rank == 0:
         shutil.rmtree(checkpoints, ignore_errors=True)  # tens of GB for a 1B model; a later call may share the disk
     p = spec.parallel
-    dims = LlamaDims.from_config(spec.model)
+    dims = ModelDims.from_config(spec.model)
     name = f"ours-{p.backend}-zero{p.zero_stage}-dp{env.world_size}"
     ours = summarise(name, [s.step_seconds for s in recorder.steps],
                      [s.loss for s in recorder.steps], p.micro_batch_size * p.grad_accum * spec.data.seq_len,

@@ -9,7 +9,7 @@
     pretrain status|logs|stop JOB_ID [--address URL]  a submitted job's state, its logs (-f to follow), stop it
     pretrain list [--address URL]                     the submitted jobs
     pretrain export step_<N> out/                     a checkpoint as a Hugging Face Llama model
-    pretrain import hf-model/ job.yaml -o run.yaml    start a run from a Hugging Face Llama model
+    pretrain import hf-model/ job.yaml -o run.yaml    start a run from a Hugging Face model
     pretrain generate step_<N> --prompt TEXT          sample continuations from a checkpoint
     pretrain k8s render job.yaml -o k8s-run           KubeRay manifests (RayJob, ConfigMaps, PVC, monitoring)
 

@@ -88,7 +88,7 @@ class BaseCallback:
 def mfu(flops_per_token: float, tokens_per_second: float, num_devices: int, peak_flops: float) -> float:
     """Model FLOPs utilisation: (6·N + 12·L·seq·dim) · tokens/s / (devices · peak FLOP/s of one device).
 
-    `flops_per_token` is `LlamaDims.flops_per_token(seq_len)` (the 6·N + attention term); `peak_flops` is the
+    `flops_per_token` is `ModelDims.flops_per_token(seq_len)` (the 6·N + attention term); `peak_flops` is the
     spec's `metrics.peak_flops` (989e12: dense bf16 of an H100 SXM). Recomputed activations are not counted, so
     activation checkpointing lowers MFU, as it should.
     """

@@ -33,7 +33,7 @@ from orchestrator.errors import CheckpointError, UserError
 from orchestrator.spec import JobSpec
 from parallel.checkpoint_layout import LATEST_FILE, LAYOUT_FILE, MANIFEST_FILE, STEP_PREFIX, read_layout, step_of
 from parallel.hf import HFExport, save_hf
-from parallel.model import LlamaDims
+from parallel.model import ModelDims
 
 _ERROR_FILE = "error_rank_{}.txt"
 _POLL_S = 0.2
@@ -42,7 +42,7 @@ _POLL_S = 0.2
 class StateWriter(Protocol):
     """What rank 0 does with the gathered model; pickled to the rank processes, so a plain dataclass."""
 
-    def __call__(self, state: dict[str, torch.Tensor], dims: LlamaDims) -> Any: ...
+    def __call__(self, state: dict[str, torch.Tensor], dims: ModelDims) -> Any: ...
 
 
 @dataclass
@@ -50,7 +50,7 @@ class HFWriter:
     directory: str
     how: HFExport
 
-    def __call__(self, state: dict[str, torch.Tensor], dims: LlamaDims) -> list[str]:
+    def __call__(self, state: dict[str, torch.Tensor], dims: ModelDims) -> list[str]:
         return save_hf(self.directory, state, dims, self.how)
 
 
@@ -60,7 +60,7 @@ class TorchWriter:
 
     path: str
 
-    def __call__(self, state: dict[str, torch.Tensor], dims: LlamaDims) -> str:
+    def __call__(self, state: dict[str, torch.Tensor], dims: ModelDims) -> str:
         partial = f"{self.path}.partial"
         torch.save(state, partial)
         os.replace(partial, self.path)

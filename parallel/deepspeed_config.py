@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from orchestrator.spec import JobSpec
-from parallel.model import LlamaDims
+from parallel.model import ModelDims
 from parallel.parallel_dims import ParallelDims
 
 # Bucket sizes in elements: large enough to keep NCCL busy, small enough to overlap with the backward pass; never
@@ -21,7 +21,7 @@ NO_CLIP = 1e30
 
 def build_ds_config(spec: JobSpec, dims: ParallelDims) -> dict[str, Any]:
     p = spec.parallel
-    bucket = min(BUCKET, LlamaDims.from_config(spec.model).num_params())
+    bucket = min(BUCKET, ModelDims.from_config(spec.model).num_params())
     zero: dict[str, Any] = {"stage": p.zero_stage}
     if p.zero_stage >= 1:
         zero.update(

@@ -35,10 +35,10 @@ from parallel.engine import MakeOnce, StepResult, device_pairs, gather_full_stat
 from parallel.launch import RankEnv
 from parallel.materialize import materialize_model
 from parallel.megatron_tp import apply_megatron_tp
-from parallel.model import LlamaDims, build_model
+from parallel.model import ModelDims, build_model
 from parallel.optim import build_optimizer, build_param_groups, build_scheduler, set_schedule_step
 from parallel.parallel_dims import ModelParallelUnit, ParallelDims
-from parallel.parallelize import Techniques, parallelize_llama
+from parallel.parallelize import Techniques, parallelize_model
 
 
 def mark_norm_owners(module: torch.nn.Module, dims: ParallelDims) -> None:
@@ -88,9 +88,9 @@ class DeepSpeedEngine:
         init_deepspeed_comm(device)
         self.dims = ParallelDims.from_spec(spec, env.world_size, env.rank)
         self.dims.build_groups()
-        self.model_dims = LlamaDims.from_config(spec.model)
+        self.model_dims = ModelDims.from_config(spec.model)
         model = build_model(self.model_dims)
-        state = parallelize_llama(model, self.dims, spec, TECHNIQUES, device)
+        state = parallelize_model(model, self.dims, spec, TECHNIQUES, device)
         if self.dims.pp == 1:
             materialize_model(model, spec.schedule.seed, device)
         module, self.loss_fn = state.module, state.loss_fn
@@ -100,7 +100,7 @@ class DeepSpeedEngine:
         self.optimizer = build_optimizer(build_param_groups(named, spec.optim.weight_decay), spec.optim, device)
         self.scheduler = build_scheduler(self.optimizer, spec.optim, spec.schedule)
         self.ds_config = build_ds_config(spec, self.dims)
-        # parallelize_llama's data-parallel step for this engine: ZeRO, applied here with the optimizer.
+        # parallelize_model's data-parallel step for this engine: ZeRO, applied here with the optimizer.
         self.ds, _, _, _ = deepspeed.initialize(
             model=module, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=self.ds_config,
             mpu=None if self.dims.pp > 1 else ModelParallelUnit(self.dims),

@@ -20,7 +20,7 @@ from deepspeed.runtime.utils import partition_balanced
 from torch import nn
 
 from parallel.materialize import materialize_model
-from parallel.model import Llama
+from parallel.model import Transformer
 from parallel.parallel_dims import ParallelDims
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ class HeadPiece(nn.Module):
         return self.lm_head(h) if self.lm_head is not None else h
 
 
-def _pieces(model: Llama) -> list[tuple[list[str], object]]:
+def _pieces(model: Transformer) -> list[tuple[list[str], object]]:
     """(model parts it holds, piece or spec) in pipeline order."""
     tied = model.dims.tie_embeddings
     if tied:
@@ -81,12 +81,12 @@ def _pieces(model: Llama) -> list[tuple[list[str], object]]:
     return embed + blocks + head
 
 
-def _param_count(model: Llama, parts: list[str]) -> int:
+def _param_count(model: Transformer, parts: list[str]) -> int:
     counted = {id(p): p.numel() for part in parts for p in model.get_submodule(part).parameters()}
     return sum(counted.values())
 
 
-def apply_pipeline_parallel(model: Llama, dims: ParallelDims, loss_fn, seed: int,
+def apply_pipeline_parallel(model: Transformer, dims: ParallelDims, loss_fn, seed: int,
                             device: torch.device) -> PipelineModule:
     """This rank's stage of `model` (on meta, already tensor-parallel if tp > 1) as a DeepSpeed PipelineModule,
     with its pieces materialised on `device` from `seed`."""
@@ -97,7 +97,7 @@ def apply_pipeline_parallel(model: Llama, dims: ParallelDims, loss_fn, seed: int
                           partition_method="parameters", activation_checkpoint_interval=0)
 
 
-def stage_parts(model: Llama, dims: ParallelDims) -> list[str]:
+def stage_parts(model: Transformer, dims: ParallelDims) -> list[str]:
     """The model parts on this rank's pipeline stage (what `full_state_dict` gathers from it)."""
     pieces = _pieces(model)
     bounds = partition_balanced(weights=[_param_count(model, parts) for parts, _ in pieces], num_parts=dims.pp)

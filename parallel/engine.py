@@ -26,7 +26,7 @@ import torch.distributed as dist
 from orchestrator.errors import UserError
 from orchestrator.spec import JobSpec
 from parallel.launch import RankEnv
-from parallel.model import LlamaDims
+from parallel.model import ModelDims
 from parallel.parallel_dims import ParallelDims
 
 # make_once(product, what, make): the local path of `product` in the checkpoint's cache of derived state, made by
@@ -43,7 +43,7 @@ class StepResult:
 
 class Engine(Protocol):
     dims: ParallelDims  # the layout and this rank's place in it
-    model_dims: LlamaDims
+    model_dims: ModelDims
     device: torch.device
 
     def train_step(self, micro_batches: list[torch.Tensor]) -> StepResult: ...

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from orchestrator.errors import UserError
-from parallel.model import Llama
+from parallel.model import Transformer
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,8 @@ def next_tokens(logits: torch.Tensor, seen: torch.Tensor, config: SamplingConfig
 
 
 @torch.no_grad()
-def generate(model: Llama, prompts: list[list[int]], config: SamplingConfig, use_cache: bool = True) -> Generation:
+def generate(model: Transformer, prompts: list[list[int]], config: SamplingConfig,
+             use_cache: bool = True) -> Generation:
     """Continue each prompt by up to `config.max_new_tokens` tokens."""
     config.check()
     if not prompts or any(not p for p in prompts):

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from orchestrator.config_parser import load_json, show
 from orchestrator.errors import UserError
 from parallel.checkpoint_layout import holds_checkpoints
-from parallel.model import Llama, LlamaDims, build_model
+from parallel.model import ModelDims, Transformer, build_model
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -98,7 +98,7 @@ def _rope_theta(config: dict[str, Any], problems: list[str]) -> float:
     return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
 
 
-def dims_from_hf_config(config: dict[str, Any], source: str) -> LlamaDims:
+def dims_from_hf_config(config: dict[str, Any], source: str) -> ModelDims:
     """The model dims of a Llama config.json, or a UserError listing everything in it the model cannot represent."""
     problems: list[str] = []
     if config.get("model_type") != "llama":
@@ -119,7 +119,7 @@ def dims_from_hf_config(config: dict[str, Any], source: str) -> LlamaDims:
                             f"{config['hidden_size']} / {heads}")
     if problems:
         raise UserError(f"{source}: cannot load as a Llama model: " + "; ".join(problems))
-    return LlamaDims(
+    return ModelDims(
         vocab_size=config["vocab_size"], dim=config["hidden_size"], n_layers=config["num_hidden_layers"],
         n_heads=config["num_attention_heads"],
         n_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
@@ -129,14 +129,14 @@ def dims_from_hf_config(config: dict[str, Any], source: str) -> LlamaDims:
     )
 
 
-def model_settings(dims: LlamaDims) -> dict[str, Any]:
+def model_settings(dims: ModelDims) -> dict[str, Any]:
     """The job spec's `model.*` values that build these dims."""
     return {"vocab_size": dims.vocab_size, "dim": dims.dim, "n_layers": dims.n_layers, "n_heads": dims.n_heads,
             "n_kv_heads": dims.n_kv_heads, "ffn_dim": dims.ffn_dim, "norm_eps": dims.norm_eps,
             "rope_theta": dims.rope_theta, "tie_embeddings": dims.tie_embeddings}
 
 
-def check_same_dims(found: LlamaDims, expected: LlamaDims, source: str) -> None:
+def check_same_dims(found: ModelDims, expected: ModelDims, source: str) -> None:
     """A Hugging Face model can initialise a run only if its shape is the run's: name every `model.*` that differs."""
     have, want = model_settings(found), model_settings(expected)
     changed = [f"model.{k}: {want[k]!r} in the job spec, {have[k]!r} in {CONFIG}" for k in want if have[k] != want[k]]
@@ -145,7 +145,7 @@ def check_same_dims(found: LlamaDims, expected: LlamaDims, source: str) -> None:
                         + " (`pretrain import` writes a spec with the model's values)")
 
 
-def hf_config(dims: LlamaDims, max_positions: int, dtype: torch.dtype, eos_id: int | None = None) -> dict[str, Any]:
+def hf_config(dims: ModelDims, max_positions: int, dtype: torch.dtype, eos_id: int | None = None) -> dict[str, Any]:
     """config.json for LlamaForCausalLM; RoPE is written in both transformers 4's and 5's spelling."""
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": dims.vocab_size,
@@ -164,7 +164,7 @@ def hf_config(dims: LlamaDims, max_positions: int, dtype: torch.dtype, eos_id: i
 # ---------------------------------------------------------------------------------------------- weights
 
 
-def expected_shapes(dims: LlamaDims) -> dict[str, tuple[int, ...]]:
+def expected_shapes(dims: ModelDims) -> dict[str, tuple[int, ...]]:
     """Every parameter of the full model under our names (a tied lm_head is the embedding's, so not listed)."""
     return {n: tuple(p.shape) for n, p in build_model(dims, "meta").named_parameters()}
 
@@ -172,7 +172,7 @@ def expected_shapes(dims: LlamaDims) -> dict[str, tuple[int, ...]]:
 class HFWeights(Mapping[str, torch.Tensor]):
     """A Hugging Face model's weights under our names, read from the safetensors files when asked for."""
 
-    def __init__(self, dims: LlamaDims, files: dict[str, str], hf_names: dict[str, str]):
+    def __init__(self, dims: ModelDims, files: dict[str, str], hf_names: dict[str, str]):
         self.dims = dims  # the model they make, from config.json
         self._files = files  # our name → file
         self._hf_names = hf_names  # our name → name in the file
@@ -207,7 +207,7 @@ def _weight_files(directory: str) -> list[str]:
     raise UserError(f"{directory}: no {WEIGHTS} or {INDEX}{hint}")
 
 
-def open_hf_weights(directory: str, dims: LlamaDims | None = None) -> HFWeights:
+def open_hf_weights(directory: str, dims: ModelDims | None = None) -> HFWeights:
     """The weights of a Llama directory, checked against its config (and `dims`, the run's model, when given).
 
     Every parameter must be present with its exact shape; a tensor the model has no place for (a bias, another
@@ -245,7 +245,7 @@ def open_hf_weights(directory: str, dims: LlamaDims | None = None) -> HFWeights:
     return HFWeights(found, files, hf_names)
 
 
-def open_init_weights(path: str, dims: LlamaDims) -> HFWeights:
+def open_init_weights(path: str, dims: ModelDims) -> HFWeights:
     """The weights `checkpoint.init_from` names, for a run whose model is `dims`."""
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, CONFIG)) and holds_checkpoints(os.listdir(path)):
         raise UserError(f"checkpoint.init_from: {path} is a pretrain checkpoint; export it with `pretrain export "
@@ -257,7 +257,7 @@ def open_init_weights(path: str, dims: LlamaDims) -> HFWeights:
 
 
 def load_hf_model(directory: str, device: torch.device | str = "cpu",
-                  dtype: torch.dtype = torch.float32) -> Llama:
+                  dtype: torch.dtype = torch.float32) -> Transformer:
     """A whole Llama from a Hugging Face directory, in one process (generation, tests)."""
     weights = open_hf_weights(directory)
     model = build_model(weights.dims, device).to(dtype)
@@ -294,7 +294,7 @@ def parse_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def save_hf(directory: str, state: Mapping[str, torch.Tensor], dims: LlamaDims, how: HFExport) -> list[str]:
+def save_hf(directory: str, state: Mapping[str, torch.Tensor], dims: ModelDims, how: HFExport) -> list[str]:
     """Write a LlamaForCausalLM directory from a full state dict under our names; returns the files written.
 
     Weights go into files of at most `max_shard_bytes` (one tensor larger than that gets a file of its own), with

@@ -12,11 +12,11 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from parallel.model import Llama, init_parameter
+from parallel.model import Transformer, init_parameter
 
 
 @torch.no_grad()
-def materialize_model(model: Llama, seed: int, device: torch.device, parts: Iterable[str] | None = None) -> None:
+def materialize_model(model: Transformer, seed: int, device: torch.device, parts: Iterable[str] | None = None) -> None:
     """Allocate and initialise the parameters under the named top-level parts (`embed_tokens`, `layers.3`, `norm`,
     `lm_head`; all when None) on `device`; the rest stays on meta."""
     wanted = None if parts is None else set(parts)

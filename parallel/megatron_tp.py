@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from parallel.model import Llama, RMSNorm
+from parallel.model import RMSNorm, Transformer
 
 if TYPE_CHECKING:
     from orchestrator.spec import JobSpec
@@ -231,7 +231,8 @@ class VocabParallelLoss:
 # ---------------------------------------------------------------------------------------------- applying
 
 
-def apply_tensor_parallel(model: Llama, group, rank: int, size: int, sequence_parallel: bool = False) -> Llama:
+def apply_tensor_parallel(model: Transformer, group, rank: int, size: int,
+                          sequence_parallel: bool = False) -> Transformer:
     """Swap the model's layers for sharded ones in place (on the meta device) and lower its head counts to this
     rank's share. The forward then returns vocab-sharded logits: train with `VocabParallelLoss(group)`.
     """

@@ -26,7 +26,7 @@ from orchestrator.spec import ModelConfig
 
 
 @dataclass(frozen=True)
-class LlamaDims:
+class ModelDims:
     """The sizes the model is built from, with the spec's defaults resolved."""
 
     vocab_size: int
@@ -45,7 +45,7 @@ class LlamaDims:
         return self.dim // self.n_heads
 
     @classmethod
-    def from_config(cls, config: ModelConfig) -> LlamaDims:
+    def from_config(cls, config: ModelConfig) -> ModelDims:
         if config.vocab_size is None:
             raise ValueError("model.vocab_size must be resolved (from the shards' tokenizer) before building the model")
         ffn = config.ffn_dim
@@ -151,7 +151,7 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, dims: LlamaDims, rotary: RotaryEmbedding):
+    def __init__(self, dims: ModelDims, rotary: RotaryEmbedding):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = dims.n_heads, dims.n_kv_heads, dims.head_dim
         self.q_proj = nn.Linear(dims.dim, dims.n_heads * dims.head_dim, bias=False)
@@ -180,7 +180,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, dims: LlamaDims):
+    def __init__(self, dims: ModelDims):
         super().__init__()
         self.gate_proj = nn.Linear(dims.dim, dims.ffn_dim, bias=False)
         self.up_proj = nn.Linear(dims.dim, dims.ffn_dim, bias=False)
@@ -191,7 +191,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dims: LlamaDims, rotary: RotaryEmbedding):
+    def __init__(self, dims: ModelDims, rotary: RotaryEmbedding):
         super().__init__()
         self.input_layernorm = RMSNorm(dims.dim, dims.norm_eps)
         self.self_attn = Attention(dims, rotary)
@@ -203,8 +203,8 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class Llama(nn.Module):
-    def __init__(self, dims: LlamaDims):
+class Transformer(nn.Module):
+    def __init__(self, dims: ModelDims):
         super().__init__()
         self.dims = dims
         self.rotary = RotaryEmbedding(dims.head_dim, dims.rope_theta)
@@ -234,14 +234,14 @@ class Llama(nn.Module):
             param.copy_(init_parameter(name, tuple(param.shape), self.dims, seed, param.device))
 
 
-def build_model(config: ModelConfig | LlamaDims, device: torch.device | str = "meta") -> Llama:
+def build_model(config: ModelConfig | ModelDims, device: torch.device | str = "meta") -> Transformer:
     """The model with unset weights on `device` (meta by default: parallelise first, materialise what is local)."""
-    dims = config if isinstance(config, LlamaDims) else LlamaDims.from_config(config)
+    dims = config if isinstance(config, ModelDims) else ModelDims.from_config(config)
     with torch.device(device):
-        return Llama(dims)
+        return Transformer(dims)
 
 
-def init_parameter(name: str, shape: tuple[int, ...], dims: LlamaDims, seed: int,
+def init_parameter(name: str, shape: tuple[int, ...], dims: ModelDims, seed: int,
                    device: torch.device | str = "cpu") -> torch.Tensor:
     """The initial value of the full (unsharded) parameter `name`, the same in every layout and on every rank.
 

@@ -39,10 +39,10 @@ from parallel.engine import MakeOnce, StepResult, device_pairs, gather_full_stat
 from parallel.fsdp import shard_data_parallel
 from parallel.launch import RankEnv
 from parallel.megatron_tp import VocabParallelLoss
-from parallel.model import LlamaDims, build_model, cross_entropy, init_parameter
+from parallel.model import ModelDims, build_model, cross_entropy, init_parameter
 from parallel.optim import build_optimizer, build_param_groups, build_scheduler, set_schedule_step
 from parallel.parallel_dims import ParallelDims
-from parallel.parallelize import Parallelized, Techniques, parallelize_llama
+from parallel.parallelize import Parallelized, Techniques, parallelize_model
 
 DCP_DIR = "dcp"
 ENGINE_STATE = "engine_state.pt"
@@ -76,10 +76,10 @@ class NativeEngine:
         self.mesh = init_device_mesh(device.type, (dims.pp, dims.dp, dims.tp), mesh_dim_names=("pp", "dp", "tp"))
         dims.mesh = self.mesh
         dims.groups = {axis: self.mesh[axis].get_group() for axis in ("pp", "dp", "tp")}
-        self.model_dims = LlamaDims.from_config(spec.model)
+        self.model_dims = ModelDims.from_config(spec.model)
         self.model = model = build_model(self.model_dims)
         self.pipelined = dims.pp > 1
-        state = parallelize_llama(model, dims, spec, TECHNIQUES, device)
+        state = parallelize_model(model, dims, spec, TECHNIQUES, device)
         self.stages, self.loss_fn = state.stages, state.loss_fn
         if p.compile and dims.tp == 1:
             # Fuses the fp32 upcast of the logits into the loss instead of writing an fp32 copy of them.

@@ -7,7 +7,7 @@ Stages: `parallel.pp_schedule` 1f1b gives each pp rank one stage; interleaved_1f
 with the latter (Qi et al. 2023, ZB1P). Layers are split evenly; the embedding goes with the first stage, the final
 norm and lm_head with the last.
 
-A stage is a `StageModule` holding the parts of one `Llama` under their original names (`layers.5.mlp...`), so a
+A stage is a `StageModule` holding the parts of one `Transformer` under their original names (`layers.5.mlp...`), so a
 rank's parameters, checkpoints and full state dicts use the same names in every layout. `prune_to_stages` drops the
 parts of other ranks' stages from the model, which then still owns everything this rank trains.
 """
@@ -25,7 +25,7 @@ from torch.distributed.pipelining import (
     ScheduleInterleavedZeroBubble,
 )
 
-from parallel.model import Llama
+from parallel.model import Transformer
 
 SCHEDULES = {"1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B,
              "zero_bubble": ScheduleInterleavedZeroBubble}
@@ -45,7 +45,7 @@ class StageModule(nn.Module):
     The forward takes tokens (first stage) or hidden states and returns hidden states or logits (last stage).
     """
 
-    def __init__(self, model: Llama, layer_ids: list[int], first: bool, last: bool):
+    def __init__(self, model: Transformer, layer_ids: list[int], first: bool, last: bool):
         super().__init__()
         self.embed_tokens = model.embed_tokens if first else None
         self.layers = nn.ModuleDict({str(i): model.layers[str(i)] for i in layer_ids})
@@ -62,7 +62,7 @@ class StageModule(nn.Module):
         return h
 
 
-def prune_to_stages(model: Llama, pp_rank: int, pp: int, schedule: str) -> list[StageModule]:
+def prune_to_stages(model: Transformer, pp_rank: int, pp: int, schedule: str) -> list[StageModule]:
     """This rank's stage modules; `model` keeps only their parts (layers become a ModuleDict keyed by index)."""
     ids = stage_ids(pp_rank, pp, schedule)
     n_stages = pp * stages_per_rank(schedule)

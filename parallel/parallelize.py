@@ -30,7 +30,7 @@ from torch import nn
 from orchestrator.spec import JobSpec
 from parallel.activation_checkpoint import apply_activation_checkpointing
 from parallel.compile import apply_compile
-from parallel.model import Llama, cross_entropy
+from parallel.model import Transformer, cross_entropy
 from parallel.parallel_dims import ParallelDims
 
 
@@ -45,7 +45,7 @@ class Parallelized:
     stages   torch pipelining's stage modules of this rank (native, pp > 1)
     """
 
-    model: Llama
+    model: Transformer
     device: torch.device
     blocks: list[nn.Module]
     roots: list[nn.Module]
@@ -67,7 +67,7 @@ class Techniques:
     compile_under_zero3: bool
 
 
-def parallelize_llama(model: Llama, dims: ParallelDims, spec: JobSpec, techniques: Techniques,
+def parallelize_model(model: Transformer, dims: ParallelDims, spec: JobSpec, techniques: Techniques,
                       device: torch.device) -> Parallelized:
     """Apply tp, activation checkpointing, compile, pp and dp to `model` (on meta) in the order of this module."""
     p = spec.parallel

@@ -1,4 +1,4 @@
-"""`pretrain import HF_DIR job.yaml [section.key=value ...] [-o out.yaml]`: start a run from a Llama checkpoint.
+"""`pretrain import HF_DIR job.yaml [section.key=value ...] [-o out.yaml]`: start a run from a Hugging Face checkpoint.
 
     pretrain import models/llama-3.2-1b examples/llama-1b.yaml parallel.tp=2 -o runs/cont.yaml
     pretrain submit runs/cont.yaml          # continued pretraining from those weights, in any layout

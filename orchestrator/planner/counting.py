@@ -3,7 +3,7 @@
 The counts follow the model of `parallel/` exactly (RMSNorm, SwiGLU, grouped-query attention, no biases, optional
 tied embeddings): the planner's memory and step-time estimates are only as good as these numbers.
 
-FLOPs per token are the model's own (`parallel.model.LlamaDims.flops_per_token`, PaLM's 6·N + 12·L·dim·seq): the
+FLOPs per token are the model's own (`parallel.model.ModelDims.flops_per_token`, PaLM's 6·N + 12·L·dim·seq): the
 planner's step times and the MFU the ranks export use one formula.
 """
 
@@ -85,7 +85,7 @@ def stage_params(model: ModelConfig, pp: int = 1, tp: int = 1) -> list[int]:
 
 def flops_per_token(model: ModelConfig, seq_len: int) -> float:
     """Training FLOPs (forward and backward) per token, without activation recomputation."""
-    from parallel.model import LlamaDims
+    from parallel.model import ModelDims
 
     check_resolved(model)
-    return float(LlamaDims.from_config(model).flops_per_token(seq_len))
+    return float(ModelDims.from_config(model).flops_per_token(seq_len))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from parallel.callbacks import BaseCallback, Callback, LogCallback, StepStats, mfu
-from parallel.model import LlamaDims
+from parallel.model import ModelDims
 
 
 def test_mfu_is_model_flops_over_peak() -> None:
@@ -14,7 +14,7 @@ def test_mfu_is_model_flops_over_peak() -> None:
 
 
 def test_mfu_of_a_1b_llama_at_h100_speeds_is_plausible() -> None:
-    dims = LlamaDims(vocab_size=50304, dim=2048, n_layers=20, n_heads=16, n_kv_heads=8, ffn_dim=5632, norm_eps=1e-5,
+    dims = ModelDims(vocab_size=50304, dim=2048, n_layers=20, n_heads=16, n_kv_heads=8, ffn_dim=5632, norm_eps=1e-5,
                      rope_theta=5e5, tie_embeddings=False, init_std=0.02)
     assert 1.0e9 < dims.num_params() < 1.3e9
     assert 0.3 < mfu(dims.flops_per_token(2048), 50_000, 1, 989e12) < 0.5

@@ -16,7 +16,7 @@ from orchestrator.cli import main as pretrain
 from orchestrator.errors import CheckpointError, UserError
 from parallel.consolidate import find_checkpoint
 from parallel.hf import HFExport, load_hf_model, open_hf_weights, open_init_weights, save_hf
-from parallel.model import LlamaDims, build_model
+from parallel.model import ModelDims, build_model
 
 ATOL = 1e-4
 TINY = Path(__file__).resolve().parents[2] / "examples" / "tiny.yaml"
@@ -68,7 +68,7 @@ def test_sharded_checkpoint_with_an_index_is_read(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 def test_exported_model_gives_our_logits_in_transformers(tie: bool, tmp_path: Path) -> None:
-    dims = LlamaDims(vocab_size=300, dim=96, n_layers=2, n_heads=6, n_kv_heads=2, ffn_dim=256, norm_eps=1e-5,
+    dims = ModelDims(vocab_size=300, dim=96, n_layers=2, n_heads=6, n_kv_heads=2, ffn_dim=256, norm_eps=1e-5,
                      rope_theta=40000.0, tie_embeddings=tie, init_std=0.05)
     ours = build_model(dims, "cpu").eval()
     ours.init_weights(seed=3)
@@ -82,7 +82,7 @@ def test_exported_model_gives_our_logits_in_transformers(tie: bool, tmp_path: Pa
 
 
 def test_bf16_export_halves_the_weights_and_stays_close(tmp_path: Path) -> None:
-    dims = LlamaDims(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=128, norm_eps=1e-5,
+    dims = ModelDims(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=128, norm_eps=1e-5,
                      rope_theta=10000.0, tie_embeddings=False, init_std=0.02)
     ours = build_model(dims, "cpu").eval()
     ours.init_weights(seed=0)
@@ -162,7 +162,7 @@ def test_weights_only_in_pytorch_format_are_refused(hf_dir: Path) -> None:
 
 
 def test_init_from_a_model_of_another_shape_names_each_field(hf_dir: Path) -> None:
-    run = LlamaDims(vocab_size=211, dim=128, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=176, norm_eps=1e-5,
+    run = ModelDims(vocab_size=211, dim=128, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=176, norm_eps=1e-5,
                     rope_theta=10000.0, tie_embeddings=False, init_std=0.02)
     with pytest.raises(UserError, match=r"checkpoint.init_from: .*model: the model differs from the run's: "
                                        r"model.dim: 128 in the job spec, 64 in config.json; "
@@ -173,7 +173,7 @@ def test_init_from_a_model_of_another_shape_names_each_field(hf_dir: Path) -> No
 def test_init_from_a_pretrain_checkpoint_says_to_export_it(tmp_path: Path) -> None:
     (tmp_path / "step_4").mkdir()
     (tmp_path / "latest").write_text("step_4\n")
-    dims = LlamaDims(211, 64, 2, 4, 2, 176, 1e-5, 10000.0, False, 0.02)
+    dims = ModelDims(211, 64, 2, 4, 2, 176, 1e-5, 10000.0, False, 0.02)
     with pytest.raises(UserError, match=r"is a pretrain checkpoint; export it with `pretrain export"):
         open_init_weights(str(tmp_path), dims)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from orchestrator.spec import ModelConfig
-from parallel.model import LlamaDims, cross_entropy, init_parameter
+from parallel.model import ModelDims, cross_entropy, init_parameter
 from tests.helpers import CONFIG, tiny
 
 
@@ -60,7 +60,7 @@ def test_initial_loss_is_near_uniform() -> None:
 
 
 def test_init_is_a_function_of_name_and_seed() -> None:
-    dims = LlamaDims.from_config(CONFIG)
+    dims = ModelDims.from_config(CONFIG)
     a = init_parameter("layers.1.mlp.up_proj.weight", (8, 8), dims, seed=5)
     assert torch.equal(a, init_parameter("layers.1.mlp.up_proj.weight", (8, 8), dims, seed=5))
     assert not torch.equal(a, init_parameter("layers.0.mlp.up_proj.weight", (8, 8), dims, seed=5))
@@ -71,11 +71,11 @@ def test_init_is_a_function_of_name_and_seed() -> None:
 
 
 def test_flops_per_token_is_6n_plus_attention() -> None:
-    dims = LlamaDims.from_config(CONFIG)
+    dims = ModelDims.from_config(CONFIG)
     n = dims.num_params(with_embeddings=False) + 96 * 64
     assert dims.flops_per_token(128) == 6 * n + 12 * 2 * 128 * 64
 
 
 def test_an_unresolved_vocab_size_is_refused() -> None:
     with pytest.raises(ValueError, match="model.vocab_size must be resolved"):
-        LlamaDims.from_config(ModelConfig())
+        ModelDims.from_config(ModelConfig())

@@ -20,7 +20,7 @@ from torch import nn
 from orchestrator.validate import parse_spec
 from parallel.model import build_model
 from parallel.parallel_dims import ParallelDims
-from parallel.parallelize import Parallelized, Techniques, parallelize_llama
+from parallel.parallelize import Parallelized, Techniques, parallelize_model
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = {"n_layers": 4, "vocab_size": 96, "dim": 64, "n_heads": 4}
@@ -54,7 +54,7 @@ def recording(seen: list) -> Techniques:
 def run(parallel: dict, dims: ParallelDims, techniques: Techniques) -> Parallelized:
     spec = parse_spec({"model": MODEL, "parallel": parallel,
                        "resources": {"gpus_per_node": dims.dp * dims.pp * dims.tp}})
-    return parallelize_llama(build_model(spec.model), dims, spec, techniques, "cpu")
+    return parallelize_model(build_model(spec.model), dims, spec, techniques, "cpu")
 
 
 def test_tensor_parallel_then_checkpointing_and_compile_then_pipeline_then_data_parallel():
@@ -85,7 +85,7 @@ def test_a_sequence_validation_would_refuse_is_an_assertion():
                        "resources": {"gpus_per_node": 2}, "data": {"seq_len": 64}})
     spec = dataclasses.replace(spec, data=dataclasses.replace(spec.data, seq_len=63))
     with pytest.raises(AssertionError, match="sequence splits over tp"):
-        parallelize_llama(build_model(spec.model), ParallelDims(dp=1, pp=1, tp=2), spec, recording([]), "cpu")
+        parallelize_model(build_model(spec.model), ParallelDims(dp=1, pp=1, tp=2), spec, recording([]), "cpu")
 
 
 def test_the_model_imports_no_parallel_technique():
