@@ -21,9 +21,35 @@ STEPS_MAX = 10**9
 
 
 @dataclass
-class ModelConfig:
-    """A decoder-only Llama-style transformer (RMSNorm, SwiGLU, RoPE, grouped-query attention, no biases)."""
+class RopeScalingConfig:
+    """RoPE frequencies stretched past the context the model was trained on (Llama 3.1's, YaRN, linear)."""
 
+    type: str = setting("none", "none: plain RoPE; linear: every frequency / factor; llama3: long wavelengths / "
+                        "factor, short ones kept; yarn: per-rotation ramp and an attention temperature",
+                        choices=("none", "linear", "llama3", "yarn"))
+    factor: float = setting(1.0, "context extension factor", min=1.0, max=1024.0)
+    original_max_positions: int = setting(8192, "llama3, yarn: the context the unscaled model was trained for",
+                                          min=1, max=2**24)
+    low_freq_factor: float = setting(1.0, "llama3: wavelengths above original/this are divided by factor",
+                                     min=0.0, max=1024.0)
+    high_freq_factor: float = setting(4.0, "llama3: wavelengths below original/this are kept", min=0.0,
+                                      max=1024.0)
+    beta_fast: float = setting(32.0, "yarn: rotations above which frequencies are kept", min=0.0, max=1e6)
+    beta_slow: float = setting(1.0, "yarn: rotations below which frequencies are divided by factor", min=0.0,
+                               max=1e6)
+    attention_factor: float = setting(0.0, "yarn: scale of cos/sin; 0: 0.1·ln(factor) + 1", min=0.0, max=100.0)
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only transformer: by default Llama's (pre-norm RMSNorm, SwiGLU, RoPE, grouped-query attention, no
+    biases); the switches below give the other families' variants, and `family` fills them in one word."""
+
+    family: str = setting("custom", "preset filling every field below that the spec leaves unset; custom: the "
+                          "defaults shown", choices=("custom", "llama2", "llama3", "qwen2", "qwen3", "mistral",
+                                                    "olmo2", "gemma2"))
+    size: str = setting("", "the family's published size (e.g. 1b, 8b, 1.7b) filling the dimensions; empty: the "
+                        "spec's own dimensions")
     vocab_size: int | None = setting(None, "vocab size; null: the shards' tokenizer size, padded to 1024", min=2,
                                       max=2**22)
     dim: int = setting(256, "hidden size", min=8, max=65536)
@@ -31,12 +57,34 @@ class ModelConfig:
     n_heads: int = setting(4, "attention heads", min=1, max=1024)
     n_kv_heads: int | None = setting(None, "key/value heads (grouped-query attention); null means n_heads", min=1,
                                       max=1024)
-    ffn_dim: int | None = setting(None, "SwiGLU hidden size; null means 8/3·dim rounded up to multiple_of",
+    head_dim: int | None = setting(None, "size of one attention head; null means dim / n_heads", min=2,
+                                   max=4096)
+    ffn_dim: int | None = setting(None, "MLP hidden size; null means 8/3·dim rounded up to multiple_of",
                                   min=1, max=2**20)
     multiple_of: int = setting(64, "rounding of the default ffn_dim", min=1, max=4096)
+    activation: str = setting("silu", "gated MLP activation: silu (SwiGLU) or gelu_tanh (GeGLU, Gemma)",
+                              choices=("silu", "gelu_tanh"))
     norm_eps: float = setting(1e-5, "RMSNorm epsilon", min=0.0, max=1.0)
+    norm_placement: str = setting("pre", "pre: norm before attention and MLP (Llama); post: norm on their outputs "
+                                  "(OLMo 2); sandwich: both (Gemma 2)", choices=("pre", "post", "sandwich"))
+    qkv_bias: bool = setting(False, "biases on the query, key and value projections (Qwen2)")
+    qk_norm: str = setting("none", "RMSNorm of queries and keys before RoPE: none; head: over each head (Qwen3); "
+                           "full: over all heads together (OLMo 2)", choices=("none", "head", "full"))
     rope_theta: float = setting(10000.0, "RoPE base frequency", min=1.0, max=1e10)
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    sliding_window: int = setting(0, "tokens each query sees, itself included, in sliding-window layers; 0: full "
+                                  "attention everywhere", min=0, max=2**24)
+    full_attention_every: int = setting(0, "with sliding_window: every n-th layer attends fully (Gemma 2: 2); 0: "
+                                        "every layer slides (Mistral)", min=0, max=1024)
+    attn_softcap: float = setting(0.0, "attention scores squashed to ±cap by cap·tanh(s/cap); 0: off", min=0.0,
+                                  max=1e6)
+    logit_softcap: float = setting(0.0, "output logits squashed to ±cap the same way; 0: off", min=0.0, max=1e6)
+    attn_scale_dim: int | None = setting(None, "attention scores scaled by 1/sqrt(this); null: head_dim", min=1,
+                                         max=2**16)
+    scale_embeddings: bool = setting(False, "multiply the input embeddings by sqrt(dim) (Gemma)")
     tie_embeddings: bool = setting(False, "share the input embedding with the output projection")
+    max_positions: int = setting(0, "context length the model is meant for (written to exported configs); 0: "
+                                 "data.seq_len", min=0, max=2**24)
     init_std: float = setting(0.02, "std of the normal initialisation", min=0.0, max=1.0)
 
 
@@ -173,7 +221,7 @@ class JobSpec:
 
     @property
     def head_dim(self) -> int:
-        return self.model.dim // self.model.n_heads
+        return self.model.head_dim or self.model.dim // self.model.n_heads
 
 
 def spec_to_yaml(spec: JobSpec) -> str:

@@ -1,8 +1,12 @@
-"""A Llama-style decoder, readable top to bottom: pre-norm RMSNorm, SwiGLU, RoPE, grouped-query attention, no biases.
+"""A decoder-only transformer, readable top to bottom; by default Llama's (pre-norm RMSNorm, SwiGLU, RoPE,
+grouped-query attention, no biases), with the switches other families need (`ModelDims`): q/k/v biases (Qwen2),
+query/key norms (Qwen3 per head, OLMo 2 over all heads), post-norm and sandwich-norm blocks (OLMo 2, Gemma 2), scaled
+RoPE, sliding-window attention (Mistral, Gemma 2), soft-capped scores and logits, scaled embeddings and GeGLU (Gemma).
 
-Parameter names are Hugging Face Llama's without the leading `model.` (`embed_tokens.weight`,
-`layers.3.self_attn.q_proj.weight`, `layers.3.mlp.gate_proj.weight`, `norm.weight`; `lm_head.weight` as is), and RoPE
-uses the same rotate-half layout, so converting to and from `LlamaForCausalLM` is a rename with no permutation.
+Parameter names are Hugging Face's without the leading `model.` (`embed_tokens.weight`,
+`layers.3.self_attn.q_proj.weight`, `layers.3.mlp.gate_proj.weight`, `norm.weight`; `lm_head.weight` as is), each
+block's norms named as the family names them, and RoPE uses the same rotate-half layout, so converting to and from
+transformers' classes is a rename with no permutation (`parallel.hf`).
 
 The model knows nothing about parallelism: `parallel.megatron_tp` swaps its linears for sharded ones and lowers
 `n_heads` / `n_kv_heads` to the local counts, `parallel.deepspeed_pipeline` regroups its parts into stages. Weights are
@@ -16,18 +20,28 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from orchestrator.spec import ModelConfig
+from parallel.rope import RopeScaling, RotaryEmbedding, apply_rope
+
+# Each block's norms by where they sit: before attention, after it, before the MLP, after it (None: no norm there),
+# under the names the families' checkpoints use.
+BLOCK_NORMS: dict[str, tuple[str | None, str | None, str | None, str | None]] = {
+    "pre": ("input_layernorm", None, "post_attention_layernorm", None),
+    "post": (None, "post_attention_layernorm", None, "post_feedforward_layernorm"),
+    "sandwich": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                 "post_feedforward_layernorm"),
+}
 
 
 @dataclass(frozen=True)
 class ModelDims:
-    """The sizes the model is built from, with the spec's defaults resolved."""
+    """The sizes and switches the model is built from, with the spec's defaults resolved."""
 
     vocab_size: int
     dim: int
@@ -39,10 +53,22 @@ class ModelDims:
     rope_theta: float
     tie_embeddings: bool
     init_std: float
+    head_dim: int = 0  # 0: dim // n_heads
+    activation: str = "silu"
+    norm_placement: str = "pre"
+    qkv_bias: bool = False
+    qk_norm: str = "none"
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    sliding_window: int = 0
+    full_attention_every: int = 0
+    attn_softcap: float = 0.0
+    logit_softcap: float = 0.0
+    attn_scale_dim: int = 0  # 0: head_dim
+    scale_embeddings: bool = False
 
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+    def __post_init__(self) -> None:
+        if not self.head_dim:
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> ModelDims:
@@ -52,15 +78,31 @@ class ModelDims:
         if ffn is None:
             # Llama's rule: 2/3 of 4·dim (SwiGLU has three matrices), rounded up to multiple_of.
             ffn = config.multiple_of * math.ceil(int(8 * config.dim / 3) / config.multiple_of)
+        r = config.rope_scaling
         return cls(
             vocab_size=config.vocab_size, dim=config.dim, n_layers=config.n_layers, n_heads=config.n_heads,
             n_kv_heads=config.n_kv_heads or config.n_heads, ffn_dim=ffn, norm_eps=config.norm_eps,
             rope_theta=config.rope_theta, tie_embeddings=config.tie_embeddings, init_std=config.init_std,
+            head_dim=config.head_dim or 0, activation=config.activation, norm_placement=config.norm_placement,
+            qkv_bias=config.qkv_bias, qk_norm=config.qk_norm,
+            rope_scaling=RopeScaling(r.type, r.factor, r.original_max_positions, r.low_freq_factor,
+                                     r.high_freq_factor, r.beta_fast, r.beta_slow, r.attention_factor),
+            sliding_window=config.sliding_window, full_attention_every=config.full_attention_every,
+            attn_softcap=config.attn_softcap, logit_softcap=config.logit_softcap,
+            attn_scale_dim=config.attn_scale_dim or 0, scale_embeddings=config.scale_embeddings,
         )
 
+    def window(self, layer: int) -> int:
+        """Tokens layer `layer`'s queries see (themselves included), 0 for full causal attention."""
+        full = self.full_attention_every and (layer + 1) % self.full_attention_every == 0
+        return 0 if full else self.sliding_window
+
     def num_params(self, with_embeddings: bool = True) -> int:
-        attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
-        block = attn + 3 * self.dim * self.ffn_dim + 2 * self.dim
+        q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        attn = self.dim * (2 * q + 2 * kv) + (q + 2 * kv if self.qkv_bias else 0)
+        attn += {"none": 0, "head": 2 * self.head_dim, "full": q + kv}[self.qk_norm]
+        norms = sum(name is not None for name in BLOCK_NORMS[self.norm_placement]) * self.dim
+        block = attn + 3 * self.dim * self.ffn_dim + norms
         embed = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
         return self.n_layers * block + self.dim + (embed if with_embeddings else 0)
 
@@ -69,10 +111,13 @@ class ModelDims:
 
         N counts the weights that take part in matmuls: every block and the lm_head (forward 2·N, backward 4·N);
         the input embedding is a lookup and is left out. 12·L·seq·dim is attention's QK^T and AV, forward and
-        backward, counted without the causal halving, as the reference figures in PERF-BASELINES.md are.
+        backward, counted without the causal halving, as the reference figures in PERF-BASELINES.md are; with heads
+        narrower or wider than dim / n_heads, dim is n_heads·head_dim, and a sliding-window layer's queries see at
+        most its window.
         """
         matmul_params = self.num_params(with_embeddings=False) + self.vocab_size * self.dim
-        return 6 * matmul_params + 12 * self.n_layers * seq_len * self.dim
+        attended = sum(min(seq_len, self.window(i) or seq_len) for i in range(self.n_layers))
+        return 6 * matmul_params + 12 * attended * self.n_heads * self.head_dim
 
 
 class RMSNorm(nn.Module):
@@ -88,30 +133,9 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-class RotaryEmbedding(nn.Module):
-    """cos/sin tables for RoPE, computed on first use per (length, device) and kept; no parameters, no state."""
-
-    def __init__(self, head_dim: int, theta: float):
-        super().__init__()
-        self.head_dim = head_dim
-        self.theta = theta
-        self._cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def forward(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (length, str(device))
-        if key not in self._cache:
-            inv_freq = 1.0 / self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim)
-            angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
-            angles = torch.cat([angles, angles], dim=-1).to(device)
-            self._cache[key] = (angles.cos(), angles.sin())
-        return self._cache[key]
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate [batch, heads, seq, head_dim] by position, in Hugging Face's rotate-half layout."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap·tanh(x/cap): x squashed smoothly into (-cap, cap), nearly unchanged where |x| ≪ cap."""
+    return torch.tanh(x / cap) * cap
 
 
 class KVCache:
@@ -137,46 +161,81 @@ class KVCache:
         self.pos = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
-    def attention_mask(self, new: int) -> torch.Tensor | None:
+    def attention_mask(self, new: int, window: int = 0) -> torch.Tensor | None:
         """Which keys the `new` latest queries may see (True: attend); None when plain causal attention is right."""
         end = self.pos
-        if self.valid is None and new == end:
+        if self.valid is None and new == end and not window:
             return None
-        # Each new query sees every earlier key and the new ones up to itself.
-        mask = torch.ones(new, end, dtype=torch.bool, device=self.k.device).tril(end - new)
+        mask = causal_mask(new, end, window, self.k.device)
         if self.valid is None:
             return mask
         own = torch.arange(end, device=mask.device) == torch.arange(end - new, end, device=mask.device)[:, None]
         return (mask & self.valid[:, None, None, :end]) | own
 
 
+def causal_mask(queries: int, keys: int, window: int, device: torch.device | str) -> torch.Tensor:
+    """[queries, keys] True where the query (the last `queries` of `keys` positions) may attend: earlier keys and
+    itself, and with a `window`, only the `window` latest of those."""
+    q = torch.arange(keys - queries, keys, device=device)[:, None]
+    k = torch.arange(keys, device=device)[None, :]
+    mask = k <= q
+    return mask & (q - k < window) if window else mask
+
+
 class Attention(nn.Module):
-    def __init__(self, dims: ModelDims, rotary: RotaryEmbedding):
+    def __init__(self, dims: ModelDims, rotary: RotaryEmbedding, window: int = 0):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = dims.n_heads, dims.n_kv_heads, dims.head_dim
-        self.q_proj = nn.Linear(dims.dim, dims.n_heads * dims.head_dim, bias=False)
-        self.k_proj = nn.Linear(dims.dim, dims.n_kv_heads * dims.head_dim, bias=False)
-        self.v_proj = nn.Linear(dims.dim, dims.n_kv_heads * dims.head_dim, bias=False)
-        self.o_proj = nn.Linear(dims.n_heads * dims.head_dim, dims.dim, bias=False)
+        q, kv = dims.n_heads * dims.head_dim, dims.n_kv_heads * dims.head_dim
+        self.q_proj = nn.Linear(dims.dim, q, bias=dims.qkv_bias)
+        self.k_proj = nn.Linear(dims.dim, kv, bias=dims.qkv_bias)
+        self.v_proj = nn.Linear(dims.dim, kv, bias=dims.qkv_bias)
+        self.o_proj = nn.Linear(q, dims.dim, bias=False)
+        self.qk_norm = dims.qk_norm
+        if dims.qk_norm != "none":
+            per_head = dims.qk_norm == "head"
+            self.q_norm = RMSNorm(dims.head_dim if per_head else q, dims.norm_eps)
+            self.k_norm = RMSNorm(dims.head_dim if per_head else kv, dims.norm_eps)
         self.rotary = rotary
+        self.window, self.softcap = window, dims.attn_softcap
+        self.scale = dims.attn_scale_dim ** -0.5 if dims.attn_scale_dim else None
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         # Shapes are read from the projections, not from x: under tensor parallelism they hold this rank's heads,
         # and under sequence parallelism the whole sequence while x holds a slice of it.
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
         b, s, _ = q.shape
-        q = q.view(b, s, -1, self.head_dim).transpose(1, 2)
-        k = k.view(b, s, -1, self.head_dim).transpose(1, 2)
+        q = q.view(b, s, -1, self.head_dim)
+        k = k.view(b, s, -1, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(b, s, -1, self.head_dim).transpose(1, 2)
         start = cache.pos if cache is not None else 0
         cos, sin = self.rotary(start + s, x.device)
         q, k = apply_rope(q, cos[start:], sin[start:]), apply_rope(k, cos[start:], sin[start:])
-        mask = None
         if cache is not None:
             k, v = cache.update(k, v)
-            mask = cache.attention_mask(s)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+            mask = cache.attention_mask(s, self.window)
+        else:
+            mask = causal_mask(s, s, self.window, x.device) if self.window and self.window < s else None
+        out = self._attend(q, k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if not self.softcap:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
+                                                  enable_gqa=True)
+        # Soft-capped scores have no fused kernel here: the scores are materialised, capped, masked, normalised.
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        scores = softcap(q @ k.transpose(-1, -2) * (self.scale or self.head_dim ** -0.5), self.softcap)
+        if mask is None:
+            mask = causal_mask(q.shape[2], k.shape[2], 0, q.device)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        return scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype) @ v
 
 
 class MLP(nn.Module):
@@ -185,41 +244,61 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(dims.dim, dims.ffn_dim, bias=False)
         self.up_proj = nn.Linear(dims.dim, dims.ffn_dim, bias=False)
         self.down_proj = nn.Linear(dims.ffn_dim, dims.dim, bias=False)
+        self.gelu = dims.activation == "gelu_tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate = self.gate_proj(x)
+        gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        return self.down_proj(gate * self.up_proj(x))
 
 
 class Block(nn.Module):
-    def __init__(self, dims: ModelDims, rotary: RotaryEmbedding):
+    def __init__(self, dims: ModelDims, rotary: RotaryEmbedding, layer: int = 0):
         super().__init__()
-        self.input_layernorm = RMSNorm(dims.dim, dims.norm_eps)
-        self.self_attn = Attention(dims, rotary)
-        self.post_attention_layernorm = RMSNorm(dims.dim, dims.norm_eps)
+        self.norm_names = BLOCK_NORMS[dims.norm_placement]
+        for name in self.norm_names:
+            if name is not None:
+                setattr(self, name, RMSNorm(dims.dim, dims.norm_eps))
+        self.self_attn = Attention(dims, rotary, dims.window(layer))
         self.mlp = MLP(dims)
 
+    def norm(self, where: int, x: torch.Tensor) -> torch.Tensor:
+        """The norm at `where` (0 before attention, 1 after it, 2 before the MLP, 3 after it), if the block has one."""
+        name = self.norm_names[where]
+        return x if name is None else getattr(self, name)(x)
+
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.norm(1, self.self_attn(self.norm(0, x), cache))
+        return x + self.norm(3, self.mlp(self.norm(2, x)))
 
 
 class Transformer(nn.Module):
     def __init__(self, dims: ModelDims):
         super().__init__()
         self.dims = dims
-        self.rotary = RotaryEmbedding(dims.head_dim, dims.rope_theta)
+        self.rotary = RotaryEmbedding(dims.head_dim, dims.rope_theta, dims.rope_scaling)
         self.embed_tokens = nn.Embedding(dims.vocab_size, dims.dim)
-        self.layers = nn.ModuleList(Block(dims, self.rotary) for _ in range(dims.n_layers))
+        self.layers = nn.ModuleList(Block(dims, self.rotary, i) for i in range(dims.n_layers))
         self.norm = RMSNorm(dims.dim, dims.norm_eps)
         self.lm_head = nn.Linear(dims.dim, dims.vocab_size, bias=False)
         if dims.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, tokens: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
-        h = self.embed_tokens(tokens)
+        h = self.embed(tokens)
         for i, layer in enumerate(self.layers):
             h = layer(h, caches[i] if caches is not None else None)
-        return self.lm_head(self.norm(h))
+        return self.head(h)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token embeddings entering the first block (a pipeline's first stage calls this)."""
+        h = self.embed_tokens(tokens)
+        return h * torch.tensor(self.dims.dim ** 0.5, dtype=h.dtype) if self.dims.scale_embeddings else h
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits from the last block's output (a pipeline's last stage calls this)."""
+        logits = self.lm_head(self.norm(h))
+        return softcap(logits, self.dims.logit_softcap) if self.dims.logit_softcap else logits
 
     def new_caches(self, batch: int, max_len: int, valid: torch.Tensor | None = None) -> list[KVCache]:
         """One cache per layer; `valid` [batch, max_len] marks real tokens when prompts are left-padded."""
@@ -245,12 +324,15 @@ def init_parameter(name: str, shape: tuple[int, ...], dims: ModelDims, seed: int
                    device: torch.device | str = "cpu") -> torch.Tensor:
     """The initial value of the full (unsharded) parameter `name`, the same in every layout and on every rank.
 
-    Norms start at one; other weights are N(0, init_std), with the residual-stream outputs (o_proj, down_proj) scaled
-    by 1/sqrt(2·n_layers) as in GPT-2 so the residual variance does not grow with depth. Each parameter draws from its
-    own generator seeded by (seed, name): a rank that owns only some layers or shards still gets identical numbers.
+    Norms start at one, biases at zero; other weights are N(0, init_std), with the residual-stream outputs (o_proj,
+    down_proj) scaled by 1/sqrt(2·n_layers) as in GPT-2 so the residual variance does not grow with depth. Each
+    parameter draws from its own generator seeded by (seed, name): a rank that owns only some layers or shards still
+    gets identical numbers.
     """
     if name.endswith("norm.weight"):
         return torch.ones(shape, device=device)
+    if name.endswith(".bias"):
+        return torch.zeros(shape, device=device)
     std = dims.init_std
     if name.endswith(("o_proj.weight", "down_proj.weight")):
         std /= math.sqrt(2 * dims.n_layers)
