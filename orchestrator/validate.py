@@ -17,6 +17,7 @@ from typing import Any
 from orchestrator import config_parser
 from orchestrator.config_parser import WRITTEN_FILE_BOUNDS, leaf_fields, load_json, parse_config
 from orchestrator.errors import Problem, SpecError
+from orchestrator.presets import apply_preset
 from orchestrator.spec import JobSpec, ModelConfig
 
 # Padding independent of tp, so a run resumed under another tensor-parallel size keeps the same vocabulary.
@@ -38,9 +39,10 @@ def load_yaml(path: str | os.PathLike) -> Any:
 def parse_spec(
     raw: Any, *, source: str = "job spec", overrides: Sequence[str] = (), require_data: bool = False
 ) -> JobSpec:
-    """Validate a spec given as plain data (a YAML mapping or `spec_to_dict`'s output)."""
-    problems: list[Problem] = []
-    bad: set[str] = set()
+    """Validate a spec given as plain data (a YAML mapping or `spec_to_dict`'s output). The model preset it names
+    fills what the spec and the overrides leave out (`orchestrator.presets`)."""
+    raw, problems = apply_preset(raw, overrides)
+    bad: set[str] = {p.path for p in problems}
     spec = parse_config(JobSpec, raw, source=source, overrides=overrides, problems=problems, bad=bad)
     if not bad & {"parallel.backend", "parallel.offload_optimizer", "parallel.pp", "model.tie_embeddings"}:
         spec.parallel.backend = pick_backend(spec)
@@ -167,15 +169,20 @@ def _layers_split_over_stages(spec: JobSpec, _: Any) -> list[Problem]:
     return []
 
 
-@rule("model.dim", "model.n_heads", "model.n_kv_heads", "parallel.tp")
+@rule("model.dim", "model.n_heads", "model.n_kv_heads", "model.head_dim", "parallel.tp")
 def _heads_fit(spec: JobSpec, _: Any) -> list[Problem]:
+    """Heads split whole over tp, key/value heads group the query heads evenly, and RoPE rotates pairs of a head's
+    dimensions, so a head is even-sized: the resolved head size, head_dim or dim / n_heads."""
     m, tp = spec.model, spec.parallel.tp
     kv = m.n_kv_heads or m.n_heads
     out = []
-    if m.dim % m.n_heads:
+    if m.head_dim is not None:
+        if m.head_dim % 2:
+            out.append(Problem("model.head_dim", f"{m.head_dim} must be even for RoPE"))
+    elif m.dim % m.n_heads:
         out.append(Problem("model.dim", f"{m.dim} is not divisible by model.n_heads={m.n_heads}"))
-    elif (m.dim // m.n_heads) % 2:
-        out.append(Problem("model.dim", f"head size {m.dim}/{m.n_heads} = {m.dim // m.n_heads} must be even for RoPE"))
+    elif spec.head_dim % 2:
+        out.append(Problem("model.dim", f"head size {m.dim}/{m.n_heads} = {spec.head_dim} must be even for RoPE"))
     if m.n_heads % tp:
         out.append(Problem("model.n_heads", f"{m.n_heads} heads are not divisible by parallel.tp={tp}"))
     if m.n_kv_heads is not None and m.n_heads % kv:
@@ -215,6 +222,52 @@ def _ffn_splits(spec: JobSpec, _: Any) -> list[Problem]:
         said = f"{ffn}" if m.ffn_dim else f"the default {ffn} (8/3·dim rounded up to model.multiple_of)"
         return [Problem("model.ffn_dim", f"{said} is not divisible by parallel.tp={tp} (column- and row-parallel "
                         "MLP)")]
+    return []
+
+
+@rule("model.sliding_window", "model.full_attention_every")
+def _window_layers(spec: JobSpec, _: Any) -> list[Problem]:
+    """full_attention_every picks the layers that skip the window: without a window, or on every layer, it says
+    nothing the model would do."""
+    window, every = spec.model.sliding_window, spec.model.full_attention_every
+    if every and not window:
+        return [Problem("model.full_attention_every", f"{every} picks the layers that attend fully instead of through "
+                        "a sliding window, but model.sliding_window is 0 (every layer attends fully); set "
+                        "model.sliding_window or full_attention_every=0")]
+    if every == 1 and window:
+        return [Problem("model.full_attention_every", f"1 makes every layer attend fully, so model.sliding_window="
+                        f"{window} is never used; use full_attention_every=0 to slide on every layer, 2 or more to "
+                        "alternate, or sliding_window=0")]
+    return []
+
+
+@rule("model.rope_scaling.type", "model.rope_scaling.factor", "model.rope_scaling.low_freq_factor",
+      "model.rope_scaling.high_freq_factor", "model.rope_scaling.beta_fast", "model.rope_scaling.beta_slow")
+def _rope_scaling_consistent(spec: JobSpec, _: Any) -> list[Problem]:
+    """Each scaling type reads its own parameters; values that contradict the type would be silently ignored, or
+    divide by zero (llama3's ramp runs from low_freq_factor to high_freq_factor)."""
+    r = spec.model.rope_scaling
+    where = "model.rope_scaling"
+    if r.type == "none" and r.factor != 1:
+        return [Problem(f"{where}.factor", f"{r.factor} with {where}.type=none stretches nothing; set type to linear, "
+                        "llama3 or yarn, or factor to 1")]
+    if r.type == "llama3" and not 0 < r.low_freq_factor < r.high_freq_factor:
+        return [Problem(f"{where}.high_freq_factor", f"{r.high_freq_factor} with low_freq_factor={r.low_freq_factor}:"
+                        " llama3 scaling needs 0 < low_freq_factor < high_freq_factor (Llama 3.1: 1 and 4)")]
+    if r.type == "yarn" and r.beta_fast < r.beta_slow:
+        return [Problem(f"{where}.beta_fast", f"{r.beta_fast} is below beta_slow={r.beta_slow}: yarn keeps the "
+                        "frequencies rotating more than beta_fast times and stretches those below beta_slow "
+                        "(defaults 32 and 1)")]
+    return []
+
+
+@rule("data.seq_len", "model.max_positions")
+def _sequence_within_context(spec: JobSpec, _: Any) -> list[Problem]:
+    """A model said to be meant for max_positions tokens is not trained on longer sequences."""
+    seq, context = spec.data.seq_len, spec.model.max_positions
+    if context and seq > context:
+        return [Problem("data.seq_len", f"{seq} is longer than model.max_positions={context}, the context the model "
+                        "is meant for; shorten data.seq_len or raise model.max_positions (0: data.seq_len)")]
     return []
 
 
