@@ -1,7 +1,9 @@
-"""Parameters and training FLOPs of the Llama-style model, whole and per pipeline stage / tensor-parallel shard.
+"""Parameters and training FLOPs of the model, whole and per pipeline stage / tensor-parallel shard.
 
-The counts follow the model of `parallel/` exactly (RMSNorm, SwiGLU, grouped-query attention, no biases, optional
-tied embeddings): the planner's memory and step-time estimates are only as good as these numbers.
+The counts follow `parallel.model`'s transformer exactly, for every switch: q/k/v biases, query/key norms (one
+head's width, or all heads'), two or four norms a block by norm placement, heads wider or narrower than
+dim / n_heads, and tied embeddings counted once. The planner's memory and step-time estimates are only as good as
+these numbers.
 
 FLOPs per token are the model's own (`parallel.model.ModelDims.flops_per_token`, PaLM's 6·N + 12·L·dim·seq): the
 planner's step times and the MFU the ranks export use one formula.
@@ -14,15 +16,18 @@ from dataclasses import dataclass
 from orchestrator.errors import Problem, SpecError
 from orchestrator.spec import ModelConfig
 
+# RMSNorms a block has by `model.norm_placement` (parallel.model.BLOCK_NORMS names them).
+BLOCK_NORMS = {"pre": 2, "post": 2, "sandwich": 4}
+
 
 @dataclass(frozen=True)
 class ParamCount:
     """Parameters of a model by where they live."""
 
     embedding: int
-    attention: int  # per layer: q, k, v, o projections
-    ffn: int  # per layer: SwiGLU w1, w2, w3
-    norms: int  # per layer: two RMSNorm weights
+    attention: int  # per layer, split over tp: q, k, v, o projections, q/k/v biases, query/key norms over all heads
+    ffn: int  # per layer: the gated MLP's gate, up and down projections
+    norms: int  # per layer, whole on every tp rank: the block's RMSNorms, per-head query/key norms
     n_layers: int
     final_norm: int
     output: int  # the output projection; 0 when tied to the embedding
@@ -50,16 +55,26 @@ def check_resolved(model: ModelConfig) -> None:
         raise ValueError("count a resolved spec (orchestrator.validate.parse_spec fills n_kv_heads and ffn_dim)")
 
 
+def attention_widths(model: ModelConfig) -> tuple[int, int]:
+    """Widths of the queries (n_heads·head_dim) and of the keys, or values (n_kv_heads·head_dim), with head_dim
+    resolved: what the projections, the saved activations and the query/key norms are sized by."""
+    head_dim = model.head_dim or model.dim // model.n_heads
+    return model.n_heads * head_dim, (model.n_kv_heads or model.n_heads) * head_dim
+
+
 def count_params(model: ModelConfig) -> ParamCount:
     check_resolved(model)
-    d, head_dim = model.dim, model.dim // model.n_heads
-    kv_dim = model.n_kv_heads * head_dim
+    d, head_dim = model.dim, model.head_dim or model.dim // model.n_heads
+    q, kv = attention_widths(model)
     vocab = model.vocab_size
+    biases = q + 2 * kv if model.qkv_bias else 0
+    qk_norms = q + kv if model.qk_norm == "full" else 0
+    head_norms = 2 * head_dim if model.qk_norm == "head" else 0
     return ParamCount(
         embedding=vocab * d,
-        attention=2 * d * d + 2 * d * kv_dim,
+        attention=2 * d * q + 2 * d * kv + biases + qk_norms,
         ffn=3 * d * model.ffn_dim,
-        norms=2 * d,
+        norms=BLOCK_NORMS[model.norm_placement] * d + head_norms,
         n_layers=model.n_layers,
         final_norm=d,
         output=0 if model.tie_embeddings else vocab * d,
@@ -72,7 +87,9 @@ def stage_params(model: ModelConfig, pp: int = 1, tp: int = 1) -> list[int]:
     Layers split evenly over stages (the validator requires it); the first stage holds the embedding, the last the
     final norm and output projection, and with tied embeddings and pp > 1 the last stage keeps its own copy of the
     embedding matrix (the tied weight is synchronised between the two stages). Linears and the vocab-parallel
-    embedding/output split over tp; norms are replicated on every tp rank.
+    embedding/output split over tp, and with them the q/k/v biases and the
+    query/key norms taken over all heads (each rank holds its heads' part); the block norms and per-head query/key
+    norms are whole on every tp rank.
     """
     count = count_params(model)
     layer = (count.attention + count.ffn) // tp + count.norms

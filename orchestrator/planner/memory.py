@@ -20,10 +20,13 @@ fp32 Adam moments and fp32 gradient accumulation:
 fp32 training has the same structure with 4-byte weights and gradients (ZeRO still keeps its own fp32 copy of the
 rank's shard). ZeRO-0 is not planned: it moves the same bytes as ZeRO-1 and keeps more.
 
-Activations are counted from the tensors autograd saves in `parallel.model`'s block (the RMSNorm saves an fp32 copy
-of its input, the flash attention kernel q, k, v and its output, SwiGLU four ffn-wide tensors), after Korthikanti et
-al. (2022): tensors inside tensor-parallel regions shrink with tp, the norms' only with sequence parallelism. Under
-1F1B the first pipeline stage holds `pp` micro-batches in flight; the last one holds the logits.
+Activations are counted from the tensors autograd saves in `parallel.model`'s block (each RMSNorm, two or four by
+norm placement and the query/key norms, saves an fp32 copy of its input; the flash attention kernel q, k, v and its
+output, sized by the resolved head_dim; the gated MLP four ffn-wide tensors), after Korthikanti et al. (2022): tensors
+inside tensor-parallel regions shrink with tp, the block norms' only with sequence parallelism. Soft-capped attention
+runs without a fused kernel: its [heads, seq, seq] scores are materialised, and the tanh output, the fp32
+probabilities and their cast are kept, with k and v repeated to every query head. Under 1F1B the first pipeline
+stage holds `pp` micro-batches in flight; the last one holds the logits.
 
 Per `parallel.activation_checkpointing` (see `parallel.activation_checkpoint`): `none` keeps all of that for every
 block; `full` keeps each block's input and, while one block is recomputed in backward, that block's activations;
@@ -44,18 +47,20 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from orchestrator.planner.counting import stage_params
+from orchestrator.planner.counting import BLOCK_NORMS, attention_widths, count_params, stage_params
 from orchestrator.spec import JobSpec, ModelConfig, ParallelConfig
 from orchestrator.validate import pick_backend
 
 GiB = 1024**3
 
-# Activation elements saved per token and block (multiples of dim, kv width and ffn_dim) beside the norms.
+# Activation elements saved per token and block (multiples of the query width n_heads·head_dim, the q/k/v widths
+# and ffn_dim) beside the norms; each norm saves its input in fp32 and two tensors of the activation dtype.
 ATTN_SAVED_D = 2.0  # attention output and the output projection's input (tensor-parallel)
 ATTN_SAVED_QKV = 1.0  # q, k, v after RoPE (tensor-parallel)
-FFN_SAVED_F = 4.0  # gate and up outputs, SiLU output, product into down_proj (tensor-parallel)
-NORMS = 2  # RMSNorms per block; each saves its input in fp32 and two tensors of the activation dtype
-# Selective checkpointing keeps, per token and block: q (dim), v (kv width), gate (ffn_dim), attention's output (dim)
+FFN_SAVED_F = 4.0  # gate and up outputs, the activation's output, product into down_proj (tensor-parallel)
+# Soft-capped attention keeps per score: the tanh output (activation dtype), the fp32 probabilities and their cast.
+SCORE_FP32_BYTES = 4
+# Selective checkpointing keeps, per token and block: q, v, gate (ffn_dim), attention's output (query width)
 # and its fp32 log-sum-exp (one per head), all split by tp; under tensor parallelism also the outputs of the two
 # reductions after the row-parallel projections (dim each, split by tp only with sequence parallelism).
 SELECTIVE_SPLIT_D = 2.0
@@ -184,18 +189,40 @@ def _stage_memory(model: ModelConfig, seq_len: int, p: ParallelConfig, buffers: 
 
 def activation_bytes_per_token(model: ModelConfig, width: int, tp: int = 1, sequence_parallel: bool = False) -> float:
     """Bytes autograd keeps per token for one transformer block (no recomputation)."""
-    d = model.dim
-    kv = model.n_kv_heads * (d // model.n_heads)
-    norms = NORMS * d * (4 + 2 * width) / (tp if sequence_parallel else 1)
-    split = (ATTN_SAVED_D * d + ATTN_SAVED_QKV * (d + 2 * kv) + FFN_SAVED_F * model.ffn_dim) * width / tp
+    q, _ = attention_widths(model)
+    norms = norm_elements(model, tp, sequence_parallel) * (4 + 2 * width)
+    split = (ATTN_SAVED_D * q + ATTN_SAVED_QKV * saved_qkv(model) + FFN_SAVED_F * model.ffn_dim) * width / tp
     return norms + split
+
+
+def norm_elements(model: ModelConfig, tp: int = 1, sequence_parallel: bool = False) -> float:
+    """Elements per token the RMSNorms of one block normalise on one rank: the block norms' dim each (split by tp
+    only with sequence parallelism) and the query/key norms' query and key widths (split by tp with the heads)."""
+    q, kv = attention_widths(model)
+    block = BLOCK_NORMS[model.norm_placement] * model.dim / (tp if sequence_parallel else 1)
+    return block + ((q + kv) / tp if model.qk_norm != "none" else 0.0)
+
+
+def saved_qkv(model: ModelConfig) -> int:
+    """Elements per token of the q, k and v attention keeps: in soft-capped (eager) attention k and v repeated to
+    every query head."""
+    q, kv = attention_widths(model)
+    return 3 * q if model.attn_softcap else q + 2 * kv
+
+
+def score_bytes_per_token(model: ModelConfig, seq_len: int, width: int, tp: int = 1) -> float:
+    """Bytes per token and block of the attention scores soft-capped attention materialises (none under SDPA):
+    a query's score of every key, per head, each kept as the tanh output, the fp32 probability and its cast."""
+    if not model.attn_softcap:
+        return 0.0
+    return model.n_heads / tp * seq_len * (2 * width + SCORE_FP32_BYTES)
 
 
 def selective_bytes_per_token(model: ModelConfig, width: int, tp: int = 1, sequence_parallel: bool = False) -> float:
     """Bytes selective checkpointing keeps per token and block beside the block's input."""
     d = model.dim
-    kv = model.n_kv_heads * (d // model.n_heads)
-    split = ((SELECTIVE_SPLIT_D * d + kv + model.ffn_dim) * width + 4 * model.n_heads) / tp
+    q, kv = attention_widths(model)
+    split = ((SELECTIVE_SPLIT_D * q + kv + model.ffn_dim) * width + 4 * model.n_heads) / tp
     reductions = SELECTIVE_REDUCTIONS_D * d * width / (tp if sequence_parallel else 1) if tp > 1 else 0.0
     return split + reductions
 
@@ -210,7 +237,7 @@ def activation_bytes(model: ModelConfig, seq_len: int, p: ParallelConfig, stage:
     in_flight = min(p.pp - stage, p.grad_accum)
     if block_bytes_per_token is None:
         block_bytes_per_token = activation_bytes_per_token(model, width, p.tp, p.sequence_parallel)
-    full_layer = tokens * block_bytes_per_token
+    full_layer = tokens * (block_bytes_per_token + score_bytes_per_token(model, seq_len, width, p.tp))
     block_input = tokens * model.dim / (p.tp if p.sequence_parallel else 1) * width
     if p.activation_checkpointing == "full":
         kept = layers * in_flight * block_input + full_layer  # one block recomputed at a time
@@ -238,6 +265,7 @@ def _buffer_bytes(model: ModelConfig, p: ParallelConfig, buffers: EngineBuffers,
     bucket = buffers.reduce_bucket * width * copies
     if zero < 3:
         return int(bucket)
-    layer = (2 * model.dim * model.dim + 3 * model.dim * model.ffn_dim) / p.tp
+    count = count_params(model)
+    layer = (count.attention + count.ffn) / p.tp
     largest = max(layer, model.vocab_size * model.dim / p.tp)
     return int(bucket + (largest + min(buffers.prefetch_bucket, layer)) * width)

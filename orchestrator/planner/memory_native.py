@@ -21,8 +21,8 @@ Llama-3-8B's shape seq 4096 micro-batch 1 dp2 ZeRO-3 with each checkpointing mod
 
 from __future__ import annotations
 
-from orchestrator.planner.counting import count_params, stage_params
-from orchestrator.planner.memory import NORMS, MemoryBreakdown, activation_bytes
+from orchestrator.planner.counting import attention_widths, count_params, stage_params
+from orchestrator.planner.memory import MemoryBreakdown, activation_bytes, norm_elements, saved_qkv
 from orchestrator.spec import JobSpec, ModelConfig, ParallelConfig
 
 COMPILED_LOGIT_BYTES = 8
@@ -38,11 +38,10 @@ def native_memory(spec: JobSpec, p: ParallelConfig) -> MemoryBreakdown:
 
 def compiled_bytes_per_token(model: ModelConfig, width: int, tp: int = 1, sequence_parallel: bool = False) -> float:
     """Bytes a compiled block keeps per token without recomputation: each norm's input, q, k, v and attention's
-    output, gate, up and their product (split by tp; the norms only with sequence parallelism)."""
-    d = model.dim
-    kv = model.n_kv_heads * (d // model.n_heads)
-    norms = NORMS * d * width / (tp if sequence_parallel else 1)
-    return norms + (2 * d + 2 * kv + 3 * model.ffn_dim) * width / tp
+    output, gate, up and their product (split by tp; the block norms only with sequence parallelism)."""
+    q, _ = attention_widths(model)
+    norms = norm_elements(model, tp, sequence_parallel) * width
+    return norms + (q + saved_qkv(model) + 3 * model.ffn_dim) * width / tp
 
 
 def _stage_memory(model: ModelConfig, seq_len: int, p: ParallelConfig, stage: int, params: int) -> MemoryBreakdown:
