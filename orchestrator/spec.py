@@ -124,6 +124,10 @@ class ParallelConfig:
     global_batch_size: int = setting(0, "sequences per optimizer step; 0 means micro_batch_size·grad_accum·dp",
                                         min=0, max=2**30)
     precision: str = setting("bf16", "training precision", choices=("bf16", "fp32"))
+    float8: str = setting("none", "FP8 matmuls in the transformer blocks' linear layers (native engine, torchao): "
+                          "none; tensorwise (one scale per tensor, float8 all-gather under FSDP: the fastest); "
+                          "rowwise (one scale per row: more robust to outliers)",
+                          choices=("none", "tensorwise", "rowwise"))
     offload_optimizer: bool = setting(False, "keep optimizer states in host memory (ZeRO 1-3)")
     compile: bool = setting(False, "torch.compile each transformer block")
 

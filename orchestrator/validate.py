@@ -9,6 +9,7 @@ raised together in one `SpecError`.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -333,6 +334,24 @@ def _native_limits(spec: JobSpec, _: Any) -> list[Problem]:
     if p.offload_optimizer:
         out.append(Problem("parallel.offload_optimizer", "not available with parallel.backend=native; use "
                            "parallel.backend=deepspeed to keep optimizer states in host memory"))
+    return out
+
+
+@rule("parallel.float8", "parallel.backend", "parallel.tp")
+def _float8_where_it_runs(spec: JobSpec, _: Any) -> list[Problem]:
+    """FP8 goes through torchao on the native engine, before tensor parallelism would need its float8 plans."""
+    p = spec.parallel
+    if p.float8 == "none":
+        return []
+    out = []
+    if p.backend != "native":
+        out.append(Problem("parallel.float8", f"{p.float8} needs parallel.backend=native (torchao's float8 layers); "
+                           "DeepSpeed's engine trains in bf16 or fp32"))
+    if p.tp > 1:
+        out.append(Problem("parallel.float8", f"{p.float8} with parallel.tp={p.tp} is not supported; shard with "
+                           "data parallelism (FSDP, zero_stage 3) or pipeline stages instead, or set float8=none"))
+    if importlib.util.find_spec("torchao") is None:
+        out.append(Problem("parallel.float8", f"{p.float8} needs the torchao package: pip install 'pretrain[fp8]'"))
     return out
 
 

@@ -1,0 +1,68 @@
+"""FP8 training through torchao: the blocks' linear layers run their three matmuls (forward, grad-input, grad-weight)
+in float8 with dynamic scales, everything else stays as the precision setting says.
+
+Recipes are torchao's: `tensorwise` (one scale per tensor; the fastest, and under FSDP the weights are all-gathered
+already in float8, halving that traffic) and `rowwise` (one scale per row of each operand; more robust to outliers,
+a little slower). The lm_head stays in bf16 (its logits feed the loss directly, the usual choice), and so does any
+linear whose sides are not multiples of 16 (the float8 GEMM's tile constraint).
+
+Converted before any other technique, on the meta device, like torchtitan's model converters: tensor parallelism is
+refused at validation (its plans would need torchao's float8 variants), compile and checkpointing wrap the converted
+modules, and FSDP shards their weights (with float8 all-gather for tensorwise).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable
+
+from torch import nn
+
+RECIPES = ("tensorwise", "rowwise")
+
+
+# At import torchao logs that its kernels built for other GPUs did not load, and torch that torchao registers an enum
+# the old way: FP8 training uses neither, so both lines are noise in a training log.
+_NOISY_AT_IMPORT = ("torchao", "torch.utils._pytree")
+
+
+def _torchao_float8():
+    loggers = [logging.getLogger(name) for name in _NOISY_AT_IMPORT]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        import torchao.float8 as float8
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+    return float8
+
+
+def convertible(module: nn.Module, name: str) -> bool:
+    """Whether a linear layer gets float8 matmuls: every block linear whose sides are multiples of 16."""
+    return isinstance(module, nn.Linear) and not name.endswith("lm_head") \
+        and module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+
+def apply_float8(blocks: Iterable[nn.Module], recipe: str, fsdp: bool, emulate: bool) -> None:
+    """Swap the linears of `blocks` for torchao's Float8Linear in place.
+
+    `fsdp`: the weights will be sharded by FSDP2, so tensorwise all-gathers them in float8. `emulate`: run the
+    float8 GEMMs as casts around higher-precision matmuls, for devices without float8 GEMMs (CPUs): the numbers
+    are float8's, the speed is not.
+    """
+    float8 = _torchao_float8()
+    config = float8.Float8LinearConfig.from_recipe_name(recipe)
+    config = dataclasses.replace(config, emulate=emulate,
+                                 enable_fsdp_float8_all_gather=fsdp and recipe == "tensorwise")
+    for block in blocks:
+        float8.convert_to_float8_training(block, config=config, module_filter_fn=convertible)
+
+
+def after_optimizer_step(model: nn.Module, recipe: str, fsdp: bool) -> None:
+    """Under FSDP with float8 all-gather, compute every weight's scale in one all-reduce for the next step's
+    all-gathers instead of one per weight as it is gathered (torchao's recommended step)."""
+    if fsdp and recipe == "tensorwise":
+        _torchao_float8().precompute_float8_dynamic_scale_for_fsdp(model)
