@@ -36,6 +36,7 @@ from orchestrator.errors import CheckpointError
 from orchestrator.spec import JobSpec
 from parallel.dtensor_tp import apply_dtensor_tp
 from parallel.engine import MakeOnce, StepResult, device_pairs, gather_full_state, mean_over_dp
+from parallel.float8 import after_optimizer_step
 from parallel.fsdp import shard_data_parallel
 from parallel.launch import RankEnv
 from parallel.megatron_tp import VocabParallelLoss
@@ -141,6 +142,8 @@ class NativeEngine:
             loss = torch.stack(losses).mean()
         grad_norm = self._clip_grad_norm()
         self.optimizer.step()
+        if self.spec.parallel.float8 != "none":
+            after_optimizer_step(self.model, self.spec.parallel.float8, fsdp=self.sharded)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return StepResult(loss=mean_over_dp(loss, self.dims), grad_norm=grad_norm, lr=lr)

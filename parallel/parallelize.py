@@ -1,8 +1,9 @@
-"""Apply parallelism to a Llama, in one order, for both engines (torchtitan's `parallelize_llama`).
+"""Apply parallelism to the model, in one order, for both engines (torchtitan's `parallelize_llama`).
 
 The model (`parallel.model`) knows nothing of parallelism; this module changes a freshly built one, still on the
 meta device, in this order:
 
+  0. float8 linear layers in the blocks (`parallel.float8`, native engine only), before anything wraps them;
   1. tensor parallelism (tp > 1): the engine's technique shards the linears, the embedding and the lm_head, and
      gives the loss over vocabulary-sharded logits;
   2. activation checkpointing of each block (`parallel.activation_checkpoint`);
@@ -30,6 +31,7 @@ from torch import nn
 from orchestrator.spec import JobSpec
 from parallel.activation_checkpoint import apply_activation_checkpointing
 from parallel.compile import apply_compile
+from parallel.float8 import apply_float8
 from parallel.model import Transformer, cross_entropy
 from parallel.parallel_dims import ParallelDims
 
@@ -69,12 +71,15 @@ class Techniques:
 
 def parallelize_model(model: Transformer, dims: ParallelDims, spec: JobSpec, techniques: Techniques,
                       device: torch.device) -> Parallelized:
-    """Apply tp, activation checkpointing, compile, pp and dp to `model` (on meta) in the order of this module."""
+    """Apply float8, tp, activation checkpointing, compile, pp and dp to `model` (on meta) in the order of this
+    module."""
     p = spec.parallel
     assert model.dims.n_layers % dims.pp == 0, "orchestrator.validate guarantees the layers split over pp"
     assert not (p.sequence_parallel and dims.tp > 1 and spec.data.seq_len % dims.tp), \
         "orchestrator.validate guarantees the sequence splits over tp under sequence parallelism"
     state = Parallelized(model=model, device=device, blocks=list(model.layers), roots=[model], module=model)
+    if p.float8 != "none":
+        apply_float8(state.blocks, p.float8, fsdp=dims.dp > 1, emulate=device.type != "cuda")
     if dims.tp > 1:
         techniques.tensor_parallel(state, dims, spec)
     apply_activation_checkpointing(state.blocks, p.activation_checkpointing)
