@@ -51,8 +51,10 @@ def print_model(spec) -> None:
     count = count_params(spec.model)
     flops = flops_per_token(spec.model, spec.data.seq_len)
     optimal_tokens = TOKENS_PER_PARAM * count.total
-    print(f"{spec.name}: {_n(count.total)} parameters (embedding {_n(count.embedding)}, {count.n_layers} blocks × "
-          f"{_n(count.per_layer)}, output {_n(count.output) if count.output else 'tied'}); "
+    m = spec.model
+    preset = f" ({' '.join(filter(None, (m.family, m.size)))})" if m.family != "custom" else ""
+    print(f"{spec.name}{preset}: {_n(count.total)} parameters (embedding {_n(count.embedding)}, {count.n_layers} "
+          f"blocks × {_n(count.per_layer)}, output {_n(count.output) if count.output else 'tied'}); "
           f"{flops / 1e9:.3g} GFLOP per training token at seq_len {spec.data.seq_len}")
     print(f"compute-optimal data (Chinchilla, 20 tokens per parameter): {_n(optimal_tokens)} tokens, "
           f"{flops * optimal_tokens:.3g} FLOPs")
