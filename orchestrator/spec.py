@@ -45,11 +45,11 @@ class ModelConfig:
     """A decoder-only transformer: by default Llama's (pre-norm RMSNorm, SwiGLU, RoPE, grouped-query attention, no
     biases); the switches below give the other families' variants, and `family` fills them in one word."""
 
-    family: str = setting("custom", "preset filling every field below that the spec leaves unset; custom: the "
-                          "defaults shown", choices=("custom", "llama2", "llama3", "qwen2", "qwen3", "mistral",
-                                                    "olmo2", "gemma2"))
-    size: str = setting("", "the family's published size (e.g. 1b, 8b, 1.7b) filling the dimensions; empty: the "
-                        "spec's own dimensions")
+    family: str = setting("custom", "preset filling every model field the spec and its overrides leave unset with "
+                          "the family's published values (docs/models.md); custom: the defaults shown",
+                          choices=("custom", "llama2", "llama3", "qwen2", "qwen3", "mistral", "olmo2", "gemma2"))
+    size: str = setting("", "with family: the published checkpoint whose dimensions to fill (e.g. qwen3 1.7b, "
+                        "llama3 8b; docs/models.md lists them); empty: the spec's own dimensions")
     vocab_size: int | None = setting(None, "vocab size; null: the shards' tokenizer size, padded to 1024", min=2,
                                       max=2**22)
     dim: int = setting(256, "hidden size", min=8, max=65536)
@@ -57,7 +57,7 @@ class ModelConfig:
     n_heads: int = setting(4, "attention heads", min=1, max=1024)
     n_kv_heads: int | None = setting(None, "key/value heads (grouped-query attention); null means n_heads", min=1,
                                       max=1024)
-    head_dim: int | None = setting(None, "size of one attention head; null means dim / n_heads", min=2,
+    head_dim: int | None = setting(None, "size of one attention head, even (RoPE); null means dim / n_heads", min=2,
                                    max=4096)
     ffn_dim: int | None = setting(None, "MLP hidden size; null means 8/3·dim rounded up to multiple_of",
                                   min=1, max=2**20)

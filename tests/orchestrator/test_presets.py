@@ -111,8 +111,8 @@ def test_unknown_family_is_the_fields_own_problem():
 
 
 def test_every_family_has_sizes_and_only_model_fields():
-    fields = {f.name for f in dataclasses.fields(type(model_of()))}
-    assert set(SIZES) == set(FAMILIES)
+    fields = {f.name: f for f in dataclasses.fields(type(model_of()))}
+    assert set(SIZES) == set(FAMILIES) == set(fields["family"].metadata["choices"]) - {"custom"}
     for family, sizes in SIZES.items():
         assert set(FAMILIES[family]) <= fields
         for values in sizes.values():
