@@ -114,9 +114,9 @@ def test_every_family_has_sizes_and_only_model_fields():
     fields = {f.name: f for f in dataclasses.fields(type(model_of()))}
     assert set(SIZES) == set(FAMILIES) == set(fields["family"].metadata["choices"]) - {"custom"}
     for family, sizes in SIZES.items():
-        assert set(FAMILIES[family]) <= fields
+        assert set(FAMILIES[family]) <= set(fields)
         for values in sizes.values():
-            assert set(values) <= fields
+            assert set(values) <= set(fields)
 
 
 def test_validate_prints_the_filled_values(tmp_path, capsys):
