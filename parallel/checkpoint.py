@@ -39,6 +39,7 @@ from orchestrator.spec import JobSpec
 from parallel import checkpoint_layout as names
 from parallel.callbacks import CheckpointStats
 from parallel.engine import Engine
+from parallel.hf_origin import keep_origin
 from parallel.launch import barrier
 from parallel.parallel_dims import ParallelDims
 from parallel.storage import Storage, local_sha256
@@ -162,7 +163,9 @@ class Checkpointer:
         for file, text in texts.items():
             with open(os.path.join(job.local, file), "w", encoding="utf-8") as f:
                 f.write(text + "\n")
-        return [os.path.join(job.local, file) for file in texts]
+        # A run started from a Hugging Face model carries its tokenizer and special tokens (parallel.hf_origin).
+        kept = keep_origin(self.spec.checkpoint.init_from, job.local, self.storage.local_path())
+        return [os.path.join(job.local, file) for file in texts] + kept
 
     def _commit(self, job: _SaveJob) -> None:
         files: dict[str, dict[str, Any]] = {}

@@ -1,13 +1,15 @@
-"""Llama checkpoints in Hugging Face's format: `config.json`, `model.safetensors` (or shards and an index), tokenizer.
+"""Checkpoints in Hugging Face's format: `config.json`, `model.safetensors` (or shards and an index), tokenizer.
 
-    weights = open_hf_weights("Llama-3.2-1B/", dims)     # validated, lazy: engine.load_full_state_dict(weights)
-    save_hf("out/", engine.full_state_dict(), dims, HFExport(dtype=torch.bfloat16, tokenizer=...))
+    weights = open_hf_weights("Qwen3-0.6B/", dims)   # validated, lazy: engine.load_full_state_dict(weights)
+    save_hf("out/", engine.full_state_dict(), dims, HFExport(dtype=torch.bfloat16, family="qwen3", ...))
 
-Our parameter names are LlamaForCausalLM's without `model.` and RoPE uses its rotate-half layout, so conversion is a
-rename. What needs care is refusing what the model cannot represent (biases, scaled RoPE, another activation, a
-head_dim other than dim / n_heads) rather than loading it into the wrong computation, and naming the tensor whose
-shape is off. Reading is lazy (safetensors are memory-mapped and read one tensor at a time), so every rank of a
-large layout takes its slices from the files without holding a second full copy.
+Our parameter names are the families' own without `model.` and RoPE uses their rotate-half layout, so conversion is
+a rename (and Gemma's norms shifted by one); which architectures and switches map to which is
+`parallel.hf_families`'. What needs care is refusing what the model cannot represent rather than loading it into
+the wrong computation, and naming the tensor whose shape is off. Reading is lazy (safetensors are memory-mapped and
+read one tensor at a time), so every rank of a large layout takes its slices from the files without holding a
+second full copy. What a model is beyond its weights (its tokenizer, chat template, special tokens, context)
+travels with a run through `parallel.hf_origin`.
 """
 
 from __future__ import annotations
@@ -26,16 +28,19 @@ from safetensors.torch import save_file
 from orchestrator.config_parser import load_json, show
 from orchestrator.errors import UserError
 from parallel.checkpoint_layout import holds_checkpoints
+from parallel.hf_families import Family, Identity, dims_from_hf_config, family_for, family_of, hf_config, identity_of
 from parallel.model import ModelDims, Transformer, build_model
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 TOKENIZER = "tokenizer.json"
+GENERATION_CONFIG = "generation_config.json"
 DEFAULT_SHARD_BYTES = 5 * 2**30  # transformers' own default for save_pretrained
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Buffers some exporters write beside the weights; recomputed, never loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_MOST = 2**24
 
 
 def to_hf_name(name: str) -> str:
@@ -46,7 +51,45 @@ def from_hf_name(name: str) -> str:
     return name.removeprefix("model.")
 
 
+def is_norm(name: str) -> bool:
+    return name.endswith("norm.weight")
+
+
 # ---------------------------------------------------------------------------------------------- config
+
+
+def _count(v: Any) -> bool:
+    return type(v) is int and 1 <= v <= _MOST
+
+
+def _number(v: Any) -> bool:
+    return type(v) in (int, float)
+
+
+def _token_ids(v: Any) -> bool:
+    ids = v if isinstance(v, list) else [v]
+    return all(type(i) is int and 0 <= i < _MOST for i in ids)
+
+
+_ROPE_NUMBERS = ("rope_theta", "factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow",
+                 "attention_factor", "mscale", "mscale_all_dim", "partial_rotary_factor")
+_CHECKS: list[tuple[tuple[str, ...], str, Any]] = [
+    (("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+      "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window", "query_pre_attn_scalar",
+      *(f"{r}.original_max_position_embeddings" for r in ("rope_parameters", "rope_scaling"))),
+     f"an integer from 1 to {_MOST}", _count),
+    (("rms_norm_eps", "rope_theta", "initializer_range", "attn_logit_softcapping", "final_logit_softcapping",
+      "partial_rotary_factor", *(f"{r}.{k}" for r in ("rope_parameters", "rope_scaling") for k in _ROPE_NUMBERS)),
+     "a number", _number),
+    (("rope_parameters", "rope_scaling"), "an object", lambda v: isinstance(v, dict)),
+    (("model_type", "hidden_act", "hidden_activation", "rope_parameters.rope_type", "rope_scaling.rope_type",
+      "rope_scaling.type"), "a string", lambda v: isinstance(v, str)),
+    (("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window"), "true or false",
+     lambda v: isinstance(v, bool)),
+    (("layer_types",), "a list of strings", lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v)),
+    (("bos_token_id", "eos_token_id", "pad_token_id"), f"a token id (0 to {_MOST - 1}) or a list of them",
+     _token_ids),
+]
 
 
 def read_hf_config(directory: str) -> dict[str, Any]:
@@ -57,83 +100,38 @@ def read_hf_config(directory: str) -> dict[str, Any]:
         raise UserError(f"{directory}: no such directory (expected a Hugging Face model directory with {CONFIG})")
     path = os.path.join(directory, CONFIG)
     if not os.path.isfile(path):
-        raise UserError(f"{path}: missing; a Hugging Face Llama directory holds {CONFIG} and {WEIGHTS}")
+        raise UserError(f"{path}: missing; a Hugging Face model directory holds {CONFIG} and {WEIGHTS}")
     config = load_json(path, error=UserError)
     if not isinstance(config, dict):
         raise UserError(f"{path}: expected a JSON object, got {type(config).__name__}")
-    most = 2**24
-
-    def count(v: Any) -> bool:
-        return type(v) is int and 1 <= v <= most
-
-    def number(v: Any) -> bool:
-        return type(v) in (int, float)
-
-    rope = config.get("rope_parameters")
-    values = {**config, **{f"rope_parameters.{k}": v for k, v in (rope.items() if isinstance(rope, dict) else ())}}
-    checks = [*((key, f"an integer from 1 to {most}", count) for key in (
-                  "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                  "num_key_value_heads", "head_dim")),
-              *((key, "a number", number) for key in (
-                  "rms_norm_eps", "rope_theta", "initializer_range", "rope_parameters.rope_theta")),
-              *((key, "an object", lambda v: isinstance(v, dict)) for key in ("rope_parameters", "rope_scaling")),
-              ("rope_parameters.rope_type", "a string", lambda v: isinstance(v, str)),
-              ("tie_word_embeddings", "true or false", lambda v: isinstance(v, bool))]
-    problems = [f"{key}={show(values[key])}: expected {kind}" for key, kind, fits in checks
+    values = dict(config)
+    for section in ("rope_parameters", "rope_scaling"):
+        if isinstance(config.get(section), dict):
+            values |= {f"{section}.{k}": v for k, v in config[section].items()}
+    problems = [f"{key}={show(values[key])}: expected {kind}" for keys, kind, fits in _CHECKS for key in keys
                 if values.get(key) is not None and not fits(values[key])]
     if problems:
         raise UserError(f"{path}: " + "; ".join(problems))
     return config
 
 
-def _rope_theta(config: dict[str, Any], problems: list[str]) -> float:
-    """RoPE base from either spelling (transformers 4: rope_theta + rope_scaling; 5: rope_parameters)."""
-    params = config.get("rope_parameters") or {}
-    scaling = config.get("rope_scaling")
-    kind = params.get("rope_type", "default")
-    if scaling:
-        problems.append(f"rope_scaling={scaling!r}: scaled RoPE is not supported (only plain RoPE)")
-    elif kind != "default":
-        problems.append(f"rope_parameters.rope_type={kind!r}: scaled RoPE is not supported (only 'default')")
-    return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
-
-
-def dims_from_hf_config(config: dict[str, Any], source: str) -> ModelDims:
-    """The model dims of a Llama config.json, or a UserError listing everything in it the model cannot represent."""
-    problems: list[str] = []
-    if config.get("model_type") != "llama":
-        problems.append(f"model_type={config.get('model_type')!r}: not a Llama model (expected 'llama')")
-    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-    problems += [f"{k}: missing" for k in required if not isinstance(config.get(k), int)]
-    for key in ("attention_bias", "mlp_bias"):
-        if config.get(key):
-            problems.append(f"{key}=true: biases are not supported (the model has none)")
-    if config.get("hidden_act", "silu") not in ("silu", "swish"):
-        problems.append(f"hidden_act={config.get('hidden_act')!r}: only silu (SwiGLU) is supported")
-    theta = _rope_theta(config, problems)
-    if not problems:
-        heads = config["num_attention_heads"]
-        head_dim = config.get("head_dim") or config["hidden_size"] // heads
-        if head_dim * heads != config["hidden_size"]:
-            problems.append(f"head_dim={head_dim}: must be hidden_size / num_attention_heads = "
-                            f"{config['hidden_size']} / {heads}")
-    if problems:
-        raise UserError(f"{source}: cannot load as a Llama model: " + "; ".join(problems))
-    return ModelDims(
-        vocab_size=config["vocab_size"], dim=config["hidden_size"], n_layers=config["num_hidden_layers"],
-        n_heads=config["num_attention_heads"],
-        n_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
-        ffn_dim=config["intermediate_size"], norm_eps=float(config.get("rms_norm_eps", 1e-6)), rope_theta=theta,
-        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-        init_std=float(config.get("initializer_range", 0.02)),
-    )
-
-
 def model_settings(dims: ModelDims) -> dict[str, Any]:
-    """The job spec's `model.*` values that build these dims."""
+    """The job spec's `model.*` values that build these dims (rope_scaling's as `rope_scaling.<key>`), each
+    resolved: two dims that compute the same give the same settings."""
+    r = dims.rope_scaling if dims.rope_scaling.kind != "none" else type(dims.rope_scaling)()
     return {"vocab_size": dims.vocab_size, "dim": dims.dim, "n_layers": dims.n_layers, "n_heads": dims.n_heads,
-            "n_kv_heads": dims.n_kv_heads, "ffn_dim": dims.ffn_dim, "norm_eps": dims.norm_eps,
-            "rope_theta": dims.rope_theta, "tie_embeddings": dims.tie_embeddings}
+            "n_kv_heads": dims.n_kv_heads, "head_dim": dims.head_dim, "ffn_dim": dims.ffn_dim,
+            "activation": dims.activation, "norm_eps": dims.norm_eps, "norm_placement": dims.norm_placement,
+            "qkv_bias": dims.qkv_bias, "qk_norm": dims.qk_norm, "rope_theta": dims.rope_theta,
+            "rope_scaling.type": r.kind, "rope_scaling.factor": r.factor,
+            "rope_scaling.original_max_positions": r.original_max_positions,
+            "rope_scaling.low_freq_factor": r.low_freq_factor, "rope_scaling.high_freq_factor": r.high_freq_factor,
+            "rope_scaling.beta_fast": r.beta_fast, "rope_scaling.beta_slow": r.beta_slow,
+            "rope_scaling.attention_factor": r.attention_factor, "sliding_window": dims.sliding_window,
+            "full_attention_every": dims.full_attention_every if dims.sliding_window else 0,
+            "attn_softcap": dims.attn_softcap, "logit_softcap": dims.logit_softcap,
+            "attn_scale_dim": dims.attn_scale_dim or dims.head_dim, "scale_embeddings": dims.scale_embeddings,
+            "tie_embeddings": dims.tie_embeddings}
 
 
 def check_same_dims(found: ModelDims, expected: ModelDims, source: str) -> None:
@@ -145,22 +143,6 @@ def check_same_dims(found: ModelDims, expected: ModelDims, source: str) -> None:
                         + " (`pretrain import` writes a spec with the model's values)")
 
 
-def hf_config(dims: ModelDims, max_positions: int, dtype: torch.dtype, eos_id: int | None = None) -> dict[str, Any]:
-    """config.json for LlamaForCausalLM; RoPE is written in both transformers 4's and 5's spelling."""
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": dims.vocab_size,
-        "hidden_size": dims.dim, "intermediate_size": dims.ffn_dim, "num_hidden_layers": dims.n_layers,
-        "num_attention_heads": dims.n_heads, "num_key_value_heads": dims.n_kv_heads, "head_dim": dims.head_dim,
-        "hidden_act": "silu", "max_position_embeddings": max_positions, "rms_norm_eps": dims.norm_eps,
-        "rope_theta": dims.rope_theta, "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": dims.rope_theta},
-        "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
-        "tie_word_embeddings": dims.tie_embeddings, "initializer_range": dims.init_std,
-        "bos_token_id": None, "eos_token_id": eos_id, "pad_token_id": None,
-        "torch_dtype": str(dtype).removeprefix("torch."), "use_cache": True,
-    }
-
-
 # ---------------------------------------------------------------------------------------------- weights
 
 
@@ -170,16 +152,19 @@ def expected_shapes(dims: ModelDims) -> dict[str, tuple[int, ...]]:
 
 
 class HFWeights(Mapping[str, torch.Tensor]):
-    """A Hugging Face model's weights under our names, read from the safetensors files when asked for."""
+    """A Hugging Face model's weights under our names and in our norm convention, read from the safetensors files
+    when asked for."""
 
-    def __init__(self, dims: ModelDims, files: dict[str, str], hf_names: dict[str, str]):
+    def __init__(self, dims: ModelDims, family: Family, files: dict[str, str], hf_names: dict[str, str]):
         self.dims = dims  # the model they make, from config.json
+        self.family = family
         self._files = files  # our name → file
         self._hf_names = hf_names  # our name → name in the file
 
     def __getitem__(self, name: str) -> torch.Tensor:
         with safe_open(self._files[name], framework="pt") as f:
-            return f.get_tensor(self._hf_names[name])
+            tensor = f.get_tensor(self._hf_names[name])
+        return self.family.model_norm(tensor) if is_norm(name) else tensor
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._files)
@@ -208,12 +193,15 @@ def _weight_files(directory: str) -> list[str]:
 
 
 def open_hf_weights(directory: str, dims: ModelDims | None = None) -> HFWeights:
-    """The weights of a Llama directory, checked against its config (and `dims`, the run's model, when given).
+    """The weights of a Hugging Face directory, checked against its config (and `dims`, the run's model, when given).
 
-    Every parameter must be present with its exact shape; a tensor the model has no place for (a bias, another
-    architecture's layer) is refused rather than dropped.
+    Every parameter must be present with its exact shape; a tensor the model has no place for (an o_proj bias,
+    another architecture's layer) is refused rather than dropped.
     """
-    found = dims_from_hf_config(read_hf_config(directory), os.path.join(directory, CONFIG))
+    config = read_hf_config(directory)
+    source = os.path.join(directory, CONFIG)
+    found = dims_from_hf_config(config, source)
+    family = family_of(config, source)
     if dims is not None:
         check_same_dims(found, dims, directory)
     wanted = expected_shapes(found)
@@ -232,8 +220,8 @@ def open_hf_weights(directory: str, dims: ModelDims | None = None) -> HFWeights:
             if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and found.tie_embeddings):
                 continue
             if name not in wanted:
-                raise UserError(f"{path}: tensor {hf_name} {list(shape)} has no place in a Llama model without "
-                                "biases (unsupported architecture or layer)")
+                raise UserError(f"{path}: tensor {hf_name} {list(shape)} has no place in the {family.model_type} "
+                                f"model {CONFIG} describes (unsupported architecture or layer)")
             if shape != wanted[name]:
                 raise UserError(f"{path}: tensor {hf_name} has shape {list(shape)}, the config ({CONFIG}) "
                                 f"needs {list(wanted[name])}")
@@ -242,7 +230,7 @@ def open_hf_weights(directory: str, dims: ModelDims | None = None) -> HFWeights:
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise UserError(f"{directory}: tensor {', '.join(missing[:3])}{more} missing from the weights")
-    return HFWeights(found, files, hf_names)
+    return HFWeights(found, family, files, hf_names)
 
 
 def open_init_weights(path: str, dims: ModelDims) -> HFWeights:
@@ -258,7 +246,7 @@ def open_init_weights(path: str, dims: ModelDims) -> HFWeights:
 
 def load_hf_model(directory: str, device: torch.device | str = "cpu",
                   dtype: torch.dtype = torch.float32) -> Transformer:
-    """A whole Llama from a Hugging Face directory, in one process (generation, tests)."""
+    """A whole model from a Hugging Face directory, in one process (generation, tests)."""
     weights = open_hf_weights(directory)
     model = build_model(weights.dims, device).to(dtype)
     with torch.no_grad():
@@ -268,6 +256,11 @@ def load_hf_model(directory: str, device: torch.device | str = "cpu",
 
 
 # ---------------------------------------------------------------------------------------------- writing
+
+# What a model directory holds beside its weights that makes it that model: kept from an imported model.
+IDENTITY_FILES = (CONFIG, GENERATION_CONFIG, TOKENIZER, "tokenizer_config.json", "special_tokens_map.json",
+                  "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt",
+                  "added_tokens.json")
 
 
 @dataclass
@@ -280,12 +273,22 @@ class TokenizerFiles:
 
 @dataclass
 class HFExport:
-    """How to write a model: the weights' dtype, the largest safetensors file, positions, the tokenizer."""
+    """How to write a model: the weights' dtype, the largest safetensors file, the context, the architecture
+    preferred (a spec's model.family), and whose tokenizer and special tokens: those of `origin` (a directory of
+    an imported model's IDENTITY_FILES) when given, else the shards' `tokenizer`."""
 
     dtype: torch.dtype = torch.float32
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
     max_positions: int = 2048
+    family: str = "custom"
     tokenizer: TokenizerFiles | None = None
+    origin: str | None = None
+
+    def identity(self) -> Identity:
+        if self.origin is not None:
+            kept = identity_of(read_hf_config(self.origin))
+            return Identity(self.max_positions, kept.bos_id, kept.eos_id, kept.pad_id)
+        return Identity(self.max_positions, eos_id=self.tokenizer.eos_id if self.tokenizer else None)
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -295,11 +298,14 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 def save_hf(directory: str, state: Mapping[str, torch.Tensor], dims: ModelDims, how: HFExport) -> list[str]:
-    """Write a LlamaForCausalLM directory from a full state dict under our names; returns the files written.
+    """Write a Hugging Face model directory from a full state dict under our names; returns the files written.
 
-    Weights go into files of at most `max_shard_bytes` (one tensor larger than that gets a file of its own), with
-    `model.safetensors.index.json` naming each tensor's file when there is more than one, as transformers expects.
+    The architecture is `family_for(dims, how.family)`'s. Weights go into files of at most `max_shard_bytes` (one
+    tensor larger than that gets a file of its own), with `model.safetensors.index.json` naming each tensor's file
+    when there is more than one, as transformers expects.
     """
+    family = family_for(dims, how.family)
+    config = hf_config(dims, how.family, how.identity(), how.dtype)
     wanted = expected_shapes(dims)
     missing = sorted(set(wanted) - set(state))
     if missing:
@@ -311,7 +317,8 @@ def save_hf(directory: str, state: Mapping[str, torch.Tensor], dims: ModelDims, 
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name in wanted:
-        tensor = state[name].detach().to("cpu", how.dtype).contiguous()
+        tensor = state[name].detach()
+        tensor = (family.stored_norm(tensor) if is_norm(name) else tensor).to("cpu", how.dtype).contiguous()
         nbytes = tensor.numel() * tensor.element_size()
         if shards[-1] and size + nbytes > how.max_shard_bytes:
             shards.append({})
@@ -329,11 +336,23 @@ def save_hf(directory: str, state: Mapping[str, torch.Tensor], dims: ModelDims, 
                  "weight_map": {k: n for n, s in zip(names, shards, strict=True) for k in s}}
         _write_json(os.path.join(directory, INDEX), index)
         written.append(INDEX)
-    eos = how.tokenizer.eos_id if how.tokenizer else None
-    _write_json(os.path.join(directory, CONFIG), hf_config(dims, how.max_positions, how.dtype, eos))
-    _write_json(os.path.join(directory, "generation_config.json"), {"eos_token_id": eos, "bos_token_id": None})
-    written += [CONFIG, "generation_config.json"]
-    if how.tokenizer is not None:
+    _write_json(os.path.join(directory, CONFIG), config)
+    return [*written, CONFIG, *_write_identity(directory, how, config)]
+
+
+def _write_identity(directory: str, how: HFExport, config: dict[str, Any]) -> list[str]:
+    """The origin's tokenizer files and generation config as they were; what it lacks from the shards' tokenizer
+    and the config's special tokens."""
+    written = []
+    for name in IDENTITY_FILES[1:]:
+        if how.origin is not None and os.path.isfile(os.path.join(how.origin, name)):
+            shutil.copyfile(os.path.join(how.origin, name), os.path.join(directory, name))
+            written.append(name)
+    if GENERATION_CONFIG not in written:
+        _write_json(os.path.join(directory, GENERATION_CONFIG),
+                    {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
+        written.append(GENERATION_CONFIG)
+    if TOKENIZER not in written and how.tokenizer is not None:
         written += write_tokenizer(directory, how.tokenizer, how.max_positions)
     return written
 

@@ -1,11 +1,15 @@
-"""`pretrain export CKPT OUT`: a checkpoint of any layout as a Hugging Face Llama directory.
+"""`pretrain export CKPT OUT`: a checkpoint of any layout as a Hugging Face model directory.
 
     pretrain export runs/tiny/checkpoints out/tiny-hf                      # the newest complete checkpoint
     pretrain export runs/tiny/checkpoints/step_200 out/tiny-hf --dtype bfloat16
 
-OUT gets config.json, model.safetensors (files of at most --max-shard-size, with model.safetensors.index.json when
-there are several), generation_config.json and, while data.path still holds the shards, their tokenizer
-(tokenizer.json, tokenizer_config.json): `LlamaForCausalLM.from_pretrained(OUT)` and `AutoTokenizer` load it.
+OUT gets config.json of the architecture model.family names (or the first whose switches fit: llama, qwen2, qwen3,
+mistral, olmo2, gemma2), model.safetensors (files of at most --max-shard-size, with model.safetensors.index.json when
+there are several) and generation_config.json: `AutoModelForCausalLM.from_pretrained(OUT)` and `AutoTokenizer`
+load it. A run started from a Hugging Face model (`pretrain import`) exports with that model's identity, kept in
+each checkpoint: its tokenizer files, chat template, generation config, special token ids and context
+(model.max_positions). Any other run gets the shards' tokenizer (tokenizer.json, tokenizer_config.json) while
+data.path still holds them, and data.seq_len as its context unless model.max_positions is set.
 The checkpoint's shards are gathered by restarting its layout in local CPU processes (see `parallel.consolidate`).
 OUT is written under OUT.partial and renamed when complete; an OUT that already holds files is refused.
 """
@@ -40,20 +44,23 @@ def check_output(output: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from orchestrator.validate import load_spec
     from parallel.consolidate import HFWriter, consolidate, find_checkpoint, saved_layout
-    from parallel.hf import HFExport, parse_dtype, shard_tokenizer
+    from parallel.hf import parse_dtype
+    from parallel.hf_origin import export_settings
 
     check_output(args.output)
     max_shard = parse_size(args.max_shard_size, "--max-shard-size", examples="5GB, 500MB or 1000000")
     step_dir = find_checkpoint(args.checkpoint)
     spec = load_spec(os.path.join(step_dir, "spec.yaml"))
     dtype = parse_dtype(args.dtype or ("bfloat16" if spec.parallel.precision == "bf16" else "float32"))
-    tokenizer = shard_tokenizer(spec.data.path)
-    if tokenizer is None:
+    how = export_settings(spec, step_dir, dtype=dtype, max_shard_bytes=max_shard)
+    if how.origin is not None:
+        print(f"pretrain export: with the tokenizer, special tokens and context of {spec.checkpoint.init_from} "
+              f"(kept in {how.origin})", file=sys.stderr)
+    elif how.tokenizer is None:
         print(f"pretrain export: no tokenizer at data.path={spec.data.path!r}; exporting the model without one",
               file=sys.stderr)
     partial = os.path.abspath(args.output.rstrip("/") + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    how = HFExport(dtype=dtype, max_shard_bytes=max_shard, max_positions=spec.data.seq_len, tokenizer=tokenizer)
     try:
         consolidate(spec, step_dir, HFWriter(partial, how))
     except BaseException:

@@ -3,9 +3,10 @@
     pretrain generate runs/tiny/checkpoints --prompt "And God said" --max-new-tokens 40 --temperature 0.8 --top-p 0.9
     pretrain generate out/tiny-hf --prompt "To be" --temperature 0                  # greedy, from an exported model
 
-CKPT is a checkpoint directory (its newest), one of its step_<N>, or a Hugging Face Llama directory. A checkpoint
-is first gathered from its layout (as `pretrain export` does) into a temporary directory; the tokenizer is the
-shards' (data.path) or the Hugging Face directory's tokenizer.json. All prompts run as one left-padded batch.
+CKPT is a checkpoint directory (its newest), one of its step_<N>, or a Hugging Face model directory of any family
+`pretrain import` takes. A checkpoint is first gathered from its layout (as `pretrain export` does, with the same
+tokenizer: the imported model's, else the shards') into a temporary directory; a Hugging Face directory brings its
+own tokenizer.json. All prompts run as one left-padded batch.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from orchestrator.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="checkpoint directory, step_<N>, or Hugging Face Llama directory")
+    parser.add_argument("checkpoint", help="checkpoint directory, step_<N>, or Hugging Face model directory")
     parser.add_argument("--prompt", action="append", required=True, help="text to continue (repeatable: a batch)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to add to each prompt at most")
     parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 is greedy")
@@ -45,16 +46,16 @@ def run(args: argparse.Namespace) -> int:
         return _generate(args.checkpoint, args, config)
     from orchestrator.validate import load_spec
     from parallel.consolidate import HFWriter, consolidate, find_checkpoint
-    from parallel.hf import HFExport, shard_tokenizer
+    from parallel.hf_origin import export_settings
 
     step_dir = find_checkpoint(args.checkpoint)
     spec = load_spec(os.path.join(step_dir, "spec.yaml"))
-    tokenizer = shard_tokenizer(spec.data.path)
-    if tokenizer is None:
+    how = export_settings(spec, step_dir)
+    if how.tokenizer is None and how.origin is None:
         raise UserError(f"{step_dir}: its run's shards (data.path={spec.data.path!r}) and their tokenizer.json are "
                         "gone; export the checkpoint and put the tokenizer.json beside it")
     with tempfile.TemporaryDirectory(prefix="pretrain-generate-") as hf_dir:
-        consolidate(spec, step_dir, HFWriter(hf_dir, HFExport(max_positions=spec.data.seq_len, tokenizer=tokenizer)))
+        consolidate(spec, step_dir, HFWriter(hf_dir, how))
         return _generate(hf_dir, args, config)
 
 

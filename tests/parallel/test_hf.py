@@ -1,5 +1,6 @@
-"""Hugging Face Llama conversion in one process, against transformers' own LlamaForCausalLM (random small configs,
-built in code): logits agree both ways in fp32, and every input the model cannot take is one clear UserError."""
+"""Hugging Face files in one process, against transformers' own LlamaForCausalLM (random small configs, built in
+code): logits agree both ways in fp32 (sharded files and indexes too), and every damaged directory, wrong shape or
+mismatched run is one clear UserError. Each family's mapping is tests/parallel/test_hf_families.py's."""
 
 from __future__ import annotations
 
@@ -116,23 +117,8 @@ def hf_dir(good_dir: Path, tmp_path: Path) -> Path:
 def test_missing_directory_and_config(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"nowhere: no such directory \(expected a Hugging Face model directory"):
         open_hf_weights(str(tmp_path / "nowhere"))
-    with pytest.raises(UserError, match=r"config.json: missing; a Hugging Face Llama directory holds"):
+    with pytest.raises(UserError, match=r"config.json: missing; a Hugging Face model directory holds"):
         open_hf_weights(str(tmp_path))
-
-
-@pytest.mark.parametrize("changes,message", [
-    ({"model_type": "gpt2"}, r"model_type='gpt2': not a Llama model \(expected 'llama'\)"),
-    ({"attention_bias": True}, r"attention_bias=true: biases are not supported"),
-    ({"mlp_bias": True, "hidden_act": "gelu"}, r"mlp_bias=true: biases .*; hidden_act='gelu': only silu"),
-    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
-     r"rope_scaling=\{'rope_type': 'linear', 'factor': 2.0\}: scaled RoPE is not supported"),
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, r"rope_parameters.rope_type='llama3': scaled"),
-    ({"head_dim": 32}, r"head_dim=32: must be hidden_size / num_attention_heads = 64 / 4"),
-], ids=["not-llama", "attention-bias", "mlp-bias-and-gelu", "rope-scaling", "llama3-rope", "head-dim"])
-def test_unsupported_configs_are_named(hf_dir: Path, changes: dict, message: str) -> None:
-    edit_config(hf_dir, **changes)
-    with pytest.raises(UserError, match=r"config.json: cannot load as a Llama model: " + message):
-        open_hf_weights(str(hf_dir))
 
 
 def test_a_tensor_of_the_wrong_shape_is_named(hf_dir: Path) -> None:
@@ -195,7 +181,7 @@ def test_cli_reports_bad_inputs_in_one_line(hf_dir: Path, tmp_path: Path, capsys
     edit_config(hf_dir, attention_bias=True)
     assert pretrain(["import", str(hf_dir), str(TINY)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("pretrain import: ") and "attention_bias=true: biases are not supported" in err
+    assert err.startswith("pretrain import: ") and "attention_bias=true: biases on all four attention" in err
     assert "Traceback" not in err
     assert pretrain(["export", str(tmp_path / "none"), str(tmp_path / "out")]) == 2
     assert "pretrain export: " + str(tmp_path / "none") + ": no such checkpoint directory" in capsys.readouterr().err
