@@ -58,7 +58,8 @@ GiB = 1024**3
 ATTN_SAVED_D = 2.0  # attention output and the output projection's input (tensor-parallel)
 ATTN_SAVED_QKV = 1.0  # q, k, v after RoPE (tensor-parallel)
 FFN_SAVED_F = 4.0  # gate and up outputs, the activation's output, product into down_proj (tensor-parallel)
-# Soft-capped attention keeps per score: the tanh output (activation dtype), the fp32 probabilities and their cast.
+# Soft-capped attention keeps per score: the tanh output (activation dtype), the fp32 probabilities and, in mixed
+# precision, their cast back.
 SCORE_FP32_BYTES = 4
 # Selective checkpointing keeps, per token and block: q, v, gate (ffn_dim), attention's output (query width)
 # and its fp32 log-sum-exp (one per head), all split by tp; under tensor parallelism also the outputs of the two
@@ -189,18 +190,20 @@ def _stage_memory(model: ModelConfig, seq_len: int, p: ParallelConfig, buffers: 
 
 def activation_bytes_per_token(model: ModelConfig, width: int, tp: int = 1, sequence_parallel: bool = False) -> float:
     """Bytes autograd keeps per token for one transformer block (no recomputation)."""
-    q, _ = attention_widths(model)
+    q, kv = attention_widths(model)
     norms = norm_elements(model, tp, sequence_parallel) * (4 + 2 * width)
+    if model.qk_norm != "none":  # the fp32 copy of its input and its output (the fp32 input itself in fp32)
+        norms += (q + kv) / tp * (4 + width)
     split = (ATTN_SAVED_D * q + ATTN_SAVED_QKV * saved_qkv(model) + FFN_SAVED_F * model.ffn_dim) * width / tp
     return norms + split
 
 
-def norm_elements(model: ModelConfig, tp: int = 1, sequence_parallel: bool = False) -> float:
-    """Elements per token the RMSNorms of one block normalise on one rank: the block norms' dim each (split by tp
-    only with sequence parallelism) and the query/key norms' query and key widths (split by tp with the heads)."""
+def norm_elements(model: ModelConfig, tp: int = 1, sequence_parallel: bool = False, qk: bool = False) -> float:
+    """Elements per token the block norms of one block normalise on one rank, dim each (split by tp only with
+    sequence parallelism); with `qk`, the query/key norms' query and key widths too (split by tp with the heads)."""
     q, kv = attention_widths(model)
     block = BLOCK_NORMS[model.norm_placement] * model.dim / (tp if sequence_parallel else 1)
-    return block + ((q + kv) / tp if model.qk_norm != "none" else 0.0)
+    return block + ((q + kv) / tp if qk and model.qk_norm != "none" else 0.0)
 
 
 def saved_qkv(model: ModelConfig) -> int:
@@ -212,10 +215,11 @@ def saved_qkv(model: ModelConfig) -> int:
 
 def score_bytes_per_token(model: ModelConfig, seq_len: int, width: int, tp: int = 1) -> float:
     """Bytes per token and block of the attention scores soft-capped attention materialises (none under SDPA):
-    a query's score of every key, per head, each kept as the tanh output, the fp32 probability and its cast."""
+    a query's score of every key, per head, kept as the tanh output and the fp32 probability (and its cast)."""
     if not model.attn_softcap:
         return 0.0
-    return model.n_heads / tp * seq_len * (2 * width + SCORE_FP32_BYTES)
+    cast = width if width != SCORE_FP32_BYTES else 0
+    return model.n_heads / tp * seq_len * (width + SCORE_FP32_BYTES + cast)
 
 
 def selective_bytes_per_token(model: ModelConfig, width: int, tp: int = 1, sequence_parallel: bool = False) -> float:

@@ -40,7 +40,7 @@ def compiled_bytes_per_token(model: ModelConfig, width: int, tp: int = 1, sequen
     """Bytes a compiled block keeps per token without recomputation: each norm's input, q, k, v and attention's
     output, gate, up and their product (split by tp; the block norms only with sequence parallelism)."""
     q, _ = attention_widths(model)
-    norms = norm_elements(model, tp, sequence_parallel) * width
+    norms = norm_elements(model, tp, sequence_parallel, qk=True) * width
     return norms + (q + saved_qkv(model) + 3 * model.ffn_dim) * width / tp
 
 

@@ -16,7 +16,12 @@ import torch
 from memory_probe import SPEC
 
 from orchestrator.planner.counting import stage_params
-from orchestrator.planner.memory import activation_bytes_per_token, engine_buffers, estimate_memory
+from orchestrator.planner.memory import (
+    activation_bytes_per_token,
+    engine_buffers,
+    estimate_memory,
+    score_bytes_per_token,
+)
 from orchestrator.validate import parse_spec
 from parallel.model import build_model, cross_entropy
 
@@ -40,18 +45,22 @@ def saved_activation_bytes(model: torch.nn.Module, tokens: torch.Tensor) -> int:
     return sum(kept.values())
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_block_activations_match_what_autograd_saves(dtype):
+@pytest.mark.parametrize(("dtype", "switches"), [
+    (torch.bfloat16, {}), (torch.float32, {}), (torch.bfloat16, {"head_dim": 48, "qk_norm": "head"}),
+    (torch.float32, {"qk_norm": "full"}), (torch.bfloat16, {"attn_softcap": 50.0, "head_dim": 16}),
+    (torch.float32, {"attn_softcap": 50.0}),
+])
+def test_block_activations_match_what_autograd_saves(dtype, switches):
     measured = []
     for layers in (1, 3):
         spec = parse_spec({"model": {"vocab_size": 512, "dim": 192, "n_layers": layers, "n_heads": 6,
-                                     "n_kv_heads": 2, "multiple_of": 32}})
+                                     "n_kv_heads": 2, "multiple_of": 32, **switches}})
         model = build_model(spec.model, "cpu").to(dtype)
         tokens = torch.randint(0, 512, (2, 97), generator=torch.Generator().manual_seed(0))
         measured.append(saved_activation_bytes(model, tokens))
     per_block = (measured[1] - measured[0]) / 2 / (2 * 96)
     width = 2 if dtype == torch.bfloat16 else 4
-    estimate = activation_bytes_per_token(spec.model, width)
+    estimate = activation_bytes_per_token(spec.model, width) + score_bytes_per_token(spec.model, 96, width)
     assert estimate == pytest.approx(per_block, rel=0.08)
 
 
