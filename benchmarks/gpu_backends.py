@@ -13,10 +13,12 @@
     torchrun --nproc_per_node 2 benchmarks/gpu_backends.py --model examples/llama-8b.yaml --seq-len 4096 \
         --micro-batch-size 1 --grad-accum 8 --runs native-zero1-tp2,native-zero1-pp2-1f1b,native-zero1-pp2-interleaved
 
-A run is `plain` or `<backend>-zero<stage>[-tp<n>][-pp<n>[-1f1b|-interleaved|-zerobubble]][-ac<mode>][-untuned]`:
+A run is `plain` or `<backend>-zero<stage>[-tp<n>][-pp<n>[-1f1b|-interleaved|-zerobubble]][-ac<mode>][-fp8<recipe>]
+[-untuned]`:
 `-tp<n>` splits the model over n GPUs, `-pp<n>` cuts it into n pipeline stages (the rest is data parallel) run by
 the named schedule (default: the spec's `parallel.pp_schedule`) over `grad_accum` micro-batches; `-ac<mode>` sets
-`parallel.activation_checkpointing` (none, full, selective) for that run; `-untuned` runs DeepSpeed as configured
+`parallel.activation_checkpointing` (none, full, selective) for that run, `-fp8<recipe>` sets `parallel.float8`
+(none, tensorwise, rowwise); `-untuned` runs DeepSpeed as configured
 before its tuning (per-step overflow check, bf16 gradients copied to the fp32 accumulator after the backward pass),
 for before/after figures in one launch.
 
@@ -69,15 +71,16 @@ REPO = Path(__file__).resolve().parent.parent
 H100_FLOPS = 989e12
 RUN = re.compile(r"(?P<backend>native|deepspeed)-zero(?P<stage>[0-3])(-tp(?P<tp>\d+))?"
                  r"(-pp(?P<pp>\d+)(-(?P<schedule>1f1b|interleaved|zerobubble))?)?"
-                 r"(-ac(?P<ac>none|full|selective))?(?P<untuned>-untuned)?")
-RUN_FORM = "<native|deepspeed>-zero<0-3>[-tp<n>][-pp<n>[-1f1b|-interleaved|-zerobubble]][-ac<mode>][-untuned]"
+                 r"(-ac(?P<ac>none|full|selective))?(-fp8(?P<fp8>none|tensorwise|rowwise))?(?P<untuned>-untuned)?")
+RUN_FORM = ("<native|deepspeed>-zero<0-3>[-tp<n>][-pp<n>[-1f1b|-interleaved|-zerobubble]][-ac<mode>][-fp8<recipe>]"
+            "[-untuned]")
 # The run name's schedule word → `parallel.pp_schedule`.
 SCHEDULES = {"1f1b": "1f1b", "interleaved": "interleaved_1f1b", "zerobubble": "zero_bubble"}
 # Set by the benchmark's run, not taken from the spec: the layout over the GPUs of this launch.
 LAYOUT_KEYS = ("backend", "zero_stage", "dp", "pp", "tp", "global_batch_size")
 # Flags that override the spec's `parallel` setting of the same name when given.
 PARALLEL_FLAGS = ("micro_batch_size", "grad_accum", "precision", "compile", "activation_checkpointing",
-                  "sequence_parallel")
+                  "sequence_parallel", "float8")
 
 
 def spec_parallel(written: dict, args: argparse.Namespace, **layout) -> dict:
@@ -98,14 +101,19 @@ def add_parallel_flags(parser: argparse.ArgumentParser) -> None:
                         help="default: the --model spec's; a run's -ac<mode> overrides it")
     parser.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction,
                         help="default: the --model spec's (applies with tp > 1)")
+    parser.add_argument("--float8", choices=("none", "tensorwise", "rowwise"),
+                        help="default: the --model spec's; a run's -fp8<recipe> overrides it")
 
 
 def build_spec(backend: str, zero_stage: int, world: int, args: argparse.Namespace, tp: int = 1, pp: int = 1,
-               activation_checkpointing: str | None = None, pp_schedule: str | None = None):
+               activation_checkpointing: str | None = None, pp_schedule: str | None = None,
+               float8: str | None = None):
     written = load_yaml(args.model)
     parallel = spec_parallel(written, args, backend=backend, zero_stage=zero_stage, tp=tp, pp=pp)
     if activation_checkpointing:
         parallel["activation_checkpointing"] = activation_checkpointing
+    if float8:
+        parallel["float8"] = float8
     if pp_schedule:
         parallel["pp_schedule"] = pp_schedule
     raw = {
@@ -192,7 +200,7 @@ def build_runner(name: str, args: argparse.Namespace, env: RankEnv, device: torc
     run = parse_run(name)
     spec = build_spec(run["backend"], int(run["stage"]), world, args, tp=int(run["tp"] or 1),
                       pp=int(run["pp"] or 1), activation_checkpointing=run["ac"],
-                      pp_schedule=SCHEDULES.get(run["schedule"] or ""))
+                      pp_schedule=SCHEDULES.get(run["schedule"] or ""), float8=run["fp8"])
     if run["untuned"]:
         import parallel.deepspeed_engine as ds_engine
 
