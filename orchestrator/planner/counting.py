@@ -64,12 +64,12 @@ def attention_widths(model: ModelConfig) -> tuple[int, int]:
 
 def count_params(model: ModelConfig) -> ParamCount:
     check_resolved(model)
-    d, head_dim = model.dim, model.head_dim or model.dim // model.n_heads
+    d = model.dim
     q, kv = attention_widths(model)
     vocab = model.vocab_size
     biases = q + 2 * kv if model.qkv_bias else 0
     qk_norms = q + kv if model.qk_norm == "full" else 0
-    head_norms = 2 * head_dim if model.qk_norm == "head" else 0
+    head_norms = 2 * q // model.n_heads if model.qk_norm == "head" else 0  # a q_norm and a k_norm of head_dim
     return ParamCount(
         embedding=vocab * d,
         attention=2 * d * q + 2 * d * kv + biases + qk_norms,
