@@ -54,6 +54,12 @@ def apply_float8(blocks: Iterable[nn.Module], recipe: str, fsdp: bool, emulate: 
     are float8's, the speed is not.
     """
     float8 = _torchao_float8()
+    if recipe == "rowwise":
+        import torch._inductor.config
+
+        # Inductor otherwise fuses rowwise scaling's casts at a higher precision than eager rounds them
+        # (pytorch/pytorch#150859), and compiled and eager float8 runs drift apart.
+        torch._inductor.config.emulate_precision_casts = True
     config = float8.Float8LinearConfig.from_recipe_name(recipe)
     config = dataclasses.replace(config, emulate=emulate,
                                  enable_fsdp_float8_all_gather=fsdp and recipe == "tensorwise")
