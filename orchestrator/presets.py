@@ -115,7 +115,7 @@ def apply_preset(raw: Any, overrides: Sequence[str] = ()) -> tuple[Any, list[Pro
         model = {} if isinstance(raw, dict) and "model" not in raw else None
     if model is None:
         return raw, []
-    family, size = model.get("family", CUSTOM), model.get("size", "")
+    family, size = _text(model.get("family", CUSTOM)), _text(model.get("size", ""))
     for item in overrides:
         key, _, value = item.partition("=")
         if key.strip() == "model.family":
@@ -123,15 +123,16 @@ def apply_preset(raw: Any, overrides: Sequence[str] = ()) -> tuple[Any, list[Pro
         elif key.strip() == "model.size":
             size = _override_text(value)
     problems = preset_problems(family, size)
-    if problems or not isinstance(family, str) or family not in FAMILIES:
+    if problems or family not in FAMILIES or size is None:
         return raw, problems
     filled = dict(raw, model=_fill(model, preset(family, size)))
     return filled, []
 
 
-def preset_problems(family: Any, size: Any) -> list[Problem]:
-    """What is wrong with a family / size pair; an unknown family is left to the field's own choices check."""
-    if not isinstance(size, str) or not isinstance(family, str) or not size:
+def preset_problems(family: str | None, size: str | None) -> list[Problem]:
+    """What is wrong with a family / size pair; an unknown family, or a value that is not text, is left to the
+    fields' own checks."""
+    if family is None or not size:
         return []
     if family == CUSTOM:
         return [Problem("model.size", f"{size!r} names a published size, but model.family is custom; set "
@@ -146,6 +147,13 @@ def preset_problems(family: Any, size: Any) -> list[Problem]:
 
 def _override_text(value: str) -> str:
     return value.strip().strip("'\"")
+
+
+def _text(value: Any) -> str | None:
+    """A family or size as the parser will read it (`size: 7` is the text '7'); None for what it will refuse."""
+    if isinstance(value, str):
+        return value
+    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _fill(given: dict, values: dict[str, Any]) -> dict:

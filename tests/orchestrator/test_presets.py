@@ -99,6 +99,16 @@ def test_unknown_size_lists_the_allowed_ones():
     assert len(e.value.problems) == 1
 
 
+@pytest.mark.parametrize(("size", "expected"), [
+    (7, r"model.size: '7' is not a size of model.family=llama2; allowed: 7b, 13b"),
+    ({"b": 7}, r"model.size: got \{'b': 7\}, expected a string"),
+])
+def test_a_size_of_another_type_is_one_problem(size, expected):
+    with pytest.raises(SpecError, match=expected) as e:
+        parse_spec({"model": {"family": "llama2", "size": size}})
+    assert len(e.value.problems) == 1
+
+
 def test_size_without_family_is_one_problem():
     with pytest.raises(SpecError, match=r"model.size: '7b' names a published size, but model.family is custom") as e:
         parse_spec({"model": {"size": "7b"}})
