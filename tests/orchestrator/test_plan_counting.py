@@ -9,6 +9,7 @@ from orchestrator.errors import SpecError
 from orchestrator.planner.counting import attention_widths, count_params, flops_per_token, stage_params
 from orchestrator.presets import SIZES
 from orchestrator.validate import load_spec, parse_spec
+from parallel.megatron_tp import apply_tensor_parallel
 from parallel.model import ModelDims, build_model
 
 LLAMA3_8B = {"vocab_size": 128256, "dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "ffn_dim": 14336}
@@ -63,6 +64,20 @@ def test_each_switch_counts_as_the_model(switches):
     spec = parse_spec({"model": {"vocab_size": 256, "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
                                  "multiple_of": 32, **switches}})
     assert count_params(spec.model).total == real_params(spec.model)
+    assert stage_params(spec.model, tp=2) == [tp_rank_params(spec.model, 2)]
+
+
+def tp_rank_params(model, tp: int) -> int:
+    """Parameters one rank holds of the model split over `tp` ranks by the Megatron-style layers (meta device:
+    building the sharded layers needs no process group)."""
+    return sum(p.numel() for p in apply_tensor_parallel(build_model(model), None, 0, tp).parameters())
+
+
+@pytest.mark.parametrize(("family", "size"), [("qwen2", "0.5b"), ("qwen3", "0.6b"), ("olmo2", "1b"),
+                                              ("gemma2", "2b"), ("llama3", "1b")])
+def test_tp_shards_count_as_the_sharded_model(family, size):
+    model = preset_spec(family, size).model
+    assert stage_params(model, tp=2) == [tp_rank_params(model, 2)]
 
 
 def test_plan_prints_a_presets_counts(tmp_path, capsys):
