@@ -381,7 +381,10 @@ def _fits_the_data(spec: JobSpec, manifest: dict | None) -> list[Problem]:
     tokens = _manifest_vocab(manifest)
     v = spec.model.vocab_size
     if tokens is not None and v is not None and v < tokens:
-        out.append(Problem("model.vocab_size", f"{v} is smaller than the tokenizer's {tokens} tokens"))
+        preset = "" if spec.model.family == "custom" else (
+            f"; model.family={spec.model.family} brings its own vocabulary: set model.vocab_size to null to size it "
+            "from the shards' tokenizer instead")
+        out.append(Problem("model.vocab_size", f"{v} is smaller than the tokenizer's {tokens} tokens{preset}"))
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import yaml
@@ -195,3 +196,13 @@ def test_sequences_longer_than_the_context_are_refused():
     assert problems({"family": "llama2", "size": "7b"}, data={"seq_len": 8192}) == [
         "data.seq_len: 8192 is longer than model.max_positions=4096, the context the model is meant for; shorten "
         "data.seq_len or raise model.max_positions (0: data.seq_len)"]
+
+
+def test_a_presets_vocabulary_smaller_than_the_tokenizer_says_how_to_size_it_from_the_shards(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"seq_len": 4096, "tokenizer": {"vocab_size": 50257}}))
+    raw = {"model": {"family": "mistral", "size": "7b"}, "data": {"path": str(tmp_path)}}
+    assert problems(raw["model"], data=raw["data"]) == [
+        "model.vocab_size: 32000 is smaller than the tokenizer's 50257 tokens; model.family=mistral brings its own "
+        "vocabulary: set model.vocab_size to null to size it from the shards' tokenizer instead"]
+    raw["model"]["vocab_size"] = None
+    assert parse_spec(raw).model.vocab_size == 51200  # the tokenizer's, padded to 1024
