@@ -27,13 +27,7 @@ PROMPTS = [[5, 17, 3, 99, 42, 8, 61], [7, 7, 120], [200, 1, 2, 3, 4]]
 GREEDY = SamplingConfig(max_new_tokens=24, temperature=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Decoding is hundreds of tiny ops: on a shared 2-core machine, intra-op threads only wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/parallel/conftest.py
 
 
 @pytest.fixture(scope="module")
