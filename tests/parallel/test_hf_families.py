@@ -302,3 +302,18 @@ def test_an_imported_model_exports_with_its_own_identity_after_training(tmp_path
     original = tf.AutoModelForCausalLM.from_pretrained(moved).eval()
     changed = [n for n, p in exported.state_dict().items() if not torch.equal(p, original.state_dict()[n])]
     assert changed  # the step trained the weights that were exported
+
+
+def test_a_resumed_run_whose_hf_dir_is_gone_carries_the_earlier_checkpoints_identity(tmp_path: Path) -> None:
+    from parallel.hf_origin import keep_origin
+
+    earlier = tmp_path / "ckpt" / "step_4" / "hf_origin"
+    earlier.mkdir(parents=True)
+    (earlier / "config.json").write_text('{"model_type": "qwen2", "eos_token_id": 7}')
+    (earlier / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    (tmp_path / "ckpt" / "step_2").mkdir()  # older, kept nothing
+    step = tmp_path / "ckpt" / "step_8.partial"
+    written = keep_origin(str(tmp_path / "moved-away"), str(step), str(tmp_path / "ckpt"))
+    assert sorted(Path(p).name for p in written) == ["chat_template.jinja", "config.json"]
+    assert (step / "hf_origin" / "chat_template.jinja").read_text() == CHAT_TEMPLATE
+    assert keep_origin("", str(tmp_path / "ckpt" / "step_9"), str(tmp_path / "ckpt")) == []  # not imported
