@@ -115,17 +115,13 @@ def apply_preset(raw: Any, overrides: Sequence[str] = ()) -> tuple[Any, list[Pro
         model = {} if isinstance(raw, dict) and "model" not in raw else None
     if model is None:
         return raw, []
-    family, size = _text(model.get("family", CUSTOM)), _text(model.get("size", ""))
-    for item in overrides:
-        key, _, value = item.partition("=")
-        if key.strip() == "model.family":
-            family = _override_text(value)
-        elif key.strip() == "model.size":
-            size = _override_text(value)
+    assigned = dict(_assignment(item) for item in overrides)  # the last of a key wins, as in the merge
+    family = assigned.get("model.family", _text(model.get("family", CUSTOM)))
+    size = assigned.get("model.size", _text(model.get("size", "")))
     problems = preset_problems(family, size)
     if problems or family not in FAMILIES or size is None:
         return raw, problems
-    filled = dict(raw, model=_fill(model, preset(family, size)))
+    filled = dict(raw, model=_fill(model, preset(family, size), assigned))
     return filled, []
 
 
@@ -145,8 +141,10 @@ def preset_problems(family: str | None, size: str | None) -> list[Problem]:
     return []
 
 
-def _override_text(value: str) -> str:
-    return value.strip().strip("'\"")
+def _assignment(override: str) -> tuple[str, str]:
+    """(dotted key, value as text) of a `section.key=value` override."""
+    key, _, value = override.partition("=")
+    return key.strip(), value.strip().strip("'\"")
 
 
 def _text(value: Any) -> str | None:
@@ -156,15 +154,16 @@ def _text(value: Any) -> str | None:
     return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def _fill(given: dict, values: dict[str, Any]) -> dict:
+def _fill(given: dict, values: dict[str, Any], assigned: dict[str, str]) -> dict:
     """`given` with each key of `values` it does not set added; a nested section (rope_scaling) is filled key by
-    key, unless it names another type than the preset's, whose parameters then do not belong to it."""
+    key, unless the spec or an override (`assigned`) names another type than the preset's, whose parameters then
+    do not belong to it."""
     out = dict(given)
     for key, value in values.items():
-        if key not in out:
-            out[key] = value
-        elif isinstance(value, dict) and isinstance(out[key], dict):
-            mine = out[key]
-            if mine.get("type", value.get("type")) == value.get("type"):
-                out[key] = {**value, **mine}
+        mine = out.get(key, {})
+        if not isinstance(value, dict):
+            out.setdefault(key, value)
+        elif isinstance(mine, dict):
+            kind = assigned.get(f"model.{key}.type", mine.get("type", value.get("type")))
+            out[key] = {**value, **mine} if kind == value.get("type") else mine
     return out

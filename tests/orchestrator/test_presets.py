@@ -81,6 +81,8 @@ def test_family_and_size_from_overrides():
 def test_rope_section_of_another_type_takes_nothing_from_the_preset():
     model = model_of(family="llama3", size="1b", rope_scaling={"type": "none"})
     assert model.rope_scaling == type(model.rope_scaling)()
+    spec = parse_spec({"model": {"family": "llama3", "size": "1b"}}, overrides=["model.rope_scaling.type=none"])
+    assert spec.model.rope_scaling == model.rope_scaling
 
 
 def test_rope_section_of_the_same_type_is_filled_key_by_key():
