@@ -173,6 +173,16 @@ def test_keys_config_json_leaves_out_mean_what_they_mean_to_transformers(model_t
                        for t in types]
 
 
+@pytest.mark.parametrize("name", ["llama3.1-rope", "llama-yarn", "gemma2"])
+def test_both_spellings_of_rope_in_an_export_say_the_same(name: str, saved, tmp_path: Path) -> None:
+    ours = load_hf_model(str(saved(name)[1]))
+    save_hf(str(tmp_path), ours.state_dict(), ours.dims, HFExport(family=CASES[name][2]))
+    written = json.loads((tmp_path / "config.json").read_text())
+    v4 = {k: v for k, v in written.items() if k != "rope_parameters"}  # transformers 4 reads these
+    v5 = {k: v for k, v in written.items() if k not in ("rope_scaling", "rope_theta")}  # 5 prefers rope_parameters
+    assert dims_from_hf_config(v4, "v4") == dims_from_hf_config(v5, "v5") == ours.dims
+
+
 # ---------------------------------------------------------------------------------------------- refusals
 
 
