@@ -18,6 +18,7 @@ from typing import Any
 from orchestrator.config_parser import SEED_MAX, load_yaml, parse_config, setting, show
 from orchestrator.errors import Problem, SpecError
 
+MAX_REPLACEMENT = 100  # characters of a placeholder text
 EMPTY_PREP = "a prep config needs at least `output` and `sources`, e.g. sources: {books: {path: data/books.jsonl}}"
 
 
@@ -29,7 +30,8 @@ class SourceConfig:
     format: str = setting("auto", "auto: from the file names", choices=("auto", "jsonl", "parquet", "text"))
     text_field: str = setting("text", "JSONL / Parquet field holding the document text")
     id_field: str = setting("id", "JSONL / Parquet field holding the document id; empty: file name and line")
-    kind: str = setting("prose", "code skips the prose quality filters (Gopher, C4, language id)",
+    kind: str = setting("prose", "code skips the prose quality filters (Gopher, C4, language id); PII and "
+                        "decontamination apply to both",
                         choices=("prose", "code"))
     share: float = setting(0.0, "target share of training tokens; 0: set by mix.temperature", min=0.0, max=1.0)
     priority: int = setting(0, "dedup survivor preference across sources: lower wins", min=-1000, max=1000)
@@ -115,11 +117,54 @@ class LanguageConfig:
 
 
 @dataclass
+class PiiConfig:
+    """PII redaction of every source (prose and code), as FineWeb and Dolma do: each kind found becomes its
+    placeholder; the patterns and what they deliberately leave alone are in `dataprep.filters.pii`."""
+
+    enabled: bool = setting(True, "redact personal data in every source")
+    emails: bool = setting(True, "redact e-mail addresses (not those at example.com and the reserved example TLDs)")
+    email_replacement: str = setting("<EMAIL>", "what an e-mail address becomes")
+    ips: bool = setting(True, "redact IPv4 and IPv6 addresses (not section or version numbers like 24.2.2.4)")
+    ip_replacement: str = setting("<IP>", "what an IP address becomes")
+    public_ips_only: bool = setting(True, "keep private, loopback, link-local and documentation addresses")
+    phones: bool = setting(True, "redact phone numbers: +<country code> numbers and North American forms")
+    phone_replacement: str = setting("<PHONE>", "what a phone number becomes")
+    cards: bool = setting(True, "redact payment card numbers (a card brand's prefix and length, valid Luhn digit)")
+    card_replacement: str = setting("<CARD>", "what a card number becomes")
+
+
+@dataclass
+class DecontaminationConfig:
+    """Remove (or mask) documents sharing a word n-gram with an evaluation set; active when `eval_files` is set."""
+
+    eval_files: str = setting("", "comma-separated evaluation sets, each named by its file name: JSONL (one item "
+                              "per line) or plain text (one item per line), .gz read too; empty: off")
+    text_fields: str = setting("text", "comma-separated JSONL fields joined into an item's text (a list value: its "
+                               "strings joined)")
+    ngram: int = setting(13, "words per n-gram (lower-cased word tokens, punctuation ignored)", min=4, max=64)
+    min_item_words: int = setting(8, "an item shorter than ngram words is matched whole if it has at least this "
+                                  "many words; shorter items are ignored (and counted in the report)", min=1, max=64)
+    action: str = setting("remove", "remove: drop the document; mask: cut each overlapping span out of it",
+                          choices=("remove", "mask"))
+    mask_replacement: str = setting("", "mask: what each overlapping span becomes")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.files)
+
+    @property
+    def files(self) -> list[str]:
+        return split_list(self.eval_files)
+
+
+@dataclass
 class FiltersConfig:
     gopher_quality: GopherQualityConfig = field(default_factory=GopherQualityConfig)
     gopher_repetition: GopherRepetitionConfig = field(default_factory=GopherRepetitionConfig)
     c4: C4Config = field(default_factory=C4Config)
     language: LanguageConfig = field(default_factory=LanguageConfig)
+    pii: PiiConfig = field(default_factory=PiiConfig)
+    decontamination: DecontaminationConfig = field(default_factory=DecontaminationConfig)
 
 
 @dataclass
@@ -186,6 +231,11 @@ class PrepConfig:
         return self.work_dir or self.output.rstrip("/") + ".work"
 
 
+def split_list(value: str) -> list[str]:
+    """The items of a comma-separated setting, blanks dropped."""
+    return [x.strip() for x in value.split(",") if x.strip()]
+
+
 def load_prep_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> PrepConfig:
     """Read prep.yaml with `key=value` overrides (`sources.<name>.<key>=…` too); relative paths are resolved
     against the config file's directory so a config runs the same from anywhere."""
@@ -249,6 +299,8 @@ def _resolve_paths(config: PrepConfig, base: str) -> None:
     config.output = resolve(config.output)
     config.work_dir = resolve(config.work_dir)
     config.tokenizer.path = resolve(config.tokenizer.path)
+    decontamination = config.filters.decontamination
+    decontamination.eval_files = ",".join(resolve(p) for p in decontamination.files)
     for s in config.sources.values():
         s.path = resolve(s.path)
 
@@ -274,9 +326,36 @@ def _cross_field_problems(c: PrepConfig) -> list[Problem]:
         out.append(Problem("tokenizer.path", f"required with tokenizer.type={c.tokenizer.type!r}"))
     elif c.tokenizer.type != "train" and not os.path.exists(c.tokenizer.path):
         out.append(Problem("tokenizer.path", f"{c.tokenizer.path!r} does not exist"))
-    langs = [x.strip() for x in c.filters.language.languages.split(",") if x.strip()]
-    if c.filters.language.enabled and not langs:
+    if c.filters.language.enabled and not split_list(c.filters.language.languages):
         out.append(Problem("filters.language.languages", "empty; list ISO codes like 'en,fr' or set enabled: false"))
     if c.filters.gopher_quality.min_words > c.filters.gopher_quality.max_words:
         out.append(Problem("filters.gopher_quality.min_words", "is above filters.gopher_quality.max_words"))
+    return out + _pii_problems(c.filters.pii) + decontamination_problems(c.filters.decontamination)
+
+
+def _pii_problems(pii: PiiConfig) -> list[Problem]:
+    return [Problem(f"filters.pii.{kind}_replacement", f"{len(value)} characters; at most {MAX_REPLACEMENT}")
+            for kind in ("email", "ip", "phone", "card")
+            if len(value := getattr(pii, f"{kind}_replacement")) > MAX_REPLACEMENT]
+
+
+def decontamination_problems(d: DecontaminationConfig) -> list[Problem]:
+    """The evaluation files are read here, so a missing, unreadable or malformed one stops the run before any
+    stage starts, with the file and line named."""
+    from dataprep.filters.eval_sets import EvalSetError, read_eval_sets
+
+    out = []
+    if len(d.mask_replacement) > MAX_REPLACEMENT:
+        out.append(Problem("filters.decontamination.mask_replacement",
+                           f"{len(d.mask_replacement)} characters; at most {MAX_REPLACEMENT}"))
+    if d.min_item_words > d.ngram:
+        out.append(Problem("filters.decontamination.min_item_words",
+                           f"{d.min_item_words} is above filters.decontamination.ngram ({d.ngram})"))
+    if d.enabled and not split_list(d.text_fields):
+        out.append(Problem("filters.decontamination.text_fields", "empty; name the JSONL field of an item's text"))
+    elif d.enabled:
+        try:
+            read_eval_sets(tuple(d.files), tuple(split_list(d.text_fields)))
+        except EvalSetError as e:
+            out.append(Problem("filters.decontamination.eval_files", str(e)))
     return out

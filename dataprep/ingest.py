@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from dataprep.config import PrepConfig, config_to_dict
 from dataprep.dedup.minhash import MinHasher
-from dataprep.executor import parts_of, write_table_atomic
+from dataprep.executor import file_digest, parts_of, write_table_atomic
 from dataprep.filters.base import apply_filters
 from dataprep.filters.from_config import build_filters
 from dataprep.keys import doc_key
@@ -30,7 +30,7 @@ from dataprep.readers import BadInput, read_records
 from dataprep.readers.base import WHOLE_FILE, split_file
 from dataprep.stages import FileStage, PrepRun, StageOutput
 
-FILE_INGEST_VERSION = 2  # bump when a change to this stage changes its outputs for the same settings
+FILE_INGEST_VERSION = 3  # bump when a change to this stage changes its outputs for the same settings
 MAX_BAD_LISTED = 20  # per file: the report names these, and counts the rest
 EXAMPLE_CHARS = 240
 
@@ -98,7 +98,8 @@ def ingest_settings(c: PrepConfig) -> dict:
             "part_bytes": c.part_bytes, "span_bytes": c.span_bytes, "examples": c.examples, "filters": d["filters"],
             "minhash": [c.dedup.ngram, c.dedup.bands, c.dedup.rows, c.dedup.seed],
             "sources": {n: {k: v for k, v in s.items() if k not in ("share", "path")} for n, s in d["sources"].items()},
-            "priority_order": sorted(((s.priority, i) for i, s in enumerate(c.sources.values())))}
+            "priority_order": sorted(((s.priority, i) for i, s in enumerate(c.sources.values()))),
+            "eval_digests": [file_digest(p) for p in c.filters.decontamination.files]}
 
 
 def part_schema(bands: int) -> pa.Schema:
@@ -116,7 +117,7 @@ class _Collector:
         self.task, self.examples = task, examples
         self.stats: dict[str, Any] = {"source": task.source, "file": task.path, "docs_in": 0, "bytes_in": 0,
                                       "removed": {}, "bad": [], "bad_count": 0, "repaired_utf8": 0,
-                                      "examples": {}, "parts": 0, "docs_out": 0}
+                                      "examples": {}, "parts": 0, "docs_out": 0, "edits": {}}
 
     def remove(self, reason: str, doc_id: str, text: str = "", line: int | None = None, detail: str = "") -> None:
         self.stats["removed"][reason] = self.stats["removed"].get(reason, 0) + 1
@@ -133,7 +134,7 @@ def ingest_file(payload: dict, directory: str, config: PrepConfig) -> dict:
     task = FileTask(**payload)
     out = _Collector(task, config.examples)
     hasher = MinHasher(config.dedup.ngram, config.dedup.bands, config.dedup.rows, config.dedup.seed)
-    chain = build_filters(config.filters) if task.kind == "prose" else []
+    chain = build_filters(config.filters, task.kind)
     batch: list[tuple[int, str, str]] = []
     batch_bytes = 0
     name = task.name
@@ -173,8 +174,9 @@ def merge_span_stats(spans: list[dict], examples: int) -> dict:
     for stat in spans[1:]:
         for key in ("docs_in", "bytes_in", "bad_count", "repaired_utf8", "parts", "docs_out"):
             merged[key] += stat[key]
-        for reason, n in stat["removed"].items():
-            merged["removed"][reason] = merged["removed"].get(reason, 0) + n
+        for counts in ("removed", "edits"):
+            for name, n in stat[counts].items():
+                merged[counts][name] = merged[counts].get(name, 0) + n
         for reason, shown in stat["examples"].items():
             merged["examples"].setdefault(reason, []).extend(shown)
         merged["bad"].extend(stat["bad"])
@@ -204,7 +206,9 @@ def _write_part(batch: list[tuple[int, str, str]], directory: str, name: str, ou
     hashes = [hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).digest() for t in texts]
     sig, has = hasher.signatures(texts)
     bands = hasher.band_keys(sig)
-    filtered, reasons = apply_filters(chain, texts)
+    filtered, reasons, edits = apply_filters(chain, texts)
+    for name, n in edits.items():
+        out.stats["edits"][name] = out.stats["edits"].get(name, 0) + n
     for doc_id, text, reason in zip(ids, texts, reasons, strict=True):
         if reason:
             shown = out.stats["examples"].setdefault(reason, [])

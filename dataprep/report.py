@@ -1,4 +1,5 @@
-"""The prep report: per source, documents / bytes / tokens through each stage, removals per rule, duplicate
+"""The prep report: per source, documents / bytes / tokens through each stage, removals per rule, edits per kind
+(PII redactions, decontamination masks), each evaluation set's items and the documents it removed, duplicate
 cluster sizes, mixture targets against what was realised, bad input with file and line, and a few examples.
 
 Saved as report.json and report.png beside the shards, and printed as a table.
@@ -10,7 +11,8 @@ import json
 import os
 from typing import Any
 
-from dataprep.config import PrepConfig
+from dataprep.config import PrepConfig, split_list
+from dataprep.filters.decontaminate import build_index
 from dataprep.shards import write_atomic
 
 REPORT_JSON, REPORT_PNG = "report.json", "report.png"
@@ -20,7 +22,7 @@ def build_report(config: PrepConfig, ingested: dict, selected: dict, encoded: di
                  plans: dict, manifest: dict, conservation: dict, stage_seconds: dict) -> dict[str, Any]:
     sources: dict[str, dict[str, Any]] = {
         n: {"files": 0, "docs_in": 0, "bytes_in": 0, "removed": {}, "docs_kept": 0, "bytes_kept": 0,
-            "repaired_utf8": 0, "train_docs": 0, "train_tokens": 0, "val_docs": 0, "val_tokens": 0}
+            "repaired_utf8": 0, "edits": {}, "train_docs": 0, "train_tokens": 0, "val_docs": 0, "val_tokens": 0}
         for n in config.sources}
     bad, bad_files, examples = [], [], {}
     bad_count = 0
@@ -31,6 +33,7 @@ def build_report(config: PrepConfig, ingested: dict, selected: dict, encoded: di
         s["bytes_in"] += stat["bytes_in"]
         s["repaired_utf8"] += stat["repaired_utf8"]
         _merge(s["removed"], stat["removed"])
+        _merge(s["edits"], stat["edits"])
         bad.extend(stat["bad"])
         bad_count += stat["bad_count"]
         bad_files.extend(stat.get("bad_files", []))
@@ -49,8 +52,10 @@ def build_report(config: PrepConfig, ingested: dict, selected: dict, encoded: di
         sources[name].update({"target_share": entry["target_share"], "realised_share": entry["realised_share"],
                               "epochs": entry["epochs"], "emitted_tokens": entry["tokens"]})
     removed_total: dict[str, int] = {}
+    edits_total: dict[str, int] = {}
     for s in sources.values():
         _merge(removed_total, s["removed"])
+        _merge(edits_total, s["edits"])
     examples = {reason: shown[: config.examples] for reason, shown in sorted(examples.items())
                 if reason in removed_total}
     return {
@@ -60,9 +65,11 @@ def build_report(config: PrepConfig, ingested: dict, selected: dict, encoded: di
                    "bytes_in": sum(s["bytes_in"] for s in sources.values()),
                    "bytes_kept": sum(s["bytes_kept"] for s in sources.values()),
                    "removed": dict(sorted(removed_total.items())),
+                   "edits": dict(sorted(edits_total.items())),
                    "train_rows": manifest["splits"]["train"]["rows"],
                    "val_rows": manifest["splits"].get("val", {}).get("rows", 0)},
         "sources": sources, "dedup": dedup, "conservation": conservation,
+        "decontamination": decontamination_summary(config, removed_total, edits_total),
         "bad_input": {"count": bad_count, "listed": bad, "files": bad_files},
         "examples": examples, "stage_seconds": {k: round(v, 3) for k, v in stage_seconds.items()},
     }
@@ -87,6 +94,8 @@ def format_table(report: dict) -> str:
     lines.append(f"{'total':<22}{t['docs_in']:>10,}{t['docs_kept']:>10,}{t['bytes_in'] / 1e6:>9.2f}"
                  f"{t['bytes_kept'] / 1e6:>9.2f}")
     lines.append("removed: " + ", ".join(f"{r} {n:,}" for r, n in t["removed"].items()))
+    if t["edits"]:
+        lines.append("edited: " + ", ".join(f"{e} {n:,}" for e, n in t["edits"].items()))
     d = report["dedup"]
     lines.append(f"dedup: {d.get('exact_removed', 0):,} exact, {d.get('near_removed', 0):,} near; "
                  f"cluster sizes {d.get('clusters', {})}")
@@ -132,6 +141,18 @@ def draw_report(report: dict, path: str) -> None:
     fig.savefig(tmp, dpi=90)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def decontamination_summary(config: PrepConfig, removed: dict[str, int], edits: dict[str, int]) -> dict:
+    """Per evaluation set: its file, items (matched by n-grams, whole, ignored as too short) and the documents it
+    removed or masked; empty when decontamination is off."""
+    d = config.filters.decontamination
+    if not d.enabled:
+        return {}
+    index = build_index(tuple(d.files), tuple(split_list(d.text_fields)), d.ngram, d.min_item_words)
+    return {name: {**counts, "documents_removed": removed.get(f"decontamination_{name}", 0),
+                   "documents_masked": edits.get(f"decontamination_masked_{name}", 0)}
+            for name, counts in index.summary.items()}
 
 
 def _merge(into: dict, counts: dict) -> None:

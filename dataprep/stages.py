@@ -5,7 +5,8 @@ runs one Ray Data task per input file: it names the settings its outputs depend 
 (`tasks`) and what one task does (`process`), and the base class runs the pending tasks in a directory keyed by
 those settings (`dataprep.executor`), so a rerun after a crash redoes only unfinished tasks. Every task returns its
 counters, and the base class publishes them as the run's live counters (`PrepStats`): documents in and kept,
-removed per reason, and whatever else the stage lists in `counters` (bytes, rows, tokens).
+removed per reason, edits by name (`pii_email`), and whatever else the stage lists in `counters` (bytes, rows,
+tokens).
 
 Stages hand their results to later ones through the `PrepRun` they all receive, under their own name.
 """
@@ -70,6 +71,8 @@ class Stage:
                 stats.add(key, result[key])
         for reason, n in result.get("removed", {}).items():
             stats.add(f"removed_{reason}", n)
+        for edit, n in result.get("edits", {}).items():
+            stats.add(edit, n)
 
 
 class FileStage(Stage):

@@ -2,7 +2,8 @@
 
 A plain object with a lock: `snapshot()` may be called from another thread (an exporter's scrape) while the
 pipeline updates it. Keys are stable: `docs_in`, `docs_kept`, `removed_<reason>`, `bytes_in`, `tasks_done`,
-`tasks_total`, `train_tokens`, `train_rows`, `val_rows`, ...; the stages' base class (`dataprep.stages.Stage.count`)
+`tasks_total`, `train_tokens`, `train_rows`, `val_rows`, the edit steps' `pii_<kind>`, `pii_documents` and
+`decontamination_masked_<set>`, ...; the stages' base class (`dataprep.stages.Stage.count`)
 adds each finished task's counters.
 """
 

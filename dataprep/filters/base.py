@@ -11,7 +11,15 @@ from collections.abc import Sequence
 
 
 class Edit(str):
-    """A verdict that keeps the document with this text instead."""
+    """A verdict that keeps the document with this text instead; `counts` says what the step changed, by name
+    (`pii_email`: 2), and the stage adds them up per file for the report."""
+
+    counts: dict[str, int]
+
+    def __new__(cls, text: str, counts: dict[str, int] | None = None) -> Edit:
+        edit = super().__new__(cls, text)
+        edit.counts = counts or {}
+        return edit
 
 
 Verdict = str | None
@@ -27,9 +35,11 @@ class BaseFilter:
         raise NotImplementedError
 
 
-def apply_filters(chain: Sequence[BaseFilter], texts: list[str]) -> tuple[list[str], list[str]]:
-    """Run the chain; returns (texts, reasons) where reason '' means kept. Dropped texts skip later filters."""
+def apply_filters(chain: Sequence[BaseFilter], texts: list[str]) -> tuple[list[str], list[str], dict[str, int]]:
+    """Run the chain; returns (texts, reasons, edits) where reason '' means kept and `edits` adds up the edits'
+    counts. Dropped texts skip later filters."""
     reasons = [""] * len(texts)
+    edits: dict[str, int] = {}
     texts = list(texts)
     for f in chain:
         alive = [i for i, r in enumerate(reasons) if not r]
@@ -38,6 +48,8 @@ def apply_filters(chain: Sequence[BaseFilter], texts: list[str]) -> tuple[list[s
         for i, verdict in zip(alive, f.apply([texts[i] for i in alive]), strict=True):
             if isinstance(verdict, Edit):
                 texts[i] = str(verdict)
+                for name, n in verdict.counts.items():
+                    edits[name] = edits.get(name, 0) + n
             elif verdict:
                 reasons[i] = verdict
-    return texts, reasons
+    return texts, reasons, edits
