@@ -19,6 +19,8 @@ import shutil
 from orchestrator.spec import JobSpec
 from parallel.checkpoint_layout import step_of
 from parallel.hf import CONFIG, IDENTITY_FILES, TOKENIZER, HFExport, shard_tokenizer
+from parallel.hf_families import family_for
+from parallel.model import ModelDims
 
 ORIGIN_DIR = "hf_origin"
 
@@ -62,7 +64,9 @@ def keep_origin(init_from: str, step_dir: str, checkpoints: str | None) -> list[
 
 def export_settings(spec: JobSpec, step_dir: str, **how) -> HFExport:
     """How checkpoint `step_dir` of `spec`'s run exports: its family, its context (model.max_positions, else
-    data.seq_len), and the identity it kept, else the shards' tokenizer."""
+    data.seq_len), and the identity it kept, else the shards' tokenizer. A model no transformers architecture
+    expresses is refused here, before any rank starts gathering it."""
+    family_for(ModelDims.from_config(spec.model), spec.model.family)
     origin = saved_origin(step_dir)
     own_tokenizer = origin is not None and os.path.isfile(os.path.join(origin, TOKENIZER))
     return HFExport(max_positions=spec.model.max_positions or spec.data.seq_len, family=spec.model.family,

@@ -15,6 +15,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from orchestrator.cli import main as pretrain
 from orchestrator.errors import UserError
+from orchestrator.spec import spec_to_yaml
 from orchestrator.validate import load_spec
 from parallel.generate import SamplingConfig, generate
 from parallel.hf import (
@@ -233,13 +234,22 @@ def test_a_tensor_with_no_place_is_named(saved, tmp_path: Path) -> None:
         open_hf_weights(str(directory))
 
 
-def test_a_model_no_architecture_expresses_is_refused_before_writing(tmp_path: Path) -> None:
+def test_a_model_no_architecture_expresses_is_refused_before_writing(tmp_path: Path, capsys) -> None:
     dims = ModelDims(vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, norm_eps=1e-6,
                      rope_theta=1e4, tie_embeddings=False, init_std=0.02, qkv_bias=True, qk_norm="head")
     with pytest.raises(UserError, match=r"the model's switches fit no transformers architecture, so it cannot be "
                                        r"exported \(qwen3: qkv_bias=True \(always False in qwen3\); llama: "):
         save_hf(str(tmp_path / "out"), build_model(dims, "cpu").state_dict(), dims, HFExport(family="qwen3"))
     assert not (tmp_path / "out").exists()
+    # the CLI refuses such a run's checkpoint before starting any rank to gather it
+    step = tmp_path / "ckpt" / "step_1"
+    step.mkdir(parents=True)
+    (step / "manifest.json").write_text("{}")
+    spec = load_spec(TINY, ["model.qkv_bias=true", "model.qk_norm=head", f"model.vocab_size={VOCAB}"])
+    (step / "spec.yaml").write_text(spec_to_yaml(spec))
+    assert pretrain(["export", str(step), str(tmp_path / "out")]) == 2
+    assert "fit no transformers architecture" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
 def test_the_cli_refuses_in_one_line(saved, tmp_path: Path, capsys) -> None:
