@@ -207,8 +207,8 @@ def _write_part(batch: list[tuple[int, str, str]], directory: str, name: str, ou
     sig, has = hasher.signatures(texts)
     bands = hasher.band_keys(sig)
     filtered, reasons, edits = apply_filters(chain, texts)
-    for name, n in edits.items():
-        out.stats["edits"][name] = out.stats["edits"].get(name, 0) + n
+    for edit, n in edits.items():
+        out.stats["edits"][edit] = out.stats["edits"].get(edit, 0) + n
     for doc_id, text, reason in zip(ids, texts, reasons, strict=True):
         if reason:
             shown = out.stats["examples"].setdefault(reason, [])
