@@ -25,7 +25,10 @@ norm placement and the query/key norms, saves an fp32 copy of its input; the fla
 output, sized by the resolved head_dim; the gated MLP four ffn-wide tensors), after Korthikanti et al. (2022): tensors
 inside tensor-parallel regions shrink with tp, the block norms' only with sequence parallelism. Soft-capped attention
 runs without a fused kernel: its [heads, seq, seq] scores are materialised, and the tanh output, the fp32
-probabilities and their cast are kept, with k and v repeated to every query head. Under 1F1B the first pipeline
+probabilities and their cast are kept, with k and v repeated to every query head; a sliding window shorter than the
+sequence hands SDPA a [seq, seq] mask, which it keeps. Measured on an H200 as tests/orchestrator/test_plan_memory.py
+measures on the CPU (bf16, seq 2048, dim 1024, 8 heads), the model is 1-6% above what autograd keeps per block for
+each switch (1% for soft-capped attention, whose scores are three quarters of it). Under 1F1B the first pipeline
 stage holds `pp` micro-batches in flight; the last one holds the logits.
 
 Per `parallel.activation_checkpointing` (see `parallel.activation_checkpoint`): `none` keeps all of that for every
@@ -54,13 +57,16 @@ from orchestrator.validate import pick_backend
 GiB = 1024**3
 
 # Activation elements saved per token and block (multiples of the query width n_heads·head_dim, the q/k/v widths
-# and ffn_dim) beside the norms; each norm saves its input in fp32 and two tensors of the activation dtype.
+# and ffn_dim) beside the norms; each norm (block or query/key) saves an fp32 copy of its input and its normalised
+# output in the activation dtype, and the projections into attention and the MLP each keep their dim-wide input.
+BLOCK_INPUTS_D = 2.0
 ATTN_SAVED_D = 2.0  # attention output and the output projection's input (tensor-parallel)
 ATTN_SAVED_QKV = 1.0  # q, k, v after RoPE (tensor-parallel)
 FFN_SAVED_F = 4.0  # gate and up outputs, the activation's output, product into down_proj (tensor-parallel)
 # Soft-capped attention keeps per score: the tanh output (activation dtype), the fp32 probabilities and, in mixed
-# precision, their cast back.
+# precision, their cast back. SDPA given a sliding-window mask keeps it: a byte per key for each sequence.
 SCORE_FP32_BYTES = 4
+MASK_BYTES = 1
 # Selective checkpointing keeps, per token and block: q, v, gate (ffn_dim), attention's output (query width)
 # and its fp32 log-sum-exp (one per head), all split by tp; under tensor parallelism also the outputs of the two
 # reductions after the row-parallel projections (dim each, split by tp only with sequence parallelism).
@@ -190,10 +196,9 @@ def _stage_memory(model: ModelConfig, seq_len: int, p: ParallelConfig, buffers: 
 
 def activation_bytes_per_token(model: ModelConfig, width: int, tp: int = 1, sequence_parallel: bool = False) -> float:
     """Bytes autograd keeps per token for one transformer block (no recomputation)."""
-    q, kv = attention_widths(model)
-    norms = norm_elements(model, tp, sequence_parallel) * (4 + 2 * width)
-    if model.qk_norm != "none":  # the fp32 copy of its input and its output (the fp32 input itself in fp32)
-        norms += (q + kv) / tp * (4 + width)
+    q, _ = attention_widths(model)
+    sp = tp if sequence_parallel else 1
+    norms = norm_elements(model, tp, sequence_parallel, qk=True) * (4 + width) + BLOCK_INPUTS_D * model.dim * width / sp
     split = (ATTN_SAVED_D * q + ATTN_SAVED_QKV * saved_qkv(model) + FFN_SAVED_F * model.ffn_dim) * width / tp
     return norms + split
 
@@ -213,13 +218,19 @@ def saved_qkv(model: ModelConfig) -> int:
     return 3 * q if model.attn_softcap else q + 2 * kv
 
 
-def score_bytes_per_token(model: ModelConfig, seq_len: int, width: int, tp: int = 1) -> float:
-    """Bytes per token and block of the attention scores soft-capped attention materialises (none under SDPA):
-    a query's score of every key, per head, kept as the tanh output and the fp32 probability (and its cast)."""
-    if not model.attn_softcap:
+def attention_bytes_per_token(model: ModelConfig, seq_len: int, width: int, tp: int = 1) -> float:
+    """Bytes per token and block that grow with the sequence, averaged over the blocks: the [heads, seq, seq] scores
+    soft-capped attention materialises (a query's score of every key, per head, kept as the tanh output and the
+    fp32 probability, and its cast), which SDPA never does; without a cap, the [seq, seq] mask SDPA keeps in the
+    layers whose window is shorter than the sequence."""
+    if model.attn_softcap:
+        cast = width if width != SCORE_FP32_BYTES else 0
+        return model.n_heads / tp * seq_len * (width + SCORE_FP32_BYTES + cast)
+    if not 0 < model.sliding_window < seq_len:
         return 0.0
-    cast = width if width != SCORE_FP32_BYTES else 0
-    return model.n_heads / tp * seq_len * (width + SCORE_FP32_BYTES + cast)
+    every = model.full_attention_every
+    sliding = model.n_layers - (model.n_layers // every if every else 0)
+    return sliding / model.n_layers * seq_len * MASK_BYTES
 
 
 def selective_bytes_per_token(model: ModelConfig, width: int, tp: int = 1, sequence_parallel: bool = False) -> float:
@@ -241,7 +252,7 @@ def activation_bytes(model: ModelConfig, seq_len: int, p: ParallelConfig, stage:
     in_flight = min(p.pp - stage, p.grad_accum)
     if block_bytes_per_token is None:
         block_bytes_per_token = activation_bytes_per_token(model, width, p.tp, p.sequence_parallel)
-    full_layer = tokens * (block_bytes_per_token + score_bytes_per_token(model, seq_len, width, p.tp))
+    full_layer = tokens * (block_bytes_per_token + attention_bytes_per_token(model, seq_len, width, p.tp))
     block_input = tokens * model.dim / (p.tp if p.sequence_parallel else 1) * width
     if p.activation_checkpointing == "full":
         kept = layers * in_flight * block_input + full_layer  # one block recomputed at a time

@@ -18,9 +18,9 @@ from memory_probe import SPEC
 from orchestrator.planner.counting import stage_params
 from orchestrator.planner.memory import (
     activation_bytes_per_token,
+    attention_bytes_per_token,
     engine_buffers,
     estimate_memory,
-    score_bytes_per_token,
 )
 from orchestrator.validate import parse_spec
 from parallel.model import build_model, cross_entropy
@@ -48,7 +48,7 @@ def saved_activation_bytes(model: torch.nn.Module, tokens: torch.Tensor) -> int:
 @pytest.mark.parametrize(("dtype", "switches"), [
     (torch.bfloat16, {}), (torch.float32, {}), (torch.bfloat16, {"head_dim": 48, "qk_norm": "head"}),
     (torch.float32, {"qk_norm": "full"}), (torch.bfloat16, {"attn_softcap": 50.0, "head_dim": 16}),
-    (torch.float32, {"attn_softcap": 50.0}),
+    (torch.float32, {"attn_softcap": 50.0}), (torch.bfloat16, {"sliding_window": 16, "norm_placement": "sandwich"}),
 ])
 def test_block_activations_match_what_autograd_saves(dtype, switches):
     measured = []
@@ -60,7 +60,7 @@ def test_block_activations_match_what_autograd_saves(dtype, switches):
         measured.append(saved_activation_bytes(model, tokens))
     per_block = (measured[1] - measured[0]) / 2 / (2 * 96)
     width = 2 if dtype == torch.bfloat16 else 4
-    estimate = activation_bytes_per_token(spec.model, width) + score_bytes_per_token(spec.model, 96, width)
+    estimate = activation_bytes_per_token(spec.model, width) + attention_bytes_per_token(spec.model, 96, width)
     assert estimate == pytest.approx(per_block, rel=0.08)
 
 
