@@ -32,26 +32,34 @@ MODES = ("none", "full", "selective")
 # other matmul, and, under tensor parallelism, of the reductions after the row-parallel projections, so that
 # recomputation sends nothing. Of a block's seven projections q, v, gate (and down, whose output backward never
 # reads) are kept and k, o and up recomputed: about a third of the forward matmul FLOPs again, for about half the
-# memory of keeping them all. Every element-wise op (RMSNorms, RoPE, SiLU·up, residual adds) is recomputed.
+# memory of keeping them all. A projection with a bias (Qwen2's q/k/v) is an addmm rather than an mm, and a float8
+# one a _scaled_mm; both count the same. Soft-capped attention has no fused kernel: it is two batched matmuls
+# (scores, then probabilities · values), and the second, attention's output, is kept like a kernel's. Every
+# element-wise op (RMSNorms, RoPE, SiLU·up, residual adds, the soft-cap and softmax of eager attention) is
+# recomputed.
 _ATTENTION = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
               "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
 _COLLECTIVES = ("all_reduce", "reduce_scatter_tensor")
 SAVED_OPS = frozenset(
     [getattr(torch.ops.aten, name).default for name in _ATTENTION if hasattr(torch.ops.aten, name)]
     + [getattr(torch.ops._c10d_functional, name).default for name in _COLLECTIVES])
-MATMUL = torch.ops.aten.mm.default
+# op → which of its calls in a block are kept: every other projection from the first, every second batched matmul.
+COUNTED = {torch.ops.aten.mm.default: ("linear", 1), torch.ops.aten.addmm.default: ("linear", 1),
+           torch.ops.aten._scaled_mm.default: ("linear", 1), torch.ops.aten.bmm.default: ("attention", 0)}
 
 
 def _selective_contexts() -> tuple[Any, Any]:
     """Fresh contexts for one checkpointed call: matmuls are counted separately in forward and in recomputation,
     so the same ones are kept in both."""
-    counts = {False: 0, True: 0}
+    counts: dict[tuple[str, bool], int] = {}
 
     def policy(ctx: Any, func: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
         # MUST_SAVE, not PREFER_SAVE: under torch.compile the partitioner may otherwise recompute what is kept.
-        if func == MATMUL:
-            counts[ctx.is_recompute] += 1
-            return CheckpointPolicy.MUST_SAVE if counts[ctx.is_recompute] % 2 else CheckpointPolicy.PREFER_RECOMPUTE
+        if func in COUNTED:
+            kind, kept = COUNTED[func]
+            key = (kind, ctx.is_recompute)
+            counts[key] = counts.get(key, 0) + 1
+            return CheckpointPolicy.MUST_SAVE if counts[key] % 2 == kept else CheckpointPolicy.PREFER_RECOMPUTE
         return CheckpointPolicy.MUST_SAVE if func in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
     return create_selective_checkpoint_contexts(policy)

@@ -6,7 +6,8 @@ materialises only its stage's pieces. With tied embeddings the embedding is a `T
 last stage, and DeepSpeed all-reduces its gradient between the two.
 
 Pieces pass one tensor (the hidden states) between stages; every block computes RoPE for itself, so nothing else
-has to travel.
+has to travel. The first piece runs the model's `embed` and the last its `head`, so a family's embedding scale and
+logit soft-cap apply as in one process.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from deepspeed.runtime.utils import partition_balanced
 from torch import nn
 
 from parallel.materialize import materialize_model
-from parallel.model import Transformer
+from parallel.model import Transformer, softcap
 from parallel.parallel_dims import ParallelDims
 
 if TYPE_CHECKING:
@@ -29,17 +30,23 @@ if TYPE_CHECKING:
 
 
 class EmbeddingPiece(nn.Module):
-    def __init__(self, embed: nn.Module, lm_head: nn.Module | None = None):
+    """The embedding; on the first stage it runs the model's own `embed` (the lookup and the family's scale)."""
+
+    def __init__(self, model: Transformer, tied: bool = False):
         super().__init__()
-        self.embed_tokens = embed
-        self.lm_head = lm_head  # set when tied: the last stage projects with the same weight
+        self.embed_tokens = model.embed_tokens
+        self.lm_head = model.lm_head if tied else None  # the last stage projects with the same weight
+        self.embed = model.embed  # a bound method: the model's parts are this piece's
+        self.logit_softcap = model.dims.logit_softcap
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(tokens)
+        return self.embed(tokens)
 
 
 def project_tied(piece: EmbeddingPiece, h: torch.Tensor) -> torch.Tensor:
-    return piece.lm_head(h)
+    """The tied last piece: the second half of the model's `head` (the norm ran in the piece before)."""
+    logits = piece.lm_head(h)
+    return softcap(logits, piece.logit_softcap) if piece.logit_softcap else logits
 
 
 class BlockPiece(nn.Module):
@@ -52,31 +59,30 @@ class BlockPiece(nn.Module):
 
 
 class HeadPiece(nn.Module):
-    """The final norm, plus the lm_head when it is not tied to the embedding."""
+    """The final norm, and unless the lm_head is tied to the embedding, the model's whole `head`."""
 
-    def __init__(self, norm: nn.Module, lm_head: nn.Module | None):
+    def __init__(self, model: Transformer, tied: bool):
         super().__init__()
-        self.norm = norm
-        self.lm_head = lm_head
+        self.norm = model.norm
+        self.lm_head = None if tied else model.lm_head
+        self.head = model.head
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        h = self.norm(h)
-        return self.lm_head(h) if self.lm_head is not None else h
+        return self.norm(h) if self.lm_head is None else self.head(h)
 
 
 def _pieces(model: Transformer) -> list[tuple[list[str], object]]:
     """(model parts it holds, piece or spec) in pipeline order."""
     tied = model.dims.tie_embeddings
     if tied:
-        embed = [(["embed_tokens"], TiedLayerSpec("embed", EmbeddingPiece, model.embed_tokens, model.lm_head,
+        embed = [(["embed_tokens"], TiedLayerSpec("embed", EmbeddingPiece, model, True,
                                                   tied_weight_attr=["embed_tokens.weight"]))]
     else:
-        embed = [(["embed_tokens"], EmbeddingPiece(model.embed_tokens))]
+        embed = [(["embed_tokens"], EmbeddingPiece(model))]
     blocks = [([f"layers.{i}"], BlockPiece(block)) for i, block in enumerate(model.layers)]
-    head = [(["norm"] if tied else ["norm", "lm_head"], HeadPiece(model.norm, None if tied else model.lm_head))]
+    head = [(["norm"] if tied else ["norm", "lm_head"], HeadPiece(model, tied))]
     if tied:
-        head.append((["embed_tokens"], TiedLayerSpec("embed", EmbeddingPiece, model.embed_tokens, model.lm_head,
-                                                     forward_fn=project_tied,
+        head.append((["embed_tokens"], TiedLayerSpec("embed", EmbeddingPiece, model, True, forward_fn=project_tied,
                                                      tied_weight_attr=["embed_tokens.weight"])))
     return embed + blocks + head
 

@@ -5,9 +5,16 @@ gate/up column-wise (heads and hidden units split), o_proj and down_proj row-wis
 vocabulary, the lm_head column-wise with its logits left vocab-sharded for `VocabParallelLoss`. Attention reads its
 head counts from the local projections' widths, so nothing in the model changes.
 
-With sequence parallelism the residual stream between sub-layers is a sequence shard (`Shard(1)`): norms run on it
-(`SequenceParallel`), each sub-layer's input is all-gathered on entry and its output reduce-scattered on exit.
-Without it the residual stream is replicated and norms are plain modules computed identically on every rank.
+With sequence parallelism the residual stream between sub-layers is a sequence shard (`Shard(1)`): the block's
+norms, wherever its placement puts them (`BLOCK_NORMS`), run on it (`SequenceParallel`), each sub-layer's input is
+all-gathered on entry and its output reduce-scattered on exit. Without it the residual stream is replicated and
+block norms are plain modules computed identically on every rank.
+
+Inside attention each rank holds its own heads. q/k/v biases are sharded with the output features by
+`ColwiseParallel`. A per-head query/key norm (Qwen3) sees [batch, seq, heads, head_dim] split over heads: it runs as
+`SequenceParallel` over dimension 2, its weight replicated and its gradient summed over the group. A norm over all
+heads together (OLMo 2) runs on the projection's feature shard as a DTensor (`FeatureShardedNorm`): its weight split
+like those features, the mean of squares over the split dimension all-reduced by DTensor.
 
 Works on a model still on the meta device; the engine materialises each rank's shards afterwards.
 """
@@ -18,7 +25,7 @@ from collections.abc import Iterable
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -26,9 +33,13 @@ from torch.distributed.tensor.parallel import (
     SequenceParallel,
     parallelize_module,
 )
+from torch.distributed.tensor.parallel.style import ParallelStyle
+
+from parallel.model import Transformer
 
 
-def apply_dtensor_tp(model: nn.Module, blocks: Iterable[nn.Module], mesh: DeviceMesh, sequence_parallel: bool) -> None:
+def apply_dtensor_tp(model: Transformer, blocks: Iterable[nn.Module], mesh: DeviceMesh,
+                     sequence_parallel: bool) -> None:
     """Shard `blocks` and whichever of the model's embed_tokens / norm / lm_head are present (a pipeline stage may
     hold none of them) over the 1-D tensor-parallel `mesh`."""
     residual = Shard(1) if sequence_parallel else Replicate()
@@ -47,10 +58,34 @@ def apply_dtensor_tp(model: nn.Module, blocks: Iterable[nn.Module], mesh: Device
         # Both are Shard(0) over the vocabulary; parallelize_module made two parameters of the one weight.
         model.lm_head.weight = model.embed_tokens.weight
     for block in blocks:
-        parallelize_module(block, mesh, _block_plan(residual, sequence_parallel))
+        parallelize_module(block, mesh, _block_plan(block, model.dims.qk_norm, residual, sequence_parallel))
 
 
-def _block_plan(residual, sequence_parallel: bool) -> dict:
+class FeatureShardedNorm(ParallelStyle):
+    """A norm over the last dimension of a column-wise projection's output, whose features are split over the
+    ranks: the weight is sharded the same way, the input is this rank's slice, and the norm runs as a DTensor, so its
+    reduction over the split dimension becomes an all-reduce. The output is local again."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        return distribute_module(module, device_mesh, _shard_parameters, _features_as_shard, _to_local)
+
+
+def _shard_parameters(name: str, module: nn.Module, mesh: DeviceMesh) -> None:
+    for p_name, param in list(module.named_parameters(recurse=False)):
+        module.register_parameter(p_name, nn.Parameter(distribute_tensor(param, mesh, [Shard(0)],
+                                                                         src_data_rank=None)))
+
+
+def _features_as_shard(module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
+    x = inputs[0]
+    return (DTensor.from_local(x, mesh, [Shard(x.ndim - 1)], run_check=False), *inputs[1:])
+
+
+def _to_local(module: nn.Module, output: DTensor, mesh: DeviceMesh):
+    return output.to_local()
+
+
+def _block_plan(block: nn.Module, qk_norm: str, residual, sequence_parallel: bool) -> dict:
     plan = {
         "self_attn.q_proj": ColwiseParallel(),
         "self_attn.k_proj": ColwiseParallel(),
@@ -60,10 +95,14 @@ def _block_plan(residual, sequence_parallel: bool) -> dict:
         "mlp.up_proj": ColwiseParallel(),
         "mlp.down_proj": RowwiseParallel(output_layouts=residual),
     }
+    if qk_norm != "none":
+        norm = SequenceParallel(sequence_dim=2, use_local_output=True) if qk_norm == "head" else FeatureShardedNorm()
+        plan.update({"self_attn.q_norm": norm, "self_attn.k_norm": norm})
     if sequence_parallel:
+        # Local outputs: a norm's output is added to the (local) residual stream, or enters a sub-layer that takes
+        # it as the sequence shard it is.
+        plan.update({name: SequenceParallel(use_local_output=True) for name in block.norm_names if name is not None})
         plan.update({
-            "input_layernorm": SequenceParallel(),
-            "post_attention_layernorm": SequenceParallel(),
             "self_attn": PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)),
             "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
         })

@@ -8,7 +8,13 @@ max, sum-exp and the target logit across ranks instead of gathering [batch, seq,
 
 With sequence parallelism the residual stream between sub-layers is split along the sequence: the all-reduce
 becomes a reduce-scatter after each row-parallel linear plus an all-gather before each column-parallel one (the same
-bytes), and norms run on 1/tp of the tokens, so their weights' gradients are summed over the group.
+bytes), and the block's norms (wherever its placement puts them) run on 1/tp of the tokens, so their weights'
+gradients are summed over the group.
+
+Inside attention each rank holds its own heads: q/k/v biases are split with the output features; a per-head
+query/key norm (Qwen3) keeps its one weight on every rank and sums its gradient over the group, since each rank
+normalises other heads; a norm over all heads together (OLMo 2) splits its weight like the projection's output and
+all-reduces the sum of squares, so every rank divides by the norm of the whole vector.
 
 Everything here works on a model still on the meta device; `parallel.materialize` fills in each rank's shard.
 """
@@ -21,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed import _functional_collectives as funcol
 
 from parallel.model import RMSNorm, Transformer
 
@@ -36,9 +43,11 @@ SEQ_DIM = 1
 
 
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
-    x = x.contiguous()
-    dist.all_reduce(x, group=group)
-    return x
+    """The sum over the group, as a new tensor: a functional collective never writes into `x`, which selective
+    checkpointing may hold as a kept matmul output (an in-place sum there was summed again on recomputation), and
+    its result is one that checkpointing keeps rather than sends again. Differentiable: its gradient is the sum of
+    the gradients."""
+    return funcol.wait_tensor(funcol.all_reduce(x.contiguous(), "sum", group))
 
 
 def _all_gather_seq(x: torch.Tensor, group) -> torch.Tensor:
@@ -113,9 +122,10 @@ class _ReduceScatterSequence(torch.autograd.Function):
 
 
 class _Sharded(nn.Module):
-    """A layer holding one shard of a weight split along `shard_dim`; `parallel.materialize` reads these fields."""
+    """A layer holding one shard of its weight (and bias, if any) split along `shard_dim`; `parallel.materialize`
+    reads these fields."""
 
-    def __init__(self, shape: tuple[int, int], shard_dim: int, group, rank: int, size: int, sequence_parallel: bool):
+    def __init__(self, shape: tuple[int, ...], shard_dim: int, group, rank: int, size: int, sequence_parallel: bool):
         super().__init__()
         if shape[shard_dim] % size:
             raise ValueError(f"dimension {shape[shard_dim]} of a {tuple(shape)} weight does not split over tp={size}")
@@ -127,14 +137,16 @@ class _Sharded(nn.Module):
 
 
 class ColumnParallelLinear(_Sharded):
-    """y_i = x · W_i^T: the output features split over ranks; the input is whole on every rank."""
+    """y_i = x · W_i^T + b_i: the output features (and the bias) split over ranks; the input is whole on every rank."""
 
-    def __init__(self, in_features: int, out_features: int, group, rank: int, size: int, sequence_parallel: bool):
+    def __init__(self, in_features: int, out_features: int, group, rank: int, size: int, sequence_parallel: bool,
+                 bias: bool = False):
         super().__init__((out_features, in_features), 0, group, rank, size, sequence_parallel)
+        self.bias = nn.Parameter(torch.empty(out_features // size)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _GatherSequence.apply(x, self.group) if self.sequence_parallel else _CopyToRegion.apply(x, self.group)
-        return F.linear(x, self.weight)
+        return F.linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(_Sharded):
@@ -166,7 +178,8 @@ class VocabParallelEmbedding(_Sharded):
 
 
 class SequenceParallelRMSNorm(RMSNorm):
-    """RMSNorm over this rank's slice of the sequence; its weight's gradient is summed over the group."""
+    """RMSNorm over this rank's share of the rows (a slice of the sequence, or its heads); the weight is the same on
+    every rank and its gradient is summed over the group."""
 
     def __init__(self, dim: int, eps: float, group):
         super().__init__(dim, eps)
@@ -176,6 +189,23 @@ class SequenceParallelRMSNorm(RMSNorm):
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return _CopyToRegion.apply(self.weight, self.group) * h.to(x.dtype)
+
+
+class FeatureParallelRMSNorm(_Sharded):
+    """RMSNorm over features split across the group, as a column-parallel projection leaves them: each rank holds
+    its slice of the weight, and the sum of squares is all-reduced (its gradient too) so all divide by the whole
+    vector's norm."""
+
+    def __init__(self, features: int, eps: float, group, rank: int, size: int):
+        super().__init__((features,), 0, group, rank, size, sequence_parallel=False)
+        self.features, self.eps = features, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        # Every rank's output depends on every rank's share of the squares: the gradient is summed back.
+        squares = _all_reduce(h.pow(2).sum(-1, keepdim=True), self.group)
+        h = h * torch.rsqrt(squares / self.features + self.eps)
+        return self.weight * h.to(x.dtype)
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -239,24 +269,33 @@ def apply_tensor_parallel(model: Transformer, group, rank: int, size: int,
     d = model.dims
     sp = sequence_parallel
 
-    def column(i, o):
-        return ColumnParallelLinear(i, o, group, rank, size, sp)
+    def column(i, o, bias=False):
+        return ColumnParallelLinear(i, o, group, rank, size, sp, bias)
 
     def row(i, o):
         return RowParallelLinear(i, o, group, rank, size, sp)
+
+    def qk_norm(features):
+        if d.qk_norm == "head":
+            return SequenceParallelRMSNorm(d.head_dim, d.norm_eps, group)
+        return FeatureParallelRMSNorm(features, d.norm_eps, group, rank, size)
 
     with torch.device("meta"):
         for block in model.layers:
             attn, mlp = block.self_attn, block.mlp
             q, kv = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim
-            attn.q_proj, attn.k_proj, attn.v_proj = column(d.dim, q), column(d.dim, kv), column(d.dim, kv)
+            attn.q_proj = column(d.dim, q, d.qkv_bias)
+            attn.k_proj, attn.v_proj = column(d.dim, kv, d.qkv_bias), column(d.dim, kv, d.qkv_bias)
             attn.o_proj = row(q, d.dim)
             attn.n_heads, attn.n_kv_heads = d.n_heads // size, d.n_kv_heads // size
+            if d.qk_norm != "none":
+                attn.q_norm, attn.k_norm = qk_norm(q), qk_norm(kv)
             mlp.gate_proj, mlp.up_proj = column(d.dim, d.ffn_dim), column(d.dim, d.ffn_dim)
             mlp.down_proj = row(d.ffn_dim, d.dim)
             if sp:
-                block.input_layernorm = SequenceParallelRMSNorm(d.dim, d.norm_eps, group)
-                block.post_attention_layernorm = SequenceParallelRMSNorm(d.dim, d.norm_eps, group)
+                for name in block.norm_names:
+                    if name is not None:
+                        setattr(block, name, SequenceParallelRMSNorm(d.dim, d.norm_eps, group))
         model.embed_tokens = VocabParallelEmbedding(d.vocab_size, d.dim, group, rank, size, sp)
         model.lm_head = column(d.dim, d.vocab_size)
         if sp:

@@ -40,9 +40,11 @@ def stage_ids(pp_rank: int, pp: int, schedule: str) -> list[int]:
 
 
 class StageModule(nn.Module):
-    """Consecutive layers of a Llama, with its embedding on the first stage and its norm + lm_head on the last.
+    """Consecutive layers of a Transformer, with its embedding on the first stage and its norm + lm_head on the last.
 
-    The forward takes tokens (first stage) or hidden states and returns hidden states or logits (last stage).
+    The forward takes tokens (first stage) or hidden states and returns hidden states or logits (last stage). The
+    first stage runs the model's own `embed` and the last its `head` (bound methods over the same parts), so a
+    family's embedding scale and logit soft-cap are applied exactly as in one process.
     """
 
     def __init__(self, model: Transformer, layer_ids: list[int], first: bool, last: bool):
@@ -51,15 +53,15 @@ class StageModule(nn.Module):
         self.layers = nn.ModuleDict({str(i): model.layers[str(i)] for i in layer_ids})
         self.norm = model.norm if last else None
         self.lm_head = model.lm_head if last else None
+        self.embed = model.embed if first else None
+        self.head = model.head if last else None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if self.embed_tokens is not None:
-            h = self.embed_tokens(h)
+        if self.embed is not None:
+            h = self.embed(h)
         for layer in self.layers.values():
             h = layer(h)
-        if self.lm_head is not None:
-            h = self.lm_head(self.norm(h))
-        return h
+        return self.head(h) if self.head is not None else h
 
 
 def prune_to_stages(model: Transformer, pp_rank: int, pp: int, schedule: str) -> list[StageModule]:

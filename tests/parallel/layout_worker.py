@@ -2,12 +2,19 @@
 parameters written by rank 0. Started by torchrun from tests/helpers.py (run_layout).
 
     torchrun --nproc_per_node 4 tests/parallel/layout_worker.py OUT.pt parallel.pp=2 parallel.tp=2 ...
+
+With `--cases CASES.json` ({name: [override, ...]}) one launch runs each case in turn on the same process group and
+writes {name: result}, a case that raised recording its traceback instead: many small layouts for one start-up.
 """
 
 from __future__ import annotations
 
+import gc
+import json
 import os
 import sys
+import traceback
+from pathlib import Path
 
 import torch
 
@@ -44,14 +51,12 @@ def rank_micro_batches(rows: torch.Tensor, dp_rank: int, dp: int) -> list[MicroB
             for mb in mine.chunk(GRAD_ACCUM)]
 
 
-def main(out: str, overrides: list[str]) -> None:
-    env = RankEnv.from_env()
+def run_case(env: RankEnv, device: torch.device, overrides: list[str]) -> dict:
+    """Train one spec for its steps; the losses, gradient norms, learning rates, eval loss and full parameters."""
     spec = parse_spec(TINY, overrides=[*overrides, f"resources.gpus_per_node={env.world_size}"])
     dp = env.world_size // (spec.parallel.pp * spec.parallel.tp)
     spec.parallel.micro_batch_size = GLOBAL_BATCH // (GRAD_ACCUM * dp)
     spec.parallel.grad_accum = GRAD_ACCUM
-    device = torch.device("cpu")
-    init_distributed(env, device)
     engine = build_engine(spec, env, device)
     tokens = fixed_tokens(spec.schedule.steps, spec.data.seq_len, spec.model.vocab_size)
     losses, norms, lrs = [], [], []
@@ -61,10 +66,26 @@ def main(out: str, overrides: list[str]) -> None:
         norms.append(float(result.grad_norm))
         lrs.append(result.lr)
     eval_loss = float(engine.eval_loss(rank_micro_batches(tokens[0], engine.dims.dp_rank, engine.dims.dp)))
-    params = engine.full_state_dict()
+    return {"losses": losses, "grad_norms": norms, "lrs": lrs, "eval_loss": eval_loss,
+            "params": engine.full_state_dict()}
+
+
+def main(out: str, args: list[str]) -> None:
+    env = RankEnv.from_env()
+    device = torch.device("cpu")
+    init_distributed(env, device)
+    if args[:1] == ["--cases"]:
+        results = {}
+        for name, overrides in json.loads(Path(args[1]).read_text()).items():
+            try:
+                results[name] = run_case(env, device, overrides)
+            except Exception:  # noqa: BLE001 - recorded for the test of this case; the next case still runs
+                results[name] = {"error": traceback.format_exc()}
+            gc.collect()
+    else:
+        results = run_case(env, device, args)
     if env.rank == 0:
-        torch.save({"losses": losses, "grad_norms": norms, "lrs": lrs, "eval_loss": eval_loss, "params": params},
-                   out)
+        torch.save(results, out)
     shutdown_distributed()
     sys.stdout.flush()
     # ZeRO-3 can abort in interpreter teardown after finishing (ENV-NOTES); the results are already written.

@@ -93,4 +93,5 @@ def test_the_model_imports_no_parallel_technique():
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     assert "torch" in imported
-    assert not {name for name in imported if name and name.startswith("parallel")}
+    # parallel.rope is model code (the rotary embedding and its scalings), not a technique
+    assert not {name for name in imported if name and name.startswith("parallel")} - {"parallel.rope"}
