@@ -85,7 +85,8 @@ def check_same_model(saved_spec: str, spec: JobSpec) -> None:
     saved = document.get("model") if isinstance(document, dict) else None
     if not isinstance(saved, dict):
         raise CheckpointError(f"{saved_spec}: expected a job spec with a `model` section")
-    current = dataclasses.asdict(spec.model)
+    # model.family and model.size only name the preset the values came from: the values themselves are compared.
+    current = {k: v for k, v in dataclasses.asdict(spec.model).items() if k not in ("family", "size")}
     changed = [f"model.{k}: {saved.get(k)!r} in the checkpoint, {v!r} now" for k, v in current.items()
                if saved.get(k) != v]
     if changed:

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from orchestrator.cli import main
-from orchestrator.errors import SpecError
+from orchestrator.errors import CheckpointError, SpecError
 from orchestrator.presets import FAMILIES, SIZES
 from orchestrator.spec import spec_to_yaml
 from orchestrator.validate import parse_spec, spec_to_dict
@@ -208,3 +208,15 @@ def test_a_presets_vocabulary_smaller_than_the_tokenizer_says_how_to_size_it_fro
         "vocabulary: set model.vocab_size to null to size it from the shards' tokenizer instead"]
     raw["model"]["vocab_size"] = None
     assert parse_spec(raw).model.vocab_size == 51200  # the tokenizer's, padded to 1024
+
+
+def test_a_checkpoint_of_a_preset_resumes_under_the_same_values_written_out(tmp_path):
+    from parallel.restore import check_same_model
+
+    saved = parse_spec({"model": {"family": "qwen3", "size": "0.6b"}})
+    path = tmp_path / "spec.yaml"
+    path.write_text(spec_to_yaml(saved))
+    written_out = {k: v for k, v in spec_to_dict(saved)["model"].items() if k not in ("family", "size")}
+    check_same_model(str(path), parse_spec({"model": written_out}))
+    with pytest.raises(CheckpointError, match=r"model.n_layers: 28 in the checkpoint, 14 now"):
+        check_same_model(str(path), parse_spec({"model": {"family": "qwen3", "size": "0.6b", "n_layers": 14}}))
