@@ -38,17 +38,9 @@ class MinHasher:
 
         A document shorter than `ngram` words contributes one shingle of all its words; one with no word gives none.
         """
-        encoded = [t.lower().encode("utf-8", "surrogatepass") for t in texts]
-        b = np.frombuffer(b"\n".join(encoded), dtype=np.uint8)
-        lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
-        doc_starts = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]])
-        word = _WORD_BYTE[b]
-        edges = np.diff(np.concatenate([[False], word, [False]]).astype(np.int8))
-        starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-        if not len(starts):
-            return np.zeros(0, np.uint64), np.zeros(0, np.int64)
-        words = splitmix64(_word_hashes(b, word, starts, ends))
-        owner = np.searchsorted(doc_starts, starts, side="right") - 1
+        words, owner = word_hashes(texts)
+        if not len(words):
+            return words, owner
         return self._ngrams(words, owner)
 
     def _ngrams(self, words: np.ndarray, owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -119,6 +111,21 @@ class MinHasher:
                     h = splitmix64(h ^ value.astype(np.uint64))
                 keys[:, band] = h
         return keys
+
+
+def word_hashes(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(hash uint64, owning document index) of every word of the texts, in order: the words of the module
+    docstring, hashed from their bytes, so equal on every worker."""
+    encoded = [t.lower().encode("utf-8", "surrogatepass") for t in texts]
+    b = np.frombuffer(b"\n".join(encoded), dtype=np.uint8)
+    lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
+    doc_starts = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]])
+    word = _WORD_BYTE[b]
+    edges = np.diff(np.concatenate([[False], word, [False]]).astype(np.int8))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    if not len(starts):
+        return np.zeros(0, np.uint64), np.zeros(0, np.int64)
+    return splitmix64(_word_hashes(b, word, starts, ends)), np.searchsorted(doc_starts, starts, side="right") - 1
 
 
 def _word_hashes(b: np.ndarray, word: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:

@@ -1,15 +1,15 @@
 """Decontamination: a document sharing a word n-gram with an evaluation item is removed, or the shared spans cut.
 
 The test of GPT-3 (Brown et al. 2020, appendix C) and its successors: 13-grams of lower-cased words, punctuation
-ignored. A word is a run of `\\w` characters, lower-cased, in items and documents alike. An item of at least `ngram`
+ignored. Words are those of near-duplicate detection (`dataprep.dedup.minhash`): the text lower-cased, split at
+ASCII whitespace and punctuation, in items and documents alike. An item of at least `ngram`
 words contributes each of its n-grams; an item shorter than that but of at least `min_item_words` words is matched
 whole (a short question or answer is contamination only if it appears entire); shorter items are ignored, since a
 three-word item would match half the corpus. Twelve shared words of a 13-gram are a near miss and keep the document.
 
-Matching runs over a whole batch at once: words are hashed (Python's `hash`, salted per process, so the index is
-built in the process that uses it), word n-grams combined into 64-bit ids by the rolling product of
-`gopher_repetition` and looked up in the items' sorted ids. Every hit is then confirmed on the words themselves, so
-a hash collision never removes a document and no verdict depends on the salt.
+Matching runs over a whole batch at once: words are hashed from their bytes as one numpy array (MinHash's word
+hashes), word n-grams combined into 64-bit ids by a rolling product and looked up in the items' ids. Every hit is
+then confirmed on the words themselves, so a hash collision never removes a document.
 
 A document holding n-grams of several sets is removed for the first set listed (`decontamination_<set>`); with
 `action: mask` each maximal span of overlapping n-grams is cut (replaced by `mask_replacement`) and the document
@@ -19,45 +19,37 @@ counts once per set it touched (`decontamination_masked_<set>`).
 from __future__ import annotations
 
 import functools
-import itertools
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from dataprep.dedup.minhash import word_hashes
 from dataprep.filters.base import BaseFilter, Edit, Verdict
 from dataprep.filters.eval_sets import read_eval_sets
 from dataprep.hashing import GOLDEN_GAMMA
 
-_WORD = re.compile(r"\w+")
+_WORD = re.compile(r"[^ \t\n\r\x0b\x0c!-/:-@\[-`{-~]+")  # a run of what `minhash._WORD_BYTE` calls word bytes
 _MIX = GOLDEN_GAMMA
+_BITMAP_BITS = 23  # 8 MB: with 10^5 item n-grams, about 1% of a document's n-grams reach the binary search
 
 
 def words_of(text: str) -> list[str]:
-    """The normalized word tokens that n-grams are made of: each `\\w` run, lower-cased (one word per run even
-    where lower-casing changes a character's length, so word i is the i-th run of the text)."""
-    return list(map(str.lower, _WORD.findall(text)))
-
-
-def _ids(words: list[str]) -> np.ndarray:
-    return np.fromiter(map(hash, words), dtype=np.int64, count=len(words)).view(np.uint64)
-
-
-def _grams(ids: np.ndarray, length: int) -> np.ndarray:
-    """The id of every run of `length` consecutive words."""
-    grams = ids.copy()
-    for k in range(1, length):
-        grams = grams[:-1] * _MIX + ids[k:]
-    return grams
+    """The words of the text as `word_hashes` sees them. Lower-casing keeps a word a word and punctuation
+    punctuation, so word i is also the i-th run of `_WORD` in the text as written (where masks are cut)."""
+    return _WORD.findall(text.lower())
 
 
 @dataclass
 class EvalIndex:
-    """The items' n-grams: per length, sorted ids and, for confirming hits, each word tuple's first set."""
+    """The items' n-grams: per length, sorted ids; a bitmap of their top bits, so that a document's n-gram costs
+    one lookup unless its bit is set (binary search in the sorted ids takes ~17 scattered reads); and, for
+    confirming hits, each word tuple's first set."""
 
     names: list[str]
     ids: dict[int, np.ndarray] = field(default_factory=dict)
+    bitmap: np.ndarray = field(default_factory=lambda: np.zeros(1 << _BITMAP_BITS, bool))
     owner: dict[tuple[str, ...], int] = field(default_factory=dict)
     summary: dict[str, dict] = field(default_factory=dict)  # per set: items matched by n-grams, whole, ignored
 
@@ -69,18 +61,23 @@ def build_index(files: tuple[str, ...], fields: tuple[str, ...], ngram: int, min
     by_length: dict[int, list[np.ndarray]] = {}
     for number, eval_set in enumerate(sets):
         counts = {"file": eval_set.path, "items": len(eval_set.items), "by_ngrams": 0, "whole": 0, "ignored": 0}
-        for item in eval_set.items:
-            words = words_of(item)
+        ids, owner = word_hashes(eval_set.items)
+        starts = np.searchsorted(owner, np.arange(len(eval_set.items) + 1))
+        for item, text in enumerate(eval_set.items):
+            words = words_of(text)
             length = min(len(words), ngram)
             if length < min_item_words:
                 counts["ignored"] += 1
                 continue
             counts["by_ngrams" if length == ngram else "whole"] += 1
-            by_length.setdefault(length, []).append(_grams(_ids(words), length))
+            for grams in _rolled(ids[starts[item]:starts[item + 1]], (length,)):
+                by_length.setdefault(length, []).append(grams[1])
             for start in range(len(words) - length + 1):
                 index.owner.setdefault(tuple(words[start:start + length]), number)
         index.summary[eval_set.name] = counts
     index.ids = {length: np.unique(np.concatenate(parts)) for length, parts in by_length.items()}
+    for ids in index.ids.values():
+        index.bitmap[ids >> np.uint64(64 - _BITMAP_BITS)] = True
     return index
 
 
@@ -101,8 +98,7 @@ class DecontaminationFilter(BaseFilter):
 
     def apply(self, texts: Sequence[str]) -> list[Verdict]:
         index = self.index
-        words = [words_of(t) for t in texts]
-        hits = _confirmed_hits(index, words)
+        hits = _confirmed_hits(index, texts)
         verdicts: list[Verdict] = [None] * len(texts)
         for doc, found in hits.items():
             if self.action == "remove":
@@ -134,27 +130,39 @@ class DecontaminationFilter(BaseFilter):
         return "".join(pieces)
 
 
-def _confirmed_hits(index: EvalIndex, words: list[list[str]]) -> dict[int, list[tuple[int, int, int]]]:
-    """Per document with a hit: (first word, length, set) of each n-gram it shares with an item."""
-    counts = np.fromiter(map(len, words), np.int64, len(words))
-    flat = list(itertools.chain.from_iterable(words))
-    if not flat or not index.ids:
-        return {}
-    ids = _ids(flat)
-    doc = np.repeat(np.arange(len(words)), counts)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    hits: dict[int, list[tuple[int, int, int]]] = {}
+def _rolled(ids: np.ndarray, lengths: Sequence[int]) -> Iterator[tuple[int, np.ndarray]]:
+    """(length, id of every run of `length` consecutive words) for each of the lengths, shortest first; the
+    n-grams of one more word are computed in place from those of one fewer."""
     grams = ids.copy()
-    for length in range(1, max(index.ids) + 1):
+    for length in range(1, max(lengths) + 1):
         if length > 1:
-            grams = grams[:-1] * _MIX + ids[length - 1:]
-        if length not in index.ids:
-            continue
+            grams = grams[:-1]
+            np.multiply(grams, _MIX, out=grams)
+            np.add(grams, ids[length - 1:], out=grams)
+        if length in lengths:
+            yield length, grams
+
+
+def _confirmed_hits(index: EvalIndex, texts: Sequence[str]) -> dict[int, list[tuple[int, int, int]]]:
+    """Per document with a hit: (first word, length, set) of each n-gram it shares with an item."""
+    ids, doc = word_hashes(texts)
+    if not len(ids) or not index.ids:
+        return {}
+    starts = np.searchsorted(doc, np.arange(len(texts)))
+    candidates: dict[int, list[tuple[int, int]]] = {}
+    for length, grams in _rolled(ids, tuple(index.ids)):
         table = index.ids[length]
-        where = np.minimum(np.searchsorted(table, grams), len(table) - 1)
-        for at in np.flatnonzero((table[where] == grams) & (doc[: len(grams)] == doc[length - 1:])):
-            owner = index.owner.get(tuple(flat[at: at + length]))
+        at = np.flatnonzero(index.bitmap[grams >> np.uint64(64 - _BITMAP_BITS)])
+        at = at[doc[at] == doc[at + length - 1]]
+        found = at[table[np.minimum(np.searchsorted(table, grams[at]), len(table) - 1)] == grams[at]]
+        for position in found:
+            d = int(doc[position])
+            candidates.setdefault(d, []).append((int(position - starts[d]), length))
+    hits: dict[int, list[tuple[int, int, int]]] = {}
+    for d, found_in_doc in candidates.items():
+        words = words_of(texts[d])
+        for start, length in found_in_doc:
+            owner = index.owner.get(tuple(words[start:start + length]))
             if owner is not None:
-                d = int(doc[at])
-                hits.setdefault(d, []).append((int(at - starts[d]), length, owner))
+                hits.setdefault(d, []).append((start, length, owner))
     return hits
