@@ -27,7 +27,7 @@ import numpy as np
 
 from dataprep.dedup.minhash import word_hashes
 from dataprep.filters.base import BaseFilter, Edit, Verdict
-from dataprep.filters.eval_sets import read_eval_sets
+from dataprep.filters.eval_sets import file_stamps, read_eval_sets
 from dataprep.hashing import GOLDEN_GAMMA
 
 _WORD = re.compile(r"[^ \t\n\r\x0b\x0c!-/:-@\[-`{-~]+")  # a run of what `minhash._WORD_BYTE` calls word bytes
@@ -54,8 +54,14 @@ class EvalIndex:
     summary: dict[str, dict] = field(default_factory=dict)  # per set: items matched by n-grams, whole, ignored
 
 
-@functools.lru_cache(maxsize=4)
 def build_index(files: tuple[str, ...], fields: tuple[str, ...], ngram: int, min_item_words: int) -> EvalIndex:
+    """The index of the sets; built once per process while the files are unchanged (a Ray worker outlives a run)."""
+    return _build_index(files, fields, ngram, min_item_words, file_stamps(files))
+
+
+@functools.lru_cache(maxsize=4)
+def _build_index(files: tuple[str, ...], fields: tuple[str, ...], ngram: int, min_item_words: int,
+                 stamps: tuple) -> EvalIndex:
     sets = read_eval_sets(files, fields)
     index = EvalIndex([s.name for s in sets])
     by_length: dict[int, list[np.ndarray]] = {}

@@ -42,6 +42,11 @@ def set_name(path: str) -> str:
 
 def read_eval_sets(files: tuple[str, ...], fields: tuple[str, ...]) -> list[EvalSet]:
     """The sets in the order listed; read once per process while the files are unchanged."""
+    return _read_all(files, fields, file_stamps(files))
+
+
+def file_stamps(files: tuple[str, ...]) -> tuple[tuple[int, int], ...]:
+    """(modification time, size) of each file: what a cache of their contents is keyed by."""
     stamps = []
     for path in files:
         try:
@@ -49,7 +54,7 @@ def read_eval_sets(files: tuple[str, ...], fields: tuple[str, ...]) -> list[Eval
         except OSError as e:
             raise EvalSetError(f"{path}: {_reason(e)}") from None
         stamps.append((stat.st_mtime_ns, stat.st_size))
-    return _read_all(files, fields, tuple(stamps))
+    return tuple(stamps)
 
 
 @functools.lru_cache(maxsize=8)

@@ -146,3 +146,14 @@ def test_cli_exits_2_on_a_missing_eval_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"filters.decontamination.eval_files: {tmp_path}/evals/missing.jsonl: no such file" in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.work").exists()
+
+
+def test_a_changed_eval_file_is_read_again(tmp_path):
+    """Ray workers outlive a run: the index of an evaluation file follows its content."""
+    path = tmp_path / "qa.txt"
+    doc = "the answer is forty two and that is all there is to say about it"
+    path.write_text("an item of other words, none of them in the document\n")  # and of another size
+    f = DecontaminationFilter(eval_files=(str(path),))
+    assert f.apply([doc]) == [None]
+    path.write_text(doc + " today\n")
+    assert f.apply([doc]) == ["decontamination_qa"]
