@@ -45,7 +45,7 @@ _EXAMPLE_DOMAINS = ("example.com", "example.org", "example.net")
 _EXAMPLE_TLDS = (".example", ".test", ".invalid", ".localhost")
 
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
-_IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?![\w]|\.\d)")
+_IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?![\w]|\.\d)", re.ASCII)
 _VERSION_BEFORE = re.compile(r"(?:\b(?:version|versions|release|rev|ver)\.?|\bv\.)\s*$", re.IGNORECASE)
 _HEX = r"[0-9A-Fa-f]{1,4}"
 _IPV6 = re.compile(rf"(?<![\w:.])(?:{_HEX}(?::{_HEX}){{7}}"
@@ -54,6 +54,7 @@ _IPV6 = re.compile(rf"(?<![\w:.])(?:{_HEX}(?::{_HEX}){{7}}"
 # engine finds at memchr speed; the address pattern then runs only on the words around them.
 _IPV6_ANCHOR = re.compile(rf"::|:{_HEX}:{_HEX}:")
 _EMAIL_ANCHOR = re.compile("@")
+# The digit kinds' patterns are ASCII: `\d` is 0-9, as the Luhn check and the octets' ranges read them.
 # Every card, phone or IPv4 candidate lies in a run of these characters of at least 7 (1.1.1.1): the digit kinds'
 # patterns run only inside such runs, found in one scan that skips everything else at C speed.
 _DIGIT_RUN = re.compile(r"[0-9][0-9 ().+-]{5,}[0-9]")
@@ -63,10 +64,10 @@ _PHONE = re.compile(
     r"(?<![\w+.-])(?:"
     r"\+\d{1,3}(?:[ .-]?\(\d{1,4}\)|[ .-]?\d{1,4}){2,6}"  # +44 20 7946 0958, +1 (415) 555-0132
     r"|(?:1-)?(?:\([2-9]\d\d\) ?[2-9]\d\d-\d{4}|[2-9]\d\d-[2-9]\d\d-\d{4}|[2-9]\d\d\.[2-9]\d\d\.\d{4})"
-    r")(?![\w-]|[.,]\d)")
+    r")(?![\w-]|[.,]\d)", re.ASCII)
 
 _CARD = re.compile(r"(?<![\w.+-])(?:\d{4}([ -]?)\d{4}\1\d{4}\1\d{1,4}(?:\1\d{3})?|\d{4}([ -]?)\d{6}\2\d{4,5})"
-                   r"(?![\w-]|[.,]\d)")
+                   r"(?![\w-]|[.,]\d)", re.ASCII)
 # (first digits, lowest, highest, lengths issued); prefixes compare as integers of the same number of digits
 _CARD_BRANDS = (
     (1, 4, 4, (13, 16, 19)),  # Visa
