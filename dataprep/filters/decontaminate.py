@@ -76,8 +76,8 @@ def _build_index(files: tuple[str, ...], fields: tuple[str, ...], ngram: int, mi
                 counts["ignored"] += 1
                 continue
             counts["by_ngrams" if length == ngram else "whole"] += 1
-            for grams in _rolled(ids[starts[item]:starts[item + 1]], (length,)):
-                by_length.setdefault(length, []).append(grams[1])
+            for _, grams in _rolled(ids[starts[item]:starts[item + 1]], (length,)):
+                by_length.setdefault(length, []).append(grams)
             for start in range(len(words) - length + 1):
                 index.owner.setdefault(tuple(words[start:start + length]), number)
         index.summary[eval_set.name] = counts

@@ -7,9 +7,11 @@ import gzip
 import json
 import re
 
+import numpy as np
 import pytest
 
 from dataprep.config import DecontaminationConfig, parse_prep_config
+from dataprep.dedup.minhash import word_hashes
 from dataprep.filters import filter_for
 from dataprep.filters.decontaminate import DecontaminationFilter, words_of
 from dataprep.normalize import normalize_text
@@ -60,6 +62,17 @@ def test_a_shared_13_gram_removes_and_12_shared_words_keep(sample_corpora, eval_
     assert verdicts == ["decontamination_qa_val", "decontamination_lines", None, None, "decontamination_qa_val",
                         *[None] * len(docs[5:])]
     assert _filter(root, ngram=12).apply(planted)[2:4] == ["decontamination_qa_val", "decontamination_lines"]
+
+
+def test_the_hashed_words_are_the_words(sample_corpora):
+    """Hits are found on `word_hashes` and confirmed and cut on `words_of`: both must see the same words, in code
+    and in text with accents, apostrophes and non-Latin scripts."""
+    texts = [t for name in ("django_code", "wiki_vital_fr", "shakespeare_milton", "fortunes")
+             for t in _texts(sample_corpora, name, 40)]
+    texts += ["İstanbul ΣΊΣΥΦΟΣ straße", "snake_case, x1y2 -- ‘quoted’ “words” e.g. 1.5e-3\x1c!"]
+    ids, owner = word_hashes(texts)
+    assert np.bincount(owner, minlength=len(texts)).tolist() == [len(words_of(t)) for t in texts]
+    assert ids.tolist() == word_hashes([" ".join(words_of(t)) for t in texts])[0].tolist()
 
 
 def test_masking_cuts_exactly_the_shared_spans(sample_corpora, eval_sets):
