@@ -233,12 +233,13 @@ class NativeEngine:
         if self._pending_save is None:
             return []
         (directory, future), self._pending_save = self._pending_save, None
-        metadata = future.result()
+        future.result()
         dcp_dir = os.path.join(directory, DCP_DIR)
-        mine = {info.relative_path for info in metadata.storage_data.values()
-                if info.relative_path.startswith(f"__{self.dims.rank}_")}
+        # Read from the directory, not from the returned metadata: torch 2.11 returns it without storage_data.
+        names = os.listdir(dcp_dir)
+        mine = {n for n in names if n.startswith(f"__{self.dims.rank}_")}
         if self.dims.rank == 0:
-            mine |= {n for n in os.listdir(dcp_dir) if not n.startswith("__")}
+            mine |= {n for n in names if not n.startswith("__")}
         files = [os.path.join(dcp_dir, n) for n in sorted(mine)]
         return files + ([os.path.join(directory, ENGINE_STATE)] if self.dims.rank == 0 else [])
 
