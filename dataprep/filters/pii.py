@@ -15,7 +15,8 @@ compiled pattern followed by a check of what it found, and a kind runs only on t
   (`ipaddress.is_global`): 127.0.0.1, 10.x, 192.168.x and the documentation ranges are no one's address.
 - IPv6: a valid address (`ipaddress`) with at least three groups written out, so `1::2` (a slice) and `::1` are
   kept; the same public-only rule.
-- phone: with a `+` country code, 8 to 15 digits in groups separated by one space, dot or hyphen (E.164);
+- phone: with a `+` country code, 8 to 15 digits in groups separated by one space, dot or hyphen (E.164), or 11
+  to 15 digits without separators (+14155550132; +32768000 is a signed number in a man page);
   without one, only the North American forms (415) 555-0132, 415-555-0132 and 415.555.0132 (area and exchange
   codes start with 2-9), optionally after `1-`. Dates (2024-01-15), ISBNs (978-0-306-40615-7), ranges and bare
   digit runs do not have these shapes; other countries' national formats without `+` are not recognised.
@@ -106,8 +107,12 @@ def _is_email(match: re.Match) -> bool:
 
 
 def _phone_digits_ok(match: re.Match) -> bool:
+    """E.164 numbers have at most 15 digits; written without separators they need 11 (a country code and a full
+    national number), since man pages and code write signed values like +32768000."""
     text = match.group()
-    return not text.startswith("+") or 8 <= sum(c.isdigit() for c in text) <= 15
+    if not text.startswith("+"):
+        return True
+    return (11 if text[1:].isdigit() else 8) <= sum(c.isdigit() for c in text) <= 15
 
 
 @dataclass(frozen=True, kw_only=True)
