@@ -96,6 +96,10 @@ def format_table(report: dict) -> str:
     lines.append("removed: " + ", ".join(f"{r} {n:,}" for r, n in t["removed"].items()))
     if t["edits"]:
         lines.append("edited: " + ", ".join(f"{e} {n:,}" for e, n in t["edits"].items()))
+    if report["decontamination"]:
+        lines.append("decontamination: " + "; ".join(
+            f"{name} ({s['items']:,} items, {s['ignored']:,} too short) removed {s['documents_removed']:,}, "
+            f"masked {s['documents_masked']:,}" for name, s in report["decontamination"].items()))
     d = report["dedup"]
     lines.append(f"dedup: {d.get('exact_removed', 0):,} exact, {d.get('near_removed', 0):,} near; "
                  f"cluster sizes {d.get('clusters', {})}")

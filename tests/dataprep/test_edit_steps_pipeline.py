@@ -17,6 +17,7 @@ from dataprep.filters.decontaminate import words_of
 from dataprep.filters.pii import PiiFilter
 from dataprep.ingest import IngestStage
 from dataprep.pipeline import run_prep
+from dataprep.report import format_table
 from dataprep.shards import read_manifest
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("dataprep_ray")]
@@ -97,6 +98,9 @@ def test_counts_reach_the_report_and_documents_add_up(corpus, ray_session):
                                                "documents_masked": 0}
     assert report["totals"]["edits"] == {"pii_documents": 2, "pii_email": 2, "pii_ip": 1, "pii_phone": 1}
     assert report["sources"]["code"]["edits"] == {"pii_documents": 1, "pii_email": 1, "pii_ip": 1}
+    table = format_table(report)
+    assert "decontamination: qa (5 items, 0 too short) removed 3, masked 0" in table
+    assert "edited: pii_documents 2, pii_email 2, pii_ip 1, pii_phone 1" in table
     assert report["conservation"]["ok"]
     for name, s in report["sources"].items():
         assert s["docs_in"] == s["docs_kept"] + sum(s["removed"].values()), name
