@@ -7,10 +7,10 @@ user of transformers has it, and transformers' model is the reference throughout
 repository's own English text with the model's own tokenizer, `pretrain import` starts a run from the directory,
 `pretrain train` continues it for three steps in one process (DeepSpeed, fp32) and `pretrain export` writes it back.
 
-What was seen (transformers 5.24, gguf 0.19): the run's first loss 3.25 on Wikipedia leads, against ln(49,152) =
-10.80 for a model that knows nothing, and transformers' loss on the same batch equal to it within 1e-6; validation
-loss 2.79 after the third step. The assertions hold relations (our loss is transformers', far below ln(vocab)), not
-these numbers.
+What was seen (transformers 5.24, gguf 0.19): the run's first loss 3.2481 on Wikipedia leads, against ln(49,152) =
+10.80 for a model that knows nothing, and transformers' loss on the same batch the same float (logits too); the
+validation loss 2.94 before training and 2.79 after the third step, transformers' on the export the same float.
+The assertions hold relations (our loss is transformers' within 1e-4, far below ln(vocab)), not these numbers.
 """
 
 from __future__ import annotations
@@ -88,9 +88,8 @@ def published(tmp_path_factory) -> Published:
         # the weights are float32 already; what is dropped is only the marker that stops save_pretrained
         reference.hf_quantizer.remove_quantization_config(reference)
         reference.save_pretrained(root / "hf")
-        output, _ = prep.communicate(timeout=300)
     finally:
-        prep.kill()
+        output, _ = prep.communicate(timeout=300)  # waited for, not killed: its local Ray stops with it
     assert prep.returncode == 0, output[-5000:]
     return Published(root / "hf", shards, reference.eval(), tokenizer)
 
@@ -163,5 +162,6 @@ def test_export_gives_the_runs_validation_loss(published: Published, imported: I
     assert (tokenizer.bos_token, tokenizer.eos_token) == (published.tokenizer.bos_token, published.tokenizer.eos_token)
     assert tokenizer.chat_template == published.tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
     chat = [{"role": "user", "content": "What is the capital of France?"}]
-    assert tokenizer.apply_chat_template(chat, tokenize=False) == \
-        published.tokenizer.apply_chat_template(chat, tokenize=False)
+    text = tokenizer.apply_chat_template(chat, tokenize=False)
+    assert text == published.tokenizer.apply_chat_template(chat, tokenize=False)
+    assert tokenizer.encode(text) == published.tokenizer.encode(text)
