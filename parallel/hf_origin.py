@@ -27,8 +27,8 @@ ORIGIN_DIR = "hf_origin"
 
 def saved_origin(step_dir: str) -> str | None:
     """The identity kept in checkpoint `step_dir` (a directory of IDENTITY_FILES), or None for a run that was not
-    started from a Hugging Face model."""
-    path = os.path.join(step_dir, ORIGIN_DIR)
+    started from a Hugging Face model. Absolute: export hands it to rank processes started in another directory."""
+    path = os.path.abspath(os.path.join(step_dir, ORIGIN_DIR))
     return path if os.path.isfile(os.path.join(path, CONFIG)) else None
 
 

@@ -307,7 +307,8 @@ def test_an_imported_model_exports_with_its_own_identity_after_training(tmp_path
     assert "hf_origin/tokenizer.json" in (ckpt / "step_1" / "manifest.json").read_text()
 
     moved = Path(shutil.move(origin, tmp_path / "moved"))  # the identity travels in the checkpoint, not by path
-    assert pretrain(["export", str(ckpt), str(tmp_path / "out")]) == 0
+    monkeypatch.chdir(tmp_path)  # relative paths, as a user types them
+    assert pretrain(["export", "ckpt", "out"]) == 0
     out = tmp_path / "out"
     config = json.loads((out / "config.json").read_text())
     assert (config["model_type"], config["max_position_embeddings"]) == ("qwen2", 8192)
