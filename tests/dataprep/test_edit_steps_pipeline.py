@@ -1,5 +1,6 @@
 """PII redaction and decontamination through the real prep pipeline on a tiny real corpus with planted values:
-the counts reach the report, documents add up, a rerun resumes with identical shards, a changed setting re-runs."""
+the counts reach the report and the live counters, documents add up, a run from scratch writes identical shards, a
+rerun resumes, a changed setting re-runs."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from dataprep.ingest import IngestStage
 from dataprep.pipeline import run_prep
 from dataprep.report import format_table
 from dataprep.shards import read_manifest
+from dataprep.stats import PrepStats
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("dataprep_ray")]
 
@@ -89,8 +91,10 @@ def _kept_texts(config) -> list[str]:
 
 def test_counts_reach_the_report_and_documents_add_up(corpus, ray_session):
     root, near_miss = corpus
-    config = load_prep_config(root / "prep.yaml")
-    report = run_prep(config, progress=False)
+    config, stats = load_prep_config(root / "prep.yaml"), PrepStats()
+    report = run_prep(config, stats=stats, progress=False)
+    live = stats.snapshot()["counters"]
+    assert live["pii_email"] == 2 and live["removed_decontamination_qa"] == 3, "the live counters carry them too"
     removed = {n: s["removed"].get("decontamination_qa", 0) for n, s in report["sources"].items()}
     assert removed == {"prose": 2, "code": 1}
     assert report["decontamination"]["qa"] == {"file": str(root / "qa.jsonl"), "items": 5, "by_ngrams": 5,
@@ -110,12 +114,14 @@ def test_counts_reach_the_report_and_documents_add_up(corpus, ray_session):
     assert f"NEARMISS {near_miss} NEARMISS" in kept, "12 shared words keep the document"
 
     manifest = read_manifest(config.output)
+    fresh = run_prep(load_prep_config(root / "prep.yaml", [f"output={root}/again/shards"]), progress=False)
+    assert read_manifest(f"{root}/again/shards") == manifest, "a run from scratch writes byte-identical shards"
+    assert fresh["totals"] == report["totals"] and fresh["decontamination"] == report["decontamination"]
     ingest = glob.glob(os.path.join(config.work, "ingest-*"))
     before = {p: os.stat(p).st_mtime_ns for p in glob.glob(os.path.join(ingest[0], "*"))}
-    again = run_prep(load_prep_config(root / "prep.yaml"), progress=False)
-    assert read_manifest(config.output) == manifest, "a rerun writes byte-identical shards"
-    assert {p: os.stat(p).st_mtime_ns for p in glob.glob(os.path.join(ingest[0], "*"))} == before
-    assert again["totals"] == report["totals"] and again["decontamination"] == report["decontamination"]
+    run_prep(load_prep_config(root / "prep.yaml"), progress=False)
+    assert {p: os.stat(p).st_mtime_ns for p in glob.glob(os.path.join(ingest[0], "*"))} == before, "resumed"
+    assert read_manifest(config.output) == manifest
 
 
 def test_changed_settings_and_eval_files_key_a_new_ingest(corpus):

@@ -8,10 +8,11 @@ import json
 
 import pytest
 
-from dataprep.config import PiiConfig
+from dataprep.config import PiiConfig, parse_prep_config
 from dataprep.filters import filter_for
 from dataprep.filters.pii import PiiFilter, luhn_valid
 from dataprep.normalize import normalize_text
+from orchestrator.errors import SpecError
 
 # Published test numbers of the card brands (valid check digits), and the same with the last digit changed.
 CARDS = ["4111 1111 1111 1111", "5555-5555-5555-4444", "378282246310005", "6011111111111117", "3530111333300000"]
@@ -128,3 +129,12 @@ def test_real_documentation_keeps_section_numbers_and_loopback(sample_corpora):
         assert ("@" in value) if kind == "email" else any(len(octet) == 3 for octet in value.split("."))
     sections = sum(text.count("Section 24.2.2") for text in texts)
     assert sections and sum(str(f.check(t) or t).count("Section 24.2.2") for t in texts) == sections
+
+
+def test_bad_settings_name_their_field(tmp_path):
+    raw = {"output": str(tmp_path / "out"), "sources": {"s": {"path": str(tmp_path)}},
+           "filters": {"pii": {"emails": "sometimes", "card_replacement": "#" * 101}}}
+    expected = (r"prep\.yaml: 2 problems\n  filters\.pii\.emails: got 'sometimes', expected true or false\n"
+                r"  filters\.pii\.card_replacement: 101 characters; at most 100")
+    with pytest.raises(SpecError, match=expected):
+        parse_prep_config(raw, source="prep.yaml")
