@@ -31,7 +31,7 @@ class SamplingConfig:
     top_p: float = 1.0  # 1: no limit
     repetition_penalty: float = 1.0  # 1: none; > 1 discourages tokens already in the row (CTRL's rule)
     seed: int = 0
-    eos_id: int | None = None  # a row stops after producing it
+    eos_ids: tuple[int, ...] = ()  # a row stops after producing any of them (Llama 3 instruct lists three)
 
     def check(self) -> None:
         """Every bad value at once, named by its command-line flag."""
@@ -143,8 +143,8 @@ def generate(model: Transformer, prompts: list[list[int]], config: SamplingConfi
         tokens[:, prompt_len + steps - 1] = chosen
         produced += (~done).long()
         seen[torch.arange(batch, device=device), chosen] |= ~done
-        if config.eos_id is not None:
-            done |= chosen == config.eos_id
+        if config.eos_ids:
+            done |= torch.isin(chosen, torch.tensor(config.eos_ids, device=device))
             if bool(done.all()):
                 break
         if steps < config.max_new_tokens:

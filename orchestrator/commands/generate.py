@@ -73,10 +73,10 @@ def _generate(hf_dir: str, args: argparse.Namespace, config) -> int:
         raise UserError(f"{path}: missing; generation needs the model's tokenizer")
     tokenizer = Tokenizer.from_file(path)
     eos = read_hf_config(hf_dir).get("eos_token_id")
-    eos = eos[0] if isinstance(eos, list) and eos else eos
+    eos = tuple(eos) if isinstance(eos, list) else () if eos is None else (eos,)
     model = load_hf_model(hf_dir, pick_device(args.device))
     prompts = [tokenizer.encode(p, add_special_tokens=False).ids for p in args.prompt]
-    result = generate(model, prompts, dataclasses.replace(config, eos_id=eos), use_cache=not args.no_cache)
+    result = generate(model, prompts, dataclasses.replace(config, eos_ids=eos), use_cache=not args.no_cache)
     for i, (prompt, tokens) in enumerate(zip(args.prompt, result.tokens, strict=True), 1):
         print(f"[{i}] {prompt}{tokenizer.decode(tokens, skip_special_tokens=False)}")
     cache = "without a KV cache" if args.no_cache else "KV cache"
