@@ -2,8 +2,10 @@
 
 Everything that needs a document's full text happens in this one pass, so the text is read and decoded once:
 the exact-dedup hash and the MinHash band keys are taken from the normalized text, and the quality verdict is
-computed now but applied after dedup (the order of the design: dedup, then filters). Output parts are Parquet
-files of at most `part_bytes` of text holding one row per readable document; bad records are only counted.
+computed now but applied after dedup (the order of the design: dedup, then filters). Edits (C4's line cleanup,
+PII redaction, decontamination masks) change the text stored here, and their counts add up per file (`edits`).
+Output parts are Parquet files of at most `part_bytes` of text holding one row per readable document; bad records
+are only counted.
 A large plain JSONL or Parquet file is read as several spans by separate tasks (`readers.split_file`); each span
 numbers its records from the file's own record index, so keys, ids and reported lines do not depend on the split,
 and `merge_span_stats` folds the spans' counters back into the file's.
