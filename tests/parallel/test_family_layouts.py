@@ -15,6 +15,12 @@ Adam's first, normalised update, and with a near-zero gradient element the round
 order (sequence-parallel reduce-scatter) moved one embedding element by 2e-5 at 1e-6.
 
 The native engine refuses tied embeddings with pp > 1 at validation, so the Gemma-like model runs untied there.
+
+In one process: each model's blocks compile whole under checkpointing and train as eager ones; selective
+checkpointing recognises biased projections and soft-capped attention (from the FLOPs it recomputes); and a tp=1
+DeepSpeed checkpoint's universal-conversion info splits what tp=2 splits. The engines with parallel.compile=true
+(inductor) are left out of the suite, 3 minutes for the DeepSpeed layouts alone on 2 cores: run once, every layout
+matched the reference as above, but native tp2, whose compiled backward fails on CPU torch 2.13 for every model.
 """
 
 from __future__ import annotations
