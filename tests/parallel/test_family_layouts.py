@@ -5,10 +5,11 @@ a sliding window shorter than the sequence, head_dim ≠ dim / n_heads, llama3-s
 (post-norm blocks, query/key norms over all heads) and a Gemma 2-like one (sandwich norms, GeGLU, soft-capped scores
 and logits, scaled and tied embeddings, sliding windows on every other layer, its own attention scale and head_dim).
 Each trains 3 steps under tp2 (with and without sequence parallelism), pp2 and dp2 (ZeRO-3) on the native engine
-and tp2 (sequence parallel) and pp2 on the DeepSpeed engine; activation checkpointing rotates through none, full and
-selective so that every model and every layout meets every mode. All 18 runs share one torchrun launch
-(`layout_worker.py --cases`), each held to the single-process reference with the layout tests' tolerances (1e-5
-relative on losses, 1e-5 absolute on parameters).
+and tp2 (sequence parallel) and pp2 on the DeepSpeed engine, and on four ranks dp2×tp2 and pp2×tp2 on each engine;
+activation checkpointing rotates through none, full and selective so that every model and every layout meets every
+mode. The 18 runs of two ranks share one torchrun launch (`layout_worker.py --cases`), the 12 of four another; each
+is held to the single-process reference with the layout tests' tolerances (1e-5 relative on losses, 1e-5 absolute
+on parameters).
 
 Adam's eps is 1e-5 here (1e-6 in the other layout tests): in 3 steps a token first seen in the last step gets
 Adam's first, normalised update, and with a near-zero gradient element the rounding noise of a different summation
@@ -54,24 +55,32 @@ MODELS = {
 }
 RUN = ["data.seq_len=16", "schedule.steps=3", "optim.eps=1e-5"]
 NATIVE, DEEPSPEED = "parallel.backend=native", "parallel.backend=deepspeed"
+PP2 = ["parallel.pp=2", "parallel.grad_accum=2"]
+TP2_SP = ["parallel.tp=2", "parallel.sequence_parallel=true"]
+# name → (ranks, the engine and its layout)
 LAYOUTS = {
-    "native-tp2": [NATIVE, "parallel.tp=2"],
-    "native-tp2-sp": [NATIVE, "parallel.tp=2", "parallel.sequence_parallel=true"],
-    "native-pp2": [NATIVE, "parallel.pp=2", "parallel.grad_accum=2"],
-    "native-dp2": [NATIVE, "parallel.zero_stage=3"],
-    "deepspeed-tp2-sp": [DEEPSPEED, "parallel.tp=2", "parallel.sequence_parallel=true"],
-    "deepspeed-pp2": [DEEPSPEED, "parallel.pp=2"],
+    "native-tp2": (2, [NATIVE, "parallel.tp=2"]),
+    "native-tp2-sp": (2, [NATIVE, *TP2_SP]),
+    "native-pp2": (2, [NATIVE, *PP2]),
+    "native-dp2": (2, [NATIVE, "parallel.zero_stage=3"]),
+    "deepspeed-tp2-sp": (2, [DEEPSPEED, *TP2_SP]),
+    "deepspeed-pp2": (2, [DEEPSPEED, *PP2]),
+    "native-dp2-tp2-sp": (4, [NATIVE, *TP2_SP, "parallel.zero_stage=3"]),
+    "native-pp2-tp2": (4, [NATIVE, *PP2, "parallel.tp=2"]),
+    "deepspeed-pp2-tp2-sp": (4, [DEEPSPEED, *PP2, *TP2_SP]),
+    "deepspeed-dp2-tp2": (4, [DEEPSPEED, "parallel.tp=2", "parallel.zero_stage=1"]),
 }
 AC_MODES = ("none", "full", "selective")
 
 
-def case_overrides() -> dict[str, list[str]]:
+def case_overrides() -> dict[str, tuple[int, list[str]]]:
     cases = {}
     for i, (model, switches) in enumerate(MODELS.items()):
-        for j, (layout, parallel) in enumerate(LAYOUTS.items()):
-            untie = ["model.tie_embeddings=false"] if layout == "native-pp2" and model == "gemma2" else []
+        for j, (layout, (ranks, parallel)) in enumerate(LAYOUTS.items()):
+            untie = ["model.tie_embeddings=false"] if NATIVE in parallel and PP2[0] in parallel \
+                and model == "gemma2" else []
             mode = f"parallel.activation_checkpointing={AC_MODES[(i + j) % len(AC_MODES)]}"
-            cases[f"{model}-{layout}"] = [*RUN, *switches, *untie, *parallel, mode]
+            cases[f"{model}-{layout}"] = ranks, [*RUN, *switches, *untie, *parallel, mode]
     return cases
 
 
@@ -80,10 +89,19 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("family-layouts")]
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory) -> dict[str, dict]:
-    tmp = tmp_path_factory.mktemp("family-layouts")
-    (tmp / "cases.json").write_text(json.dumps(CASES))
-    return run_layout(2, ["--cases", str(tmp / "cases.json")], tmp / "results.pt", tmp)
+def results(tmp_path_factory):
+    """ranks → {case: result}: one torchrun launch for all the cases of that many ranks, on first use."""
+    launched: dict[int, dict[str, dict]] = {}
+
+    def of(ranks: int) -> dict[str, dict]:
+        if ranks not in launched:
+            tmp = tmp_path_factory.mktemp(f"family-layouts-{ranks}")
+            mine = {name: overrides for name, (n, overrides) in CASES.items() if n == ranks}
+            (tmp / "cases.json").write_text(json.dumps(mine))
+            launched[ranks] = run_layout(ranks, ["--cases", str(tmp / "cases.json")], tmp / "results.pt", tmp)
+        return launched[ranks]
+
+    return of
 
 
 @pytest.fixture(scope="module")
@@ -92,10 +110,11 @@ def references() -> dict[tuple[str, ...], dict]:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_family_trains_under_the_layout_as_in_one_process(case: str, results: dict, references: dict) -> None:
-    got = results[case]
+def test_family_trains_under_the_layout_as_in_one_process(case: str, results, references: dict) -> None:
+    ranks, overrides = CASES[case]
+    got = results(ranks)[case]
     assert "error" not in got, got.get("error")
-    single = tuple(o for o in CASES[case] if not o.startswith("parallel."))
+    single = tuple(o for o in overrides if not o.startswith("parallel."))
     if single not in references:
         references[single] = reference_run(list(single))
     expected = references[single]
