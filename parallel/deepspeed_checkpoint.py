@@ -28,9 +28,6 @@ from parallel.engine import MakeOnce
 
 UNIVERSAL_DIR = ENGINE_DIR  # the converted engine state, in the checkpoint's cache of derived state
 _ROW_PARALLEL = re.compile(r"(^|\.)(o_proj|down_proj)\.weight$")
-# Vectors split with their projection's output features, so not replicated even where tp=1 left them whole.
-_COLUMN_VECTORS = re.compile(r"(^|\.)(q_proj|k_proj|v_proj)\.bias$")
-_QK_NORMS = re.compile(r"(^|\.)(q_norm|k_norm)\.weight$")
 
 
 def snapshot_to_host(obj: Any) -> Any:
@@ -146,8 +143,7 @@ def universal_checkpoint_info(module: torch.nn.Module) -> dict[str, Any]:
 
     A sharded weight carries `partition_dim` (0: split by output rows, 1: by input columns). A checkpoint written
     at tp=1 has no sharded weights, yet a resume at tp>1 must split the row-parallel ones (o_proj, down_proj in the
-    model's Hugging Face names) along dim 1, so those are recognised by name too; vectors (norms) are replicated,
-    except q/k/v biases and query/key norms over all heads (OLMo 2), which split with the projection's output.
+    model's Hugging Face names) along dim 1, so those are recognised by name too; vectors (norms) are replicated.
     Layer numbers become a wildcard so one pattern covers a parameter of every block.
     """
     replicated, by_columns = set(), set()
@@ -156,8 +152,6 @@ def universal_checkpoint_info(module: torch.nn.Module) -> dict[str, Any]:
         dim = getattr(param, "partition_dim", None)
         if dim is None and _ROW_PARALLEL.search(name):
             dim = 1
-        if dim is None and (_COLUMN_VECTORS.search(name) or _QK_NORMS.search(name) and _over_all_heads(module, name)):
-            dim = 0
         if dim is None and param.dim() == 1:
             replicated.add(pattern)
         elif dim == 1:
@@ -167,11 +161,6 @@ def universal_checkpoint_info(module: torch.nn.Module) -> dict[str, Any]:
         "tp_replicated_parameter_patterns": sorted(replicated),
         "parameter_with_row_parallelism_patterns": sorted(by_columns),
     }
-
-
-def _over_all_heads(module: torch.nn.Module, norm_weight: str) -> bool:
-    """Whether the query/key norm `norm_weight` belongs to attention that normalises all heads together."""
-    return getattr(module.get_submodule(norm_weight.rsplit(".", 2)[0]), "qk_norm", None) == "full"
 
 
 def convert_to_universal(engine_dir: str, output_dir: str) -> None:
