@@ -305,10 +305,6 @@ def apply_tensor_parallel(model: Transformer, group, rank: int, size: int,
     return model
 
 
-def is_tensor_parallel(module: nn.Module) -> bool:
-    return isinstance(module, _Sharded) and module.tp_size > 1
-
-
 def apply_megatron_tp(state: Parallelized, dims: ParallelDims, spec: JobSpec) -> None:
     """`parallelize_llama`'s tensor-parallel step for the DeepSpeed engine: the layers above over the tp group,
     trained with the vocabulary-parallel loss."""
