@@ -116,8 +116,12 @@ class ParallelConfig:
     activation_checkpointing: str = setting(
         "none", "recompute activations in the backward pass instead of keeping them: none; full (keep each block's "
         "input, recompute the whole block); selective (keep attention's and every other matmul's outputs, recompute "
-        "the rest). true and false, from older specs, mean full and none",
-        choices=("none", "full", "selective"), aliases={"true": "full", "false": "none"})
+        "the rest); every_n (full on every n-th block, activation_checkpointing_every, none on the others). true "
+        "and false, from older specs, mean full and none",
+        choices=("none", "full", "selective", "every_n"), aliases={"true": "full", "false": "none"})
+    activation_checkpointing_every: int = setting(
+        2, "with activation_checkpointing=every_n: checkpoint the n-th, 2n-th, … block (layers n-1, 2n-1, … from 0, "
+        "as torchtitan's selective_ac_option: n); 1 is the same as full", min=1, max=1024)
     micro_batch_size: int = setting(4, "sequences per rank per micro-batch", min=1, max=65536)
     grad_accum: int = setting(1, "micro-batches per optimizer step (pipeline micro-batches when pp > 1)", min=1,
                                  max=65536)

@@ -170,6 +170,18 @@ def _layers_split_over_stages(spec: JobSpec, _: Any) -> list[Problem]:
     return []
 
 
+@rule("parallel.activation_checkpointing", "parallel.activation_checkpointing_every", "model.n_layers")
+def _checkpointing_every_picks_a_block(spec: JobSpec, _: Any) -> list[Problem]:
+    """every_n checkpoints the n-th, 2n-th, … block: past the last layer it checkpoints none, which is `none` under
+    another name. Past the layers of one pipeline stage it skips whole stages, which is allowed."""
+    p, layers = spec.parallel, spec.model.n_layers
+    if p.activation_checkpointing == "every_n" and p.activation_checkpointing_every > layers:
+        return [Problem("parallel.activation_checkpointing_every",
+                        f"{p.activation_checkpointing_every} with activation_checkpointing=every_n checkpoints no "
+                        f"block of model.n_layers={layers}; allowed: 1 to {layers} (or activation_checkpointing=none)")]
+    return []
+
+
 @rule("model.dim", "model.n_heads", "model.n_kv_heads", "model.head_dim", "parallel.tp")
 def _heads_fit(spec: JobSpec, _: Any) -> list[Problem]:
     """Heads split whole over tp, key/value heads group the query heads evenly, and RoPE rotates pairs of a head's

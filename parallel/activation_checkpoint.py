@@ -4,9 +4,15 @@ Modes (`parallel.activation_checkpointing`):
   none      every activation autograd needs is kept from forward to backward;
   full      only each block's input is kept; the whole block runs again in backward;
   selective attention's outputs and every other matmul's are kept; the other matmuls and the cheap element-wise ops
-            (RMSNorms, RoPE, SiLU·up, residual adds) run again: most of no-AC's speed for part of its memory.
+            (RMSNorms, RoPE, SiLU·up, residual adds) run again: most of no-AC's speed for part of its memory;
+  every_n   `full` on every n-th block (`parallel.activation_checkpointing_every`) and nothing on the others:
+            memory and recomputation in steps of 1/n between none and full (n=1 is full). torchtitan's selective
+            layer checkpointing (`selective_ac_option: <n>`), with its convention: counting blocks from 1, the
+            n-th, 2n-th, … are checkpointed, i.e. layers n-1, 2n-1, … by 0-based index, the same layers that
+            `model.full_attention_every` picks. The index is the model's, so a pipeline stage checkpoints the
+            blocks it would in one process.
 
-Both checkpointing modes go through one function, `_checkpointed_forward`, defined here. That matters under
+Every checkpointing mode goes through one function, `_checkpointed_forward`, defined here. That matters under
 `torch.compile`: a block's `forward` swapped for a partial of `torch.utils.checkpoint.checkpoint` itself starts in
 a file dynamo does not trace, so the compiled block silently ran eagerly (and recomputed eagerly). Starting the
 compiled frame in this module lets dynamo capture the checkpoint as one region, whose forward and recomputation
@@ -26,7 +32,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-MODES = ("none", "full", "selective")
+MODES = ("none", "full", "selective", "every_n")
 
 # What selective checkpointing keeps (torchtitan's per-op policy): the outputs of every attention kernel and every
 # other matmul, and, under tensor parallelism, of the reductions after the row-parallel projections, so that
@@ -77,10 +83,21 @@ def _checkpointed_forward(block: nn.Module, context_fn: Callable[[], tuple[Any, 
                       **extra, **kwargs)
 
 
-def apply_activation_checkpointing(blocks: nn.ModuleList | list[nn.Module], mode: str) -> None:
-    """Checkpoint each block per `mode` (one of `MODES`); `none` leaves them as they are. Apply before compile."""
+def is_checkpointed(layer: int, every: int) -> bool:
+    """Whether `every_n` checkpoints the block of 0-based index `layer`: the every-th, 2·every-th, … block."""
+    return (layer + 1) % every == 0
+
+
+def apply_activation_checkpointing(blocks: nn.ModuleList | list[nn.Module], mode: str, every: int = 2) -> None:
+    """Checkpoint the blocks per `mode` (one of `MODES`; `every` is every_n's n); `none` leaves them as they are.
+
+    `blocks` are all of the model's blocks in layer order (before any pipeline split), so the i-th is layer i.
+    Apply before compile.
+    """
     if mode not in MODES:
         raise ValueError(f"activation checkpointing mode {mode!r}; allowed: {', '.join(MODES)}")
+    if every < 1:
+        raise ValueError(f"activation checkpointing every {every} blocks; allowed: 1 or more")
     if mode == "none":
         return
     # The one side effect inside a block is RoPE's table cache filling on first use. Dynamo refuses to capture a
@@ -88,5 +105,6 @@ def apply_activation_checkpointing(blocks: nn.ModuleList | list[nn.Module], mode
     # mutation need not be replayed when backward recomputes the region: a cache that is already full needs none.
     torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     context_fn = _selective_contexts if mode == "selective" else None
-    for block in blocks:
-        block.forward = functools.partial(_checkpointed_forward, block, context_fn)
+    for layer, block in enumerate(blocks):
+        if mode != "every_n" or is_checkpointed(layer, every):
+            block.forward = functools.partial(_checkpointed_forward, block, context_fn)

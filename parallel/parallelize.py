@@ -82,7 +82,7 @@ def parallelize_model(model: Transformer, dims: ParallelDims, spec: JobSpec, tec
         apply_float8(state.blocks, p.float8, fsdp=dims.dp > 1, emulate=device.type != "cuda")
     if dims.tp > 1:
         techniques.tensor_parallel(state, dims, spec)
-    apply_activation_checkpointing(state.blocks, p.activation_checkpointing)
+    apply_activation_checkpointing(state.blocks, p.activation_checkpointing, p.activation_checkpointing_every)
     if p.compile and (p.zero_stage < 3 or techniques.compile_under_zero3):
         apply_compile(state.blocks)
     if dims.pp > 1:

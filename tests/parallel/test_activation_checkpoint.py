@@ -32,10 +32,10 @@ def tokens() -> torch.Tensor:
     return torch.randint(0, CONFIG.vocab_size, (2, 25), generator=torch.Generator().manual_seed(3))
 
 
-def model_with(mode: str, backend: object | None = None) -> torch.nn.Module:
+def model_with(mode: str, backend: object | None = None, every: int = 2) -> torch.nn.Module:
     model = build_model(CONFIG, "cpu")
     model.init_weights(seed=5)
-    apply_activation_checkpointing(model.layers, mode)
+    apply_activation_checkpointing(model.layers, mode, every)
     if backend is not None:
         apply_compile(model.layers, backend=backend)
     return model
@@ -59,12 +59,12 @@ def assert_same_training(mode: str, reference: torch.nn.Module, model: torch.nn.
                                    msg=lambda m, n=name: f"{mode} {n}: {m}")
 
 
-@pytest.mark.parametrize("mode", ["full", "selective"])
+@pytest.mark.parametrize("mode", ["full", "selective", "every_n"])
 def test_eager_checkpointing_matches_no_checkpointing(mode: str) -> None:
     assert_same_training(mode, model_with("none"), model_with(mode))
 
 
-@pytest.mark.parametrize("mode", ["full", "selective"])
+@pytest.mark.parametrize("mode", ["full", "selective", "every_n"])
 def test_compiled_blocks_capture_the_checkpointed_region(mode: str) -> None:
     """A compiled block must compile: before, a checkpointed block ran eagerly under its compile wrapper."""
     torch._dynamo.reset()
@@ -86,8 +86,8 @@ class MatmulCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def backward_matmuls(mode: str) -> int:
-    model = model_with(mode)
+def backward_matmuls(mode: str, every: int = 2) -> int:
+    model = model_with(mode, every=every)
     rows = tokens()
     loss = cross_entropy(model(rows[:, :-1]), rows[:, 1:])
     with MatmulCounter() as counter:
@@ -101,12 +101,38 @@ def test_full_recomputes_every_matmul_and_selective_every_other() -> None:
     assert backward_matmuls("selective") == plain + CONFIG.n_layers * SELECTIVE_RECOMPUTED_PER_BLOCK
 
 
+@pytest.mark.parametrize("every", [1, 2, 3, 4])
+def test_every_n_runs_exactly_every_nth_block_again(every: int) -> None:
+    """torchtitan's convention: counting blocks from 1, the n-th, 2n-th, … are checkpointed, and only they run
+    their attention a second time in backward."""
+    model = model_with("every_n", every=every)
+    calls = [0] * CONFIG.n_layers
+    for i, block in enumerate(model.layers):
+        block.self_attn.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    rows = tokens()
+    cross_entropy(model(rows[:, :-1]), rows[:, 1:]).backward()
+    recomputed = [i for i, n in enumerate(calls) if n == 2]
+    assert recomputed == list(range(every - 1, CONFIG.n_layers, every))
+    assert all(n in (1, 2) for n in calls), calls
+    assert backward_matmuls("every_n", every) == backward_matmuls("none") \
+        + len(recomputed) * FULL_RECOMPUTED_PER_BLOCK
+
+
+def test_every_n_of_one_recomputes_as_full_does() -> None:
+    assert backward_matmuls("every_n", every=1) == backward_matmuls("full")
+
+
 def test_parameter_names_are_the_same_in_every_mode() -> None:
     names = [list(model_with(mode).state_dict()) for mode in MODES]
-    assert names[0] == names[1] == names[2]
+    assert all(n == names[0] for n in names[1:])
     assert "layers.0.self_attn.q_proj.weight" in names[0]
 
 
 def test_an_unknown_mode_is_refused_with_the_allowed_ones() -> None:
-    with pytest.raises(ValueError, match="'partial'; allowed: none, full, selective"):
+    with pytest.raises(ValueError, match="'partial'; allowed: none, full, selective, every_n"):
         apply_activation_checkpointing(build_model(CONFIG, "meta").layers, "partial")
+
+
+def test_every_below_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="every 0 blocks; allowed: 1 or more"):
+        apply_activation_checkpointing(build_model(CONFIG, "meta").layers, "every_n", 0)
