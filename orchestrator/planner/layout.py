@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from orchestrator.errors import UserError
 from orchestrator.planner.counting import count_params, flops_per_token, stage_params
-from orchestrator.planner.memory import GiB, MemoryBreakdown, estimate_memory
+from orchestrator.planner.memory import GiB, MemoryBreakdown, checkpointed_layers, estimate_memory
 from orchestrator.spec import JobSpec, ParallelConfig
 from orchestrator.validate import cross_field_problems
 
@@ -34,7 +34,7 @@ HALF_EFFICIENCY_TOKENS = 256  # tokens per micro-batch at which matmuls reach ha
 # full runs every block's forward again (2 of the 6 FLOPs per parameter); selective a third of the matmuls and the
 # element-wise ops. Measured on the Llama-3-8B shape (seq 4096, FSDP dp2, H200s): +17% and +8% step time.
 RECOMPUTE_SHARE = {"none": 0.0, "selective": 0.1, "full": 1 / 3}
-CHECKPOINTING = tuple(RECOMPUTE_SHARE)
+CHECKPOINTING = tuple(RECOMPUTE_SHARE)  # every_n is planned only when the spec asks for it, not searched
 
 
 class NoLayoutError(UserError):
@@ -201,12 +201,14 @@ def evaluate(spec: JobSpec, hw: Hardware) -> Candidate:
     micro_tokens = p.micro_batch_size * seq
     efficiency = micro_tokens / (micro_tokens + HALF_EFFICIENCY_TOKENS)
     compute = model_flops / (hw.gpus * hw.peak_flops * hw.mfu * efficiency)
-    recompute = compute * RECOMPUTE_SHARE[p.activation_checkpointing]
+    recompute = compute * _recompute_share(p, m.n_layers)
     bubble = (compute + recompute) * (p.pp - 1) / p.grad_accum
 
     hidden_bytes = p.micro_batch_size * seq * m.dim * width
     blocks = m.n_layers // p.pp
-    all_reduces = 6 if p.activation_checkpointing == "full" else 4  # selective keeps the reductions' outputs
+    # A block recomputed whole all-reduces twice more; selective keeps the reductions' outputs.
+    whole = 0.0 if p.activation_checkpointing == "selective" else checkpointed_layers(p, 0, m.n_layers) / m.n_layers
+    all_reduces = 4 + 2 * whole
     tp_comm = blocks * p.grad_accum * all_reduces * _ring(p.tp) * hidden_bytes / hw.intra_node_bw
 
     spans_nodes = hw.gpus > hw.gpus_per_node
@@ -297,6 +299,13 @@ def _fits_somewhere(spec: JobSpec, hw: Hardware, global_batch: int) -> bool:
         if estimate_memory(candidate_spec).total <= hw.gpu_mem_bytes:
             return True
     return False
+
+
+def _recompute_share(p: ParallelConfig, n_layers: int) -> float:
+    """The share of the step's compute recomputation adds: every_n's is full's over the blocks it checkpoints."""
+    if p.activation_checkpointing == "every_n":
+        return RECOMPUTE_SHARE["full"] * checkpointed_layers(p, 0, n_layers) / n_layers
+    return RECOMPUTE_SHARE[p.activation_checkpointing]
 
 
 def describe(p: ParallelConfig) -> str:

@@ -34,7 +34,9 @@ stage holds `pp` micro-batches in flight; the last one holds the logits.
 Per `parallel.activation_checkpointing` (see `parallel.activation_checkpoint`): `none` keeps all of that for every
 block; `full` keeps each block's input and, while one block is recomputed in backward, that block's activations;
 `selective` keeps attention's outputs, every other matmul's (q, v, gate) and, under tensor parallelism, the
-reductions' outputs, plus the block input and one block's activations while it is recomputed.
+reductions' outputs, plus the block input and one block's activations while it is recomputed; `every_n` keeps what
+`full` does on the blocks it checkpoints (`checkpointed_layers`) and what `none` does on the others, plus one
+block's activations while a checkpointed one is recomputed. every_n is not measured on GPUs yet.
 
 Measured against compiled blocks (Llama-3-8B shape, seq 4096, micro-batch 1, FSDP dp2 on H200s; docs/backends.md):
 the activations each mode adds over `full` are 14.6 GiB for `none` and 4.9 GiB for `selective`; this model says
@@ -242,6 +244,15 @@ def selective_bytes_per_token(model: ModelConfig, width: int, tp: int = 1, seque
     return split + reductions
 
 
+def checkpointed_layers(p: ParallelConfig, first: int, count: int) -> int:
+    """How many of the `count` layers from `first` (0-based) `p.activation_checkpointing` recomputes: every_n's are
+    the n-th, 2n-th, … of the model (`parallel.activation_checkpoint.is_checkpointed`)."""
+    if p.activation_checkpointing != "every_n":
+        return 0 if p.activation_checkpointing == "none" else count
+    n = p.activation_checkpointing_every
+    return (first + count) // n - first // n
+
+
 def activation_bytes(model: ModelConfig, seq_len: int, p: ParallelConfig, stage: int, width: int,
                      block_bytes_per_token: float | None = None, logit_bytes: int = LOGIT_BYTES) -> int:
     """Activations at the peak of pipeline stage `stage`, per `p.activation_checkpointing`. A block keeps
@@ -259,6 +270,10 @@ def activation_bytes(model: ModelConfig, seq_len: int, p: ParallelConfig, stage:
     elif p.activation_checkpointing == "selective":
         kept_per_block = block_input + tokens * selective_bytes_per_token(model, width, p.tp, p.sequence_parallel)
         kept = layers * in_flight * kept_per_block + full_layer
+    elif p.activation_checkpointing == "every_n":
+        recomputed = checkpointed_layers(p, stage * layers, layers)
+        kept = (recomputed * block_input + (layers - recomputed) * full_layer) * in_flight \
+            + (full_layer if recomputed else 0)
     else:
         kept = layers * in_flight * full_layer
     if stage == p.pp - 1:

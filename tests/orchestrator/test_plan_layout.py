@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from orchestrator.errors import SpecError, UserError
-from orchestrator.planner.layout import Hardware, NoLayoutError, choose_layout, with_layout
+from orchestrator.planner.layout import Hardware, NoLayoutError, choose_layout, evaluate, with_layout
 from orchestrator.planner.memory import GiB
 from orchestrator.validate import load_spec, parse_spec, spec_to_dict
 
@@ -46,6 +48,21 @@ def test_less_memory_forces_sharding_or_recomputation(llama_8b):
     def model_split(p):
         return p.tp * p.pp * (p.dp if p.zero_stage == 3 else 1) * (4 if p.activation_checkpointing != "none" else 1)
     assert model_split(tight) > model_split(roomy)
+
+
+def test_every_n_recomputes_full_checkpointings_share_over_its_blocks(llama_8b):
+    hw = Hardware(gpus=llama_8b.world_size, gpu_mem_bytes=141 * GiB)
+
+    def step(mode, every=2):
+        p = dataclasses.replace(llama_8b.parallel, activation_checkpointing=mode, activation_checkpointing_every=every)
+        return evaluate(with_layout(llama_8b, p, hw), hw).step
+
+    none, full = step("none"), step("full")
+    assert none.recompute == 0 < full.recompute
+    every_4th = step("every_n", 4)  # 8 of the 32 blocks
+    assert every_4th.recompute == pytest.approx(full.recompute / 4, rel=1e-9)
+    assert step("every_n", 1).recompute == pytest.approx(full.recompute, rel=1e-9)
+    assert none.tp_comm < every_4th.tp_comm < full.tp_comm  # a block recomputed whole all-reduces again
 
 
 def test_the_explanation_compares_the_runner_up(llama_8b):

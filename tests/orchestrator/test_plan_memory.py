@@ -17,6 +17,7 @@ from memory_probe import SPEC
 
 from orchestrator.planner.counting import stage_params
 from orchestrator.planner.memory import (
+    activation_bytes,
     activation_bytes_per_token,
     attention_bytes_per_token,
     engine_buffers,
@@ -108,6 +109,33 @@ def test_selective_checkpointing_keeps_less_than_none_and_more_than_full(billion
     tp = with_parallel(billion, tp=2, dp=4, activation_checkpointing="selective")
     with_sp = estimate_memory(billion, dataclasses.replace(tp, sequence_parallel=True)).activations
     assert with_sp < estimate_memory(billion, tp).activations < kept["selective"]
+
+
+def test_every_n_keeps_full_on_its_blocks_and_none_on_the_others(billion):
+    def kept(mode, every=2):
+        p = with_parallel(billion, activation_checkpointing=mode, activation_checkpointing_every=every)
+        return estimate_memory(billion, p).activations
+
+    assert kept("every_n", 1) == kept("full")
+    steps = {every: kept("every_n", every) for every in (2, 4, 8)}  # 8, 4 and 2 of the 16 blocks checkpointed
+    assert kept("full") < steps[2] < steps[4] < steps[8] < kept("none")
+    # Each block left unchecked adds the same: its activations over its input.
+    per_block = (steps[4] - steps[2]) / (8 - 4)
+    assert steps[8] - steps[4] == pytest.approx((4 - 2) * per_block, rel=1e-9)
+    # Every 16th block is the last one, recomputed first in backward while all the others are still kept: the
+    # peak is none's and that block's input.
+    assert kept("every_n", 16) > kept("none")
+
+
+def test_every_n_counts_the_models_layers_on_each_pipeline_stage(billion):
+    """Stage 0 of four holds layers 0-3, stage 1 layers 4-7: every 8th block is layer 7, on stage 1 only."""
+    def stage_bytes(mode, stage):
+        p = with_parallel(billion, pp=4, dp=2, grad_accum=8, activation_checkpointing=mode,
+                          activation_checkpointing_every=8)
+        return activation_bytes(billion.model, billion.data.seq_len, p, stage, 2)
+
+    assert stage_bytes("every_n", 0) == stage_bytes("none", 0)
+    assert stage_bytes("full", 1) < stage_bytes("every_n", 1) < stage_bytes("none", 1)
 
 
 def test_sequence_parallel_shards_the_norms(billion):
