@@ -67,6 +67,10 @@ REFUSALS: dict[tuple[str, str], list[Case] | str] = {
         Case(("parallel.activation_checkpointing=full",), ("parallel.activation_checkpointing=every",),
              "parallel.activation_checkpointing"),
     ],
+    ("parallel/activation_checkpoint.py", "activation checkpointing every {every} b"): [
+        Case(("parallel.activation_checkpointing=every_n",), ("parallel.activation_checkpointing_every=0",),
+             "parallel.activation_checkpointing_every"),
+    ],
     ("parallel/model.py", "model.vocab_size must be resolved"): [
         Case(("model.vocab_size=512",), ("model.vocab_size=null",), "model.vocab_size", {"seq_len": 512}),
     ],
@@ -79,7 +83,7 @@ REFUSALS: dict[tuple[str, str], list[Case] | str] = {
                                                                    "the means to convert it: no spec setting",
 }
 
-# Refusals moved from the engines into validation: now an assertion in `parallelize_llama`.
+# Refusals moved from the engines into validation: now an assertion in `parallelize_model`.
 MOVED = [
     Case(("resources.gpus_per_node=2", "parallel.tp=2", "parallel.sequence_parallel=true", "data.seq_len=64"),
          ("data.seq_len=63",), "data.seq_len"),
