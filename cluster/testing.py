@@ -8,6 +8,7 @@ torch trains on the CPU anyway (`resources.device: auto`).
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import tempfile
@@ -59,8 +60,18 @@ class SimulatedCluster:
         return f"http://127.0.0.1:{self.jobs_port}"
 
     def kill_node(self, index: int = -1) -> None:
-        """Kill a worker node's raylet and every process on it, as a lost machine would."""
+        """Kill a worker node's raylet and every process on it at once, as a lost machine would. Its workers are
+        killed too: left to notice that their raylet is gone, they go on computing for seconds on a busy machine,
+        and a rank there can finish a short run that the test meant to cut short."""
+        import psutil
+        from ray._private import ray_constants
+
         node = self.nodes.pop(index)
+        raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+        workers = psutil.Process(raylet).children(recursive=True)
+        for worker in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()
         self.cluster.remove_node(node, allow_graceful=False)
 
     def add_node(self) -> None:
