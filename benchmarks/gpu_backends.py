@@ -17,10 +17,10 @@ A run is `plain` or `<backend>-zero<stage>[-tp<n>][-pp<n>[-1f1b|-interleaved|-ze
 [-untuned]`:
 `-tp<n>` splits the model over n GPUs, `-pp<n>` cuts it into n pipeline stages (the rest is data parallel) run by
 the named schedule (default: the spec's `parallel.pp_schedule`) over `grad_accum` micro-batches; `-ac<mode>` sets
-`parallel.activation_checkpointing` (none, full, selective) for that run, `-fp8<recipe>` sets `parallel.float8`
-(none, tensorwise, rowwise); `-untuned` runs DeepSpeed as configured
-before its tuning (per-step overflow check, bf16 gradients copied to the fp32 accumulator after the backward pass),
-for before/after figures in one launch.
+`parallel.activation_checkpointing` (none, full, selective; every<n> for every_n with that n) for that run,
+`-fp8<recipe>` sets `parallel.float8` (none, tensorwise, rowwise); `-untuned` runs DeepSpeed as configured before
+its tuning (per-step overflow check, bf16 gradients copied to the fp32 accumulator after the backward pass), for
+before/after figures in one launch.
 
 The spec given by --model (examples/llama-1b.yaml by default: 1.15B parameters, GQA, vocab 50304) is run as written:
 its model, data.seq_len and whole `parallel` section (activation checkpointing, sequence parallelism, precision,
@@ -71,7 +71,8 @@ REPO = Path(__file__).resolve().parent.parent
 H100_FLOPS = 989e12
 RUN = re.compile(r"(?P<backend>native|deepspeed)-zero(?P<stage>[0-3])(-tp(?P<tp>\d+))?"
                  r"(-pp(?P<pp>\d+)(-(?P<schedule>1f1b|interleaved|zerobubble))?)?"
-                 r"(-ac(?P<ac>none|full|selective))?(-fp8(?P<fp8>none|tensorwise|rowwise))?(?P<untuned>-untuned)?")
+                 r"(-ac(?P<ac>none|full|selective|every(?P<every>[1-9]\d*)))?(-fp8(?P<fp8>none|tensorwise|rowwise))?"
+                 r"(?P<untuned>-untuned)?")
 RUN_FORM = ("<native|deepspeed>-zero<0-3>[-tp<n>][-pp<n>[-1f1b|-interleaved|-zerobubble]][-ac<mode>][-fp8<recipe>]"
             "[-untuned]")
 # The run name's schedule word → `parallel.pp_schedule`.
@@ -110,7 +111,10 @@ def build_spec(backend: str, zero_stage: int, world: int, args: argparse.Namespa
                float8: str | None = None):
     written = load_yaml(args.model)
     parallel = spec_parallel(written, args, backend=backend, zero_stage=zero_stage, tp=tp, pp=pp)
-    if activation_checkpointing:
+    if activation_checkpointing and activation_checkpointing.startswith("every"):
+        parallel["activation_checkpointing"] = "every_n"
+        parallel["activation_checkpointing_every"] = int(activation_checkpointing.removeprefix("every"))
+    elif activation_checkpointing:
         parallel["activation_checkpointing"] = activation_checkpointing
     if float8:
         parallel["float8"] = float8
