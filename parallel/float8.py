@@ -42,8 +42,7 @@ def _torchao_float8():
 
 def convertible(module: nn.Module, name: str) -> bool:
     """Whether a linear layer gets float8 matmuls: every block linear whose sides are multiples of 16."""
-    return isinstance(module, nn.Linear) and not name.endswith("lm_head") \
-        and module.in_features % 16 == 0 and module.out_features % 16 == 0
+    return isinstance(module, nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
 
 
 def apply_float8(blocks: Iterable[nn.Module], recipe: str, fsdp: bool, emulate: bool) -> None:
