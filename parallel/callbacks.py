@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Protocol, runtime_checkable
 
 
@@ -37,10 +37,12 @@ class StepStats:
 @dataclass
 class EvalStats:
     step: int
-    loss: float
+    loss: float  # held-out loss; nan when this evaluation ran only downstream tasks
     batches: int
     seconds: float
     rank: int = 0
+    # Downstream task metrics by "task/metric" (e.g. "hellaswag/acc_norm"): what the in-loop evaluation measured.
+    scores: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
