@@ -14,9 +14,15 @@ eager autograd: inductor fuses each norm and RoPE into the kernels around them, 
 attention q, k, v and its output, SwiGLU gate, up and the product into down_proj; the fused loss keeps the bf16
 logits, the fp32 gradient of the softmax and the bf16 gradient into lm_head (8 bytes a logit against eager's 12).
 
+Float8 (`parallel.float8`) changes no term: its weights and master copies stay bf16/fp32, and the float8 casts it
+saves for backward replace bf16 activations of no larger size (measured at 8B: tensorwise 81.1 GiB, rowwise 76.6,
+bf16 81.4).
+
 Checked against the peaks measured on H200s (`torch.cuda.max_memory_allocated`, benchmarks/results/, test in
 tests/orchestrator/test_plan_memory_native.py): 1.15B seq 2048 micro-batch 8 on one GPU, dp2 ZeRO-1 and ZeRO-3, and
-Llama-3-8B's shape seq 4096 micro-batch 1 dp2 ZeRO-3 with each checkpointing mode are all within 10%.
+Llama-3-8B's shape seq 4096 micro-batch 1 with dp2 ZeRO-3 under each checkpointing mode (every_n too) and each float8
+recipe, tp2 with sequence parallelism and pp2 1F1B are all within 10% (the largest gaps: tp2 +6.7%, float8 rowwise
++6.4%).
 """
 
 from __future__ import annotations

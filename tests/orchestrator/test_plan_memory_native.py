@@ -1,6 +1,8 @@
 """The native engine's memory model against the peaks measured on H200s: `torch.cuda.max_memory_allocated`, the
 largest over ranks, as benchmarks/gpu_backends.py records it in benchmarks/results/. Each run of the native engine in
-the files below is rebuilt from the spec it ran (the example named, with the run's layout) and must come within 10%.
+the files below is rebuilt from the spec it ran (the example named, with the run's layout) and must come within 10%;
+so is every native run of any H200 result file that records its whole `parallel` section (tp, pp, sequence
+parallelism, compile, every checkpointing mode, float8), rebuilt from that section as it ran.
 """
 
 from __future__ import annotations
@@ -55,7 +57,30 @@ def measured_spec(example: str, run: dict, seq_len: int) -> JobSpec:
                        "resources": {"num_nodes": 1, "gpus_per_node": run["gpus"], "device": "cuda"}})
 
 
+def recorded_runs() -> list[tuple[str, dict, dict]]:
+    """(file, run, its results block) of every native H200 run that records the `parallel` section it ran."""
+    runs = []
+    for path in sorted(RESULTS.glob("gpu_backends_*h200*.json")):
+        document = json.loads(path.read_text())
+        for measured in [document, *(v for v in document.values() if isinstance(v, dict))]:
+            runs += [(path.name, run, measured) for run in measured.get("results", [])
+                     if run["run"].startswith("native-") and "parallel" in run and run.get("peak_mem_gib")]
+    return runs
+
+
+def recorded_spec(run: dict, seq_len: int) -> JobSpec:
+    """The spec of a run that records its `parallel` section: the example with the run's parameter count."""
+    for example in ("llama-1b.yaml", "llama-8b.yaml"):
+        model = load_yaml(REPO / "examples" / example, empty="")["model"]
+        spec = parse_spec({"model": model, "data": {"seq_len": seq_len}, "parallel": run["parallel"],
+                           "resources": {"num_nodes": 1, "gpus_per_node": run["gpus"], "device": "cuda"}})
+        if count_params(spec.model).total == run["params"]:
+            return spec
+    raise AssertionError(f"{run['run']}: no example has {run['params']} parameters")
+
+
 RUNS = native_runs()
+RECORDED = recorded_runs()
 
 
 def test_the_measured_files_hold_the_runs_the_model_is_checked_on():
@@ -72,6 +97,21 @@ def test_native_estimate_is_within_ten_percent_of_the_measured_peak(name, exampl
     if "params" in run:
         assert count_params(spec.model).total == run["params"], "the example is the model that ran"
     estimate = estimate_memory(spec).allocated / GiB
+    assert estimate == pytest.approx(run["peak_mem_gib"], rel=TOLERANCE), \
+        f"{name} {run['run']}: estimated {estimate:.1f} GiB, measured {run['peak_mem_gib']} GiB"
+
+
+def test_the_recorded_runs_cover_tp_pp_float8_and_every_checkpointing_mode():
+    parallel = [run["parallel"] for _, run, _ in RECORDED]
+    assert {p["tp"] for p in parallel} >= {1, 2} and {p["pp"] for p in parallel} >= {1, 2}
+    assert {p.get("float8", "none") for p in parallel} >= {"none", "tensorwise", "rowwise"}
+    assert {p["activation_checkpointing"] for p in parallel} >= {"none", "full", "selective", "every_n"}
+
+
+@pytest.mark.parametrize(("name", "run", "measured"), RECORDED,
+                         ids=[f"{n.removesuffix('.json')}-{r['run']}" for n, r, _ in RECORDED])
+def test_native_estimate_is_within_ten_percent_of_each_recorded_layout(name, run, measured):
+    estimate = estimate_memory(recorded_spec(run, measured["seq_len"])).allocated / GiB
     assert estimate == pytest.approx(run["peak_mem_gib"], rel=TOLERANCE), \
         f"{name} {run['run']}: estimated {estimate:.1f} GiB, measured {run['peak_mem_gib']} GiB"
 
