@@ -188,6 +188,8 @@ class MetricsConfig:
     targets_file: str = setting("", "file_sd targets file for Prometheus; empty means <checkpoint.dir>/../targets.json")
     peak_flops: float = setting(989e12, "dense bf16 FLOP/s of one device: the MFU denominator (H100 SXM)",
                                  min=1.0, max=1e18)
+    peak_flops_fp8: float = setting(1979e12, "dense FP8 FLOP/s of one device: the MFU denominator of the float8 "
+                                    "matmuls with parallel.float8 (H100 SXM)", min=1.0, max=1e18)
 
 
 @dataclass

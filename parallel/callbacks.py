@@ -97,10 +97,24 @@ def mfu(flops_per_token: float, tokens_per_second: float, num_devices: int, peak
     return flops_per_token * tokens_per_second / (num_devices * peak_flops)
 
 
-def device_peak_flops(device_type: str, configured: float) -> float | None:
-    """The peak FLOP/s of one device that MFU is measured against: `metrics.peak_flops` on an accelerator; None on
-    a CPU, whose peak is not what that setting describes, so no MFU is shown or exported there."""
-    return None if device_type == "cpu" else configured
+def device_peak_flops(device_type: str, configured: float, float8_share: float = 0.0,
+                      float8_peak: float = 0.0) -> float | None:
+    """The peak FLOP/s of one device that MFU is measured against: `metrics.peak_flops` on an accelerator, blended
+    with `metrics.peak_flops_fp8` for the share of the FLOPs that float8 GEMMs make (see `mixed_peak_flops`); None
+    on a CPU, whose peak is not what those settings describe, so no MFU is shown or exported there."""
+    return None if device_type == "cpu" else mixed_peak_flops(configured, float8_peak, float8_share)
+
+
+def mixed_peak_flops(peak: float, float8_peak: float, float8_share: float) -> float:
+    """The FLOP/s a step reaches when `float8_share` of its FLOPs run at `float8_peak` and the rest at `peak`.
+
+    A float8 run's MFU against the bf16 peak alone would pass 1 before its bf16 part is even busy; against this
+    peak, 1 still means every FLOP at its own precision's peak. torchtitan reports float8 MFU against the bf16 peak:
+    compare its figures with `mfu` at `float8_share` 0.
+    """
+    if float8_share <= 0:
+        return peak
+    return 1.0 / ((1.0 - float8_share) / peak + float8_share / float8_peak)
 
 
 class LogCallback(BaseCallback):

@@ -16,8 +16,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from torch import nn
+
+if TYPE_CHECKING:
+    from parallel.model import ModelDims
 
 RECIPES = ("tensorwise", "rowwise")
 
@@ -42,7 +46,20 @@ def _torchao_float8():
 
 def convertible(module: nn.Module, name: str) -> bool:
     """Whether a linear layer gets float8 matmuls: every block linear whose sides are multiples of 16."""
-    return isinstance(module, nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
+    return isinstance(module, nn.Linear) and _fits(module.in_features, module.out_features)
+
+
+def _fits(in_features: int, out_features: int) -> bool:
+    return in_features % 16 == 0 and out_features % 16 == 0
+
+
+def float8_flops_per_token(dims: ModelDims) -> int:
+    """Training FLOPs per token that run as float8 GEMMs: 6 × the weights of the block linears `convertible` takes.
+    The rest of `ModelDims.flops_per_token` (the lm_head, attention's QK^T and AV) stays in bf16."""
+    q, kv = dims.n_heads * dims.head_dim, dims.n_kv_heads * dims.head_dim
+    d, f = dims.dim, dims.ffn_dim
+    shapes = ((d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d))
+    return 6 * dims.n_layers * sum(i * o for i, o in shapes if _fits(i, o))
 
 
 def apply_float8(blocks: Iterable[nn.Module], recipe: str, fsdp: bool, emulate: bool) -> None:

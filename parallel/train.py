@@ -26,6 +26,7 @@ from orchestrator.spec import JobSpec
 from parallel.callbacks import Callback, EvalStats, HistoryCallback, LogCallback, StepStats, device_peak_flops, mfu
 from parallel.checkpoint import Checkpointer
 from parallel.engine import Engine, build_engine
+from parallel.float8 import float8_flops_per_token
 from parallel.hf import open_init_weights
 from parallel.launch import RankEnv, barrier, init_distributed, pick_device, shutdown_distributed
 from parallel.loader import ShardLoader, build_loaders
@@ -85,7 +86,8 @@ def _train(spec: JobSpec, env: RankEnv, engine: Engine, loader: ShardLoader, val
     s, p = spec.schedule, spec.parallel
     tokens_per_step = p.micro_batch_size * p.grad_accum * engine.dims.dp * spec.data.seq_len
     flops_per_token = engine.model_dims.flops_per_token(spec.data.seq_len)
-    peak = device_peak_flops(engine.device.type, spec.metrics.peak_flops)
+    float8_share = float8_flops_per_token(engine.model_dims) / flops_per_token if p.float8 != "none" else 0.0
+    peak = device_peak_flops(engine.device.type, spec.metrics.peak_flops, float8_share, spec.metrics.peak_flops_fp8)
     step, loss = start, float("nan")
     last_end = time.perf_counter()
     for step in range(start + 1, s.steps + 1):
