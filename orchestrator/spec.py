@@ -193,6 +193,20 @@ class MetricsConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Downstream evaluation in the loop: lm-evaluation-harness tasks scored with the live model on the training
+    ranks (docs/evaluation.md); `pretrain eval` takes the same settings as flags for a checkpoint."""
+
+    tasks: str = setting("", "comma-separated lm-eval task names (the harness's own or those in include_path); "
+                         "empty: none")
+    every: int = setting(0, "steps between downstream evaluations; 0: schedule.eval_every", min=0, max=STEPS_MAX)
+    limit: int = setting(100, "documents per task at most; 0: all of them", min=0, max=10**9)
+    num_fewshot: int | None = setting(None, "few-shot examples per prompt; null: each task's own", min=0, max=1000)
+    include_path: str = setting("", "directory of local task files (YAML + data) the harness also reads; empty: none")
+    batch_size: int = setting(16, "requests scored per forward on each data-parallel rank", min=1, max=65536)
+
+
+@dataclass
 class ResourcesConfig:
     """What the run asks of the cluster, and how it survives failures."""
 
@@ -224,6 +238,7 @@ class JobSpec:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def world_size(self) -> int:
