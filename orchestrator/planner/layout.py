@@ -49,6 +49,7 @@ class Hardware:
     gpu_mem_bytes: int
     gpus_per_node: int = 8
     peak_flops: float = 989e12  # dense bf16 FLOP/s per GPU (H100 SXM)
+    peak_flops_fp8: float = 1979e12  # dense FP8 FLOP/s per GPU: the float8 matmuls' rate (parallel.float8)
     mfu: float = 0.40  # fraction of peak the matmuls reach
     intra_node_bw: float = 300e9  # bytes/s per GPU for collectives inside a node (NVLink)
     inter_node_bw: float = 50e9  # bytes/s per GPU across nodes (one 400 Gb/s NIC per GPU)
@@ -98,13 +99,14 @@ class Candidate:
     step: StepTime
     tokens_per_step: int
     model_flops_per_step: float
+    peak_flops: float  # per GPU, for this candidate's precision: float8 matmuls count at the FP8 peak
 
     @property
     def tokens_per_second(self) -> float:
         return self.tokens_per_step / self.step.total
 
     def mfu(self, hw: Hardware) -> float:
-        return self.model_flops_per_step / self.step.total / (hw.gpus * hw.peak_flops)
+        return self.model_flops_per_step / self.step.total / (hw.gpus * self.peak_flops)
 
 
 @dataclass
@@ -134,8 +136,8 @@ def choose_layout(spec: JobSpec, gpus: int, gpu_mem_bytes: int, gpus_per_node: i
     what would make it fit.
     """
     hw = Hardware(gpus=gpus, gpu_mem_bytes=gpu_mem_bytes, gpus_per_node=gpus_per_node, mfu=mfu,
-                  peak_flops=peak_flops or spec.metrics.peak_flops, intra_node_bw=intra_node_bw,
-                  inter_node_bw=inter_node_bw)
+                  peak_flops=peak_flops or spec.metrics.peak_flops, peak_flops_fp8=spec.metrics.peak_flops_fp8,
+                  intra_node_bw=intra_node_bw, inter_node_bw=inter_node_bw)
     return plan_layouts(spec, hw, global_batch_size or spec.parallel.global_batch_size)
 
 
@@ -200,7 +202,8 @@ def evaluate(spec: JobSpec, hw: Hardware) -> Candidate:
 
     micro_tokens = p.micro_batch_size * seq
     efficiency = micro_tokens / (micro_tokens + HALF_EFFICIENCY_TOKENS)
-    compute = model_flops / (hw.gpus * hw.peak_flops * hw.mfu * efficiency)
+    peak = peak_flops(spec, hw)
+    compute = model_flops / (hw.gpus * peak * hw.mfu * efficiency)
     recompute = compute * _recompute_share(p, m.n_layers)
     bubble = (compute + recompute) * (p.pp - 1) / p.grad_accum
 
@@ -225,7 +228,21 @@ def evaluate(spec: JobSpec, hw: Hardware) -> Candidate:
     step = StepTime(compute=compute, recompute=recompute, bubble=bubble, tp_comm=tp_comm, pp_comm=pp_comm,
                     dp_comm=dp_comm)
     return Candidate(parallel=p, memory=estimate_memory(spec), step=step, tokens_per_step=tokens,
-                     model_flops_per_step=model_flops)
+                     model_flops_per_step=model_flops, peak_flops=peak)
+
+
+def peak_flops(spec: JobSpec, hw: Hardware) -> float:
+    """FLOP/s per GPU at the spec's precision: with `parallel.float8` the block linears' share of the FLOPs runs at
+    the FP8 peak (the same blend the ranks' MFU uses, `parallel.callbacks.mixed_peak_flops`)."""
+    if spec.parallel.float8 == "none":
+        return hw.peak_flops
+    from parallel.callbacks import mixed_peak_flops
+    from parallel.float8 import float8_flops_per_token
+    from parallel.model import ModelDims
+
+    dims = ModelDims.from_config(spec.model)
+    share = float8_flops_per_token(dims) / dims.flops_per_token(spec.data.seq_len)
+    return mixed_peak_flops(hw.peak_flops, hw.peak_flops_fp8, share)
 
 
 def explain_choice(plan: Plan) -> list[str]:

@@ -65,6 +65,20 @@ def test_every_n_recomputes_full_checkpointings_share_over_its_blocks(llama_8b):
     assert none.tp_comm < every_4th.tp_comm < full.tp_comm  # a block recomputed whole all-reduces again
 
 
+def test_float8_speeds_the_block_linears_share_of_the_compute(llama_8b):
+    """With parallel.float8 the planner runs the block linears' FLOPs at the FP8 peak and states MFU against the
+    blended peak, as the ranks do; memory is unchanged (measured: docs/backends.md)."""
+    hw = Hardware(gpus=llama_8b.world_size, gpu_mem_bytes=141 * GiB)
+    native = dataclasses.replace(llama_8b.parallel, backend="native", tp=1, pp=1, dp=llama_8b.world_size)
+    bf16 = evaluate(with_layout(llama_8b, native, hw), hw)
+    fp8 = evaluate(with_layout(llama_8b, dataclasses.replace(native, float8="tensorwise"), hw), hw)
+    assert bf16.peak_flops == hw.peak_flops < fp8.peak_flops < hw.peak_flops_fp8
+    assert fp8.step.compute == pytest.approx(bf16.step.compute * hw.peak_flops / fp8.peak_flops, rel=1e-12)
+    assert fp8.memory.allocated == bf16.memory.allocated
+    assert fp8.mfu(hw) == pytest.approx(bf16.mfu(hw) * bf16.step.total / fp8.step.total * hw.peak_flops
+                                        / fp8.peak_flops, rel=1e-12)
+
+
 def test_the_explanation_compares_the_runner_up(llama_8b):
     plan = choose_layout(llama_8b, gpus=32, gpu_mem_bytes=80 * GiB)
     text = "\n".join(plan.explanation)

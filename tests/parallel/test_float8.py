@@ -19,7 +19,9 @@ import torch
 
 from orchestrator.errors import SpecError
 from orchestrator.validate import parse_spec
-from parallel.model import build_model
+from parallel.callbacks import device_peak_flops, mixed_peak_flops
+from parallel.float8 import float8_flops_per_token
+from parallel.model import ModelDims, build_model
 from parallel.parallel_dims import ParallelDims
 from parallel.parallelize import parallelize_model
 from tests.helpers import reference_run, run_layout
@@ -69,6 +71,30 @@ def test_only_block_linears_with_sides_of_16_are_converted() -> None:
     assert {n.rsplit(".", 1)[-1] for n in converted} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                          "up_proj", "down_proj"}
     assert len(converted) == 7 * spec.model.n_layers
+
+
+def test_float8_flops_are_six_times_the_weights_converted() -> None:
+    """The float8 share of MFU's FLOPs counts exactly the weights torchao converts: ffn_dim 200 (not a multiple of
+    16) leaves the MLP in bf16, and the count follows."""
+    from torchao.float8.float8_linear import Float8Linear
+
+    for ffn in (None, 200):
+        spec = parse_spec(TINY, overrides=[*NATIVE, "parallel.float8=tensorwise", f"model.ffn_dim={ffn or 'null'}"])
+        model = build_model(spec.model)
+        parallelize_model(model, ParallelDims.from_spec(spec, 1, 0), spec, _native(), torch.device("cpu"))
+        converted = sum(m.weight.numel() for m in model.modules() if isinstance(m, Float8Linear))
+        dims = ModelDims.from_config(spec.model)
+        assert float8_flops_per_token(dims) == 6 * converted > 0
+        assert float8_flops_per_token(dims) < dims.flops_per_token(spec.data.seq_len)
+
+
+def test_a_float8_runs_peak_blends_the_two_precisions_peaks() -> None:
+    assert mixed_peak_flops(989e12, 1979e12, 0.0) == 989e12
+    assert mixed_peak_flops(989e12, 1979e12, 1.0) == pytest.approx(1979e12)
+    # Three quarters of the FLOPs at twice the rate take 3/8 of the time they would in bf16, the rest 1/4.
+    assert mixed_peak_flops(1.0, 2.0, 0.75) == pytest.approx(1 / (0.25 + 0.375))
+    assert device_peak_flops("cuda", 989e12, 0.5, 1979e12) == pytest.approx(1 / (0.5 / 989e12 + 0.5 / 1979e12))
+    assert device_peak_flops("cpu", 989e12, 0.5, 1979e12) is None
 
 
 @pytest.mark.parametrize("overrides,message", [
