@@ -40,6 +40,22 @@ class RopeScalingConfig:
     attention_factor: float = setting(0.0, "yarn: scale of cos/sin; 0: 0.1·ln(factor) + 1", min=0.0, max=100.0)
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (Hu et al., LoRA) on the blocks' linear layers: the model's weights frozen, W·x + (alpha/rank)
+    ·B·A·dropout(x) trained through A (rank × in) and B (out × rank, zero at the start); for continued pretraining of
+    an imported model (checkpoint.init_from), native backend (docs/models.md)."""
+
+    rank: int = setting(0, "adapter rank; 0: no adapters, every weight trained", min=0, max=4096)
+    alpha: float = setting(16.0, "the adapters' output is scaled by alpha / rank", min=0.0, max=1e6)
+    dropout: float = setting(0.0, "dropout on the adapters' input", min=0.0, max=0.9)
+    targets: str = setting(",".join(LORA_TARGETS), "comma-separated projections that get adapters, of "
+                           + ", ".join(LORA_TARGETS))
+
+
 @dataclass
 class ModelConfig:
     """A decoder-only transformer: by default Llama's (pre-norm RMSNorm, SwiGLU, RoPE, grouped-query attention, no
@@ -72,6 +88,7 @@ class ModelConfig:
                            "full: over all heads together (OLMo 2)", choices=("none", "head", "full"))
     rope_theta: float = setting(10000.0, "RoPE base frequency", min=1.0, max=1e10)
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     sliding_window: int = setting(0, "tokens each query sees, itself included, in sliding-window layers; 0: full "
                                   "attention everywhere", min=0, max=2**24)
     full_attention_every: int = setting(0, "with sliding_window: every n-th layer attends fully (Gemma 2: 2); 0: "
@@ -85,7 +102,17 @@ class ModelConfig:
     tie_embeddings: bool = setting(False, "share the input embedding with the output projection")
     max_positions: int = setting(0, "context length the model is meant for (written to exported configs); 0: "
                                  "data.seq_len", min=0, max=2**24)
-    init_std: float = setting(0.02, "std of the normal initialisation", min=0.0, max=1.0)
+    init_std: float = setting(0.02, "std of the normal initialisation (under mup: at mup_base_dim)", min=0.0,
+                              max=1.0)
+    parametrization: str = setting(
+        "standard", "standard: one init std and learning rate for every weight; mup: maximal update "
+        "parametrization (Tensor Programs V) for Adam, so a learning rate and init_std tuned at mup_base_dim hold "
+        "at other widths: hidden matrices' init std × sqrt(mup_base_dim/dim) and learning rate × mup_base_dim/dim, "
+        "embedding, norms and lm_head unscaled, logits × mup_base_dim/dim, attention scores × 1/head_dim instead "
+        "of 1/sqrt(head_dim) (docs/planner.md)", choices=("standard", "mup"))
+    mup_base_dim: int = setting(0, "with parametrization=mup: the width (model.dim) init_std and optim.lr were tuned "
+                                "at, required; at dim = mup_base_dim μP and standard differ only in the attention "
+                                "scale", min=0, max=65536)
 
 
 @dataclass
