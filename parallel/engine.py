@@ -45,6 +45,7 @@ class Engine(Protocol):
     dims: ParallelDims  # the layout and this rank's place in it
     model_dims: ModelDims
     device: torch.device
+    scheduler: torch.optim.lr_scheduler.LambdaLR  # the LR schedule (`parallel.optim.build_scheduler`)
 
     def train_step(self, micro_batches: list[torch.Tensor]) -> StepResult: ...
 

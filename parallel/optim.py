@@ -56,14 +56,19 @@ def lr_at(step: int, optim: OptimConfig, schedule: ScheduleConfig) -> float:
     if schedule.lr_schedule == "constant":
         return lr
     if schedule.lr_schedule == "wsd":
-        decay_steps = max(1, round(schedule.decay_fraction * total)) if schedule.decay_fraction > 0 else 0
-        decay_start = total - decay_steps
-        if decay_steps == 0 or step < decay_start:
+        decay_start = wsd_decay_start(total, schedule.decay_fraction)
+        if step < decay_start or decay_start == total:
             return lr
-        progress = min(1.0, (step - decay_start + 1) / decay_steps)
+        progress = min(1.0, (step - decay_start + 1) / (total - decay_start))
         return lr + (min_lr - lr) * progress
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def wsd_decay_start(steps: int, decay_fraction: float) -> int:
+    """The first step (0-based) whose learning rate decays under wsd: round(decay_fraction · steps) steps decay, at
+    least one when decay_fraction > 0. A WSD branch (`orchestrator.planner.wsd`) starts from this step's checkpoint."""
+    return steps - (max(1, round(decay_fraction * steps)) if decay_fraction > 0 else 0)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig,

@@ -19,6 +19,7 @@ from parallel.checkpoint import Checkpointer
 from parallel.checkpoint_layout import layout_changes
 from parallel.consolidate import TorchWriter, consolidate
 from parallel.engine import Engine
+from parallel.optim import set_schedule_step
 from parallel.restore import Opened, load_engine, open_checkpoint, restore_rank_state
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,10 @@ def restore(checkpointer: Checkpointer, engine: Engine, name: str) -> Resumed:
         _load_across_backends(checkpointer, engine, opened)
     else:
         load_engine(checkpointer, engine, opened)
+        # The learning rate is this run's schedule at the saved step, not the rate saved with the optimizer: a run
+        # that changes its schedule (a longer run, a WSD branch decaying from a stable run's checkpoint) goes on
+        # under its own; with the schedule unchanged the two are the same number.
+        set_schedule_step(engine.scheduler, opened.layout["step"])
     loader_state = restore_rank_state(opened, checkpointer.rank)
     path = checkpointer.storage.path(name)
     return Resumed(step=opened.layout["step"], loader_state=loader_state, path=path, converted=bool(changes))
