@@ -124,6 +124,9 @@ class DataConfig:
                            max=2**20)
     seed: int = setting(1234, "seed of the global sample order", min=0, max=SEED_MAX)
     prefetch: int = setting(2, "batches read ahead by the loader thread", min=0, max=64)
+    skip: str = setting("", "sample windows the loader skips, comma-separated EPOCH:START-END (positions START to "
+                        "END-1 of that epoch's order; a step touching one goes past it): what a rewind after a loss "
+                        "spike logs, to skip the same data by hand")
 
 
 @dataclass
@@ -253,6 +256,32 @@ class ResourcesConfig:
 
 
 @dataclass
+class SpikesConfig:
+    """Loss spikes: a step whose loss or gradient norm lies `threshold` MADs above the median of the last `window`
+    steps (or is not finite) is a spike, and `action` says what the run does about it (docs/research-loop.md)."""
+
+    action: str = setting("alert", "none: no detection; alert: log it, record it in history.jsonl and count it in "
+                          "pretrain_loss_spikes_total; skip: also drop the step's update (native engine; the step is "
+                          "trained again on the next batch); rewind: also go back to the last checkpoint and skip "
+                          "the data read since it", choices=("none", "alert", "skip", "rewind"))
+    window: int = setting(100, "steps whose losses and gradient norms make the baseline", min=3, max=1_000_000)
+    threshold: float = setting(6.0, "distance above the median that makes a spike, in median absolute deviations",
+                               min=1.0, max=1e6)
+    min_steps_before_active: int = setting(100, "steps trained before detection starts (the early loss falls too "
+                                           "fast for a baseline)", min=0, max=STEPS_MAX)
+    max_rewinds: int = setting(3, "rewinds per attempt; past them a spike is only alerted", min=0, max=10_000)
+
+
+@dataclass
+class ProfileConfig:
+    """torch.profiler traces (and CUDA memory snapshots) of every rank, written to <checkpoint.dir>/profiles;
+    `pretrain profile` takes one from a running job as well."""
+
+    at_step: int = setting(0, "first step profiled; 0: none (only on request)", min=0, max=STEPS_MAX)
+    steps: int = setting(2, "steps profiled from at_step", min=1, max=1000)
+
+
+@dataclass
 class JobSpec:
     """A pretraining run."""
 
@@ -265,6 +294,8 @@ class JobSpec:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    spikes: SpikesConfig = field(default_factory=SpikesConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property

@@ -423,6 +423,33 @@ def _min_nodes_within_nodes(spec: JobSpec, _: Any) -> list[Problem]:
     return []
 
 
+@rule("model.parametrization", "model.mup_base_dim", "model.tie_embeddings", "model.scale_embeddings",
+      "model.attn_scale_dim", "checkpoint.init_from")
+def _mup_consistent(spec: JobSpec, _: Any) -> list[Problem]:
+    """μP scales the embedding and the lm_head differently and sets the attention scale itself (`parallel.mup`)."""
+    m = spec.model
+    if m.parametrization != "mup":
+        return [Problem("model.mup_base_dim", f"{m.mup_base_dim} is only read with model.parametrization=mup; set "
+                        "it to 0 or use mup")] if m.mup_base_dim else []
+    why = "with model.parametrization=mup"
+    out = []
+    if not m.mup_base_dim:
+        out.append(Problem("model.mup_base_dim", f"must be set {why}: the width (model.dim) at which optim.lr and "
+                           "model.init_std were tuned, e.g. the width of the sweep that chose them"))
+    if m.tie_embeddings:
+        out.append(Problem("model.tie_embeddings", f"must be false {why}: μP multiplies the logits, not the "
+                           "embedding, by mup_base_dim/dim, so one shared weight cannot serve both"))
+    if m.scale_embeddings:
+        out.append(Problem("model.scale_embeddings", f"must be false {why}: embeddings × sqrt(dim) grow with width, "
+                           "what μP keeps constant"))
+    if m.attn_scale_dim:
+        out.append(Problem("model.attn_scale_dim", f"must be null {why}: μP scales attention scores by 1/head_dim"))
+    if spec.checkpoint.init_from:
+        out.append(Problem("checkpoint.init_from", f"cannot be used {why}: an imported model is in the standard "
+                           "parametrization; continue it with parametrization=standard"))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- resolution
 
 

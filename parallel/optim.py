@@ -14,20 +14,33 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from orchestrator.spec import OptimConfig, ScheduleConfig
+from parallel.mup import is_hidden_matrix
 
 
-def build_param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+def build_param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float,
+                       hidden_lr_scale: float | None = None) -> list[dict]:
     """Decay only matrices that multiply activations; norms (1-D) and embeddings stay undecayed, as in Llama/OLMo.
 
-    A tied lm_head is the embedding and therefore undecayed too.
+    A tied lm_head is the embedding and therefore undecayed too. With `hidden_lr_scale` (μP, `parallel.mup`) the
+    hidden matrices get a group of their own whose `lr_scale` multiplies the learning rate (`build_optimizer`), and
+    LambdaLR's schedule multiplies each group's own; that group comes last, so `param_groups[0]` carries the spec's
+    learning rate (what the engines report). Without it: one group per decay rate.
     """
-    decay, no_decay = [], []
+    decay, no_decay, hidden = [], [], []
     for name, param in named_params:
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim < 2 or "embed_tokens" in name else decay).append(param)
+        if param.ndim < 2 or "embed_tokens" in name:
+            no_decay.append(param)
+        elif hidden_lr_scale is not None and is_hidden_matrix(name, param.ndim):
+            hidden.append(param)
+        else:
+            decay.append(param)
+    kinds = [(decay, weight_decay, None), (no_decay, 0.0, None)]
+    if hidden_lr_scale is not None:
+        kinds = [(no_decay, 0.0, None), (decay, weight_decay, None), (hidden, weight_decay, hidden_lr_scale)]
     groups = []
-    for params, decay_rate in ((decay, weight_decay), (no_decay, 0.0)):
+    for params, decay_rate, lr_scale in kinds:
         # foreach and fused AdamW update a group in one call, which can't mix DTensor (tensor-parallel) parameters
         # with plain ones: such a group is split in two, DTensors first.
         dtensors = [p for p in params if isinstance(p, DTensor)]
