@@ -153,7 +153,7 @@ class RankWorker:
         os.environ.update(wiring.environ())
         callbacks: list[BaseCallback] = [Heartbeat(self.beat, self.rank)]
         target = None
-        if spec.metrics.enabled:
+        if spec.metrics.uses("prometheus"):
             ip = ray.util.get_node_ip_address()
             exporter = RankExporter.from_spec(spec, self.rank, wiring.local_rank, node=ip, advertise_host=ip)
             callbacks.append(exporter)

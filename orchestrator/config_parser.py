@@ -262,7 +262,7 @@ def plain_data_problem(value: Any, bounds: Bounds = CONFIG_BOUNDS) -> Problem | 
                 if not isinstance(key, (str, int)) or isinstance(key, bool):
                     return Problem(path, f"key {show(key)} is not a name")
                 stack.append((child, f"{path}.{key}" if path else str(key), depth + 1))
-        elif isinstance(item, list):
+        elif isinstance(item, (list, tuple)):
             stack.extend((child, f"{path}[{i}]", depth + 1) for i, child in enumerate(item))
         elif item is not None and not isinstance(item, (str, int, float, bool)):
             return Problem(path, f"got {show(item)}, which a config file cannot hold (quote it to make it text)")
@@ -539,6 +539,11 @@ def _coerce(value: Any, kind: Any) -> tuple[str | None, Any]:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return None, str(value)
         return "a string", None
+    if typing.get_origin(kind) is tuple:  # a list of names: YAML's [a, b], or "a,b" as an override gives it
+        items = value.split(",") if isinstance(value, str) else value
+        if isinstance(items, (list, tuple)) and all(isinstance(item, str) for item in items):
+            return None, tuple(item.strip() for item in items)
+        return "a list of names", None
     return ("a mapping" if typing.get_origin(kind) is dict else str(kind)), None
 
 
@@ -562,7 +567,9 @@ def _check_limits(obj: Any, prefix: str, problems: list[Problem], bad: set[str])
             continue
         meta = f.metadata
         message = None
-        if "choices" in meta and value not in meta["choices"]:
+        if isinstance(value, tuple):
+            message = _list_problem(value, meta.get("choices"))
+        elif "choices" in meta and value not in meta["choices"]:
             message = f"got {show(value)}, allowed: {', '.join(repr(c) for c in meta['choices'])}"
         elif "min" in meta and value < meta["min"]:
             message = f"got {show(value)}, must be ≥ {meta['min']}"
@@ -571,3 +578,12 @@ def _check_limits(obj: Any, prefix: str, problems: list[Problem], bad: set[str])
         if message:
             problems.append(Problem(path, message))
             bad.add(path)
+
+
+def _list_problem(items: tuple[str, ...], choices: Sequence[str] | None) -> str | None:
+    """What is wrong with a list of names: one outside `choices`, or one named twice."""
+    for item in items:
+        if choices is not None and item not in choices:
+            return f"got {show(item)}, allowed: {', '.join(repr(c) for c in choices)}"
+    twice = sorted({item for item in items if items.count(item) > 1})
+    return f"{show(twice[0])} is named twice" if twice else None

@@ -110,7 +110,7 @@ class Controller:
             try:
                 if self.plan_layout and "GPU" in gang.bundle:
                     self._plan(gang)
-                if self.spec.metrics.enabled:
+                if self.spec.metrics.uses("prometheus"):
                     self.exporter = ControllerExporter.from_spec(self.spec,
                                                                  advertise_host=ray.util.get_node_ip_address())
             except BaseException:

@@ -11,6 +11,7 @@ which imports nothing of the project but `orchestrator.errors`.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import asdict, dataclass, field
 
 from omegaconf import OmegaConf
@@ -208,11 +209,52 @@ class CheckpointConfig:
     init_from: str = setting("", "start from this checkpoint or Hugging Face directory's weights")
 
 
+LOGGERS = ("prometheus", "tensorboard", "wandb", "mlflow")
+TRACKERS_INSTALL = "pip install 'pretrain[trackers]'"
+
+
+@dataclass
+class TensorBoardConfig:
+    """TensorBoard event files, with `metrics.loggers: [..., tensorboard]`."""
+
+    dir: str = setting("", "directory of the event files; empty: <checkpoint.dir>/tensorboard (runs/<name>/"
+                       "tensorboard for a remote checkpoint.dir)")
+
+
+@dataclass
+class WandbConfig:
+    """A Weights & Biases run, with `metrics.loggers: [..., wandb]`."""
+
+    project: str = setting("pretrain", "W&B project the run belongs to")
+    entity: str = setting("", "W&B user or team; empty: the account's default (online mode)")
+    mode: str = setting("offline", "offline: the run is written under dir and uploaded later with `wandb sync` (no "
+                        "network needed); online: streamed to the W&B server (needs WANDB_API_KEY)",
+                        choices=("offline", "online"))
+    dir: str = setting("", "directory W&B writes its wandb/ folder in; empty: <checkpoint.dir> (runs/<name> for a "
+                       "remote checkpoint.dir)")
+
+
+@dataclass
+class MlflowConfig:
+    """An MLflow run, with `metrics.loggers: [..., mlflow]`."""
+
+    uri: str = setting("", "tracking URI: sqlite:///path/mlflow.db or an MLflow server's http(s):// address; empty: "
+                       "sqlite:///<checkpoint.dir>/mlflow.db (runs/<name>/mlflow.db for a remote checkpoint.dir)")
+    experiment: str = setting("pretrain", "MLflow experiment the run belongs to (created when missing)")
+
+
 @dataclass
 class MetricsConfig:
-    """Prometheus exporters of the ranks and the controller."""
+    """Where the run's scalars go: Prometheus exporters of the ranks and the controller, and experiment trackers
+    written by rank 0 (docs/trackers.md)."""
 
-    enabled: bool = setting(True, "serve Prometheus metrics")
+    enabled: bool = setting(True, "export metrics at all; false: none of metrics.loggers runs (the switch older specs "
+                            "turned the Prometheus exporters off with)")
+    loggers: tuple[str, ...] = setting(("prometheus",), "where the scalars go, a list of: " + ", ".join(LOGGERS)
+                                       + "; [] for none", choices=LOGGERS)
+    tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     host: str = setting("", "address the exporters bind; empty: the node's IP (Ray's), 0.0.0.0: every interface")
     port: int = setting(0, "first exporter port; 0 picks free ports", min=0, max=65535)
     targets_file: str = setting("", "file_sd targets file for Prometheus; empty means <checkpoint.dir>/../targets.json")
@@ -220,6 +262,14 @@ class MetricsConfig:
                                  min=1.0, max=1e18)
     peak_flops_fp8: float = setting(1979e12, "dense FP8 FLOP/s of one device: the MFU denominator of the float8 "
                                     "matmuls with parallel.float8 (H100 SXM)", min=1.0, max=1e18)
+
+    def uses(self, logger: str) -> bool:
+        """Whether `logger` (one of `LOGGERS`) runs: named in `loggers`, and metrics not switched off."""
+        return self.enabled and logger in self.loggers
+
+    def missing_trackers(self) -> list[str]:
+        """The trackers this spec uses whose package is not installed here (each imports under its own name)."""
+        return [name for name in LOGGERS[1:] if self.uses(name) and importlib.util.find_spec(name) is None]
 
 
 @dataclass

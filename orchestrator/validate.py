@@ -19,7 +19,7 @@ from orchestrator import config_parser
 from orchestrator.config_parser import WRITTEN_FILE_BOUNDS, leaf_fields, load_json, parse_config
 from orchestrator.errors import Problem, SpecError
 from orchestrator.presets import apply_preset
-from orchestrator.spec import JobSpec, ModelConfig
+from orchestrator.spec import TRACKERS_INSTALL, JobSpec, ModelConfig
 
 # Padding independent of tp, so a run resumed under another tensor-parallel size keeps the same vocabulary.
 VOCAB_PAD = 1024
@@ -365,6 +365,15 @@ def _float8_where_it_runs(spec: JobSpec, _: Any) -> list[Problem]:
     if importlib.util.find_spec("torchao") is None:
         out.append(Problem("parallel.float8", f"{p.float8} needs the torchao package: pip install 'pretrain[fp8]'"))
     return out
+
+
+@rule("metrics.loggers", "metrics.enabled")
+def _trackers_installed(spec: JobSpec, _: Any) -> list[Problem]:
+    missing = spec.metrics.missing_trackers()
+    if missing:
+        return [Problem("metrics.loggers", f"{', '.join(missing)} named but not installed here: {TRACKERS_INSTALL}, "
+                        "or take it out of the list")]
+    return []
 
 
 @rule("parallel.global_batch_size", "parallel.micro_batch_size", "parallel.grad_accum", "parallel.dp",
