@@ -36,6 +36,7 @@ from parallel.launch import RankEnv
 from parallel.materialize import materialize_model
 from parallel.megatron_tp import apply_megatron_tp
 from parallel.model import ModelDims, build_model
+from parallel.mup import hidden_lr_scale
 from parallel.optim import build_optimizer, build_param_groups, build_scheduler, set_schedule_step
 from parallel.parallel_dims import ModelParallelUnit, ParallelDims
 from parallel.parallelize import Techniques, parallelize_model
@@ -97,7 +98,8 @@ class DeepSpeedEngine:
         self.model = model  # under pp, the parts of other stages stay on the meta device
         mark_norm_owners(module, self.dims)
         named = [(n, q) for n, q in model.named_parameters() if not q.is_meta]
-        self.optimizer = build_optimizer(build_param_groups(named, spec.optim.weight_decay), spec.optim, device)
+        groups = build_param_groups(named, spec.optim.weight_decay, hidden_lr_scale(self.model_dims))
+        self.optimizer = build_optimizer(groups, spec.optim, device)
         self.scheduler = build_scheduler(self.optimizer, spec.optim, spec.schedule)
         self.ds_config = build_ds_config(spec, self.dims)
         # parallelize_model's data-parallel step for this engine: ZeRO, applied here with the optimizer.

@@ -30,6 +30,7 @@ from orchestrator.errors import UserError
 from parallel.checkpoint_layout import holds_checkpoints
 from parallel.hf_families import Family, Identity, dims_from_hf_config, family_for, family_of, hf_config, identity_of
 from parallel.model import ModelDims, Transformer, build_model
+from parallel.mup import to_standard
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -302,8 +303,10 @@ def save_hf(directory: str, state: Mapping[str, torch.Tensor], dims: ModelDims, 
 
     The architecture is `family_for(dims, how.family)`'s. Weights go into files of at most `max_shard_bytes` (one
     tensor larger than that gets a file of its own), with `model.safetensors.index.json` naming each tensor's file
-    when there is more than one, as transformers expects.
+    when there is more than one, as transformers expects. A μP model is written as the standard model computing the
+    same logits (`parallel.mup.to_standard`).
     """
+    state, dims = to_standard(state, dims)
     family = family_for(dims, how.family)
     config = hf_config(dims, how.family, how.identity(), how.dtype)
     wanted = expected_shapes(dims)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from orchestrator.spec import ModelConfig
+from parallel.mup import attention_scale_dim, init_std_scale, logit_scale
 from parallel.rope import RopeScaling, RotaryEmbedding, apply_rope
 
 # Each block's norms by where they sit: before attention, after it, before the MLP, after it (None: no norm there),
@@ -65,10 +66,13 @@ class ModelDims:
     logit_softcap: float = 0.0
     attn_scale_dim: int = 0  # 0: head_dim
     scale_embeddings: bool = False
+    mup_base_dim: int = 0  # 0: the standard parametrization; else μP's base width (`parallel.mup`)
 
     def __post_init__(self) -> None:
         if not self.head_dim:
             object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        if self.mup_base_dim and not self.attn_scale_dim:
+            object.__setattr__(self, "attn_scale_dim", attention_scale_dim(self))
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> ModelDims:
@@ -90,6 +94,7 @@ class ModelDims:
             sliding_window=config.sliding_window, full_attention_every=config.full_attention_every,
             attn_softcap=config.attn_softcap, logit_softcap=config.logit_softcap,
             attn_scale_dim=config.attn_scale_dim or 0, scale_embeddings=config.scale_embeddings,
+            mup_base_dim=config.mup_base_dim if config.parametrization == "mup" else 0,
         )
 
     def window(self, layer: int) -> int:
@@ -298,6 +303,8 @@ class Transformer(nn.Module):
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Logits from the last block's output (a pipeline's last stage calls this)."""
         logits = self.lm_head(self.norm(h))
+        if self.dims.mup_base_dim:
+            logits = logits * logit_scale(self.dims)
         return softcap(logits, self.dims.logit_softcap) if self.dims.logit_softcap else logits
 
     def new_caches(self, batch: int, max_len: int, valid: torch.Tensor | None = None) -> list[KVCache]:
@@ -325,7 +332,8 @@ def init_parameter(name: str, shape: tuple[int, ...], dims: ModelDims, seed: int
     """The initial value of the full (unsharded) parameter `name`, the same in every layout and on every rank.
 
     Norms start at one, biases at zero; other weights are N(0, init_std), with the residual-stream outputs (o_proj,
-    down_proj) scaled by 1/sqrt(2·n_layers) as in GPT-2 so the residual variance does not grow with depth. Each
+    down_proj) scaled by 1/sqrt(2·n_layers) as in GPT-2 so the residual variance does not grow with depth (and under
+    μP the hidden matrices by sqrt(mup_base_dim/dim), `parallel.mup`). Each
     parameter draws from its own generator seeded by (seed, name): a rank that owns only some layers or shards still
     gets identical numbers.
     """
@@ -333,7 +341,7 @@ def init_parameter(name: str, shape: tuple[int, ...], dims: ModelDims, seed: int
         return torch.ones(shape, device=device)
     if name.endswith(".bias"):
         return torch.zeros(shape, device=device)
-    std = dims.init_std
+    std = dims.init_std * init_std_scale(name, len(shape), dims)
     if name.endswith(("o_proj.weight", "down_proj.weight")):
         std /= math.sqrt(2 * dims.n_layers)
     generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))

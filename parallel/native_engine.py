@@ -41,6 +41,7 @@ from parallel.fsdp import shard_data_parallel
 from parallel.launch import RankEnv
 from parallel.megatron_tp import VocabParallelLoss
 from parallel.model import ModelDims, build_model, cross_entropy, init_parameter
+from parallel.mup import hidden_lr_scale
 from parallel.optim import build_optimizer, build_param_groups, build_scheduler, set_schedule_step
 from parallel.parallel_dims import ParallelDims
 from parallel.parallelize import Parallelized, Techniques, parallelize_model
@@ -95,8 +96,9 @@ class NativeEngine:
             else contextlib.nullcontext
         self._materialize(spec.schedule.seed)
         self.params = [q for q in model.parameters()]
-        self.optimizer = build_optimizer(build_param_groups(model.named_parameters(), spec.optim.weight_decay),
-                                         spec.optim, device)
+        groups = build_param_groups(model.named_parameters(), spec.optim.weight_decay,
+                                    hidden_lr_scale(self.model_dims))
+        self.optimizer = build_optimizer(groups, spec.optim, device)
         self.scheduler = build_scheduler(self.optimizer, spec.optim, spec.schedule)
         if self.pipelined:
             from parallel.native_pipeline import build_schedule

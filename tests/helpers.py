@@ -17,6 +17,7 @@ from orchestrator.spec import ModelConfig
 from orchestrator.validate import parse_spec
 from parallel.materialize import materialize_model
 from parallel.model import build_model, cross_entropy
+from parallel.mup import hidden_lr_scale
 from parallel.optim import build_optimizer, build_param_groups, build_scheduler
 from tests.parallel.layout_worker import TINY, fixed_tokens
 
@@ -75,8 +76,8 @@ def reference_run(overrides: list[str]) -> dict:
     spec = parse_spec(TINY, overrides=overrides)
     model = build_model(spec.model)
     materialize_model(model, spec.schedule.seed, torch.device("cpu"))
-    optimizer = build_optimizer(build_param_groups(model.named_parameters(), spec.optim.weight_decay), spec.optim,
-                                torch.device("cpu"))
+    groups = build_param_groups(model.named_parameters(), spec.optim.weight_decay, hidden_lr_scale(model.dims))
+    optimizer = build_optimizer(groups, spec.optim, torch.device("cpu"))
     scheduler = build_scheduler(optimizer, spec.optim, spec.schedule)
     tokens = fixed_tokens(spec.schedule.steps, spec.data.seq_len, spec.model.vocab_size)
     losses = []
