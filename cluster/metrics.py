@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import socket
 import sys
@@ -81,6 +82,8 @@ LAST_STEP_TIME = _gauge("pretrain_last_step_timestamp_seconds", "Unix time at wh
 # Rank 0: one value per run.
 LOSS = _gauge("pretrain_loss", "training loss of the last step (mean over the global batch)")
 EVAL_LOSS = _gauge("pretrain_eval_loss", "validation loss of the last evaluation")
+EVAL_SCORE = _gauge("pretrain_eval_score", "a downstream task's metric at the last in-loop evaluation "
+                    "(lm-evaluation-harness; e.g. task hellaswag, metric acc_norm)", ("run", "task", "metric"))
 LEARNING_RATE = _gauge("pretrain_learning_rate", "learning rate of the last step")
 GRAD_NORM = _gauge("pretrain_grad_norm", "global gradient norm of the last step, before clipping")
 MFU = _gauge("pretrain_mfu_ratio", "model FLOP utilisation of the last step: achieved / (devices × metrics.peak_flops)")
@@ -281,8 +284,13 @@ class RankExporter(BaseCallback):
         self.store.update(values, **self._rank_labels)
 
     def on_eval(self, stats: EvalStats) -> None:
-        if self.rank == 0:
+        if self.rank != 0:
+            return
+        if not math.isnan(stats.loss):  # nan: this evaluation ran only downstream tasks; the last loss stands
             self.store.set(EVAL_LOSS, stats.loss, run=self.run)
+        for key, value in stats.scores.items():
+            task, _, metric = key.rpartition("/")
+            self.store.set(EVAL_SCORE, value, run=self.run, task=task, metric=metric)
 
     def on_checkpoint(self, stats: CheckpointStats) -> None:
         if self.rank == 0:

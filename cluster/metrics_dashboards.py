@@ -59,6 +59,8 @@ TRAINING = Dashboard("pretrain-training", "pretrain / training", (
     Panel("Tokens trained", ((f"{m.TOKENS.name}{{{RUN}}}", "{{run}}"),), unit="short", kind="stat", width=6),
     Panel("Restarts", ((f"{m.RESTARTS.name}{{{RUN}}}", "{{run}}"),), kind="stat", width=6),
     Panel("Loss", ((f"{m.LOSS.name}{{{RUN}}}", "train {{run}}"), (f"{m.EVAL_LOSS.name}{{{RUN}}}", "eval {{run}}"))),
+    Panel("Downstream evaluation", ((f"{m.EVAL_SCORE.name}{{{RUN}}}", "{{run}} {{task}} {{metric}}"),),
+          description="lm-evaluation-harness scores of the in-loop evaluation, by task and metric"),
     Panel("Learning rate", ((f"{m.LEARNING_RATE.name}{{{RUN}}}", "{{run}}"),)),
     Panel("Throughput", ((_by_run(m.TOKENS_PER_SECOND, RANK, "sum"), "{{run}}"),
                          (f"rate({m.TOKENS.name}{{{RUN}}}[$__rate_interval])", "{{run}} (from tokens_total)")),
