@@ -35,6 +35,7 @@ from torch.distributed.tensor.parallel import (
 )
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
+from parallel.lora import lora_tp_plan
 from parallel.model import Transformer
 
 
@@ -58,7 +59,8 @@ def apply_dtensor_tp(model: Transformer, blocks: Iterable[nn.Module], mesh: Devi
         # Both are Shard(0) over the vocabulary; parallelize_module made two parameters of the one weight.
         model.lm_head.weight = model.embed_tokens.weight
     for block in blocks:
-        parallelize_module(block, mesh, _block_plan(block, model.dims.qk_norm, residual, sequence_parallel))
+        plan = _block_plan(block, model.dims.qk_norm, residual, sequence_parallel)
+        parallelize_module(block, mesh, lora_tp_plan(block, plan))
 
 
 class FeatureShardedNorm(ParallelStyle):

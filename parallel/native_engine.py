@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -39,8 +39,9 @@ from parallel.engine import MakeOnce, StepResult, device_pairs, gather_full_stat
 from parallel.float8 import after_optimizer_step
 from parallel.fsdp import shard_data_parallel
 from parallel.launch import RankEnv
+from parallel.lora import initial_value, is_adapter
 from parallel.megatron_tp import VocabParallelLoss
-from parallel.model import ModelDims, build_model, cross_entropy, init_parameter
+from parallel.model import ModelDims, build_model, cross_entropy
 from parallel.mup import hidden_lr_scale
 from parallel.optim import build_optimizer, build_param_groups, build_scheduler, set_schedule_step
 from parallel.parallel_dims import ParallelDims
@@ -107,6 +108,9 @@ class NativeEngine:
                 self.stages, dims.pp_rank, dims.pp, p.pp_schedule, p.grad_accum, self.loss_fn, device, dims.group("pp"))
         self._pending_save = None
         self._save_group = None
+        # Under LoRA a checkpoint holds what trains (adapters and their optimizer state); the frozen model is
+        # checkpoint.init_from's, reloaded on resume (`parallel.lora_base`).
+        self._state_options = StateDictOptions(ignore_frozen_params=spec.model.lora.rank > 0)
 
     @torch.no_grad()
     def _materialize(self, seed: int) -> None:
@@ -115,7 +119,7 @@ class NativeEngine:
         if tied and not self.sharded:
             self.model.lm_head.weight = self.model.embed_tokens.weight  # to_empty made two tensors of the one
         for name, param in self.model.named_parameters():
-            value = init_parameter(name, tuple(param.shape), self.model_dims, seed, self.device)
+            value = initial_value(name, tuple(param.shape), self.model_dims, seed, self.device)
             if isinstance(param, DTensor):
                 # Every rank computes the same full value and keeps its own shard: no communication.
                 value = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
@@ -214,7 +218,7 @@ class NativeEngine:
         """Stage this rank's shards in host memory and write them in the background (DCP); `wait_saved` joins."""
         self.wait_saved()
         os.makedirs(directory, exist_ok=True)
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        model_state, optim_state = get_state_dict(self.model, self.optimizer, options=self._state_options)
         state = {"model": model_state, "optim": optim_state}
         if self.device.type == "cpu":
             # DCP stages by copying to host memory, which for host tensors is no copy: training would overwrite them.
@@ -253,10 +257,11 @@ class NativeEngine:
         path = os.path.join(directory, ENGINE_STATE)
         if not os.path.exists(path) or not os.path.isdir(os.path.join(directory, DCP_DIR)):
             raise CheckpointError(f"{directory}: no native checkpoint ({DCP_DIR}/ and {ENGINE_STATE}) to load")
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        model_state, optim_state = get_state_dict(self.model, self.optimizer, options=self._state_options)
         state = {"model": model_state, "optim": optim_state}
         dcp.load(state, checkpoint_id=os.path.join(directory, DCP_DIR))
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=self._state_options)
         extra = torch.load(path, weights_only=False)
         self.scheduler.load_state_dict(extra["scheduler"])
         return extra["client_state"]
@@ -273,6 +278,8 @@ class NativeEngine:
     @torch.no_grad()
     def load_full_state_dict(self, state: dict[str, torch.Tensor], step: int | None = None) -> None:
         for name, param in self.model.named_parameters():
+            if name not in state and is_adapter(name):
+                continue  # a model's weights without adapters (a LoRA run's base): the adapters stay as they are
             value = state[name].to(self.device, param.dtype)
             if isinstance(param, DTensor):
                 value = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)

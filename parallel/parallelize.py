@@ -3,7 +3,8 @@
 The model (`parallel.model`) knows nothing of parallelism; this module changes a freshly built one, still on the
 meta device, in this order:
 
-  0. float8 linear layers in the blocks (`parallel.float8`, native engine only), before anything wraps them;
+  0. LoRA adapters on the blocks' projections (`parallel.lora`, native engine only), and float8 linear layers in
+     the blocks (`parallel.float8`, native engine only), before anything wraps them;
   1. tensor parallelism (tp > 1): the engine's technique shards the linears, the embedding and the lm_head, and
      gives the loss over vocabulary-sharded logits;
   2. activation checkpointing of each block (`parallel.activation_checkpoint`);
@@ -11,7 +12,9 @@ meta device, in this order:
      region; skipped under ZeRO-3 where the engine's sharding hooks into the blocks (`compile_under_zero3`);
   4. pipeline split (pp > 1): the engine's technique keeps this rank's stages (after 1-3, which act per module, so
      a stage's parts arrive already sharded, checkpointed and compiled);
-  5. data-parallel sharding (dp > 1) of blocks, then roots, where the engine shards the model itself (FSDP2); the
+  5. under LoRA, every parameter but the adapters frozen (here, as tensor parallelism's plans replace parameters),
+     so that FSDP shards the frozen ones without gradients or optimizer state;
+  6. data-parallel sharding (dp > 1) of blocks, then roots, where the engine shards the model itself (FSDP2); the
      DeepSpeed engine's ZeRO comes from `deepspeed.initialize`, once the optimizer exists.
 
 What differs between engines is handed in as `Techniques`: Megatron-style layers vs DTensor plans for tp, DeepSpeed's
@@ -32,6 +35,7 @@ from orchestrator.spec import JobSpec
 from parallel.activation_checkpoint import apply_activation_checkpointing
 from parallel.compile import apply_compile
 from parallel.float8 import apply_float8
+from parallel.lora import apply_lora, freeze_base
 from parallel.model import Transformer, cross_entropy
 from parallel.parallel_dims import ParallelDims
 
@@ -71,13 +75,15 @@ class Techniques:
 
 def parallelize_model(model: Transformer, dims: ParallelDims, spec: JobSpec, techniques: Techniques,
                       device: torch.device) -> Parallelized:
-    """Apply float8, tp, activation checkpointing, compile, pp and dp to `model` (on meta) in the order of this
-    module."""
+    """Apply LoRA, float8, tp, activation checkpointing, compile, pp and dp to `model` (on meta) in the order of
+    this module."""
     p = spec.parallel
     assert model.dims.n_layers % dims.pp == 0, "orchestrator.validate guarantees the layers split over pp"
     assert not (p.sequence_parallel and dims.tp > 1 and spec.data.seq_len % dims.tp), \
         "orchestrator.validate guarantees the sequence splits over tp under sequence parallelism"
     state = Parallelized(model=model, device=device, blocks=list(model.layers), roots=[model], module=model)
+    if spec.model.lora.rank:
+        apply_lora(model, spec.model.lora, spec.checkpoint.init_from)
     if p.float8 != "none":
         apply_float8(state.blocks, p.float8, fsdp=dims.dp > 1, emulate=device.type != "cuda")
     if dims.tp > 1:
@@ -87,6 +93,8 @@ def parallelize_model(model: Transformer, dims: ParallelDims, spec: JobSpec, tec
         apply_compile(state.blocks)
     if dims.pp > 1:
         techniques.pipeline(state, dims, spec)
+    if spec.model.lora.rank:
+        freeze_base(state.model)
     if dims.dp > 1 and techniques.data_parallel is not None:
         techniques.data_parallel(state, dims, spec)
     return state
