@@ -160,6 +160,21 @@ class DeepSpeedEngine:
         self.ds.train()
         return loss
 
+    @torch.no_grad()
+    def forward_logits(self, tokens: torch.Tensor, caches: list | None = None) -> torch.Tensor:
+        """This rank's logits [batch, seq, vocab / tp] of a forward without gradients (downstream evaluation);
+        `caches`: `KVCache`s of this rank's heads. Collective over tp, and over dp under ZeRO-3: every peer calls
+        it as often. The pipeline engine runs a schedule, not a forward: refused."""
+        if self.pipelined:
+            raise ValueError("forward_logits: a pipelined layout has no single forward")
+        self.ds.eval()
+        logits = self.ds(tokens, caches)
+        self.ds.train()
+        return logits
+
+    def end_forwards(self) -> None:
+        """Nothing stays gathered after a forward here (ZeRO-3 releases each module's parameters itself)."""
+
     # ------------------------------------------------------------------------------------------ state
 
     def save(self, directory: str, client_state: dict[str, Any] | None = None) -> None:

@@ -51,6 +51,15 @@ class Engine(Protocol):
 
     def eval_loss(self, micro_batches: list[torch.Tensor]) -> torch.Tensor: ...
 
+    def forward_logits(self, tokens: torch.Tensor, caches: list | None = None) -> torch.Tensor:
+        """This rank's logits of a forward without gradients, vocabulary-sharded under tp (downstream evaluation,
+        `parallel.lm_eval_adapter`); collective, so every peer calls it as often. Not under pipelining."""
+        ...
+
+    def end_forwards(self) -> None:
+        """Free what `forward_logits` left gathered."""
+        ...
+
     def save(self, directory: str, client_state: dict[str, Any] | None = None) -> None:
         """Start writing this rank's state (and `client_state`) into `directory`; collective."""
         ...

@@ -170,6 +170,20 @@ class NativeEngine:
         self._reshard()
         return mean_over_dp(loss, self.dims)
 
+    @torch.no_grad()
+    def forward_logits(self, tokens: torch.Tensor, caches: list | None = None) -> torch.Tensor:
+        """This rank's logits [batch, seq, vocab / tp] of a forward without gradients (downstream evaluation);
+        `caches`: `KVCache`s of this rank's heads. Collective over tp, and over dp where parameters are sharded:
+        every peer calls it as often. A pipeline runs a schedule, not a forward: refused."""
+        if self.pipelined:
+            raise ValueError("forward_logits: a pipelined layout has no single forward")
+        with self._autocast():
+            return self.model(tokens, caches)
+
+    def end_forwards(self) -> None:
+        """Free what the forwards of `forward_logits` left gathered."""
+        self._reshard()
+
     def _run_pipeline(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], train: bool) -> torch.Tensor:
         """One pass of the schedule over the micro-batches; the mean loss, on every stage."""
         args = (torch.cat([x for x, _ in pairs]),) if self.first_stage else ()
