@@ -19,7 +19,7 @@ from orchestrator import config_parser
 from orchestrator.config_parser import WRITTEN_FILE_BOUNDS, leaf_fields, load_json, parse_config
 from orchestrator.errors import Problem, SpecError
 from orchestrator.presets import apply_preset
-from orchestrator.spec import TRACKERS_INSTALL, JobSpec, ModelConfig
+from orchestrator.spec import LORA_TARGETS, TRACKERS_INSTALL, JobSpec, ModelConfig
 
 # Padding independent of tp, so a run resumed under another tensor-parallel size keeps the same vocabulary.
 VOCAB_PAD = 1024
@@ -374,6 +374,38 @@ def _trackers_installed(spec: JobSpec, _: Any) -> list[Problem]:
         return [Problem("metrics.loggers", f"{', '.join(missing)} named but not installed here: {TRACKERS_INSTALL}, "
                         "or take it out of the list")]
     return []
+
+
+@rule("model.lora.rank", "model.lora.targets", "model.dim", "parallel.backend", "parallel.float8",
+      "model.parametrization")
+def _lora_where_it_runs(spec: JobSpec, _: Any) -> list[Problem]:
+    """Adapters go on the projections the model has, on the native engine, in plain (bf16/fp32) linear layers of the
+    standard parametrization (`parallel.lora`)."""
+    lora, m, p = spec.model.lora, spec.model, spec.parallel
+    names = [t.strip() for t in lora.targets.split(",") if t.strip()]
+    unknown = [t for t in names if t not in LORA_TARGETS]
+    out = []
+    if unknown:
+        out.append(Problem("model.lora.targets", f"{', '.join(map(repr, unknown))} not a projection of the model; "
+                           f"allowed: {', '.join(LORA_TARGETS)}"))
+    if not lora.rank:
+        return out
+    if not names:
+        out.append(Problem("model.lora.targets", f"empty with model.lora.rank={lora.rank}: name the projections that "
+                           f"get adapters, of {', '.join(LORA_TARGETS)}"))
+    if lora.rank > m.dim:
+        out.append(Problem("model.lora.rank", f"{lora.rank} is above model.dim={m.dim}: an update of that rank is a "
+                           "full one; use a rank well below dim, or train every weight (rank 0)"))
+    if p.backend != "native":
+        out.append(Problem("model.lora.rank", f"{lora.rank} needs parallel.backend=native (the spec runs "
+                           f"{p.backend}); DeepSpeed's engine trains every weight"))
+    if p.float8 != "none":
+        out.append(Problem("parallel.float8", f"{p.float8} with model.lora.rank={lora.rank}: the adapted projections "
+                           "are not float8 layers; set float8=none"))
+    if m.parametrization != "standard":
+        out.append(Problem("model.lora.rank", f"{lora.rank} with model.parametrization={m.parametrization}: adapters "
+                           "continue an imported model, which is in the standard parametrization"))
+    return out
 
 
 @rule("parallel.global_batch_size", "parallel.micro_batch_size", "parallel.grad_accum", "parallel.dp",

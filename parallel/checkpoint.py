@@ -41,6 +41,7 @@ from parallel.callbacks import CheckpointStats
 from parallel.engine import Engine
 from parallel.hf_origin import keep_origin
 from parallel.launch import barrier
+from parallel.lora_base import record_base
 from parallel.parallel_dims import ParallelDims
 from parallel.storage import Storage, local_sha256
 
@@ -165,6 +166,7 @@ class Checkpointer:
                 f.write(text + "\n")
         # A run started from a Hugging Face model carries its tokenizer and special tokens (parallel.hf_origin).
         kept = keep_origin(self.spec.checkpoint.init_from, job.local, self.storage.local_path())
+        kept += record_base(self.spec, job.local)  # a LoRA run's adapters name the frozen model they adapt
         return [os.path.join(job.local, file) for file in texts] + kept
 
     def _commit(self, job: _SaveJob) -> None:

@@ -174,7 +174,7 @@ class HFWeights(Mapping[str, torch.Tensor]):
         return len(self._files)
 
 
-def _weight_files(directory: str) -> list[str]:
+def weight_files(directory: str) -> list[str]:
     index = os.path.join(directory, INDEX)
     if os.path.isfile(index):
         document = load_json(index, error=UserError)
@@ -208,7 +208,7 @@ def open_hf_weights(directory: str, dims: ModelDims | None = None) -> HFWeights:
     wanted = expected_shapes(found)
     files: dict[str, str] = {}
     hf_names: dict[str, str] = {}
-    for path in _weight_files(directory):
+    for path in weight_files(directory):
         if not os.path.isfile(path):
             raise UserError(f"{path}: missing, listed in {INDEX}")
         try:

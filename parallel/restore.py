@@ -22,6 +22,7 @@ from orchestrator.spec import JobSpec
 from parallel import checkpoint_layout as names
 from parallel.checkpoint import Checkpointer
 from parallel.engine import Engine
+from parallel.lora_base import check_same_base, load_base
 
 
 @dataclass
@@ -44,12 +45,14 @@ def open_checkpoint(checkpointer: Checkpointer, name: str) -> Opened:
         local = checkpointer.staging(f"resume-{name}")
         checkpointer.storage.download(local, name)
     check_same_model(os.path.join(local, names.SPEC_FILE), checkpointer.spec)
+    check_same_base(local, checkpointer.spec)
     return Opened(name=name, local=local, layout=names.read_layout(os.path.join(local, names.LAYOUT_FILE)))
 
 
 def load_engine(checkpointer: Checkpointer, engine: Engine, opened: Opened) -> None:
     """The engine state of a checkpoint of this run's backend, in whatever layout it was written; what a change of
     layout derives (a converted copy) is kept beside the checkpoints."""
+    load_base(checkpointer.spec, engine)  # a LoRA checkpoint's adapters go on top of its frozen model
     engine.load(opened.engine_dir, opened.layout, lambda *how: checkpointer.make_once(opened.name, *how))
 
 

@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="weights' dtype (default: bfloat16 for a run trained in bf16, else float32)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB")
+    parser.add_argument("--lora-adapter", action="store_true",
+                        help="of a model.lora run: write a PEFT adapter directory (adapter_config.json, "
+                        "adapter_model.safetensors) for the imported model instead of merging the adapters")
 
 
 def check_output(output: str) -> None:
@@ -43,7 +46,7 @@ def check_output(output: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from orchestrator.validate import load_spec
-    from parallel.consolidate import HFWriter, consolidate, find_checkpoint, saved_layout
+    from parallel.consolidate import consolidate, find_checkpoint, saved_layout
     from parallel.hf import parse_dtype
     from parallel.hf_origin import export_settings
 
@@ -53,16 +56,17 @@ def run(args: argparse.Namespace) -> int:
     spec = load_spec(os.path.join(step_dir, "spec.yaml"))
     dtype = parse_dtype(args.dtype or ("bfloat16" if spec.parallel.precision == "bf16" else "float32"))
     how = export_settings(spec, step_dir, dtype=dtype, max_shard_bytes=max_shard)
+    partial = os.path.abspath(args.output.rstrip("/") + ".partial")
+    write = _writer(args.lora_adapter, spec, step_dir, partial, how)
     if how.origin is not None:
         print(f"pretrain export: with the tokenizer, special tokens and context of {spec.checkpoint.init_from} "
               f"(kept in {how.origin})", file=sys.stderr)
     elif how.tokenizer is None:
         print(f"pretrain export: no tokenizer at data.path={spec.data.path!r}; exporting the model without one",
               file=sys.stderr)
-    partial = os.path.abspath(args.output.rstrip("/") + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        consolidate(spec, step_dir, HFWriter(partial, how))
+        consolidate(spec, step_dir, write)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -74,3 +78,22 @@ def run(args: argparse.Namespace) -> int:
     print(f"pretrain export: {step_dir} (step {layout.get('step')}, dp={layout['dp']} pp={layout['pp']} "
           f"tp={layout['tp']} ZeRO-{layout['zero_stage']}) → {args.output}: {files}")
     return 0
+
+
+def _writer(adapter: bool, spec, step_dir: str, directory: str, how):
+    """What rank 0 writes: the model (a LoRA run's adapters merged into it), or with --lora-adapter, the adapters
+    in PEFT's format for the imported model (`parallel.lora_export`)."""
+    from parallel.consolidate import HFWriter
+    from parallel.lora_export import MergedHFWriter, PeftAdapterWriter
+
+    lora, base = spec.model.lora, spec.checkpoint.init_from
+    if not adapter:
+        return MergedHFWriter(directory, how, lora) if lora.rank else HFWriter(directory, how)
+    if not lora.rank:
+        raise UserError(f"--lora-adapter: {step_dir} is a checkpoint of a run without adapters (model.lora.rank=0); "
+                        "export it without --lora-adapter")
+    if not base:
+        raise UserError(f"--lora-adapter: the adapters of {step_dir} were trained on random weights (no "
+                        "checkpoint.init_from), which no adapter directory can name; export without --lora-adapter "
+                        "to merge them")
+    return PeftAdapterWriter(directory, lora, os.path.abspath(base), how.dtype)
