@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_model(spec) -> None:
-    from orchestrator.planner.counting import count_params, flops_per_token
+    from orchestrator.planner.counting import count_params, flops_per_token, lora_params
     from orchestrator.planner.scaling import TOKENS_PER_PARAM
 
     count = count_params(spec.model)
@@ -58,6 +58,11 @@ def print_model(spec) -> None:
           f"{flops / 1e9:.3g} GFLOP per training token at seq_len {spec.data.seq_len}")
     print(f"compute-optimal data (Chinchilla, 20 tokens per parameter): {_n(optimal_tokens)} tokens, "
           f"{flops * optimal_tokens:.3g} FLOPs")
+    if m.lora.rank:
+        trained = lora_params(m)[0]
+        print(f"LoRA rank {m.lora.rank} (alpha {m.lora.alpha:g}) on {m.lora.targets}: {_n(trained)} trainable "
+              f"parameters, {100 * trained / count.total:.2g}% of the model; the rest frozen, with no gradients or "
+              "optimizer state")
 
 
 def print_spec_layout(spec, gpus: int, per_node: int, mem: int) -> None:

@@ -100,6 +100,34 @@ def stage_params(model: ModelConfig, pp: int = 1, tp: int = 1) -> list[int]:
     return per_stage
 
 
+def lora_params(model: ModelConfig, pp: int = 1, tp: int = 1) -> list[int]:
+    """Adapter parameters (`model.lora`) held by one rank of each pipeline stage: what a LoRA run trains, and all
+    it keeps gradients and Adam moments for.
+
+    Each targeted projection (in → out features) gets A (rank × in) and B (out × rank). Split as
+    `parallel.lora` splits them over tp: a column-parallel projection (q/k/v, gate/up) keeps A whole and splits B,
+    a row-parallel one (o_proj, down_proj) splits A and keeps B whole.
+    """
+    check_resolved(model)
+    rank = model.lora.rank
+    if not rank:
+        return [0] * pp
+    q, kv = attention_widths(model)
+    d, f = model.dim, model.ffn_dim
+    # name → (in, out, column-parallel)
+    shapes = {"q_proj": (d, q, True), "k_proj": (d, kv, True), "v_proj": (d, kv, True), "o_proj": (q, d, False),
+              "gate_proj": (d, f, True), "up_proj": (d, f, True), "down_proj": (f, d, False)}
+    targets = {t.strip() for t in model.lora.targets.split(",")}
+    layer = sum(rank * n_in + rank * n_out // tp if column else rank * n_in // tp + rank * n_out
+                for name, (n_in, n_out, column) in shapes.items() if name in targets)
+    return [model.n_layers // pp * layer] * pp
+
+
+def trainable_params(model: ModelConfig, pp: int = 1, tp: int = 1) -> list[int]:
+    """Parameters one rank of each stage trains: the adapters under LoRA, else every one it holds."""
+    return lora_params(model, pp, tp) if model.lora.rank else stage_params(model, pp, tp)
+
+
 def flops_per_token(model: ModelConfig, seq_len: int) -> float:
     """Training FLOPs (forward and backward) per token, without activation recomputation."""
     from parallel.model import ModelDims

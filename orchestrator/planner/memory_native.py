@@ -14,6 +14,10 @@ eager autograd: inductor fuses each norm and RoPE into the kernels around them, 
 attention q, k, v and its output, SwiGLU gate, up and the product into down_proj; the fused loss keeps the bf16
 logits, the fp32 gradient of the softmax and the bf16 gradient into lm_head (8 bytes a logit against eager's 12).
 
+Under LoRA (`model.lora`) the model's weights are frozen: they are held (fp32 shards, gathered as above) with no
+gradients or moments; only the adapters (`counting.lora_params`) have an fp32 gradient and Adam's two fp32 moments.
+Activations are counted as without adapters (each adapted projection also keeps its rank-wide A·x, under 1%).
+
 Float8 (`parallel.float8`) changes no term: its weights and master copies stay bf16/fp32, and the float8 casts it
 saves for backward replace bf16 activations of no larger size (measured at 8B: tensorwise 81.1 GiB, rowwise 76.6,
 bf16 81.4).
@@ -27,7 +31,7 @@ recipe, tp2 with sequence parallelism and pp2 1F1B are all within 10% (the large
 
 from __future__ import annotations
 
-from orchestrator.planner.counting import attention_widths, count_params, stage_params
+from orchestrator.planner.counting import attention_widths, count_params, lora_params, stage_params, trainable_params
 from orchestrator.planner.memory import MemoryBreakdown, activation_bytes, norm_elements, saved_qkv
 from orchestrator.spec import JobSpec, ModelConfig, ParallelConfig
 
@@ -38,8 +42,10 @@ IN_FLIGHT_BLOCKS = 2  # ZeRO-3: the block computing and the one FSDP2 prefetches
 def native_memory(spec: JobSpec, p: ParallelConfig) -> MemoryBreakdown:
     """Peak bytes per GPU of the native engine: the fullest pipeline stage's."""
     per_stage = stage_params(spec.model, p.pp, p.tp)
-    return max((_stage_memory(spec.model, spec.data.seq_len, p, s, params) for s, params in enumerate(per_stage)),
-               key=lambda b: b.allocated)
+    trained = trainable_params(spec.model, p.pp, p.tp)
+    adapters = lora_params(spec.model, p.pp, p.tp)
+    return max((_stage_memory(spec.model, spec.data.seq_len, p, s, params + adapters[s], trained[s])
+                for s, params in enumerate(per_stage)), key=lambda b: b.allocated)
 
 
 def compiled_bytes_per_token(model: ModelConfig, width: int, tp: int = 1, sequence_parallel: bool = False) -> float:
@@ -50,22 +56,23 @@ def compiled_bytes_per_token(model: ModelConfig, width: int, tp: int = 1, sequen
     return norms + (q + saved_qkv(model) + 3 * model.ffn_dim) * width / tp
 
 
-def _stage_memory(model: ModelConfig, seq_len: int, p: ParallelConfig, stage: int, params: int) -> MemoryBreakdown:
+def _stage_memory(model: ModelConfig, seq_len: int, p: ParallelConfig, stage: int, params: int,
+                  trained: int) -> MemoryBreakdown:
     mixed = p.precision == "bf16"
     width = 2 if mixed else 4
     dp = max(p.dp, 1)
     if dp == 1:
-        gradients = 4 * params
+        gradients = 4 * trained
         gathered = width * params if mixed else 0  # autocast's cached bf16 casts of the fp32 weights
     else:
-        gradients = 4 * params if p.zero_stage <= 1 else 4 * params // dp
+        gradients = 4 * trained if p.zero_stage <= 1 else 4 * trained // dp
         gathered = width * (params if p.zero_stage < 3 else _resident_when_resharding(model, p, params))
     if p.compile:
         block = compiled_bytes_per_token(model, width, p.tp, p.sequence_parallel)
         activations = activation_bytes(model, seq_len, p, stage, width, block, COMPILED_LOGIT_BYTES)
     else:
         activations = activation_bytes(model, seq_len, p, stage, width)
-    return MemoryBreakdown(weights=4 * params // dp, gradients=gradients, optimizer=8 * params // dp,
+    return MemoryBreakdown(weights=4 * params // dp, gradients=gradients, optimizer=8 * trained // dp,
                            activations=activations, overhead=gathered, stage=stage)
 
 
