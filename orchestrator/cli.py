@@ -4,6 +4,7 @@
     pretrain prep prep.yaml                           corpora → Arrow shards
     pretrain plan job.yaml --gpus 64                  memory, FLOPs and layout
     pretrain sweep sweep.yaml [--fit-only]            small runs on Ray, a scaling law fitted to them
+    pretrain branch ckpts/ --steps 2000,4000          WSD decays from a stable run's checkpoints, L(D) fitted
     pretrain train job.yaml                           one rank, torchrun-style env vars (what the controller starts)
     pretrain submit job.yaml [--address URL]          run on a Ray cluster (embedded local one without --address)
     pretrain status|logs|stop JOB_ID [--address URL]  a submitted job's state, its logs (-f to follow), stop it
@@ -35,6 +36,7 @@ COMMANDS: dict[str, tuple[str | None, str]] = {
     "prep": ("prep", "deduplicate, filter, mix and tokenize corpora into Arrow shards"),
     "plan": ("plan", "parameters, FLOPs, memory per GPU and the best layout for a spec"),
     "sweep": ("sweep", "run a grid of small models and fit a scaling law"),
+    "branch": ("branch", "WSD decays branched from a stable run: loss against tokens for several budgets"),
     "train": ("train", "run one rank of a job (torchrun-style environment variables)"),
     "submit": ("submit", "run a job on a Ray cluster (a local one when no --address)"),
     "status": ("status", "show a submitted job's state"),

@@ -1,4 +1,5 @@
-"""The scaling-law figure of a sweep: loss against tokens per model size, and the IsoFLOP view, fit drawn through."""
+"""The scaling-law figures: a sweep (loss against tokens per model size, and the IsoFLOP view, fit drawn through) and
+WSD branches (one model's loss against tokens from one stable run and its decays)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from orchestrator.planner.scaling import ScalingLaw
+from orchestrator.planner.scaling import ScalingLaw, TokenLaw
 
 
 def plot_sweep(path: str | os.PathLike, params: Sequence[float], tokens: Sequence[float], losses: Sequence[float],
@@ -48,6 +49,38 @@ def plot_sweep(path: str | os.PathLike, params: Sequence[float], tokens: Sequenc
     right.legend(fontsize=8)
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_branches(path: str | os.PathLike, stable: tuple[Sequence[float], Sequence[float]],
+                  decays: Sequence[tuple[Sequence[float], Sequence[float]]], tokens: Sequence[float],
+                  losses: Sequence[float], law: TokenLaw | None, title: str = "") -> None:
+    """Write a PNG of WSD branches: the stable run's training loss, each branch's decay, the branches' final
+    losses against their tokens and the L(D) fitted through them (none with fewer than three branches)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tokens, losses = np.asarray(tokens, dtype=float), np.asarray(losses, dtype=float)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    ax.plot(*stable, color="0.6", linewidth=1, label="stable run (training loss)")
+    colors = plt.cm.viridis(np.linspace(0, 0.9, len(decays)))
+    for (d, loss), color in zip(decays, colors, strict=True):
+        ax.plot(d, loss, color=color, linewidth=1.2)
+    ax.scatter(tokens, losses, color=colors, edgecolors="k", zorder=3, label="branch: final loss")
+    if law is not None:
+        grid = np.logspace(np.log10(tokens.min()) - 0.1, np.log10(tokens.max()) + 0.3, 100)
+        ax.plot(grid, law.loss(grid), color="tab:red", linestyle="--",
+                label=f"fit: L = {law.E:.3f} + {law.B:.3g}/D^{law.beta:.3f}")
+    ax.set(xscale="log", xlabel="training tokens D", ylabel="loss")
+    low, high = min(losses.min(), min(np.min(loss) for _, loss in decays)), losses.max()
+    ax.set_ylim(low - 0.3 * (high - low + 0.1), high + 1.5 * (high - low + 0.1))
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

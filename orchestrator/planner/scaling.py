@@ -54,6 +54,51 @@ class ScalingLaw:
 CHINCHILLA = ScalingLaw(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
 
 
+@dataclass(frozen=True)
+class TokenLaw:
+    """L(D) = E + B / D^β: loss against training tokens at one model size, the A/N^α term folded into E.
+
+    What WSD branches give: several token budgets of one model (`orchestrator.planner.wsd`)."""
+
+    E: float
+    B: float
+    beta: float
+
+    def loss(self, d: float | np.ndarray) -> float | np.ndarray:
+        return self.E + self.B / np.power(d, self.beta)
+
+
+def fit_token_law(tokens: Sequence[float], losses: Sequence[float]) -> TokenLaw:
+    """Least-squares L(D) = E + B/D^β through (tokens, loss) points of one model size.
+
+    For a fixed β the law is linear in (E, B), solved by non-negative least squares (a loss floor below zero or a
+    loss rising with data is no law); β (in (0, 3]) is the best of a grid, refined by a bounded 1-D search around it.
+    Three points of distinct token counts determine the three numbers where such a law passes through them; short
+    runs, whose loss still falls faster than any power of D, get E = 0 and the closest pure power law.
+    """
+    from scipy.optimize import minimize_scalar, nnls
+
+    d, y = np.asarray(tokens, dtype=float), np.asarray(losses, dtype=float)
+    if len(d) != len(y) or len(np.unique(d)) < 3 or not (np.all(np.isfinite(y)) and np.all(d > 0)):
+        raise UserError(f"a loss-vs-tokens fit needs at least 3 distinct positive token counts with finite losses; "
+                        f"got {len(np.unique(d))} distinct of {len(d)}")
+    scale = float(np.exp(np.mean(np.log(d))))  # D / its geometric mean keeps D^-β near 1 for every β
+
+    def solve(beta: float) -> tuple[float, np.ndarray]:
+        design = np.stack([np.ones_like(d), (d / scale) ** -beta], axis=1)
+        coef, norm = nnls(design, y)
+        return float(norm**2), coef
+
+    grid = np.linspace(0.01, 3.0, 300)
+    i = int(np.argmin([solve(b)[0] for b in grid]))
+    step = grid[1] - grid[0]
+    best = minimize_scalar(lambda b: solve(b)[0], bounds=(max(1e-3, grid[i] - step), grid[i] + step),
+                           method="bounded", options={"xatol": 1e-9})
+    beta = float(best.x)
+    e, b = solve(beta)[1]
+    return TokenLaw(E=float(e), B=float(b) * scale**beta, beta=beta)
+
+
 def chinchilla_optimal(flops: float) -> tuple[float, float]:
     """(N, D) by the 20-tokens-per-parameter rule: C = 6·N·(20·N)."""
     n = math.sqrt(flops / (6 * TOKENS_PER_PARAM))
