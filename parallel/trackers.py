@@ -1,0 +1,365 @@
+"""Experiment trackers: the run's scalars in TensorBoard, Weights & Biases and MLflow, beside Prometheus.
+
+    metrics: {loggers: [prometheus, tensorboard, wandb, mlflow]}
+
+Each tracker gets the scalars the Prometheus exporters publish, under the same names (`cluster.metrics`), at the
+optimizer step they belong to, with the run's name and its resolved spec as the tracker run's config:
+`pretrain_loss`, `pretrain_learning_rate`, `pretrain_grad_norm`, `pretrain_tokens_per_second` (the run's; the
+exporters' per-rank series sum to it), `pretrain_tokens_total`, `pretrain_mfu_ratio` (on accelerators),
+`pretrain_gpu_memory_bytes` and `pretrain_step_duration_seconds` / `pretrain_step_busy_seconds` (rank 0's),
+`pretrain_eval_loss`, `pretrain_eval_score/<task>/<metric>` (Prometheus: `pretrain_eval_score{task, metric}`) and
+`pretrain_checkpoint_duration_seconds`.
+
+Rank 0 alone writes, and never on the loop's time: a hook turns its record into `(step, {name: value})` and appends
+it to a queue of `QUEUE_RECORDS` that one background thread empties into every tracker. A tracker that falls that
+far behind loses the oldest records rather than stalling the step (counted in `dropped`, and logged when the first
+is lost and at the end); `close` drains what is queued, then closes the trackers, which flush. A tracker that fails
+mid-run is logged and left out; the run goes on.
+
+Resuming: the tracker runs' ids live in `<checkpoint.dir>/trackers.json` (written whole or not at all), and a resumed
+run continues the same tracker runs: TensorBoard writes to the same directory with `purge_step` at the first step
+trained again, so the replayed steps replace the ones the crash left; W&B resumes its run id (`resume="allow"`; in
+offline mode each attempt is a directory of its own under the same id, which `wandb sync` joins); MLflow reopens its
+run and skips the steps it already holds (it cannot replace a value).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+import yaml
+
+from orchestrator.errors import UserError
+from orchestrator.spec import TRACKERS_INSTALL, JobSpec, spec_to_yaml
+from parallel.callbacks import BaseCallback, CheckpointStats, EvalStats, StepStats
+from parallel.storage import Storage
+
+log = logging.getLogger(__name__)
+
+QUEUE_RECORDS = 10_000  # hours of steps at any realistic step time: only a tracker that hangs loses records
+CLOSE_TIMEOUT_S = 120.0
+IDS_FILE = "trackers.json"
+Scalars = dict[str, float]
+
+
+# ---------------------------------------------------------------------------------------------- names
+
+
+def step_scalars(stats: StepStats) -> Scalars:
+    out = {
+        "pretrain_loss": stats.loss, "pretrain_learning_rate": stats.lr, "pretrain_grad_norm": stats.grad_norm,
+        "pretrain_tokens_per_second": stats.tokens_per_second, "pretrain_tokens_total": stats.total_tokens,
+        "pretrain_step_duration_seconds": stats.step_seconds, "pretrain_gpu_memory_bytes": stats.memory_peak_bytes,
+    }
+    if stats.mfu is not None:
+        out["pretrain_mfu_ratio"] = stats.mfu
+    if stats.busy_seconds is not None:
+        out["pretrain_step_busy_seconds"] = stats.busy_seconds
+    return out
+
+
+def eval_scalars(stats: EvalStats) -> Scalars:
+    out = {} if math.isnan(stats.loss) else {"pretrain_eval_loss": stats.loss}
+    out.update({score_name(key): value for key, value in stats.scores.items()})
+    return out
+
+
+def score_name(key: str) -> str:
+    """`pretrain_eval_score/<task>/<metric>` for a score keyed "task/metric"; characters a tracker refuses in a name
+    (MLflow takes letters, digits, `_ - . /` and spaces) become `_`, so lm-eval's "acc,none" is "acc_none"."""
+    task, _, metric = key.rpartition("/")
+    return "/".join(["pretrain_eval_score"] + [re.sub(r"[^\w.\- ]", "_", part).strip(". ") or "_"
+                                               for part in (task, metric)])
+
+
+# ---------------------------------------------------------------------------------------------- writers
+
+
+class TensorBoardWriter:
+    """Event files in one directory per run; a resumed run purges the steps it trains again."""
+
+    name = "tensorboard"
+
+    def __init__(self, directory: str, start: int, run: str, config_yaml: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(directory, purge_step=start + 1, flush_secs=30)
+        self.writer.add_text("run", run, start)
+        self.writer.add_text("spec", "```yaml\n" + config_yaml + "```", start)
+        self.id = None
+
+    def write(self, step: int, scalars: Scalars) -> None:
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbWriter:
+    """A W&B run, offline by default (written under `directory`, uploaded later by `wandb sync`)."""
+
+    name = "wandb"
+
+    def __init__(self, spec: JobSpec, directory: str, config: Mapping[str, Any], run_id: str | None):
+        import wandb
+
+        w = spec.metrics.wandb
+        settings = wandb.Settings(console="off", silent=True, save_code=False, disable_git=True,
+                                  x_disable_stats=True)
+        self.run = wandb.init(project=w.project, entity=w.entity or None, name=spec.name, id=run_id or _new_id(),
+                              resume="allow", mode=w.mode, dir=directory, config=dict(config), settings=settings)
+        self.id = self.run.id
+        self.first = self.run.step  # online, a resumed run's next step: W&B refuses earlier ones
+
+    def write(self, step: int, scalars: Scalars) -> None:
+        if step >= self.first:
+            self.run.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MlflowWriter:
+    """An MLflow run through `MlflowClient` (thread-safe, unlike the fluent API's active run): the spec's fields as
+    params, the scalars as metrics with their step."""
+
+    name = "mlflow"
+
+    def __init__(self, spec: JobSpec, uri: str, config: Mapping[str, Any], run_id: str | None):
+        from mlflow.entities import Metric, Param
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        self._metric = Metric
+        self.client = MlflowClient(tracking_uri=uri)
+        self.first = 0
+        run = None
+        if run_id:
+            try:
+                run = self.client.get_run(run_id)
+            except MlflowException:
+                run = None  # not in this store (metrics.mlflow.uri changed): a run of its own
+        if run is None:
+            experiment = spec.metrics.mlflow.experiment
+            found = self.client.get_experiment_by_name(experiment)
+            experiment_id = found.experiment_id if found else self.client.create_experiment(
+                experiment, artifact_location=_artifacts_beside(uri))
+            run = self.client.create_run(experiment_id, run_name=spec.name)
+        else:
+            self.client.update_run(run.info.run_id, status="RUNNING")
+            history = self.client.get_metric_history(run.info.run_id, "pretrain_loss")
+            self.first = max((m.step for m in history), default=-1) + 1
+        self.id = run.info.run_id
+        held = run.data.params  # params cannot change: a resumed run adds only what is new (a changed layout stays)
+        params = [Param(k, v) for k, v in _flatten(config).items() if k not in held]
+        for i in range(0, len(params), 100):  # MLflow's limit per batch
+            self.client.log_batch(self.id, params=params[i:i + 100])
+
+    def write(self, step: int, scalars: Scalars) -> None:
+        if step >= self.first:
+            now = int(time.time() * 1000)
+            self.client.log_batch(self.id, metrics=[self._metric(k, float(v), now, step) for k, v in scalars.items()])
+
+    def close(self) -> None:
+        self.client.set_terminated(self.id)
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def _artifacts_beside(uri: str) -> str | None:
+    """A sqlite store's artifacts beside its database file (MLflow's default is ./mlruns in whatever the cwd is)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return "file://" + os.path.join(os.path.dirname(os.path.abspath(uri.removeprefix("sqlite:///"))),
+                                    "mlflow-artifacts")
+
+
+def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the callback
+
+
+class TrackerCallback(BaseCallback):
+    """Rank 0's trackers, opened when the loop starts (at the step it resumed from) and fed by a background thread.
+
+    Opening happens on the loop's thread, so a tracker that cannot start (an unwritable directory, an unreachable
+    server) stops the run with a message naming its setting before the first step, rather than silently recording
+    nothing.
+    """
+
+    def __init__(self, spec: JobSpec):
+        self.spec = spec
+        self.writers: list[Any] = []
+        self.dropped = 0
+        self._queue: deque[tuple[int, Scalars]] = deque(maxlen=QUEUE_RECORDS)
+        self._ready = threading.Condition()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+
+    def on_train_start(self, step: int, rank: int) -> None:
+        if rank != 0:
+            return
+        self.writers = open_writers(self.spec, step)
+        self._thread = threading.Thread(target=self._drain, name="trackers", daemon=True)
+        self._thread.start()
+
+    def on_step(self, stats: StepStats) -> None:
+        if stats.rank == 0:
+            self._put(stats.step, step_scalars(stats))
+
+    def on_eval(self, stats: EvalStats) -> None:
+        if stats.rank == 0:
+            self._put(stats.step, eval_scalars(stats))
+
+    def on_checkpoint(self, stats: CheckpointStats) -> None:
+        if stats.rank == 0:
+            self._put(stats.step, {"pretrain_checkpoint_duration_seconds": stats.seconds})
+
+    def _put(self, step: int, scalars: Scalars) -> None:
+        if self._thread is None or not scalars:
+            return
+        with self._ready:
+            if len(self._queue) == QUEUE_RECORDS:  # the deque drops its oldest record to take this one
+                self.dropped += 1
+                if self.dropped == 1:
+                    log.warning("trackers are %d records behind; dropping the oldest until they catch up",
+                                QUEUE_RECORDS)
+            self._queue.append((step, scalars))
+            self._ready.notify()
+
+    def _drain(self) -> None:
+        while True:
+            with self._ready:
+                self._ready.wait_for(lambda: self._queue or self._closing)
+                batch = list(self._queue)
+                self._queue.clear()
+                closing = self._closing
+            for step, scalars in batch:
+                self._write(step, scalars)
+            if closing:
+                break
+        if self.dropped:
+            log.warning("trackers dropped %d records they could not keep up with", self.dropped)
+        for writer in self.writers:
+            try:
+                writer.close()
+            except Exception as e:  # noqa: BLE001 - one tracker failing to close leaves the others to close
+                log.warning("%s: closing failed: %s", writer.name, e)
+
+    def _write(self, step: int, scalars: Scalars) -> None:
+        for writer in list(self.writers):
+            try:
+                writer.write(step, scalars)
+            except Exception as e:  # noqa: BLE001 - a tracker's failure must not end the training run
+                log.warning("%s stopped recording at step %d: %s", writer.name, step, e)
+                self.writers.remove(writer)
+
+    def close(self) -> None:
+        if self._thread is None:
+            return
+        with self._ready:
+            self._closing = True
+            self._ready.notify()
+        self._thread.join(CLOSE_TIMEOUT_S)
+        if self._thread.is_alive():
+            log.warning("trackers still writing after %.0f s; the last records may be missing", CLOSE_TIMEOUT_S)
+        self._thread = None
+
+
+# ---------------------------------------------------------------------------------------------- opening
+
+
+def tracker_callbacks(spec: JobSpec, rank: int) -> list[TrackerCallback]:
+    """The run's tracker callback on rank 0 when `metrics.loggers` names a tracker; nothing otherwise."""
+    if rank != 0 or not any(spec.metrics.uses(name) for name in ("tensorboard", "wandb", "mlflow")):
+        return []
+    missing = spec.metrics.missing_trackers()
+    if missing:
+        raise UserError(f"metrics.loggers: {', '.join(missing)} named but not installed here: {TRACKERS_INSTALL}")
+    return [TrackerCallback(spec)]
+
+
+def run_directory(spec: JobSpec) -> str:
+    """Where the trackers' files go by default: the checkpoint directory, or runs/<name> when that is remote."""
+    return os.path.join("runs", spec.name) if "://" in spec.checkpoint.dir else spec.checkpoint.dir
+
+
+def open_writers(spec: JobSpec, start: int) -> list[Any]:
+    """Open every tracker the spec names, continuing the tracker runs in trackers.json when the run resumes."""
+    m, home, storage = spec.metrics, run_directory(spec), Storage(spec.checkpoint.dir)
+    ids = read_ids(storage) if spec.checkpoint.resume else {}
+    config = yaml.safe_load(spec_to_yaml(spec))
+    writers: list[Any] = []
+    try:
+        if m.uses("tensorboard"):
+            directory = writable("metrics.tensorboard.dir", m.tensorboard.dir or os.path.join(home, "tensorboard"))
+            writers.append(TensorBoardWriter(directory, start, spec.name, spec_to_yaml(spec)))
+        if m.uses("wandb"):
+            directory = writable("metrics.wandb.dir", m.wandb.dir or home)
+            writers.append(_opened("metrics.wandb", lambda: WandbWriter(spec, directory, config, ids.get("wandb"))))
+        if m.uses("mlflow"):
+            uri = m.mlflow.uri or f"sqlite:///{os.path.abspath(os.path.join(home, 'mlflow.db'))}"
+            if uri.startswith("sqlite:///"):
+                writable("metrics.mlflow.uri", os.path.dirname(uri.removeprefix("sqlite:///")))
+            writers.append(_opened("metrics.mlflow.uri", lambda: MlflowWriter(spec, uri, config, ids.get("mlflow"))))
+        ids = {w.name: w.id for w in writers if w.id is not None}
+        if ids:  # written whole or not at all (`Storage.write_bytes`), beside the checkpoints wherever they are
+            storage.write_bytes(json.dumps(ids, indent=1).encode(), IDS_FILE)
+    except BaseException:
+        for writer in writers:
+            writer.close()
+        raise
+    return writers
+
+
+def _opened(setting: str, start: Any) -> Any:
+    """`start()`, its failure turned into one message naming the setting to look at."""
+    try:
+        return start()
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the tracker's library raises, the user sees one line
+        raise UserError(f"{setting}: the tracker could not start: {type(e).__name__}: {e}") from None
+
+
+def writable(setting: str, directory: str) -> str:
+    """`directory`, created, after checking a file can be written in it; else a message naming `setting`."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        raise UserError(f"{setting}: cannot write in {directory} ({e.strerror or e}); choose a writable "
+                        "directory") from None
+    return directory
+
+
+def read_ids(storage: Storage) -> dict[str, str]:
+    """The tracker run ids an earlier attempt of this run stored; none when there is no readable file."""
+    try:
+        ids = json.loads(storage.read_bytes(IDS_FILE))
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in ids.items() if isinstance(v, str)} if isinstance(ids, dict) else {}

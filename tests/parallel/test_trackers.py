@@ -1,0 +1,214 @@
+"""Experiment trackers: a CPU training run writes its scalars to Prometheus, TensorBoard, an offline W&B run and an
+MLflow sqlite store, each read back with that tool's own reader; a resumed run continues the same tracker runs.
+
+The W&B run file is read as W&B writes it: a LevelDB-style log of `wandb_internal_pb2.Record` protobufs (W&B's own
+message type) after a 7-byte ":W&B" header, in 32 KiB blocks whose records carry a 7-byte header each.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+from prometheus_client import generate_latest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from cluster import metrics as prometheus
+from orchestrator.errors import SpecError, UserError
+from orchestrator.validate import parse_spec
+from parallel.callbacks import EvalStats, StepStats, read_history
+from parallel.launch import RankEnv
+from parallel.storage import Storage
+from parallel.trackers import TrackerCallback, eval_scalars, read_ids, score_name, step_scalars
+from parallel.train import run
+from tests.helpers import TINY_RUN, free_port
+from tests.shards import write_shards
+
+ALL = "metrics.loggers=[prometheus,tensorboard,wandb,mlflow]"
+SCORES = {"hellaswag/acc_norm": 0.25, "arc_easy/acc,none": 0.5}
+
+
+def tracker_spec(root: Path, *overrides: str):
+    return parse_spec({"name": "tracked"}, overrides=[
+        *TINY_RUN, f"checkpoint.dir={root / 'ckpt'}", "resources.device=cpu", "resources.gpus_per_node=1",
+        "model.vocab_size=512", "parallel.precision=fp32", ALL, *overrides])
+
+
+# ---------------------------------------------------------------------------------------------- readers
+
+
+def tensorboard_scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
+    events = EventAccumulator(str(directory), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def wandb_records(path: Path) -> list:
+    from wandb.proto import wandb_internal_pb2
+
+    data, records, offset, block = path.read_bytes(), [], 7, 32768
+    assert data[:4] == b":W&B"
+    pending = b""
+    while offset + 7 <= len(data):
+        if block - offset % block < 7:  # a block's tail too short for a header is padding
+            offset += block - offset % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[offset:offset + 7])
+        pending += data[offset + 7:offset + 7 + length]
+        offset += 7 + length
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def wandb_history(run_dir: Path) -> tuple[str, dict[str, list[tuple[int, float]]]]:
+    """(run id, {name: [(step, value)]}) of one offline run directory."""
+    import json
+
+    (path,) = run_dir.glob("run-*.wandb")
+    history: dict[str, list[tuple[int, float]]] = {}
+    run_id = ""
+    for record in wandb_records(path):
+        if record.WhichOneof("record_type") == "run":
+            run_id = record.run.run_id
+        elif record.WhichOneof("record_type") == "history":
+            items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            for name, value in items.items():
+                if name.startswith("pretrain_"):
+                    history.setdefault(name, []).append((items["_step"], value))
+    return run_id, history
+
+
+def mlflow_run(root: Path, run_id: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'ckpt' / 'mlflow.db'}")
+    return client, client.get_run(run_id)
+
+
+def mlflow_history(client, run_id: str, name: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, name))
+
+
+def assert_series(got: list[tuple[int, float]], want: list[tuple[int, float]], rel: float) -> None:
+    assert [s for s, _ in got] == [s for s, _ in want]
+    assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=rel)
+
+
+# ---------------------------------------------------------------------------------------------- tests
+
+
+@pytest.fixture
+def rank_env(monkeypatch) -> RankEnv:
+    """A single rank on a free port; the torchrun variables it exports are put back after the test."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(name, "")
+    return RankEnv(master_port=free_port())
+
+
+def test_a_run_and_its_resume_write_the_same_scalars_to_every_tracker(tmp_path, rank_env, one_thread):
+    shards = write_shards(tmp_path / "shards", seq_len=64, rows=200)
+    spec = tracker_spec(tmp_path, f"data.path={shards}", "schedule.steps=4")
+    run(spec, rank_env)
+    resumed = tracker_spec(tmp_path, f"data.path={shards}", "schedule.steps=6", "schedule.eval_every=3")
+    exporter = prometheus.RankExporter.from_spec(resumed, 0, 0, advertise_host="127.0.0.1")
+    run(resumed, RankEnv(master_port=free_port()), callbacks=[exporter])
+
+    history = read_history(str(tmp_path / "ckpt" / "history.jsonl"))
+    losses = [(r["step"], r["loss"]) for r in history["step"]]
+    evals = [(r["step"], r["loss"]) for r in history["eval"]]
+    assert [s for s, _ in losses] == [1, 2, 3, 4, 5, 6] and [s for s, _ in evals] == [4, 6]
+
+    scraped = generate_latest(exporter.exporter.registry).decode()
+    assert f'pretrain_eval_loss{{run="tracked"}} {evals[-1][1]!r}' in scraped
+
+    board = tensorboard_scalars(tmp_path / "ckpt" / "tensorboard")
+    assert_series(board["pretrain_loss"], losses, rel=1e-6)  # TensorBoard keeps float32
+    assert_series(board["pretrain_eval_loss"], evals, rel=1e-6)
+    assert [s for s, _ in board["pretrain_learning_rate"]] == [1, 2, 3, 4, 5, 6]
+
+    ids = read_ids(Storage(str(tmp_path / "ckpt")))
+    runs = sorted((tmp_path / "ckpt" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2  # one directory per attempt, both the same W&B run
+    seen = [wandb_history(r) for r in runs]
+    assert {run_id for run_id, _ in seen} == {ids["wandb"]}
+    assert seen[0][1]["pretrain_loss"] + seen[1][1]["pretrain_loss"] == losses
+    assert seen[0][1]["pretrain_eval_loss"] + seen[1][1]["pretrain_eval_loss"] == evals
+
+    client, mlflow = mlflow_run(tmp_path, ids["mlflow"])
+    assert mlflow.info.run_name == "tracked" and mlflow.info.status == "FINISHED"
+    assert mlflow.data.params["schedule.steps"] == "4"  # the first attempt's spec; later ones add new keys only
+    assert mlflow.data.params["metrics.loggers"] == "prometheus,tensorboard,wandb,mlflow"
+    assert mlflow_history(client, ids["mlflow"], "pretrain_loss") == losses
+    assert mlflow_history(client, ids["mlflow"], "pretrain_eval_loss") == evals
+
+
+def test_replayed_steps_and_scores_after_a_resume(tmp_path):
+    """A crash after step 3, resumed from the checkpoint at step 2: TensorBoard keeps the replayed step 3, MLflow the
+    one it holds; W&B offline writes the replay into the attempt's own directory. Downstream scores go everywhere."""
+    spec = tracker_spec(tmp_path)
+    first = TrackerCallback(spec)
+    first.on_train_start(0, 0)
+    for n in (1, 2, 3):
+        first.on_step(step(n, 10.0 - n))
+        if n == 2:
+            first.on_eval(EvalStats(step=2, loss=math.nan, batches=0, seconds=1.0, scores=SCORES))
+    first.close()
+    again = TrackerCallback(spec)
+    again.on_train_start(2, 0)
+    for n in (3, 4):
+        again.on_step(step(n, 5.0 - n))
+    again.close()
+
+    board = tensorboard_scalars(tmp_path / "ckpt" / "tensorboard")
+    assert board["pretrain_loss"] == [(1, 9.0), (2, 8.0), (3, 2.0), (4, 1.0)]
+    assert board["pretrain_eval_score/hellaswag/acc_norm"] == [(2, 0.25)]
+    assert board["pretrain_eval_score/arc_easy/acc_none"] == [(2, 0.5)]
+    assert "pretrain_eval_loss" not in board  # a downstream-only evaluation has no held-out loss
+
+    ids = read_ids(Storage(str(tmp_path / "ckpt")))
+    client, _ = mlflow_run(tmp_path, ids["mlflow"])
+    assert mlflow_history(client, ids["mlflow"], "pretrain_loss") == [(1, 9.0), (2, 8.0), (3, 7.0), (4, 1.0)]
+    assert mlflow_history(client, ids["mlflow"], "pretrain_eval_score/hellaswag/acc_norm") == [(2, 0.25)]
+
+    first_run, second_run = sorted((tmp_path / "ckpt" / "wandb").glob("offline-run-*"))
+    assert wandb_history(first_run)[1]["pretrain_eval_score/arc_easy/acc_none"] == [(2, 0.5)]
+    run_id, replayed = wandb_history(second_run)
+    assert run_id == ids["wandb"] and replayed["pretrain_loss"] == [(3, 2.0), (4, 1.0)]
+
+
+def step(n: int, loss: float) -> StepStats:
+    return StepStats(step=n, loss=loss, lr=1e-3, grad_norm=1.0, tokens=256, step_seconds=0.1,
+                     tokens_per_second=2560.0, mfu=None)
+
+
+def test_tracker_names_are_the_prometheus_names():
+    names = {metric.name for metric in prometheus.CATALOGUE}
+    stats = StepStats(step=1, loss=1.0, lr=1e-3, grad_norm=1.0, tokens=1, step_seconds=1.0, tokens_per_second=1.0,
+                      mfu=0.5, busy_seconds=0.5)
+    assert set(step_scalars(stats)) <= names
+    assert set(eval_scalars(EvalStats(step=1, loss=1.0, batches=1, seconds=1.0))) <= names
+    assert score_name("hellaswag/acc_norm") == f"{prometheus.EVAL_SCORE.name}/hellaswag/acc_norm"
+    assert score_name("../x/acc,none") == "pretrain_eval_score/_x/acc_none"
+
+
+def test_a_tracker_that_cannot_write_is_named_before_the_first_step(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    spec = tracker_spec(tmp_path, f"metrics.tensorboard.dir={tmp_path / 'file' / 'tb'}")
+    with pytest.raises(UserError, match=r"metrics.tensorboard.dir: cannot write in .*/file/tb \(Not a directory\)"):
+        TrackerCallback(spec).on_train_start(0, 0)
+    assert (tmp_path / "file").read_text() == "not a directory"
+
+
+def test_a_tracker_not_installed_is_refused_at_validation(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # what importlib finds when a package is not there
+    with pytest.raises(SpecError, match=r"metrics.loggers: mlflow named but not installed here: "
+                                        r"pip install 'pretrain\[trackers\]'"):
+        parse_spec({}, overrides=[ALL])
+    assert parse_spec({}, overrides=[ALL, "metrics.enabled=false"]).metrics.missing_trackers() == []
