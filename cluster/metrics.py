@@ -43,7 +43,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from orchestrator.config_parser import WRITTEN_FILE_BOUNDS, load_json
 from orchestrator.errors import UserError
 from orchestrator.spec import JobSpec
-from parallel.callbacks import BaseCallback, CheckpointStats, EvalStats, StepStats
+from parallel.callbacks import BaseCallback, CheckpointStats, EvalStats, SpikeStats, StepStats
 
 RUN_LABELS = ("run",)
 RANK_LABELS = ("run", "rank", "node")
@@ -88,6 +88,9 @@ LEARNING_RATE = _gauge("pretrain_learning_rate", "learning rate of the last step
 GRAD_NORM = _gauge("pretrain_grad_norm", "global gradient norm of the last step, before clipping")
 MFU = _gauge("pretrain_mfu_ratio", "model FLOP utilisation of the last step: achieved / (devices × metrics.peak_flops)")
 TOKENS = _counter("pretrain_tokens_total", "tokens trained on since the run began, across restarts")
+SPIKE_ACTIONS = ("alert", "skip", "rewind")
+LOSS_SPIKES = _counter("pretrain_loss_spikes_total", "loss spikes found since this attempt started, by what was done "
+                       "(spikes.action; a rewind that was not possible counts as alert)", ("run", "action"))
 CHECKPOINT_DURATION = _gauge("pretrain_checkpoint_duration_seconds", "wall time of the last checkpoint save or load",
                              ("run", "operation"))
 CHECKPOINT_SIZE = _gauge("pretrain_checkpoint_bytes", "size on disk of the last checkpoint saved or loaded",
@@ -249,6 +252,8 @@ class RankExporter(BaseCallback):
         if rank == 0:
             self.store.set(CHECKPOINT_INTERVAL, checkpoint_every, run=run)
             self.store.set(CHECKPOINT_STEP, 0, run=run)
+            for action in SPIKE_ACTIONS:  # from 0, so that increase() sees the first spike
+                self.store.set(LOSS_SPIKES, 0, run=run, action=action)
         self.exporter = Exporter(_Merged(self.store, self._checkpoint), host=host, port=rank_port(port, local_rank),
                                  advertise_host=advertise_host, owner=f"rank {rank}")
 
@@ -291,6 +296,10 @@ class RankExporter(BaseCallback):
         for key, value in stats.scores.items():
             task, _, metric = key.rpartition("/")
             self.store.set(EVAL_SCORE, value, run=self.run, task=task, metric=metric)
+
+    def on_spike(self, stats: SpikeStats) -> None:
+        if self.rank == 0:
+            self.store.add(LOSS_SPIKES, 1, run=self.run, action=stats.action)
 
     def on_checkpoint(self, stats: CheckpointStats) -> None:
         if self.rank == 0:

@@ -41,6 +41,14 @@ ALERTS = (
           "Run {{ $labels.run }}'s loss is 50% above its average of the hour before",
           "The loss of run {{ $labels.run }} is {{ $value }}, well above its recent average; check the gradient norm "
           "and learning rate panels."),
+    # Found by the ranks themselves against the median of the last spikes.window steps (parallel.spikes), and already
+    # acted on by the spec's spikes.action; PretrainLossSpike above catches a lasting rise this does not count.
+    Alert("PretrainLossSpikesFound", f"max by (run, action) (increase({m.LOSS_SPIKES.name}[1h])) > 0", "0m",
+          "warning", "Run {{ $labels.run }} had loss spikes in the last hour (handled by: {{ $labels.action }})",
+          "The ranks of run {{ $labels.run }} found loss or gradient-norm spikes against their recent median and "
+          "handled them with spikes.action={{ $labels.action }}. history.jsonl's spike records give each step, its "
+          "values against the baseline and the data skipped; repeated spikes call for a lower learning rate or a "
+          "look at those data windows."),
     Alert("PretrainRestartsRising", f"increase({m.RESTARTS.name}[1h]) >= 2", "0m", "warning",
           "Run {{ $labels.run }} restarted {{ $value }} times in the last hour",
           "The controller restarted the gang of run {{ $labels.run }} repeatedly: a failing node or a reproducible "

@@ -130,6 +130,22 @@ class DataConfig:
                         "spike logs, to skip the same data by hand")
 
 
+def parse_windows(text: str) -> list[tuple[int, int, int]]:
+    """`data.skip` as (epoch, start, end) windows; a ValueError says what is wrong with which one."""
+    windows = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        epoch, _, span = item.partition(":")
+        start, _, end = span.partition("-")
+        try:
+            window = int(epoch), int(start), int(end)
+        except ValueError:
+            raise ValueError(f"{item!r} is not EPOCH:START-END (whole numbers, e.g. 0:4096-8192)") from None
+        if min(window) < 0 or window[1] >= window[2]:
+            raise ValueError(f"{item!r}: needs 0 ≤ START < END and EPOCH ≥ 0")
+        windows.append(window)
+    return windows
+
+
 @dataclass
 class ParallelConfig:
     """How the model is split over ranks: dp × pp × tp must equal the number of ranks."""
@@ -344,9 +360,9 @@ class JobSpec:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     spikes: SpikesConfig = field(default_factory=SpikesConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def world_size(self) -> int:

@@ -19,7 +19,7 @@ from orchestrator import config_parser
 from orchestrator.config_parser import WRITTEN_FILE_BOUNDS, leaf_fields, load_json, parse_config
 from orchestrator.errors import Problem, SpecError
 from orchestrator.presets import apply_preset
-from orchestrator.spec import LORA_TARGETS, TRACKERS_INSTALL, JobSpec, ModelConfig
+from orchestrator.spec import LORA_TARGETS, TRACKERS_INSTALL, JobSpec, ModelConfig, parse_windows
 
 # Padding independent of tp, so a run resumed under another tensor-parallel size keeps the same vocabulary.
 VOCAB_PAD = 1024
@@ -461,6 +461,33 @@ def _min_nodes_within_nodes(spec: JobSpec, _: Any) -> list[Problem]:
     r = spec.resources
     if r.min_nodes > r.num_nodes:
         return [Problem("resources.min_nodes", f"{r.min_nodes} is more than resources.num_nodes={r.num_nodes}")]
+    return []
+
+
+@rule("data.skip")
+def _skip_windows_readable(spec: JobSpec, _: Any) -> list[Problem]:
+    try:
+        parse_windows(spec.data.skip)
+    except ValueError as e:
+        return [Problem("data.skip", f"{e}; write comma-separated EPOCH:START-END windows of sample positions")]
+    return []
+
+
+@rule("spikes.action", "parallel.backend")
+def _spike_skip_where_it_runs(spec: JobSpec, _: Any) -> list[Problem]:
+    """DeepSpeed's step reduces the gradients and applies the update inside one call (`parallel.spikes`)."""
+    if spec.spikes.action == "skip" and spec.parallel.backend == "deepspeed":
+        return [Problem("spikes.action", "skip needs parallel.backend=native: DeepSpeed applies an update inside its "
+                        "own step, with no point to drop it at; use spikes.action=rewind (back to the last "
+                        "checkpoint, skipping the data since) or alert")]
+    return []
+
+
+@rule("profile.at_step", "checkpoint.dir")
+def _profiles_beside_local_checkpoints(spec: JobSpec, _: Any) -> list[Problem]:
+    if spec.profile.at_step and "://" in spec.checkpoint.dir:
+        return [Problem("profile.at_step", f"profiles are written beside the checkpoints, on a local or mounted "
+                        f"filesystem; checkpoint.dir={spec.checkpoint.dir!r} is remote: set profile.at_step=0")]
     return []
 
 

@@ -46,6 +46,25 @@ class EvalStats:
 
 
 @dataclass
+class SpikeStats:
+    """A loss spike and what the loop did about it (`parallel.spikes`): the step's values against the median and
+    median absolute deviation (MAD) of the steps before."""
+
+    step: int
+    action: str  # alert, skip or rewind: what was done (a rewind not possible is reported as an alert)
+    loss: float
+    grad_norm: float
+    loss_median: float
+    loss_mad: float
+    grad_norm_median: float
+    grad_norm_mad: float
+    skipped: str = ""  # the data skipped, in data.skip's form: the batch (skip), everything read since the checkpoint
+    rewound_to: int = 0  # rewind: the step of the checkpoint training went back to
+    note: str = ""  # why an asked-for rewind was only an alert
+    rank: int = 0
+
+
+@dataclass
 class CheckpointStats:
     step: int
     path: str
@@ -65,6 +84,8 @@ class Callback(Protocol):
 
     def on_checkpoint(self, stats: CheckpointStats) -> None: ...
 
+    def on_spike(self, stats: SpikeStats) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -81,6 +102,9 @@ class BaseCallback:
         pass
 
     def on_checkpoint(self, stats: CheckpointStats) -> None:
+        pass
+
+    def on_spike(self, stats: SpikeStats) -> None:
         pass
 
     def close(self) -> None:
@@ -141,6 +165,15 @@ class LogCallback(BaseCallback):
         if stats.rank == 0:
             self.print(f"step {stats.step:>6} | checkpoint {stats.path} ({stats.seconds:.2f} s)", flush=True)
 
+    def on_spike(self, stats: SpikeStats) -> None:
+        if stats.rank == 0:
+            done = {"alert": "alert only", "skip": f"update skipped, data {stats.skipped} skipped",
+                    "rewind": f"rewound to step {stats.rewound_to}, data {stats.skipped} skipped"}[stats.action]
+            self.print(f"step {stats.step:>6} | loss spike: loss {stats.loss:.4f} (median {stats.loss_median:.4f}, "
+                       f"MAD {stats.loss_mad:.4f}), grad norm {stats.grad_norm:.3f} (median "
+                       f"{stats.grad_norm_median:.3f}, MAD {stats.grad_norm_mad:.3f}): {done}"
+                       + (f" ({stats.note})" if stats.note else ""), flush=True)
+
 
 class HistoryCallback(BaseCallback):
     """Rank 0 appends every step, evaluation and checkpoint as a JSON line to `path`.
@@ -197,6 +230,10 @@ class HistoryCallback(BaseCallback):
     def on_checkpoint(self, stats: CheckpointStats) -> None:
         if stats.rank == 0:
             self._write("checkpoint", stats)
+
+    def on_spike(self, stats: SpikeStats) -> None:
+        if stats.rank == 0:
+            self._write("spike", stats)
 
     def close(self) -> None:
         if self._file is not None:

@@ -31,7 +31,7 @@ from parallel.checkpoint_layout import layout_changes, run_layout
 from parallel.deepspeed_checkpoint import load_converted, load_deepspeed, save_recorded, write_deferred
 from parallel.deepspeed_config import build_ds_config
 from parallel.deepspeed_pipeline import apply_deepspeed_pipeline
-from parallel.engine import MakeOnce, StepResult, device_pairs, gather_full_state, mean_over_dp
+from parallel.engine import Accept, MakeOnce, StepResult, device_pairs, gather_full_state, mean_over_dp
 from parallel.launch import RankEnv
 from parallel.materialize import materialize_model
 from parallel.megatron_tp import apply_megatron_tp
@@ -133,7 +133,10 @@ class DeepSpeedEngine:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def train_step(self, micro_batches: Sequence[Any]) -> StepResult:
+    def train_step(self, micro_batches: Sequence[Any], accept: Accept | None = None) -> StepResult:
+        if accept is not None:
+            raise UserError("spikes.action: skip needs parallel.backend=native (DeepSpeed applies an update inside "
+                            "its own step); use spikes.action=rewind")
         pairs = device_pairs(micro_batches, self.spec.parallel.grad_accum, self.device)
         lr = self.lr
         self.ds.train()

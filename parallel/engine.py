@@ -32,6 +32,9 @@ from parallel.parallel_dims import ParallelDims
 # make_once(product, what, make): the local path of `product` in the checkpoint's cache of derived state, made by
 # make(path) on one rank and visible to every rank when it returns (collective); `what` names it in errors.
 MakeOnce = Callable[[str, str, Callable[[str], None]], str]
+# accept(loss, grad_norm): asked after the backward pass, before the optimizer step, which happens only if it says
+# True (on every rank alike); the step then does not count for the LR schedule. How a loss spike's update is dropped.
+Accept = Callable[[torch.Tensor, "torch.Tensor | float"], bool]
 
 
 @dataclass
@@ -47,7 +50,7 @@ class Engine(Protocol):
     device: torch.device
     scheduler: torch.optim.lr_scheduler.LambdaLR  # the LR schedule (`parallel.optim.build_scheduler`)
 
-    def train_step(self, micro_batches: list[torch.Tensor]) -> StepResult: ...
+    def train_step(self, micro_batches: list[torch.Tensor], accept: Accept | None = None) -> StepResult: ...
 
     def eval_loss(self, micro_batches: list[torch.Tensor]) -> torch.Tensor: ...
 

@@ -7,6 +7,9 @@ r-th contiguous slice of G/dp rows and cuts it into grad_accum micro-batches. Th
 (epoch, index within the epoch, seed): no rank, no dp size. Resuming with another dp size (and the same G) reads
 exactly the rows that the uninterrupted run would have read next, only split differently across ranks.
 
+Windows of positions can be skipped (`data.skip`, and a rewind after a loss spike): a step whose positions touch
+one starts at its end instead. The windows travel in the state, so a resume skips what the run skipped.
+
 The mixture of sources is applied by `pretrain prep` when it packs rows, so a uniform order over rows keeps the
 mixture's proportions in every stretch of training.
 
@@ -29,10 +32,13 @@ import torch
 from dataprep.hashing import mix64
 from dataprep.shards import open_shard, read_manifest, shard_paths, verify_shard
 from orchestrator.errors import DataError
+from orchestrator.spec import parse_windows
 
 log = logging.getLogger(__name__)
 
 _FEISTEL_ROUNDS = 6
+
+Window = tuple[int, int, int]  # (epoch, start, end): positions start..end-1 of that epoch's order
 
 
 @dataclass
@@ -87,7 +93,7 @@ class ShardLoader:
 
     def __init__(self, path: str, *, seq_len: int, micro_batch_size: int, grad_accum: int = 1, dp_rank: int = 0,
                  dp_size: int = 1, seed: int = 0, split: str = "train", shuffle: bool = True, prefetch: int = 2,
-                 verify: bool = True, pin_memory: bool = False):
+                 verify: bool = True, pin_memory: bool = False, skip: list[Window] | tuple[Window, ...] = ()):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank must be in [0, {dp_size}), got {dp_rank}")
         self.path = path
@@ -123,6 +129,8 @@ class ShardLoader:
         self.pin_memory = pin_memory
         self.prefetch = prefetch
         self._state = {"epoch": 0, "index": 0, "seed": seed}
+        self._given_skips = self.skips = sorted(set(skip))
+        self.last_read: tuple[int, int] = (0, 0)  # (epoch, index) where the step last returned starts
         self._queue: queue.Queue | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -130,8 +138,10 @@ class ShardLoader:
     # ---------------------------------------------------------------------------------------------- state
 
     def state_dict(self) -> dict[str, Any]:
-        """Rank-independent position: epoch, sample index within it, seed, and the split's size as a guard."""
-        return {**self._state, "rows": self.rows, "split": self.split}
+        """Rank-independent position: epoch, sample index within it, seed, the split's size as a guard, and the
+        windows skipped (when there are any)."""
+        skips = {"skip": [list(w) for w in self.skips]} if self.skips else {}
+        return {**self._state, "rows": self.rows, "split": self.split, **skips}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._halt()
@@ -140,6 +150,7 @@ class ShardLoader:
                         "order after resume differs from the uninterrupted run's", self.split, self.path, self.rows,
                         state["rows"])
         self._state = {"epoch": int(state["epoch"]), "index": int(state["index"]), "seed": int(state["seed"])}
+        self.skips = sorted(set(self._given_skips) | {tuple(int(x) for x in w) for w in state.get("skip", ())})
 
     def rewind(self) -> None:
         """Back to the first step of epoch 0 (a validation pass reads the same batches every time)."""
@@ -149,7 +160,7 @@ class ShardLoader:
 
     def next_step(self) -> list[MicroBatch]:
         if self.prefetch == 0:
-            batches, self._state = self._read_step(self._state)
+            batches, self.last_read, self._state = self._read_step(self._state)
             return batches
         if self._thread is None:
             self._start()
@@ -157,7 +168,7 @@ class ShardLoader:
         if isinstance(item, BaseException):
             self._thread = None
             raise item
-        batches, self._state = item
+        batches, self.last_read, self._state = item
         return batches
 
     def __iter__(self) -> Iterator[list[MicroBatch]]:
@@ -173,19 +184,35 @@ class ShardLoader:
         positions = np.arange(index, index + self.global_batch)
         return sample_order(positions, self.rows, state["seed"], epoch) if self.shuffle else positions
 
-    def _where(self, state: dict[str, Any]) -> tuple[int, int]:
-        """(epoch, index) of the next step: an epoch ends when less than a whole global batch is left."""
-        if state["index"] + self.global_batch > self.steps_per_epoch * self.global_batch:
-            return state["epoch"] + 1, 0
-        return state["epoch"], state["index"]
+    def windows_between(self, start: dict[str, Any], end: dict[str, Any]) -> list[Window]:
+        """The windows of every position read from state `start` up to state `end` (a later one)."""
+        (epoch, index), epoch_end = self._where(start), self.steps_per_epoch * self.global_batch
+        windows = []
+        while epoch < end["epoch"]:
+            windows.append((epoch, index, epoch_end))
+            epoch, index = epoch + 1, 0
+        return windows + ([(epoch, index, end["index"])] if index < end["index"] else [])
 
-    def _read_step(self, state: dict[str, Any]) -> tuple[list[MicroBatch], dict[str, Any]]:
+    def _where(self, state: dict[str, Any]) -> tuple[int, int]:
+        """(epoch, index) of the next step: an epoch ends when less than a whole global batch is left, and a step
+        touching a skipped window starts at its end."""
+        epoch, index, size = state["epoch"], state["index"], self.global_batch
+        while True:
+            if index + size > self.steps_per_epoch * size:
+                epoch, index = epoch + 1, 0
+                continue
+            hit = next((w for w in self.skips if w[0] == epoch and w[1] < index + size and index < w[2]), None)
+            if hit is None:
+                return epoch, index
+            index = hit[2]
+
+    def _read_step(self, state: dict[str, Any]) -> tuple[list[MicroBatch], tuple[int, int], dict[str, Any]]:
         epoch, index = self._where(state)
         ids = self.step_ids(state)
         per_rank = self.global_batch // self.dp_size
         mine = ids[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
         batches = [self._gather(mine[i:i + self.micro_batch_size]) for i in range(0, per_rank, self.micro_batch_size)]
-        return batches, {"epoch": epoch, "index": index + self.global_batch, "seed": state["seed"]}
+        return batches, (epoch, index), {"epoch": epoch, "index": index + self.global_batch, "seed": state["seed"]}
 
     def _gather(self, ids: np.ndarray) -> MicroBatch:
         shard_of = np.searchsorted(self.offsets, ids, side="right") - 1
@@ -213,7 +240,7 @@ class ShardLoader:
         try:
             while not self._stop.is_set():
                 item = self._read_step(state)
-                state = item[1]
+                state = item[2]
                 self._put(item)
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it in its own thread
             self._put(e)
@@ -239,7 +266,7 @@ def build_loaders(spec: Any, dp_rank: int, dp_size: int) -> tuple[ShardLoader, S
     p, d = spec.parallel, spec.data
     common = dict(seq_len=d.seq_len, micro_batch_size=p.micro_batch_size, grad_accum=p.grad_accum, dp_rank=dp_rank,
                   dp_size=dp_size, seed=d.seed)
-    train = ShardLoader(d.path, prefetch=d.prefetch, **common)
+    train = ShardLoader(d.path, prefetch=d.prefetch, skip=parse_windows(d.skip), **common)
     val_rows = train.manifest["splits"].get("val", {}).get("rows", 0)
     if val_rows < train.global_batch:
         log.warning("%s: the val split has %d rows, fewer than one global batch of %d: no validation", d.path,

@@ -35,7 +35,7 @@ from torch.utils._pytree import tree_map_only
 from orchestrator.errors import CheckpointError
 from orchestrator.spec import JobSpec
 from parallel.dtensor_tp import apply_dtensor_tp
-from parallel.engine import MakeOnce, StepResult, device_pairs, gather_full_state, mean_over_dp
+from parallel.engine import Accept, MakeOnce, StepResult, device_pairs, gather_full_state, mean_over_dp
 from parallel.float8 import after_optimizer_step
 from parallel.fsdp import shard_data_parallel
 from parallel.launch import RankEnv
@@ -131,7 +131,7 @@ class NativeEngine:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def train_step(self, micro_batches: Sequence[Any]) -> StepResult:
+    def train_step(self, micro_batches: Sequence[Any], accept: Accept | None = None) -> StepResult:
         lr = self.lr
         pairs = device_pairs(micro_batches, self.spec.parallel.grad_accum, self.device)
         if self.pipelined:
@@ -147,12 +147,14 @@ class NativeEngine:
                 losses.append(loss.detach())
             loss = torch.stack(losses).mean()
         grad_norm = self._clip_grad_norm()
-        self.optimizer.step()
-        if self.spec.parallel.float8 != "none":
-            after_optimizer_step(self.model, self.spec.parallel.float8, fsdp=self.sharded)
+        loss = mean_over_dp(loss, self.dims)
+        if accept is None or accept(loss, grad_norm):
+            self.optimizer.step()
+            if self.spec.parallel.float8 != "none":
+                after_optimizer_step(self.model, self.spec.parallel.float8, fsdp=self.sharded)
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        return StepResult(loss=mean_over_dp(loss, self.dims), grad_norm=grad_norm, lr=lr)
+        return StepResult(loss=loss, grad_norm=grad_norm, lr=lr)
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: Sequence[Any]) -> torch.Tensor:

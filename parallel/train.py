@@ -28,9 +28,11 @@ from parallel.checkpoint import Checkpointer
 from parallel.engine import Engine, build_engine
 from parallel.float8 import float8_flops_per_token
 from parallel.hf import open_init_weights
-from parallel.launch import RankEnv, barrier, init_distributed, pick_device, shutdown_distributed
+from parallel.launch import RankEnv, init_distributed, pick_device, shutdown_distributed
 from parallel.loader import ShardLoader, build_loaders
+from parallel.profiling import ProfileTrigger
 from parallel.resume import Resumed, resume
+from parallel.spikes import SpikeGuard
 from parallel.trackers import tracker_callbacks
 
 log = logging.getLogger(__name__)
@@ -89,21 +91,33 @@ def _train(spec: JobSpec, env: RankEnv, engine: Engine, loader: ShardLoader, val
     flops_per_token = engine.model_dims.flops_per_token(spec.data.seq_len)
     float8_share = float8_flops_per_token(engine.model_dims) / flops_per_token if p.float8 != "none" else 0.0
     peak = device_peak_flops(engine.device.type, spec.metrics.peak_flops, float8_share, spec.metrics.peak_flops_fp8)
+    guard, profiles = SpikeGuard(spec.spikes, engine, env.rank), ProfileTrigger(spec, env.rank, engine.device)
     step, loss = start, float("nan")
     last_end = time.perf_counter()
-    for step in range(start + 1, s.steps + 1):
+    while step < s.steps:
+        step += 1
         begin = time.perf_counter()
         batch = loader.next_step()
+        guard.before_step(step, loader)
         arrived = time.perf_counter()
         # The ranks line up here, so that a rank's own lag since its last step (its data, callbacks, evaluation,
         # checkpoint writes) is told apart from the others' waiting for it; inside the step the collectives make
-        # every rank take as long as the slowest. One tiny collective, while the device is idle (the loss was read).
-        barrier()
+        # every rank take as long as the slowest. One tiny collective, while the device is idle (the loss was read),
+        # which also carries a profile request (`parallel.profiling`).
+        profiles.sync(step)
         released = time.perf_counter()
-        result = engine.train_step(batch)
+        result = engine.train_step(batch, accept=guard.accept)
         loss = float(result.loss)  # waits for the step to finish, so the time below is the step's
         end = time.perf_counter()
         seconds, busy, last_end = end - begin, (arrived - last_end) + (end - released), end
+        spike = guard.check(result)
+        if spike is not None:
+            again_after = guard.act(spike, checkpointer, engine, loader)
+            for callback in callbacks:
+                callback.on_spike(spike)
+            if again_after is not None:  # the update was skipped or rewound over: train on after that step
+                step = again_after
+                continue
         rate = tokens_per_step / seconds
         stats = StepStats(
             step=step, loss=loss, lr=result.lr, grad_norm=float(result.grad_norm), tokens=tokens_per_step,
@@ -123,6 +137,8 @@ def _train(spec: JobSpec, env: RankEnv, engine: Engine, loader: ShardLoader, val
             saved = checkpointer.save(step, engine, loader.state_dict())
             for callback in callbacks:
                 callback.on_checkpoint(saved)
+        profiles.after_step(step)
+    profiles.close()
     return step, loss
 
 
