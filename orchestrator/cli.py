@@ -12,6 +12,7 @@
     pretrain export step_<N> out/                     a checkpoint as a Hugging Face Llama model
     pretrain import hf-model/ job.yaml -o run.yaml    start a run from a Hugging Face model
     pretrain generate step_<N> --prompt TEXT          sample continuations from a checkpoint
+    pretrain eval step_<N> --tasks arc_easy,piqa      lm-evaluation-harness scores of a checkpoint
     pretrain k8s render job.yaml -o k8s-run           KubeRay manifests (RayJob, ConfigMaps, PVC, monitoring)
 
 Each subcommand lives in `orchestrator/commands/<name>.py` with `add_arguments(parser)` and `run(args) -> int`;
@@ -46,6 +47,7 @@ COMMANDS: dict[str, tuple[str | None, str]] = {
     "export": ("export", "write a checkpoint as a Hugging Face Llama model"),
     "import": ("import_", "initialise a run from a Hugging Face Llama model"),
     "generate": ("generate", "sample continuations from a checkpoint"),
+    "eval": ("eval", "score a checkpoint on lm-evaluation-harness tasks"),
     "k8s": ("k8s", "render KubeRay manifests from a job spec"),
 }
 

@@ -101,14 +101,17 @@ def next_tokens(logits: torch.Tensor, seen: torch.Tensor, config: SamplingConfig
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], config: SamplingConfig,
              use_cache: bool = True) -> Generation:
-    """Continue each prompt by up to `config.max_new_tokens` tokens."""
+    """Continue each prompt by up to `config.max_new_tokens` tokens.
+
+    `model` is a whole `Transformer`, or anything with its `dims`, `new_caches` and full-vocabulary call and a
+    `device` (a parallel engine's forward over its shards: `parallel.lm_eval_adapter`)."""
     config.check()
     if not prompts or any(not p for p in prompts):
         raise UserError("every prompt needs at least one token")
     vocab = model.dims.vocab_size
     if any(not 0 <= t < vocab for p in prompts for t in p):
         raise UserError(f"a prompt token is outside the model's vocabulary (0..{vocab - 1})")
-    device = model.lm_head.weight.device
+    device = model.lm_head.weight.device if isinstance(model, Transformer) else model.device
     batch, prompt_len = len(prompts), max(len(p) for p in prompts)
     total = prompt_len + config.max_new_tokens
     tokens = torch.zeros(batch, total, dtype=torch.long, device=device)
