@@ -24,7 +24,9 @@ class Watchdog:
         self.advanced: float | None = None
 
     def observe(self, rank: int, step: int) -> None:
-        if step > self.steps.get(rank, -1):
+        """A rank's last finished step; any change is progress (after a rewind over a loss spike the steps since
+        the checkpoint are trained again, under the same numbers)."""
+        if step != self.steps.get(rank, -1):
             self.steps[rank] = step
             self.advanced = self.clock()
 
