@@ -52,3 +52,19 @@ def local_cluster(num_cpus: float | None = None, num_gpus: int | None = None) ->
         yield ray.cluster_resources()
     finally:
         ray.shutdown()
+
+
+@contextmanager
+def ray_cluster(address: str | None) -> Iterator[None]:
+    """Connected to the Ray cluster at `address` for the duration, or to a local one started for it (no address)."""
+    if not address:
+        with local_cluster():
+            yield
+        return
+    import ray
+
+    ray.init(address=address)
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -185,30 +185,20 @@ def train_here(branches: Sequence[Branch], log=print) -> None:
 def train_on_ray(branches: Sequence[Branch], address: str | None, cpus_per_run: float, gpus_per_run: int,
                  log=print) -> None:
     """Train the branches as Ray tasks, as many at once as the cluster holds (`pretrain sweep`'s runs)."""
-    from cluster.local import apply_local_env, local_cluster
+    from cluster.local import apply_local_env, ray_cluster
 
     apply_local_env()
     import ray
 
     from orchestrator.planner.sweep import train_one
 
-    def launch() -> None:
+    with ray_cluster(address):
         task = ray.remote(train_one).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run)
         pending = {task.remote(str(b.job), []): b for b in branches}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             branch, outcome = pending.pop(ready[0]), ray.get(ready[0])
             log(f"branch b{branch.budget}: " + (f"FAILED\n{outcome['error']}" if "error" in outcome else "done"))
-
-    if address:
-        ray.init(address=address)
-        try:
-            launch()
-        finally:
-            ray.shutdown()
-    else:
-        with local_cluster():
-            launch()
 
 
 def result(branch: Branch) -> dict[str, Any] | None:
