@@ -422,6 +422,24 @@ def _global_batch(spec: JobSpec, _: Any) -> list[Problem]:
     return []
 
 
+@rule("eval.tasks", "eval.every", "eval.include_path", "schedule.eval_every", "parallel.pp")
+def _downstream_eval_runs(spec: JobSpec, _: Any) -> list[Problem]:
+    e = spec.eval
+    if not e.tasks.strip(" ,"):
+        return []
+    out = []
+    if not (e.every or spec.schedule.eval_every):
+        out.append(Problem("eval.every", f"0 with schedule.eval_every=0: eval.tasks={e.tasks!r} would never run; "
+                           "set eval.every"))
+    if spec.parallel.pp > 1:
+        out.append(Problem("eval.tasks", f"downstream evaluation in the loop needs a plain forward, which "
+                           f"parallel.pp={spec.parallel.pp} does not have; evaluate the checkpoints with `pretrain "
+                           "eval` instead"))
+    if e.include_path and not os.path.isdir(e.include_path):
+        out.append(Problem("eval.include_path", f"{e.include_path!r} is not a directory (of lm-eval task YAML files)"))
+    return out
+
+
 @rule("data.seq_len", "model.vocab_size", "data.path")
 def _fits_the_data(spec: JobSpec, manifest: dict | None) -> list[Problem]:
     if manifest is None:

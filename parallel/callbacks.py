@@ -159,7 +159,9 @@ class LogCallback(BaseCallback):
 
     def on_eval(self, stats: EvalStats) -> None:
         if stats.rank == 0:
-            self.print(f"step {stats.step:>6} | val loss {stats.loss:.4f} ({stats.batches} batches)", flush=True)
+            parts = [f"val loss {stats.loss:.4f} ({stats.batches} batches)"] if stats.batches else []
+            parts += [f"{name} {value:.4f}" for name, value in stats.scores.items()]
+            self.print(f"step {stats.step:>6} | " + " | ".join(parts), flush=True)
 
     def on_checkpoint(self, stats: CheckpointStats) -> None:
         if stats.rank == 0:

@@ -23,6 +23,7 @@ import torch
 
 from orchestrator.eval_tasks import parse_task_names, task_manager
 from orchestrator.spec import JobSpec
+from parallel.callbacks import EvalStats
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +96,17 @@ class Downstream:
     def due(self, step: int) -> bool:
         return bool(self.every) and (step % self.every == 0 or step == self.last)
 
-    def score(self) -> tuple[dict[str, float], float]:
-        """This evaluation's scores (the same on every rank) and the seconds it took."""
+    def score_into(self, evaluation: EvalStats) -> None:
+        """This step's scores (the same on every rank) into `evaluation`, their time added to its seconds."""
         begin = time.perf_counter()
-        scores = scores_of(run_tasks(self.lm, self.settings, self.manager))
-        return scores, time.perf_counter() - begin
+        evaluation.scores = scores_of(run_tasks(self.lm, self.settings, self.manager))
+        evaluation.seconds += time.perf_counter() - begin
+
+
+def build_downstream(spec: JobSpec, engine: Any) -> Downstream | None:
+    """The loop's downstream evaluation, or None when `eval.tasks` names none; task names are checked here, before
+    the first step."""
+    return Downstream(spec, engine) if spec.eval.tasks.strip() else None
 
 
 def run_tokenizer(spec: JobSpec) -> Any:

@@ -25,6 +25,7 @@ from orchestrator.errors import UserError
 from orchestrator.spec import JobSpec
 from parallel.callbacks import Callback, EvalStats, HistoryCallback, LogCallback, StepStats, device_peak_flops, mfu
 from parallel.checkpoint import Checkpointer
+from parallel.downstream import build_downstream
 from parallel.engine import Engine, build_engine
 from parallel.float8 import float8_flops_per_token
 from parallel.hf import open_init_weights
@@ -92,6 +93,7 @@ def _train(spec: JobSpec, env: RankEnv, engine: Engine, loader: ShardLoader, val
     float8_share = float8_flops_per_token(engine.model_dims) / flops_per_token if p.float8 != "none" else 0.0
     peak = device_peak_flops(engine.device.type, spec.metrics.peak_flops, float8_share, spec.metrics.peak_flops_fp8)
     guard, profiles = SpikeGuard(spec.spikes, engine, env.rank), ProfileTrigger(spec, env.rank, engine.device)
+    downstream = build_downstream(spec, engine)
     step, loss = start, float("nan")
     last_end = time.perf_counter()
     while step < s.steps:
@@ -129,8 +131,13 @@ def _train(spec: JobSpec, env: RankEnv, engine: Engine, loader: ShardLoader, val
         )
         for callback in callbacks:
             callback.on_step(stats)
-        if val_loader is not None and s.eval_every and (step % s.eval_every == 0 or step == s.steps):
-            evaluation = evaluate(engine, val_loader, s.eval_batches, step, env.rank)
+        held_out = val_loader is not None and s.eval_every and (step % s.eval_every == 0 or step == s.steps)
+        tasks = downstream is not None and downstream.due(step)
+        if held_out or tasks:
+            evaluation = evaluate(engine, val_loader, s.eval_batches, step, env.rank) if held_out \
+                else EvalStats(step=step, loss=float("nan"), batches=0, seconds=0.0, rank=env.rank)
+            if tasks:
+                downstream.score_into(evaluation)
             for callback in callbacks:
                 callback.on_eval(evaluation)
         if step == s.steps or (spec.checkpoint.every and step % spec.checkpoint.every == 0):
