@@ -9,6 +9,7 @@
     pretrain submit job.yaml [--address URL]          run on a Ray cluster (embedded local one without --address)
     pretrain status|logs|stop JOB_ID [--address URL]  a submitted job's state, its logs (-f to follow), stop it
     pretrain list [--address URL]                     the submitted jobs
+    pretrain profile JOB_ID --steps N                 traces of N steps from every rank of a running job
     pretrain export step_<N> out/                     a checkpoint as a Hugging Face Llama model
     pretrain import hf-model/ job.yaml -o run.yaml    start a run from a Hugging Face model
     pretrain generate step_<N> --prompt TEXT          sample continuations from a checkpoint
@@ -44,6 +45,7 @@ COMMANDS: dict[str, tuple[str | None, str]] = {
     "logs": ("logs", "print a submitted job's logs"),
     "stop": ("stop", "stop a submitted job"),
     "list": ("list", "list submitted jobs"),
+    "profile": ("profile", "profile steps of a running job: a trace (and GPU memory snapshot) from every rank"),
     "export": ("export", "write a checkpoint as a Hugging Face Llama model"),
     "import": ("import_", "initialise a run from a Hugging Face Llama model"),
     "generate": ("generate", "sample continuations from a checkpoint"),
