@@ -102,6 +102,7 @@ class TensorBoardWriter:
     def write(self, step: int, scalars: Scalars) -> None:
         for name, value in scalars.items():
             self.writer.add_scalar(name, value, step)
+        self.writer.flush()  # on this thread, not the loop's: a crashed attempt leaves what it recorded
 
     def close(self) -> None:
         self.writer.close()

@@ -94,6 +94,7 @@ def _run_to_end(cluster, spec, job: str, env: dict[str, str] | None = None, time
 @pytest.mark.xdist_group("ray")
 def test_job_log_of_a_killed_rank_names_the_resume_point_and_folds_nothing(ray_cluster, shards, tmp_path):
     spec = _spec(tmp_path, shards, "joblog")
+    spec.metrics.loggers = ("prometheus", "tensorboard", "wandb", "mlflow")
     # Ray would fold lines alike but for their numbers that come from several ranks within its window (5 s); a window
     # as long as the job puts the four start lines of the two attempts in one, where folding would show.
     env = {"PRETRAIN_TEST_EXIT": f"1:3:{tmp_path / 'exited'}", "RAY_DEDUP_LOGS_AGG_WINDOW_S": "600"}
@@ -112,6 +113,24 @@ def test_job_log_of_a_killed_rank_names_the_resume_point_and_folds_nothing(ray_c
     steps = [json.loads(line)["step"] for line in history if json.loads(line)["kind"] == "step"]
     assert steps == list(range(1, STEPS + 1))
     assert not (tmp_path / "targets.json").exists()  # the finished run's exporters are out of Prometheus's targets
+    assert_trackers_continued(tmp_path / "checkpoints")
+
+
+def assert_trackers_continued(checkpoints) -> None:
+    """Both attempts wrote to the same tracker runs, and the replayed step is in each once."""
+    from mlflow.tracking import MlflowClient
+
+    from tests.tracker_files import mlflow_history, tensorboard_scalars, wandb_history
+
+    ids, every_step = json.loads((checkpoints / "trackers.json").read_text()), list(range(1, STEPS + 1))
+    client = MlflowClient(tracking_uri=f"sqlite:///{checkpoints / 'mlflow.db'}")
+    run = client.get_run(ids["mlflow"])
+    assert run.info.status == "FINISHED" and len(client.search_runs([run.info.experiment_id])) == 1
+    assert [s for s, _ in mlflow_history(client, ids["mlflow"], "pretrain_loss")] == every_step
+    assert [s for s, _ in tensorboard_scalars(checkpoints / "tensorboard")["pretrain_loss"]] == every_step
+    attempts = [wandb_history(d) for d in sorted((checkpoints / "wandb").glob("offline-run-*"))]
+    assert len(attempts) == 2 and {run_id for run_id, _ in attempts} == {ids["wandb"]}
+    assert [s for _, h in attempts for s, _ in h["pretrain_loss"]][-1] == STEPS
 
 
 @pytest.mark.slow

@@ -1,20 +1,17 @@
 """Experiment trackers: a CPU training run writes its scalars to Prometheus, TensorBoard, an offline W&B run and an
 MLflow sqlite store, each read back with that tool's own reader; a resumed run continues the same tracker runs.
 
-The W&B run file is read as W&B writes it: a LevelDB-style log of `wandb_internal_pb2.Record` protobufs (W&B's own
-message type) after a 7-byte ":W&B" header, in 32 KiB blocks whose records carry a 7-byte header each.
+Each store is read back with its own tool (`tests.tracker_files`).
 """
 
 from __future__ import annotations
 
 import math
-import struct
 import sys
 from pathlib import Path
 
 import pytest
 from prometheus_client import generate_latest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cluster import metrics as prometheus
 from orchestrator.errors import SpecError, UserError
@@ -26,6 +23,7 @@ from parallel.trackers import TrackerCallback, eval_scalars, read_ids, score_nam
 from parallel.train import run
 from tests.helpers import TINY_RUN, free_port
 from tests.shards import write_shards
+from tests.tracker_files import mlflow_history, tensorboard_scalars, wandb_history
 
 ALL = "metrics.loggers=[prometheus,tensorboard,wandb,mlflow]"
 SCORES = {"hellaswag/acc_norm": 0.25, "arc_easy/acc,none": 0.5}
@@ -37,63 +35,11 @@ def tracker_spec(root: Path, *overrides: str):
         "model.vocab_size=512", "parallel.precision=fp32", ALL, *overrides])
 
 
-# ---------------------------------------------------------------------------------------------- readers
-
-
-def tensorboard_scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
-    events = EventAccumulator(str(directory), size_guidance={"scalars": 0})
-    events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
-
-
-def wandb_records(path: Path) -> list:
-    from wandb.proto import wandb_internal_pb2
-
-    data, records, offset, block = path.read_bytes(), [], 7, 32768
-    assert data[:4] == b":W&B"
-    pending = b""
-    while offset + 7 <= len(data):
-        if block - offset % block < 7:  # a block's tail too short for a header is padding
-            offset += block - offset % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[offset:offset + 7])
-        pending += data[offset + 7:offset + 7 + length]
-        offset += 7 + length
-        if kind in (1, 4):  # a whole record, or the last piece of one
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            records.append(record)
-            pending = b""
-    return records
-
-
-def wandb_history(run_dir: Path) -> tuple[str, dict[str, list[tuple[int, float]]]]:
-    """(run id, {name: [(step, value)]}) of one offline run directory."""
-    import json
-
-    (path,) = run_dir.glob("run-*.wandb")
-    history: dict[str, list[tuple[int, float]]] = {}
-    run_id = ""
-    for record in wandb_records(path):
-        if record.WhichOneof("record_type") == "run":
-            run_id = record.run.run_id
-        elif record.WhichOneof("record_type") == "history":
-            items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
-            for name, value in items.items():
-                if name.startswith("pretrain_"):
-                    history.setdefault(name, []).append((items["_step"], value))
-    return run_id, history
-
-
 def mlflow_run(root: Path, run_id: str):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'ckpt' / 'mlflow.db'}")
     return client, client.get_run(run_id)
-
-
-def mlflow_history(client, run_id: str, name: str) -> list[tuple[int, float]]:
-    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, name))
 
 
 def assert_series(got: list[tuple[int, float]], want: list[tuple[int, float]], rel: float) -> None:
