@@ -145,6 +145,12 @@ def test_stop_ends_a_running_job(ray_cluster, shards, tmp_path, capsys):
             assert time.monotonic() < deadline
             time.sleep(0.5)
         assert main(["status", "waiting", "--address", url]) == 0
+        # `pretrain profile` finds the job's checkpoint.dir through the Jobs API and leaves its request there; a job
+        # with no rank training yet never takes it, and the request is withdrawn.
+        (tmp_path / "checkpoints").mkdir(exist_ok=True)
+        assert main(["profile", "waiting", "--address", url, "--steps", "1", "--timeout", "1"]) == 1
+        profiles = tmp_path / "checkpoints" / "profiles"
+        assert f"in {profiles};" in capsys.readouterr().out and not (profiles / "request.json").exists()
         assert main(["stop", "waiting", "--address", url]) == 0
         assert "waiting: stopping" in capsys.readouterr().out
         while submission.status_name(submission.job_info(url, "waiting")) == "RUNNING":
@@ -152,6 +158,8 @@ def test_stop_ends_a_running_job(ray_cluster, shards, tmp_path, capsys):
             time.sleep(0.5)
         assert main(["status", "waiting", "--address", url]) == 1
         assert "waiting: STOPPED" in capsys.readouterr().out
+        assert main(["profile", "waiting", "--address", url]) == 2
+        assert "job waiting is STOPPED: profiles are taken from a running job" in capsys.readouterr().err
         assert ray_cluster.live_groups("pretrain-sub-") == []  # the stopped job's pending reservation went with it
     finally:
         remove_placement_group(held)
