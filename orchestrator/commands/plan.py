@@ -1,6 +1,9 @@
-"""`pretrain plan job.yaml [section.key=value ...] [--gpus 64] [--gpu-mem 80GiB] [--gpus-per-node 8]`
+"""`pretrain plan job.yaml [section.key=value ...] [--gpus 64] [--gpu-mem 80GiB] [--gpus-per-node 8]
+[--budget-flops 1e21 | --budget-gpu-hours 5000] [--unique-tokens 25e9]`
 
-Prints the model's size and FLOPs, its compute-optimal token budget, the memory breakdown of the spec's own layout,
+Prints the model's size and FLOPs, its compute-optimal token budget, what repeating the data costs (when the unique
+tokens are known: data.path's manifest.json or --unique-tokens) with the best model size and epochs for the spec's
+compute or the budget given (`orchestrator.planner.data_constrained`), the memory breakdown of the spec's own layout,
 and the fastest layouts that fit the GPUs given (the spec's resources by default), with why the first one won.
 A model that fits nowhere exits with code 2 and says by how much and what would make it fit.
 """
@@ -27,6 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mfu", type=float, default=0.40, help="fraction of peak FLOP/s the matmuls reach (0.40)")
     parser.add_argument("--global-batch", type=int, help="sequences per step (default: the spec's)")
     parser.add_argument("--top", type=int, default=10, help="layouts to list (10)")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--budget-flops", type=float, help="training FLOPs to plan model size and epochs for "
+                        "(default: the spec's own, 6 × parameters × tokens)")
+    budget.add_argument("--budget-gpu-hours", type=float, help="... as GPU-hours at --mfu of metrics.peak_flops")
+    parser.add_argument("--unique-tokens", type=float, help="unique training tokens (default: data.path's "
+                        "manifest.json, each source's tokens before mixing repeated any)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     per_node = args.gpus_per_node or (spec.resources.gpus_per_node if args.gpus is None else min(gpus, 8))
     mem = parse_gpu_mem(args.gpu_mem)
     print_model(spec)
+    print_data_plan(spec, args)
     print_spec_layout(spec, gpus, per_node, mem)
     plan = choose_layout(spec, gpus, mem, per_node, mfu=args.mfu, global_batch_size=args.global_batch)
     print_table(plan, args.top)
@@ -63,6 +73,59 @@ def print_model(spec) -> None:
         print(f"LoRA rank {m.lora.rank} (alpha {m.lora.alpha:g}) on {m.lora.targets}: {_n(trained)} trainable "
               f"parameters, {100 * trained / count.total:.2g}% of the model; the rest frozen, with no gradients or "
               "optimizer state")
+
+
+def print_data_plan(spec, args: argparse.Namespace) -> None:
+    """The spec's repetition of its unique data and the law's best size and epochs for the budget, with warnings;
+    nothing when the unique tokens are unknown and no budget asks for a plan."""
+    import math
+
+    from orchestrator.errors import UserError
+    from orchestrator.planner import data_constrained as dc
+    from orchestrator.planner.counting import count_params
+    from orchestrator.planner.scaling import gpu_hours_to_flops
+
+    for flag, value in (("--unique-tokens", args.unique_tokens), ("--budget-flops", args.budget_flops)):
+        if value is not None and not 0 < value < math.inf:
+            raise UserError(f"{flag}: {value:g} is not a positive finite number")
+    unique, source = args.unique_tokens, "--unique-tokens"
+    if unique is None:
+        unique, source = _manifest_unique_tokens(spec), f"{spec.data.path}/manifest.json"
+    budget = args.budget_flops if args.budget_gpu_hours is None else \
+        gpu_hours_to_flops(args.budget_gpu_hours, spec.metrics.peak_flops, args.mfu)
+    if unique is None:
+        if budget is not None:
+            raise UserError(f"--budget-{'flops' if args.budget_gpu_hours is None else 'gpu-hours'}: planning epochs "
+                            f"needs the unique tokens: {spec.data.path or 'data.path'} has no manifest.json; give "
+                            "--unique-tokens")
+        return
+    p = spec.parallel
+    own = dc.allocate(count_params(spec.model).total,
+                      spec.schedule.steps * p.micro_batch_size * p.grad_accum * p.dp * spec.data.seq_len, unique)
+    flops = budget if budget is not None else 6 * own.params * own.tokens
+    plan = dc.plan(flops, unique)
+    law = dc.MUENNIGHOFF
+    print(f"\ndata-constrained (Muennighoff et al. 2023, R_D* = {law.rd_star:.1f}, R_N* = {law.rn_star:.1f}; losses "
+          f"on the paper's C4 fit, for comparing plans): {_n(unique)} unique tokens ({source})")
+    for label, a in (("this spec", own), (f"best for {flops:.3g} FLOPs", plan.best),
+                     ("Chinchilla, 20 tokens/param", plan.chinchilla)):
+        print(f"  {label:<28}{_n(a.params):>7} parameters × {_n(a.tokens):>6} tokens = {a.epochs:6.2f} epochs; "
+              f"effective {_n(a.effective_params)} parameters, {_n(a.effective_tokens)} tokens; loss {a.loss:.4f}")
+    for line in dc.repetition_warnings(own, "this spec") + plan.warnings:
+        print(f"  warning: {line}")
+
+
+def _manifest_unique_tokens(spec) -> float | None:
+    """The unique tokens of data.path's manifest; None where the spec's data is not prepared (yet)."""
+    import os
+
+    from dataprep.shards import read_manifest
+    from orchestrator.planner.data_constrained import unique_tokens
+
+    if not spec.data.path or "://" in spec.data.path or not os.path.isfile(os.path.join(spec.data.path,
+                                                                                        "manifest.json")):
+        return None
+    return unique_tokens(read_manifest(spec.data.path))
 
 
 def print_spec_layout(spec, gpus: int, per_node: int, mem: int) -> None:
