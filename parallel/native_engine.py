@@ -110,7 +110,9 @@ class NativeEngine:
         self._save_group = None
         # Under LoRA a checkpoint holds what trains (adapters and their optimizer state); the frozen model is
         # checkpoint.init_from's, reloaded on resume (`parallel.lora_base`).
-        self._state_options = StateDictOptions(ignore_frozen_params=spec.model.lora.rank > 0)
+        # (dcp.load fails on any adapter missing from the files, so loading need not insist on the frozen ones.)
+        lora = spec.model.lora.rank > 0
+        self._state_options = StateDictOptions(ignore_frozen_params=lora, strict=not lora)
 
     @torch.no_grad()
     def _materialize(self, seed: int) -> None:
