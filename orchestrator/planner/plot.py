@@ -14,11 +14,9 @@ from orchestrator.planner.scaling import ScalingLaw, TokenLaw
 def plot_sweep(path: str | os.PathLike, params: Sequence[float], tokens: Sequence[float], losses: Sequence[float],
                law: ScalingLaw, title: str = "") -> None:
     """Write a two-panel PNG: measured losses with the fitted L(N, D), and loss against N at constant compute."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import matplotlib.ticker
+
+    plt = _pyplot()
 
     params, tokens, losses = (np.asarray(x, dtype=float) for x in (params, tokens, losses))
     sizes = np.unique(params)
@@ -49,9 +47,7 @@ def plot_sweep(path: str | os.PathLike, params: Sequence[float], tokens: Sequenc
     right.legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_branches(path: str | os.PathLike, stable: tuple[Sequence[float], Sequence[float]],
@@ -59,10 +55,7 @@ def plot_branches(path: str | os.PathLike, stable: tuple[Sequence[float], Sequen
                   losses: Sequence[float], law: TokenLaw | None, title: str = "") -> None:
     """Write a PNG of WSD branches: the stable run's training loss, each branch's decay, the branches' final
     losses against their tokens and the L(D) fitted through them (none with fewer than three branches)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     tokens, losses = np.asarray(tokens, dtype=float), np.asarray(losses, dtype=float)
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
@@ -81,6 +74,20 @@ def plot_branches(path: str | os.PathLike, stable: tuple[Sequence[float], Sequen
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
+    _save(plt, fig, path)
+
+
+def _pyplot():
+    """pyplot on the file-only Agg backend: the planner draws on machines without a display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(plt, fig, path: str | os.PathLike) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
