@@ -14,8 +14,9 @@ What follows a spike:
 - skip: the engine is asked before its optimizer step (`Engine.train_step(accept=...)`) and drops the update; the step
   is trained again on the next batch, so a skipped batch costs no step of the schedule and the run ends where one
   that never read that batch (`data.skip` set to the window logged) ends. The ranks agree on the verdict through one
-  tiny all-reduce. The DeepSpeed engine steps inside DeepSpeed, which cannot drop an update once its gradients are
-  reduced: validation refuses skip there.
+  tiny all-reduce; reading the values there is a host sync before the optimizer step. More than MAX_SKIPS_IN_A_ROW
+  skips in a row stop the run: it is the model that diverged. The DeepSpeed engine steps inside DeepSpeed, which
+  cannot drop an update once its gradients are reduced: validation refuses skip there.
 - rewind: every rank goes back to the newest checkpoint (`parallel.resume.restore`: weights, optimizer, schedule,
   RNG) and the loader skips every position read since it (the loader's position is exact, so nothing else is
   skipped); training goes on from the checkpoint's step. At most `spikes.max_rewinds` times per attempt, and only with
@@ -23,9 +24,10 @@ What follows a spike:
 
 Spikes that are skipped or rewound over stay out of the baseline, and so do the steps a rewind undoes.
 
-Tests only: `PRETRAIN_TEST_SPIKE=EPOCH:INDEX:FACTOR` multiplies the loss of the step read from that loader position
-by FACTOR (the engine's loss function is wrapped, so the gradients grow with it; not under pipelining, whose schedule
-holds its own loss function). A batch of bad data does the same to a real run.
+Tests only: `PRETRAIN_TEST_SPIKE=EPOCH:INDEX:FACTOR[:STEPS]` multiplies the loss of the step read from that loader
+position (and of the STEPS - 1 steps read after it in that epoch, when given) by FACTOR. The engine's loss function
+is wrapped, so the gradients grow with it; not under pipelining, whose schedule holds its own loss function. A batch
+of bad data does the same to a real run.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from orchestrator.errors import UserError
 from orchestrator.spec import SpikesConfig
 from parallel.callbacks import SpikeStats
 from parallel.checkpoint import Checkpointer
@@ -51,6 +54,7 @@ from parallel.resume import restore
 log = logging.getLogger(__name__)
 
 INJECT_VARIABLE = "PRETRAIN_TEST_SPIKE"
+MAX_SKIPS_IN_A_ROW = 10  # then it is the model that diverged, not a batch: skipping on would read the data to its end
 MAD_FLOOR = 1e-3  # of the median
 
 
@@ -106,7 +110,7 @@ class SpikeGuard:
         self.config, self.rank, self.device = config, rank, engine.device
         self.enabled = config.action != "none"
         self.detector = SpikeDetector(config)
-        self.rewinds = 0
+        self.rewinds = self.skips_in_a_row = 0
         self._step = 0
         self._verdict: SpikeStats | None = None
         self._inject = _Injection.from_env(engine)
@@ -119,7 +123,7 @@ class SpikeGuard:
     def before_step(self, step: int, loader: ShardLoader) -> None:
         self._step, self._verdict = step, None
         if self._inject is not None:
-            self._inject.arm(loader.last_read)
+            self._inject.arm(loader.last_read, loader.global_batch)
 
     def _accept(self, loss: torch.Tensor, grad_norm: Any) -> bool:
         self._verdict = self._judge(float(loss), float(grad_norm))
@@ -137,6 +141,8 @@ class SpikeGuard:
         found, record = self.detector.measure(self._step, loss, grad_norm, self.rank)
         if self.config.action != "alert":
             found = _on_any_rank(found, self.device)
+        if not found:
+            self.skips_in_a_row = 0
         if not found or self.config.action == "alert":
             self.detector.add(self._step, loss, grad_norm)
         return record if found else None
@@ -145,12 +151,21 @@ class SpikeGuard:
         """Carry out `spike.action` (rewriting it where it cannot be done); the step to train on after, or None to
         go on with this one (alert)."""
         if spike.action == "skip":
+            self._count_skip(spike)
             epoch, index = loader.last_read
             spike.skipped = format_windows([(epoch, index, index + loader.global_batch)])
             return spike.step - 1
         if spike.action == "rewind":
             return self._rewind(spike, checkpointer, engine, loader)
         return None
+
+    def _count_skip(self, spike: SpikeStats) -> None:
+        self.skips_in_a_row += 1
+        if self.skips_in_a_row > MAX_SKIPS_IN_A_ROW:
+            raise UserError(f"spikes.action=skip: {self.skips_in_a_row} batches in a row were spikes (the last at step "
+                            f"{spike.step}: loss {spike.loss:.4g}, grad norm {spike.grad_norm:.4g}): the model itself "
+                            "has diverged, not a batch; resume from an earlier checkpoint with a lower optim.lr, or "
+                            "use spikes.action=rewind")
 
     def _rewind(self, spike: SpikeStats, checkpointer: Checkpointer, engine: Engine, loader: ShardLoader) -> int | None:
         if self.rewinds >= self.config.max_rewinds:
@@ -189,8 +204,8 @@ def _on_any_rank(found: bool, device: torch.device) -> bool:
 class _Injection:
     """The test hook of `INJECT_VARIABLE`: the engine's loss function scaled for the step read from one position."""
 
-    def __init__(self, engine: Engine, position: tuple[int, int], factor: float):
-        self.position, self.factor, self.scale = position, factor, 1.0
+    def __init__(self, engine: Engine, position: tuple[int, int], factor: float, steps: int):
+        self.position, self.factor, self.steps, self.scale = position, factor, steps, 1.0
         loss_fn = engine.loss_fn
         engine.loss_fn = lambda logits, targets: loss_fn(logits, targets) * self.scale
 
@@ -199,8 +214,10 @@ class _Injection:
         value = os.environ.get(INJECT_VARIABLE, "")
         if not value:
             return None
-        epoch, index, factor = value.split(":")
-        return cls(engine, (int(epoch), int(index)), float(factor))
+        epoch, index, factor, *steps = value.split(":")
+        return cls(engine, (int(epoch), int(index)), float(factor), int(steps[0]) if steps else 1)
 
-    def arm(self, read_at: tuple[int, int]) -> None:
-        self.scale = self.factor if read_at == self.position else 1.0
+    def arm(self, read_at: tuple[int, int], global_batch: int) -> None:
+        (epoch, start), (at_epoch, at) = self.position, read_at
+        hit = at_epoch == epoch and start <= at < start + self.steps * global_batch
+        self.scale = self.factor if hit else 1.0

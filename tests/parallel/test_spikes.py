@@ -14,11 +14,11 @@ import pytest
 from prometheus_client.exposition import generate_latest
 
 from cluster.metrics import RankExporter
-from orchestrator.errors import SpecError
+from orchestrator.errors import SpecError, UserError
 from orchestrator.spec import SpikesConfig
 from orchestrator.validate import parse_spec
 from parallel.callbacks import read_history
-from parallel.launch import RankEnv
+from parallel.launch import RankEnv, shutdown_distributed
 from parallel.spikes import INJECT_VARIABLE, SpikeDetector
 from parallel.train import run
 from tests.helpers import free_port
@@ -85,6 +85,14 @@ def test_a_rewind_goes_back_to_the_checkpoint_and_skips_the_data_read_since(shar
     clean_loss, clean = train(shards, tmp_path / "clean", action="rewind", skip=spike["skipped"])
     assert "spike" not in clean
     assert loss == clean_loss and step_losses(history) == step_losses(clean)
+
+
+def test_a_model_that_diverged_is_stopped_rather_than_skipped_through_the_data(shards, tmp_path, monkeypatch):
+    monkeypatch.setenv(INJECT_VARIABLE, f"0:{6 * BATCH}:1000:{STEPS}")  # every batch from step 7's on
+    with pytest.raises(UserError, match=r"spikes.action=skip: 11 batches in a row were spikes \(the last at step 7"):
+        train(shards, tmp_path / "diverged", action="skip")
+    shutdown_distributed()  # what the rank's process exiting would do
+    assert [r["step"] for r in read_history(str(tmp_path / "diverged" / "history.jsonl"))["step"]] == list(range(1, 7))
 
 
 def test_the_detector_judges_against_median_and_mad():
