@@ -38,8 +38,9 @@ class TaskSettings:
     include_path: str = ""
 
 
-def run_tasks(lm: Any, settings: TaskSettings, manager: Any) -> dict[str, Any]:
-    """The harness's results dictionary (`results`, `configs`, `versions`, ...) for `lm` on the tasks."""
+def run_tasks(lm: Any, settings: TaskSettings, manager: Any, log_samples: bool = False) -> dict[str, Any]:
+    """The harness's results dictionary (`results`, `configs`, `versions`, ...) for `lm` on the tasks; with
+    `log_samples`, every document's requests and responses under `samples`."""
     import lm_eval
 
     for name in ("lm-eval", "lm_eval"):
@@ -47,7 +48,7 @@ def run_tasks(lm: Any, settings: TaskSettings, manager: Any) -> dict[str, Any]:
     with _global_rng_kept():
         return lm_eval.simple_evaluate(
             model=lm, tasks=settings.tasks, num_fewshot=settings.num_fewshot, limit=settings.limit or None,
-            task_manager=manager, bootstrap_iters=0, log_samples=False)
+            task_manager=manager, bootstrap_iters=0, log_samples=log_samples)
 
 
 def scores_of(results: dict[str, Any]) -> dict[str, float]:

@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=0, help="documents per task at most; 0: all")
     parser.add_argument("--include-path", default="", help="directory of local task files (YAML + data)")
     parser.add_argument("--output", default="", help="write the results here as JSON")
+    parser.add_argument("--log-samples", action="store_true", help="with --output: every document's requests and "
+                        "responses too (the harness's samples)")
     parser.add_argument("--batch-size", type=int, default=16, help="requests per forward on each rank")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (of torchrun's WORLD_SIZE)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -48,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"{args.checkpoint} is a Hugging Face directory, which one process evaluates; "
                             "run without torchrun")
         lm, where = _hf_model(args), args.checkpoint
-        results = run_tasks(lm, settings, manager)
+        results = run_tasks(lm, settings, manager, args.log_samples)
     else:
         results, where = _checkpoint_results(args, env, settings, manager)
     if env.rank == 0:
@@ -116,7 +118,7 @@ def _checkpoint_results(args: argparse.Namespace, env, settings, manager) -> tup
     load_weights(spec, engine, step_dir)
     lm = PretrainLM(EngineModel(engine), tokenizer, eos_id=identity.eos_id, bos_id=identity.bos_id,
                     max_length=identity.max_positions, batch_size=args.batch_size)
-    results = run_tasks(lm, settings, manager)
+    results = run_tasks(lm, settings, manager, args.log_samples)
     shutdown_distributed()
     return results, step_dir
 
@@ -150,6 +152,8 @@ def _report(results: dict, scores: dict[str, float], where: str, settings, outpu
         document = {"model": where, "tasks": settings.tasks, "limit": settings.limit,
                     "num_fewshot": settings.num_fewshot, "scores": scores, "results": results["results"],
                     "configs": results.get("configs", {})}
+        if "samples" in results:
+            document["samples"] = results["samples"]
         partial = f"{output}.partial"
         with open(partial, "w", encoding="utf-8") as f:
             json.dump(document, f, indent=2, default=str)
