@@ -132,12 +132,12 @@ class MetricStore(Collector):
         self._lock = threading.Lock()
         self._values: dict[Metric, dict[tuple[str, ...], float]] = {}
 
-    def set(self, metric: Metric, value: float, **labels: Any) -> None:
+    def set(self, metric: Metric, value: float, /, **labels: Any) -> None:
         key = tuple(str(labels[name]) for name in metric.labels)
         with self._lock:
             self._values.setdefault(metric, {})[key] = float(value)
 
-    def update(self, values: Mapping[Metric, float], **labels: Any) -> None:
+    def update(self, values: Mapping[Metric, float], /, **labels: Any) -> None:
         """Set several series sharing `labels` under one lock acquisition (the per-step path)."""
         keys: dict[tuple[str, ...], tuple[str, ...]] = {}
         with self._lock:
@@ -147,13 +147,13 @@ class MetricStore(Collector):
                     key = keys[metric.labels] = tuple(str(labels[name]) for name in metric.labels)
                 self._values.setdefault(metric, {})[key] = float(value)
 
-    def add(self, metric: Metric, amount: float, **labels: Any) -> None:
+    def add(self, metric: Metric, amount: float, /, **labels: Any) -> None:
         key = tuple(str(labels[name]) for name in metric.labels)
         with self._lock:
             series = self._values.setdefault(metric, {})
             series[key] = series.get(key, 0.0) + float(amount)
 
-    def get(self, metric: Metric, **labels: Any) -> float | None:
+    def get(self, metric: Metric, /, **labels: Any) -> float | None:
         key = tuple(str(labels[name]) for name in metric.labels)
         with self._lock:
             return self._values.get(metric, {}).get(key)

@@ -6,11 +6,13 @@ Each store is read back with its own tool (`tests.tracker_files`).
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from prometheus_client import generate_latest
 
 from cluster import metrics as prometheus
@@ -22,6 +24,7 @@ from parallel.storage import Storage
 from parallel.trackers import TrackerCallback, eval_scalars, read_ids, score_name, step_scalars
 from parallel.train import run
 from tests.helpers import TINY_RUN, free_port
+from tests.parallel.test_hf_layouts import byte_tokenizer
 from tests.shards import write_shards
 from tests.tracker_files import mlflow_history, tensorboard_scalars, wandb_history
 
@@ -58,25 +61,46 @@ def rank_env(monkeypatch) -> RankEnv:
     return RankEnv(master_port=free_port())
 
 
-def test_a_run_and_its_resume_write_the_same_scalars_to_every_tracker(tmp_path, rank_env, one_thread):
+def multiple_choice_task(directory: Path) -> Path:
+    """A local lm-eval task (YAML + JSONL): which continuation of a line of the corpus is likelier."""
+    directory.mkdir()
+    rows = [{"q": "In the beginning God created the", "c": [" heaven", " qzxv"]},
+            {"q": "And God said, Let there be", "c": [" light", " zzkq"]},
+            {"q": "import", "c": [" os", " qq"]}]
+    (directory / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (directory / "tracked_mc.yaml").write_text(yaml.safe_dump({
+        "task": "tracked_mc", "dataset_path": "json", "test_split": "test", "output_type": "multiple_choice",
+        "dataset_kwargs": {"data_files": {"test": str(directory / "mc.jsonl")}, "cache_dir": str(directory / "hf")},
+        "doc_to_text": "{{q}}", "doc_to_choice": "{{c}}", "doc_to_target": 0, "metric_list": [{"metric": "acc"}]}))
+    return directory
+
+
+def test_a_run_and_its_resume_write_the_same_scalars_to_every_tracker(tmp_path, rank_env, one_thread, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     shards = write_shards(tmp_path / "shards", seq_len=64, rows=200)
-    spec = tracker_spec(tmp_path, f"data.path={shards}", "schedule.steps=4")
-    run(spec, rank_env)
-    resumed = tracker_spec(tmp_path, f"data.path={shards}", "schedule.steps=6", "schedule.eval_every=3")
+    byte_tokenizer(shards / "tokenizer.json")
+    tasks = multiple_choice_task(tmp_path / "tasks")
+    common = (f"data.path={shards}", "eval.tasks=tracked_mc", f"eval.include_path={tasks}")
+    run(tracker_spec(tmp_path, *common, "schedule.steps=4"), rank_env)
+    resumed = tracker_spec(tmp_path, *common, "schedule.steps=6", "schedule.eval_every=3")
     exporter = prometheus.RankExporter.from_spec(resumed, 0, 0, advertise_host="127.0.0.1")
     run(resumed, RankEnv(master_port=free_port()), callbacks=[exporter])
 
     history = read_history(str(tmp_path / "ckpt" / "history.jsonl"))
     losses = [(r["step"], r["loss"]) for r in history["step"]]
     evals = [(r["step"], r["loss"]) for r in history["eval"]]
+    scores = [(r["step"], r["scores"]["tracked_mc/acc"]) for r in history["eval"]]
     assert [s for s, _ in losses] == [1, 2, 3, 4, 5, 6] and [s for s, _ in evals] == [4, 6]
+    assert {score for _, score in scores} <= {0.0, 1 / 3, 2 / 3, 1.0}
 
     scraped = generate_latest(exporter.exporter.registry).decode()
     assert f'pretrain_eval_loss{{run="tracked"}} {evals[-1][1]!r}' in scraped
+    assert f'pretrain_eval_score{{metric="acc",run="tracked",task="tracked_mc"}} {scores[-1][1]!r}' in scraped
 
     board = tensorboard_scalars(tmp_path / "ckpt" / "tensorboard")
     assert_series(board["pretrain_loss"], losses, rel=1e-6)  # TensorBoard keeps float32
     assert_series(board["pretrain_eval_loss"], evals, rel=1e-6)
+    assert_series(board["pretrain_eval_score/tracked_mc/acc"], scores, rel=1e-6)
     assert [s for s, _ in board["pretrain_learning_rate"]] == [1, 2, 3, 4, 5, 6]
 
     ids = read_ids(Storage(str(tmp_path / "ckpt")))
@@ -86,6 +110,7 @@ def test_a_run_and_its_resume_write_the_same_scalars_to_every_tracker(tmp_path, 
     assert {run_id for run_id, _ in seen} == {ids["wandb"]}
     assert seen[0][1]["pretrain_loss"] + seen[1][1]["pretrain_loss"] == losses
     assert seen[0][1]["pretrain_eval_loss"] + seen[1][1]["pretrain_eval_loss"] == evals
+    assert seen[0][1]["pretrain_eval_score/tracked_mc/acc"] + seen[1][1]["pretrain_eval_score/tracked_mc/acc"] == scores
 
     client, mlflow = mlflow_run(tmp_path, ids["mlflow"])
     assert mlflow.info.run_name == "tracked" and mlflow.info.status == "FINISHED"
@@ -93,6 +118,7 @@ def test_a_run_and_its_resume_write_the_same_scalars_to_every_tracker(tmp_path, 
     assert mlflow.data.params["metrics.loggers"] == "prometheus,tensorboard,wandb,mlflow"
     assert mlflow_history(client, ids["mlflow"], "pretrain_loss") == losses
     assert mlflow_history(client, ids["mlflow"], "pretrain_eval_loss") == evals
+    assert mlflow_history(client, ids["mlflow"], "pretrain_eval_score/tracked_mc/acc") == scores
 
 
 def test_replayed_steps_and_scores_after_a_resume(tmp_path):
