@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from orchestrator.eval_tasks import parse_task_names, task_manager
+from parallel.eval_tasks import parse_task_names, task_manager
 from orchestrator.spec import JobSpec
 from parallel.callbacks import EvalStats
 

@@ -110,7 +110,7 @@ def reference(run) -> dict:
     """transformers' model under the harness's HFLM: scores and samples of both tasks, and the HFLM itself."""
     from lm_eval.models.huggingface import HFLM
 
-    from orchestrator.eval_tasks import task_manager
+    from parallel.eval_tasks import task_manager
     from parallel.downstream import TaskSettings, run_tasks, scores_of
 
     settings = TaskSettings(TASKS.split(","))
