@@ -78,6 +78,9 @@ TRAINING = Dashboard("pretrain-training", "pretrain / training", (
         (f"{m.STRAGGLER_THRESHOLD.name}{{{RUN}}}", "threshold"),
     ), description="busy time over the median of the other ranks; above the threshold a rank is a straggler"),
     Panel("Gradient norm", ((f"{m.GRAD_NORM.name}{{{RUN}}}", "{{run}}"),)),
+    Panel("Loss spikes", ((f"increase({m.LOSS_SPIKES.name}{{{RUN}}}[$__rate_interval])", "{{run}} {{action}}"),),
+          description="loss spikes the ranks found against their recent median (spikes.*), by what was done: "
+                      "alert, skip (update dropped) or rewind (back to the last checkpoint)"),
     Panel("Device memory per rank", ((f"{m.GPU_MEMORY.name}{{{RANK}}}", "rank {{rank}} ({{node}})"),), unit="bytes"),
     Panel("Checkpoint duration", ((f"{m.CHECKPOINT_DURATION.name}{{{RUN}}}", "{{operation}}"),), unit="s"),
     Panel("Checkpoint size", ((f"{m.CHECKPOINT_SIZE.name}{{{RUN}}}", "{{operation}}"),), unit="bytes"),

@@ -75,7 +75,7 @@ class ProfileTrigger:
         if self.device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
             torch.cuda.memory._record_memory_history(max_entries=MEMORY_ENTRIES)
-        self._profiler = torch.profiler.profile(activities=activities)
+        self._profiler = torch.profiler.profile(activities=activities, acc_events=True)  # one cycle: no warning
         self._profiler.start()
 
     def after_step(self, step: int) -> None:
