@@ -18,7 +18,7 @@ import torch
 
 from orchestrator.config_parser import WRITTEN_FILE_BOUNDS, load_json, load_yaml
 from orchestrator.errors import CheckpointError
-from orchestrator.spec import JobSpec
+from orchestrator.spec import JobSpec, ModelConfig
 from parallel import checkpoint_layout as names
 from parallel.checkpoint import Checkpointer
 from parallel.engine import Engine
@@ -89,9 +89,11 @@ def check_same_model(saved_spec: str, spec: JobSpec) -> None:
     if not isinstance(saved, dict):
         raise CheckpointError(f"{saved_spec}: expected a job spec with a `model` section")
     # model.family and model.size only name the preset the values came from: the values themselves are compared.
+    # A field the checkpoint's spec lacks came after it was written: it ran with that field's default.
     current = {k: v for k, v in dataclasses.asdict(spec.model).items() if k not in ("family", "size")}
-    changed = [f"model.{k}: {saved.get(k)!r} in the checkpoint, {v!r} now" for k, v in current.items()
-               if saved.get(k) != v]
+    default = dataclasses.asdict(ModelConfig())
+    changed = [f"model.{k}: {saved.get(k, default[k])!r} in the checkpoint, {v!r} now" for k, v in current.items()
+               if saved.get(k, default[k]) != v]
     if changed:
         raise CheckpointError(f"{saved_spec}: the checkpoint's model differs from this run's: " + "; ".join(changed)
                               + "; set the checkpoint's values in the job spec (pin model.vocab_size when the "

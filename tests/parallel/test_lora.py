@@ -25,6 +25,7 @@ import peft
 import pytest
 import torch
 import transformers as tf
+import yaml
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -41,6 +42,7 @@ from parallel.hf import load_hf_model
 from parallel.loader import build_loaders
 from parallel.lora import apply_lora
 from parallel.lora_base import check_same_base
+from parallel.restore import check_same_model
 from tests.helpers import RTOL
 from tests.parallel.test_hf_layouts import byte_tokenizer, pretrain_train
 from tests.shards import EOS, write_shards
@@ -210,3 +212,16 @@ def test_resume_refuses_a_changed_base(runs) -> None:
 def test_validation_refuses_what_lora_cannot_run(overrides: list[str], message: str) -> None:
     with pytest.raises(SpecError, match=message):
         parse_spec({}, overrides=[*LORA, "parallel.backend=native", *overrides])
+
+
+def test_a_checkpoint_from_before_lora_resumes_and_one_of_other_adapters_is_refused(tmp_path: Path) -> None:
+    """A spec.yaml written before model.lora existed ran without adapters: it resumes a run without them, and a run
+    that adds them is told what differs."""
+    spec = parse_spec({}, overrides=["model.vocab_size=128"])
+    saved = yaml.safe_load(spec_to_yaml(spec))
+    del saved["model"]["lora"]
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(saved))
+    check_same_model(str(tmp_path / "spec.yaml"), spec)
+    with_lora = parse_spec({}, overrides=["model.vocab_size=128", *LORA])
+    with pytest.raises(CheckpointError, match=r"model.lora: \{'rank': 0, .* in the checkpoint, \{'rank': 2, "):
+        check_same_model(str(tmp_path / "spec.yaml"), with_lora)
