@@ -7,7 +7,8 @@ optimizer step they belong to, with the run's name and its resolved spec as the 
 `pretrain_loss`, `pretrain_learning_rate`, `pretrain_grad_norm`, `pretrain_tokens_per_second` (the run's; the
 exporters' per-rank series sum to it), `pretrain_tokens_total`, `pretrain_mfu_ratio` (on accelerators),
 `pretrain_gpu_memory_bytes` and `pretrain_step_duration_seconds` / `pretrain_step_busy_seconds` (rank 0's),
-`pretrain_eval_loss`, `pretrain_eval_score/<task>/<metric>` (Prometheus: `pretrain_eval_score{task, metric}`) and
+`pretrain_eval_loss`, `pretrain_eval_score/<task>/<metric>` (Prometheus: `pretrain_eval_score{task, metric}`),
+`pretrain_loss_spikes_total/<action>` (Prometheus: `pretrain_loss_spikes_total{action}`) and
 `pretrain_checkpoint_duration_seconds`.
 
 Rank 0 alone writes, and never on the loop's time: a hook turns its record into `(step, {name: value})` and appends
@@ -42,7 +43,7 @@ import yaml
 
 from orchestrator.errors import UserError
 from orchestrator.spec import TRACKERS_INSTALL, JobSpec, spec_to_yaml
-from parallel.callbacks import BaseCallback, CheckpointStats, EvalStats, StepStats
+from parallel.callbacks import BaseCallback, CheckpointStats, EvalStats, SpikeStats, StepStats
 from parallel.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -214,6 +215,7 @@ class TrackerCallback(BaseCallback):
         self.spec = spec
         self.writers: list[Any] = []
         self.dropped = 0
+        self.spikes: dict[str, int] = {}  # by action, since this attempt started (as Prometheus counts them)
         self._queue: deque[tuple[int, Scalars]] = deque(maxlen=QUEUE_RECORDS)
         self._ready = threading.Condition()
         self._closing = False
@@ -237,6 +239,11 @@ class TrackerCallback(BaseCallback):
     def on_checkpoint(self, stats: CheckpointStats) -> None:
         if stats.rank == 0:
             self._put(stats.step, {"pretrain_checkpoint_duration_seconds": stats.seconds})
+
+    def on_spike(self, stats: SpikeStats) -> None:
+        if stats.rank == 0:
+            self.spikes[stats.action] = self.spikes.get(stats.action, 0) + 1
+            self._put(stats.step, {f"pretrain_loss_spikes_total/{stats.action}": self.spikes[stats.action]})
 
     def _put(self, step: int, scalars: Scalars) -> None:
         if self._thread is None or not scalars:

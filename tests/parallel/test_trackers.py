@@ -18,7 +18,7 @@ from prometheus_client import generate_latest
 from cluster import metrics as prometheus
 from orchestrator.errors import SpecError, UserError
 from orchestrator.validate import parse_spec
-from parallel.callbacks import EvalStats, StepStats, read_history
+from parallel.callbacks import EvalStats, SpikeStats, StepStats, read_history
 from parallel.launch import RankEnv
 from parallel.storage import Storage
 from parallel.trackers import TrackerCallback, eval_scalars, read_ids, score_name, step_scalars
@@ -136,6 +136,8 @@ def test_replayed_steps_and_scores_after_a_resume(tmp_path):
     again.on_train_start(2, 0)
     for n in (3, 4):
         again.on_step(step(n, 5.0 - n))
+    again.on_spike(SpikeStats(step=4, action="skip", loss=1.0, grad_norm=1.0, loss_median=5.0, loss_mad=0.1,
+                              grad_norm_median=1.0, grad_norm_mad=0.1))
     again.close()
 
     board = tensorboard_scalars(tmp_path / "ckpt" / "tensorboard")
@@ -143,6 +145,7 @@ def test_replayed_steps_and_scores_after_a_resume(tmp_path):
     assert board["pretrain_eval_score/hellaswag/acc_norm"] == [(2, 0.25)]
     assert board["pretrain_eval_score/arc_easy/acc_none"] == [(2, 0.5)]
     assert "pretrain_eval_loss" not in board  # a downstream-only evaluation has no held-out loss
+    assert board[f"{prometheus.LOSS_SPIKES.name}/skip"] == [(4, 1.0)]
 
     ids = read_ids(Storage(str(tmp_path / "ckpt")))
     client, _ = mlflow_run(tmp_path, ids["mlflow"])
