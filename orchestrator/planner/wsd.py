@@ -23,6 +23,7 @@ those of a multi-rank run are prepared for `pretrain submit` and read back with 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import math
@@ -138,8 +139,27 @@ def plan_branches(checkpoint_dir: str | os.PathLike, budgets: Sequence[int], out
             f"them with checkpoint.every={every} checkpoint.keep_every={every} ({every} divides every step needed): "
             "rerun the stable phase with them, or resume it with them for steps it has not reached")
     if problems:
+        served = servable_budgets(stable, steps, fraction)
+        problems.append(f"budgets its checkpoints serve as they are: {', '.join(map(str, served[:12]))}"
+                        + (", ..." if len(served) > 12 else "") if served else
+                        "none of its checkpoints is in its stable phase, so no budget can branch from it")
         raise UserError(f"cannot branch from {source}:\n  " + "\n  ".join(problems))
     return branches
+
+
+def servable_budgets(stable: JobSpec, steps: Sequence[int], fraction: float) -> list[int]:
+    """The budgets whose decay would start at one of `steps` while the stable run still holds its learning rate."""
+    from parallel.optim import lr_at, wsd_decay_start
+
+    held = dataclasses.replace(stable.schedule, lr_schedule="constant")
+    decays = next((s for s in range(max(steps, default=0)) if lr_at(s, stable.optim, stable.schedule)
+                   != lr_at(s, stable.optim, held)), math.inf)
+    budgets = set()
+    for step in (s for s in steps if s <= decays):
+        # B − round(f·B) = step puts B·(1 − f) within half a step of `step`
+        low, high = math.floor((step - 0.5) / (1 - fraction)), math.ceil((step + 0.5) / (1 - fraction))
+        budgets |= {b for b in range(low - 1, high + 2) if b > step and wsd_decay_start(b, fraction) == step}
+    return sorted(budgets)
 
 
 def prepare(branch: Branch, checkpoint_dir: str | os.PathLike) -> None:

@@ -105,6 +105,9 @@ def test_budgets_the_stable_run_cannot_serve_are_named_with_the_checkpoints_need
     assert "the branches start from the stable run's steps 38, 60 (decay_fraction 0.25)" in err
     assert "has no complete checkpoint at step 38 (it has 10, 20, 30" in err
     assert "checkpoint.every=2 checkpoint.keep_every=2" in err
+    # what its checkpoints at 10, 20, ..., 120 (its stable phase) serve: a B-step branch decays from B − round(B/4)
+    served = [b for b in range(1, 200) if b - round(b / 4) in range(10, 121, 10)]
+    assert f"budgets its checkpoints serve as they are: {', '.join(map(str, served[:12]))}, ...\n" in err
     assert not out.exists()
 
 
