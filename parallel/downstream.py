@@ -21,11 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from parallel.eval_tasks import parse_task_names, task_manager
 from orchestrator.spec import JobSpec
 from parallel.callbacks import EvalStats
-
-log = logging.getLogger(__name__)
+from parallel.eval_tasks import parse_task_names, task_manager
 
 
 @dataclass(frozen=True)
@@ -69,12 +67,15 @@ def scores_of(results: dict[str, Any]) -> dict[str, float]:
 @contextlib.contextmanager
 def _global_rng_kept() -> Iterator[None]:
     states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:
         yield
     finally:
         random.setstate(states[0])
         np.random.set_state(states[1])
         torch.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 class Downstream:

@@ -35,8 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from parallel.eval_tasks import parse_task_names, task_manager
     from parallel.downstream import TaskSettings, run_tasks, scores_of
+    from parallel.eval_tasks import parse_task_names, task_manager
     from parallel.hf import CONFIG
     from parallel.launch import RankEnv
 

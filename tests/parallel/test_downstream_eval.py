@@ -110,8 +110,8 @@ def reference(run) -> dict:
     """transformers' model under the harness's HFLM: scores and samples of both tasks, and the HFLM itself."""
     from lm_eval.models.huggingface import HFLM
 
-    from parallel.eval_tasks import task_manager
     from parallel.downstream import TaskSettings, run_tasks, scores_of
+    from parallel.eval_tasks import task_manager
 
     settings = TaskSettings(TASKS.split(","))
     hflm = HFLM(pretrained=str(run["hf"]), device="cpu", dtype="float32", batch_size=4)
