@@ -32,12 +32,13 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_shards(tmp_path_factory.mktemp("spikes") / "shards", seq_len=32, rows=160)
 
 
-def train(shards: Path, out: Path, *, action: str, skip: str = "", callbacks=()) -> tuple[float, dict]:
+def train(shards: Path, out: Path, *, action: str, skip: str = "", backend: str = "native",
+          callbacks=()) -> tuple[float, dict]:
     spec = parse_spec({
         "name": "spiky",
         "model": {"dim": 32, "n_layers": 2, "n_heads": 2, "multiple_of": 16},
         "data": {"path": str(shards), "seq_len": 32, "prefetch": 0, "skip": skip},
-        "parallel": {"backend": "native", "micro_batch_size": BATCH, "precision": "fp32"},
+        "parallel": {"backend": backend, "micro_batch_size": BATCH, "precision": "fp32"},
         "optim": {"lr": 3e-3, "min_lr": 3e-4},
         "schedule": {"steps": STEPS, "warmup_steps": 2, "eval_every": 0, "log_every": 100},
         "checkpoint": {"dir": str(out), "every": 4, "async_save": False},
@@ -73,16 +74,17 @@ def test_a_skipped_batch_ends_the_run_where_one_that_never_read_it_ends(shards, 
     assert applied_loss != loss
 
 
-def test_a_rewind_goes_back_to_the_checkpoint_and_skips_the_data_read_since(shards, tmp_path, monkeypatch):
+@pytest.mark.parametrize("backend", ["native", "deepspeed"])
+def test_a_rewind_goes_back_to_the_checkpoint_and_skips_the_data_read_since(shards, tmp_path, monkeypatch, backend):
     monkeypatch.setenv(INJECT_VARIABLE, f"0:{6 * BATCH}:1000")
-    loss, history = train(shards, tmp_path / "rewind", action="rewind")
+    loss, history = train(shards, tmp_path / "rewind", action="rewind", backend=backend)
     [spike] = history["spike"]
     # Step 7's update was applied, then undone: back to step_4, skipping steps 5 to 7's data.
     assert (spike["step"], spike["action"], spike["rewound_to"]) == (7, "rewind", 4)
     assert spike["skipped"] == f"0:{4 * BATCH}-{7 * BATCH}"
 
     monkeypatch.delenv(INJECT_VARIABLE)
-    clean_loss, clean = train(shards, tmp_path / "clean", action="rewind", skip=spike["skipped"])
+    clean_loss, clean = train(shards, tmp_path / "clean", action="rewind", skip=spike["skipped"], backend=backend)
     assert "spike" not in clean
     assert loss == clean_loss and step_losses(history) == step_losses(clean)
 
