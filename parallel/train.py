@@ -4,8 +4,10 @@
     run(spec, RankEnv(rank=r, world_size=w, ...), callbacks=[heartbeat])            # what the Ray controller calls
 
 Every rank runs the same loop: build the engine (model, parallelism, optimizer) and the loaders, resume from the
-newest good checkpoint, then step, evaluate and checkpoint on the spec's cadence, telling each callback. Nothing here
-knows which backend runs the step or where the rank runs.
+newest good checkpoint, then step, evaluate and checkpoint on the spec's cadence, telling each callback. A loss spike
+is alerted, skipped or rewound over (`parallel.spikes`: a skipped or rewound step is trained again under its number),
+and profiles are taken when asked for (`parallel.profiling`). Nothing here knows which backend runs the step or where
+the rank runs.
 
 The loss is read on the host once per step, for the callbacks; on a GPU that sync costs the overlap of one step's
 launch with the previous one's tail, well under 1% for steps of 100 ms or more.
