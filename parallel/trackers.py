@@ -121,7 +121,10 @@ class WandbWriter:
         settings = wandb.Settings(console="off", silent=True, save_code=False, disable_git=True,
                                   x_disable_stats=True)
         self.run = wandb.init(project=w.project, entity=w.entity or None, name=spec.name, id=run_id or _new_id(),
-                              resume="allow", mode=w.mode, dir=directory, config=dict(config), settings=settings)
+                              resume="allow", mode=w.mode, dir=directory, settings=settings)
+        # After init rather than through it: a resumed run whose spec changed (more steps, another layout) would
+        # otherwise be refused for changing a config value.
+        self.run.config.update(dict(config), allow_val_change=True)
         self.id = self.run.id
         self.first = self.run.step  # online, a resumed run's next step: W&B refuses earlier ones
 

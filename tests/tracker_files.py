@@ -43,6 +43,13 @@ def wandb_records(path: Path) -> list:
     return records
 
 
+def wandb_config(run_dir: Path) -> dict:
+    """The config one offline run directory's attempt set (its last value of each key)."""
+    (path,) = run_dir.glob("run-*.wandb")
+    return {item.key: json.loads(item.value_json) for record in wandb_records(path)
+            if record.WhichOneof("record_type") == "config" for item in record.config.update}
+
+
 def wandb_history(run_dir: Path) -> tuple[str, dict[str, Series]]:
     """(run id, {name: [(step, value)]}) of one offline run directory."""
     (path,) = run_dir.glob("run-*.wandb")

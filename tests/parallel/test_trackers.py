@@ -26,7 +26,7 @@ from parallel.train import run
 from tests.helpers import TINY_RUN, free_port
 from tests.parallel.test_hf_layouts import byte_tokenizer
 from tests.shards import write_shards
-from tests.tracker_files import mlflow_history, tensorboard_scalars, wandb_history
+from tests.tracker_files import mlflow_history, tensorboard_scalars, wandb_config, wandb_history
 
 ALL = "metrics.loggers=[prometheus,tensorboard,wandb,mlflow]"
 SCORES = {"hellaswag/acc_norm": 0.25, "arc_easy/acc,none": 0.5}
@@ -108,6 +108,8 @@ def test_a_run_and_its_resume_write_the_same_scalars_to_every_tracker(tmp_path, 
     assert len(runs) == 2  # one directory per attempt, both the same W&B run
     seen = [wandb_history(r) for r in runs]
     assert {run_id for run_id, _ in seen} == {ids["wandb"]}
+    assert [wandb_config(r)["schedule"]["steps"] for r in runs] == [4, 6]  # each attempt's resolved spec
+    assert wandb_config(runs[0])["name"] == "tracked"
     assert seen[0][1]["pretrain_loss"] + seen[1][1]["pretrain_loss"] == losses
     assert seen[0][1]["pretrain_eval_loss"] + seen[1][1]["pretrain_eval_loss"] == evals
     assert seen[0][1]["pretrain_eval_score/tracked_mc/acc"] + seen[1][1]["pretrain_eval_score/tracked_mc/acc"] == scores
