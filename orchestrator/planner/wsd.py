@@ -229,13 +229,8 @@ def result(branch: Branch) -> dict[str, Any] | None:
     path = branch.checkpoints / "history.jsonl"
     if not path.exists():
         return None
-
-    def refused(why: str) -> UserError:
-        return UserError(f"{why}; delete the branch's directory and train it again")
-
-    records = [r for _, r in load_json_lines(path, bounds=WRITTEN_FILE_BOUNDS, error=refused) if isinstance(r, dict)]
-    steps = {r["step"]: r for r in records if r.get("kind") == "step"}
-    evals = {r["step"]: r for r in records if r.get("kind") == "eval"}
+    steps = {r["step"]: r for r in history(path, "step")}
+    evals = {r["step"]: r for r in history(path, "eval")}
     if branch.budget not in steps:
         return None
     p, model = branch.spec.parallel, branch.spec.model
@@ -247,12 +242,31 @@ def result(branch: Branch) -> dict[str, Any] | None:
             "seconds": sum(r.get("step_seconds", 0.0) for s, r in steps.items() if s > branch.start)}
 
 
-def curve(history: Path, after: int = 0) -> tuple[list[float], list[float]]:
-    """(training tokens, loss) of the step records in a history.jsonl after step `after`; empty without one."""
-    if not history.exists():
-        return [], []
-    records = [r for _, r in load_json_lines(history, bounds=WRITTEN_FILE_BOUNDS, error=UserError)
-               if isinstance(r, dict) and r.get("kind") == "step" and r.get("step", 0) > after]
+def history(path: Path, kind: str) -> list[dict[str, Any]]:
+    """The `kind` records ("step", "eval") of a history.jsonl, each with a number for step and loss (and tokens for a
+    step); a line that is not JSON, or such a record without them, is a `UserError` naming the file and line."""
+    def refused(why: str) -> UserError:
+        return UserError(f"{why}; delete the line (or the branch's directory, to train it again)")
+
+    needs = ("step", "loss", "tokens") if kind == "step" else ("step", "loss")
+    records = []
+    for number, record in load_json_lines(path, bounds=WRITTEN_FILE_BOUNDS, error=refused):
+        if not isinstance(record, dict) or record.get("kind") != kind:
+            continue
+        if not all(isinstance(record.get(k), int | float) and not isinstance(record.get(k), bool) for k in needs):
+            raise refused(f"{path}, line {number}: its {kind} record needs {', '.join(needs)} (numbers)")
+        records.append(record)
+    return records
+
+
+def curve(path: Path, after: int = 0, log=print) -> tuple[list[float], list[float]]:
+    """(training tokens, loss) of a history.jsonl's steps after `after`, for the figure: empty, with a line saying
+    why, when there is none or it cannot be read."""
+    try:
+        records = [r for r in history(path, "step") if r["step"] > after] if path.exists() else []
+    except UserError as e:
+        log(f"the figure leaves out {path}: {e}")
+        records = []
     return [r["step"] * r["tokens"] for r in records], [r["loss"] for r in records]
 
 
@@ -276,8 +290,8 @@ def summarize(branches: Sequence[Branch], checkpoint_dir: str | os.PathLike, out
     summary = {"stable": os.fspath(checkpoint_dir), "loss": measure, "params": results[0]["params"],
                "branches": results, "fit": None if law is None else asdict(law)}
     (out / "branches.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    plot_branches(out / "branches.png", curve(Path(checkpoint_dir) / "history.jsonl"),
-                  [curve(b.checkpoints / "history.jsonl", b.start) for b in branches], tokens, losses, law,
+    plot_branches(out / "branches.png", curve(Path(checkpoint_dir) / "history.jsonl", log=log),
+                  [curve(b.checkpoints / "history.jsonl", b.start, log) for b in branches], tokens, losses, law,
                   title=f"{branches[0].spec.name.rsplit('-b', 1)[0]}: {len(results)} WSD branches")
     what = "validation" if measure == "val_loss" else "training (no validation split)"
     log(f"{'steps':>8} {'from step':>10} {'tokens':>14} {what + ' loss':>16}")

@@ -92,6 +92,15 @@ def test_branches_end_where_dedicated_runs_of_their_budgets_end(stable, tmp_path
     assert "3 branches (3 already trained)" in capsys.readouterr().out
     assert json.loads((out / "branches.json").read_text())["branches"] == summary["branches"]
 
+    # A damaged record in a branch's history is named, and nothing written before is touched.
+    history = out / "b40" / "checkpoints" / "history.jsonl"
+    lines = history.read_text().splitlines()
+    history.write_text("\n".join([*lines, '{"kind": "eval", "step": 40}']) + "\n")
+    assert main(["branch", str(long), "--steps", "40,80,120", "-o", str(out), "--fit-only"]) == 2
+    assert f"{history}, line {len(lines) + 1}: its eval record needs step, loss (numbers); delete the line" in \
+        capsys.readouterr().err
+    assert json.loads((out / "branches.json").read_text())["branches"] == summary["branches"]
+
 
 def test_budgets_the_stable_run_cannot_serve_are_named_with_the_checkpoints_needed(stable, tmp_path, capsys):
     _, long = stable
