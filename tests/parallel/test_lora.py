@@ -18,6 +18,7 @@ planner's optimizer memory; a changed base is refused on resume.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -225,3 +226,21 @@ def test_a_checkpoint_from_before_lora_resumes_and_one_of_other_adapters_is_refu
     with_lora = parse_spec({}, overrides=["model.vocab_size=128", *LORA])
     with pytest.raises(CheckpointError, match=r"model.lora: \{'rank': 0, .* in the checkpoint, \{'rank': 2, "):
         check_same_model(str(tmp_path / "spec.yaml"), with_lora)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"lora": {"rank": 0}}, r"--lora-adapter: .*step_4 is a checkpoint of a run without adapters"),
+    ({"init_from": ""}, r"--lora-adapter: the adapters of .*step_4 were trained on random weights"),
+])
+def test_export_refuses_an_adapter_directory_it_cannot_write(runs, change: dict, message: str, tmp_path: Path,
+                                                            capsys) -> None:
+    tmp, _, _ = runs
+    step = tmp_path / "ckpt" / "step_4"
+    shutil.copytree(tmp / "single" / "step_4", step)
+    saved = yaml.safe_load((step / "spec.yaml").read_text())
+    saved["model"]["lora"].update(change.get("lora", {}))
+    saved["checkpoint"].update({k: v for k, v in change.items() if k != "lora"})
+    (step / "spec.yaml").write_text(yaml.safe_dump(saved))
+    assert pretrain(["export", str(step), str(tmp_path / "out"), "--lora-adapter"]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
