@@ -46,9 +46,9 @@ def run(args: argparse.Namespace) -> int:
                             args.include_path)
     manager = task_manager(settings.tasks, args.include_path, "--tasks")
     if os.path.isfile(os.path.join(args.checkpoint, CONFIG)):
-        if env.world_size > 1:
+        if env.world_size > 1 or args.tp > 1:
             raise UserError(f"{args.checkpoint} is a Hugging Face directory, which one process evaluates; "
-                            "run without torchrun")
+                            "run it without torchrun and --tp")
         lm, where = _hf_model(args), args.checkpoint
         results = run_tasks(lm, settings, manager, args.log_samples)
     else:
