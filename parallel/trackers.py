@@ -21,7 +21,9 @@ Resuming: the tracker runs' ids live in `<checkpoint.dir>/trackers.json` (writte
 run continues the same tracker runs: TensorBoard writes to the same directory with `purge_step` at the first step
 trained again, so the replayed steps replace the ones the crash left; W&B resumes its run id (`resume="allow"`; in
 offline mode each attempt is a directory of its own under the same id, which `wandb sync` joins); MLflow reopens its
-run and skips the steps it already holds (it cannot replace a value).
+run and skips the steps it already holds. Steps trained again within an attempt (a loss spike's rewind) likewise
+replace the earlier ones in TensorBoard (a new event file with `purge_step` at the first of them) and keep the first
+values in W&B and MLflow, which cannot replace a value.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from typing import Any
 import yaml
 
 from orchestrator.errors import UserError
-from orchestrator.spec import TRACKERS_INSTALL, JobSpec, spec_to_yaml
+from orchestrator.spec import LOGGERS, TRACKERS_INSTALL, JobSpec, spec_to_yaml
 from parallel.callbacks import BaseCallback, CheckpointStats, EvalStats, SpikeStats, StepStats
 from parallel.storage import Storage
 
@@ -51,6 +53,7 @@ log = logging.getLogger(__name__)
 QUEUE_RECORDS = 10_000  # hours of steps at any realistic step time: only a tracker that hangs loses records
 CLOSE_TIMEOUT_S = 120.0
 IDS_FILE = "trackers.json"
+TRACKERS = tuple(name for name in LOGGERS if name != "prometheus")
 Scalars = dict[str, float]
 
 
@@ -93,9 +96,8 @@ class TensorBoardWriter:
     name = "tensorboard"
 
     def __init__(self, directory: str, start: int, run: str, config_yaml: str):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(directory, purge_step=start + 1, flush_secs=30)
+        self.directory, self.writer = directory, None
+        self.restart_at(start + 1)
         self.writer.add_text("run", run, start)
         self.writer.add_text("spec", "```yaml\n" + config_yaml + "```", start)
         self.id = None
@@ -104,6 +106,15 @@ class TensorBoardWriter:
         for name, value in scalars.items():
             self.writer.add_scalar(name, value, step)
         self.writer.flush()  # on this thread, not the loop's: a crashed attempt leaves what it recorded
+
+    def restart_at(self, step: int) -> None:
+        """Steps from `step` on are trained again: a writer whose `purge_step` tells TensorBoard's reader to drop the
+        events recorded for them before."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        if self.writer is not None:
+            self.writer.close()
+        self.writer = SummaryWriter(self.directory, purge_step=step)
 
     def close(self) -> None:
         self.writer.close()
@@ -118,6 +129,8 @@ class WandbWriter:
         import wandb
 
         w = spec.metrics.wandb
+        # console off: W&B would wrap the rank's stdout, which Ray streams; stats off: the system metrics come from
+        # Prometheus and DCGM, without a sampling process per run.
         settings = wandb.Settings(console="off", silent=True, save_code=False, disable_git=True,
                                   x_disable_stats=True)
         self.run = wandb.init(project=w.project, entity=w.entity or None, name=spec.name, id=run_id or _new_id(),
@@ -126,11 +139,15 @@ class WandbWriter:
         # otherwise be refused for changing a config value.
         self.run.config.update(dict(config), allow_val_change=True)
         self.id = self.run.id
-        self.first = self.run.step  # online, a resumed run's next step: W&B refuses earlier ones
+        self.next = self.run.step  # online, a resumed run's next step: W&B refuses earlier ones
 
     def write(self, step: int, scalars: Scalars) -> None:
-        if step >= self.first:
+        if step >= self.next:
             self.run.log(scalars, step=step)
+            self.next = step
+
+    def restart_at(self, step: int) -> None:
+        self.next += 1  # the steps trained again keep the values W&B has: it takes no earlier step
 
     def close(self) -> None:
         self.run.finish()
@@ -149,7 +166,7 @@ class MlflowWriter:
 
         self._metric = Metric
         self.client = MlflowClient(tracking_uri=uri)
-        self.first = 0
+        self.next = 0
         run = None
         if run_id:
             try:
@@ -165,7 +182,7 @@ class MlflowWriter:
         else:
             self.client.update_run(run.info.run_id, status="RUNNING")
             history = self.client.get_metric_history(run.info.run_id, "pretrain_loss")
-            self.first = max((m.step for m in history), default=-1) + 1
+            self.next = max((m.step for m in history), default=-1) + 1
         self.id = run.info.run_id
         held = run.data.params  # params cannot change: a resumed run adds only what is new (a changed layout stays)
         params = [Param(k, v) for k, v in _flatten(config).items() if k not in held]
@@ -173,9 +190,13 @@ class MlflowWriter:
             self.client.log_batch(self.id, params=params[i:i + 100])
 
     def write(self, step: int, scalars: Scalars) -> None:
-        if step >= self.first:
+        if step >= self.next:
             now = int(time.time() * 1000)
             self.client.log_batch(self.id, metrics=[self._metric(k, float(v), now, step) for k, v in scalars.items()])
+            self.next = step
+
+    def restart_at(self, step: int) -> None:
+        self.next += 1  # the steps trained again keep the values MLflow has: it would hold both otherwise
 
     def close(self) -> None:
         self.client.set_terminated(self.id)
@@ -219,7 +240,7 @@ class TrackerCallback(BaseCallback):
         self.writers: list[Any] = []
         self.dropped = 0
         self.spikes: dict[str, int] = {}  # by action, since this attempt started (as Prometheus counts them)
-        self._queue: deque[tuple[int, Scalars]] = deque(maxlen=QUEUE_RECORDS)
+        self._queue: deque[tuple[int, Scalars | None]] = deque(maxlen=QUEUE_RECORDS)
         self._ready = threading.Condition()
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -245,11 +266,14 @@ class TrackerCallback(BaseCallback):
 
     def on_spike(self, stats: SpikeStats) -> None:
         if stats.rank == 0:
+            if stats.action == "rewind":  # first, so the spike's own step (never recorded) is not taken as held
+                self._put(stats.rewound_to + 1, None)
             self.spikes[stats.action] = self.spikes.get(stats.action, 0) + 1
             self._put(stats.step, {f"pretrain_loss_spikes_total/{stats.action}": self.spikes[stats.action]})
 
-    def _put(self, step: int, scalars: Scalars) -> None:
-        if self._thread is None or not scalars:
+    def _put(self, step: int, scalars: Scalars | None) -> None:
+        """Queue `scalars` at `step`; None: the steps from `step` on are trained again."""
+        if self._thread is None or scalars == {}:
             return
         with self._ready:
             if len(self._queue) == QUEUE_RECORDS:  # the deque drops its oldest record to take this one
@@ -279,10 +303,13 @@ class TrackerCallback(BaseCallback):
             except Exception as e:  # noqa: BLE001 - one tracker failing to close leaves the others to close
                 log.warning("%s: closing failed: %s", writer.name, e)
 
-    def _write(self, step: int, scalars: Scalars) -> None:
+    def _write(self, step: int, scalars: Scalars | None) -> None:
         for writer in list(self.writers):
             try:
-                writer.write(step, scalars)
+                if scalars is None:
+                    writer.restart_at(step)
+                else:
+                    writer.write(step, scalars)
             except Exception as e:  # noqa: BLE001 - a tracker's failure must not end the training run
                 log.warning("%s stopped recording at step %d: %s", writer.name, step, e)
                 self.writers.remove(writer)
@@ -304,7 +331,7 @@ class TrackerCallback(BaseCallback):
 
 def tracker_callbacks(spec: JobSpec, rank: int) -> list[TrackerCallback]:
     """The run's tracker callback on rank 0 when `metrics.loggers` names a tracker; nothing otherwise."""
-    if rank != 0 or not any(spec.metrics.uses(name) for name in ("tensorboard", "wandb", "mlflow")):
+    if rank != 0 or not any(spec.metrics.uses(name) for name in TRACKERS):
         return []
     missing = spec.metrics.missing_trackers()
     if missing:

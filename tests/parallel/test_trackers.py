@@ -124,8 +124,9 @@ def test_a_run_and_its_resume_write_the_same_scalars_to_every_tracker(tmp_path, 
 
 
 def test_replayed_steps_and_scores_after_a_resume(tmp_path):
-    """A crash after step 3, resumed from the checkpoint at step 2: TensorBoard keeps the replayed step 3, MLflow the
-    one it holds; W&B offline writes the replay into the attempt's own directory. Downstream scores go everywhere."""
+    """A crash after step 3, resumed from the checkpoint at step 2, then a spike at step 4 rewound over: TensorBoard
+    keeps each step's last values, MLflow and W&B the first they received (W&B offline writes the replay after the
+    crash into the attempt's own directory). Downstream scores and spikes go everywhere."""
     spec = tracker_spec(tmp_path)
     first = TrackerCallback(spec)
     first.on_train_start(0, 0)
@@ -138,26 +139,29 @@ def test_replayed_steps_and_scores_after_a_resume(tmp_path):
     again.on_train_start(2, 0)
     for n in (3, 4):
         again.on_step(step(n, 5.0 - n))
-    again.on_spike(SpikeStats(step=4, action="skip", loss=1.0, grad_norm=1.0, loss_median=5.0, loss_mad=0.1,
-                              grad_norm_median=1.0, grad_norm_mad=0.1))
+    again.on_spike(SpikeStats(step=5, action="rewind", loss=9.0, grad_norm=1.0, loss_median=1.5, loss_mad=0.1,
+                              grad_norm_median=1.0, grad_norm_mad=0.1, rewound_to=3))
+    for n, loss in ((4, 0.5), (5, 0.25)):  # back to the checkpoint of step 3, the spike's data skipped
+        again.on_step(step(n, loss))
     again.close()
 
     board = tensorboard_scalars(tmp_path / "ckpt" / "tensorboard")
-    assert board["pretrain_loss"] == [(1, 9.0), (2, 8.0), (3, 2.0), (4, 1.0)]
+    assert board["pretrain_loss"] == [(1, 9.0), (2, 8.0), (3, 2.0), (4, 0.5), (5, 0.25)]
     assert board["pretrain_eval_score/hellaswag/acc_norm"] == [(2, 0.25)]
     assert board["pretrain_eval_score/arc_easy/acc_none"] == [(2, 0.5)]
     assert "pretrain_eval_loss" not in board  # a downstream-only evaluation has no held-out loss
-    assert board[f"{prometheus.LOSS_SPIKES.name}/skip"] == [(4, 1.0)]
+    assert board[f"{prometheus.LOSS_SPIKES.name}/rewind"] == [(5, 1.0)]
 
     ids = read_ids(Storage(str(tmp_path / "ckpt")))
     client, _ = mlflow_run(tmp_path, ids["mlflow"])
-    assert mlflow_history(client, ids["mlflow"], "pretrain_loss") == [(1, 9.0), (2, 8.0), (3, 7.0), (4, 1.0)]
+    assert mlflow_history(client, ids["mlflow"], "pretrain_loss") == [(1, 9.0), (2, 8.0), (3, 7.0), (4, 1.0),
+                                                                      (5, 0.25)]
     assert mlflow_history(client, ids["mlflow"], "pretrain_eval_score/hellaswag/acc_norm") == [(2, 0.25)]
 
     first_run, second_run = sorted((tmp_path / "ckpt" / "wandb").glob("offline-run-*"))
     assert wandb_history(first_run)[1]["pretrain_eval_score/arc_easy/acc_none"] == [(2, 0.5)]
     run_id, replayed = wandb_history(second_run)
-    assert run_id == ids["wandb"] and replayed["pretrain_loss"] == [(3, 2.0), (4, 1.0)]
+    assert run_id == ids["wandb"] and replayed["pretrain_loss"] == [(3, 2.0), (4, 1.0), (5, 0.25)]
 
 
 def step(n: int, loss: float) -> StepStats:
