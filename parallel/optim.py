@@ -46,13 +46,18 @@ def build_param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_
         dtensors = [p for p in params if isinstance(p, DTensor)]
         plain = [p for p in params if not isinstance(p, DTensor)]
         parts = [dtensors, plain] if dtensors else [params]
-        groups += [{"params": part, "weight_decay": decay_rate} for part in parts if part or not dtensors]
+        extra = {} if lr_scale is None else {"lr_scale": lr_scale}
+        # DeepSpeed drops empty groups from the optimizer it wraps (behind the scheduler's back): under μP a pipeline
+        # stage without the lm_head has none of its group.
+        keep_empty = not dtensors and hidden_lr_scale is None
+        groups += [{"params": part, "weight_decay": decay_rate, **extra} for part in parts if part or keep_empty]
     return groups
 
 
 def build_optimizer(param_groups: list[dict], config: OptimConfig, device: torch.device) -> torch.optim.AdamW:
     # The fused CUDA kernel updates every tensor in one launch; on CPU foreach is the fast path.
     fused = device.type == "cuda"
+    param_groups = [{**g, "lr": config.lr * g["lr_scale"]} if "lr_scale" in g else g for g in param_groups]
     return torch.optim.AdamW(param_groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
                              fused=fused, foreach=None if fused else True)
 
