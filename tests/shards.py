@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from dataprep.shards import ShardWriter, write_manifest
 
@@ -54,3 +55,11 @@ def write_shards(directory: Path, seq_len: int, rows: int, rows_per_shard: int =
         "splits": splits,
     })
     return directory
+
+
+def write_job(path: Path, shards: Path, seq_len: int, **sections: object) -> Path:
+    """A one-process CPU job spec on `shards` written to `path`; `sections` (name, model, schedule, ...) added."""
+    spec = {"data": {"path": str(shards), "seq_len": seq_len},
+            "resources": {"device": "cpu", "num_nodes": 1, "gpus_per_node": 1}, **sections}
+    path.write_text(yaml.safe_dump(spec))
+    return path

@@ -8,11 +8,10 @@ import math
 import re
 
 import pytest
-import yaml
 
 from orchestrator.cli import main
 from orchestrator.planner import data_constrained as dc
-from tests.shards import write_shards
+from tests.shards import write_job, write_shards
 
 # The paper's fit as its released code writes it: log A, log B, log E, α, β, R_D*, R_N*.
 LOG_A, LOG_B, LOG_E, ALPHA, BETA, RD_STAR, RN_STAR = 6.255414, 7.3049974, 0.6254804, 0.3526596, 0.3526596, \
@@ -79,13 +78,10 @@ def test_repetition_is_warned_about_past_4_and_16_epochs(epochs, said):
 def spec(tmp_path_factory):
     root = tmp_path_factory.mktemp("dc")
     shards = write_shards(root / "shards", seq_len=64, rows=200)
-    path = root / "job.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "small", "model": {"dim": 64, "n_layers": 2, "n_heads": 2, "multiple_of": 32},
-        "data": {"path": str(shards), "seq_len": 64},
-        "parallel": {"micro_batch_size": 8, "precision": "fp32", "zero_stage": 0},
-        "schedule": {"steps": 1000, "warmup_steps": 10},
-        "resources": {"device": "cpu", "num_nodes": 1, "gpus_per_node": 1}}))
+    path = write_job(root / "job.yaml", shards, 64, name="small",
+                     model={"dim": 64, "n_layers": 2, "n_heads": 2, "multiple_of": 32},
+                     parallel={"micro_batch_size": 8, "precision": "fp32", "zero_stage": 0},
+                     schedule={"steps": 1000, "warmup_steps": 10})
     return path, json.loads((shards / "manifest.json").read_text())
 
 

@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from orchestrator.cli import main
 from orchestrator.planner.scaling import TokenLaw
 from orchestrator.validate import load_spec
 from parallel import train
 from parallel.launch import RankEnv
-from tests.shards import write_shards
+from tests.shards import write_job, write_shards
 
 BUDGETS = (40, 80, 120)  # decay_fraction 0.25: the branches start from steps 30, 60 and 90
 
@@ -26,16 +25,13 @@ def stable(tmp_path_factory):
     """A 160-step wsd run (stable until step 120) checkpointing every 10 steps, kept; and its base spec."""
     root = tmp_path_factory.mktemp("wsd")
     shards = write_shards(root / "shards", seq_len=32, rows=300)
-    base = root / "base.yaml"
-    base.write_text(yaml.safe_dump({
-        "name": "long", "model": {"dim": 32, "n_layers": 1, "n_heads": 2, "multiple_of": 32},
-        "data": {"path": str(shards), "seq_len": 32},
-        "parallel": {"backend": "native", "precision": "fp32", "micro_batch_size": 4, "zero_stage": 0},
-        "optim": {"lr": 3e-3, "min_lr": 3e-4},
-        "schedule": {"steps": 160, "lr_schedule": "wsd", "decay_fraction": 0.25, "warmup_steps": 2, "eval_every": 0,
-                     "eval_batches": 2, "log_every": 100},
-        "checkpoint": {"every": 10, "keep_every": 10, "async_save": False},
-        "resources": {"device": "cpu", "num_nodes": 1, "gpus_per_node": 1}}))
+    base = write_job(
+        root / "base.yaml", shards, 32, name="long", model={"dim": 32, "n_layers": 1, "n_heads": 2, "multiple_of": 32},
+        parallel={"backend": "native", "precision": "fp32", "micro_batch_size": 4, "zero_stage": 0},
+        optim={"lr": 3e-3, "min_lr": 3e-4},
+        schedule={"steps": 160, "lr_schedule": "wsd", "decay_fraction": 0.25, "warmup_steps": 2, "eval_every": 0,
+                  "eval_batches": 2, "log_every": 100},
+        checkpoint={"every": 10, "keep_every": 10, "async_save": False})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     train_run(base, root / "long")
