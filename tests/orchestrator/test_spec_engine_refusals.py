@@ -78,6 +78,14 @@ REFUSALS: dict[tuple[str, str], list[Case] | str] = {
         Case(("parallel.backend=native",), ("parallel.backend=megatron",), "parallel.backend"),
     ],
     ("parallel/engine.py", "a step takes grad_accum={grad_accum}"): LOADER,
+    ("parallel/native_engine.py", "forward_logits: a pipelined layout has n"): [
+        Case(("resources.gpus_per_node=2", "parallel.pp=2", "parallel.grad_accum=2", "parallel.backend=native"),
+             ("eval.tasks=arc_easy",), "eval.tasks"),
+    ],
+    ("parallel/deepspeed_engine.py", "forward_logits: a pipelined layout has n"): [
+        Case(("resources.gpus_per_node=2", "parallel.pp=2", "parallel.backend=deepspeed"), ("eval.tasks=arc_easy",),
+             "eval.tasks"),
+    ],
     ("parallel/native_engine.py", "evaluation under pipelining takes a"): LOADER,
     ("parallel/deepspeed_engine.py", "{directory}: written with"): "a checkpoint of another layout loaded without "
                                                                    "the means to convert it: no spec setting",
