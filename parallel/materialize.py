@@ -12,7 +12,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from parallel.model import Transformer, init_parameter
+from parallel.lora import initial_value
+from parallel.model import Transformer
 
 
 @torch.no_grad()
@@ -33,7 +34,7 @@ def materialize_model(model: Transformer, seed: int, device: torch.device, parts
             shape = list(param.shape)
             if shard_dim is not None:
                 shape[shard_dim] *= size
-            value = init_parameter(full_name, tuple(shape), model.dims, seed, device)
+            value = initial_value(full_name, tuple(shape), model.dims, seed, device)
             if shard_dim is not None:
                 value = value.chunk(size, dim=shard_dim)[module.tp_rank].contiguous()
             new = nn.Parameter(value, requires_grad=param.requires_grad)

@@ -15,6 +15,7 @@ import torch
 
 from orchestrator.spec import ModelConfig
 from orchestrator.validate import parse_spec
+from parallel.lora import apply_lora, freeze_base
 from parallel.materialize import materialize_model
 from parallel.model import build_model, cross_entropy
 from parallel.mup import hidden_lr_scale
@@ -75,6 +76,9 @@ def reference_run(overrides: list[str]) -> dict:
     """The training step by definition: one process, the whole global batch, torch AdamW, clip, schedule."""
     spec = parse_spec(TINY, overrides=overrides)
     model = build_model(spec.model)
+    if spec.model.lora.rank:
+        apply_lora(model, spec.model.lora, spec.checkpoint.init_from)
+        freeze_base(model)
     materialize_model(model, spec.schedule.seed, torch.device("cpu"))
     groups = build_param_groups(model.named_parameters(), spec.optim.weight_decay, hidden_lr_scale(model.dims))
     optimizer = build_optimizer(groups, spec.optim, torch.device("cpu"))
