@@ -330,7 +330,7 @@ class SpikesConfig:
                           "pretrain_loss_spikes_total; skip: also drop the step's update (native engine; the step is "
                           "trained again on the next batch); rewind: also go back to the last checkpoint and skip "
                           "the data read since it", choices=("none", "alert", "skip", "rewind"))
-    window: int = setting(100, "steps whose losses and gradient norms make the baseline", min=3, max=1_000_000)
+    window: int = setting(100, "steps whose losses and gradient norms make the baseline", min=3, max=10_000)
     threshold: float = setting(6.0, "distance above the median that makes a spike, in median absolute deviations",
                                min=1.0, max=1e6)
     min_steps_before_active: int = setting(100, "steps trained before detection starts (the early loss falls too "
