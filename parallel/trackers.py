@@ -12,7 +12,8 @@ exporters' per-rank series sum to it), `pretrain_tokens_total`, `pretrain_mfu_ra
 `pretrain_checkpoint_duration_seconds`.
 
 Rank 0 alone writes, and never on the loop's time: a hook turns its record into `(step, {name: value})` and appends
-it to a queue of `QUEUE_RECORDS` that one background thread empties into every tracker. A tracker that falls that
+it to a queue of `QUEUE_RECORDS` that one background thread empties into every tracker, all the records queued
+meanwhile at once (one MLflow commit, one TensorBoard flush for all of them). A tracker that falls that
 far behind loses the oldest records rather than stalling the step (counted in `dropped`, and logged when the first
 is lost and at the end); `close` drains what is queued, then closes the trackers, which flush. A tracker that fails
 mid-run is logged and left out; the run goes on.
@@ -38,7 +39,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import yaml
@@ -55,6 +56,7 @@ CLOSE_TIMEOUT_S = 120.0
 IDS_FILE = "trackers.json"
 TRACKERS = tuple(name for name in LOGGERS if name != "prometheus")
 Scalars = dict[str, float]
+Record = tuple[int, Scalars]  # (step, {name: value})
 
 
 # ---------------------------------------------------------------------------------------------- names
@@ -102,10 +104,11 @@ class TensorBoardWriter:
         self.writer.add_text("spec", "```yaml\n" + config_yaml + "```", start)
         self.id = None
 
-    def write(self, step: int, scalars: Scalars) -> None:
-        for name, value in scalars.items():
-            self.writer.add_scalar(name, value, step)
-        self.writer.flush()  # on this thread, not the loop's: a crashed attempt leaves what it recorded
+    def write(self, records: list[Record]) -> None:
+        for step, scalars in records:
+            for name, value in scalars.items():
+                self.writer.add_scalar(name, value, step)
+        self.writer.flush()  # on the trackers' thread, not the loop's: a crashed attempt leaves what it recorded
 
     def restart_at(self, step: int) -> None:
         """Steps from `step` on are trained again: a writer whose `purge_step` tells TensorBoard's reader to drop the
@@ -141,10 +144,11 @@ class WandbWriter:
         self.id = self.run.id
         self.next = self.run.step  # online, a resumed run's next step: W&B refuses earlier ones
 
-    def write(self, step: int, scalars: Scalars) -> None:
-        if step >= self.next:
-            self.run.log(scalars, step=step)
-            self.next = step
+    def write(self, records: list[Record]) -> None:
+        for step, scalars in records:
+            if step >= self.next:
+                self.run.log(scalars, step=step)
+                self.next = step
 
     def restart_at(self, step: int) -> None:
         self.next += 1  # the steps trained again keep the values W&B has: it takes no earlier step
@@ -189,11 +193,15 @@ class MlflowWriter:
         for i in range(0, len(params), 100):  # MLflow's limit per batch
             self.client.log_batch(self.id, params=params[i:i + 100])
 
-    def write(self, step: int, scalars: Scalars) -> None:
-        if step >= self.next:
-            now = int(time.time() * 1000)
-            self.client.log_batch(self.id, metrics=[self._metric(k, float(v), now, step) for k, v in scalars.items()])
-            self.next = step
+    def write(self, records: list[Record]) -> None:
+        """Every record in as few calls as MLflow takes (1,000 values each): each call is a database commit."""
+        now, metrics = int(time.time() * 1000), []
+        for step, scalars in records:
+            if step >= self.next:
+                metrics += [self._metric(k, float(v), now, step) for k, v in scalars.items()]
+                self.next = step
+        for i in range(0, len(metrics), 1000):
+            self.client.log_batch(self.id, metrics=metrics[i:i + 1000])
 
     def restart_at(self, step: int) -> None:
         self.next += 1  # the steps trained again keep the values MLflow has: it would hold both otherwise
@@ -240,7 +248,7 @@ class TrackerCallback(BaseCallback):
         self.writers: list[Any] = []
         self.dropped = 0
         self.spikes: dict[str, int] = {}  # by action, since this attempt started (as Prometheus counts them)
-        self._queue: deque[tuple[int, Scalars | None]] = deque(maxlen=QUEUE_RECORDS)
+        self._queue: deque[tuple[int, Scalars | None]] = deque(maxlen=QUEUE_RECORDS)  # None: a restart of steps
         self._ready = threading.Condition()
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -291,8 +299,13 @@ class TrackerCallback(BaseCallback):
                 batch = list(self._queue)
                 self._queue.clear()
                 closing = self._closing
-            for step, scalars in batch:
-                self._write(step, scalars)
+            while batch:  # the records up to the next restart of steps together, then that restart
+                cut = next((i for i, (_, scalars) in enumerate(batch) if scalars is None), len(batch))
+                if cut:
+                    self._write(batch[:cut])
+                if cut < len(batch):
+                    self._restart(batch[cut][0])
+                batch = batch[cut + 1:]
             if closing:
                 break
         if self.dropped:
@@ -303,13 +316,16 @@ class TrackerCallback(BaseCallback):
             except Exception as e:  # noqa: BLE001 - one tracker failing to close leaves the others to close
                 log.warning("%s: closing failed: %s", writer.name, e)
 
-    def _write(self, step: int, scalars: Scalars | None) -> None:
+    def _write(self, records: list[Record]) -> None:
+        self._each_writer(lambda writer: writer.write(records), records[-1][0])
+
+    def _restart(self, step: int) -> None:
+        self._each_writer(lambda writer: writer.restart_at(step), step)
+
+    def _each_writer(self, act: Callable[[Any], None], step: int) -> None:
         for writer in list(self.writers):
             try:
-                if scalars is None:
-                    writer.restart_at(step)
-                else:
-                    writer.write(step, scalars)
+                act(writer)
             except Exception as e:  # noqa: BLE001 - a tracker's failure must not end the training run
                 log.warning("%s stopped recording at step %d: %s", writer.name, step, e)
                 self.writers.remove(writer)
