@@ -1,5 +1,5 @@
 """`pretrain profile` on a running 2-rank CPU job (torchrun): one readable trace per rank, and the job goes on to
-finish. Wrong input is one readable line and exit code 2."""
+finish; the same run's `profile.at_step` is written too. Wrong input is one readable line and exit code 2."""
 
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ def test_a_running_job_is_profiled_on_every_rank_and_goes_on(tmp_path: Path, cap
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", "-m", "orchestrator.cli", "train", str(REPO / "examples" / "tiny.yaml"),
            *TINY_RUN, f"data.path={shards}", f"checkpoint.dir={checkpoints}", "parallel.backend=native",
-           f"schedule.steps={STEPS}", "schedule.eval_every=0", "checkpoint.every=0", "schedule.log_every=1000"]
+           f"schedule.steps={STEPS}", "schedule.eval_every=0", "checkpoint.every=0", "schedule.log_every=1000",
+           "profile.at_step=2", "profile.steps=1"]
     job = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         history = checkpoints / "history.jsonl"
@@ -43,11 +44,14 @@ def test_a_running_job_is_profiled_on_every_rank_and_goes_on(tmp_path: Path, cap
     assert job.returncode == 0, output[-3000:]
     assert f"finished step {STEPS}" in output
 
-    [done] = list((checkpoints / "profiles").glob("step_*/done.json"))
-    record = json.loads(done.read_text())
-    assert 1 < record["step"] < STEPS and record["steps"] == 2
-    assert sorted(Path(f).name for f in record["files"]) == ["rank_0.json", "rank_1.json"]
-    for path in record["files"]:
+    records = sorted((json.loads(p.read_text()) for p in (checkpoints / "profiles").glob("step_*/done.json")),
+                     key=lambda r: r["step"])
+    fixed, record = records  # the spec's profile.at_step, and the one asked for
+    assert (fixed["step"], fixed["steps"], fixed["id"]) == (2, 1, "")
+    assert 2 < record["step"] < STEPS and record["steps"] == 2
+    for done in records:
+        assert sorted(Path(f).name for f in done["files"]) == ["rank_0.json", "rank_1.json"]
+    for path in fixed["files"] + record["files"]:
         trace = json.loads(Path(path).read_text())
         names = {event.get("name", "") for event in trace["traceEvents"]}
         assert any("aten::" in name for name in names)  # the step's operators, not an empty trace
