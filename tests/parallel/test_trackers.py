@@ -16,6 +16,7 @@ import yaml
 from prometheus_client import generate_latest
 
 from cluster import metrics as prometheus
+from orchestrator.cli import main as pretrain
 from orchestrator.errors import SpecError, UserError
 from orchestrator.validate import parse_spec
 from parallel.callbacks import EvalStats, SpikeStats, StepStats, read_history
@@ -187,9 +188,25 @@ def test_a_tracker_that_cannot_write_is_named_before_the_first_step(tmp_path):
     assert (tmp_path / "file").read_text() == "not a directory"
 
 
-def test_a_tracker_not_installed_is_refused_at_validation(monkeypatch):
+def test_a_tracker_not_installed_is_refused_at_validation(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "mlflow", None)  # what importlib finds when a package is not there
     with pytest.raises(SpecError, match=r"metrics.loggers: mlflow named but not installed here: "
                                         r"pip install 'pretrain\[trackers\]'"):
         parse_spec({}, overrides=[ALL])
     assert parse_spec({}, overrides=[ALL, "metrics.enabled=false"]).metrics.missing_trackers() == []
+    (tmp_path / "job.yaml").write_text("metrics: {loggers: [prometheus, mlflow]}\n")
+    assert pretrain(["validate", str(tmp_path / "job.yaml")]) == 2
+    assert capsys.readouterr().err.splitlines()[1:] == [
+        "  metrics.loggers: mlflow named but not installed here: pip install 'pretrain[trackers]', or take it out of "
+        "the list"]
+
+
+def test_a_tracker_named_wrongly_or_twice_is_refused(tmp_path, capsys):
+    (tmp_path / "job.yaml").write_text("metrics: {loggers: [prometheus, tensorbord, wandb, wandb]}\n")
+    assert pretrain(["validate", str(tmp_path / "job.yaml"), "metrics.wandb.mode=shared"]) == 2
+    assert capsys.readouterr().err.splitlines()[1:] == [
+        "  metrics.loggers: got 'tensorbord', allowed: 'prometheus', 'tensorboard', 'wandb', 'mlflow'",
+        "  metrics.wandb.mode: got 'shared', allowed: 'offline', 'online'"]
+    (tmp_path / "job.yaml").write_text("metrics: {loggers: [wandb, wandb]}\n")
+    assert pretrain(["validate", str(tmp_path / "job.yaml")]) == 2
+    assert "  metrics.loggers: 'wandb' is named twice" in capsys.readouterr().err
