@@ -190,8 +190,12 @@ def test_exports_merged_and_as_peft_adapter_give_the_runs_logits(runs) -> None:
     assert sum(k.endswith("lora_A.weight") for k in adapter) == 2 * 7
 
 
-def test_resume_refuses_a_changed_base(runs) -> None:
+def test_resume_takes_a_moved_base_and_refuses_a_changed_one(runs) -> None:
     tmp, spec, _ = runs
+    moved = tmp / "hf-moved"
+    shutil.copytree(tmp / "hf", moved)
+    spec.checkpoint.init_from = str(moved)
+    check_same_base(str(tmp / "single" / "step_4"), spec)  # the same files elsewhere: the same base
     changed = tmp / "hf-changed"
     shutil.copytree(tmp / "hf", changed)
     weights = load_file(changed / "model.safetensors")
