@@ -32,7 +32,6 @@ of bad data does the same to a real run.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import statistics
@@ -50,8 +49,6 @@ from parallel.checkpoint import Checkpointer
 from parallel.engine import Engine, StepResult
 from parallel.loader import ShardLoader
 from parallel.resume import restore
-
-log = logging.getLogger(__name__)
 
 INJECT_VARIABLE = "PRETRAIN_TEST_SPIKE"
 MAX_SKIPS_IN_A_ROW = 10  # then it is the model that diverged, not a batch: skipping on would read the data to its end
