@@ -98,11 +98,15 @@ class EngineModel:
     @torch.no_grad()
     def logits(self, tokens: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
         length = tokens.shape[1]
-        if self.sequence_parallel and caches is None and length % self.tp:
-            # Sequence parallelism splits the sequence over the tp ranks; padding on the right changes no real
-            # position's logits.
-            tokens = torch.nn.functional.pad(tokens, (0, self.tp - length % self.tp))
+        pad = -length % self.tp if self.sequence_parallel else 0
+        if pad:
+            # Sequence parallelism splits the sequence over the tp ranks: padded on the right, which no real
+            # position attends to; the caches then step back over the padding, which the next tokens overwrite.
+            tokens = torch.nn.functional.pad(tokens, (0, pad))
         local = self.engine.forward_logits(tokens, caches)
+        if pad and caches is not None:
+            for cache in caches:
+                cache.pos -= pad
         if self.tp > 1:
             parts = [torch.empty_like(local) for _ in range(self.tp)]
             dist.all_gather(parts, local.contiguous(), group=self.tp_group)
@@ -112,10 +116,12 @@ class EngineModel:
     __call__ = logits  # the decoder's call, as `generate` makes it
 
     def new_caches(self, batch: int, max_len: int, valid: torch.Tensor | None = None) -> list[KVCache]:
-        """One cache per layer, holding this rank's key/value heads in the dtype the forward computes in."""
-        if self.sequence_parallel:
-            raise UserError("generation tasks cannot run under parallel.sequence_parallel (a decoding step has one "
-                            "token to split over the tp ranks); use log-likelihood tasks, or `pretrain eval`")
+        """One cache per layer, holding this rank's key/value heads in the dtype the forward computes in (with
+        room for the padding of a sequence-parallel step)."""
+        room = self.tp - 1 if self.sequence_parallel else 0
+        if room and valid is not None:
+            valid = torch.nn.functional.pad(valid, (0, room), value=True)
+        max_len += room
         d = self.dims
         return [KVCache(batch, d.n_kv_heads // self.tp, d.head_dim, max_len, self.cache_dtype, self.device, valid)
                 for _ in range(d.n_layers)]
