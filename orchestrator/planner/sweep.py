@@ -19,12 +19,13 @@ import os
 import re
 import socket
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from orchestrator.config_parser import load_json_lines, load_yaml, parse_config, setting
 from orchestrator.errors import Problem, SpecError, UserError
+from orchestrator.planner.transfer import TransferConfig, transfer_grid
 
 EMPTY_SWEEP = "a sweep config needs at least `base`, the job spec the runs start from (e.g. base: tiny.yaml)"
 
@@ -52,6 +53,7 @@ class SweepConfig:
                                    min=0.0, max=1e15)
     target_tokens: float = setting(0.0, "... trained on this many tokens (0: 20 per parameter)", min=0.0,
                                    max=1e18)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class RunPlan:
     n_layers: int
     tokens: int
     overrides: tuple[str, ...]
+    settings: tuple[tuple[str, Any], ...] = ()  # written beside the run's outcome in results.jsonl
 
 
 def load_sweep(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> SweepConfig:
@@ -74,13 +77,15 @@ def load_sweep(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] =
     here = Path(source).resolve().parent
     if not config.base:
         problems.append(Problem("base", "not set; name the job spec the runs start from (e.g. tiny.yaml)"))
-    for field in ("base", "data", "output"):
-        value = getattr(config, field)
+    for key in ("base", "data", "output"):
+        value = getattr(config, key)
         if value and not value.startswith(("s3://", "gs://")):
-            setattr(config, field, str((here / value).resolve()))
+            setattr(config, key, str((here / value).resolve()))
     if config.base and not os.path.isfile(config.base):
         problems.append(Problem("base", f"{config.base} is not a file"))
     _grid(config, problems)
+    if config.transfer.lrs:
+        transfer_grid(config, problems)
     if problems:
         raise SpecError(source, problems)
     return config
@@ -88,46 +93,62 @@ def load_sweep(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] =
 
 def plan_runs(config: SweepConfig) -> list[RunPlan]:
     """The grid as job-spec overrides, each validated against the base spec (every problem of every run at once)."""
-    from orchestrator.validate import load_spec
-
     problems: list[Problem] = []
     sizes, budgets = _grid(config, problems)
     if problems:
         raise SpecError("sweep", problems)
-    runs = []
-    step_tokens = config.batch_size * config.seq_len
-    for dim, layers in sizes:
-        for tokens in budgets:
-            steps = max(1, round(tokens / step_tokens))
-            name = f"{config.name}-d{dim}-l{layers}-t{int(tokens)}"
-            overrides = (
-                f"name={name}", f"model.dim={dim}", f"model.n_layers={layers}",
-                f"model.n_heads={dim // config.head_dim}", "model.n_kv_heads=null",
-                f"data.seq_len={config.seq_len}", *([f"data.path={config.data}"] if config.data else []),
-                "parallel.dp=1", "parallel.pp=1", "parallel.tp=1", f"parallel.micro_batch_size={config.batch_size}",
-                "parallel.grad_accum=1", "parallel.global_batch_size=0",
-                f"schedule.steps={steps}", f"schedule.warmup_steps={int(steps * config.warmup_fraction)}",
-                f"schedule.eval_every={steps}", f"schedule.eval_batches={config.eval_batches}",
-                f"schedule.log_every={steps}",
-                f"checkpoint.dir={config.output}/runs/{name}/checkpoints", "checkpoint.every=0",
-                "checkpoint.resume=false", "metrics.enabled=false",
-                "resources.num_nodes=1", "resources.gpus_per_node=1", "resources.min_nodes=0",
-                f"resources.device={'cuda' if config.gpus_per_run else 'cpu'}",
-            )
-            try:
-                load_spec(config.base, overrides, require_data=True)
-            except SpecError as e:
-                problems.extend(Problem(f"{name}: {p.path}", p.message) for p in e.problems)
-                continue
-            runs.append(RunPlan(name=name, dim=dim, n_layers=layers, tokens=steps * step_tokens, overrides=overrides))
+    runs = [plan_run(config, f"{config.name}-d{dim}-l{layers}-t{int(tokens)}", dim, layers, tokens, (), problems)
+            for dim, layers in sizes for tokens in budgets]
     if problems:
         raise SpecError("sweep", problems)
-    return runs
+    return [run for run in runs if run is not None]
+
+
+def plan_run(config: SweepConfig, name: str, dim: int, layers: int, tokens: float, extra: tuple[str, ...],
+             problems: list[Problem]) -> RunPlan | None:
+    """One run of `dim` × `layers` on `tokens` as job-spec overrides (`extra` last), validated against the base
+    spec: None, with the spec's problems added to `problems` under the run's name, when it refuses them."""
+    from orchestrator.validate import load_spec
+
+    step_tokens = config.batch_size * config.seq_len
+    steps = max(1, round(tokens / step_tokens))
+    overrides = (
+        f"name={name}", f"model.dim={dim}", f"model.n_layers={layers}",
+        f"model.n_heads={dim // config.head_dim}", "model.n_kv_heads=null",
+        f"data.seq_len={config.seq_len}", *([f"data.path={config.data}"] if config.data else []),
+        "parallel.dp=1", "parallel.pp=1", "parallel.tp=1", f"parallel.micro_batch_size={config.batch_size}",
+        "parallel.grad_accum=1", "parallel.global_batch_size=0",
+        f"schedule.steps={steps}", f"schedule.warmup_steps={int(steps * config.warmup_fraction)}",
+        f"schedule.eval_every={steps}", f"schedule.eval_batches={config.eval_batches}",
+        f"schedule.log_every={steps}",
+        f"checkpoint.dir={config.output}/runs/{name}/checkpoints", "checkpoint.every=0",
+        "checkpoint.resume=false", "metrics.enabled=false",
+        "resources.num_nodes=1", "resources.gpus_per_node=1", "resources.min_nodes=0",
+        f"resources.device={'cuda' if config.gpus_per_run else 'cpu'}", *extra,
+    )
+    try:
+        spec = load_spec(config.base, overrides, require_data=True)
+    except SpecError as e:
+        problems.extend(Problem(f"{name}: {p.path}", p.message) for p in e.problems)
+        return None
+    return RunPlan(name=name, dim=dim, n_layers=layers, tokens=steps * step_tokens, overrides=overrides,
+                   settings=(("lr", spec.optim.lr), ("init_std", spec.model.init_std)) if extra else ())
 
 
 def run_sweep(config: SweepConfig, address: str | None = None, log=print) -> dict[str, Any]:
-    """Train every run not yet in results.jsonl on Ray, then fit, predict and plot; returns the fit summary."""
+    """Train every run not yet in results.jsonl on Ray, then fit, predict and plot; returns the fit summary (with
+    `transfer.lrs` set: the hyperparameter transfer of `orchestrator.planner.transfer` instead)."""
+    if config.transfer.lrs:
+        from orchestrator.planner.transfer import run_transfer
+
+        return run_transfer(config, address, log)
     runs = plan_runs(config)
+    train_missing(config, runs, address, log)
+    return summarize(config, results_of(config, runs), log)
+
+
+def train_missing(config: SweepConfig, runs: list[RunPlan], address: str | None, log=print) -> None:
+    """Train, on Ray, those of `runs` that results.jsonl does not hold yet."""
     os.makedirs(config.output, exist_ok=True)
     results_path = Path(config.output) / "results.jsonl"
     done = {r["name"]: r for r in read_results(results_path)}
@@ -135,8 +156,12 @@ def run_sweep(config: SweepConfig, address: str | None = None, log=print) -> dic
     log(f"{len(runs)} runs ({len(runs) - len(todo)} already done), {config.cpus_per_run} CPUs each")
     if todo:
         _train_on_ray(config, todo, results_path, address, log)
-    results = [r for r in read_results(results_path) if r["name"] in {run.name for run in runs}]
-    return summarize(config, results, log)
+
+
+def results_of(config: SweepConfig, runs: list[RunPlan]) -> list[dict[str, Any]]:
+    """The results.jsonl records of `runs`."""
+    names = {run.name for run in runs}
+    return [r for r in read_results(Path(config.output) / "results.jsonl") if r["name"] in names]
 
 
 def _train_on_ray(config: SweepConfig, todo: list[RunPlan], results_path: Path, address: str | None, log) -> None:
@@ -157,7 +182,8 @@ def _train_on_ray(config: SweepConfig, todo: list[RunPlan], results_path: Path, 
                 failed.append(run.name)
                 log(f"  {run.name}: FAILED\n{outcome['error']}")
                 continue
-            record = {**outcome, "name": run.name, "dim": run.dim, "n_layers": run.n_layers, "tokens": run.tokens}
+            record = {**outcome, "name": run.name, "dim": run.dim, "n_layers": run.n_layers, "tokens": run.tokens,
+                      **dict(run.settings)}
             # NaN (never evaluated, diverged) is written as null: JSON has no NaN, and read_results refuses it
             line = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
             with open(results_path, "a", encoding="utf-8") as f:
