@@ -17,6 +17,7 @@ planner's optimizer memory; a changed base is refused on resume.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import shutil
@@ -192,6 +193,7 @@ def test_exports_merged_and_as_peft_adapter_give_the_runs_logits(runs) -> None:
 
 def test_resume_takes_a_moved_base_and_refuses_a_changed_one(runs) -> None:
     tmp, spec, _ = runs
+    spec = copy.deepcopy(spec)
     moved = tmp / "hf-moved"
     shutil.copytree(tmp / "hf", moved)
     spec.checkpoint.init_from = str(moved)
