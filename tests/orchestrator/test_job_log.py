@@ -1,6 +1,7 @@
 """What a submitted job's log and history tell: each rank's lines as printed (never folded by Ray), the checkpoint and
 data position every attempt resumed from, a user error (a corrupt shard) as one message without a traceback, and a
-history.jsonl with one record per step after a replay.
+history.jsonl with one record per step after a replay; the experiment trackers (TensorBoard, W&B offline, MLflow) hold
+both attempts in one tracker run each.
 
 The jobs go through the Jobs API of the shared simulated two-node cluster with the real training loop; a rank is made
 to exit mid-run by the worker's fault injection (`PRETRAIN_TEST_EXIT`).
