@@ -103,6 +103,12 @@ class ModelConfig:
     tie_embeddings: bool = setting(False, "share the input embedding with the output projection")
     max_positions: int = setting(0, "context length the model is meant for (written to exported configs); 0: "
                                  "data.seq_len", min=0, max=2**24)
+    attention_mask: str = setting("causal", "causal: a token attends to every earlier token of its packed row; "
+                                  "document: only to earlier tokens of its own document (the EOS tokens the packer "
+                                  "writes end documents; docs/models.md)", choices=("causal", "document"))
+    rope_positions: str = setting("sequence", "sequence: RoPE positions count from the row's start; document: they "
+                                  "restart at each document's first token (needs attention_mask=document)",
+                                  choices=("sequence", "document"))
     init_std: float = setting(0.02, "std of the normal initialisation (under mup: at mup_base_dim)", min=0.0,
                               max=1.0)
     parametrization: str = setting(

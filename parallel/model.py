@@ -21,12 +21,14 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from orchestrator.spec import ModelConfig
+from parallel.documents import DocumentContext, compiled_flex_attention, document_context
 from parallel.mup import attention_scale_dim, init_std_scale, logit_scale
 from parallel.rope import RopeScaling, RotaryEmbedding, apply_rope
 
@@ -67,6 +69,8 @@ class ModelDims:
     attn_scale_dim: int = 0  # 0: head_dim
     scale_embeddings: bool = False
     mup_base_dim: int = 0  # 0: the standard parametrization; else μP's base width (`parallel.mup`)
+    attention_mask: str = "causal"  # document: a token sees only its own document (`parallel.documents`)
+    rope_positions: str = "sequence"  # document: RoPE positions restart at each document
 
     def __post_init__(self) -> None:
         if not self.head_dim:
@@ -95,6 +99,7 @@ class ModelDims:
             attn_softcap=config.attn_softcap, logit_softcap=config.logit_softcap,
             attn_scale_dim=config.attn_scale_dim or 0, scale_embeddings=config.scale_embeddings,
             mup_base_dim=config.mup_base_dim if config.parametrization == "mup" else 0,
+            attention_mask=config.attention_mask, rope_positions=config.rope_positions,
         )
 
     def window(self, layer: int) -> int:
@@ -205,7 +210,8 @@ class Attention(nn.Module):
         self.window, self.softcap = window, dims.attn_softcap
         self.scale = dims.attn_scale_dim ** -0.5 if dims.attn_scale_dim else None
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
+                docs: DocumentContext | None = None) -> torch.Tensor:
         # Shapes are read from the projections, not from x: under tensor parallelism they hold this rank's heads,
         # and under sequence parallelism the whole sequence while x holds a slice of it.
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -220,16 +226,29 @@ class Attention(nn.Module):
         v = v.view(b, s, -1, self.head_dim).transpose(1, 2)
         start = cache.pos if cache is not None else 0
         cos, sin = self.rotary(start + s, x.device)
-        q, k = apply_rope(q, cos[start:], sin[start:]), apply_rope(k, cos[start:], sin[start:])
+        if docs is not None and docs.positions is not None:
+            cos, sin = cos[docs.positions][:, None], sin[docs.positions][:, None]
+        else:
+            cos, sin = cos[start:], sin[start:]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v)
             mask = cache.attention_mask(s, self.window)
+        elif docs is not None and docs.masks is not None:
+            mask = docs.mask(self.window)
         else:
             mask = causal_mask(s, s, self.window, x.device) if self.window and self.window < s else None
         out = self._attend(q, k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any) -> torch.Tensor:
+        """`mask`: None (causal), a boolean tensor (True: attend), or a FlexAttention BlockMask, which also carries
+        the soft cap as a score_mod."""
+        if mask is not None and not isinstance(mask, torch.Tensor):
+            cap = self.softcap
+            score_mod = (lambda score, b, h, q_idx, k_idx: softcap(score, cap)) if cap else None
+            return compiled_flex_attention()(q, k, v, score_mod=score_mod, block_mask=mask, scale=self.scale,
+                                             enable_gqa=True)
         if not self.softcap:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
                                                   enable_gqa=True)
@@ -272,8 +291,9 @@ class Block(nn.Module):
         name = self.norm_names[where]
         return x if name is None else getattr(self, name)(x)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.norm(1, self.self_attn(self.norm(0, x), cache))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
+                docs: DocumentContext | None = None) -> torch.Tensor:
+        x = x + self.norm(1, self.self_attn(self.norm(0, x), cache, docs))
         return x + self.norm(3, self.mlp(self.norm(2, x)))
 
 
@@ -289,11 +309,21 @@ class Transformer(nn.Module):
         if dims.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(self, tokens: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, caches: list[KVCache] | None = None,
+                documents: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of `tokens` [batch, seq]; `documents` [batch, seq]: each token's document id within its row
+        (`parallel.documents`), used when model.attention_mask or rope_positions is `document`."""
         h = self.embed(tokens)
+        docs = self.documents(documents)
         for i, layer in enumerate(self.layers):
-            h = layer(h, caches[i] if caches is not None else None)
+            h = layer(h, caches[i] if caches is not None else None, docs)
         return self.head(h)
+
+    def documents(self, documents: torch.Tensor | None) -> DocumentContext | None:
+        """The masks and positions of one forward over rows with these document ids (every pipeline stage calls
+        this for its own layers)."""
+        d = self.dims
+        return document_context(documents, d.attention_mask, d.rope_positions, {d.window(i) for i in range(d.n_layers)})
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token embeddings entering the first block (a pipeline's first stage calls this)."""
