@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import re
+import sys
 import tempfile
 import threading
 import time
@@ -119,7 +120,7 @@ class TensorBoardWriter:
             self.writer.close()
         self.writer = SummaryWriter(self.directory, purge_step=step)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.writer.close()
 
 
@@ -153,8 +154,8 @@ class WandbWriter:
     def restart_at(self, step: int) -> None:
         self.next += 1  # the steps trained again keep the values W&B has: it takes no earlier step
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
 
 
 class MlflowWriter:
@@ -206,8 +207,8 @@ class MlflowWriter:
     def restart_at(self, step: int) -> None:
         self.next += 1  # the steps trained again keep the values MLflow has: it would hold both otherwise
 
-    def close(self) -> None:
-        self.client.set_terminated(self.id)
+    def close(self, failed: bool = False) -> None:
+        self.client.set_terminated(self.id, status="FAILED" if failed else "FINISHED")
 
 
 def _new_id() -> str:
@@ -250,7 +251,7 @@ class TrackerCallback(BaseCallback):
         self.spikes: dict[str, int] = {}  # by action, since this attempt started (as Prometheus counts them)
         self._queue: deque[tuple[int, Scalars | None]] = deque(maxlen=QUEUE_RECORDS)  # None: a restart of steps
         self._ready = threading.Condition()
-        self._closing = False
+        self._closing = self._failed = False
         self._thread: threading.Thread | None = None
 
     def on_train_start(self, step: int, rank: int) -> None:
@@ -312,7 +313,7 @@ class TrackerCallback(BaseCallback):
             log.warning("trackers dropped %d records they could not keep up with", self.dropped)
         for writer in self.writers:
             try:
-                writer.close()
+                writer.close(self._failed)
             except Exception as e:  # noqa: BLE001 - one tracker failing to close leaves the others to close
                 log.warning("%s: closing failed: %s", writer.name, e)
 
@@ -331,9 +332,12 @@ class TrackerCallback(BaseCallback):
                 self.writers.remove(writer)
 
     def close(self) -> None:
+        """Drain the queue and close the trackers; a tracker run is marked failed when the loop is ending with an
+        exception (the loop closes its callbacks in a `finally`; a resumed attempt marks the run running again)."""
         if self._thread is None:
             return
         with self._ready:
+            self._failed = sys.exc_info()[0] is not None
             self._closing = True
             self._ready.notify()
         self._thread.join(CLOSE_TIMEOUT_S)

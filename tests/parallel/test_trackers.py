@@ -125,9 +125,9 @@ def test_a_run_and_its_resume_write_the_same_scalars_to_every_tracker(tmp_path, 
 
 
 def test_replayed_steps_and_scores_after_a_resume(tmp_path):
-    """A crash after step 3, resumed from the checkpoint at step 2, then a spike at step 4 rewound over: TensorBoard
-    keeps each step's last values, MLflow and W&B the first they received (W&B offline writes the replay after the
-    crash into the attempt's own directory). Downstream scores and spikes go everywhere."""
+    """A crash after step 3 (the MLflow run marked failed), resumed from the checkpoint at step 2, then a spike at step
+    5 rewound over: TensorBoard keeps each step's last values, MLflow and W&B the first they received (W&B offline
+    writes the replay after the crash into the attempt's own directory). Downstream scores and spikes go everywhere."""
     spec = tracker_spec(tmp_path)
     first = TrackerCallback(spec)
     first.on_train_start(0, 0)
@@ -135,7 +135,14 @@ def test_replayed_steps_and_scores_after_a_resume(tmp_path):
         first.on_step(step(n, 10.0 - n))
         if n == 2:
             first.on_eval(EvalStats(step=2, loss=math.nan, batches=0, seconds=1.0, scores=SCORES))
-    first.close()
+    with pytest.raises(RuntimeError, match="the loop broke"):
+        try:
+            raise RuntimeError("the loop broke")
+        finally:  # as `parallel.train.run` closes its callbacks
+            first.close()
+    ids = read_ids(Storage(str(tmp_path / "ckpt")))
+    client, crashed = mlflow_run(tmp_path, ids["mlflow"])
+    assert crashed.info.status == "FAILED"
     again = TrackerCallback(spec)
     again.on_train_start(2, 0)
     for n in (3, 4):
@@ -153,8 +160,8 @@ def test_replayed_steps_and_scores_after_a_resume(tmp_path):
     assert "pretrain_eval_loss" not in board  # a downstream-only evaluation has no held-out loss
     assert board[f"{prometheus.LOSS_SPIKES.name}/rewind"] == [(5, 1.0)]
 
-    ids = read_ids(Storage(str(tmp_path / "ckpt")))
-    client, _ = mlflow_run(tmp_path, ids["mlflow"])
+    assert read_ids(Storage(str(tmp_path / "ckpt"))) == ids
+    assert client.get_run(ids["mlflow"]).info.status == "FINISHED"
     assert mlflow_history(client, ids["mlflow"], "pretrain_loss") == [(1, 9.0), (2, 8.0), (3, 7.0), (4, 1.0),
                                                                       (5, 0.25)]
     assert mlflow_history(client, ids["mlflow"], "pretrain_eval_score/hellaswag/acc_norm") == [(2, 0.25)]
