@@ -380,14 +380,14 @@ def open_writers(spec: JobSpec, start: int) -> list[Any]:
         if m.uses("mlflow"):
             uri = m.mlflow.uri or f"sqlite:///{os.path.abspath(os.path.join(home, 'mlflow.db'))}"
             if uri.startswith("sqlite:///"):
-                writable("metrics.mlflow.uri", os.path.dirname(uri.removeprefix("sqlite:///")))
+                writable("metrics.mlflow.uri", os.path.dirname(uri.removeprefix("sqlite:///")) or ".")
             writers.append(_opened("metrics.mlflow.uri", lambda: MlflowWriter(spec, uri, config, ids.get("mlflow"))))
         ids = {w.name: w.id for w in writers if w.id is not None}
         if ids:  # written whole or not at all (`Storage.write_bytes`), beside the checkpoints wherever they are
             storage.write_bytes(json.dumps(ids, indent=1).encode(), IDS_FILE)
     except BaseException:
         for writer in writers:
-            writer.close()
+            writer.close(failed=True)
         raise
     return writers
 
