@@ -1,7 +1,7 @@
-"""Experiment trackers: a CPU training run writes its scalars to Prometheus, TensorBoard, an offline W&B run and an
-MLflow sqlite store, each read back with that tool's own reader; a resumed run continues the same tracker runs.
-
-Each store is read back with its own tool (`tests.tracker_files`).
+"""Experiment trackers: a CPU training run with an in-loop lm-eval task writes its scalars to Prometheus, TensorBoard,
+an offline W&B run and an MLflow sqlite store, each read back with that tool's own reader (`tests.tracker_files`); a
+resumed run continues the same tracker runs; replayed and rewound-over steps, a failed attempt, and the refusals.
+The same through Ray, with a rank killed mid-run: tests/orchestrator/test_job_log.py.
 """
 
 from __future__ import annotations
