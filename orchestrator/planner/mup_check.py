@@ -17,7 +17,6 @@ schedule and clipping of `parallel.optim`, and batches from the shards through `
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -151,6 +150,3 @@ def plot_coord_check(path: str | os.PathLike, checks: Mapping[str, Mapping[int, 
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
-
-def is_flat(rms: Mapping[int, Mapping[str, float]], tolerance: float) -> bool:
-    return all(math.isfinite(s) and s <= tolerance for s in spread(rms).values())

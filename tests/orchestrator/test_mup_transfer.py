@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -73,20 +74,25 @@ GRID = range(-10, -4)
 
 
 def best_log2_lr(shards, parametrization: str, width: int) -> tuple[float, list[float]]:
-    """The vertex of a parabola through the lowest validation loss of the grid and its two neighbours (log2 lr):
-    steadier than the argmin where neighbours differ by the runs' noise."""
+    """The best learning rate (log2) of a sweep over GRID: the vertex of a parabola fitted by least squares to the
+    validation losses of the five grid points centred on the lowest. Neighbouring learning rates near the optimum
+    differ by about the runs' noise (a few hundredths), so the argmin alone jumps by a grid step from seed to seed;
+    the fit does not (docs/planner.md has both)."""
     losses = []
     for k in GRID:
         spec = at_width(probe_spec(shards, parametrization, 2.0**k, steps=50), width, HEAD_DIM)
         losses.append(train_probe(spec, 50, eval_batches=32).val_loss)
-    i = min(range(1, len(losses) - 1), key=losses.__getitem__)
-    left, mid, right = losses[i - 1: i + 2]
-    curvature = left + right - 2 * mid
-    return GRID[i] + (left - right) / (2 * curvature) if curvature > 0 else float(GRID[i]), losses
+    lowest = losses.index(min(losses))
+    start = min(max(0, lowest - 2), len(GRID) - 5)
+    a, b, _ = np.polyfit(GRID[start:start + 5], losses[start:start + 5], 2)
+    assert a > 0, f"no minimum inside the grid: {losses}"
+    return -b / (2 * a), losses
 
 
 @pytest.mark.slow
 def test_best_learning_rate_transfers_from_width_64_to_256_under_mup_only(shards) -> None:
+    """Measured: μP's best moves by less than 0.1 of a grid step from width 64 to 256, the standard one's by 1.3 to
+    1.6 steps (to smaller learning rates), over two seeds."""
     best = {(p, w): best_log2_lr(shards, p, w) for p in ("mup", "standard") for w in (64, 256)}
     table = {key: (round(b, 2), [round(v, 3) for v in losses]) for key, (b, losses) in best.items()}
     shift = {p: best[p, 64][0] - best[p, 256][0] for p in ("mup", "standard")}
