@@ -31,7 +31,15 @@ from parallel.checkpoint_layout import layout_changes, run_layout
 from parallel.deepspeed_checkpoint import load_converted, load_deepspeed, save_recorded, write_deferred
 from parallel.deepspeed_config import build_ds_config
 from parallel.deepspeed_pipeline import apply_deepspeed_pipeline
-from parallel.engine import Accept, MakeOnce, StepResult, device_pairs, gather_full_state, mean_over_dp
+from parallel.engine import (
+    Accept,
+    MakeOnce,
+    StepResult,
+    device_documents,
+    device_pairs,
+    gather_full_state,
+    mean_over_dp,
+)
 from parallel.launch import RankEnv
 from parallel.materialize import materialize_model
 from parallel.megatron_tp import apply_megatron_tp
@@ -144,8 +152,8 @@ class DeepSpeedEngine:
             loss = self.ds.train_batch(iter(pairs))
         else:
             losses = []
-            for inputs, targets in pairs:
-                loss = self.loss_fn(self.ds(inputs), targets)
+            for (inputs, targets), docs in zip(pairs, device_documents(micro_batches, self.device), strict=True):
+                loss = self.loss_fn(self.ds(inputs, documents=docs), targets)
                 self.ds.backward(loss)
                 self.ds.step()
                 losses.append(loss.detach())
@@ -159,7 +167,9 @@ class DeepSpeedEngine:
         if self.pipelined:
             loss = self.ds.eval_batch(iter(pairs), num_micro_batches=len(pairs))
         else:
-            loss = mean_over_dp(torch.stack([self.loss_fn(self.ds(x), y) for x, y in pairs]).mean(), self.dims)
+            docs = device_documents(micro_batches, self.device)
+            loss = mean_over_dp(torch.stack([self.loss_fn(self.ds(x, documents=d), y)
+                                             for (x, y), d in zip(pairs, docs, strict=True)]).mean(), self.dims)
         self.ds.train()
         return loss
 

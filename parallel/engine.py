@@ -100,6 +100,13 @@ def device_pairs(micro_batches: Sequence[Any], grad_accum: int | None,
             for mb in micro_batches]
 
 
+def device_documents(micro_batches: Sequence[Any], device: torch.device) -> list[torch.Tensor | None]:
+    """Each micro-batch's document ids [rows, seq] on `device` (`parallel.documents`); None where the loader gave
+    none, which the model reads as plain causal attention over the row."""
+    return [None if getattr(mb, "documents", None) is None else mb.documents.to(device, non_blocking=True)
+            for mb in micro_batches]
+
+
 def mean_over_dp(loss: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
     """A rank's loss averaged over its data-parallel peers, in place and without a host sync."""
     if dims.dp > 1:

@@ -13,6 +13,10 @@ one starts at its end instead. The windows travel in the state, so a resume skip
 The mixture of sources is applied by `pretrain prep` when it packs rows, so a uniform order over rows keeps the
 mixture's proportions in every stretch of training.
 
+Document boundaries are derived from the EOS tokens the packer writes after each document (`parallel.documents`,
+the manifest names the EOS id) when the model masks attention per document: `MicroBatch.documents` / `positions`.
+They are a function of the row alone, so the shards, the sample order and the loader's state are as before.
+
 Shards are memory-mapped (`dataprep.shards.open_shard`); the only copy per step is each row into the batch tensors.
 """
 
@@ -23,7 +27,7 @@ import math
 import queue
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -33,21 +37,28 @@ from dataprep.hashing import mix64
 from dataprep.shards import open_shard, read_manifest, shard_paths, verify_shard
 from orchestrator.errors import DataError
 from orchestrator.spec import parse_windows
+from parallel.documents import document_ids, document_positions
 
 log = logging.getLogger(__name__)
 
 _FEISTEL_ROUNDS = 6
+
+_PINNED = ("inputs", "targets", "documents", "positions")  # what goes to the device (sample_ids stays on the host)
 
 Window = tuple[int, int, int]  # (epoch, start, end): positions start..end-1 of that epoch's order
 
 
 @dataclass
 class MicroBatch:
-    """One micro-batch of this rank: `inputs`/`targets` int64 [rows, seq_len]; `sample_ids` the global row indices."""
+    """One micro-batch of this rank: `inputs`/`targets` int64 [rows, seq_len]; `sample_ids` the global row indices;
+    `documents` / `positions` [rows, seq_len] each input token's document id within its row and position within
+    its document (None unless the loader was asked for them)."""
 
     inputs: torch.Tensor
     targets: torch.Tensor
     sample_ids: torch.Tensor
+    documents: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
 
 
 def _round_keys(seed: int, epoch: int) -> np.ndarray:
@@ -93,7 +104,8 @@ class ShardLoader:
 
     def __init__(self, path: str, *, seq_len: int, micro_batch_size: int, grad_accum: int = 1, dp_rank: int = 0,
                  dp_size: int = 1, seed: int = 0, split: str = "train", shuffle: bool = True, prefetch: int = 2,
-                 verify: bool = True, pin_memory: bool = False, skip: list[Window] | tuple[Window, ...] = ()):
+                 verify: bool = True, pin_memory: bool = False, skip: list[Window] | tuple[Window, ...] = (),
+                 documents: bool = False):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank must be in [0, {dp_size}), got {dp_rank}")
         self.path = path
@@ -126,6 +138,7 @@ class ShardLoader:
                             f"{self.global_batch} (micro_batch_size × grad_accum × dp)")
         self.steps_per_epoch = self.rows // self.global_batch
         self.shuffle = shuffle
+        self.eos_id = int(self.manifest["tokenizer"]["eos_id"]) if documents else None
         self.pin_memory = pin_memory
         self.prefetch = prefetch
         self._state = {"epoch": 0, "index": 0, "seed": seed}
@@ -223,8 +236,12 @@ class ShardLoader:
             inputs[i] = source[:self.seq_len]
             targets[i] = source[1:self.seq_len + 1]
         batch = MicroBatch(torch.from_numpy(inputs), torch.from_numpy(targets), torch.from_numpy(ids.copy()))
+        if self.eos_id is not None:
+            batch.documents = document_ids(batch.inputs, self.eos_id)
+            batch.positions = document_positions(batch.documents)
         if self.pin_memory:
-            batch = MicroBatch(batch.inputs.pin_memory(), batch.targets.pin_memory(), batch.sample_ids)
+            batch = replace(batch, **{name: getattr(batch, name).pin_memory() for name in _PINNED
+                                      if getattr(batch, name) is not None})
         return batch
 
     # ---------------------------------------------------------------------------------------------- prefetch
@@ -266,6 +283,7 @@ def build_loaders(spec: Any, dp_rank: int, dp_size: int) -> tuple[ShardLoader, S
     p, d = spec.parallel, spec.data
     common = dict(seq_len=d.seq_len, micro_batch_size=p.micro_batch_size, grad_accum=p.grad_accum, dp_rank=dp_rank,
                   dp_size=dp_size, seed=d.seed)
+    common["documents"] = spec.model.attention_mask == "document" or spec.model.rope_positions == "document"
     train = ShardLoader(d.path, prefetch=d.prefetch, skip=parse_windows(d.skip), **common)
     val_rows = train.manifest["splits"].get("val", {}).get("rows", 0)
     if val_rows < train.global_batch:

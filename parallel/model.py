@@ -293,7 +293,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None,
                 docs: DocumentContext | None = None) -> torch.Tensor:
-        x = x + self.norm(1, self.self_attn(self.norm(0, x), cache, docs))
+        x = x + self.norm(1, self.self_attn(self.norm(0, x), cache, docs=docs))
         return x + self.norm(3, self.mlp(self.norm(2, x)))
 
 

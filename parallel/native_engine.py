@@ -35,7 +35,15 @@ from torch.utils._pytree import tree_map_only
 from orchestrator.errors import CheckpointError
 from orchestrator.spec import JobSpec
 from parallel.dtensor_tp import apply_dtensor_tp
-from parallel.engine import Accept, MakeOnce, StepResult, device_pairs, gather_full_state, mean_over_dp
+from parallel.engine import (
+    Accept,
+    MakeOnce,
+    StepResult,
+    device_documents,
+    device_pairs,
+    gather_full_state,
+    mean_over_dp,
+)
 from parallel.float8 import after_optimizer_step
 from parallel.fsdp import shard_data_parallel
 from parallel.launch import RankEnv
@@ -135,16 +143,17 @@ class NativeEngine:
 
     def train_step(self, micro_batches: Sequence[Any], accept: Accept | None = None) -> StepResult:
         lr = self.lr
+        docs = device_documents(micro_batches, self.device)
         pairs = device_pairs(micro_batches, self.spec.parallel.grad_accum, self.device)
         if self.pipelined:
-            loss = self._run_pipeline(pairs, train=True)
+            loss = self._run_pipeline(pairs, train=True, documents=docs)
         else:
             losses = []
             for i, (inputs, targets) in enumerate(pairs):
                 if self.reduce_once_per_step:
                     self.model.set_requires_gradient_sync(i == len(pairs) - 1)
                 with self._autocast():
-                    loss = self.loss_fn(self.model(inputs), targets)
+                    loss = self.loss_fn(self.model(inputs, documents=docs[i]), targets)
                 (loss / len(pairs)).backward()
                 losses.append(loss.detach())
             loss = torch.stack(losses).mean()
@@ -160,17 +169,19 @@ class NativeEngine:
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: Sequence[Any]) -> torch.Tensor:
+        docs = device_documents(micro_batches, self.device)
         pairs = device_pairs(micro_batches, None, self.device)
         if self.pipelined:
             n = self.spec.parallel.grad_accum
             if len(pairs) % n:
                 raise ValueError(f"evaluation under pipelining takes a multiple of grad_accum={n} micro-batches, "
                                  f"got {len(pairs)}")
-            loss = torch.stack([self._run_pipeline(pairs[i:i + n], train=False)
+            loss = torch.stack([self._run_pipeline(pairs[i:i + n], train=False, documents=docs[i:i + n])
                                 for i in range(0, len(pairs), n)]).mean()
         else:
             with self._autocast():
-                loss = torch.stack([self.loss_fn(self.model(x), y) for x, y in pairs]).mean()
+                loss = torch.stack([self.loss_fn(self.model(x, documents=d), y)
+                                    for (x, y), d in zip(pairs, docs, strict=True)]).mean()
         self._reshard()
         return mean_over_dp(loss, self.dims)
 
@@ -188,11 +199,15 @@ class NativeEngine:
         """Free what the forwards of `forward_logits` left gathered."""
         self._reshard()
 
-    def _run_pipeline(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], train: bool) -> torch.Tensor:
-        """One pass of the schedule over the micro-batches; the mean loss, on every stage."""
+    def _run_pipeline(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], train: bool,
+                      documents: list[torch.Tensor | None]) -> torch.Tensor:
+        """One pass of the schedule over the micro-batches; the mean loss, on every stage. Document ids go to every
+        stage as a keyword input (the schedule splits it into micro-batches like the tokens)."""
         args = (torch.cat([x for x, _ in pairs]),) if self.first_stage else ()
         losses: list[torch.Tensor] = []
         kwargs = {"target": torch.cat([y for _, y in pairs]), "losses": losses} if self.last_stage else {}
+        if documents[0] is not None:
+            kwargs["documents"] = torch.cat(documents)
         with self._autocast():
             (self.schedule.step if train else self.schedule.eval)(*args, **kwargs)
         loss = torch.stack(losses).detach().mean() if self.last_stage else torch.zeros((), device=self.device)

@@ -42,7 +42,8 @@ def stage_ids(pp_rank: int, pp: int, schedule: str) -> list[int]:
 class StageModule(nn.Module):
     """Consecutive layers of a Transformer, with its embedding on the first stage and its norm + lm_head on the last.
 
-    The forward takes tokens (first stage) or hidden states and returns hidden states or logits (last stage). The
+    The forward takes tokens (first stage) or hidden states, and the rows' document ids on every stage (a keyword
+    input of the schedule, `parallel.documents`), and returns hidden states or logits (last stage). The
     first stage runs the model's own `embed` and the last its `head` (bound methods over the same parts), so a
     family's embedding scale and logit soft-cap are applied exactly as in one process.
     """
@@ -55,12 +56,14 @@ class StageModule(nn.Module):
         self.lm_head = model.lm_head if last else None
         self.embed = model.embed if first else None
         self.head = model.head if last else None
+        self.documents = model.documents
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, documents: torch.Tensor | None = None) -> torch.Tensor:
         if self.embed is not None:
             h = self.embed(h)
+        docs = self.documents(documents)
         for layer in self.layers.values():
-            h = layer(h)
+            h = layer(h, None, docs)
         return self.head(h) if self.head is not None else h
 
 

@@ -20,7 +20,7 @@ from parallel.materialize import materialize_model
 from parallel.model import build_model, cross_entropy
 from parallel.mup import hidden_lr_scale
 from parallel.optim import build_optimizer, build_param_groups, build_scheduler
-from tests.parallel.layout_worker import TINY, fixed_tokens
+from tests.parallel.layout_worker import TINY, row_documents, spec_tokens
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "parallel" / "layout_worker.py"
@@ -62,11 +62,11 @@ def tiny(tie: bool = False):
     return model
 
 
-def run_layout(procs: int, overrides: list[str], out: Path, tmp: Path) -> dict:
+def run_layout(procs: int, overrides: list[str], out: Path, tmp: Path, worker: Path = WORKER) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "TMPDIR": str(tmp),
            "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", str(WORKER), str(out), *overrides]
+           f"--master_port={free_port()}", str(worker), str(out), *overrides]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and out.exists(), result.stdout[-3000:] + result.stderr[-6000:]
     return torch.load(out, weights_only=False)
@@ -83,10 +83,10 @@ def reference_run(overrides: list[str]) -> dict:
     groups = build_param_groups(model.named_parameters(), spec.optim.weight_decay, hidden_lr_scale(model.dims))
     optimizer = build_optimizer(groups, spec.optim, torch.device("cpu"))
     scheduler = build_scheduler(optimizer, spec.optim, spec.schedule)
-    tokens = fixed_tokens(spec.schedule.steps, spec.data.seq_len, spec.model.vocab_size)
+    tokens = spec_tokens(spec)
     losses = []
     for rows in tokens:
-        loss = cross_entropy(model(rows[:, :-1]), rows[:, 1:])
+        loss = cross_entropy(model(rows[:, :-1], documents=row_documents(rows, spec)), rows[:, 1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), spec.optim.grad_clip)
         optimizer.step()

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from orchestrator.validate import parse_spec
+from parallel.documents import document_ids
 from parallel.engine import build_engine
 from parallel.launch import RankEnv, init_distributed, shutdown_distributed
 from parallel.loader import MicroBatch
@@ -33,6 +34,7 @@ TINY = {
 }
 GLOBAL_BATCH = 8
 GRAD_ACCUM = 2
+EOS = 0  # the end-of-document token of specs with model.attention_mask=document
 
 
 def fixed_tokens(steps: int, seq_len: int, vocab: int) -> torch.Tensor:
@@ -44,10 +46,26 @@ def fixed_tokens(steps: int, seq_len: int, vocab: int) -> torch.Tensor:
     return (start + stride * torch.arange(seq_len + 1)) % vocab
 
 
-def rank_micro_batches(rows: torch.Tensor, dp_rank: int, dp: int) -> list[MicroBatch]:
+def spec_tokens(spec) -> torch.Tensor:
+    """`fixed_tokens` of the spec; under document masking cut into documents: EOS at two drawn positions per row
+    (the runs' own values moved off EOS)."""
+    tokens = fixed_tokens(spec.schedule.steps, spec.data.seq_len, spec.model.vocab_size)
+    if spec.model.attention_mask != "document":
+        return tokens
+    ends = torch.randint(2, spec.data.seq_len - 1, (*tokens.shape[:-1], 2), generator=torch.Generator().manual_seed(13))
+    return tokens.masked_fill(tokens == EOS, EOS + 1).scatter(-1, ends, EOS)
+
+
+def row_documents(rows: torch.Tensor, spec) -> torch.Tensor | None:
+    """Document ids of rows' inputs (the loader's derivation) when the spec masks per document, else None."""
+    return document_ids(rows[:, :-1], EOS) if spec.model.attention_mask == "document" else None
+
+
+def rank_micro_batches(rows: torch.Tensor, dp_rank: int, dp: int, spec=None) -> list[MicroBatch]:
     """This rank's contiguous slice of a global batch cut into GRAD_ACCUM micro-batches (the loader's convention)."""
     mine = rows.chunk(dp)[dp_rank]
-    return [MicroBatch(inputs=mb[:, :-1], targets=mb[:, 1:], sample_ids=torch.arange(len(mb)))
+    return [MicroBatch(inputs=mb[:, :-1], targets=mb[:, 1:], sample_ids=torch.arange(len(mb)),
+                       documents=None if spec is None else row_documents(mb, spec))
             for mb in mine.chunk(GRAD_ACCUM)]
 
 
@@ -58,14 +76,14 @@ def run_case(env: RankEnv, device: torch.device, overrides: list[str]) -> dict:
     spec.parallel.micro_batch_size = GLOBAL_BATCH // (GRAD_ACCUM * dp)
     spec.parallel.grad_accum = GRAD_ACCUM
     engine = build_engine(spec, env, device)
-    tokens = fixed_tokens(spec.schedule.steps, spec.data.seq_len, spec.model.vocab_size)
+    tokens = spec_tokens(spec)
     losses, norms, lrs = [], [], []
     for step in range(spec.schedule.steps):
-        result = engine.train_step(rank_micro_batches(tokens[step], engine.dims.dp_rank, engine.dims.dp))
+        result = engine.train_step(rank_micro_batches(tokens[step], engine.dims.dp_rank, engine.dims.dp, spec))
         losses.append(float(result.loss))
         norms.append(float(result.grad_norm))
         lrs.append(result.lr)
-    eval_loss = float(engine.eval_loss(rank_micro_batches(tokens[0], engine.dims.dp_rank, engine.dims.dp)))
+    eval_loss = float(engine.eval_loss(rank_micro_batches(tokens[0], engine.dims.dp_rank, engine.dims.dp, spec)))
     return {"losses": losses, "grad_norms": norms, "lrs": lrs, "eval_loss": eval_loss,
             "params": engine.full_state_dict()}
 

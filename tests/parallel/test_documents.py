@@ -1,0 +1,139 @@
+"""Per-document attention over packed rows (`parallel.documents`, model.attention_mask / rope_positions).
+
+One process: a token's logits do not depend on the other documents of its row and equal those of its document run
+alone; compiled and checkpointed blocks give the eager gradients. Two ranks (one torchrun launch of
+documents_worker.py): the same probes under native tp2 and pp2, and training with document masks under tp2, pp2
+and DeepSpeed tp2 matches one process.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from orchestrator.validate import parse_spec
+from parallel.activation_checkpoint import apply_activation_checkpointing
+from parallel.compile import apply_compile
+from parallel.documents import dense_mask, document_ids, document_positions
+from parallel.model import build_model, cross_entropy
+from tests.helpers import PARAM_ATOL, REPO, RTOL, reference_run, run_layout
+from tests.parallel.documents_worker import ENDS, probe_diffs, probe_rows
+from tests.parallel.layout_worker import EOS, TINY
+
+DOCUMENT = ["model.attention_mask=document", "model.rope_positions=document"]
+GEMMA_LIKE = ["model.attn_softcap=20", "model.sliding_window=6", "model.full_attention_every=2"]
+RUN = ["data.seq_len=32", "schedule.steps=3", "optim.eps=1e-5"]
+NATIVE, DEEPSPEED = "parallel.backend=native", "parallel.backend=deepspeed"
+CASES = {
+    "native-tp2": [*RUN, *DOCUMENT, NATIVE, "parallel.tp=2", "parallel.sequence_parallel=true"],
+    "native-pp2": [*RUN, *DOCUMENT, *GEMMA_LIKE, NATIVE, "parallel.pp=2", "parallel.grad_accum=2"],
+    "deepspeed-tp2": [*RUN, *DOCUMENT, DEEPSPEED, "parallel.tp=2"],
+}
+
+
+def tiny(*overrides: str, seed: int = 5) -> torch.nn.Module:
+    spec = parse_spec(TINY, overrides=[*RUN, *overrides])
+    model = build_model(spec.model, "cpu")
+    model.init_weights(seed)
+    return model
+
+
+def test_document_ids_and_positions_come_from_eos() -> None:
+    """An EOS ends its document; the token after it starts the next one."""
+    tokens = torch.tensor([[5, 6, EOS, 7, EOS, EOS, 8, 9]])
+    docs = document_ids(tokens, EOS)
+    assert docs.tolist() == [[0, 0, 0, 1, 1, 2, 3, 3]]
+    assert document_positions(docs).tolist() == [[0, 1, 2, 0, 1, 0, 0, 1]]
+    mask = dense_mask(docs, 0)[0, 0]
+    assert mask[3].tolist() == [False, False, False, True, False, False, False, False]
+    assert mask[7].tolist() == [False] * 6 + [True, True]
+
+
+@pytest.mark.parametrize("extra", [[], GEMMA_LIKE], ids=["llama", "gemma-like"])
+def test_a_documents_logits_depend_on_it_alone(extra: list[str]) -> None:
+    """Changing the first document leaves the others' logits exactly as they were, and a document inside the pack
+    gets the logits of it run alone (document RoPE positions: up to float rounding of the different shapes)."""
+    model = tiny(*DOCUMENT, *extra)
+    rows = probe_rows(32, TINY["model"]["vocab_size"])
+    with torch.no_grad():
+        logits = model(rows, documents=document_ids(rows, EOS))
+        alone = model(rows[:1, ENDS[0] + 1:ENDS[1] + 1])
+    diffs = probe_diffs(logits)
+    assert diffs["moved"] == 0.0 and diffs["perturbed"] > 1e-3, diffs
+    assert diffs["alone"] < 1e-6, diffs
+    torch.testing.assert_close(logits[0, ENDS[0] + 1:ENDS[1] + 1], alone[0], rtol=0, atol=1e-6)
+
+
+def test_sequence_positions_and_the_default() -> None:
+    """With RoPE positions counted over the row, a document's logits equal its own run alone up to rounding
+    (rotary scores depend only on distances), not bit for bit; the default causal model ignores document ids."""
+    rows = probe_rows(32, TINY["model"]["vocab_size"])
+    masked = tiny("model.attention_mask=document")
+    causal = tiny()
+    with torch.no_grad():
+        logits = masked(rows, documents=document_ids(rows, EOS))
+        alone = masked(rows[:1, ENDS[0] + 1:ENDS[1] + 1])
+        assert torch.equal(causal(rows, documents=document_ids(rows, EOS)), causal(rows))
+        plain = causal(rows)
+    assert probe_diffs(logits)["moved"] == 0.0
+    torch.testing.assert_close(logits[0, ENDS[0] + 1:ENDS[1] + 1], alone[0], rtol=0, atol=1e-5)
+    assert probe_diffs(plain)["moved"] > 1e-3, "without document masks the other documents see the change"
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_compiled_checkpointed_blocks_mask_as_eager_ones(mode: str) -> None:
+    """Document masks and positions pass through activation checkpointing and compiled blocks (no graph break)."""
+    rows = probe_rows(33, TINY["model"]["vocab_size"])
+
+    def loss_and_grads(model: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss = cross_entropy(model(rows[:, :-1], documents=document_ids(rows[:, :-1], EOS)), rows[:, 1:])
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    want_loss, want_grads = loss_and_grads(tiny(*DOCUMENT, *GEMMA_LIKE))
+    model = tiny(*DOCUMENT, *GEMMA_LIKE)
+    apply_activation_checkpointing(model.layers, mode)
+    counter = CompileCounterWithBackend("aot_eager_decomp_partition")
+    apply_compile(model.layers, backend=counter)
+    got_loss, got_grads = loss_and_grads(model)
+    assert counter.frame_count >= 1, "no block was compiled"
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    torch._dynamo.reset()
+    torch.testing.assert_close(got_loss, want_loss, rtol=RTOL, atol=0)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=0, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory) -> dict[str, dict]:
+    tmp = tmp_path_factory.mktemp("document-layouts")
+    (tmp / "cases.json").write_text(json.dumps(CASES))
+    worker = REPO / "tests" / "parallel" / "documents_worker.py"
+    return run_layout(2, ["--cases", str(tmp / "cases.json")], tmp / "results.pt", tmp, worker=worker)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [c for c in CASES if c.startswith("native")])
+def test_documents_are_independent_under_the_layout(case: str, layouts: dict) -> None:
+    """Under tp2 (each rank's vocabulary shard) and pp2 (the last stage's logits, document ids sent to every stage
+    through the schedule) a document's logits ignore the others and equal its own at a row's start."""
+    diffs = layouts[case]["probe"]
+    assert diffs["moved"] == 0.0 and diffs["perturbed"] > 1e-3, diffs
+    assert diffs["alone"] < 1e-6, diffs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_document_masked_training_matches_one_process(case: str, layouts: dict) -> None:
+    got = layouts[case]
+    expected = reference_run([o for o in CASES[case] if not o.startswith("parallel.")])
+    assert expected["losses"][-1] < expected["losses"][0], "the reference run should learn"
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(expected["losses"]), rtol=RTOL, atol=0)
+    for name, value in expected["params"].items():
+        torch.testing.assert_close(got["params"][name], value, rtol=0, atol=PARAM_ATOL,
+                                   msg=lambda m, n=name: f"{n}: {m}")
