@@ -254,6 +254,25 @@ def _window_layers(spec: JobSpec, _: Any) -> list[Problem]:
     return []
 
 
+@rule("model.attention_mask", "model.rope_positions", "parallel.backend", "parallel.pp")
+def _documents_where_they_reach(spec: JobSpec, _: Any) -> list[Problem]:
+    """Document ids reach every pipeline stage only through the native schedule's keyword inputs; DeepSpeed's
+    pipeline engine passes one tensor from stage to stage. Restarting RoPE per document while attention crosses
+    documents would let a token see keys whose positions are not comparable to its own."""
+    m, p = spec.model, spec.parallel
+    out = []
+    if m.rope_positions == "document" and m.attention_mask != "document":
+        out.append(Problem("model.rope_positions", "document restarts positions at each document, so it needs "
+                           "model.attention_mask=document (attention across documents would compare positions of "
+                           "different documents); set both, or rope_positions=sequence"))
+    if m.attention_mask == "document" and p.backend == "deepspeed" and p.pp > 1:
+        tied = " (native cannot tie embeddings under pp > 1: untie them to use it)" if m.tie_embeddings else ""
+        out.append(Problem("model.attention_mask", f"document under parallel.pp={p.pp} needs parallel.backend=native:"
+                           f" DeepSpeed's pipeline engine carries one tensor between stages, not the document ids"
+                           f"{tied}; use the native backend, pp=1, or attention_mask=causal"))
+    return out
+
+
 @rule("model.rope_scaling.type", "model.rope_scaling.factor", "model.rope_scaling.low_freq_factor",
       "model.rope_scaling.high_freq_factor", "model.rope_scaling.beta_fast", "model.rope_scaling.beta_slow")
 def _rope_scaling_consistent(spec: JobSpec, _: Any) -> list[Problem]:

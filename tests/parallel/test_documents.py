@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
+from orchestrator.errors import SpecError
 from orchestrator.validate import parse_spec
 from parallel.activation_checkpoint import apply_activation_checkpointing
 from parallel.compile import apply_compile
@@ -137,3 +138,17 @@ def test_document_masked_training_matches_one_process(case: str, layouts: dict) 
     for name, value in expected["params"].items():
         torch.testing.assert_close(got["params"][name], value, rtol=0, atol=PARAM_ATOL,
                                    msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    (["model.rope_positions=document"], r"model.rope_positions: document restarts positions .* needs "
+                                        r"model.attention_mask=document"),
+    (["model.attention_mask=document", DEEPSPEED, "parallel.pp=2", "parallel.grad_accum=2"],
+     r"model.attention_mask: document under parallel.pp=2 needs parallel.backend=native"),
+    (["model.attention_mask=document", "parallel.pp=2", "parallel.grad_accum=2", "model.tie_embeddings=true"],
+     r"native cannot tie embeddings under pp > 1"),
+    (["model.attention_mask=documents"], r"model.attention_mask.*causal.*document"),
+])
+def test_refused_document_settings_name_the_field(overrides: list[str], match: str) -> None:
+    with pytest.raises(SpecError, match=match):
+        parse_spec(TINY, overrides=[*overrides, "resources.gpus_per_node=2"])
