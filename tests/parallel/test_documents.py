@@ -19,10 +19,13 @@ from orchestrator.validate import parse_spec
 from parallel.activation_checkpoint import apply_activation_checkpointing
 from parallel.compile import apply_compile
 from parallel.documents import dense_mask, document_ids, document_positions
+from parallel.loader import ShardLoader
 from parallel.model import build_model, cross_entropy
 from tests.helpers import PARAM_ATOL, REPO, RTOL, reference_run, run_layout
 from tests.parallel.documents_worker import ENDS, probe_diffs, probe_rows
 from tests.parallel.layout_worker import EOS, TINY
+from tests.shards import EOS as SHARD_EOS
+from tests.shards import write_shards
 
 DOCUMENT = ["model.attention_mask=document", "model.rope_positions=document"]
 GEMMA_LIKE = ["model.attn_softcap=20", "model.sliding_window=6", "model.full_attention_every=2"]
@@ -152,3 +155,39 @@ def test_document_masked_training_matches_one_process(case: str, layouts: dict) 
 def test_refused_document_settings_name_the_field(overrides: list[str], match: str) -> None:
     with pytest.raises(SpecError, match=match):
         parse_spec(TINY, overrides=[*overrides, "resources.gpus_per_node=2"])
+
+
+def _walk_documents(row: list[int], eos: int) -> tuple[list[int], list[int]]:
+    """Document ids and positions by a plain walk over one row (the rule the loader's vector form follows)."""
+    ids, positions, doc, pos = [], [], 0, 0
+    for token in row:
+        ids.append(doc)
+        positions.append(pos)
+        doc, pos = (doc + 1, 0) if token == eos else (doc, pos + 1)
+    return ids, positions
+
+
+def test_the_loader_derives_documents_from_eos_and_resumes_exactly(tmp_path) -> None:
+    """Real shards: the ids and positions follow the rows' EOS tokens; everything else the loader returns, its
+    state and a resume are as without them."""
+    shards = str(write_shards(tmp_path, seq_len=128, rows=48, rows_per_shard=16))
+    args = dict(seq_len=128, micro_batch_size=2, grad_accum=2, seed=3, prefetch=0)
+    plain, masked = ShardLoader(shards, **args), ShardLoader(shards, documents=True, **{**args, "prefetch": 2})
+    steps = []
+    for _ in range(4):
+        for a, b in zip(plain.next_step(), masked.next_step(), strict=True):
+            assert a.documents is None and torch.equal(a.inputs, b.inputs) and torch.equal(a.targets, b.targets)
+            assert torch.equal(a.sample_ids, b.sample_ids)
+            for row, ids, positions in zip(b.inputs.tolist(), b.documents.tolist(), b.positions.tolist(),
+                                           strict=True):
+                assert (ids, positions) == _walk_documents(row, SHARD_EOS)
+            steps.append(b.documents)
+        if len(steps) == 4:
+            state = masked.state_dict()
+    assert plain.state_dict() == masked.state_dict()
+    assert max(int(d.max()) for d in steps) >= 1, "some rows should hold a document boundary"
+    resumed = ShardLoader(shards, documents=True, **args)
+    resumed.load_state_dict(state)
+    again = [mb.documents for _ in range(2) for mb in resumed.next_step()]
+    assert len(again) == len(steps[4:]) and all(torch.equal(x, y) for x, y in zip(again, steps[4:], strict=True))
+    masked.close()
