@@ -87,6 +87,9 @@ REFUSALS: dict[tuple[str, str], list[Case] | str] = {
              "eval.tasks"),
     ],
     ("parallel/native_engine.py", "evaluation under pipelining takes a"): LOADER,
+    ("parallel/deepspeed_engine.py", "spikes.action: skip needs parallel.backe"): [
+        Case(("parallel.backend=deepspeed", "spikes.action=rewind"), ("spikes.action=skip",), "spikes.action"),
+    ],
     ("parallel/deepspeed_engine.py", "{directory}: written with"): "a checkpoint of another layout loaded without "
                                                                    "the means to convert it: no spec setting",
 }
