@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+import sqlite3
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,7 @@ from cluster import metrics as prometheus
 from orchestrator.cli import main as pretrain
 from orchestrator.errors import SpecError, UserError
 from orchestrator.validate import parse_spec
+from parallel import trackers
 from parallel.callbacks import EvalStats, SpikeStats, StepStats, read_history
 from parallel.launch import RankEnv
 from parallel.storage import Storage
@@ -175,6 +179,29 @@ def test_replayed_steps_and_scores_after_a_resume(tmp_path):
 def step(n: int, loss: float) -> StepStats:
     return StepStats(step=n, loss=loss, lr=1e-3, grad_norm=1.0, tokens=256, step_seconds=0.1,
                      tokens_per_second=2560.0, mfu=None)
+
+
+def test_a_stuck_tracker_loses_its_oldest_records_not_the_steps_time(tmp_path, monkeypatch):
+    """MLflow's database held locked by another connection: the steps go on at once, the queue keeps the newest
+    records, and what it dropped is counted; once the lock goes, MLflow has the first batch and the newest records."""
+    monkeypatch.setattr(trackers, "QUEUE_RECORDS", 4)
+    callback = TrackerCallback(tracker_spec(tmp_path, "metrics.loggers=[mlflow]"))
+    callback.on_train_start(0, 0)
+    lock = sqlite3.connect(tmp_path / "ckpt" / "mlflow.db", isolation_level=None, check_same_thread=False)
+    lock.execute("BEGIN EXCLUSIVE")
+    release = threading.Timer(1.5, lambda: lock.execute("ROLLBACK"))
+    release.start()
+    begin = time.perf_counter()
+    for n in range(1, 12):
+        callback.on_step(step(n, float(n)))
+    assert time.perf_counter() - begin < 1.0  # before the lock goes
+    release.join()
+    callback.close()
+    lock.close()
+    run_id = read_ids(Storage(str(tmp_path / "ckpt")))["mlflow"]
+    client, _ = mlflow_run(tmp_path, run_id)
+    kept = [s for s, _ in mlflow_history(client, run_id, "pretrain_loss")]
+    assert kept[-4:] == [8, 9, 10, 11] and callback.dropped == 11 - len(kept) > 0
 
 
 def test_tracker_names_are_the_prometheus_names():
