@@ -18,10 +18,11 @@ import yaml
 
 from orchestrator.cli import main
 from orchestrator.errors import SpecError
+from orchestrator.planner.counting import count_params
 from orchestrator.planner.mup_check import at_width, coord_check, plot_coord_check, spread, train_probe
-from orchestrator.planner.sweep import load_sweep
-from orchestrator.planner.transfer import choose, plan_transfer
-from orchestrator.validate import parse_spec
+from orchestrator.planner.sweep import load_sweep, results_of
+from orchestrator.planner.transfer import choose, plan_transfer, summarize_transfer
+from orchestrator.validate import load_spec, parse_spec
 from tests.shards import write_shards
 
 VOCAB = 320
@@ -140,16 +141,33 @@ def test_transfer_config_problems_name_their_field(tmp_path, shards, capsys) -> 
     assert "transfer.lrs: 0 must be positive" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-@pytest.mark.xdist_group("ray")
-def test_pretrain_sweep_transfers_on_ray_and_draws_the_coordinate_check(tmp_path, shards, capsys) -> None:
-    path = write_transfer(tmp_path, shards, lrs="1e-3, 1e-2", init_stds="", coord_check_steps=2)
-    assert main(["sweep", path, "sizes=32x1, 64x1", "cpus_per_run=0.5"]) == 0
-    out = capsys.readouterr().out
-    summary = json.loads((tmp_path / "out" / "transfer.json").read_text())
+def test_transfer_summary_chooses_trains_larger_and_draws(tmp_path, shards) -> None:
+    """results.jsonl as the sweep's Ray tasks write it, each run trained here (`train_probe` on its own spec, as
+    `train_one` runs it through the loop in a child process): the choice, the larger size trained with it,
+    transfer.json, the printed table and coord_check.png."""
+    config = load_sweep(write_transfer(tmp_path, shards, lrs="1e-3, 1e-2", init_stds="", coord_check_steps=2),
+                        ["sizes=32x1, 64x1"])
+    (tmp_path / "out").mkdir()
+
+    def train(runs) -> None:
+        with open(tmp_path / "out" / "results.jsonl", "a", encoding="utf-8") as f:
+            for run in runs:
+                spec = load_spec(config.base, run.overrides, require_data=True)
+                loss = train_probe(spec, spec.schedule.steps, eval_batches=config.eval_batches).val_loss
+                f.write(json.dumps({"name": run.name, "dim": run.dim, "n_layers": run.n_layers, "tokens": run.tokens,
+                                    "params": count_params(spec.model).total, "seconds": 0.0, "val_loss": loss,
+                                    **dict(run.settings)}) + "\n")
+
+    grid = plan_transfer(config)
+    train(grid)
+    best = choose(results_of(config, grid))
+    train(plan_transfer(config, best))
+    printed: list[str] = []
+    summary = summarize_transfer(config, log=printed.append)
+    assert json.loads((tmp_path / "out" / "transfer.json").read_text()) == summary
     assert [r["lr"] for r in summary["grid"]] == [1e-3, 1e-2] and summary["base_dim"] == 32
-    best = min(summary["grid"], key=lambda r: r["val_loss"])
-    assert summary["best"]["name"] == best["name"] and f"{best['name']}" in out
+    assert summary["best"]["name"] == best["name"] and any(best["name"] in line and "best" in line
+                                                           for line in printed)
     (transferred,) = summary["transferred"]
     assert (transferred["dim"], transferred["lr"], transferred["init_std"]) == (64, best["lr"], 0.02)
     assert 0 < transferred["val_loss"] < math.log(VOCAB)
