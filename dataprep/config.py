@@ -35,6 +35,9 @@ class SourceConfig:
                         choices=("prose", "code"))
     share: float = setting(0.0, "target share of training tokens; 0: set by mix.temperature", min=0.0, max=1.0)
     priority: int = setting(0, "dedup survivor preference across sources: lower wins", min=-1000, max=1000)
+    long_doc_boost: float = setting(1.0, "long documents (mix.long_doc_tokens or more) are emitted this many times "
+                                    "as often as the source's other documents; the source's tokens grow with them",
+                                    min=1.0, max=100.0)
 
 
 @dataclass
@@ -178,6 +181,8 @@ class MixConfig:
     total_tokens: int = setting(0, "training tokens to emit; 0: as many as the sources hold", min=0,
                                max=10**15)
     val_fraction: float = setting(0.005, "documents held out for validation (by document)", min=0.0, max=0.5)
+    long_doc_tokens: int = setting(0, "documents of at least this many tokens are long (sources' long_doc_boost); "
+                                   "0: half of seq_len", min=0, max=2**30)
 
 
 @dataclass
@@ -205,6 +210,10 @@ class PrepConfig:
     work_dir: str = setting("", "stage outputs kept for resuming; empty: <output>.work")
     seq_len: int = setting(2048, "tokens per training row (rows hold seq_len + 1: inputs and the shifted target)",
                            min=8, max=2**20)
+    pack: str = setting("split", "split: documents concatenated with EOS and cut into rows, so a document may "
+                        "straddle two rows; whole: a document that fits in a row starts at a row's start (the rest "
+                        "of the row before it is EOS padding, counted in the report); longer ones continue the "
+                        "stream as under split", choices=("split", "whole"))
     seed: int = setting(1234, "seed of sampling, validation split and row order", min=0, max=SEED_MAX)
     strict: bool = setting(False, "stop at the first bad input (else count it, name file and line, go on)")
     invalid_utf8: str = setting("repair", "invalid UTF-8 bytes: repair (U+FFFD) or drop the document",

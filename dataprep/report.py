@@ -1,6 +1,8 @@
 """The prep report: per source, documents / bytes / tokens through each stage, removals per rule, edits per kind
 (PII redactions, decontamination masks), each evaluation set's items and the documents it removed, duplicate
-cluster sizes, mixture targets against what was realised, bad input with file and line, and a few examples.
+cluster sizes, mixture targets against what was realised, the training documents' length distribution
+(quantiles, a histogram over powers of two, the share longer than seq_len) and the EOS padding of whole-document
+packing, bad input with file and line, and a few examples.
 
 Saved as report.json and report.png beside the shards, and printed as a table.
 """
@@ -13,6 +15,7 @@ from typing import Any
 
 from dataprep.config import PrepConfig, split_list
 from dataprep.filters.decontaminate import build_index
+from dataprep.lengths import merge, summary
 from dataprep.shards import write_atomic
 
 REPORT_JSON, REPORT_PNG = "report.json", "report.png"
@@ -48,6 +51,15 @@ def build_report(config: PrepConfig, ingested: dict, selected: dict, encoded: di
         s = sources[stat["source"]]
         for key in ("train_docs", "train_tokens", "val_docs", "val_tokens"):
             s[key] += stat[key]
+    lengths: dict[str, dict[str, int]] = {n: {} for n in config.sources}
+    longest = dict.fromkeys(config.sources, 0)
+    for stat in packed.values():
+        s = sources[stat["source"]]
+        s["pad_tokens"] = s.get("pad_tokens", 0) + stat.get("train_pad_tokens", 0) + stat.get("val_pad_tokens", 0)
+        merge(lengths[stat["source"]], stat.get("doc_lengths", {}))
+        longest[stat["source"]] = max(longest[stat["source"]], stat.get("doc_length_max", 0))
+    for name, s in sources.items():
+        s["doc_lengths"] = summary(lengths[name], longest[name], config.seq_len)
     for name, entry in manifest["sources"].items():
         sources[name].update({"target_share": entry["target_share"], "realised_share": entry["realised_share"],
                               "epochs": entry["epochs"], "emitted_tokens": entry["tokens"]})
@@ -93,6 +105,8 @@ def format_table(report: dict) -> str:
     t = report["totals"]
     lines.append(f"{'total':<22}{t['docs_in']:>10,}{t['docs_kept']:>10,}{t['bytes_in'] / 1e6:>9.2f}"
                  f"{t['bytes_kept'] / 1e6:>9.2f}")
+    for name, s in report["sources"].items():
+        lines.append(length_line(name, s))
     lines.append("removed: " + ", ".join(f"{r} {n:,}" for r, n in t["removed"].items()))
     if t["edits"]:
         lines.append("edited: " + ", ".join(f"{e} {n:,}" for e, n in t["edits"].items()))
@@ -112,8 +126,18 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def length_line(name: str, source: dict) -> str:
+    """One source's document lengths in tokens: quantiles, the share longer than a row, EOS padding."""
+    d = source.get("doc_lengths", {})
+    if not d.get("documents"):
+        return f"lengths {name}: no training documents"
+    q = ", ".join(f"{k} {v:,}" for k, v in d["quantiles"].items())
+    pad = f"; {source['pad_tokens']:,} padding tokens" if source.get("pad_tokens") else ""
+    return f"lengths {name}: {q}; {d['share_over_seq_len']:.1%} longer than seq_len{pad}"
+
+
 def draw_report(report: dict, path: str) -> None:
-    """Removals per reason and source (stacked) and target vs realised shares."""
+    """Removals per reason and source (stacked), target vs realised shares, and document lengths per source."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,7 +145,7 @@ def draw_report(report: dict, path: str) -> None:
 
     names = list(report["sources"])
     reasons = list(report["totals"]["removed"]) + ["kept"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(14, max(4, 0.35 * len(names) + 2)))
+    fig, (left, right, lengths) = plt.subplots(1, 3, figsize=(20, max(4, 0.35 * len(names) + 2)))
     base = [0] * len(names)
     for reason in reasons:
         values = [report["sources"][n]["docs_kept"] if reason == "kept" else report["sources"][n]["removed"].get(
@@ -140,11 +164,28 @@ def draw_report(report: dict, path: str) -> None:
     right.set_xlabel("share of training tokens")
     right.set_title("mixture")
     right.legend(fontsize=8)
+    draw_lengths(lengths, report["sources"])
     fig.tight_layout()
     tmp = f"{path}.tmp-{os.getpid()}.png"
     fig.savefig(tmp, dpi=90)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def draw_lengths(axes: Any, sources: dict) -> None:
+    """Each source's training documents per power-of-two length bin, as a share of its documents."""
+    for name, s in sources.items():
+        d = s.get("doc_lengths", {})
+        if d.get("documents"):
+            bins = sorted(d["histogram"], key=lambda b: int(b.split("-")[0]))
+            axes.plot([int(b.split("-")[0]) or 0.5 for b in bins],
+                      [d["histogram"][b] / d["documents"] for b in bins], marker="o", label=name)
+    axes.set_xscale("log", base=2)
+    axes.set_xlabel("document length, tokens (bin start)")
+    axes.set_ylabel("share of the source's training documents")
+    axes.set_title("document lengths")
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(fontsize=8)
 
 
 def decontamination_summary(config: PrepConfig, removed: dict[str, int], edits: dict[str, int]) -> dict:
