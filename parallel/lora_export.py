@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import save_file
 
-from orchestrator.spec import LoraConfig
+from orchestrator.spec import JobSpec, LoraConfig
+from parallel.consolidate import HFWriter, StateWriter
 from parallel.hf import HFExport, save_hf, to_hf_name
 from parallel.lora import is_adapter, target_names
 from parallel.model import ModelDims
@@ -51,6 +52,12 @@ class MergedHFWriter:
 
     def __call__(self, state: dict[str, torch.Tensor], dims: ModelDims) -> list[str]:
         return save_hf(self.directory, merge_adapters(state, self.lora), dims, self.how)
+
+
+def model_writer(spec: JobSpec, directory: str, how: HFExport) -> StateWriter:
+    """How a checkpoint of `spec`'s run becomes a Hugging Face directory (`pretrain export`, `pretrain generate`):
+    the model as trained, which under LoRA is the imported weights with the adapters merged."""
+    return MergedHFWriter(directory, how, spec.model.lora) if spec.model.lora.rank else HFWriter(directory, how)
 
 
 @dataclass

@@ -83,12 +83,11 @@ def run(args: argparse.Namespace) -> int:
 def _writer(adapter: bool, spec, step_dir: str, directory: str, how):
     """What rank 0 writes: the model (a LoRA run's adapters merged into it), or with --lora-adapter, the adapters
     in PEFT's format for the imported model (`parallel.lora_export`)."""
-    from parallel.consolidate import HFWriter
-    from parallel.lora_export import MergedHFWriter, PeftAdapterWriter
+    from parallel.lora_export import PeftAdapterWriter, model_writer
 
     lora, base = spec.model.lora, spec.checkpoint.init_from
     if not adapter:
-        return MergedHFWriter(directory, how, lora) if lora.rank else HFWriter(directory, how)
+        return model_writer(spec, directory, how)
     if not lora.rank:
         raise UserError(f"--lora-adapter: {step_dir} is a checkpoint of a run without adapters (model.lora.rank=0); "
                         "export it without --lora-adapter")

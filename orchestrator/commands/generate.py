@@ -45,8 +45,9 @@ def run(args: argparse.Namespace) -> int:
     if os.path.isfile(os.path.join(args.checkpoint, CONFIG)):
         return _generate(args.checkpoint, args, config)
     from orchestrator.validate import load_spec
-    from parallel.consolidate import HFWriter, consolidate, find_checkpoint
+    from parallel.consolidate import consolidate, find_checkpoint
     from parallel.hf_origin import export_settings
+    from parallel.lora_export import model_writer
 
     step_dir = find_checkpoint(args.checkpoint)
     spec = load_spec(os.path.join(step_dir, "spec.yaml"))
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{step_dir}: its run's shards (data.path={spec.data.path!r}) and their tokenizer.json are "
                         "gone; export the checkpoint and put the tokenizer.json beside it")
     with tempfile.TemporaryDirectory(prefix="pretrain-generate-") as hf_dir:
-        consolidate(spec, step_dir, HFWriter(hf_dir, how))
+        consolidate(spec, step_dir, model_writer(spec, hf_dir, how))  # a LoRA run's adapters merged
         return _generate(hf_dir, args, config)
 
 

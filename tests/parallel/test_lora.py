@@ -3,7 +3,7 @@
 A random Llama (transformers' own class, saved with save_pretrained) is imported with adapters of rank 2 on all
 seven projections (`pretrain import ... model.lora.rank=2`) and trained on real shards: 4 steps in one process
 (checkpoints at 2 and 4), the same 4 steps under dp2 (FSDP, ZeRO-3) in a 2-rank torchrun launch, and under tp2
-(sequence parallel) resumed from the single process's step-2 checkpoint in another: each must give the
+resumed from the single process's step-2 checkpoint in another: each must give the
 single process's losses (the layout tests' 1e-5), which also makes the resume exact across a change of layout.
 
 What comes out is checked against transformers and peft: the run's own model (ours, the imported weights plus the
@@ -59,7 +59,7 @@ RUN = ["parallel.backend=native", "data.seq_len=32", "parallel.precision=fp32", 
 RESOLVE = ["parallel.dp=0", "parallel.global_batch_size=0"]
 SINGLE = [*RESOLVE, "parallel.micro_batch_size=4"]
 DP2 = [*RESOLVE, "parallel.micro_batch_size=2", "parallel.zero_stage=3"]
-TP2 = [*RESOLVE, "parallel.micro_batch_size=4", "parallel.tp=2", "parallel.sequence_parallel=true"]
+TP2 = [*RESOLVE, "parallel.micro_batch_size=4", "parallel.tp=2"]
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("lora")]
 
@@ -86,6 +86,7 @@ def runs(tmp_path_factory):
     shards = write_shards(tmp / "shards", seq_len=32, rows=120)
     byte_tokenizer(shards / "tokenizer.json")
     imported_llama(tmp / "hf")
+    byte_tokenizer(tmp / "hf" / "tokenizer.json")
     spec_file = tmp / "job.yaml"
     assert pretrain(["import", str(tmp / "hf"), str(REPO / "examples" / "tiny.yaml"), *RUN, f"data.path={shards}",
                      "-o", str(spec_file)]) == 0
@@ -155,7 +156,7 @@ def our_model(tmp: Path, spec) -> torch.nn.Module:
     return model.eval()
 
 
-def test_exports_merged_and_as_peft_adapter_give_the_runs_logits(runs) -> None:
+def test_exports_merged_and_as_peft_adapter_give_the_runs_logits(runs, capsys) -> None:
     tmp, spec, _ = runs
     ours = our_model(tmp, spec)
     _, val_loader = build_loaders(spec, dp_rank=0, dp_size=1)
@@ -189,6 +190,16 @@ def test_exports_merged_and_as_peft_adapter_give_the_runs_logits(runs) -> None:
         update = 0 if a is None else scaling * adapter[f"{module}.lora_B.weight"] @ a
         torch.testing.assert_close(exported[name] - update, weight, rtol=0, atol=1e-6, msg=name)
     assert sum(k.endswith("lora_A.weight") for k in adapter) == 2 * 7
+
+    # generating from the checkpoint uses the adapted model: the merged export's continuation token for token, not
+    # the imported model's
+    texts = []
+    for source in (tmp / "single", tmp / "merged", tmp / "hf"):
+        capsys.readouterr()
+        assert pretrain(["generate", str(source), "--prompt", "In the beginning", "--temperature", "0",
+                         "--max-new-tokens", "8", "--device", "cpu"]) == 0
+        texts.append(capsys.readouterr().out.rsplit("\npretrain generate: ", 1)[0])
+    assert texts[0] == texts[1] != texts[2] and texts[0].startswith("[1] In the beginning")
 
 
 def test_resume_takes_a_moved_base_and_refuses_a_changed_one(runs) -> None:
