@@ -154,12 +154,15 @@ def parse_windows(text: str) -> list[tuple[int, int, int]]:
 
 @dataclass
 class ParallelConfig:
-    """How the model is split over ranks: dp × pp × tp must equal the number of ranks."""
+    """How the model is split over ranks: dp × cp × pp × tp must equal the number of ranks."""
 
     backend: str = setting("auto", "parallel engine; auto: native (the faster on GPUs for every layout measured), or "
                            "deepspeed where the spec needs it (offload_optimizer; tie_embeddings with pp > 1)",
                            choices=("auto", "deepspeed", "native"))
-    dp: int = setting(0, "data-parallel size; 0 means ranks / (pp·tp)", min=0, max=65536)
+    dp: int = setting(0, "data-parallel size; 0 means ranks / (cp·pp·tp)", min=0, max=65536)
+    cp: int = setting(1, "context-parallel size (native backend): each sequence split over cp ranks, two chunks "
+                      "each (head and tail, so causal work is even), keys and values all-gathered for attention; "
+                      "seq_len must divide by 2·cp", min=1, max=1024)
     pp: int = setting(1, "pipeline stages", min=1, max=1024)
     pp_schedule: str = setting("1f1b", "pipeline schedule; interleaved_1f1b and zero_bubble (native only) run two "
                                "stages per rank", choices=("1f1b", "interleaved_1f1b", "zero_bubble"))

@@ -132,20 +132,49 @@ def rule(*paths: str) -> Callable[[Callable[..., list[Problem]]], Rule]:
     return register
 
 
-@rule("parallel.dp", "parallel.pp", "parallel.tp", "resources.num_nodes", "resources.gpus_per_node")
+@rule("parallel.dp", "parallel.cp", "parallel.pp", "parallel.tp", "resources.num_nodes", "resources.gpus_per_node")
 def _layout_fills_world(spec: JobSpec, _: Any) -> list[Problem]:
     p, r = spec.parallel, spec.resources
     world = spec.world_size
     ranks = f"{world} ranks (resources.num_nodes={r.num_nodes} × resources.gpus_per_node={r.gpus_per_node})"
+    model = p.cp * p.pp * p.tp
+    factors = (f"cp={p.cp} × " if p.cp > 1 else "") + f"pp={p.pp} × tp={p.tp}"
     if p.dp == 0:
-        if world % (p.pp * p.tp):
-            return [Problem("parallel", f"pp={p.pp} × tp={p.tp} = {p.pp * p.tp} does not divide {ranks}")]
+        if world % model:
+            return [Problem("parallel", f"{factors} = {model} does not divide {ranks}")]
         return []
-    if p.dp * p.pp * p.tp != world:
-        return [
-            Problem("parallel", f"dp={p.dp} × pp={p.pp} × tp={p.tp} = {p.dp * p.pp * p.tp}, but the run has {ranks}")
-        ]
+    if p.dp * model != world:
+        return [Problem("parallel", f"dp={p.dp} × {factors} = {p.dp * model}, but the run has {ranks}")]
     return []
+
+
+@rule("parallel.cp", "parallel.backend", "parallel.tp", "data.seq_len", "model.attention_mask", "eval.tasks",
+      "resources.num_nodes", "resources.gpus_per_node")
+def _context_parallel(spec: JobSpec, _: Any) -> list[Problem]:
+    """Context parallelism is the native engine's (`parallel.context_parallel`): the sequence cut into 2·cp chunks,
+    cp × tp consecutive ranks inside one node (keys and values are gathered every layer), causal masks only."""
+    p, r, cp = spec.parallel, spec.resources, spec.parallel.cp
+    if cp == 1:
+        return []
+    out = []
+    if p.backend != "native":
+        out.append(Problem("parallel.cp", f"{cp} needs parallel.backend=native; the DeepSpeed engine has no context "
+                           "parallelism (set parallel.cp=1, or parallel.backend=native)"))
+    if spec.data.seq_len % (2 * cp):
+        out.append(Problem("data.seq_len", f"{spec.data.seq_len} is not divisible by 2 × parallel.cp={cp}: each of "
+                           f"the cp ranks holds two equal chunks of a sequence"))
+    if r.num_nodes > 1 and r.gpus_per_node % (cp * p.tp):
+        out.append(Problem("parallel.cp", f"cp={cp} × tp={p.tp} ranks would span nodes: each of the "
+                           f"resources.num_nodes={r.num_nodes} nodes runs resources.gpus_per_node={r.gpus_per_node} "
+                           f"consecutive ranks; make gpus_per_node a multiple of {cp * p.tp} or lower parallel.cp"))
+    if spec.model.attention_mask != "causal":
+        out.append(Problem("model.attention_mask", f"{spec.model.attention_mask} with parallel.cp={cp} is not "
+                           "supported yet: context parallelism gathers keys under a causal mask only (set "
+                           "attention_mask=causal or parallel.cp=1)"))
+    if spec.eval.tasks:
+        out.append(Problem("eval.tasks", f"downstream tasks with parallel.cp={cp} are not supported: their forward "
+                           "needs whole sequences on a rank (evaluate the checkpoint with parallel.cp=1)"))
+    return out
 
 
 @rule("parallel.tp", "resources.num_nodes", "resources.gpus_per_node")
@@ -428,10 +457,10 @@ def _lora_where_it_runs(spec: JobSpec, _: Any) -> list[Problem]:
 
 
 @rule("parallel.global_batch_size", "parallel.micro_batch_size", "parallel.grad_accum", "parallel.dp",
-      "parallel.pp", "parallel.tp", "resources.num_nodes", "resources.gpus_per_node")
+      "parallel.cp", "parallel.pp", "parallel.tp", "resources.num_nodes", "resources.gpus_per_node")
 def _global_batch(spec: JobSpec, _: Any) -> list[Problem]:
     p = spec.parallel
-    dp = p.dp or spec.world_size // (p.pp * p.tp) or 1
+    dp = p.dp or spec.world_size // (p.cp * p.pp * p.tp) or 1
     product = p.micro_batch_size * p.grad_accum * dp
     if p.global_batch_size and p.global_batch_size != product:
         return [
@@ -563,7 +592,7 @@ def _resolve(spec: JobSpec, manifest: dict | None) -> JobSpec:
     spec = parse_config(JobSpec, spec_to_dict(spec), source="resolved spec")
     p, m = spec.parallel, spec.model
     if p.dp == 0:
-        p.dp = spec.world_size // (p.pp * p.tp)
+        p.dp = spec.world_size // (p.cp * p.pp * p.tp)
     if not p.global_batch_size:
         p.global_batch_size = p.micro_batch_size * p.grad_accum * p.dp
     if m.n_kv_heads is None:

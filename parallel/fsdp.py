@@ -54,8 +54,9 @@ def apply_fsdp(blocks: Iterable[nn.Module], roots: Iterable[nn.Module], mesh: De
 
 
 def shard_data_parallel(state: Parallelized, dims: ParallelDims, spec: JobSpec) -> None:
-    """`parallelize_llama`'s data-parallel step for the native engine: FSDP2 over the mesh's dp axis, bf16 compute
+    """`parallelize_llama`'s data-parallel step for the native engine: FSDP2 over the mesh's dp axis (dp × cp
+    flattened under context parallelism, whose ranks hold the same weights), bf16 compute
     under bf16 precision, resharding after forward per the ZeRO stage."""
     p = spec.parallel
-    apply_fsdp(state.blocks, state.roots, dims.mesh["dp"], torch.bfloat16 if p.precision == "bf16" else torch.float32,
+    apply_fsdp(state.blocks, state.roots, dims.fsdp_mesh(), torch.bfloat16 if p.precision == "bf16" else torch.float32,
                reshards_after_forward(p.zero_stage))

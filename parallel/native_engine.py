@@ -1,11 +1,11 @@
 """The PyTorch-native backend: FSDP2, DTensor tensor parallelism, torch.distributed.pipelining and DCP checkpoints.
 
 Order of construction:
-  1. `build_model` on the meta device; a DeviceMesh (pp, dp, tp) laid out as `ParallelDims` numbers ranks;
+  1. `build_model` on the meta device; a DeviceMesh (pp, dp, cp, tp) laid out as `ParallelDims` numbers ranks;
   2-5. `parallel.parallelize.parallelize_llama` with this engine's `TECHNIQUES`: `apply_dtensor_tp` shards the
      linears and the embedding (tp > 1); activation checkpointing and compile on the blocks; `prune_to_stages`
      keeps this rank's pipeline stages (pp > 1); `apply_fsdp` shards blocks, then the roots, over the dp axis
-     (dp > 1; see `parallel.fsdp` for the ZeRO mapping);
+     (dp × cp > 1; see `parallel.fsdp` for the ZeRO mapping);
   6. every parameter materialised on the device from `init_parameter`, each rank keeping its shard;
   7. AdamW (fused on CUDA) and the LR schedule from `parallel.optim`, as the DeepSpeed backend uses them.
 
@@ -27,13 +27,13 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils._pytree import tree_map_only
 
 from orchestrator.errors import CheckpointError
 from orchestrator.spec import JobSpec
+from parallel.context_parallel import mean_over_cp, shard_pairs
 from parallel.dtensor_tp import apply_dtensor_tp
 from parallel.engine import (
     Accept,
@@ -84,9 +84,8 @@ class NativeEngine:
         self.spec, self.device = spec, device
         p = spec.parallel
         self.dims = dims = ParallelDims.from_spec(spec, env.world_size, env.rank)
-        self.mesh = init_device_mesh(device.type, (dims.pp, dims.dp, dims.tp), mesh_dim_names=("pp", "dp", "tp"))
-        dims.mesh = self.mesh
-        dims.groups = {axis: self.mesh[axis].get_group() for axis in ("pp", "dp", "tp")}
+        dims.build_mesh(device.type)
+        self.mesh = dims.mesh
         self.model_dims = ModelDims.from_config(spec.model)
         self.model = model = build_model(self.model_dims)
         self.pipelined = dims.pp > 1
@@ -96,7 +95,7 @@ class NativeEngine:
             # Fuses the fp32 upcast of the logits into the loss instead of writing an fp32 copy of them.
             self.loss_fn = torch.compile(cross_entropy)
         bf16 = p.precision == "bf16"
-        self.sharded = dims.dp > 1
+        self.sharded = dims.dp_shard > 1
         # Without FSDP's mixed precision, bf16 is autocast over fp32 weights.
         # ZeRO-0/1: gradients accumulate unsharded in fp32 over the micro-batches and are reduced once per step
         # (the pipeline schedule does the same on its own).
@@ -144,7 +143,7 @@ class NativeEngine:
     def train_step(self, micro_batches: Sequence[Any], accept: Accept | None = None) -> StepResult:
         lr = self.lr
         docs = device_documents(micro_batches, self.device)
-        pairs = device_pairs(micro_batches, self.spec.parallel.grad_accum, self.device)
+        pairs = shard_pairs(device_pairs(micro_batches, self.spec.parallel.grad_accum, self.device), self.dims)
         if self.pipelined:
             loss = self._run_pipeline(pairs, train=True, documents=docs)
         else:
@@ -158,7 +157,7 @@ class NativeEngine:
                 losses.append(loss.detach())
             loss = torch.stack(losses).mean()
         grad_norm = self._clip_grad_norm()
-        loss = mean_over_dp(loss, self.dims)
+        loss = mean_over_dp(mean_over_cp(loss, self.dims), self.dims)
         if accept is None or accept(loss, grad_norm):
             self.optimizer.step()
             if self.spec.parallel.float8 != "none":
@@ -170,7 +169,7 @@ class NativeEngine:
     @torch.no_grad()
     def eval_loss(self, micro_batches: Sequence[Any]) -> torch.Tensor:
         docs = device_documents(micro_batches, self.device)
-        pairs = device_pairs(micro_batches, None, self.device)
+        pairs = shard_pairs(device_pairs(micro_batches, None, self.device), self.dims)
         if self.pipelined:
             n = self.spec.parallel.grad_accum
             if len(pairs) % n:
@@ -183,7 +182,7 @@ class NativeEngine:
                 loss = torch.stack([self.loss_fn(self.model(x, documents=d), y)
                                     for (x, y), d in zip(pairs, docs, strict=True)]).mean()
         self._reshard()
-        return mean_over_dp(loss, self.dims)
+        return mean_over_dp(mean_over_cp(loss, self.dims), self.dims)
 
     @torch.no_grad()
     def forward_logits(self, tokens: torch.Tensor, caches: list | None = None) -> torch.Tensor:
@@ -192,6 +191,8 @@ class NativeEngine:
         every peer calls it as often. A pipeline runs a schedule, not a forward: refused."""
         if self.pipelined:
             raise ValueError("forward_logits: a pipelined layout has no single forward")
+        if self.dims.cp > 1:
+            raise ValueError("forward_logits: under parallel.cp > 1 a rank holds only chunks of each sequence")
         with self._autocast():
             return self.model(tokens, caches)
 
@@ -300,7 +301,7 @@ class NativeEngine:
         return extra["client_state"]
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        keep = self.dims.tp_rank == 0 and self.dims.dp_rank == 0
+        keep = self.dims.tp_rank == 0 and self.dims.dp_rank == 0 and self.dims.cp_rank == 0
         local: dict[str, torch.Tensor] = {}
         for name, param in self.model.named_parameters():
             value = param.full_tensor() if isinstance(param, DTensor) else param

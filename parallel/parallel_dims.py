@@ -1,12 +1,15 @@
-"""The dp × pp × tp grid: which coordinate each rank has, and the process groups along each axis.
+"""The dp × cp × pp × tp grid: which coordinate each rank has, and the process groups along each axis.
 
-Ranks are laid out as DeepSpeed's `PipeModelDataParallelTopology` does (axes pipe, data, model; model fastest):
-rank = (pp_rank · dp + dp_rank) · tp + tp_rank. Tensor-parallel peers are neighbours (same node, fastest links),
-and the pipeline engine's own groups line up with ours.
+Ranks are laid out as DeepSpeed's `PipeModelDataParallelTopology` does (axes pipe, data, model; model fastest), with
+the context-parallel axis between data and model as torchtitan's mesh ["pp", "dp", "cp", "tp"] has it:
+rank = ((pp_rank · dp + dp_rank) · cp + cp_rank) · tp + tp_rank. Tensor-parallel peers are neighbours (same node,
+fastest links), context-parallel ones next (they exchange keys and values every layer), and with cp = 1 (the
+DeepSpeed engine's only value) the pipeline engine's own groups line up with ours.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,49 +25,78 @@ class ParallelDims:
     pp: int
     tp: int
     rank: int = 0
+    cp: int = 1
     groups: dict[str, dist.ProcessGroup | None] = field(default_factory=dict, repr=False)
-    mesh: Any = field(default=None, repr=False)  # the native engine's DeviceMesh (pp, dp, tp), where one is built
+    mesh: Any = field(default=None, repr=False)  # the native engine's DeviceMesh (pp, dp, cp, tp), where one is built
 
     @classmethod
     def from_spec(cls, spec: JobSpec, world_size: int, rank: int) -> ParallelDims:
         p = spec.parallel
-        dp = p.dp or world_size // (p.pp * p.tp)
-        if dp * p.pp * p.tp != world_size:
-            raise UserError(f"parallel: dp={p.dp or dp} × pp={p.pp} × tp={p.tp} = {dp * p.pp * p.tp}, "
+        dp = p.dp or world_size // (p.cp * p.pp * p.tp)
+        if dp * p.cp * p.pp * p.tp != world_size:
+            cp = f"cp={p.cp} × " if p.cp > 1 else ""
+            raise UserError(f"parallel: dp={p.dp or dp} × {cp}pp={p.pp} × tp={p.tp} = {dp * p.cp * p.pp * p.tp}, "
                             f"but {world_size} ranks were started (WORLD_SIZE)")
-        return cls(dp=dp, pp=p.pp, tp=p.tp, rank=rank)
+        return cls(dp=dp, pp=p.pp, tp=p.tp, rank=rank, cp=p.cp)
 
     @property
     def world_size(self) -> int:
-        return self.dp * self.pp * self.tp
+        return self.dp * self.cp * self.pp * self.tp
+
+    @property
+    def dp_shard(self) -> int:
+        """Ranks FSDP shards the weights over: dp × cp, since context-parallel peers hold the same weights and
+        their gradients are reduced over cp too (torchtitan's "dp_shard_cp")."""
+        return self.dp * self.cp
 
     @property
     def tp_rank(self) -> int:
         return self.rank % self.tp
 
     @property
+    def cp_rank(self) -> int:
+        return (self.rank // self.tp) % self.cp
+
+    @property
     def dp_rank(self) -> int:
-        return (self.rank // self.tp) % self.dp
+        return (self.rank // (self.tp * self.cp)) % self.dp
 
     @property
     def pp_rank(self) -> int:
-        return self.rank // (self.tp * self.dp)
+        return self.rank // (self.tp * self.cp * self.dp)
 
-    def rank_of(self, pp_rank: int, dp_rank: int, tp_rank: int) -> int:
-        return (pp_rank * self.dp + dp_rank) * self.tp + tp_rank
+    def rank_of(self, pp_rank: int, dp_rank: int, tp_rank: int, cp_rank: int = 0) -> int:
+        return ((pp_rank * self.dp + dp_rank) * self.cp + cp_rank) * self.tp + tp_rank
 
     def build_groups(self) -> None:
-        """Create the tp, dp and pp groups; every rank must call this, in the same order, after joining."""
-        axes = {
-            "tp": [[self.rank_of(p, d, t) for t in range(self.tp)] for p in range(self.pp) for d in range(self.dp)],
-            "dp": [[self.rank_of(p, d, t) for d in range(self.dp)] for p in range(self.pp) for t in range(self.tp)],
-            "pp": [[self.rank_of(p, d, t) for p in range(self.pp)] for d in range(self.dp) for t in range(self.tp)],
-        }
-        for axis, all_ranks in axes.items():
-            for ranks in all_ranks:
+        """Create the tp, dp and pp groups (and cp's where cp > 1); every rank must call this, in the same order,
+        after joining."""
+        sizes = {"pp": self.pp, "dp": self.dp, "cp": self.cp, "tp": self.tp}
+        for axis in ("tp", "dp", "pp", "cp")[:4 if self.cp > 1 else 3]:
+            others = [range(n) if a != axis else [0] for a, n in sizes.items()]
+            for coords in itertools.product(*others):
+                ranks = [self._rank_at({**dict(zip(sizes, coords, strict=True)), axis: i}) for i in range(sizes[axis])]
                 group = dist.new_group(ranks)
                 if self.rank in ranks:
                     self.groups[axis] = group
+
+    def _rank_at(self, coords: dict[str, int]) -> int:
+        return self.rank_of(coords["pp"], coords["dp"], coords["tp"], coords["cp"])
+
+    def build_mesh(self, device_type: str) -> None:
+        """The native engine's DeviceMesh ["pp", "dp", "cp", "tp"] in this module's rank order, its groups, and
+        under cp > 1 the flattened "dp_shard_cp" that FSDP shards over; collective."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        self.mesh = init_device_mesh(device_type, (self.pp, self.dp, self.cp, self.tp),
+                                     mesh_dim_names=("pp", "dp", "cp", "tp"))
+        # FSDP's mesh is kept here: slicing a flattened dimension from the root mesh is deprecated.
+        self._fsdp_mesh = self.mesh["dp", "cp"]._flatten("dp_shard_cp") if self.cp > 1 else self.mesh["dp"]
+        self.groups = {axis: self.mesh[axis].get_group() for axis in ("pp", "dp", "cp", "tp")}
+
+    def fsdp_mesh(self) -> Any:
+        """The mesh FSDP shards over: dp, or dp × cp flattened (`dp_shard`)."""
+        return self._fsdp_mesh
 
     def group(self, axis: str) -> dist.ProcessGroup | None:
         if axis not in self.groups:

@@ -6,7 +6,8 @@ meta device, in this order:
   0. LoRA adapters on the blocks' projections (`parallel.lora`, native engine only), and float8 linear layers in
      the blocks (`parallel.float8`, native engine only), before anything wraps them;
   1. tensor parallelism (tp > 1): the engine's technique shards the linears, the embedding and the lm_head, and
-     gives the loss over vocabulary-sharded logits;
+     gives the loss over vocabulary-sharded logits; then context parallelism (cp > 1, native engine only:
+     `parallel.context_parallel`), each block's attention gathering keys and values over the cp ranks;
   2. activation checkpointing of each block (`parallel.activation_checkpoint`);
   3. torch.compile of each block (`parallel.compile`), after checkpointing so a checkpointed block compiles as one
      region; skipped under ZeRO-3 where the engine's sharding hooks into the blocks (`compile_under_zero3`);
@@ -14,8 +15,9 @@ meta device, in this order:
      a stage's parts arrive already sharded, checkpointed and compiled);
   5. under LoRA, every parameter but the adapters frozen (here, as tensor parallelism's plans replace parameters),
      so that FSDP shards the frozen ones without gradients or optimizer state;
-  6. data-parallel sharding (dp > 1) of blocks, then roots, where the engine shards the model itself (FSDP2); the
-     DeepSpeed engine's ZeRO comes from `deepspeed.initialize`, once the optimizer exists.
+  6. data-parallel sharding (dp × cp > 1: context-parallel peers hold the same weights) of blocks, then roots,
+     where the engine shards the model itself (FSDP2); the DeepSpeed engine's ZeRO comes from
+     `deepspeed.initialize`, once the optimizer exists.
 
 What differs between engines is handed in as `Techniques`: Megatron-style layers vs DTensor plans for tp, DeepSpeed's
 PipelineModule vs torch pipelining for pp, FSDP2 or nothing for dp. The rules a layout must satisfy are the job
@@ -34,6 +36,7 @@ from torch import nn
 from orchestrator.spec import JobSpec
 from parallel.activation_checkpoint import apply_activation_checkpointing
 from parallel.compile import apply_compile
+from parallel.context_parallel import apply_context_parallel
 from parallel.float8 import apply_float8
 from parallel.lora import apply_lora, freeze_base
 from parallel.model import Transformer, cross_entropy
@@ -75,8 +78,8 @@ class Techniques:
 
 def parallelize_model(model: Transformer, dims: ParallelDims, spec: JobSpec, techniques: Techniques,
                       device: torch.device) -> Parallelized:
-    """Apply LoRA, float8, tp, activation checkpointing, compile, pp and dp to `model` (on meta) in the order of
-    this module."""
+    """Apply LoRA, float8, tp, cp, activation checkpointing, compile, pp and dp to `model` (on meta) in the order
+    of this module."""
     p = spec.parallel
     assert model.dims.n_layers % dims.pp == 0, "orchestrator.validate guarantees the layers split over pp"
     assert not (p.sequence_parallel and dims.tp > 1 and spec.data.seq_len % dims.tp), \
@@ -85,9 +88,11 @@ def parallelize_model(model: Transformer, dims: ParallelDims, spec: JobSpec, tec
     if spec.model.lora.rank:
         apply_lora(model, spec.model.lora, spec.checkpoint.init_from)
     if p.float8 != "none":
-        apply_float8(state.blocks, p.float8, fsdp=dims.dp > 1, emulate=device.type != "cuda")
+        apply_float8(state.blocks, p.float8, fsdp=dims.dp_shard > 1, emulate=device.type != "cuda")
     if dims.tp > 1:
         techniques.tensor_parallel(state, dims, spec)
+    if dims.cp > 1:
+        apply_context_parallel(state, dims, spec)
     apply_activation_checkpointing(state.blocks, p.activation_checkpointing, p.activation_checkpointing_every)
     if p.compile and (p.zero_stage < 3 or techniques.compile_under_zero3):
         apply_compile(state.blocks)
@@ -95,6 +100,6 @@ def parallelize_model(model: Transformer, dims: ParallelDims, spec: JobSpec, tec
         techniques.pipeline(state, dims, spec)
     if spec.model.lora.rank:
         freeze_base(state.model)
-    if dims.dp > 1 and techniques.data_parallel is not None:
+    if dims.dp_shard > 1 and techniques.data_parallel is not None:
         techniques.data_parallel(state, dims, spec)
     return state

@@ -82,6 +82,10 @@ REFUSALS: dict[tuple[str, str], list[Case] | str] = {
         Case(("resources.gpus_per_node=2", "parallel.pp=2", "parallel.grad_accum=2", "parallel.backend=native"),
              ("eval.tasks=arc_easy",), "eval.tasks"),
     ],
+    ("parallel/native_engine.py", "forward_logits: under parallel.cp > 1 a "): [
+        Case(("resources.gpus_per_node=2", "parallel.cp=2", "parallel.backend=native"), ("eval.tasks=arc_easy",),
+             "eval.tasks"),
+    ],
     ("parallel/deepspeed_engine.py", "forward_logits: a pipelined layout has n"): [
         Case(("resources.gpus_per_node=2", "parallel.pp=2", "parallel.backend=deepspeed"), ("eval.tasks=arc_easy",),
              "eval.tasks"),

@@ -72,7 +72,7 @@ def rank_micro_batches(rows: torch.Tensor, dp_rank: int, dp: int, spec=None) -> 
 def run_case(env: RankEnv, device: torch.device, overrides: list[str]) -> dict:
     """Train one spec for its steps; the losses, gradient norms, learning rates, eval loss and full parameters."""
     spec = parse_spec(TINY, overrides=[*overrides, f"resources.gpus_per_node={env.world_size}"])
-    dp = env.world_size // (spec.parallel.pp * spec.parallel.tp)
+    dp = env.world_size // (spec.parallel.cp * spec.parallel.pp * spec.parallel.tp)
     spec.parallel.micro_batch_size = GLOBAL_BATCH // (GRAD_ACCUM * dp)
     spec.parallel.grad_accum = GRAD_ACCUM
     engine = build_engine(spec, env, device)

@@ -28,7 +28,7 @@ def main(mode: str, out: str, ckpt: str, overrides: list[str]) -> None:
     env = RankEnv.from_env()
     spec = parse_spec(TINY, overrides=["parallel.backend=native", f"parallel.grad_accum={GRAD_ACCUM}", *overrides,
                                        f"resources.gpus_per_node={env.world_size}"])
-    dp = env.world_size // (spec.parallel.pp * spec.parallel.tp)
+    dp = env.world_size // (spec.parallel.cp * spec.parallel.pp * spec.parallel.tp)
     spec.parallel.micro_batch_size = GLOBAL_BATCH // (GRAD_ACCUM * dp)
     dist.init_process_group("gloo", rank=env.rank, world_size=env.world_size,
                             init_method=f"tcp://{env.master_addr}:{env.master_port}")
