@@ -13,8 +13,10 @@ found by name (`pretrain-<run>-<ray job id>-…`) and removed before the next re
 pending would take a returning node's resources and the job's next reservation would wait on the job itself.
 
 Ranks are numbered node by node, so consecutive ranks share a node: with tensor parallel innermost in the rank
-order (rank = (pp·dp_size + dp)·tp + tp_rank), each tensor-parallel group stays inside a node (validation makes
-resources.gpus_per_node a multiple of parallel.tp on more than one node) and pipeline stages span nodes.
+order and context parallel next (rank = ((pp·dp_size + dp)·cp_size + cp)·tp + tp_rank, `parallel.parallel_dims`),
+each tensor-parallel group and each context-parallel group (cp × tp consecutive ranks) stays inside a node
+(validation makes resources.gpus_per_node a multiple of parallel.tp, and of cp × tp, on more than one node) and
+pipeline stages span nodes.
 """
 
 from __future__ import annotations

@@ -217,7 +217,7 @@ class Controller:
         local, local_world, node_rank = gang.local_ranks()
         devices = _visible_devices(gang.nodes, [i["gpu_ids"] for i in infos])
         p = spec.parallel
-        self.log(f"attempt {self.attempt}: {spec.world_size} ranks (dp={p.dp} pp={p.pp} tp={p.tp}) on "
+        self.log(f"attempt {self.attempt}: {spec.world_size} ranks (dp={p.dp} cp={p.cp} pp={p.pp} tp={p.tp}) on "
                  f"{len(set(gang.nodes))} node(s), master {infos[0]['ip']}:{port}")
         for rank, info in enumerate(infos):
             self.log(f"  rank {rank}: node {info['node_id'][:8]} ({info['ip']}) pid {info['pid']} "

@@ -40,9 +40,9 @@ def resize(spec: JobSpec, num_nodes: int) -> JobSpec | None:
         return spec
     p = spec.parallel
     world = num_nodes * spec.resources.gpus_per_node
-    if world % (p.pp * p.tp):
+    if world % (p.cp * p.pp * p.tp):
         return None
-    dp = world // (p.pp * p.tp)
+    dp = world // (p.cp * p.pp * p.tp)
     if p.global_batch_size % (p.micro_batch_size * dp):
         return None
     raw = spec_to_dict(spec)

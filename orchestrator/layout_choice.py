@@ -1,7 +1,8 @@
 """Fill a layout the spec left open with the planner's choice for the GPUs the gang actually got.
 
-A spec that names none of parallel.dp / pp / tp leaves the split to us: on GPUs, the planner
-(`orchestrator.planner.layout.choose_layout`) picks dp × pp × tp, the ZeRO stage, the micro-batch and activation
+A spec that names none of parallel.dp / cp / pp / tp leaves the split to us: on GPUs, the planner
+(`orchestrator.planner.layout.choose_layout`) picks dp × cp × pp × tp (cp only where nothing else fits), the ZeRO
+stage, the micro-batch and activation
 checkpointing for the devices' memory, keeping the global batch. On CPU ranks there is nothing to plan for: the
 validator's dp = ranks / (pp·tp) stays.
 """
@@ -14,11 +15,11 @@ from typing import Any
 from orchestrator.spec import JobSpec
 from orchestrator.validate import parse_spec, spec_to_dict
 
-LAYOUT_KEYS = ("dp", "pp", "tp")
+LAYOUT_KEYS = ("dp", "cp", "pp", "tp")
 
 
 def layout_is_open(raw: Mapping[str, Any], overrides: Iterable[str] = ()) -> bool:
-    """True when neither the YAML nor an override sets parallel.dp, pp or tp."""
+    """True when neither the YAML nor an override sets parallel.dp, cp, pp or tp."""
     parallel = raw.get("parallel") or {}
     if any(key in parallel for key in LAYOUT_KEYS):
         return False

@@ -135,10 +135,10 @@ def print_spec_layout(spec, gpus: int, per_node: int, mem: int) -> None:
 
     p = spec.parallel
     hw = Hardware(gpus=gpus, gpu_mem_bytes=mem, gpus_per_node=per_node)
-    if gpus % (p.pp * p.tp):
-        print(f"\nthe spec's layout (pp={p.pp} × tp={p.tp}) does not divide {gpus} GPUs")
+    if gpus % (p.cp * p.pp * p.tp):
+        print(f"\nthe spec's layout (cp={p.cp} × pp={p.pp} × tp={p.tp}) does not divide {gpus} GPUs")
         return
-    dp = gpus // (p.pp * p.tp)
+    dp = gpus // (p.cp * p.pp * p.tp)
     ga = max(1, p.global_batch_size // (dp * p.micro_batch_size))
     layout = dataclasses.replace(p, dp=dp, grad_accum=ga, global_batch_size=dp * ga * p.micro_batch_size)
     own = with_layout(spec, layout, hw)

@@ -8,12 +8,17 @@ step time. The estimate is deliberately simple and says what it counts:
                  small micro-batches as m / (m + 256) tokens; activation checkpointing adds a forward pass
     pp bubble    1F1B idles (pp - 1) / micro-batches of the compute (Narayanan et al., 2021)
     tp traffic   4 all-reduces of a micro-batch's hidden states per block (6 with recomputation), inside a node
+    cp traffic   (native engine, parallel.cp) each block all-gathers the keys and values of the whole sequence in
+                 its forward (again when recomputed) and reduce-scatters their gradients in its backward, inside a
+                 node; each rank computes seq_len / cp tokens of every sequence
     pp traffic   a micro-batch's hidden states forward and their gradient back, per micro-batch
     dp traffic   a ring all-reduce of the rank's gradients per step, hidden behind the last micro-batch's backward
                  as far as it lasts; ZeRO-3 also all-gathers weights for every micro-batch's forward and backward
                  (not hidden); across nodes once a dp group spans more than one
 
-Ranks are ordered tp fastest, then dp, then pp (Megatron's order), so tp groups stay inside a node.
+Ranks are ordered tp fastest, then cp, dp, pp (Megatron's order, with torchtitan's cp), so tp and cp groups stay
+inside a node. Context parallelism is considered only when no layout without it fits: it is for sequences whose
+activations one GPU cannot hold (docs/long-context.md), and costs traffic the other layouts do not have.
 `choose_layout` is what the controller calls when the spec leaves the layout open.
 """
 
@@ -24,7 +29,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from orchestrator.errors import UserError
-from orchestrator.planner.counting import count_params, flops_per_token, stage_params
+from orchestrator.planner.counting import attention_widths, count_params, flops_per_token, stage_params
 from orchestrator.planner.memory import GiB, MemoryBreakdown, checkpointed_layers, estimate_memory
 from orchestrator.spec import JobSpec, ParallelConfig
 from orchestrator.validate import cross_field_problems
@@ -82,14 +87,16 @@ class StepTime:
     tp_comm: float
     pp_comm: float
     dp_comm: float
+    cp_comm: float = 0.0
 
     @property
     def total(self) -> float:
-        return self.compute + self.recompute + self.bubble + self.tp_comm + self.pp_comm + self.dp_comm
+        return sum(self.parts().values())
 
     def parts(self) -> dict[str, float]:
         return {"compute": self.compute, "recomputation": self.recompute, "pipeline bubble": self.bubble,
-                "tp traffic": self.tp_comm, "pp traffic": self.pp_comm, "dp traffic": self.dp_comm}
+                "tp traffic": self.tp_comm, "cp traffic": self.cp_comm, "pp traffic": self.pp_comm,
+                "dp traffic": self.dp_comm}
 
 
 @dataclass(frozen=True)
@@ -147,17 +154,22 @@ def plan_layouts(spec: JobSpec, hw: Hardware, global_batch: int) -> Plan:
     broke: collections.Counter = collections.Counter()
     too_big: list[Candidate] = []
     considered = 0
-    for parallel in enumerate_layouts(spec, hw, global_batch):
-        considered += 1
-        candidate_spec = with_layout(spec, parallel, hw)
-        problems = cross_field_problems(candidate_spec)
-        if problems:
-            broke[str(problems[0])] += 1
-            continue
-        candidate = evaluate(candidate_spec, hw)
-        (fitting if candidate.memory.total <= hw.gpu_mem_bytes else too_big).append(candidate)
+    plain_broke: collections.Counter = collections.Counter()  # why layouts without cp broke, for a no-fit message
+    for context_parallel in (False, True):
+        if fitting:
+            break
+        plain_broke = plain_broke or broke.copy()
+        for parallel in enumerate_layouts(spec, hw, global_batch, context_parallel):
+            considered += 1
+            candidate_spec = with_layout(spec, parallel, hw)
+            problems = cross_field_problems(candidate_spec)
+            if problems:
+                broke[str(problems[0])] += 1
+                continue
+            candidate = evaluate(candidate_spec, hw)
+            (fitting if candidate.memory.total <= hw.gpu_mem_bytes else too_big).append(candidate)
     if not fitting:
-        raise NoLayoutError(explain_no_fit(spec, hw, global_batch, too_big, broke))
+        raise NoLayoutError(explain_no_fit(spec, hw, global_batch, too_big, plain_broke or broke))
     fitting.sort(key=_rank_key)
     plan = Plan(best=fitting[0], ranked=fitting, hardware=hw, considered=considered, too_big=len(too_big),
                 broke_rules=broke)
@@ -165,24 +177,28 @@ def plan_layouts(spec: JobSpec, hw: Hardware, global_batch: int) -> Plan:
     return plan
 
 
-def enumerate_layouts(spec: JobSpec, hw: Hardware, global_batch: int):
-    """Every dp × pp × tp × ZeRO (1-3) × micro-batch × checkpointing combination that keeps the global batch."""
+def enumerate_layouts(spec: JobSpec, hw: Hardware, global_batch: int, context_parallel: bool = False):
+    """Every dp × pp × tp × ZeRO (1-3) × micro-batch × checkpointing combination that keeps the global batch; with
+    `context_parallel`, those with cp > 1 (cp × tp inside a node), else cp = 1."""
     base = spec.parallel
     for tp in _divisors(hw.node_size):
-        for pp in _divisors(hw.gpus // tp):
-            if hw.gpus % (tp * pp) or pp > spec.model.n_layers:
+        for cp in _divisors(hw.node_size // tp) if context_parallel else [1]:
+            if (cp > 1) != context_parallel:
                 continue
-            dp = hw.gpus // (tp * pp)
-            if global_batch % dp:
-                continue
-            per_rank = global_batch // dp
-            for micro in _divisors(per_rank):
-                for zero in (1, 2, 3):  # ZeRO-0 moves the same bytes as ZeRO-1 and keeps more
-                    for checkpointing in CHECKPOINTING:
-                        yield dataclasses.replace(
-                            base, dp=dp, pp=pp, tp=tp, zero_stage=zero, micro_batch_size=micro,
-                            grad_accum=per_rank // micro, global_batch_size=global_batch,
-                            sequence_parallel=tp > 1, activation_checkpointing=checkpointing)
+            for pp in _divisors(hw.gpus // (tp * cp)):
+                if hw.gpus % (tp * cp * pp) or pp > spec.model.n_layers:
+                    continue
+                dp = hw.gpus // (tp * cp * pp)
+                if global_batch % dp:
+                    continue
+                per_rank = global_batch // dp
+                for micro in _divisors(per_rank):
+                    for zero in (1, 2, 3):  # ZeRO-0 moves the same bytes as ZeRO-1 and keeps more
+                        for checkpointing in CHECKPOINTING:
+                            yield dataclasses.replace(
+                                base, dp=dp, cp=cp, pp=pp, tp=tp, zero_stage=zero, micro_batch_size=micro,
+                                grad_accum=per_rank // micro, global_batch_size=global_batch,
+                                sequence_parallel=tp > 1, activation_checkpointing=checkpointing)
 
 
 def with_layout(spec: JobSpec, parallel: ParallelConfig, hw: Hardware) -> JobSpec:
@@ -200,33 +216,38 @@ def evaluate(spec: JobSpec, hw: Hardware) -> Candidate:
     model_flops = flops_per_token(m, seq) * tokens
     width = 2 if p.precision == "bf16" else 4
 
-    micro_tokens = p.micro_batch_size * seq
+    micro_tokens = p.micro_batch_size * seq // p.cp  # what one rank computes of a micro-batch
     efficiency = micro_tokens / (micro_tokens + HALF_EFFICIENCY_TOKENS)
     peak = peak_flops(spec, hw)
     compute = model_flops / (hw.gpus * peak * hw.mfu * efficiency)
     recompute = compute * _recompute_share(p, m.n_layers)
     bubble = (compute + recompute) * (p.pp - 1) / p.grad_accum
 
-    hidden_bytes = p.micro_batch_size * seq * m.dim * width
+    hidden_bytes = micro_tokens * m.dim * width
     blocks = m.n_layers // p.pp
     # A block recomputed whole all-reduces twice more; selective keeps the reductions' outputs.
     whole = 0.0 if p.activation_checkpointing == "selective" else checkpointed_layers(p, 0, m.n_layers) / m.n_layers
     all_reduces = 4 + 2 * whole
     tp_comm = blocks * p.grad_accum * all_reduces * _ring(p.tp) * hidden_bytes / hw.intra_node_bw
+    # Keys and values of the whole micro-batch sequence: gathered in the forward (and recomputation), their
+    # gradients reduce-scattered in the backward; each moves (cp - 1) / cp of them.
+    kv_bytes = 2 * p.micro_batch_size * seq * attention_widths(m)[1] / p.tp * width
+    cp_comm = blocks * p.grad_accum * (2 + whole) * _ring(p.cp) / 2 * kv_bytes / hw.intra_node_bw
 
     spans_nodes = hw.gpus > hw.gpus_per_node
-    pp_bw = hw.inter_node_bw if spans_nodes and p.tp * p.dp >= hw.gpus_per_node else hw.intra_node_bw
+    pp_bw = hw.inter_node_bw if spans_nodes and p.tp * p.cp * p.dp >= hw.gpus_per_node else hw.intra_node_bw
     pp_comm = 2 * p.grad_accum * hidden_bytes / pp_bw if p.pp > 1 else 0.0
 
     rank_params = max(stage_params(m, p.pp, p.tp))
-    dp_bw = hw.inter_node_bw if p.tp * p.dp > hw.gpus_per_node else hw.intra_node_bw
+    dp_bw = hw.inter_node_bw if p.tp * p.cp * p.dp > hw.gpus_per_node else hw.intra_node_bw
     last_backward = compute * 2 / 3 / p.grad_accum
-    dp_comm = max(0.0, _ring(p.dp) * rank_params * width / dp_bw - last_backward)
+    shard = p.dp * p.cp  # FSDP reduces gradients over dp × cp
+    dp_comm = max(0.0, _ring(shard) * rank_params * width / dp_bw - last_backward)
     if p.zero_stage == 3:  # an all-gather moves half what an all-reduce does
-        dp_comm += p.grad_accum * 2 * _ring(p.dp) / 2 * rank_params * width / dp_bw
+        dp_comm += p.grad_accum * 2 * _ring(shard) / 2 * rank_params * width / dp_bw
 
     step = StepTime(compute=compute, recompute=recompute, bubble=bubble, tp_comm=tp_comm, pp_comm=pp_comm,
-                    dp_comm=dp_comm)
+                    dp_comm=dp_comm, cp_comm=cp_comm)
     return Candidate(parallel=p, memory=estimate_memory(spec), step=step, tokens_per_step=tokens,
                      model_flops_per_step=model_flops, peak_flops=peak)
 
@@ -330,7 +351,8 @@ def describe(p: ParallelConfig) -> str:
     if p.sequence_parallel:
         extras.append("sequence parallel")
     extras.append(f"activation checkpointing {p.activation_checkpointing}")
-    return f"dp={p.dp} pp={p.pp} tp={p.tp} ZeRO-{p.zero_stage}, " + ", ".join(extras)
+    cp = f" cp={p.cp}" if p.cp > 1 else ""
+    return f"dp={p.dp}{cp} pp={p.pp} tp={p.tp} ZeRO-{p.zero_stage}, " + ", ".join(extras)
 
 
 def _rank_key(c: Candidate) -> tuple:
@@ -342,7 +364,7 @@ def _rank_key(c: Candidate) -> tuple:
 
 def _shape(c: Candidate) -> tuple:
     p = c.parallel
-    return (p.dp, p.pp, p.tp)
+    return (p.dp, p.cp, p.pp, p.tp)
 
 
 def _largest_difference(worse: StepTime, better: StepTime) -> str:

@@ -20,6 +20,11 @@ Under LoRA (`model.lora`) the model's weights are frozen: they are held (fp32 sh
 gradients or moments; only the adapters (`counting.lora_params`) have an fp32 gradient and Adam's two fp32 moments.
 Activations are counted as without adapters (each adapted projection also keeps its rank-wide A·x, under 1%).
 
+Context parallelism (`parallel.cp`) divides the activations by cp: a rank holds seq_len / cp tokens of each
+sequence, and each of them keeps what it keeps without cp (a soft-capped score row still spans the keys of the whole
+sequence, so the terms computed at the full seq_len are right per token); one layer's gathered keys and values of the
+whole sequence come on top (`context_parallel_kv_bytes`), and weights, gradients and moments shard over dp × cp.
+
 Float8 (`parallel.float8`) changes no term: its weights and master copies stay bf16/fp32, and the float8 casts it
 saves for backward replace bf16 activations of no larger size (measured at 8B: tensorwise 81.1 GiB, rowwise 76.6,
 bf16 81.4).
@@ -63,7 +68,7 @@ def _stage_memory(model: ModelConfig, seq_len: int, p: ParallelConfig, stage: in
                   trained: int) -> MemoryBreakdown:
     mixed = p.precision == "bf16"
     width = 2 if mixed else 4
-    dp = max(p.dp, 1)
+    dp = max(p.dp, 1) * p.cp  # FSDP shards over dp × cp
     if dp == 1:
         gradients = 4 * trained
         gathered = width * params if mixed else 0  # autocast's cached bf16 casts of the fp32 weights
@@ -75,8 +80,17 @@ def _stage_memory(model: ModelConfig, seq_len: int, p: ParallelConfig, stage: in
         activations = activation_bytes(model, seq_len, p, stage, width, block, COMPILED_LOGIT_BYTES)
     else:
         activations = activation_bytes(model, seq_len, p, stage, width)
+    if p.cp > 1:
+        activations = activations // p.cp + context_parallel_kv_bytes(model, seq_len, p, width)
     return MemoryBreakdown(weights=4 * params // dp, gradients=gradients, optimizer=8 * trained // dp,
                            activations=activations, overhead=gathered, stage=stage)
+
+
+def context_parallel_kv_bytes(model: ModelConfig, seq_len: int, p: ParallelConfig, width: int) -> int:
+    """The keys and values of the whole sequence one layer gathers under context parallelism (and, in its
+    backward, their gradients): 2 × 2 × kv width × seq tokens of a micro-batch, split by tp with the heads."""
+    _, kv = attention_widths(model)
+    return int(4 * p.micro_batch_size * seq_len * kv / p.tp * width)
 
 
 def _resident_when_resharding(model: ModelConfig, p: ParallelConfig, params: int) -> int:

@@ -99,8 +99,10 @@ def test_a_model_that_fits_nowhere_says_by_how_much_and_what_would_fit(llama_8b)
 
 
 def test_a_spec_no_layout_can_satisfy_is_explained():
-    # 3 sequences split over no dp of 2, 4 or 8, and dp=1 needs tp=8, which 3 heads do not allow.
-    spec = parse_spec({"model": {"vocab_size": 1024, "dim": 96, "n_layers": 3, "n_heads": 3}})
+    # 3 sequences split over no dp of 2, 4 or 8, and dp=1 needs tp=8, which 3 heads do not allow, or cp > 1, which
+    # needs the sequence in 2·cp equal chunks.
+    spec = parse_spec({"model": {"vocab_size": 1024, "dim": 96, "n_layers": 3, "n_heads": 3},
+                       "data": {"seq_len": 2050}})
     with pytest.raises(NoLayoutError, match=r"no layout of 8 GPUs satisfies the spec's rules: model.n_layers: 3 layers "
                                             r"do not split into parallel.pp=2 .*; model.n_heads: 3 heads are not "
                                             r"divisible by parallel.tp=8"):
