@@ -44,7 +44,7 @@ def at_width(spec: JobSpec, dim: int, head_dim: int) -> JobSpec:
 
 def train_probe(spec: JobSpec, steps: int, *, eval_batches: int = 0, record: bool = False) -> ProbeResult:
     """Train `spec`'s model for `steps` steps in this process; `record` keeps each step's activation RMS."""
-    from parallel.loader import build_loaders
+    from parallel.loader import ShardLoader
     from parallel.model import build_model, cross_entropy
     from parallel.mup import hidden_lr_scale
     from parallel.optim import build_optimizer, build_param_groups, build_scheduler
@@ -55,7 +55,11 @@ def train_probe(spec: JobSpec, steps: int, *, eval_batches: int = 0, record: boo
     groups = build_param_groups(model.named_parameters(), spec.optim.weight_decay, hidden_lr_scale(model.dims))
     optimizer = build_optimizer(groups, spec.optim, device)
     scheduler = build_scheduler(optimizer, spec.optim, spec.schedule)
-    train, val = build_loaders(dataclasses.replace(spec, data=dataclasses.replace(spec.data, prefetch=0)), 0, 1)
+    # The shards' checksums are the training runs' to verify: a probe of each width would read every shard again.
+    common = dict(seq_len=spec.data.seq_len, micro_batch_size=spec.parallel.micro_batch_size,
+                  grad_accum=spec.parallel.grad_accum, seed=spec.data.seed, prefetch=0, verify=False)
+    train = ShardLoader(spec.data.path, **common)
+    val = ShardLoader(spec.data.path, split="val", shuffle=False, **common) if eval_batches else None
     seen: dict[str, float] = {}
     hooks = _rms_hooks(model, seen) if record else []
     result = ProbeResult(losses=[], val_loss=float("nan"))
@@ -76,7 +80,7 @@ def train_probe(spec: JobSpec, steps: int, *, eval_batches: int = 0, record: boo
                 result.rms.append(dict(seen))
         for hook in hooks:
             hook.remove()
-        if eval_batches and val is not None:
+        if val is not None:
             result.val_loss = _evaluate(model, val, eval_batches, device)
     finally:
         train.close()
