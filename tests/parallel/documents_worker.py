@@ -7,10 +7,7 @@ tests/helpers.py (run_layout with this worker):
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -19,8 +16,8 @@ from torch.distributed.tensor import DTensor
 from orchestrator.validate import parse_spec
 from parallel.documents import document_ids
 from parallel.engine import build_engine
-from parallel.launch import RankEnv, init_distributed, shutdown_distributed
-from tests.parallel.layout_worker import EOS, GLOBAL_BATCH, GRAD_ACCUM, TINY, run_case
+from parallel.launch import RankEnv
+from tests.parallel.layout_worker import EOS, GLOBAL_BATCH, GRAD_ACCUM, TINY, main, run_case
 
 # Rows of the probe: documents end at these EOS positions, so row 0 holds [0, 9], [10, 20] and [21, seq).
 ENDS = (9, 20)
@@ -78,18 +75,9 @@ def probe(env: RankEnv, device: torch.device, overrides: list[str]) -> dict[str,
     return dict(zip(keys, found.tolist(), strict=True))
 
 
-def main(out: str, args: list[str]) -> None:
-    env = RankEnv.from_env()
-    device = torch.device("cpu")
-    init_distributed(env, device)
-    results = {name: {"probe": probe(env, device, overrides), **run_case(env, device, overrides)}
-               for name, overrides in json.loads(Path(args[1]).read_text()).items()}
-    if env.rank == 0:
-        torch.save(results, out)
-    shutdown_distributed()
-    sys.stdout.flush()
-    os._exit(0)
+def probe_and_train(env: RankEnv, device: torch.device, overrides: list[str]) -> dict:
+    return {"probe": probe(env, device, overrides), **run_case(env, device, overrides)}
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2:])
+    main(sys.argv[1], sys.argv[2:], run=probe_and_train)

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -88,7 +89,9 @@ def run_case(env: RankEnv, device: torch.device, overrides: list[str]) -> dict:
             "params": engine.full_state_dict()}
 
 
-def main(out: str, args: list[str]) -> None:
+def main(out: str, args: list[str],
+         run: Callable[[RankEnv, torch.device, list[str]], dict] = run_case) -> None:
+    """Run each case (or the one spec of `args`) with `run`; rank 0 saves the results to `out`."""
     env = RankEnv.from_env()
     device = torch.device("cpu")
     init_distributed(env, device)
@@ -96,12 +99,12 @@ def main(out: str, args: list[str]) -> None:
         results = {}
         for name, overrides in json.loads(Path(args[1]).read_text()).items():
             try:
-                results[name] = run_case(env, device, overrides)
+                results[name] = run(env, device, overrides)
             except Exception:  # noqa: BLE001 - recorded for the test of this case; the next case still runs
                 results[name] = {"error": traceback.format_exc()}
             gc.collect()
     else:
-        results = run_case(env, device, args)
+        results = run(env, device, args)
     if env.rank == 0:
         torch.save(results, out)
     shutdown_distributed()

@@ -87,9 +87,10 @@ def test_sequence_positions_and_the_default() -> None:
     assert probe_diffs(plain)["moved"] > 1e-3, "without document masks the other documents see the change"
 
 
-@pytest.mark.parametrize("mode", ["full", "selective"])
-def test_compiled_checkpointed_blocks_mask_as_eager_ones(mode: str) -> None:
-    """Document masks and positions pass through activation checkpointing and compiled blocks (no graph break)."""
+def test_compiled_checkpointed_blocks_mask_as_eager_ones() -> None:
+    """Document masks and positions pass through selective activation checkpointing (whose recomputation the mask
+    must survive; full and every_n wrap the block the same way, by a non-reentrant checkpoint of its forward) and
+    compiled blocks, with no graph break."""
     rows = probe_rows(33, TINY["model"]["vocab_size"])
 
     def loss_and_grads(model: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -101,7 +102,7 @@ def test_compiled_checkpointed_blocks_mask_as_eager_ones(mode: str) -> None:
     torch._dynamo.utils.counters.clear()
     want_loss, want_grads = loss_and_grads(tiny(*DOCUMENT, *GEMMA_LIKE))
     model = tiny(*DOCUMENT, *GEMMA_LIKE)
-    apply_activation_checkpointing(model.layers, mode)
+    apply_activation_checkpointing(model.layers, "selective")
     counter = CompileCounterWithBackend("aot_eager_decomp_partition")
     apply_compile(model.layers, backend=counter)
     got_loss, got_grads = loss_and_grads(model)
@@ -126,16 +127,26 @@ def layouts(tmp_path_factory) -> dict[str, dict]:
 def test_documents_are_independent_under_the_layout(case: str, layouts: dict) -> None:
     """Under tp2 (each rank's vocabulary shard) and pp2 (the last stage's logits, document ids sent to every stage
     through the schedule) a document's logits ignore the others and equal its own at a row's start."""
+    assert "error" not in layouts[case], layouts[case].get("error")
     diffs = layouts[case]["probe"]
     assert diffs["moved"] == 0.0 and diffs["perturbed"] > 1e-3, diffs
     assert diffs["alone"] < 1e-6, diffs
 
 
+@pytest.fixture(scope="module")
+def references() -> dict[tuple[str, ...], dict]:
+    return {}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
-def test_document_masked_training_matches_one_process(case: str, layouts: dict) -> None:
+def test_document_masked_training_matches_one_process(case: str, layouts: dict, references: dict) -> None:
     got = layouts[case]
-    expected = reference_run([o for o in CASES[case] if not o.startswith("parallel.")])
+    assert "error" not in got, got.get("error")
+    single = tuple(o for o in CASES[case] if not o.startswith("parallel."))
+    if single not in references:
+        references[single] = reference_run(list(single))
+    expected = references[single]
     assert expected["losses"][-1] < expected["losses"][0], "the reference run should learn"
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(expected["losses"]), rtol=RTOL, atol=0)
     for name, value in expected["params"].items():
