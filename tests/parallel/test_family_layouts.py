@@ -82,8 +82,12 @@ def case_overrides() -> dict[str, tuple[int, list[str]]]:
 
 
 CASES = case_overrides()
-# LoRA adapters (on biased projections) through the pipeline stages, the rest frozen.
-CASES["qwen-native-pp2-lora"] = 2, [*RUN, *MODELS["qwen"], NATIVE, *PP2, "model.lora.rank=4", "model.lora.alpha=8"]
+# LoRA adapters on the Qwen-like model's biased projections, through pipeline stages and split over tp beside its
+# per-head query/key norms (whose DTensor plan makes new parameters, frozen again after it); the rest frozen. Adapters
+# start at zero: a higher learning rate shows them learning in 3 steps.
+LORA = ["model.lora.rank=4", "model.lora.alpha=8", "optim.lr=2e-2", "optim.min_lr=2e-3"]
+CASES["qwen-native-pp2-lora"] = 2, [*RUN, *MODELS["qwen"], NATIVE, *PP2, *LORA]
+CASES["qwen-native-tp2-lora"] = 2, [*RUN, *MODELS["qwen"], NATIVE, "parallel.tp=2", *LORA]
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("family-layouts")]
 
 
