@@ -107,6 +107,8 @@ def layout_spec(spec: JobSpec, step_dir: str) -> JobSpec:
     spec.resources.device, spec.resources.num_nodes = "cpu", 1
     spec.resources.gpus_per_node = layout["dp"] * layout["pp"] * layout["tp"]
     spec.checkpoint.dir = os.path.dirname(os.path.normpath(step_dir))
+    if spec.checkpoint.init_from:  # a LoRA run's frozen model, read by ranks started in another directory
+        spec.checkpoint.init_from = os.path.abspath(spec.checkpoint.init_from)
     spec.checkpoint.async_save = False
     return spec
 
