@@ -58,7 +58,7 @@ def test_a_misspelt_key_is_answered_from_the_prep_configs_own_fields(tmp_path):
                            "sources": {"books": {"path": str(tmp_path), "sahre": 0.5}}})
     assert [str(p) for p in error.value.problems] == [
         "bands: unknown key (did you mean 'dedup.bands'?)",
-        "zero_stage: unknown key; allowed here: name, output, work_dir, seq_len, seed, strict, invalid_utf8, "
+        "zero_stage: unknown key; allowed here: name, output, work_dir, seq_len, pack, seed, strict, invalid_utf8, "
         "max_doc_bytes, part_bytes, span_bytes, rows_per_shard, examples, num_cpus, dedup, filters, mix, tokenizer, "
         "sources",
         "sources.books.sahre: unknown key (did you mean 'sources.books.share'?)",
