@@ -7,7 +7,7 @@ base width), picks the setting of the lowest final validation loss, and trains e
 under `transfer.parametrization: mup` (`parallel.mup`, base width = the first size's dim) that setting is meant to
 stay (near) the best at every width; under `standard` the best learning rate shrinks as the model widens, which is
 what the comparison shows. Every run is the sweep's usual one (the real loop, a Ray task, a line of results.jsonl,
-here with its lr, init_std and phase); `transfer.json` holds the grid's losses, the choice and the larger runs', and
+here with its lr and init_std); `transfer.json` holds the grid's losses, the choice and the larger runs', and
 `coord_check.png` the coordinate check of both parametrizations at the chosen setting
 (`orchestrator.planner.mup_check`).
 """
