@@ -78,6 +78,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+NOT_THE_MODEL = ("family", "size", "attention_mask", "rope_positions")
+
+
 def check_same_model(saved_spec: str, spec: JobSpec) -> None:
     """A layout can change on resume, the model cannot: name every `model.*` value that differs.
 
@@ -89,8 +92,9 @@ def check_same_model(saved_spec: str, spec: JobSpec) -> None:
     if not isinstance(saved, dict):
         raise CheckpointError(f"{saved_spec}: expected a job spec with a `model` section")
     # model.family and model.size only name the preset the values came from: the values themselves are compared.
+    # attention_mask and rope_positions say how rows are read, not what the weights are: a run may switch them.
     # A field the checkpoint's spec lacks came after it was written: it ran with that field's default.
-    current = {k: v for k, v in dataclasses.asdict(spec.model).items() if k not in ("family", "size")}
+    current = {k: v for k, v in dataclasses.asdict(spec.model).items() if k not in NOT_THE_MODEL}
     default = dataclasses.asdict(ModelConfig())
     changed = [f"model.{k}: {saved.get(k, default[k])!r} in the checkpoint, {v!r} now" for k, v in current.items()
                if saved.get(k, default[k]) != v]

@@ -14,13 +14,15 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from orchestrator.errors import SpecError
+from orchestrator.errors import CheckpointError, SpecError
+from orchestrator.spec import spec_to_yaml
 from orchestrator.validate import parse_spec
 from parallel.activation_checkpoint import apply_activation_checkpointing
 from parallel.compile import apply_compile
 from parallel.documents import dense_mask, document_ids, document_positions
 from parallel.loader import ShardLoader
 from parallel.model import build_model, cross_entropy
+from parallel.restore import check_same_model
 from tests.helpers import PARAM_ATOL, REPO, RTOL, reference_run, run_layout
 from tests.parallel.documents_worker import ENDS, probe_diffs, probe_rows
 from tests.parallel.layout_worker import EOS, TINY
@@ -202,3 +204,13 @@ def test_the_loader_derives_documents_from_eos_and_resumes_exactly(tmp_path) -> 
     again = [mb.documents for _ in range(2) for mb in resumed.next_step()]
     assert len(again) == len(steps[4:]) and all(torch.equal(x, y) for x, y in zip(again, steps[4:], strict=True))
     masked.close()
+
+
+def test_a_checkpoint_resumes_with_document_masks_switched_on(tmp_path) -> None:
+    """The mask and the positions say how rows are read, not what the weights are: a causal run's checkpoint
+    resumes under document masking, while a changed weight shape is still refused."""
+    path = tmp_path / "spec.yaml"
+    path.write_text(spec_to_yaml(parse_spec(TINY)))
+    check_same_model(str(path), parse_spec(TINY, overrides=DOCUMENT))
+    with pytest.raises(CheckpointError, match=r"model.dim: 64 in the checkpoint, 32 now"):
+        check_same_model(str(path), parse_spec(TINY, overrides=[*DOCUMENT, "model.dim=32"]))
