@@ -20,6 +20,7 @@ from orchestrator.validate import parse_spec
 from parallel.activation_checkpoint import apply_activation_checkpointing
 from parallel.compile import apply_compile
 from parallel.documents import dense_mask, document_ids, document_positions
+from parallel.generate import SamplingConfig, generate
 from parallel.loader import ShardLoader
 from parallel.model import build_model, cross_entropy
 from parallel.restore import check_same_model
@@ -214,3 +215,18 @@ def test_a_checkpoint_resumes_with_document_masks_switched_on(tmp_path) -> None:
     check_same_model(str(path), parse_spec(TINY, overrides=DOCUMENT))
     with pytest.raises(CheckpointError, match=r"model.dim: 64 in the checkpoint, 32 now"):
         check_same_model(str(path), parse_spec(TINY, overrides=[*DOCUMENT, "model.dim=32"]))
+
+
+def test_a_document_masked_model_generates_each_prompt_as_its_own_document() -> None:
+    """Generation feeds one prompt per row: batched prompts of different lengths (left-padded) continue exactly as
+    each alone, and the cached decoding's next-token logits are those of the document-masked forward."""
+    model = tiny(*DOCUMENT)
+    prompts = [[5, 9, 13, 2, 7], [40, 41, 42]]
+    config = SamplingConfig(max_new_tokens=6, temperature=0.0)
+    together = generate(model, prompts, config)
+    alone = [generate(model, [p], config).tokens[0] for p in prompts]
+    assert together.tokens == alone
+    row = torch.tensor([prompts[0] + alone[0][:-1]])
+    with torch.no_grad():
+        full = model(row, documents=document_ids(row, EOS))
+    assert full[0, len(prompts[0]) - 1:].argmax(-1).tolist() == alone[0]
