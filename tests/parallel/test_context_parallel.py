@@ -1,16 +1,17 @@
 """Context parallelism (`parallel.cp`) trains as one process does, resumes exactly, and reshards to cp1.
 
-The layouts run under `layout_worker.py --cases` (one torchrun launch for the two-rank cases, one for the four-rank
-ones) and are held to the single-process reference with the layout tests' tolerances (1e-5 relative on losses,
-1e-5 absolute on parameters). cp2 also trains a Gemma 2-like model (sliding windows shorter than a chunk's keys,
-soft-capped scores and logits, its own attention scale), whose attention takes the explicit-mask path.
-
-Resume: a cp2 run saves after step 5 (`native_resume_worker.py`); loaded under cp2 it continues bit for bit, loaded
-under cp1 (one process: DCP reshards the FSDP shards over dp × cp into whole tensors) within the tolerances.
+Every run is held to the single-process reference with the layout tests' tolerances (1e-5 relative on losses, 1e-5
+absolute on parameters). The four-rank layouts, 4 steps each, share one torchrun launch (`layout_worker.py --cases`):
+cp4, dp2×cp2, cp2×tp2 (sequence parallel), cp2×pp2, and dp2×cp2 of a Gemma 2-like model (sliding windows shorter
+than a chunk's keys, soft-capped scores and logits, its own attention scale), whose attention takes the explicit-mask
+path. Plain cp2 is the resume test's run (`native_resume_worker.py`): it trains 7 steps, saving after step 5, and is
+held to the reference; loaded under cp2 it continues bit for bit, loaded under cp1 (one process: DCP reshards the
+FSDP shards over dp × cp into whole tensors) within the tolerances.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -24,16 +25,17 @@ from tests.helpers import PARAM_ATOL, RTOL, reference_run, run_layout
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("context-parallel")]
 
-NATIVE = "parallel.backend=native"
+STEPS = "schedule.steps=7"  # the resume test saves after step 5
+RUN = ["parallel.backend=native", "schedule.steps=4"]
 GEMMA = ["model.norm_placement=sandwich", "model.activation=gelu_tanh", "model.attn_softcap=20",
          "model.logit_softcap=10", "model.sliding_window=6", "model.full_attention_every=2",
          "model.attn_scale_dim=24", "model.head_dim=32"]
-TWO = {"cp2": [NATIVE, "parallel.cp=2", "parallel.zero_stage=3"],
-       "cp2-gemma": [NATIVE, "parallel.cp=2", "parallel.activation_checkpointing=full", *GEMMA]}
-FOUR = {"cp4": [NATIVE, "parallel.cp=4", "parallel.activation_checkpointing=selective"],
-        "dp2-cp2": [NATIVE, "parallel.cp=2", "parallel.zero_stage=2"],
-        "cp2-tp2": [NATIVE, "parallel.cp=2", "parallel.tp=2", "parallel.sequence_parallel=true"],
-        "cp2-pp2": [NATIVE, "parallel.cp=2", "parallel.pp=2", "parallel.grad_accum=2"]}
+FOUR = {"cp4": [*RUN, "parallel.cp=4", "parallel.activation_checkpointing=selective"],
+        "dp2-cp2": [*RUN, "parallel.cp=2", "parallel.zero_stage=2"],
+        "cp2-tp2": [*RUN, "parallel.cp=2", "parallel.tp=2", "parallel.sequence_parallel=true"],
+        "cp2-pp2": [*RUN, "parallel.cp=2", "parallel.pp=2", "parallel.grad_accum=2"],
+        "dp2-cp2-gemma": [*RUN, "parallel.cp=2", "parallel.zero_stage=3", "parallel.activation_checkpointing=full",
+                          *GEMMA]}
 
 
 def test_a_rank_holds_a_head_and_a_tail_chunk_at_their_true_positions() -> None:
@@ -46,44 +48,43 @@ def test_a_rank_holds_a_head_and_a_tail_chunk_at_their_true_positions() -> None:
         assert torch.equal(chunk_positions(4, 4, r), part[0])
 
 
-def _hold_to_reference(name: str, got: dict, overrides: list[str], references: dict) -> None:
-    assert "error" not in got, f"{name}:\n{got.get('error')}"
-    model = tuple(o for o in overrides if o.startswith("model."))
-    if model not in references:
-        references[model] = reference_run(list(model))
-    expected = references[model]
+@functools.cache
+def _reference(overrides: tuple[str, ...]) -> dict:
+    return reference_run(list(overrides))
+
+
+def _hold_to_reference(name: str, losses: list[float], params: dict, overrides: list[str]) -> None:
+    expected = _reference(tuple(o for o in overrides if o.startswith(("model.", "schedule."))))
     assert expected["losses"][-1] < expected["losses"][0] - 0.1, "the reference run should learn something"
-    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(expected["losses"]), rtol=RTOL, atol=0,
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected["losses"]), rtol=RTOL, atol=0,
                                msg=lambda m: f"{name} losses: {m}")
+    assert params.keys() == expected["params"].keys()
     for param, value in expected["params"].items():
-        torch.testing.assert_close(got["params"][param], value, rtol=0, atol=PARAM_ATOL,
+        torch.testing.assert_close(params[param], value, rtol=0, atol=PARAM_ATOL,
                                    msg=lambda m, n=param: f"{name} {n}: {m}")
-    assert got["eval_loss"] < expected["losses"][0] - 0.1
 
 
-@pytest.fixture(scope="module")
-def references() -> dict:
-    return {}
+def test_context_parallel_layouts_of_four_ranks_match_one_process(tmp_path: Path) -> None:
+    (tmp_path / "cases.json").write_text(json.dumps(FOUR))
+    results = run_layout(4, ["--cases", str(tmp_path / "cases.json")], tmp_path / "result.pt", tmp_path)
+    for name, overrides in FOUR.items():
+        got = results[name]
+        assert "error" not in got, f"{name}:\n{got.get('error')}"
+        _hold_to_reference(name, got["losses"], got["params"], overrides)
+        assert got["eval_loss"] < got["losses"][0] - 0.1, "eval of the first batch sees the trained weights"
 
 
-@pytest.mark.parametrize("procs,cases", [(2, TWO), (4, FOUR)], ids=["two-ranks", "four-ranks"])
-def test_context_parallel_layouts_match_one_process(procs: int, cases: dict, references: dict,
-                                                    tmp_path: Path) -> None:
-    (tmp_path / "cases.json").write_text(json.dumps(cases))
-    results = run_layout(procs, ["--cases", str(tmp_path / "cases.json")], tmp_path / "result.pt", tmp_path)
-    for name, overrides in cases.items():
-        _hold_to_reference(name, results[name], overrides, references)
-
-
-def test_a_cp_run_resumes_exactly_and_reshards_to_cp1(tmp_path: Path) -> None:
+def test_cp2_trains_as_one_process_resumes_exactly_and_reshards_to_cp1(tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt"
-    straight = run_resume("save", 2, ckpt, tmp_path / "straight.pt", "parallel.cp=2")
-    resumed = run_resume("load", 2, ckpt, tmp_path / "resumed.pt", "parallel.cp=2")
+    straight = run_resume("save", 2, ckpt, tmp_path / "straight.pt", "parallel.cp=2", STEPS)
+    _hold_to_reference("cp2", [straight["losses"][s] for s in sorted(straight["losses"])], straight["params"],
+                       [STEPS])
+    resumed = run_resume("load", 2, ckpt, tmp_path / "resumed.pt", "parallel.cp=2", STEPS)
     assert resumed["client_state"] == {"step": SAVE_AT}
     assert resumed["losses"] == {s: v for s, v in straight["losses"].items() if s >= SAVE_AT}
     for name, value in straight["params"].items():
         assert torch.equal(resumed["params"][name], value), name
-    cp1 = run_resume("load", 1, ckpt, tmp_path / "cp1.pt")
+    cp1 = run_resume("load", 1, ckpt, tmp_path / "cp1.pt", STEPS)
     expected = {s: v for s, v in straight["losses"].items() if s >= SAVE_AT}
     assert cp1["losses"].keys() == expected.keys()
     for step, loss in cp1["losses"].items():
