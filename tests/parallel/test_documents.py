@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
+import parallel.documents
 from orchestrator.errors import CheckpointError, SpecError
 from orchestrator.spec import spec_to_yaml
 from orchestrator.validate import parse_spec
@@ -37,6 +38,7 @@ NATIVE, DEEPSPEED = "parallel.backend=native", "parallel.backend=deepspeed"
 CASES = {
     "native-tp2": [*RUN, *DOCUMENT, NATIVE, "parallel.tp=2", "parallel.sequence_parallel=true"],
     "native-pp2": [*RUN, *DOCUMENT, *GEMMA_LIKE, NATIVE, "parallel.pp=2", "parallel.grad_accum=2"],
+    "native-fsdp2": [*RUN, *DOCUMENT, NATIVE, "parallel.zero_stage=3"],
     "deepspeed-tp2": [*RUN, *DOCUMENT, DEEPSPEED, "parallel.tp=2"],
 }
 
@@ -230,3 +232,18 @@ def test_a_document_masked_model_generates_each_prompt_as_its_own_document() -> 
     with torch.no_grad():
         full = model(row, documents=document_ids(row, EOS))
     assert full[0, len(prompts[0]) - 1:].argmax(-1).tolist() == alone[0]
+
+
+@pytest.mark.slow
+def test_the_flex_attention_path_gives_the_boolean_masks_numbers(monkeypatch) -> None:
+    """The CUDA path (a FlexAttention block mask, compiled flex_attention with the soft cap as score_mod, grouped
+    query heads, sliding windows), compiled here by inductor for the CPU, gives the SDPA path's logits."""
+    model = tiny(*DOCUMENT, *GEMMA_LIKE)
+    rows = probe_rows(32, TINY["model"]["vocab_size"])[:2]
+    documents = document_ids(rows, EOS)
+    with torch.no_grad():
+        want = model(rows, documents=documents)
+        monkeypatch.setattr(parallel.documents, "use_flex_attention", lambda device: True)
+        assert not isinstance(model.documents(documents).mask(0), torch.Tensor)
+        got = model(rows, documents=documents)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
