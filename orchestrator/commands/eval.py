@@ -134,6 +134,7 @@ def _eval_layout(spec, step_dir: str, world: int, args: argparse.Namespace):
     spec = copy.deepcopy(spec)
     p = spec.parallel
     p.tp, p.pp, p.dp, p.compile, p.global_batch_size = args.tp, 1, world // args.tp, False, 0
+    p.cp = 1  # a forward of whole sequences; the checkpoint of a cp run loads into any layout
     p.sequence_parallel = p.sequence_parallel and args.tp > 1
     spec.resources.device, spec.resources.num_nodes, spec.resources.gpus_per_node = args.device, 1, world
     spec.checkpoint.dir = os.path.dirname(step_dir)
