@@ -12,9 +12,11 @@ import json
 
 import pytest
 import torch
+import yaml
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import parallel.documents
+from orchestrator.cli import main
 from orchestrator.errors import CheckpointError, SpecError
 from orchestrator.spec import spec_to_yaml
 from orchestrator.validate import parse_spec
@@ -247,3 +249,11 @@ def test_the_flex_attention_path_gives_the_boolean_masks_numbers(monkeypatch) ->
         assert not isinstance(model.documents(documents).mask(0), torch.Tensor)
         got = model(rows, documents=documents)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_the_cli_refuses_positions_without_masks_with_exit_code_2(tmp_path, capsys) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    assert main(["validate", str(path), "model.rope_positions=document"]) == 2
+    err = capsys.readouterr().err
+    assert "pretrain validate: " in err and "model.rope_positions: document restarts positions" in err
