@@ -158,11 +158,14 @@ def print_table(plan, top: int) -> None:
     hw = plan.hardware
     print(f"\nfastest layouts for {hw.gpus} GPUs × {hw.gpu_mem_bytes / GiB:.0f} GiB ({hw.node_size} per node), "
           f"MFU {hw.mfu:.2f} of {hw.peak_flops / 1e12:.0f} TFLOP/s:")
-    header = ("#", "dp", "pp", "tp", "ZeRO", "micro", "accum", "ckpt", "mem GiB", "step s", "tokens/s", "MFU")
+    cp = any(c.parallel.cp > 1 for c in plan.ranked[:top])  # a column only where context parallelism is proposed
+    header = ("#", "dp", *(("cp",) if cp else ()), "pp", "tp", "ZeRO", "micro", "accum", "ckpt", "mem GiB", "step s",
+              "tokens/s", "MFU")
     rows = [header]
     for i, c in enumerate(plan.ranked[:top], 1):
         p = c.parallel
-        rows.append((str(i), str(p.dp), str(p.pp), str(p.tp), str(p.zero_stage), str(p.micro_batch_size),
+        rows.append((str(i), str(p.dp), *((str(p.cp),) if cp else ()), str(p.pp), str(p.tp), str(p.zero_stage),
+                     str(p.micro_batch_size),
                      str(p.grad_accum), p.activation_checkpointing, f"{c.memory.total / GiB:.1f}",
                      f"{c.step.total:.3g}", f"{c.tokens_per_second:,.0f}", f"{c.mfu(hw):.2f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]

@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 
+from orchestrator.cli import main
 from orchestrator.errors import SpecError
 from orchestrator.planner.layout import choose_layout
 from orchestrator.planner.memory import GiB, activation_bytes
@@ -103,3 +104,16 @@ def test_context_parallel_groups_stay_inside_a_node(nodes: int, per_node: int, c
         dims = ParallelDims.from_spec(spec, world, rank)
         peers = [dims.rank_of(dims.pp_rank, dims.dp_rank, t, c) for c in range(cp) for t in range(tp)]
         assert rank in peers and len({peer // per_node for peer in peers}) == 1
+
+
+def test_pretrain_plan_shows_cp_and_the_specs_cp_layout(repo_root, capsys) -> None:
+    overrides = ["data.seq_len=131072", "model.n_kv_heads=2", "parallel.backend=native", "parallel.cp=4",
+                 "parallel.micro_batch_size=1", "parallel.grad_accum=1", "parallel.global_batch_size=0",
+                 "parallel.dp=0", "resources.gpus_per_node=8"]
+    assert main(["plan", str(repo_root / "examples" / "llama-1b.yaml"), *overrides, "--gpus", "8", "--gpu-mem", "24",
+                 "--top", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "the spec's layout on 8 GPUs: dp=2 cp=4 pp=1 tp=1" in out
+    table = out.split("fastest layouts for 8 GPUs × 24 GiB (8 per node)")[1].splitlines()
+    assert table[1].split()[:5] == ["#", "dp", "cp", "pp", "tp"]
+    assert int(table[2].split()[2]) > 1
