@@ -47,6 +47,10 @@ LAYOUTS = {
     "1b-zero3-dp2": (2, ["parallel.zero_stage=3"]),
     "1b-tp2-sp": (2, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.zero_stage=1"]),
     "1b-pp2": (2, ["parallel.pp=2", "parallel.zero_stage=1", "parallel.micro_batch_size=2", "parallel.grad_accum=4"]),
+    # LoRA (rank 16 on every projection): frozen weights, adapters' gradients and moments only
+    "1b-lora16-dp1": (1, ["parallel.zero_stage=1", "model.lora.rank=16"]),
+    "1b-lora16-zero3-dp2": (2, ["parallel.zero_stage=3", "model.lora.rank=16"]),
+    "1b-lora16-tp2": (2, ["parallel.tp=2", "parallel.zero_stage=1", "model.lora.rank=16"]),
 }
 
 
