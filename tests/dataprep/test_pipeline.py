@@ -107,6 +107,11 @@ def test_report_balances_and_names_bad_input(single_node):
     assert report["conservation"]["ok"]
     for name, s in report["sources"].items():
         assert s["docs_in"] == s["docs_kept"] + sum(s["removed"].values()), name
+        # the length report counts each training document once, as encoding did
+        assert s["doc_lengths"]["documents"] == s["train_docs"], name
+        if s["train_docs"]:
+            q = s["doc_lengths"]["quantiles"]
+            assert q["p10"] <= q["p50"] <= q["p90"] <= q["p99"] <= q["max"], name
     removed = report["totals"]["removed"]
     assert removed["exact_duplicate"] > 0 and report["sources"]["wiki_fr"]["docs_kept"] == 0
     bad = {(os.path.basename(b["file"]), b["line"], b["reason"]) for b in report["bad_input"]["listed"]}
