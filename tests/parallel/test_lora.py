@@ -18,6 +18,7 @@ planner's optimizer memory; a changed base is refused on resume.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import re
 import shutil
@@ -44,6 +45,7 @@ from parallel.hf import load_hf_model
 from parallel.loader import build_loaders
 from parallel.lora import apply_lora
 from parallel.lora_base import check_same_base
+from parallel.model import build_model
 from parallel.restore import check_same_model
 from tests.helpers import RTOL
 from tests.parallel.test_hf_layouts import byte_tokenizer, pretrain_train
@@ -226,6 +228,8 @@ def test_resume_takes_a_moved_base_and_refuses_a_changed_one(runs) -> None:
     (["parallel.float8=tensorwise"], r"parallel.float8: tensorwise with model.lora.rank=2"),
     (["model.lora.rank=512"], r"model.lora.rank: 512 is above model.dim=256"),
     (["model.lora.dropout=1"], r"model.lora.dropout: got 1.0, must be ≤ 0.9"),
+    (["model.parametrization=mup", "model.mup_base_dim=256"], r"model.lora.rank: 2 with model.parametrization=mup"),
+    (["model.lora.targets=''"], r"model.lora.targets: empty with model.lora.rank=2"),
 ])
 def test_validation_refuses_what_lora_cannot_run(overrides: list[str], message: str) -> None:
     with pytest.raises(SpecError, match=message):
@@ -261,3 +265,12 @@ def test_export_refuses_an_adapter_directory_it_cannot_write(runs, change: dict,
     assert pretrain(["export", str(step), str(tmp_path / "out"), "--lora-adapter"]) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_adapters_on_random_weights_are_allowed_with_a_warning(caplog) -> None:
+    spec = parse_spec({}, overrides=["model.vocab_size=128", *LORA, "parallel.backend=native"])
+    model = build_model(spec.model)
+    with caplog.at_level(logging.WARNING, logger="parallel.lora"):
+        apply_lora(model, spec.model.lora, spec.checkpoint.init_from)
+    assert "model.lora.rank=2 without checkpoint.init_from" in caplog.text
+    assert sum(".lora_A." in n for n, _ in model.named_parameters()) == spec.model.n_layers * 7
