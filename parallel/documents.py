@@ -74,6 +74,18 @@ def compiled_flex_attention() -> Any:
     return torch.compile(flex_attention, dynamic=False)
 
 
+@cache
+def softcap_score_mod(cap: float) -> Any:
+    """FlexAttention's score_mod for soft-capped scores, cap·tanh(s/cap) (`parallel.model.softcap`); one function
+    per cap, so a compiled flex_attention sees the same object every call and does not recompile."""
+
+    def score_mod(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q: torch.Tensor,
+                  k: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(score / cap) * cap
+
+    return score_mod
+
+
 @dataclass(frozen=True)
 class DocumentContext:
     """What one forward needs of the rows' documents: a mask per sliding window (None when attention stays causal

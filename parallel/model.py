@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from orchestrator.spec import ModelConfig
-from parallel.documents import DocumentContext, compiled_flex_attention, document_context
+from parallel.documents import DocumentContext, compiled_flex_attention, document_context, softcap_score_mod
 from parallel.mup import attention_scale_dim, init_std_scale, logit_scale
 from parallel.rope import RopeScaling, RotaryEmbedding, apply_rope
 
@@ -245,8 +245,7 @@ class Attention(nn.Module):
         """`mask`: None (causal), a boolean tensor (True: attend), or a FlexAttention BlockMask, which also carries
         the soft cap as a score_mod."""
         if mask is not None and not isinstance(mask, torch.Tensor):
-            cap = self.softcap
-            score_mod = (lambda score, b, h, q_idx, k_idx: softcap(score, cap)) if cap else None
+            score_mod = softcap_score_mod(self.softcap) if self.softcap else None
             return compiled_flex_attention()(q, k, v, score_mod=score_mod, block_mask=mask, scale=self.scale,
                                              enable_gqa=True)
         if not self.softcap:
