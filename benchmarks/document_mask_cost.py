@@ -21,6 +21,7 @@ import statistics
 import time
 
 import torch
+from llama_args import add_model_arguments, llama_dims
 
 from parallel.compile import apply_compile
 from parallel.documents import dense_mask, document_ids
@@ -78,22 +79,14 @@ def mask_build_seconds(rows: torch.Tensor, dims: ModelDims) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--batch", type=int, default=1)
+    add_model_arguments(parser)
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--doc-tokens", type=int, default=256, help="mean document length")
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", help="compile each block (as parallel.compile does)")
     args = parser.parse_args()
     device = torch.device(args.device)
-    causal = ModelDims(vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
-                       n_kv_heads=args.kv_heads, ffn_dim=int(8 * args.dim / 3) // 64 * 64 or 64, norm_eps=1e-5,
-                       rope_theta=500000.0, tie_embeddings=False, init_std=0.02)
+    causal = llama_dims(args, rope_theta=500000.0)
     rows = packed_rows(args.batch, args.seq, args.doc_tokens, args.vocab).to(device)
     keep = dense_mask(document_ids(rows[:1, :-1].cpu(), EOS), 0).float().mean() * 2 * args.seq / (args.seq + 1)
     results = {}

@@ -18,29 +18,22 @@ from __future__ import annotations
 import argparse
 
 import torch
+from llama_args import add_model_arguments, llama_dims
 
 from parallel.generate import SamplingConfig, generate
-from parallel.model import ModelDims, build_model
+from parallel.model import build_model
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--batch", type=int, default=1)
+    add_model_arguments(parser)
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=512)
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU; 0: torch's choice")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    dims = ModelDims(vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
-                     n_kv_heads=args.kv_heads, ffn_dim=64 * -(-int(8 * args.dim / 3) // 64), norm_eps=1e-5,
-                     rope_theta=10000.0, tie_embeddings=False, init_std=0.02)
+    dims = llama_dims(args)
     model = build_model(dims, args.device).eval()
     model.init_weights(seed=0)
     prompts = torch.randint(0, args.vocab, (args.batch, args.prompt_tokens),
