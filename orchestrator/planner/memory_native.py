@@ -19,6 +19,9 @@ peaks measured at micro-batch 1 and 3 (8B, every checkpointing mode) fix them.
 Under LoRA (`model.lora`) the model's weights are frozen: they are held (fp32 shards, gathered as above) with no
 gradients or moments; only the adapters (`counting.lora_params`) have an fp32 gradient and Adam's two fp32 moments.
 Activations are counted as without adapters (each adapted projection also keeps its rank-wide A·x, under 1%).
+Measured on H200s (benchmarks/results/gpu_memory_lora_2gpu_h200.json: the ~1B Llama of benchmarks/gpu_memory.py,
+rank 16 on every projection, bf16): one GPU +0.7%, dp2 ZeRO-3 +8.9%, tp2 -4.7%; the weights and states held before
+the first step within 3% of weights + gradients + optimizer here.
 
 Context parallelism (`parallel.cp`) divides the activations by cp: a rank holds seq_len / cp tokens of each
 sequence, and each of them keeps what it keeps without cp (a soft-capped score row still spans the keys of the whole
