@@ -21,7 +21,7 @@ gradients or moments; only the adapters (`counting.lora_params`) have an fp32 gr
 Activations are counted as without adapters (each adapted projection also keeps its rank-wide A·x, under 1%).
 Measured on H200s (benchmarks/results/gpu_memory_lora_2gpu_h200.json: the ~1B Llama of benchmarks/gpu_memory.py,
 rank 16 on every projection, bf16): one GPU +0.7%, dp2 ZeRO-3 +8.9%, tp2 -4.7%; the weights and states held before
-the first step within 3% of weights + gradients + optimizer here.
+the first step within 5% of weights + gradients + optimizer here.
 
 Context parallelism (`parallel.cp`) divides the activations by cp: a rank holds seq_len / cp tokens of each
 sequence, and each of them keeps what it keeps without cp (a soft-capped score row still spans the keys of the whole
