@@ -2,8 +2,8 @@
 
 One process: a token's logits do not depend on the other documents of its row and equal those of its document run
 alone; compiled and checkpointed blocks give the eager gradients. Two ranks (one torchrun launch of
-documents_worker.py): the same probes under native tp2 and pp2, and training with document masks under tp2, pp2
-and DeepSpeed tp2 matches one process.
+documents_worker.py): the same probes under native tp2, pp2 (1F1B, and zero-bubble: two stages per rank, split
+backward) and FSDP, and training with document masks under those and DeepSpeed tp2 matches one process.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ NATIVE, DEEPSPEED = "parallel.backend=native", "parallel.backend=deepspeed"
 CASES = {
     "native-tp2": [*RUN, *DOCUMENT, NATIVE, "parallel.tp=2", "parallel.sequence_parallel=true"],
     "native-pp2": [*RUN, *DOCUMENT, *GEMMA_LIKE, NATIVE, "parallel.pp=2", "parallel.grad_accum=2"],
+    "native-pp2-zero-bubble": [*RUN, *DOCUMENT, NATIVE, "parallel.pp=2", "parallel.grad_accum=2",
+                               "parallel.pp_schedule=zero_bubble"],
     "native-fsdp2": [*RUN, *DOCUMENT, NATIVE, "parallel.zero_stage=3"],
     "deepspeed-tp2": [*RUN, *DOCUMENT, DEEPSPEED, "parallel.tp=2"],
 }
