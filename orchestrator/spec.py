@@ -304,7 +304,9 @@ class EvalConfig:
 
     tasks: str = setting("", "comma-separated lm-eval task names (the harness's own or those in include_path); "
                          "empty: none")
-    every: int = setting(0, "steps between downstream evaluations; 0: schedule.eval_every", min=0, max=STEPS_MAX)
+    every: int = setting(1000, "steps between downstream evaluations (and at the last step); 0: schedule.eval_every. "
+                         "Scoring stalls every rank for seconds: at 1000 a 1B run loses under 1% (docs/evaluation.md)",
+                         min=0, max=STEPS_MAX)
     limit: int = setting(100, "documents per task at most; 0: all of them", min=0, max=10**9)
     num_fewshot: int | None = setting(None, "few-shot examples per prompt; null: each task's own", min=0, max=1000)
     include_path: str = setting("", "directory of local task files (YAML + data) the harness also reads; empty: none")

@@ -43,7 +43,10 @@ def run_tasks(lm: Any, settings: TaskSettings, manager: Any, log_samples: bool =
 
     for name in ("lm-eval", "lm_eval"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    with _global_rng_kept():
+    # Eager, even where the blocks are compiled: requests come in every length, and compiling the blocks for each
+    # (training's own graphs are for one shape) cost a 1B run 20 s at its first evaluation on an H200, past
+    # dynamo's recompile limit.
+    with _global_rng_kept(), torch.compiler.set_stance("force_eager"):
         return lm_eval.simple_evaluate(
             model=lm, tasks=settings.tasks, num_fewshot=settings.num_fewshot, limit=settings.limit or None,
             task_manager=manager, bootstrap_iters=0, log_samples=log_samples)

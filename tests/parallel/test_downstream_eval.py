@@ -200,7 +200,7 @@ def test_wrong_eval_input_is_one_message_and_exit_2(run, capsys, args: list[str]
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (["schedule.eval_every=0", "eval.tasks=demo_mc"], r"eval.every: 0 with schedule.eval_every=0"),
+    (["schedule.eval_every=0", "eval.every=0", "eval.tasks=demo_mc"], r"eval.every: 0 with schedule.eval_every=0"),
     (["parallel.pp=2", "resources.gpus_per_node=2", "eval.tasks=demo_mc"], r"eval.tasks: downstream evaluation in "
                                                                           r"the loop needs a plain forward"),
     (["eval.tasks=demo_mc", "eval.include_path=/nonexistent/tasks"], r"eval.include_path: '/nonexistent/tasks' is "

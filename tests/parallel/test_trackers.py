@@ -85,7 +85,7 @@ def test_a_run_and_its_resume_write_the_same_scalars_to_every_tracker(tmp_path, 
     shards = write_shards(tmp_path / "shards", seq_len=64, rows=200)
     byte_tokenizer(shards / "tokenizer.json")
     tasks = multiple_choice_task(tmp_path / "tasks")
-    common = (f"data.path={shards}", "eval.tasks=tracked_mc", f"eval.include_path={tasks}")
+    common = (f"data.path={shards}", "eval.tasks=tracked_mc", f"eval.include_path={tasks}", "eval.every=0")
     run(tracker_spec(tmp_path, *common, "schedule.steps=4"), rank_env)
     resumed = tracker_spec(tmp_path, *common, "schedule.steps=6", "schedule.eval_every=3")
     exporter = prometheus.RankExporter.from_spec(resumed, 0, 0, advertise_host="127.0.0.1")
