@@ -36,11 +36,13 @@ def corpus_tokens(max_tokens: int, sources: tuple[str, ...] = ("kjv", "python_do
     return np.asarray(tokens[:max_tokens], dtype=np.int32)
 
 
-def write_shards(directory: Path, seq_len: int, rows: int, rows_per_shard: int = 64) -> Path:
-    """A shard directory of about `rows` training rows (plus a tenth as many val rows) of real text."""
+def write_shards(directory: Path, seq_len: int, rows: int, rows_per_shard: int = 64,
+                 sources: tuple[str, ...] | None = None) -> Path:
+    """A shard directory of about `rows` training rows (plus a tenth as many val rows) of real text; `sources`: the
+    corpus files to read (e.g. ("fortunes",) for many short documents), else `corpus_tokens`' default."""
     width = seq_len + 1
     total = rows + rows // 9 + 1
-    packed = corpus_tokens(total * width).reshape(-1, width)
+    packed = (corpus_tokens(total * width, sources) if sources else corpus_tokens(total * width)).reshape(-1, width)
     is_val = np.arange(len(packed)) % 10 == 9
     splits = {}
     for split, block in (("train", packed[~is_val]), ("val", packed[is_val])):

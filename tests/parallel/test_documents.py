@@ -27,7 +27,7 @@ from parallel.generate import SamplingConfig, generate
 from parallel.loader import ShardLoader
 from parallel.model import build_model, cross_entropy
 from parallel.restore import check_same_model
-from tests.helpers import PARAM_ATOL, REPO, RTOL, reference_run, run_layout
+from tests.helpers import PARAM_ATOL, REPO, RTOL, losses, pretrain_train, reference_run, run_layout
 from tests.parallel.documents_worker import ENDS, probe_diffs, probe_rows
 from tests.parallel.layout_worker import EOS, TINY
 from tests.shards import EOS as SHARD_EOS
@@ -259,3 +259,21 @@ def test_the_cli_refuses_positions_without_masks_with_exit_code_2(tmp_path, caps
     assert main(["validate", str(path), "model.rope_positions=document"]) == 2
     err = capsys.readouterr().err
     assert "pretrain validate: " in err and "model.rope_positions: document restarts positions" in err
+
+
+@pytest.mark.slow
+def test_pretrain_train_reads_documents_from_the_shards(tmp_path) -> None:
+    """`pretrain train` on real shards of short documents: with document masks the loop's first loss (same weights,
+    same rows) differs from the causal run's, so the loader's ids reach the forward, and both runs learn."""
+    shards = write_shards(tmp_path / "shards", seq_len=64, rows=120, rows_per_shard=40, sources=("fortunes",))
+    first = {}
+    for mask in ("causal", "document"):
+        done = pretrain_train(1, tmp_path, f"data.path={shards}", "parallel.backend=native", "schedule.steps=4",
+                              "resources.gpus_per_node=1", f"checkpoint.dir={tmp_path}/{mask}",
+                              f"model.attention_mask={mask}",
+                              f"model.rope_positions={'document' if mask == 'document' else 'sequence'}")
+        assert done.returncode == 0, done.stderr[-3000:]
+        steps = losses(done.stdout + done.stderr)
+        assert sorted(steps) == [1, 2, 3, 4] and steps[4] < steps[1], steps
+        first[mask] = steps[1]
+    assert abs(first["document"] - first["causal"]) > 1e-3, first
