@@ -190,7 +190,7 @@ def _walk_documents(row: list[int], eos: int) -> tuple[list[int], list[int]]:
 def test_the_loader_derives_documents_from_eos_and_resumes_exactly(tmp_path) -> None:
     """Real shards: the ids and positions follow the rows' EOS tokens; everything else the loader returns, its
     state and a resume are as without them."""
-    shards = str(write_shards(tmp_path, seq_len=128, rows=48, rows_per_shard=16))
+    shards = str(write_shards(tmp_path, seq_len=128, rows=48, rows_per_shard=16, sources=("fortunes",)))
     args = dict(seq_len=128, micro_batch_size=2, grad_accum=2, seed=3, prefetch=0)
     plain, masked = ShardLoader(shards, **args), ShardLoader(shards, documents=True, **{**args, "prefetch": 2})
     steps = []
@@ -205,7 +205,7 @@ def test_the_loader_derives_documents_from_eos_and_resumes_exactly(tmp_path) -> 
         if len(steps) == 4:
             state = masked.state_dict()
     assert plain.state_dict() == masked.state_dict()
-    assert max(int(d.max()) for d in steps) >= 1, "some rows should hold a document boundary"
+    assert max(int(d.max()) for d in steps) >= 2, "rows of short documents should hold several"
     resumed = ShardLoader(shards, documents=True, **args)
     resumed.load_state_dict(state)
     again = [mb.documents for _ in range(2) for mb in resumed.next_step()]
