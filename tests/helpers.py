@@ -96,6 +96,17 @@ def reference_run(overrides: list[str]) -> dict:
     return {"losses": losses, "params": {n: p.detach() for n, p in model.named_parameters()}}
 
 
+def assert_compiled_as_eager(counter, got: tuple[torch.Tensor, dict], want: tuple[torch.Tensor, dict]) -> None:
+    """A compiled model's (loss, gradients) against the eager model's: `counter` (a dynamo CompileCounter) compiled
+    some block, with no graph break, and the numbers agree (gradients within 1e-5). Resets dynamo."""
+    assert counter.frame_count >= 1, "no block was compiled"
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    torch._dynamo.reset()
+    torch.testing.assert_close(got[0], want[0], rtol=RTOL, atol=0)
+    for name, grad in want[1].items():
+        torch.testing.assert_close(got[1][name], grad, rtol=0, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
 def assert_layout_matches(procs: int, overrides: list[str], references: dict, tmp_path: Path) -> None:
     """Run the layout and hold its losses, parameters, schedule and eval loss to the single-process reference."""
     model_overrides = tuple(o for o in overrides if o.startswith("model."))

@@ -27,7 +27,16 @@ from parallel.generate import SamplingConfig, generate
 from parallel.loader import ShardLoader
 from parallel.model import build_model, cross_entropy
 from parallel.restore import check_same_model
-from tests.helpers import PARAM_ATOL, REPO, RTOL, losses, pretrain_train, reference_run, run_layout
+from tests.helpers import (
+    PARAM_ATOL,
+    REPO,
+    RTOL,
+    assert_compiled_as_eager,
+    losses,
+    pretrain_train,
+    reference_run,
+    run_layout,
+)
 from tests.parallel.documents_worker import ENDS, probe_diffs, probe_rows
 from tests.parallel.layout_worker import EOS, TINY
 from tests.shards import EOS as SHARD_EOS
@@ -109,18 +118,12 @@ def test_compiled_checkpointed_blocks_mask_as_eager_ones() -> None:
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    want_loss, want_grads = loss_and_grads(tiny(*DOCUMENT, *GEMMA_LIKE))
+    want = loss_and_grads(tiny(*DOCUMENT, *GEMMA_LIKE))
     model = tiny(*DOCUMENT, *GEMMA_LIKE)
     apply_activation_checkpointing(model.layers, "selective")
     counter = CompileCounterWithBackend("aot_eager_decomp_partition")
     apply_compile(model.layers, backend=counter)
-    got_loss, got_grads = loss_and_grads(model)
-    assert counter.frame_count >= 1, "no block was compiled"
-    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
-    torch._dynamo.reset()
-    torch.testing.assert_close(got_loss, want_loss, rtol=RTOL, atol=0)
-    for name, grad in want_grads.items():
-        torch.testing.assert_close(got_grads[name], grad, rtol=0, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    assert_compiled_as_eager(counter, loss_and_grads(model), want)
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ from orchestrator.validate import parse_spec
 from parallel.activation_checkpoint import apply_activation_checkpointing
 from parallel.compile import apply_compile
 from parallel.model import build_model, cross_entropy
-from tests.helpers import PARAM_ATOL, RTOL, reference_run, run_layout
+from tests.helpers import PARAM_ATOL, RTOL, assert_compiled_as_eager, reference_run, run_layout
 from tests.parallel.layout_worker import TINY
 
 MODELS = {
@@ -155,14 +155,8 @@ def test_compiled_checkpointed_blocks_train_as_eager_ones(model: str, mode: str)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     counter = CompileCounterWithBackend("aot_eager_decomp_partition")
-    want_loss, want_grads = loss_and_grads(tiny_model(model, "none"))
-    got_loss, got_grads = loss_and_grads(tiny_model(model, mode, backend=counter))
-    assert counter.frame_count >= 1, "no block was compiled"
-    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
-    torch._dynamo.reset()
-    torch.testing.assert_close(got_loss, want_loss, rtol=RTOL, atol=0)
-    for name, grad in want_grads.items():
-        torch.testing.assert_close(got_grads[name], grad, rtol=0, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    want = loss_and_grads(tiny_model(model, "none"))
+    assert_compiled_as_eager(counter, loss_and_grads(tiny_model(model, mode, backend=counter)), want)
 
 
 def backward_flops(model: torch.nn.Module) -> dict[str, int]:
