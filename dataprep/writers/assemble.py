@@ -77,8 +77,15 @@ class WriteStage(Stage):
         resolved = config_to_dict(self.config)
         for key in ("output", "work_dir", "num_cpus", "span_bytes"):
             resolved.pop(key)
+        # Long-context packing is hashed only when set, so a prep from before those settings keeps its hash.
+        if resolved["pack"] == "split":
+            resolved.pop("pack")
+        if not resolved["mix"]["long_doc_tokens"]:
+            resolved["mix"].pop("long_doc_tokens")
         for s in resolved["sources"].values():
             s.pop("path")
+            if s["long_doc_boost"] == 1:
+                s.pop("long_doc_boost")
         return stable_hash(resolved, fingerprints)
 
 

@@ -13,6 +13,7 @@ from dataprep.lengths import histogram, summary
 from dataprep.report import draw_report, length_line
 from dataprep.tokenize.encode import TRAIN, VAL
 from dataprep.tokenize.pack import _pack, pack_file
+from dataprep.writers.assemble import WriteStage
 from orchestrator.errors import SpecError
 from tests.shards import EOS, corpus_tokens
 
@@ -122,3 +123,13 @@ def test_packing_settings_are_checked(tmp_path, override: str, match: str) -> No
     raw = {"output": str(tmp_path / "out"), "sources": {"a": {"path": str(tmp_path)}}}
     with pytest.raises(SpecError, match=match):
         parse_prep_config(raw, source="prep.yaml", overrides=[override])
+
+
+def test_packing_settings_enter_the_config_hash_only_when_set(tmp_path) -> None:
+    """A prep at the defaults keeps the hash it had before these settings existed (they are left out at their
+    defaults); each one set changes it, so shards packed another way never pass for the same config."""
+    raw = {"output": str(tmp_path / "out"), "sources": {"a": {"path": str(tmp_path)}}}
+    hashes = {o: WriteStage(parse_prep_config(raw, overrides=[o] if o else []))._config_hash([])
+              for o in ("", "pack=split", "pack=whole", "sources.a.long_doc_boost=2", "mix.long_doc_tokens=512")}
+    assert hashes[""] == hashes["pack=split"]
+    assert len(set(hashes.values())) == 4, hashes
