@@ -1,7 +1,7 @@
 """What a submitted job's log and history tell: each rank's lines as printed (never folded by Ray), the checkpoint and
 data position every attempt resumed from, a user error (a corrupt shard) as one message without a traceback, and a
 history.jsonl with one record per step after a replay; the experiment trackers (TensorBoard, W&B offline, MLflow) hold
-both attempts in one tracker run each.
+both attempts in one tracker run each, with the in-loop downstream scores of both, which a real Prometheus also scraped.
 
 The jobs go through the Jobs API of the shared simulated two-node cluster with the real training loop; a rank is made
 to exit mid-run by the worker's fault injection (`PRETRAIN_TEST_EXIT`).
@@ -15,9 +15,11 @@ import time
 
 import pytest
 
-from parallel.callbacks import CheckpointStats, HistoryCallback, StepStats
+from parallel.callbacks import CheckpointStats, HistoryCallback, StepStats, read_history
 
 STEPS = 6
+TASK, METRIC = "tracked_mc", "acc"  # the killed-rank run's downstream score: a local task, every 2 steps
+SCORE = f"{TASK}/{METRIC}"
 
 
 def _step(n: int, loss: float) -> StepStats:
@@ -58,9 +60,12 @@ def test_history_replaces_the_records_of_replayed_steps(tmp_path):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
+    from tests.parallel.test_hf_layouts import byte_tokenizer
     from tests.shards import write_shards
 
-    return write_shards(tmp_path_factory.mktemp("joblog") / "shards", seq_len=64, rows=200)
+    directory = write_shards(tmp_path_factory.mktemp("joblog") / "shards", seq_len=64, rows=200)
+    byte_tokenizer(directory / "tokenizer.json")  # what downstream evaluation tokenizes its tasks with
+    return directory
 
 
 def _spec(tmp_path, shards, name: str):
@@ -94,12 +99,25 @@ def _run_to_end(cluster, spec, job: str, env: dict[str, str] | None = None, time
 @pytest.mark.slow
 @pytest.mark.xdist_group("ray")
 def test_job_log_of_a_killed_rank_names_the_resume_point_and_folds_nothing(ray_cluster, shards, tmp_path):
+    from tests.cluster.prometheus_server import PrometheusServer
+    from tests.parallel.test_trackers import multiple_choice_task
+
     spec = _spec(tmp_path, shards, "joblog")
     spec.metrics.loggers = ("prometheus", "tensorboard", "wandb", "mlflow")
+    # Scored at step 2 by the first attempt, at 4 and 6 (the last) by the one resumed from step 2.
+    spec.eval.tasks, spec.eval.every = TASK, 2
+    spec.eval.include_path = str(multiple_choice_task(tmp_path / "tasks"))
     # Ray would fold lines alike but for their numbers that come from several ranks within its window (5 s); a window
     # as long as the job puts the four start lines of the two attempts in one, where folding would show.
-    env = {"PRETRAIN_TEST_EXIT": f"1:3:{tmp_path / 'exited'}", "RAY_DEDUP_LOGS_AGG_WINDOW_S": "600"}
-    info, log = _run_to_end(ray_cluster, spec, "joblog", env=env)
+    env = {"PRETRAIN_TEST_EXIT": f"1:3:{tmp_path / 'exited'}", "RAY_DEDUP_LOGS_AGG_WINDOW_S": "600",
+           "HF_DATASETS_OFFLINE": "1"}
+    prometheus = PrometheusServer(tmp_path / "prometheus", tmp_path / "targets.json")  # the run's default targets
+    try:
+        info, log = _run_to_end(ray_cluster, spec, "joblog", env=env)
+        scraped = [prometheus.query(f'{over}(pretrain_eval_score{{run="joblog"}}[10m])')
+                   for over in ("min_over_time", "max_over_time")]
+    finally:
+        prometheus.stop()
     assert info.status == "SUCCEEDED", log[-4000:]
     assert "injected exit after step 3" in log
     assert "across cluster]" not in log  # Ray's mark of folded lines: "[repeated 2x across cluster]"
@@ -110,28 +128,42 @@ def test_job_log_of_a_killed_rank_names_the_resume_point_and_folds_nothing(ray_c
     # (2 steps × 2 ranks × micro-batch 2 = sample 8).
     resumed = f"resumed from checkpoint {spec.checkpoint.dir}/step_2 (step 2); data position: epoch 0, sample 8 of "
     assert resumed in log, log[-4000:]
-    history = (tmp_path / "checkpoints" / "history.jsonl").read_text().splitlines()
-    steps = [json.loads(line)["step"] for line in history if json.loads(line)["kind"] == "step"]
-    assert steps == list(range(1, STEPS + 1))
+    history = read_history(str(tmp_path / "checkpoints" / "history.jsonl"))
+    assert [r["step"] for r in history["step"]] == list(range(1, STEPS + 1))
+    scores = [(r["step"], r["scores"][SCORE]) for r in history["eval"]]
+    assert [s for s, _ in scores] == [2, 4, 6], history["eval"]
     assert not (tmp_path / "targets.json").exists()  # the finished run's exporters are out of Prometheus's targets
-    assert_trackers_continued(tmp_path / "checkpoints")
+    assert_trackers_continued(tmp_path / "checkpoints", scores)
+    # Rank 0's exporter held each score until the next, or until its attempt ended: scraped in one attempt at least.
+    samples = [sample for found in scraped for sample in found]
+    labels = {(s["metric"]["task"], s["metric"]["metric"], s["metric"]["role"]) for s in samples}
+    assert labels == {(TASK, METRIC, "rank")}, samples
+    assert {float(s["value"][1]) for s in samples} <= {score for _, score in scores}, samples
 
 
-def assert_trackers_continued(checkpoints) -> None:
-    """Both attempts wrote to the same tracker runs, and the replayed step is in each once."""
+def assert_trackers_continued(checkpoints, scores: list[tuple[int, float]]) -> None:
+    """Both attempts wrote to the same tracker runs, the replayed step is in each once, and so is each downstream
+    score (`scores`: history.jsonl's)."""
     from mlflow.tracking import MlflowClient
 
+    from parallel.trackers import score_name
     from tests.tracker_files import mlflow_history, tensorboard_scalars, wandb_history
 
     ids, every_step = json.loads((checkpoints / "trackers.json").read_text()), list(range(1, STEPS + 1))
+    name = score_name(SCORE)
     client = MlflowClient(tracking_uri=f"sqlite:///{checkpoints / 'mlflow.db'}")
     run = client.get_run(ids["mlflow"])
     assert run.info.status == "FINISHED" and len(client.search_runs([run.info.experiment_id])) == 1
     assert [s for s, _ in mlflow_history(client, ids["mlflow"], "pretrain_loss")] == every_step
-    assert [s for s, _ in tensorboard_scalars(checkpoints / "tensorboard")["pretrain_loss"]] == every_step
+    assert mlflow_history(client, ids["mlflow"], name) == scores
+    board = tensorboard_scalars(checkpoints / "tensorboard")
+    assert [s for s, _ in board["pretrain_loss"]] == every_step
+    assert [s for s, _ in board[name]] == [s for s, _ in scores]
+    assert [v for _, v in board[name]] == pytest.approx([v for _, v in scores], rel=1e-6)  # TensorBoard's float32
     attempts = [wandb_history(d) for d in sorted((checkpoints / "wandb").glob("offline-run-*"))]
     assert len(attempts) == 2 and {run_id for run_id, _ in attempts} == {ids["wandb"]}
     assert [s for _, h in attempts for s, _ in h["pretrain_loss"]][-1] == STEPS
+    assert [h[name] for _, h in attempts] == [scores[:1], scores[1:]]  # each attempt's own scores, in its directory
 
 
 @pytest.mark.slow
