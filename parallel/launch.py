@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -33,11 +34,12 @@ class RankEnv:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> RankEnv:
-        """Read torchrun's variables; none set means a single process (rank 0 of 1)."""
+        """Read torchrun's variables; none set means a single process (rank 0 of 1), whose process group listens
+        on a free loopback port: two single-process runs on one machine must not both claim torchrun's 29500."""
         environ = os.environ if environ is None else environ
         present = [k for k in _REQUIRED if k in environ]
         if not present:
-            return cls()
+            return cls(master_port=_free_port())
         missing = [k for k in _REQUIRED if k not in environ]
         if missing:
             raise UserError(f"launch environment: {', '.join(present)} set but {', '.join(missing)} missing; "
@@ -62,6 +64,12 @@ class RankEnv:
             LOCAL_WORLD_SIZE=str(self.local_world_size), MASTER_ADDR=self.master_addr,
             MASTER_PORT=str(self.master_port),
         )
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:

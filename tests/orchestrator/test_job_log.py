@@ -160,10 +160,13 @@ def assert_trackers_continued(checkpoints, scores: list[tuple[int, float]]) -> N
     assert [s for s, _ in board["pretrain_loss"]] == every_step
     assert [s for s, _ in board[name]] == [s for s, _ in scores]
     assert [v for _, v in board[name]] == pytest.approx([v for _, v in scores], rel=1e-6)  # TensorBoard's float32
-    attempts = [wandb_history(d) for d in sorted((checkpoints / "wandb").glob("offline-run-*"))]
-    assert len(attempts) == 2 and {run_id for run_id, _ in attempts} == {ids["wandb"]}
-    assert [s for _, h in attempts for s, _ in h["pretrain_loss"]][-1] == STEPS
-    assert [h[name] for _, h in attempts] == [scores[:1], scores[1:]]  # each attempt's own scores, in its directory
+    # W&B writes through a service process of its own, which the gang restart kills with the first attempt's rank 0:
+    # what it had written by then stays (its run record first, when any), the rest of that attempt is lost.
+    (first_id, first), (last_id, last) = [wandb_history(d) for d in
+                                          sorted((checkpoints / "wandb").glob("offline-run-*"))]
+    assert last_id == ids["wandb"] and first_id in ("", ids["wandb"])
+    assert [s for s, _ in last["pretrain_loss"]][-1] == STEPS
+    assert first.get(name, []) in ([], scores[:1]) and last[name] == scores[1:]  # each attempt's own scores
 
 
 @pytest.mark.slow

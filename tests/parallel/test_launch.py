@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+
 import pytest
 import torch
 
@@ -18,7 +21,16 @@ def test_torchrun_variables_place_the_rank() -> None:
 
 
 def test_no_variables_mean_a_single_process() -> None:
-    assert RankEnv.from_env({}) == RankEnv(rank=0, world_size=1)
+    # torchrun's default port taken (by this socket, or already by someone else): a single process takes a free one,
+    # so that two single-process runs on one machine both start
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        with contextlib.suppress(OSError):
+            taken.bind(("127.0.0.1", 29500))
+        alone = RankEnv.from_env({})
+        assert (alone.rank, alone.world_size, alone.master_addr) == (0, 1, "127.0.0.1")
+        assert alone.master_port != 29500
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("127.0.0.1", alone.master_port))
 
 
 def test_a_partial_environment_names_what_is_missing() -> None:
