@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import os
 import pickle
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from orchestrator.errors import CheckpointError, UserError
 from orchestrator.spec import JobSpec
 from parallel.checkpoint_layout import LATEST_FILE, LAYOUT_FILE, MANIFEST_FILE, STEP_PREFIX, read_layout, step_of
 from parallel.hf import HFExport, save_hf
+from parallel.launch import free_port
 from parallel.model import ModelDims
 
 _ERROR_FILE = "error_rank_{}.txt"
@@ -128,7 +128,7 @@ def consolidate(spec: JobSpec, step_dir: str, write: StateWriter) -> None:
 def _run_ranks(world: int, job: str, work: str) -> None:
     """Start `world` rank processes, wait for all; a failing rank stops the others and its error is raised."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    port = _free_port()
+    port = free_port()
     # Started from a torchrun rank (resuming across backends), the inherited TORCHELASTIC_* variables would have
     # these ranks look for torchrun's store instead of rank 0 creating their own.
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC_")}
@@ -163,12 +163,6 @@ def _run_ranks(world: int, job: str, work: str) -> None:
         with open(os.path.join(work, f"rank_{failed}.log"), encoding="utf-8", errors="replace") as f:
             tail = "\n".join(f.read().strip().splitlines()[-20:])
         raise CheckpointError(f"gathering the checkpoint failed on rank {failed} of {world}:\n{tail}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(job: str) -> None:

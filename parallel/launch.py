@@ -39,7 +39,7 @@ class RankEnv:
         environ = os.environ if environ is None else environ
         present = [k for k in _REQUIRED if k in environ]
         if not present:
-            return cls(master_port=_free_port())
+            return cls(master_port=free_port())
         missing = [k for k in _REQUIRED if k not in environ]
         if missing:
             raise UserError(f"launch environment: {', '.join(present)} set but {', '.join(missing)} missing; "
@@ -66,7 +66,8 @@ class RankEnv:
         )
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback port free now: where a process group of this machine's processes alone can listen."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import re
-import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -228,7 +227,7 @@ def _train_in_this_process(base: str, out: str, overrides: list[str]) -> None:
     from orchestrator.validate import load_spec
     from parallel import train
     from parallel.callbacks import BaseCallback
-    from parallel.launch import RankEnv
+    from parallel.launch import RankEnv, free_port
 
     spec = load_spec(base, overrides, require_data=True)
     if spec.resources.device == "cpu":
@@ -242,7 +241,7 @@ def _train_in_this_process(base: str, out: str, overrides: list[str]) -> None:
 
     record = Record()
     start = time.perf_counter()
-    result = train.run(spec, RankEnv(master_port=_free_port()), callbacks=[record])
+    result = train.run(spec, RankEnv(master_port=free_port()), callbacks=[record])
     outcome = {"params": count_params(spec.model).total, "val_loss": record.val_loss, "train_loss": result.loss,
                "seconds": time.perf_counter() - start}
     with open(out, "w", encoding="utf-8") as f:
@@ -348,10 +347,6 @@ def _parse_numbers(field: str, text: str, problems: list[Problem]) -> list[float
     return numbers
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":
