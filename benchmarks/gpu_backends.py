@@ -13,14 +13,14 @@
     torchrun --nproc_per_node 2 benchmarks/gpu_backends.py --model examples/llama-8b.yaml --seq-len 4096 \
         --micro-batch-size 1 --grad-accum 8 --runs native-zero1-tp2,native-zero1-pp2-1f1b,native-zero1-pp2-interleaved
 
-A run is `plain` or `<backend>-zero<stage>[-tp<n>][-pp<n>[-1f1b|-interleaved|-zerobubble]][-ac<mode>][-fp8<recipe>]
-[-untuned]`:
-`-tp<n>` splits the model over n GPUs, `-pp<n>` cuts it into n pipeline stages (the rest is data parallel) run by
-the named schedule (default: the spec's `parallel.pp_schedule`) over `grad_accum` micro-batches; `-ac<mode>` sets
-`parallel.activation_checkpointing` (none, full, selective; every<n> for every_n with that n) for that run,
-`-fp8<recipe>` sets `parallel.float8` (none, tensorwise, rowwise); `-untuned` runs DeepSpeed as configured before
-its tuning (per-step overflow check, bf16 gradients copied to the fp32 accumulator after the backward pass), for
-before/after figures in one launch.
+A run is `plain` or `<backend>-zero<stage>[-tp<n>][-cp<n>][-pp<n>[-1f1b|-interleaved|-zerobubble]][-ac<mode>]
+[-fp8<recipe>][-untuned]`:
+`-tp<n>` splits the model over n GPUs, `-cp<n>` each sequence (context parallelism, native), `-pp<n>` cuts it into n
+pipeline stages (the rest is data parallel) run by the named schedule (default: the spec's `parallel.pp_schedule`)
+over `grad_accum` micro-batches; `-ac<mode>` sets `parallel.activation_checkpointing` (none, full, selective;
+every<n> for every_n with that n) for that run, `-fp8<recipe>` sets `parallel.float8` (none, tensorwise, rowwise);
+`-untuned` runs DeepSpeed as configured before its tuning (per-step overflow check, bf16 gradients copied to the fp32
+accumulator after the backward pass), for before/after figures in one launch.
 
 The spec given by --model (examples/llama-1b.yaml by default: 1.15B parameters, GQA, vocab 50304) is run as written:
 its model, data.seq_len and whole `parallel` section (activation checkpointing, sequence parallelism, precision,
@@ -69,16 +69,16 @@ from parallel.optim import build_optimizer, build_param_groups, build_scheduler
 
 REPO = Path(__file__).resolve().parent.parent
 H100_FLOPS = 989e12
-RUN = re.compile(r"(?P<backend>native|deepspeed)-zero(?P<stage>[0-3])(-tp(?P<tp>\d+))?"
+RUN = re.compile(r"(?P<backend>native|deepspeed)-zero(?P<stage>[0-3])(-tp(?P<tp>\d+))?(-cp(?P<cp>\d+))?"
                  r"(-pp(?P<pp>\d+)(-(?P<schedule>1f1b|interleaved|zerobubble))?)?"
                  r"(-ac(?P<ac>none|full|selective|every(?P<every>[1-9]\d*)))?(-fp8(?P<fp8>none|tensorwise|rowwise))?"
                  r"(?P<untuned>-untuned)?")
-RUN_FORM = ("<native|deepspeed>-zero<0-3>[-tp<n>][-pp<n>[-1f1b|-interleaved|-zerobubble]][-ac<mode>][-fp8<recipe>]"
-            "[-untuned]")
+RUN_FORM = ("<native|deepspeed>-zero<0-3>[-tp<n>][-cp<n>][-pp<n>[-1f1b|-interleaved|-zerobubble]][-ac<mode>]"
+            "[-fp8<recipe>][-untuned]")
 # The run name's schedule word → `parallel.pp_schedule`.
 SCHEDULES = {"1f1b": "1f1b", "interleaved": "interleaved_1f1b", "zerobubble": "zero_bubble"}
 # Set by the benchmark's run, not taken from the spec: the layout over the GPUs of this launch.
-LAYOUT_KEYS = ("backend", "zero_stage", "dp", "pp", "tp", "global_batch_size")
+LAYOUT_KEYS = ("backend", "zero_stage", "dp", "cp", "pp", "tp", "global_batch_size")
 # Flags that override the spec's `parallel` setting of the same name when given.
 PARALLEL_FLAGS = ("micro_batch_size", "grad_accum", "precision", "compile", "activation_checkpointing",
                   "sequence_parallel", "float8")
@@ -108,9 +108,9 @@ def add_parallel_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_spec(backend: str, zero_stage: int, world: int, args: argparse.Namespace, tp: int = 1, pp: int = 1,
                activation_checkpointing: str | None = None, pp_schedule: str | None = None,
-               float8: str | None = None):
+               float8: str | None = None, cp: int = 1):
     written = load_yaml(args.model)
-    parallel = spec_parallel(written, args, backend=backend, zero_stage=zero_stage, tp=tp, pp=pp)
+    parallel = spec_parallel(written, args, backend=backend, zero_stage=zero_stage, tp=tp, pp=pp, cp=cp)
     if activation_checkpointing and activation_checkpointing.startswith("every"):
         parallel["activation_checkpointing"] = "every_n"
         parallel["activation_checkpointing_every"] = int(activation_checkpointing.removeprefix("every"))
@@ -135,8 +135,8 @@ def build_spec(backend: str, zero_stage: int, world: int, args: argparse.Namespa
 
 def random_micro_batches(spec, device: torch.device, count: int) -> list[list[MicroBatch]]:
     p, seq, vocab = spec.parallel, spec.data.seq_len, spec.model.vocab_size
-    # Ranks of one data-parallel rank's model replica (its tp group and its pp stages) read the same batch.
-    generator = torch.Generator(device=device).manual_seed(1234 + dist.get_rank() // p.tp % p.dp)
+    # Ranks of one data-parallel rank's model replica (its tp and cp groups and its pp stages) read the same batch.
+    generator = torch.Generator(device=device).manual_seed(1234 + dist.get_rank() // (p.tp * p.cp) % p.dp)
     steps = []
     for _ in range(count):
         rows = torch.randint(0, vocab, (p.grad_accum, p.micro_batch_size, seq + 1), device=device,
@@ -203,7 +203,7 @@ def build_runner(name: str, args: argparse.Namespace, env: RankEnv, device: torc
         return spec, PlainLoop(spec, device).train_step
     run = parse_run(name)
     spec = build_spec(run["backend"], int(run["stage"]), world, args, tp=int(run["tp"] or 1),
-                      pp=int(run["pp"] or 1), activation_checkpointing=run["ac"],
+                      pp=int(run["pp"] or 1), cp=int(run["cp"] or 1), activation_checkpointing=run["ac"],
                       pp_schedule=SCHEDULES.get(run["schedule"] or ""), float8=run["fp8"])
     if run["untuned"]:
         import parallel.deepspeed_engine as ds_engine
