@@ -7,6 +7,7 @@ import os
 from collections.abc import Sequence
 
 from dataprep.filters.base import BaseFilter, Verdict
+from dataprep.filters.fasttext_predict import predict_lines
 
 _PREFIX_CHARS = 2000  # the model reads a bag of n-grams: a document's opening is enough, and bounds the cost
 
@@ -22,12 +23,9 @@ def load_model():
 
 def detect_languages(texts: Sequence[str]) -> list[tuple[str, float]]:
     """(ISO code, confidence) per text."""
-    model = load_model()
-    out = []
-    for text in texts:
-        labels, scores = model.predict(text[:_PREFIX_CHARS].replace("\n", " "), k=1)
-        out.append((labels[0].removeprefix("__label__"), float(scores[0])) if labels else ("", 0.0))
-    return out
+    labels, scores = predict_lines(load_model(), [text[:_PREFIX_CHARS] for text in texts])
+    return [(top[0].removeprefix("__label__"), float(p[0])) if top else ("", 0.0)
+            for top, p in zip(labels, scores, strict=True)]
 
 
 class LanguageFilter(BaseFilter):
