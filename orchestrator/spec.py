@@ -58,6 +58,41 @@ class LoraConfig:
 
 
 @dataclass
+class MoEConfig:
+    """Mixture of experts (Shazeer et al.; Switch, Mixtral, DeepSeek-V3, Qwen3-MoE): the MLP of the chosen layers
+    replaced by a router and `num_experts` SwiGLU experts, each token sent to its `top_k` experts and their outputs
+    added by the router's weights; native backend (docs/models.md)."""
+
+    num_experts: int = setting(0, "routed experts per MoE layer; 0: a dense model", min=0, max=4096)
+    top_k: int = setting(2, "experts each token is sent to, at most num_experts", min=1, max=64)
+    num_shared_experts: int = setting(0, "experts every token passes through besides the routed ones (DeepSeek), "
+                                      "one MLP of num_shared_experts·expert_ffn_dim", min=0, max=64)
+    every_n_layers: int = setting(1, "layer i is an MoE layer when (i+1) % every_n_layers == 0; 1: every layer",
+                                  min=1, max=1024)
+    first_dense_layers: int = setting(0, "the first layers keep a dense MLP (DeepSeek-V3: 3)", min=0, max=1024)
+    expert_ffn_dim: int | None = setting(None, "hidden size of one expert; null: model.ffn_dim", min=1, max=2**20)
+    score: str = setting("softmax", "router scores: softmax over the experts (Mixtral, Qwen3-MoE) or a sigmoid per "
+                         "expert (DeepSeek-V3)", choices=("softmax", "sigmoid"))
+    norm_topk: bool = setting(True, "renormalise the chosen experts' weights to sum to one (Mixtral, Qwen3-MoE, "
+                              "DeepSeek-V3); false: the raw scores")
+    balance: str = setting("aux_free", "load balancing: aux_free: a per-expert bias added to the scores for the "
+                           "choice only, moved after each step toward the less loaded experts (DeepSeek-V3); "
+                           "aux_loss: the Switch balancing loss; both", choices=("aux_free", "aux_loss", "both"))
+    aux_loss_coef: float = setting(1e-3, "weight of the balancing loss (read with balance aux_loss or both)",
+                                   min=0.0, max=10.0)
+    aux_loss_per: str = setting("sequence", "what the balancing loss balances: each sequence (DeepSeek-V3's "
+                                "sequence-wise loss; the same in every layout) or each micro-batch (Switch)",
+                                choices=("sequence", "batch"))
+    bias_update_rate: float = setting(1e-3, "aux_free: the bias step per optimizer step, toward balance", min=0.0,
+                                      max=1.0)
+    capacity_factor: float = setting(0.0, "tokens an expert takes per micro-batch, as a multiple of the even share "
+                                     "(tokens·top_k/num_experts); the rest are dropped (their expert output is "
+                                     "zero) and counted; 0: dropless", min=0.0, max=64.0)
+    router_z_loss_coef: float = setting(0.0, "weight of the router z-loss, mean of logsumexp(logits)² (ST-MoE); "
+                                        "0: off", min=0.0, max=10.0)
+
+
+@dataclass
 class ModelConfig:
     """A decoder-only transformer: by default Llama's (pre-norm RMSNorm, SwiGLU, RoPE, grouped-query attention, no
     biases); the switches below give the other families' variants, and `family` fills them in one word."""
@@ -90,6 +125,7 @@ class ModelConfig:
     rope_theta: float = setting(10000.0, "RoPE base frequency", min=1.0, max=1e10)
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     sliding_window: int = setting(0, "tokens each query sees, itself included, in sliding-window layers; 0: full "
                                   "attention everywhere", min=0, max=2**24)
     full_attention_every: int = setting(0, "with sliding_window: every n-th layer attends fully (Gemma 2: 2); 0: "

@@ -45,7 +45,8 @@ def parse_spec(
     raw, problems = apply_preset(raw, overrides)
     bad: set[str] = {p.path for p in problems}
     spec = parse_config(JobSpec, raw, source=source, overrides=overrides, problems=problems, bad=bad)
-    if not bad & {"parallel.backend", "parallel.offload_optimizer", "parallel.pp", "model.tie_embeddings"}:
+    if not bad & {"parallel.backend", "parallel.offload_optimizer", "parallel.pp", "model.tie_embeddings",
+                  "model.moe.num_experts"}:
         spec.parallel.backend = pick_backend(spec)
     manifest = _read_manifest(spec, problems, bad, require_data)
     problems.extend(cross_field_problems(spec, bad, manifest))
@@ -61,6 +62,8 @@ def pick_backend(spec: JobSpec) -> str:
     p = spec.parallel
     if p.backend != "auto":
         return p.backend
+    if spec.model.moe.num_experts:
+        return "native"  # the only engine with mixture-of-experts layers
     if p.offload_optimizer or (p.pp > 1 and spec.model.tie_embeddings):
         return "deepspeed"
     return "native"
@@ -453,6 +456,58 @@ def _lora_where_it_runs(spec: JobSpec, _: Any) -> list[Problem]:
     if m.parametrization != "standard":
         out.append(Problem("model.lora.rank", f"{lora.rank} with model.parametrization={m.parametrization}: adapters "
                            "continue an imported model, which is in the standard parametrization"))
+    return out
+
+
+@rule("model.moe.num_experts", "model.moe.top_k", "model.moe.every_n_layers", "model.moe.first_dense_layers",
+      "model.moe.balance", "model.moe.aux_loss_coef", "model.moe.bias_update_rate", "model.n_layers")
+def _moe_consistent(spec: JobSpec, _: Any) -> list[Problem]:
+    """The router chooses among the experts there are, some layer is an MoE layer, and the balancing method chosen
+    has a non-zero strength (`parallel.moe`)."""
+    moe, layers = spec.model.moe, spec.model.n_layers
+    if not moe.num_experts:
+        return []
+    out = []
+    if moe.num_experts == 1:
+        out.append(Problem("model.moe.num_experts", "1: a single expert is a dense MLP; use 0 (dense) or 2 or more"))
+    elif moe.top_k > moe.num_experts:
+        out.append(Problem("model.moe.top_k", f"{moe.top_k} is more than model.moe.num_experts={moe.num_experts}: a "
+                           "token is sent to top_k different experts"))
+    if moe.first_dense_layers >= layers:
+        out.append(Problem("model.moe.first_dense_layers", f"{moe.first_dense_layers} leaves no MoE layer of "
+                           f"model.n_layers={layers}; allowed: 0 to {layers - 1}"))
+    elif not any((i + 1) % moe.every_n_layers == 0 for i in range(moe.first_dense_layers, layers)):
+        out.append(Problem("model.moe.every_n_layers", f"{moe.every_n_layers} picks no layer of model.n_layers="
+                           f"{layers} after the first_dense_layers={moe.first_dense_layers}; allowed: 1 to {layers}"))
+    if moe.balance != "aux_free" and not moe.aux_loss_coef:
+        out.append(Problem("model.moe.aux_loss_coef", f"0 with model.moe.balance={moe.balance} turns the balancing "
+                           "loss off; set a coefficient (Switch: 1e-2, DeepSeek-V3: 1e-4) or balance=aux_free"))
+    if moe.balance != "aux_loss" and not moe.bias_update_rate:
+        out.append(Problem("model.moe.bias_update_rate", f"0 with model.moe.balance={moe.balance} never moves the "
+                           "bias; set a rate (DeepSeek-V3: 1e-3) or balance=aux_loss"))
+    return out
+
+
+@rule("model.moe.num_experts", "parallel.backend", "parallel.tp", "model.lora.rank", "model.lora.targets")
+def _moe_where_it_runs(spec: JobSpec, _: Any) -> list[Problem]:
+    """MoE layers run on the native engine, without tensor parallelism of their experts so far, and take no LoRA
+    adapters on their experts (an MoE layer's projections are 3-D expert weights, not linear layers)."""
+    m, p = spec.model, spec.parallel
+    experts = m.moe.num_experts
+    if not experts:
+        return []
+    out = []
+    if p.backend != "native":
+        out.append(Problem("parallel.backend", f"{p.backend} cannot train model.moe.num_experts={experts}: "
+                           "mixture-of-experts layers run on parallel.backend=native (or auto)"))
+    if p.tp > 1:
+        out.append(Problem("parallel.tp", f"{p.tp} with model.moe.num_experts={experts} is not supported yet; shard "
+                           "with data parallelism (FSDP) or pipeline stages, or set tp=1"))
+    mlp = [t.strip() for t in m.lora.targets.split(",") if t.strip() in ("gate_proj", "up_proj", "down_proj")]
+    if m.lora.rank and mlp:
+        out.append(Problem("model.lora.targets", f"{', '.join(mlp)} with model.moe.num_experts={experts}: adapters "
+                           "go on linear layers, not on experts; target the attention projections only "
+                           "(q_proj,k_proj,v_proj,o_proj)"))
     return out
 
 
