@@ -13,10 +13,10 @@ import json
 import os
 from typing import Any
 
+from dataprep import filesystem
 from dataprep.config import PrepConfig, split_list
 from dataprep.filters.decontaminate import build_index
 from dataprep.lengths import merge, summary
-from dataprep.shards import write_atomic
 
 REPORT_JSON, REPORT_PNG = "report.json", "report.png"
 
@@ -88,8 +88,10 @@ def build_report(config: PrepConfig, ingested: dict, selected: dict, encoded: di
 
 
 def write_report(report: dict, output: str, print_table: bool = True) -> None:
-    write_atomic(os.path.join(output, REPORT_JSON), (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
-    draw_report(report, os.path.join(output, REPORT_PNG))
+    text = (json.dumps(report, indent=2, sort_keys=True) + "\n").encode()
+    filesystem.write_bytes(filesystem.join(output, REPORT_JSON), text)
+    with filesystem.written_locally(filesystem.join(output, REPORT_PNG)) as png:
+        draw_report(report, png)
     if print_table:
         print(format_table(report))
 
