@@ -199,6 +199,9 @@ class ParallelConfig:
     cp: int = setting(1, "context-parallel size (native backend): each sequence split over cp ranks, two chunks "
                       "each (head and tail, so causal work is even), keys and values all-gathered for attention; "
                       "seq_len must divide by 2·cp", min=1, max=1024)
+    ep: int = setting(1, "expert-parallel size (native backend, MoE models): each MoE layer's experts split over ep "
+                      "ranks taken from dp × cp (ep adds no ranks; it divides dp·cp and is a multiple of cp), tokens "
+                      "sent to their experts' rank and back by all-to-all", min=1, max=1024)
     pp: int = setting(1, "pipeline stages", min=1, max=1024)
     pp_schedule: str = setting("1f1b", "pipeline schedule; interleaved_1f1b and zero_bubble (native only) run two "
                                "stages per rank", choices=("1f1b", "interleaved_1f1b", "zero_bubble"))
