@@ -511,6 +511,41 @@ def _moe_where_it_runs(spec: JobSpec, _: Any) -> list[Problem]:
     return out
 
 
+@rule("parallel.ep", "model.moe.num_experts", "parallel.backend", "parallel.dp", "parallel.cp", "parallel.pp",
+      "parallel.tp", "resources.num_nodes", "resources.gpus_per_node")
+def _expert_parallel(spec: JobSpec, _: Any) -> list[Problem]:
+    """Expert parallelism is the native engine's (`parallel.expert_parallel`): an MoE layer's experts split evenly
+    over ep ranks taken from dp × cp (whole cp groups, so the mesh splits dp), which stay inside a node or take
+    whole nodes."""
+    p, r, ep, experts = spec.parallel, spec.resources, spec.parallel.ep, spec.model.moe.num_experts
+    if ep == 1:
+        return []
+    if not experts:
+        return [Problem("parallel.ep", f"{ep} splits the experts of an MoE model, but model.moe.num_experts is 0 "
+                        "(a dense model); set model.moe.num_experts or parallel.ep=1")]
+    out = []
+    if p.backend != "native":
+        out.append(Problem("parallel.ep", f"{ep} needs parallel.backend=native; the DeepSpeed engine has no expert "
+                           "parallelism (set parallel.ep=1, or parallel.backend=native)"))
+    if experts % ep:
+        out.append(Problem("parallel.ep", f"{ep} does not divide model.moe.num_experts={experts}: every ep rank holds "
+                           "the same number of experts"))
+    data = (p.dp or spec.world_size // (p.cp * p.pp * p.tp) or 1) * p.cp
+    if data % ep:
+        out.append(Problem("parallel.ep", f"{ep} does not divide dp × cp = {data}, the ranks the experts are split "
+                           "over (ep adds no ranks: raise dp or lower parallel.ep)"))
+    elif ep % p.cp:
+        out.append(Problem("parallel.ep", f"{ep} is not a multiple of parallel.cp={p.cp}: an ep group takes whole "
+                           "context-parallel groups"))
+    group = ep * p.tp
+    if r.num_nodes > 1 and r.gpus_per_node % group and group % r.gpus_per_node:
+        out.append(Problem("parallel.ep", f"ep={ep} × tp={p.tp} ranks would straddle nodes: each of the "
+                           f"resources.num_nodes={r.num_nodes} nodes runs resources.gpus_per_node={r.gpus_per_node} "
+                           f"consecutive ranks; make gpus_per_node a multiple of {group} (or {group} a multiple of "
+                           "it) or change parallel.ep"))
+    return out
+
+
 @rule("parallel.global_batch_size", "parallel.micro_batch_size", "parallel.grad_accum", "parallel.dp",
       "parallel.cp", "parallel.pp", "parallel.tp", "resources.num_nodes", "resources.gpus_per_node")
 def _global_batch(spec: JobSpec, _: Any) -> list[Problem]:
