@@ -162,11 +162,14 @@ class ModelConfig:
 class DataConfig:
     """Training data: a shard directory written by `pretrain prep`."""
 
-    path: str = setting("", "directory holding manifest.json and the Arrow shards")
+    path: str = setting("", "directory holding manifest.json and the Arrow shards: a local path or an object-store "
+                        "URI (s3://, gs://, abfs://, az://)")
     seq_len: int = setting(256, "tokens per training sequence; at most the shards' seq_len", min=8,
                            max=2**20)
     seed: int = setting(1234, "seed of the global sample order", min=0, max=SEED_MAX)
     prefetch: int = setting(2, "batches read ahead by the loader thread", min=0, max=64)
+    cache_dir: str = setting("", "shards in an object store: a local directory the loader copies each shard into "
+                             "(sha256-checked) while it streams rows, then reads from; empty: rows stream only")
     skip: str = setting("", "sample windows the loader skips, comma-separated EPOCH:START-END (positions START to "
                         "END-1 of that epoch's order; a step touching one goes past it): what a rewind after a loss "
                         "spike logs, to skip the same data by hand")
