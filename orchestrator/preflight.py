@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 
+from dataprep import filesystem
 from orchestrator.errors import UserError
 from orchestrator.spec import JobSpec
 
@@ -17,10 +18,14 @@ MANIFEST = "manifest.json"
 
 
 def check_data(spec: JobSpec) -> None:
-    """Raise `UserError` unless `data.path` is a directory holding a shard manifest."""
+    """Raise `UserError` unless `data.path` is a directory (or an object-store prefix) holding a shard manifest."""
     path = spec.data.path
     if not path:
         raise UserError("data.path: not set; point it at a directory written by `pretrain prep`")
+    if filesystem.is_remote(path):
+        if not filesystem.exists(filesystem.join(path, MANIFEST)):  # a refused credential: a StorageError, a UserError
+            raise UserError(f"data.path: {path!r} holds no {MANIFEST}, so it is not the output of `pretrain prep`")
+        return
     where = f"on {socket.gethostname()} (where the run starts; every node must see it, e.g. on a shared filesystem)"
     if not os.path.isdir(path):
         raise UserError(f"data.path: the directory {path!r} does not exist {where}")

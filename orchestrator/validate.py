@@ -15,8 +15,9 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from dataprep import filesystem
 from orchestrator import config_parser
-from orchestrator.config_parser import WRITTEN_FILE_BOUNDS, leaf_fields, load_json, parse_config
+from orchestrator.config_parser import WRITTEN_FILE_BOUNDS, leaf_fields, loads_json, parse_config
 from orchestrator.errors import Problem, SpecError
 from orchestrator.presets import apply_preset
 from orchestrator.spec import LORA_TARGETS, TRACKERS_INSTALL, JobSpec, ModelConfig, parse_windows
@@ -84,16 +85,21 @@ def _read_manifest(spec: JobSpec, problems: list[Problem], bad: set[str], requir
             problems.append(Problem("data.path", "not set; point it at a directory written by `pretrain prep`"))
             bad.add("data.path")
         return None
-    path = os.path.join(spec.data.path, "manifest.json")
-    if not os.path.exists(path):
-        if require:
-            problems.append(Problem("data.path", f"no manifest.json in {spec.data.path!r}; run `pretrain prep` first"))
-            bad.add("data.path")
-        return None
+    path = filesystem.join(spec.data.path, "manifest.json")
     try:
-        manifest = load_json(path, bounds=WRITTEN_FILE_BOUNDS)
+        if not filesystem.exists(path):
+            if require:
+                problems.append(Problem("data.path", f"no manifest.json in {spec.data.path!r}; run `pretrain prep` "
+                                        "first"))
+                bad.add("data.path")
+            return None
+        manifest = loads_json(filesystem.read_bytes(path), source=path, bounds=WRITTEN_FILE_BOUNDS)
         if not isinstance(manifest, dict):
             raise SpecError(path, [Problem("", f"expected a JSON object, got {type(manifest).__name__}")])
+    except filesystem.StorageError as e:
+        problems.append(Problem("data.path", str(e)))
+        bad.add("data.path")
+        return None
     except SpecError as e:
         problems.append(Problem("data.path", f"cannot read {path}: {e.problems[0].message}"))
         bad.add("data.path")
