@@ -14,6 +14,7 @@ from torch import nn
 
 from parallel.lora import initial_value
 from parallel.model import Transformer
+from parallel.moe import materialize_buffers
 
 
 @torch.no_grad()
@@ -42,6 +43,7 @@ def materialize_model(model: Transformer, seed: int, device: torch.device, parts
                 new.tensor_model_parallel = True
                 new.partition_dim = shard_dim
             setattr(module, name, new)
+    materialize_buffers(model, device)
     if model.dims.tie_embeddings and not model.embed_tokens.weight.is_meta:
         model.lm_head.weight = model.embed_tokens.weight
 

@@ -1,7 +1,8 @@
 """A decoder-only transformer, readable top to bottom; by default Llama's (pre-norm RMSNorm, SwiGLU, RoPE,
 grouped-query attention, no biases), with the switches other families need (`ModelDims`): q/k/v biases (Qwen2),
 query/key norms (Qwen3 per head, OLMo 2 over all heads), post-norm and sandwich-norm blocks (OLMo 2, Gemma 2), scaled
-RoPE, sliding-window attention (Mistral, Gemma 2), soft-capped scores and logits, scaled embeddings and GeGLU (Gemma).
+RoPE, sliding-window attention (Mistral, Gemma 2), soft-capped scores and logits, scaled embeddings and GeGLU (Gemma),
+and mixture-of-experts MLPs on chosen layers (`parallel.moe`: Mixtral, Qwen3-MoE, DeepSeek-V3's routing).
 
 Parameter names are Hugging Face's without the leading `model.` (`embed_tokens.weight`,
 `layers.3.self_attn.q_proj.weight`, `layers.3.mlp.gate_proj.weight`, `norm.weight`; `lm_head.weight` as is), each
@@ -29,6 +30,7 @@ from torch import nn
 
 from orchestrator.spec import ModelConfig
 from parallel.documents import DocumentContext, compiled_flex_attention, document_context, softcap_score_mod
+from parallel.moe import MoE, MoEDims, gated
 from parallel.mup import attention_scale_dim, init_std_scale, logit_scale
 from parallel.rope import RopeScaling, RotaryEmbedding, apply_rope
 
@@ -71,6 +73,7 @@ class ModelDims:
     mup_base_dim: int = 0  # 0: the standard parametrization; else μP's base width (`parallel.mup`)
     attention_mask: str = "causal"  # document: a token sees only its own document (`parallel.documents`)
     rope_positions: str = "sequence"  # document: RoPE positions restart at each document
+    moe: MoEDims | None = None  # mixture of experts on the layers `is_moe` picks (`parallel.moe`); None: dense
 
     def __post_init__(self) -> None:
         if not self.head_dim:
@@ -100,6 +103,7 @@ class ModelDims:
             attn_scale_dim=config.attn_scale_dim or 0, scale_embeddings=config.scale_embeddings,
             mup_base_dim=config.mup_base_dim if config.parametrization == "mup" else 0,
             attention_mask=config.attention_mask, rope_positions=config.rope_positions,
+            moe=MoEDims.from_config(config.moe, ffn),
         )
 
     def window(self, layer: int) -> int:
@@ -107,25 +111,43 @@ class ModelDims:
         full = self.full_attention_every and (layer + 1) % self.full_attention_every == 0
         return 0 if full else self.sliding_window
 
-    def num_params(self, with_embeddings: bool = True) -> int:
+    def is_moe(self, layer: int) -> bool:
+        """Whether layer `layer` (from 0) has experts instead of a dense MLP."""
+        return self.moe is not None and self.moe.is_moe(layer)
+
+    def num_params(self, with_embeddings: bool = True, active: bool = False) -> int:
+        """Every parameter (an MoE layer's experts all counted); `active`: those a token passes through (its top_k
+        routed experts and the shared ones: what `flops_per_token` counts)."""
         q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         attn = self.dim * (2 * q + 2 * kv) + (q + 2 * kv if self.qkv_bias else 0)
         attn += {"none": 0, "head": 2 * self.head_dim, "full": q + kv}[self.qk_norm]
         norms = sum(name is not None for name in BLOCK_NORMS[self.norm_placement]) * self.dim
-        block = attn + 3 * self.dim * self.ffn_dim + norms
+        mlps = sum(self._mlp_params(i, active) for i in range(self.n_layers))
         embed = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
-        return self.n_layers * block + self.dim + (embed if with_embeddings else 0)
+        return self.n_layers * (attn + norms) + mlps + self.dim + (embed if with_embeddings else 0)
+
+    def active_params(self, with_embeddings: bool = True) -> int:
+        """The parameters one token passes through: `num_params` with an MoE layer's unchosen experts left out."""
+        return self.num_params(with_embeddings, active=True)
+
+    def _mlp_params(self, layer: int, active: bool) -> int:
+        if not self.is_moe(layer):
+            return 3 * self.dim * self.ffn_dim
+        moe = self.moe
+        experts = moe.top_k if active else moe.num_experts
+        return self.dim * moe.num_experts + 3 * self.dim * moe.ffn_dim * (experts + moe.num_shared_experts)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6·N + 12·L·seq·dim (PaLM, appendix B; what nanoGPT's MFU uses).
 
         N counts the weights that take part in matmuls: every block and the lm_head (forward 2·N, backward 4·N);
-        the input embedding is a lookup and is left out. 12·L·seq·dim is attention's QK^T and AV, forward and
+        the input embedding is a lookup and is left out. In MoE layers a token's matmuls are the router's and its
+        top_k and shared experts' (`active_params`). 12·L·seq·dim is attention's QK^T and AV, forward and
         backward, counted without the causal halving, as the reference figures in PERF-BASELINES.md are; with heads
         narrower or wider than dim / n_heads, dim is n_heads·head_dim, and a sliding-window layer's queries see at
         most its window.
         """
-        matmul_params = self.num_params(with_embeddings=False) + self.vocab_size * self.dim
+        matmul_params = self.active_params(with_embeddings=False) + self.vocab_size * self.dim
         attended = sum(min(seq_len, self.window(i) or seq_len) for i in range(self.n_layers))
         return 6 * matmul_params + 12 * attended * self.n_heads * self.head_dim
 
@@ -262,17 +284,26 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, dims: ModelDims):
+    def __init__(self, dims: ModelDims, ffn_dim: int | None = None):
         super().__init__()
-        self.gate_proj = nn.Linear(dims.dim, dims.ffn_dim, bias=False)
-        self.up_proj = nn.Linear(dims.dim, dims.ffn_dim, bias=False)
-        self.down_proj = nn.Linear(dims.ffn_dim, dims.dim, bias=False)
-        self.gelu = dims.activation == "gelu_tanh"
+        ffn = ffn_dim or dims.ffn_dim
+        self.gate_proj = nn.Linear(dims.dim, ffn, bias=False)
+        self.up_proj = nn.Linear(dims.dim, ffn, bias=False)
+        self.down_proj = nn.Linear(ffn, dims.dim, bias=False)
+        self.activation = dims.activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self.gate_proj(x)
-        gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
-        return self.down_proj(gate * self.up_proj(x))
+        return self.down_proj(gated(self.gate_proj(x), self.up_proj(x), self.activation))
+
+
+def build_mlp(dims: ModelDims, layer: int) -> nn.Module:
+    """Layer `layer`'s MLP: dense, or an MoE (router and experts, its shared experts one MLP of their summed
+    width)."""
+    if not dims.is_moe(layer):
+        return MLP(dims)
+    moe = dims.moe
+    shared = MLP(dims, moe.num_shared_experts * moe.ffn_dim) if moe.num_shared_experts else None
+    return MoE(dims.dim, moe, dims.activation, shared)
 
 
 class Block(nn.Module):
@@ -283,7 +314,7 @@ class Block(nn.Module):
             if name is not None:
                 setattr(self, name, RMSNorm(dims.dim, dims.norm_eps))
         self.self_attn = Attention(dims, rotary, dims.window(layer))
-        self.mlp = MLP(dims)
+        self.mlp = build_mlp(dims, layer)
 
     def norm(self, where: int, x: torch.Tensor) -> torch.Tensor:
         """The norm at `where` (0 before attention, 1 after it, 2 before the MLP, 3 after it), if the block has one."""
@@ -361,17 +392,17 @@ def init_parameter(name: str, shape: tuple[int, ...], dims: ModelDims, seed: int
     """The initial value of the full (unsharded) parameter `name`, the same in every layout and on every rank.
 
     Norms start at one, biases at zero; other weights are N(0, init_std), with the residual-stream outputs (o_proj,
-    down_proj) scaled by 1/sqrt(2·n_layers) as in GPT-2 so the residual variance does not grow with depth (and under
-    μP the hidden matrices by sqrt(mup_base_dim/dim), `parallel.mup`). Each
+    down_proj, the experts' down_proj) scaled by 1/sqrt(2·n_layers) as in GPT-2 so the residual variance does not
+    grow with depth (and under μP the hidden matrices by sqrt(mup_base_dim/dim), `parallel.mup`). Each
     parameter draws from its own generator seeded by (seed, name): a rank that owns only some layers or shards still
-    gets identical numbers.
+    gets identical numbers, and one holding experts [a, b) of a 3-D expert parameter slices the same draw.
     """
     if name.endswith("norm.weight"):
         return torch.ones(shape, device=device)
     if name.endswith(".bias"):
         return torch.zeros(shape, device=device)
     std = dims.init_std * init_std_scale(name, len(shape), dims)
-    if name.endswith(("o_proj.weight", "down_proj.weight")):
+    if name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
         std /= math.sqrt(2 * dims.n_layers)
     generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
     return torch.empty(shape, device=device).normal_(0.0, std, generator=generator)

@@ -50,6 +50,7 @@ from parallel.launch import RankEnv
 from parallel.lora import initial_value, is_adapter
 from parallel.megatron_tp import VocabParallelLoss
 from parallel.model import ModelDims, build_model, cross_entropy
+from parallel.moe import materialize_buffers, moe_state, set_aux_loss_scale, update_expert_bias
 from parallel.mup import hidden_lr_scale
 from parallel.optim import build_optimizer, build_param_groups, build_scheduler, set_schedule_step
 from parallel.parallel_dims import ParallelDims
@@ -113,6 +114,11 @@ class NativeEngine:
 
             self.schedule, self.first_stage, self.last_stage = build_schedule(
                 self.stages, dims.pp_rank, dims.pp, p.pp_schedule, p.grad_accum, self.loss_fn, device, dims.group("pp"))
+        # MoE: the balancing loss is averaged over micro-batches as the loss is (the pipeline schedule scales
+        # gradients after the backward instead), and the step's routing counts are summed over the ranks that saw
+        # the other tokens of the step (FSDP's dp × cp) for the aux-free bias.
+        set_aux_loss_scale(model, 1.0 if self.pipelined else 1.0 / p.grad_accum)
+        self._routing_group = dims.fsdp_mesh().get_group() if dims.dp_shard > 1 else None
         self._pending_save = None
         self._save_group = None
         # Under LoRA a checkpoint holds what trains (adapters and their optimizer state); the frozen model is
@@ -133,6 +139,7 @@ class NativeEngine:
                 # Every rank computes the same full value and keeps its own shard: no communication.
                 value = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
             param.copy_(value)
+        materialize_buffers(self.model, self.device)
 
     # ------------------------------------------------------------------------------------------ steps
 
@@ -158,11 +165,14 @@ class NativeEngine:
             loss = torch.stack(losses).mean()
         grad_norm = self._clip_grad_norm()
         loss = mean_over_dp(mean_over_cp(loss, self.dims), self.dims)
-        if accept is None or accept(loss, grad_norm):
+        accepted = accept is None or accept(loss, grad_norm)
+        if accepted:
             self.optimizer.step()
             if self.spec.parallel.float8 != "none":
                 after_optimizer_step(self.model, self.spec.parallel.float8, fsdp=self.sharded)
             self.scheduler.step()
+        if self.model_dims.moe is not None:
+            update_expert_bias(self.model, self._routing_group, update=accepted)
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss=loss, grad_norm=grad_norm, lr=lr)
 
@@ -303,7 +313,7 @@ class NativeEngine:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         keep = self.dims.tp_rank == 0 and self.dims.dp_rank == 0 and self.dims.cp_rank == 0
         local: dict[str, torch.Tensor] = {}
-        for name, param in self.model.named_parameters():
+        for name, param in [*self.model.named_parameters(), *moe_state(self.model).items()]:
             value = param.full_tensor() if isinstance(param, DTensor) else param
             if keep:
                 local[name] = value.detach().float().cpu()
@@ -318,6 +328,9 @@ class NativeEngine:
             if isinstance(param, DTensor):
                 value = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
             param.copy_(value)
+        for name, buffer in moe_state(self.model).items():
+            if name in state:  # a Hugging Face model has no aux-free bias: it stays at zero
+                buffer.copy_(state[name])
         self.optimizer.state.clear()
         if step is not None:
             set_schedule_step(self.scheduler, step)

@@ -18,6 +18,7 @@ from orchestrator.validate import parse_spec
 from parallel.lora import apply_lora, freeze_base
 from parallel.materialize import materialize_model
 from parallel.model import build_model, cross_entropy
+from parallel.moe import moe_state, update_expert_bias
 from parallel.mup import hidden_lr_scale
 from parallel.optim import build_optimizer, build_param_groups, build_scheduler
 from tests.parallel.layout_worker import TINY, row_documents, spec_tokens
@@ -92,8 +93,10 @@ def reference_run(overrides: list[str]) -> dict:
         optimizer.step()
         optimizer.zero_grad()
         scheduler.step()
+        update_expert_bias(model, None)
         losses.append(loss.item())
-    return {"losses": losses, "params": {n: p.detach() for n, p in model.named_parameters()}}
+    state = {**dict(model.named_parameters()), **moe_state(model)}
+    return {"losses": losses, "params": {n: p.detach() for n, p in state.items()}}
 
 
 def assert_compiled_as_eager(counter, got: tuple[torch.Tensor, dict], want: tuple[torch.Tensor, dict]) -> None:
