@@ -11,14 +11,17 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from dataprep.filesystem import StorageError, is_remote, list_files
 from orchestrator.config_parser import SEED_MAX, load_yaml, parse_config, setting, show
 from orchestrator.errors import Problem, SpecError
 
 MAX_REPLACEMENT = 100  # characters of a placeholder text
+NO_THRESHOLD = -1e9  # filters.quality.threshold's default: below every score
 EMPTY_PREP = "a prep config needs at least `output` and `sources`, e.g. sources: {books: {path: data/books.jsonl}}"
 
 
@@ -30,8 +33,8 @@ class SourceConfig:
     format: str = setting("auto", "auto: from the file names", choices=("auto", "jsonl", "parquet", "text"))
     text_field: str = setting("text", "JSONL / Parquet field holding the document text")
     id_field: str = setting("id", "JSONL / Parquet field holding the document id; empty: file name and line")
-    kind: str = setting("prose", "code skips the prose quality filters (Gopher, C4, language id); PII and "
-                        "decontamination apply to both",
+    kind: str = setting("prose", "code skips the prose quality filters (Gopher, C4, language id, quality "
+                        "model); PII and decontamination apply to both",
                         choices=("prose", "code"))
     share: float = setting(0.0, "target share of training tokens; 0: set by mix.temperature", min=0.0, max=1.0)
     priority: int = setting(0, "dedup survivor preference across sources: lower wins", min=-1000, max=1000)
@@ -161,6 +164,33 @@ class DecontaminationConfig:
 
 
 @dataclass
+class QualityConfig:
+    """Model-based quality filtering of prose sources, after dedup and the rule filters (DCLM, FineWeb-Edu): every
+    kept document is scored, then those below `threshold` and those outside their source's best `keep_fraction`
+    are removed; active when `model` is set."""
+
+    model: str = setting("", "fasttext: the model file `pretrain prep train-quality` wrote; hf: a Hugging Face "
+                         "model directory or Hub name (organisation/model); empty: off")
+    type: str = setting("fasttext", "fasttext: the score is the probability of the positive label; hf: a sequence "
+                        "classifier's logit (one output, a regression head as FineWeb-Edu's) or its last label's "
+                        "probability", choices=("fasttext", "hf"))
+    threshold: float = setting(NO_THRESHOLD, "keep documents scoring at least this (fasttext: 0 to 1); the default "
+                               "keeps every score", min=NO_THRESHOLD, max=1e9)
+    keep_fraction: float = setting(1.0, "keep each source's best-scoring fraction of documents (ties: the earlier "
+                                   "document); with a threshold, both apply", min=0.0, max=1.0)
+    max_chars: int = setting(0, "fasttext: characters of a document's start scored; 0: all", min=0, max=2**30)
+    max_tokens: int = setting(0, "hf: tokens of a document's start scored; 0: the model's maximum", min=0,
+                              max=2**20)
+    batch_size: int = setting(32, "hf: documents per forward pass", min=1, max=65536)
+    actors: int = setting(0, "scoring actors (Ray Data); 0: one per GPU for hf on GPUs, else half the CPUs",
+                          min=0, max=4096)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.model)
+
+
+@dataclass
 class FiltersConfig:
     gopher_quality: GopherQualityConfig = field(default_factory=GopherQualityConfig)
     gopher_repetition: GopherRepetitionConfig = field(default_factory=GopherRepetitionConfig)
@@ -168,6 +198,7 @@ class FiltersConfig:
     language: LanguageConfig = field(default_factory=LanguageConfig)
     pii: PiiConfig = field(default_factory=PiiConfig)
     decontamination: DecontaminationConfig = field(default_factory=DecontaminationConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
 
 
 @dataclass
@@ -207,7 +238,8 @@ class PrepConfig:
 
     name: str = setting("prep", "name of this dataset (report titles)")
     output: str = setting("", "shard directory to write (manifest.json, tokenizer.json, *.arrow)")
-    work_dir: str = setting("", "stage outputs kept for resuming; empty: <output>.work")
+    work_dir: str = setting("", "stage outputs kept for resuming, a local directory; empty: <output>.work, or "
+                            "for an object-store output a directory under ~/.cache/pretrain/prep-work")
     seq_len: int = setting(2048, "tokens per training row (rows hold seq_len + 1: inputs and the shifted target)",
                            min=8, max=2**20)
     pack: str = setting("split", "split: documents concatenated with EOS and cut into rows, so a document may "
@@ -237,7 +269,14 @@ class PrepConfig:
 
     @property
     def work(self) -> str:
-        return self.work_dir or self.output.rstrip("/") + ".work"
+        """work_dir, else beside a local output, else (an object-store output) in this machine's cache under a
+        name made of the output's URI, so a rerun here finds what the killed run finished."""
+        if self.work_dir:
+            return self.work_dir
+        if not is_remote(self.output):
+            return self.output.rstrip("/") + ".work"
+        cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+        return os.path.join(cache, "pretrain", "prep-work", re.sub(r"[^\w.-]+", "_", self.output.rstrip("/")))
 
 
 def split_list(value: str) -> list[str]:
@@ -273,7 +312,12 @@ def parse_prep_config(raw: Any, *, source: str = "prep config", overrides: Seque
 
 
 def config_to_dict(config: PrepConfig) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+    """The config as stage keys and the manifest's `config_hash` read it: a quality section that is off is left
+    out, so a prep from before the section keeps its keys and hash."""
+    d = dataclasses.asdict(config)
+    if not config.filters.quality.enabled:
+        d["filters"].pop("quality")
+    return d
 
 
 def _parse_sources(raw: Any, overrides: list[str], source: str, problems: list[Problem]) -> dict[str, SourceConfig]:
@@ -310,6 +354,9 @@ def _resolve_paths(config: PrepConfig, base: str) -> None:
     config.tokenizer.path = resolve(config.tokenizer.path)
     decontamination = config.filters.decontamination
     decontamination.eval_files = ",".join(resolve(p) for p in decontamination.files)
+    quality = config.filters.quality
+    if quality.type == "fasttext" or os.path.exists(resolve(quality.model)):  # else a Hub name
+        quality.model = resolve(quality.model)
     for s in config.sources.values():
         s.path = resolve(s.path)
 
@@ -323,8 +370,13 @@ def _cross_field_problems(c: PrepConfig) -> list[Problem]:
     for name, s in c.sources.items():
         if not s.path:
             out.append(Problem(f"sources.{name}.path", "not set"))
+        elif is_remote(s.path):
+            out.extend(_remote_source_problems(name, s.path))
         elif not glob.glob(s.path):
             out.append(Problem(f"sources.{name}.path", f"{s.path!r} matches no file or directory"))
+    if is_remote(c.work_dir):
+        out.append(Problem("work_dir", f"{c.work_dir!r}: must be a local directory (stages memory-map their "
+                           "outputs); the shards, manifest and report go to `output`, which may be in a store"))
     shares = sum(s.share for s in c.sources.values())
     if shares > 1.0 + 1e-9:
         listed = ", ".join(f"{n}={s.share:g}" for n, s in c.sources.items() if s.share)
@@ -339,7 +391,18 @@ def _cross_field_problems(c: PrepConfig) -> list[Problem]:
         out.append(Problem("filters.language.languages", "empty; list ISO codes like 'en,fr' or set enabled: false"))
     if c.filters.gopher_quality.min_words > c.filters.gopher_quality.max_words:
         out.append(Problem("filters.gopher_quality.min_words", "is above filters.gopher_quality.max_words"))
-    return out + _pii_problems(c.filters.pii) + decontamination_problems(c.filters.decontamination)
+    return out + _pii_problems(c.filters.pii) + decontamination_problems(c.filters.decontamination) + \
+        quality_problems(c.filters.quality)
+
+
+def _remote_source_problems(name: str, path: str) -> list[Problem]:
+    """A source in an object store is listed now, so a refused credential or a missing bucket stops the run
+    before any stage starts."""
+    try:
+        found = list_files(path)
+    except StorageError as e:
+        return [Problem(f"sources.{name}.path", str(e))]
+    return [] if found else [Problem(f"sources.{name}.path", f"{path!r} matches no object")]
 
 
 def _pii_problems(pii: PiiConfig) -> list[Problem]:
@@ -367,4 +430,23 @@ def decontamination_problems(d: DecontaminationConfig) -> list[Problem]:
             read_eval_sets(tuple(d.files), tuple(split_list(d.text_fields)))
         except EvalSetError as e:
             out.append(Problem("filters.decontamination.eval_files", str(e)))
+    return out
+
+
+def quality_problems(q: QualityConfig) -> list[Problem]:
+    """The model is opened here (a fastText file is loaded), so a missing or wrong one stops the run before any
+    stage starts."""
+    from dataprep.filters.quality_model import model_problem
+
+    if not q.enabled:
+        return []
+    out = []
+    if q.type == "fasttext" and not (0.0 <= q.threshold <= 1.0 or q.threshold == NO_THRESHOLD):
+        out.append(Problem("filters.quality.threshold", f"{q.threshold:g} is out of range for a fastText score "
+                           "(a probability): 0 to 1"))
+    if q.keep_fraction <= 0.0:
+        out.append(Problem("filters.quality.keep_fraction", "0 would remove every document; allowed: above 0, "
+                           "at most 1"))
+    if problem := model_problem(q.type, q.model):
+        out.append(Problem("filters.quality.model", problem))
     return out

@@ -97,7 +97,8 @@ def ingest_settings(c: PrepConfig) -> dict:
     """The settings that change what ingest writes."""
     d = config_to_dict(c)
     return {"strict": c.strict, "invalid_utf8": c.invalid_utf8, "max_doc_bytes": c.max_doc_bytes,
-            "part_bytes": c.part_bytes, "span_bytes": c.span_bytes, "examples": c.examples, "filters": d["filters"],
+            "part_bytes": c.part_bytes, "span_bytes": c.span_bytes, "examples": c.examples,
+            "filters": {k: v for k, v in d["filters"].items() if k != "quality"},  # applied at select
             "minhash": [c.dedup.ngram, c.dedup.bands, c.dedup.rows, c.dedup.seed],
             "sources": {n: {k: v for k, v in s.items() if k not in ("share", "path")} for n, s in d["sources"].items()},
             "priority_order": sorted(((s.priority, i) for i, s in enumerate(c.sources.values()))),

@@ -2,7 +2,7 @@
 (PII redactions, decontamination masks), each evaluation set's items and the documents it removed, duplicate
 cluster sizes, mixture targets against what was realised, the training documents' length distribution
 (quantiles, a histogram over powers of two, the share longer than seq_len) and the EOS padding of whole-document
-packing, bad input with file and line, and a few examples.
+packing, the quality model's score histograms and cut per source, bad input with file and line, and a few examples.
 
 Saved as report.json and report.png beside the shards, and printed as a table.
 """
@@ -17,6 +17,7 @@ from dataprep import filesystem
 from dataprep.config import PrepConfig, split_list
 from dataprep.filters.decontaminate import build_index
 from dataprep.lengths import merge, summary
+from dataprep.quality_report import draw_quality, merge_quality, quality_line, quality_summary
 
 REPORT_JSON, REPORT_PNG = "report.json", "report.png"
 
@@ -47,6 +48,8 @@ def build_report(config: PrepConfig, ingested: dict, selected: dict, encoded: di
         s["docs_kept"] += stat["docs_kept"]
         s["bytes_kept"] += stat["bytes_kept"]
         _merge(s["removed"], stat["removed"])
+        if stat.get("quality", {}).get("scored"):
+            merge_quality(s.setdefault("quality", {}), stat["quality"])
     for stat in encoded.values():
         s = sources[stat["source"]]
         for key in ("train_docs", "train_tokens", "val_docs", "val_tokens"):
@@ -82,6 +85,7 @@ def build_report(config: PrepConfig, ingested: dict, selected: dict, encoded: di
                    "val_rows": manifest["splits"].get("val", {}).get("rows", 0)},
         "sources": sources, "dedup": dedup, "conservation": conservation,
         "decontamination": decontamination_summary(config, removed_total, edits_total),
+        "quality": quality_summary(config),
         "bad_input": {"count": bad_count, "listed": bad, "files": bad_files},
         "examples": examples, "stage_seconds": {k: round(v, 3) for k, v in stage_seconds.items()},
     }
@@ -109,6 +113,7 @@ def format_table(report: dict) -> str:
                  f"{t['bytes_kept'] / 1e6:>9.2f}")
     for name, s in report["sources"].items():
         lines.append(length_line(name, s))
+    lines.extend(quality_line(name, s) for name, s in report["sources"].items() if s.get("quality"))
     lines.append("removed: " + ", ".join(f"{r} {n:,}" for r, n in t["removed"].items()))
     if t["edits"]:
         lines.append("edited: " + ", ".join(f"{e} {n:,}" for e, n in t["edits"].items()))
@@ -147,7 +152,9 @@ def draw_report(report: dict, path: str) -> None:
 
     names = list(report["sources"])
     reasons = list(report["totals"]["removed"]) + ["kept"]
-    fig, (left, right, lengths) = plt.subplots(1, 3, figsize=(20, max(4, 0.35 * len(names) + 2)))
+    scored = report.get("quality") and any(s.get("quality") for s in report["sources"].values())
+    fig, (left, right, lengths, *quality) = plt.subplots(1, 4 if scored else 3, figsize=(26 if scored else 20, max(
+        4, 0.35 * len(names) + 2)))
     base = [0] * len(names)
     for reason in reasons:
         values = [report["sources"][n]["docs_kept"] if reason == "kept" else report["sources"][n]["removed"].get(
@@ -167,6 +174,8 @@ def draw_report(report: dict, path: str) -> None:
     right.set_title("mixture")
     right.legend(fontsize=8)
     draw_lengths(lengths, report["sources"])
+    if quality:
+        draw_quality(quality[0], report["sources"], report["quality"])
     fig.tight_layout()
     tmp = f"{path}.tmp-{os.getpid()}.png"
     fig.savefig(tmp, dpi=90)

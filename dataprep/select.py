@@ -1,4 +1,5 @@
-"""Stage 3, one task per input file: apply dedup removals and quality verdicts, keep the survivors' text.
+"""Stage 3, one task per input file: apply dedup removals and quality verdicts, keep the survivors' text; then,
+with `filters.quality` set, the quality model's cut (`dataprep.quality`).
 
 This is where every readable document gets its final fate, in the design's precedence: exact duplicate, then
 near duplicate, then the first quality rule it failed; so the per-reason counts add up with the kept documents
@@ -16,6 +17,7 @@ import pyarrow.parquet as pq
 
 from dataprep.dedup.stage import EXACT, NEAR, removal_file
 from dataprep.executor import write_table_atomic
+from dataprep.quality import apply_quality
 from dataprep.stages import FileStage, PrepRun, StageOutput
 from orchestrator.errors import PretrainError
 
@@ -46,6 +48,8 @@ class SelectStage(FileStage):
 
     def run(self, prep: PrepRun) -> StageOutput:
         out = super().run(prep)
+        if self.config.filters.quality.enabled:
+            out = apply_quality(self.config, prep, out)
         out.info = check_conservation(prep["ingest"].results, out.results, list(self.config.sources))
         return out
 

@@ -2,6 +2,7 @@
 
     pretrain validate job.yaml parallel.tp=2          check a spec, print it resolved
     pretrain prep prep.yaml                           corpora → Arrow shards
+    pretrain prep train-quality --positive ... -o m   a fastText quality classifier from labelled JSONL
     pretrain plan job.yaml --gpus 64                  memory, FLOPs and layout
     pretrain sweep sweep.yaml [--fit-only]            small runs on Ray, a scaling law fitted to them
     pretrain branch ckpts/ --steps 2000,4000          WSD decays from a stable run's checkpoints, L(D) fitted
@@ -53,6 +54,9 @@ COMMANDS: dict[str, tuple[str | None, str]] = {
     "k8s": ("k8s", "render KubeRay manifests from a job spec"),
 }
 
+# (command, action) → module: an action whose name would otherwise be read as the command's first argument
+ACTIONS: dict[tuple[str, str], str] = {("prep", "train-quality"): "train_quality"}
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage mistake as one line and exit code 2, never a traceback."""
@@ -78,13 +82,26 @@ def _command_module(module: str):
     return importlib.import_module(f"orchestrator.commands.{module}")
 
 
+def _parse_action(argv: list[str]) -> tuple[argparse.Namespace, str]:
+    module = _command_module(ACTIONS[(argv[0], argv[1])])
+    parser = _Parser(prog=f"pretrain {argv[0]} {argv[1]}", description=module.HELP)
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[2:])
+    args.command = f"{argv[0]} {argv[1]}"
+    return args, ACTIONS[(argv[0], argv[1])]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return EXIT_USAGE
-    module, _ = COMMANDS[args.command]
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if tuple(argv[:2]) in ACTIONS:
+        args, module = _parse_action(argv)
+    else:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return EXIT_USAGE
+        module = COMMANDS[args.command][0]
     if module is None:
         print(f"pretrain {args.command}: not available in this version of pretrain", file=sys.stderr)
         return EXIT_USAGE

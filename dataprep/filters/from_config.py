@@ -17,6 +17,7 @@ from dataprep.config import (
     GopherRepetitionConfig,
     LanguageConfig,
     PiiConfig,
+    QualityConfig,
     split_list,
 )
 from dataprep.filters.base import BaseFilter
@@ -58,3 +59,10 @@ def build_filters(filters: FiltersConfig, kind: str = "prose") -> list[BaseFilte
     quality = (filters.gopher_quality, filters.gopher_repetition, filters.c4, filters.language)
     sections = (filters.decontamination, *(quality if kind == "prose" else ()), filters.pii)
     return [filter_for(section) for section in sections if section.enabled]
+
+
+def scorer_keywords(section: QualityConfig) -> dict:
+    """The keywords of the section's quality scorer (`quality_model.make_scorer`): only the settings its model
+    type reads, so a setting of the other type neither reaches it nor re-scores the corpus."""
+    per_type = {"fasttext": ("max_chars",), "hf": ("batch_size", "max_tokens")}[section.type]
+    return {"type": section.type, "model": section.model, **{k: getattr(section, k) for k in per_type}}

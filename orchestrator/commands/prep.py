@@ -1,6 +1,7 @@
 """`pretrain prep prep.yaml [key=value ...] [--address URL]`: corpora → deduplicated, filtered, mixed, tokenized
 Arrow shards (see dataprep/pipeline.py). Runs on an embedded local Ray unless --address names a cluster; a rerun
-with the same inputs and config resumes where the last one stopped."""
+with the same inputs and config resumes where the last one stopped. `pretrain prep train-quality` trains the
+classifier of `filters.quality` (orchestrator/commands/train_quality.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = "pretrain prep train-quality --help: train a fastText quality classifier (filters.quality)"
     parser.add_argument("config", help="prep config YAML (see examples/prep-demo.yaml)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seq_len=512 sources.kjv.share=0.2")
     parser.add_argument("--address", default=None, help="Ray cluster address (ray://host:10001 or auto)")
