@@ -21,6 +21,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dataprep import filesystem
 from dataprep.shards import write_atomic
 from orchestrator.config_parser import WRITTEN_FILE_BOUNDS, load_json
 from orchestrator.errors import DataError, UserError
@@ -170,7 +171,7 @@ def parts_of(directory: str, task: str) -> list[str]:
 def file_digest(path: str) -> str:
     """A file's content hash: input fingerprints and stage keys."""
     digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
+    with filesystem.open_binary(path) as f:
         while chunk := f.read(1 << 22):
             digest.update(chunk)
     return digest.hexdigest()

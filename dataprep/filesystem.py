@@ -141,8 +141,16 @@ def errors_named(path: str) -> Iterator[None]:
 
 
 def file_type(path: str) -> pafs.FileType:
+    """What `path` is; a path in a bucket that does not exist is a `StorageError` rather than "not found", since
+    the store answers both alike and only the first is a typo to fix."""
     fs, inner = resolve(path)
-    return guarded(path, lambda: fs.get_file_info(inner).type)
+    kind = guarded(path, lambda: fs.get_file_info(inner).type)
+    bucket = inner.split("/")[0]
+    if (kind == pafs.FileType.NotFound and is_remote(path) and bucket != inner
+            and guarded(path, lambda: fs.get_file_info(bucket).type) == pafs.FileType.NotFound):
+        raise StorageError(f"{path}: the bucket {bucket!r} does not exist: create it, or fix its name in the "
+                           "path (and check the endpoint, if the store is not AWS's)")
+    return kind
 
 
 def exists(path: str) -> bool:

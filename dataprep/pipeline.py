@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from dataprep import filesystem
 from dataprep.config import PrepConfig
 from dataprep.dedup.stage import DedupStage
 from dataprep.executor import connect_ray, file_digest
@@ -48,6 +49,7 @@ def run_prep(config: PrepConfig, address: str | None = None, stats: PrepStats | 
              progress: bool = True) -> dict[str, Any]:
     """Run every stage not already done; returns the report (also written as report.json beside the shards)."""
     stats = stats or PrepStats()
+    filesystem.check_writable(config.output)  # a refused credential or a missing bucket: now, not at the end
     started_ray = connect_ray(address, config.num_cpus, progress)
     try:
         import ray
@@ -84,6 +86,6 @@ def file_tasks(config: PrepConfig) -> list[dict]:
             tasks.append({"name": f"{name}-{index:05d}-{digest[:12]}", "source": name, "source_rank": rank,
                           "file_index": index, "path": path, "kind": source.kind,
                           "fmt": detect_format(path, source.format), "text_field": source.text_field,
-                          "id_field": source.id_field, "digest": digest, "size": os.path.getsize(path),
+                          "id_field": source.id_field, "digest": digest, "size": filesystem.size(path),
                           "file_id": file_id(rank, index)})
     return tasks

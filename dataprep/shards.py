@@ -6,7 +6,11 @@ fixed_size_list<int32>[seq_len + 1] (a packed row: seq_len inputs plus the one s
 record batch, so `open_shard` memory-maps it and views it as a zero-copy int32 array [rows, seq_len + 1]. Rows of a
 split, shards in manifest order and rows in file order, are numbered 0..N-1: the global sample index of the loader.
 
-This module is the only part of `dataprep` that `parallel` imports; it needs pyarrow, numpy and the standard library.
+A shard directory may be an object-store URI (`dataprep.filesystem`): the manifest and the shards are then objects,
+each written whole, the manifest last.
+
+With `dataprep.filesystem`, this module is what `parallel` imports of `dataprep`; it needs pyarrow, numpy and the
+standard library.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from orchestrator.config_parser import WRITTEN_FILE_BOUNDS, load_json
+from dataprep import filesystem
+from orchestrator.config_parser import WRITTEN_FILE_BOUNDS, loads_json
 from orchestrator.errors import DataError
 
 FORMAT_VERSION = 1
@@ -125,30 +130,40 @@ class ShardWriter:
 
 
 def write_manifest(directory: str | os.PathLike, manifest: dict[str, Any]) -> None:
-    """Check the manifest against the format, then write it atomically (the last file of a prep run)."""
-    path = os.path.join(os.fspath(directory), MANIFEST_FILE)
+    """Check the manifest against the format, then write it whole (the last file of a prep run)."""
+    path = filesystem.join(os.fspath(directory), MANIFEST_FILE)
     _check_manifest(manifest, path)
-    write_atomic(path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    filesystem.write_bytes(path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
 
 
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     """The manifest of a shard directory, checked; any problem is a `DataError` naming the file and what is wrong."""
-    path = os.path.join(os.fspath(directory), MANIFEST_FILE)
-    if not os.path.exists(path):
+    path = filesystem.join(os.fspath(directory), MANIFEST_FILE)
+    if not filesystem.exists(path):
         raise DataError(f"{path}: no such file; is {os.fspath(directory)!r} a directory written by `pretrain prep`?")
-    manifest = load_json(path, bounds=WRITTEN_FILE_BOUNDS, error=DataError)
+    manifest = loads_json(filesystem.read_bytes(path), source=path, bounds=WRITTEN_FILE_BOUNDS, error=DataError)
     _check_manifest(manifest, path)
     return manifest
 
 
 def verify_shard(directory: str | os.PathLike, entry: dict[str, Any]) -> None:
-    """Check a shard file against its manifest entry (presence, then sha256); a mismatch is a `DataError`."""
-    path = os.path.join(os.fspath(directory), entry["file"])
-    if not os.path.isfile(path):
+    """Check a shard file against its manifest entry (presence, then sha256); a mismatch is a `DataError`.
+
+    An object in a store is only checked for presence: objects are written whole, and reading every shard to hash
+    it would download the dataset; the loader hashes a shard when it copies it into its local cache.
+    """
+    path = filesystem.join(os.fspath(directory), entry["file"])
+    if not filesystem.is_file(path):
         raise DataError(f"{path}: shard listed in {MANIFEST_FILE} is missing")
-    actual = file_sha256(path)
-    if actual != entry["sha256"]:
-        raise DataError(f"{path}: sha256 {actual} does not match {MANIFEST_FILE} ({entry['sha256']}); "
+    if not filesystem.is_remote(path):
+        check_sha256(path, entry["sha256"], path)
+
+
+def check_sha256(local: str, expected: str, name: str) -> None:
+    """The local file `local` (a copy of the shard `name`) hashes to `expected`, else a `DataError` naming it."""
+    actual = file_sha256(local)
+    if actual != expected:
+        raise DataError(f"{name}: sha256 {actual} does not match {MANIFEST_FILE} ({expected}); "
                         "the file is corrupt or was changed after prep, rerun `pretrain prep`")
 
 
@@ -181,7 +196,7 @@ def open_shard(path: str | os.PathLike, seq_len: int | None = None) -> np.ndarra
 
 
 def shard_paths(directory: str | os.PathLike, manifest: dict[str, Any], split: str) -> list[str]:
-    return [os.path.join(os.fspath(directory), e["file"]) for e in manifest["splits"][split]["shards"]]
+    return [filesystem.join(os.fspath(directory), e["file"]) for e in manifest["splits"][split]["shards"]]
 
 
 # ---------------------------------------------------------------------------------------------- checking

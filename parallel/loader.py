@@ -17,7 +17,9 @@ Document boundaries are derived from the EOS tokens the packer writes after each
 the manifest names the EOS id) when the model masks attention per document: `MicroBatch.documents` / `positions`.
 They are a function of the row alone, so the shards, the sample order and the loader's state are as before.
 
-Shards are memory-mapped (`dataprep.shards.open_shard`); the only copy per step is each row into the batch tensors.
+Shards on a disk are memory-mapped (`dataprep.shards.open_shard`); the only copy per step is each row into the batch
+tensors. Shards in an object store are streamed a row at a time by ranged reads, with the prefetch thread reading
+the next steps ahead (`parallel.shard_stream`); the rows, hence the order and the resume, are the same.
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ import numpy as np
 import torch
 
 from dataprep.hashing import mix64
-from dataprep.shards import open_shard, read_manifest, shard_paths, verify_shard
+from dataprep.shards import read_manifest, shard_paths, verify_shard
 from orchestrator.errors import DataError
 from orchestrator.spec import parse_windows
 from parallel.documents import document_ids, document_positions
+from parallel.shard_stream import open_split
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +108,7 @@ class ShardLoader:
     def __init__(self, path: str, *, seq_len: int, micro_batch_size: int, grad_accum: int = 1, dp_rank: int = 0,
                  dp_size: int = 1, seed: int = 0, split: str = "train", shuffle: bool = True, prefetch: int = 2,
                  verify: bool = True, pin_memory: bool = False, skip: list[Window] | tuple[Window, ...] = (),
-                 documents: bool = False):
+                 documents: bool = False, cache_dir: str = ""):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank must be in [0, {dp_size}), got {dp_rank}")
         self.path = path
@@ -122,11 +125,12 @@ class ShardLoader:
         if verify:
             for entry in entries:
                 verify_shard(path, entry)
-        self.shards = [open_shard(p, width) for p in shard_paths(path, self.manifest, split)]
-        for array, entry, file in zip(self.shards, entries, shard_paths(path, self.manifest, split), strict=True):
-            if len(array) != entry["rows"]:
-                raise DataError(f"{file}: holds {len(array)} rows, manifest.json says {entry['rows']}")
-        self.offsets = np.cumsum([0] + [len(a) for a in self.shards])
+        files = shard_paths(path, self.manifest, split)
+        self.shards = open_split(path, files, entries, width, cache_dir)
+        for rows, entry, file in zip(self.shards.lengths, entries, files, strict=True):
+            if rows != entry["rows"]:
+                raise DataError(f"{file}: holds {rows} rows, manifest.json says {entry['rows']}")
+        self.offsets = np.cumsum([0] + self.shards.lengths)
         self.rows = int(self.offsets[-1])
         self.seq_len = seq_len
         self.micro_batch_size = micro_batch_size
@@ -190,6 +194,7 @@ class ShardLoader:
 
     def close(self) -> None:
         self._halt()
+        self.shards.close()
 
     def step_ids(self, state: dict[str, Any]) -> np.ndarray:
         """Global row indices of the whole global batch read from `state` (all dp ranks, in rank order)."""
@@ -229,12 +234,9 @@ class ShardLoader:
 
     def _gather(self, ids: np.ndarray) -> MicroBatch:
         shard_of = np.searchsorted(self.offsets, ids, side="right") - 1
-        inputs = np.empty((len(ids), self.seq_len), dtype=np.int64)
-        targets = np.empty_like(inputs)
-        for i, (shard, row) in enumerate(zip(shard_of, ids - self.offsets[shard_of], strict=True)):
-            source = self.shards[shard][row]
-            inputs[i] = source[:self.seq_len]
-            targets[i] = source[1:self.seq_len + 1]
+        rows = self.shards.gather(shard_of, ids - self.offsets[shard_of])
+        inputs = rows[:, :self.seq_len].astype(np.int64)
+        targets = rows[:, 1:self.seq_len + 1].astype(np.int64)
         batch = MicroBatch(torch.from_numpy(inputs), torch.from_numpy(targets), torch.from_numpy(ids.copy()))
         if self.eos_id is not None:
             batch.documents = document_ids(batch.inputs, self.eos_id)
@@ -284,6 +286,7 @@ def build_loaders(spec: Any, dp_rank: int, dp_size: int) -> tuple[ShardLoader, S
     common = dict(seq_len=d.seq_len, micro_batch_size=p.micro_batch_size, grad_accum=p.grad_accum, dp_rank=dp_rank,
                   dp_size=dp_size, seed=d.seed)
     common["documents"] = spec.model.attention_mask == "document" or spec.model.rope_positions == "document"
+    common["cache_dir"] = d.cache_dir
     train = ShardLoader(d.path, prefetch=d.prefetch, skip=parse_windows(d.skip), **common)
     val_rows = train.manifest["splits"].get("val", {}).get("rows", 0)
     if val_rows < train.global_batch:

@@ -6,7 +6,6 @@ Readers never raise on a bad record: they yield it with the reason, so the stage
 
 from __future__ import annotations
 
-import glob
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,20 +34,6 @@ class Record:
 
 class BadInput(DataError):
     """A bad record or file in strict mode; names the file and line."""
-
-
-def list_files(path: str) -> list[str]:
-    """The files of a source in a stable order: a file, every file under a directory, or a glob's matches."""
-    matches = sorted(glob.glob(path))
-    files = []
-    for match in matches:
-        if os.path.isdir(match):
-            for root, dirs, names in os.walk(match):
-                dirs.sort()
-                files.extend(os.path.join(root, n) for n in sorted(names) if not n.startswith("."))
-        else:
-            files.append(match)
-    return files
 
 
 def detect_format(path: str, declared: str) -> str:

@@ -11,15 +11,17 @@ from typing import IO
 
 import pyarrow as pa
 
+from dataprep import filesystem
 from dataprep.readers.base import WHOLE_FILE, Record, Span, decode_utf8
 
 
 def open_binary(path: str) -> IO[bytes]:
+    """The file's decompressed bytes, from a disk or an object store (`dataprep.filesystem`)."""
     if path.endswith(".gz"):
-        return gzip.open(path, "rb")
+        return gzip.open(filesystem.open_binary(path) if filesystem.is_remote(path) else path, "rb")
     if path.endswith(".zst"):
-        return io.BufferedReader(pa.CompressedInputStream(pa.OSFile(path, "rb"), "zstd"), buffer_size=1 << 20)
-    return open(path, "rb", buffering=1 << 20)
+        return io.BufferedReader(pa.CompressedInputStream(filesystem.open_native(path), "zstd"), buffer_size=1 << 20)
+    return filesystem.open_binary(path)
 
 
 def is_splittable(path: str) -> bool:
@@ -33,11 +35,11 @@ def line_spans(path: str, span_bytes: int) -> list[Span]:
     Counting the newlines before each cut is one pass of `bytes.count` over the file: cheap next to parsing it,
     and it lets a range number its records exactly as one reader of the whole file would.
     """
-    size = os.path.getsize(path)
+    size = filesystem.size(path)
     if size <= span_bytes:
         return [WHOLE_FILE]
     spans, start, first_index = [], 0, 0
-    with open(path, "rb") as f:
+    with filesystem.open_binary(path) as f:
         while start < size:
             chunk = f.read(span_bytes)
             if not chunk.endswith(b"\n"):

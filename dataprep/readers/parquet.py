@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pyarrow.parquet as pq
 
+from dataprep import filesystem
 from dataprep.readers.base import WHOLE_FILE, Record, Span
 
 
@@ -15,7 +16,7 @@ def row_group_spans(path: str, text_field: str, span_bytes: int) -> list[Span]:
 
     A file without the text column stays whole, so its one "missing column" record is counted once.
     """
-    file = pq.ParquetFile(path)
+    file = pq.ParquetFile(filesystem.open_native(path))
     meta = file.metadata
     if text_field not in file.schema_arrow.names or meta.num_row_groups < 2:
         return [WHOLE_FILE]
@@ -35,7 +36,7 @@ def read_parquet(path: str, text_field: str, id_field: str, max_doc_bytes: int,
     """Records of the file, or of the row groups [start, stop) of `span`, numbered by row in the file."""
     name = os.path.basename(path)
     start, stop, index = span
-    file = pq.ParquetFile(path)
+    file = pq.ParquetFile(filesystem.open_native(path))
     names = file.schema_arrow.names
     if text_field not in names:
         yield Record(-1, name, None, "missing_field", f"no column {text_field!r} (columns: {', '.join(names)})")

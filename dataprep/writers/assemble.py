@@ -1,16 +1,18 @@
 """Write the shard directory from the packed row blocks: a seeded global row order, shards, tokenizer, manifest.
 
 Row blocks are memory-mapped and gathered one shard at a time, so memory holds one shard however large the
-dataset. The manifest goes last: a directory with a manifest is complete.
+dataset. The manifest goes last: a directory with a manifest is complete. An output in an object store
+(`dataprep.filesystem`) gets each shard written in the work directory first and uploaded whole once complete, so
+no reader ever sees part of a shard, and a run killed before the manifest simply writes them again.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 
 import numpy as np
 
+from dataprep import filesystem
 from dataprep.config import config_to_dict
 from dataprep.executor import stable_hash
 from dataprep.shards import (
@@ -50,7 +52,7 @@ class WriteStage(Stage):
         total = sum(s["train_rows"] + s["val_rows"] for s in packed.values())
         bar = _progress_bar(prep.progress, total, "write shards")
         splits = write_shards(c.output, blocks, c.seq_len, c.rows_per_shard, c.seed,
-                              progress=bar.update if bar else None)
+                              progress=bar.update if bar else None, staging=os.path.join(prep.work, "write-staging"))
         if bar:
             bar.close()
         if not splits["val"]["rows"]:
@@ -91,7 +93,7 @@ class WriteStage(Stage):
 
 def complete_manifest(output: str, config_hash: str) -> dict | None:
     """The existing manifest if it was written for this very config and its shards verify; else None."""
-    if not os.path.exists(os.path.join(output, MANIFEST_FILE)):
+    if not filesystem.exists(filesystem.join(output, MANIFEST_FILE)):
         return None
     try:
         manifest = read_manifest(output)
@@ -106,30 +108,46 @@ def complete_manifest(output: str, config_hash: str) -> dict | None:
 
 
 def write_shards(output: str, blocks: dict[str, list[str]], seq_len: int, rows_per_shard: int, seed: int,
-                 progress=None) -> dict[str, dict]:
-    """blocks: split → .npy row-block paths in a fixed order. Returns the manifest's `splits` section."""
-    os.makedirs(output, exist_ok=True)
-    stale = os.path.join(output, MANIFEST_FILE)
-    if os.path.exists(stale):
-        os.remove(stale)  # the old manifest would describe shards about to be replaced
-    for name in os.listdir(output):
+                 progress=None, staging: str = "") -> dict[str, dict]:
+    """blocks: split → .npy row-block paths in a fixed order. Returns the manifest's `splits` section.
+
+    An object-store `output` needs `staging`, a local directory where each shard is written before its upload."""
+    filesystem.makedirs(output)
+    # the old manifest would describe shards about to be replaced
+    filesystem.remove(filesystem.join(output, MANIFEST_FILE))
+    for name in filesystem.list_dir(output):
         if name.endswith(".arrow"):
-            os.remove(os.path.join(output, name))
+            filesystem.remove(filesystem.join(output, name))
+    local = staging if filesystem.is_remote(output) else output
     splits = {}
     for split, paths in blocks.items():
         arrays = [np.load(p, mmap_mode="r") for p in paths]
         sizes = np.array([len(a) for a in arrays], np.int64)
         starts = np.concatenate([[0], np.cumsum(sizes)])
         order = np.random.default_rng([seed, 7 if split == "train" else 8]).permutation(int(starts[-1]))
-        writer = ShardWriter(output, split, seq_len, rows_per_shard)
+        writer = ShardWriter(local, split, seq_len, rows_per_shard)
         for lo in range(0, len(order), rows_per_shard):
             writer.write(_gather(arrays, starts, order[lo: lo + rows_per_shard], seq_len + 1))
+            _publish(writer.entries, local, output)
             if progress:
                 progress(min(rows_per_shard, len(order) - lo))
         entries = writer.close()
+        _publish(entries, local, output)
         rows = int(starts[-1])
         splits[split] = {"rows": rows, "tokens": rows * seq_len, "shards": entries}
     return splits
+
+
+def _publish(entries: list[dict], local: str, output: str) -> None:
+    """Upload the shards written in the local directory `local` to `output` (when they differ), whole, and free
+    their local space: the staging directory holds about one shard at a time."""
+    if local == output:
+        return
+    for entry in entries:
+        path = os.path.join(local, entry["file"])
+        if os.path.exists(path):
+            filesystem.upload(path, filesystem.join(output, entry["file"]))
+            os.remove(path)
 
 
 def _gather(arrays: list[np.ndarray], starts: np.ndarray, index: np.ndarray, width: int) -> np.ndarray:
@@ -146,7 +164,7 @@ def _gather(arrays: list[np.ndarray], starts: np.ndarray, index: np.ndarray, wid
 
 
 def finish_output(output: str, tokenizer_file: str, manifest: dict) -> None:
-    shutil.copyfile(tokenizer_file, os.path.join(output, TOKENIZER_FILE))
+    filesystem.upload(tokenizer_file, filesystem.join(output, TOKENIZER_FILE))
     manifest = {"format_version": FORMAT_VERSION, **manifest}
     write_manifest(output, manifest)
 
