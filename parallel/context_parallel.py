@@ -77,10 +77,14 @@ class ChunkedRotary(nn.Module):
         return self._cache[key]
 
 
+# torch 2.13 renamed the differentiable all-gather (the old name warns there); torch 2.11 has only the old name.
+_all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+
+
 def gather_sequence(x: torch.Tensor, cp: int, group: dist.ProcessGroup) -> torch.Tensor:
     """[batch, heads, cp·local, head_dim]: every rank's `x` [batch, heads, local, head_dim] all-gathered and put
     back in sequence order (chunks 0 … 2·cp−1); differentiable, the backward reduce-scatters."""
-    gathered = funcol.all_gather_single_autograd(x.contiguous(), gather_dim=0, group=group).chunk(cp)
+    gathered = _all_gather_autograd(x.contiguous(), gather_dim=0, group=group).chunk(cp)
     c = x.shape[2] // 2
     heads = [part[:, :, :c] for part in gathered]
     tails = [part[:, :, c:] for part in reversed(gathered)]
