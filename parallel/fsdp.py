@@ -28,6 +28,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from parallel.expert_parallel import moe_experts
+
 if TYPE_CHECKING:
     from orchestrator.spec import JobSpec
     from parallel.parallel_dims import ParallelDims
@@ -56,7 +58,10 @@ def apply_fsdp(blocks: Iterable[nn.Module], roots: Iterable[nn.Module], mesh: De
 def shard_data_parallel(state: Parallelized, dims: ParallelDims, spec: JobSpec) -> None:
     """`parallelize_llama`'s data-parallel step for the native engine: FSDP2 over the mesh's dp axis (dp × cp
     flattened under context parallelism, whose ranks hold the same weights), bf16 compute
-    under bf16 precision, resharding after forward per the ZeRO stage."""
+    under bf16 precision, resharding after forward per the ZeRO stage. Under expert parallelism each MoE layer's
+    experts are sharded first, over the ranks holding the same experts (`ParallelDims.expert_fsdp_mesh`)."""
     p = spec.parallel
-    apply_fsdp(state.blocks, state.roots, dims.fsdp_mesh(), torch.bfloat16 if p.precision == "bf16" else torch.float32,
-               reshards_after_forward(p.zero_stage))
+    dtype, reshard = torch.bfloat16 if p.precision == "bf16" else torch.float32, reshards_after_forward(p.zero_stage)
+    if dims.ep > 1:
+        apply_fsdp(moe_experts(state.blocks), [], dims.expert_fsdp_mesh(), dtype, reshard)
+    apply_fsdp(state.blocks, state.roots, dims.fsdp_mesh(), dtype, reshard)

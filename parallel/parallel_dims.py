@@ -26,6 +26,7 @@ class ParallelDims:
     tp: int
     rank: int = 0
     cp: int = 1
+    ep: int = 1
     groups: dict[str, dist.ProcessGroup | None] = field(default_factory=dict, repr=False)
     mesh: Any = field(default=None, repr=False)  # the native engine's DeviceMesh (pp, dp, cp, tp), where one is built
 
@@ -37,7 +38,7 @@ class ParallelDims:
             cp = f"cp={p.cp} × " if p.cp > 1 else ""
             raise UserError(f"parallel: dp={p.dp or dp} × {cp}pp={p.pp} × tp={p.tp} = {dp * p.cp * p.pp * p.tp}, "
                             f"but {world_size} ranks were started (WORLD_SIZE)")
-        return cls(dp=dp, pp=p.pp, tp=p.tp, rank=rank, cp=p.cp)
+        return cls(dp=dp, pp=p.pp, tp=p.tp, rank=rank, cp=p.cp, ep=p.ep)
 
     @property
     def world_size(self) -> int:
@@ -85,18 +86,45 @@ class ParallelDims:
 
     def build_mesh(self, device_type: str) -> None:
         """The native engine's DeviceMesh ["pp", "dp", "cp", "tp"] in this module's rank order, its groups, and
-        under cp > 1 the flattened "dp_shard_cp" that FSDP shards over; collective."""
+        under cp > 1 the flattened "dp_shard_cp" that FSDP shards over; collective.
+
+        Under ep > 1 dp is split in two, ["pp", "dp_out", "dp_in", "cp", "tp"] (the same rank order): the ep group
+        is dp_in × cp, ep consecutive ranks of dp × cp (validation makes ep a multiple of cp), and the ranks
+        holding the same experts differ in dp_out (torchtitan's "dp_shard_mod_ep"); "dp" is dp_out × dp_in."""
         from torch.distributed.device_mesh import init_device_mesh
 
-        self.mesh = init_device_mesh(device_type, (self.pp, self.dp, self.cp, self.tp),
-                                     mesh_dim_names=("pp", "dp", "cp", "tp"))
-        # FSDP's mesh is kept here: slicing a flattened dimension from the root mesh is deprecated.
-        self._fsdp_mesh = self.mesh["dp", "cp"]._flatten("dp_shard_cp") if self.cp > 1 else self.mesh["dp"]
-        self.groups = {axis: self.mesh[axis].get_group() for axis in ("pp", "dp", "cp", "tp")}
+        if self.ep == 1:
+            self.mesh = init_device_mesh(device_type, (self.pp, self.dp, self.cp, self.tp),
+                                         mesh_dim_names=("pp", "dp", "cp", "tp"))
+            dp_mesh = self.mesh["dp"]
+        else:
+            dp_in = self.ep // self.cp
+            self.mesh = init_device_mesh(device_type, (self.pp, self.dp // dp_in, dp_in, self.cp, self.tp),
+                                         mesh_dim_names=("pp", "dp_out", "dp_in", "cp", "tp"))
+            dp_mesh = self.mesh["dp_out", "dp_in"]._flatten("dp")
+            self._ep_mesh = self.mesh["dp_in", "cp"]._flatten("ep") if self.cp > 1 else self.mesh["dp_in"]
+            self._expert_fsdp_mesh = self.mesh["dp_out"]
+        # FSDP's meshes are kept here: slicing a flattened dimension from the root mesh is deprecated.
+        data = ("dp",) if self.ep == 1 else ("dp_out", "dp_in")
+        self._fsdp_mesh = self.mesh[(*data, "cp")]._flatten("dp_shard_cp") if self.cp > 1 else dp_mesh
+        self.groups = {axis: self.mesh[axis].get_group() for axis in ("pp", "cp", "tp")} | {"dp": dp_mesh.get_group()}
 
     def fsdp_mesh(self) -> Any:
-        """The mesh FSDP shards over: dp, or dp × cp flattened (`dp_shard`)."""
+        """The mesh FSDP shards dense parameters over: dp, or dp × cp flattened (`dp_shard`)."""
         return self._fsdp_mesh
+
+    def batch_group(self) -> dist.ProcessGroup:
+        """The ranks of this pp stage and tp rank that see different tokens (dp × cp): what per-token statistics,
+        such as the MoE's tokens per expert, are summed over."""
+        return self._fsdp_mesh.get_group()
+
+    def ep_mesh(self) -> Any:
+        """The 1-D mesh an MoE layer's experts are split over (ep > 1): ep consecutive ranks of dp × cp."""
+        return self._ep_mesh
+
+    def expert_fsdp_mesh(self) -> Any:
+        """The ranks holding the same experts (ep > 1), which FSDP shards expert parameters over: dp × cp / ep."""
+        return self._expert_fsdp_mesh
 
     def group(self, axis: str) -> dist.ProcessGroup | None:
         if axis not in self.groups:

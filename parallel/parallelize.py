@@ -7,7 +7,9 @@ meta device, in this order:
      the blocks (`parallel.float8`, native engine only), before anything wraps them;
   1. tensor parallelism (tp > 1): the engine's technique shards the linears, the embedding and the lm_head, and
      gives the loss over vocabulary-sharded logits; then context parallelism (cp > 1, native engine only:
-     `parallel.context_parallel`), each block's attention gathering keys and values over the cp ranks;
+     `parallel.context_parallel`), each block's attention gathering keys and values over the cp ranks; then expert
+     parallelism (ep > 1, native engine only: `parallel.expert_parallel`), each MoE layer keeping E/ep experts and
+     sending tokens to theirs;
   2. activation checkpointing of each block (`parallel.activation_checkpoint`);
   3. torch.compile of each block (`parallel.compile`), after checkpointing so a checkpointed block compiles as one
      region; skipped under ZeRO-3 where the engine's sharding hooks into the blocks (`compile_under_zero3`);
@@ -37,6 +39,7 @@ from orchestrator.spec import JobSpec
 from parallel.activation_checkpoint import apply_activation_checkpointing
 from parallel.compile import apply_compile
 from parallel.context_parallel import apply_context_parallel
+from parallel.expert_parallel import apply_expert_parallel
 from parallel.float8 import apply_float8
 from parallel.lora import apply_lora, freeze_base
 from parallel.model import Transformer, cross_entropy
@@ -78,7 +81,7 @@ class Techniques:
 
 def parallelize_model(model: Transformer, dims: ParallelDims, spec: JobSpec, techniques: Techniques,
                       device: torch.device) -> Parallelized:
-    """Apply LoRA, float8, tp, cp, activation checkpointing, compile, pp and dp to `model` (on meta) in the order
+    """Apply LoRA, float8, tp, cp, ep, activation checkpointing, compile, pp and dp to `model` (on meta) in the order
     of this module."""
     p = spec.parallel
     assert model.dims.n_layers % dims.pp == 0, "orchestrator.validate guarantees the layers split over pp"
@@ -93,6 +96,8 @@ def parallelize_model(model: Transformer, dims: ParallelDims, spec: JobSpec, tec
         techniques.tensor_parallel(state, dims, spec)
     if dims.cp > 1:
         apply_context_parallel(state, dims, spec)
+    if dims.ep > 1:
+        apply_expert_parallel(state, dims, spec)
     apply_activation_checkpointing(state.blocks, p.activation_checkpointing, p.activation_checkpointing_every)
     if p.compile and (p.zero_stage < 3 or techniques.compile_under_zero3):
         apply_compile(state.blocks)

@@ -5,6 +5,9 @@ parameters written by rank 0. Started by torchrun from tests/helpers.py (run_lay
 
 With `--cases CASES.json` ({name: [override, ...]}) one launch runs each case in turn on the same process group and
 writes {name: result}, a case that raised recording its traceback instead: many small layouts for one start-up.
+A case may also be {"overrides": [...], "save": DIR, "save_at": N} (a native checkpoint written after step N) or
+{"overrides": [...], "load": DIR} (resumed from it, training the steps after it): resume and reshard in the same
+launch.
 """
 
 from __future__ import annotations
@@ -70,8 +73,11 @@ def rank_micro_batches(rows: torch.Tensor, dp_rank: int, dp: int, spec=None) -> 
             for mb in mine.chunk(GRAD_ACCUM)]
 
 
-def run_case(env: RankEnv, device: torch.device, overrides: list[str]) -> dict:
-    """Train one spec for its steps; the losses, gradient norms, learning rates, eval loss and full parameters."""
+def run_case(env: RankEnv, device: torch.device, overrides: list[str], save: str = "", save_at: int = 0,
+             load: str = "") -> dict:
+    """Train one spec for its steps (from a checkpoint's step when `load` names one; writing one after step
+    `save_at` into `save` if named); the losses, gradient norms, learning rates of the steps run, eval loss and full
+    parameters."""
     spec = parse_spec(TINY, overrides=[*overrides, f"resources.gpus_per_node={env.world_size}"])
     dp = env.world_size // (spec.parallel.cp * spec.parallel.pp * spec.parallel.tp)
     spec.parallel.micro_batch_size = GLOBAL_BATCH // (GRAD_ACCUM * dp)
@@ -79,27 +85,31 @@ def run_case(env: RankEnv, device: torch.device, overrides: list[str]) -> dict:
     engine = build_engine(spec, env, device)
     tokens = spec_tokens(spec)
     losses, norms, lrs = [], [], []
-    for step in range(spec.schedule.steps):
+    start = engine.load(load)["step"] if load else 0
+    for step in range(start, spec.schedule.steps):
         result = engine.train_step(rank_micro_batches(tokens[step], engine.dims.dp_rank, engine.dims.dp, spec))
         losses.append(float(result.loss))
         norms.append(float(result.grad_norm))
         lrs.append(result.lr)
+        if save and step + 1 == save_at:
+            engine.save(save, {"step": save_at})
+    engine.wait_saved()
     eval_loss = float(engine.eval_loss(rank_micro_batches(tokens[0], engine.dims.dp_rank, engine.dims.dp, spec)))
     return {"losses": losses, "grad_norms": norms, "lrs": lrs, "eval_loss": eval_loss,
             "params": engine.full_state_dict()}
 
 
 def main(out: str, args: list[str],
-         run: Callable[[RankEnv, torch.device, list[str]], dict] = run_case) -> None:
+         run: Callable[..., dict] = run_case) -> None:
     """Run each case (or the one spec of `args`) with `run`; rank 0 saves the results to `out`."""
     env = RankEnv.from_env()
     device = torch.device("cpu")
     init_distributed(env, device)
     if args[:1] == ["--cases"]:
         results = {}
-        for name, overrides in json.loads(Path(args[1]).read_text()).items():
+        for name, case in json.loads(Path(args[1]).read_text()).items():
             try:
-                results[name] = run(env, device, overrides)
+                results[name] = run(env, device, case) if isinstance(case, list) else run(env, device, **case)
             except Exception:  # noqa: BLE001 - recorded for the test of this case; the next case still runs
                 results[name] = {"error": traceback.format_exc()}
             gc.collect()

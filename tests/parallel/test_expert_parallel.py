@@ -1,0 +1,88 @@
+"""Expert parallelism (`parallel.ep`) trains as one process does, resumes exactly, and reshards to ep1.
+
+Every run of a small MoE (4 experts, top-2, both balancing methods: the auxiliary loss per sequence and the
+aux-free bias) is held to the single-process reference with the layout tests' tolerances (1e-5 relative on losses,
+1e-5 absolute on parameters and the experts' bias). Two launches: two ranks run ep1 (dp2), ep2 (dp2, ZeRO-3) saving a
+checkpoint after step 3, ep2 resumed from it (bit for bit) and ep1 resumed from it (DCP reshards the experts'
+Shard(0) over ep into whole tensors); four ranks run ep4, dp4 with ep2, ep2×tp2 (sequence parallel) and ep2×pp2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from parallel.expert_parallel import segment_order
+from tests.helpers import PARAM_ATOL, RTOL, reference_run, run_layout
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("expert-parallel")]
+
+MOE = ["model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.balance=both", "model.moe.aux_loss_coef=0.01",
+       "model.moe.bias_update_rate=0.01"]
+STEPS = "schedule.steps=5"
+SAVE_AT = 3
+RUN = ["parallel.backend=native", *MOE, STEPS]
+FOUR = {"ep4": [*RUN, "parallel.ep=4"],
+        "dp4-ep2": [*RUN, "parallel.ep=2", "parallel.zero_stage=2"],
+        "ep2-tp2": [*RUN, "parallel.ep=2", "parallel.tp=2", "parallel.sequence_parallel=true"],
+        "ep2-pp2": [*RUN, "parallel.ep=2", "parallel.pp=2"]}
+
+
+def test_tokens_from_each_rank_are_regrouped_by_local_expert() -> None:
+    # received[j, e]: tokens rank j sent for local expert e, arriving rank by rank, each rank's grouped by expert.
+    received = torch.tensor([[2, 0, 1], [1, 3, 0]])
+    arrived = [("r0", 0)] * 2 + [("r0", 2)] + [("r1", 0)] + [("r1", 1)] * 3
+    order = segment_order(received)
+    assert [arrived[i][1] for i in order.tolist()] == [0, 0, 0, 1, 1, 1, 2]
+    assert [arrived[i][0] for i in order.tolist()] == ["r0", "r0", "r1", "r1", "r1", "r1", "r0"]
+    assert sorted(order.tolist()) == list(range(7))
+
+
+@functools.cache
+def _reference(overrides: tuple[str, ...]) -> dict:
+    return reference_run(list(overrides))
+
+
+def _hold_to_reference(name: str, got: dict, overrides: list[str], start: int = 0) -> None:
+    assert "error" not in got, f"{name}:\n{got.get('error')}"
+    expected = _reference(tuple(o for o in overrides if o.startswith(("model.", "schedule.", "parallel.backend"))))
+    assert expected["losses"][-1] < expected["losses"][0] - 0.1, "the reference run should learn something"
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(expected["losses"][start:]), rtol=RTOL,
+                               atol=0, msg=lambda m: f"{name} losses: {m}")
+    assert got["params"].keys() == expected["params"].keys()
+    for param, value in expected["params"].items():
+        torch.testing.assert_close(got["params"][param], value, rtol=0, atol=PARAM_ATOL,
+                                   msg=lambda m, n=param: f"{name} {n}: {m}")
+
+
+def test_ep2_trains_as_ep1_and_one_process_resumes_exactly_and_reshards_to_ep1(tmp_path: Path) -> None:
+    ckpt = str(tmp_path / "ckpt")
+    cases = {"ep1": RUN,
+             "ep2": {"overrides": [*RUN, "parallel.ep=2", "parallel.zero_stage=3"], "save": ckpt, "save_at": SAVE_AT},
+             "ep2-resumed": {"overrides": [*RUN, "parallel.ep=2", "parallel.zero_stage=3"], "load": ckpt},
+             "ep1-resumed": {"overrides": RUN, "load": ckpt}}
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    results = run_layout(2, ["--cases", str(tmp_path / "cases.json")], tmp_path / "result.pt", tmp_path)
+    _hold_to_reference("ep1", results["ep1"], RUN)
+    straight = results["ep2"]
+    _hold_to_reference("ep2", straight, RUN)
+    assert any(v.abs().max() > 0 for n, v in straight["params"].items() if n.endswith("expert_bias")), \
+        "the aux-free bias moved"
+    resumed = results["ep2-resumed"]
+    assert "error" not in resumed, resumed.get("error")
+    assert resumed["losses"] == straight["losses"][SAVE_AT:]
+    for name, value in straight["params"].items():
+        assert torch.equal(resumed["params"][name], value), name
+    _hold_to_reference("ep1-resumed", results["ep1-resumed"], RUN, start=SAVE_AT)
+
+
+def test_expert_parallel_layouts_of_four_ranks_match_one_process(tmp_path: Path) -> None:
+    (tmp_path / "cases.json").write_text(json.dumps(FOUR))
+    results = run_layout(4, ["--cases", str(tmp_path / "cases.json")], tmp_path / "result.pt", tmp_path)
+    for name, overrides in FOUR.items():
+        _hold_to_reference(name, results[name], overrides)
+        assert results[name]["eval_loss"] < results[name]["losses"][0] - 0.1, "eval sees the trained weights"
