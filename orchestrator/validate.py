@@ -494,10 +494,10 @@ def _moe_consistent(spec: JobSpec, _: Any) -> list[Problem]:
     return out
 
 
-@rule("model.moe.num_experts", "parallel.backend", "parallel.tp", "model.lora.rank", "model.lora.targets")
+@rule("model.moe.num_experts", "parallel.backend", "model.lora.rank", "model.lora.targets")
 def _moe_where_it_runs(spec: JobSpec, _: Any) -> list[Problem]:
-    """MoE layers run on the native engine, without tensor parallelism of their experts so far, and take no LoRA
-    adapters on their experts (an MoE layer's projections are 3-D expert weights, not linear layers)."""
+    """MoE layers run on the native engine (under tp replicated, `parallel.dtensor_tp`), and take no LoRA adapters
+    on their experts (an MoE layer's projections are 3-D expert weights, not linear layers)."""
     m, p = spec.model, spec.parallel
     experts = m.moe.num_experts
     if not experts:
@@ -506,9 +506,6 @@ def _moe_where_it_runs(spec: JobSpec, _: Any) -> list[Problem]:
     if p.backend != "native":
         out.append(Problem("parallel.backend", f"{p.backend} cannot train model.moe.num_experts={experts}: "
                            "mixture-of-experts layers run on parallel.backend=native (or auto)"))
-    if p.tp > 1:
-        out.append(Problem("parallel.tp", f"{p.tp} with model.moe.num_experts={experts} is not supported yet; shard "
-                           "with data parallelism (FSDP) or pipeline stages, or set tp=1"))
     mlp = [t.strip() for t in m.lora.targets.split(",") if t.strip() in ("gate_proj", "up_proj", "down_proj")]
     if m.lora.rank and mlp:
         out.append(Problem("model.lora.targets", f"{', '.join(mlp)} with model.moe.num_experts={experts}: adapters "

@@ -10,6 +10,10 @@ norms, wherever its placement puts them (`BLOCK_NORMS`), run on it (`SequencePar
 all-gathered on entry and its output reduce-scattered on exit. Without it the residual stream is replicated and
 block norms are plain modules computed identically on every rank.
 
+An MoE layer's MLP (router, experts, shared experts) is replicated over tp: every rank routes the same tokens
+and computes the same experts on plain tensors (expert parallelism splits experts over dp instead); under sequence
+parallelism its input is all-gathered on entry and its output cut back to the rank's sequence shard on exit.
+
 Inside attention each rank holds its own heads. q/k/v biases are sharded with the output features by
 `ColwiseParallel`. A per-head query/key norm (Qwen3) sees [batch, seq, heads, head_dim] split over heads: it runs as
 `SequenceParallel` over dimension 2, its weight replicated and its gradient summed over the group. A norm over all
@@ -29,6 +33,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_modul
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
+    PrepareModuleInputOutput,
     RowwiseParallel,
     SequenceParallel,
     parallelize_module,
@@ -37,6 +42,7 @@ from torch.distributed.tensor.parallel.style import ParallelStyle
 
 from parallel.lora import lora_tp_plan
 from parallel.model import Transformer
+from parallel.moe import MoE
 
 
 def apply_dtensor_tp(model: Transformer, blocks: Iterable[nn.Module], mesh: DeviceMesh,
@@ -93,10 +99,14 @@ def _block_plan(block: nn.Module, qk_norm: str, residual, sequence_parallel: boo
         "self_attn.k_proj": ColwiseParallel(),
         "self_attn.v_proj": ColwiseParallel(),
         "self_attn.o_proj": RowwiseParallel(output_layouts=residual),
-        "mlp.gate_proj": ColwiseParallel(),
-        "mlp.up_proj": ColwiseParallel(),
-        "mlp.down_proj": RowwiseParallel(output_layouts=residual),
     }
+    moe = isinstance(block.mlp, MoE)
+    if not moe:
+        plan.update({
+            "mlp.gate_proj": ColwiseParallel(),
+            "mlp.up_proj": ColwiseParallel(),
+            "mlp.down_proj": RowwiseParallel(output_layouts=residual),
+        })
     if qk_norm != "none":
         norm = SequenceParallel(sequence_dim=2, use_local_output=True) if qk_norm == "head" else FeatureShardedNorm()
         plan.update({"self_attn.q_norm": norm, "self_attn.k_norm": norm})
@@ -106,6 +116,9 @@ def _block_plan(block: nn.Module, qk_norm: str, residual, sequence_parallel: boo
         plan.update({name: SequenceParallel(use_local_output=True) for name in block.norm_names if name is not None})
         plan.update({
             "self_attn": PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)),
-            "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "mlp": PrepareModuleInputOutput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+                                            use_local_input=True, output_layouts=(Replicate(),),
+                                            desired_output_layouts=(Shard(1),)) if moe else
+            PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
         })
     return plan
