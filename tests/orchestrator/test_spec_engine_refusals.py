@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parents[2]
 SCANNED = ["parallel/engine.py", "parallel/deepspeed_engine.py", "parallel/native_engine.py",
            "parallel/parallelize.py", "parallel/parallel_dims.py", "parallel/dtensor_tp.py",
            "parallel/native_pipeline.py", "parallel/megatron_tp.py", "parallel/deepspeed_pipeline.py",
-           "parallel/model.py", "parallel/fsdp.py", "parallel/activation_checkpoint.py", "parallel/compile.py"]
+           "parallel/model.py", "parallel/fsdp.py", "parallel/activation_checkpoint.py", "parallel/compile.py",
+           "parallel/expert_parallel.py"]
 RAISE = re.compile(r"raise (SpecError|UserError|ValueError)\(f?[\"']([^\"']{0,40})")
 BASE = "model: {n_layers: 4, n_heads: 4, dim: 256}\n"
 
@@ -104,6 +105,9 @@ MOVED = [
          ("data.seq_len=63",), "data.seq_len"),
     Case(("resources.gpus_per_node=2", "parallel.tp=2", "data.seq_len=63"), ("parallel.sequence_parallel=true",),
          "data.seq_len"),
+    # `apply_expert_parallel` asserts the experts split over ep.
+    Case(("resources.gpus_per_node=2", "model.moe.num_experts=4", "parallel.ep=2"), ("model.moe.num_experts=3",),
+         "parallel.ep"),
 ]
 
 
