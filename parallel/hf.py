@@ -4,9 +4,10 @@
     save_hf("out/", engine.full_state_dict(), dims, HFExport(dtype=torch.bfloat16, family="qwen3", ...))
 
 Our parameter names are the families' own without `model.` and RoPE uses their rotate-half layout, so conversion is
-a rename (and Gemma's norms shifted by one); which architectures and switches map to which is
-`parallel.hf_families`'. What needs care is refusing what the model cannot represent rather than loading it into
-the wrong computation, and naming the tensor whose shape is off. Reading is lazy (safetensors are memory-mapped and
+a rename (and Gemma's norms shifted by one; a mixture of experts' per-expert tensors stacked into the model's 3-D
+expert parameters); which architectures and switches map to which is `parallel.hf_families`'. What needs care is
+refusing what the model cannot represent rather than loading it into the wrong computation, and naming the tensor
+whose shape is off. Reading is lazy (safetensors are memory-mapped and
 read one tensor at a time), so every rank of a large layout takes its slices from the files without holding a
 second full copy. What a model is beyond its weights (its tokenizer, chat template, special tokens, context)
 travels with a run through `parallel.hf_origin`.
@@ -41,15 +42,12 @@ DEFAULT_SHARD_BYTES = 5 * 2**30  # transformers' own default for save_pretrained
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Buffers some exporters write beside the weights; recomputed, never loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+ROUTING_BIAS = "mlp.expert_bias"  # the buffer of auxiliary-loss-free balancing (`parallel.moe`)
 _MOST = 2**24
 
 
 def to_hf_name(name: str) -> str:
     return name if name == "lm_head.weight" else f"model.{name}"
-
-
-def from_hf_name(name: str) -> str:
-    return name.removeprefix("model.")
 
 
 def is_norm(name: str) -> bool:
@@ -77,16 +75,20 @@ _ROPE_NUMBERS = ("rope_theta", "factor", "low_freq_factor", "high_freq_factor", 
 _CHECKS: list[tuple[tuple[str, ...], str, Any]] = [
     (("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
       "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window", "query_pre_attn_scalar",
-      *(f"{r}.original_max_position_embeddings" for r in ("rope_parameters", "rope_scaling"))),
+      *(f"{r}.original_max_position_embeddings" for r in ("rope_parameters", "rope_scaling")),
+      "num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step"),
      f"an integer from 1 to {_MOST}", _count),
     (("rms_norm_eps", "rope_theta", "initializer_range", "attn_logit_softcapping", "final_logit_softcapping",
-      "partial_rotary_factor", *(f"{r}.{k}" for r in ("rope_parameters", "rope_scaling") for k in _ROPE_NUMBERS)),
+      "partial_rotary_factor", "router_aux_loss_coef", "router_jitter_noise",
+      *(f"{r}.{k}" for r in ("rope_parameters", "rope_scaling") for k in _ROPE_NUMBERS)),
      "a number", _number),
     (("rope_parameters", "rope_scaling"), "an object", lambda v: isinstance(v, dict)),
     (("model_type", "hidden_act", "hidden_activation", "rope_parameters.rope_type", "rope_scaling.rope_type",
       "rope_scaling.type"), "a string", lambda v: isinstance(v, str)),
-    (("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window"), "true or false",
+    (("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window", "norm_topk_prob"), "true or false",
      lambda v: isinstance(v, bool)),
+    (("mlp_only_layers",), "a list of layer indices",
+     lambda v: isinstance(v, list) and all(type(i) is int and 0 <= i < _MOST for i in v)),
     (("layer_types",), "a list of strings", lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v)),
     (("bos_token_id", "eos_token_id", "pad_token_id"), f"a token id (0 to {_MOST - 1}) or a list of them",
      _token_ids),
@@ -132,13 +134,26 @@ def model_settings(dims: ModelDims) -> dict[str, Any]:
             "full_attention_every": dims.full_attention_every if dims.sliding_window else 0,
             "attn_softcap": dims.attn_softcap, "logit_softcap": dims.logit_softcap,
             "attn_scale_dim": dims.attn_scale_dim or dims.head_dim, "scale_embeddings": dims.scale_embeddings,
-            "tie_embeddings": dims.tie_embeddings}
+            "tie_embeddings": dims.tie_embeddings, **moe_settings(dims)}
+
+
+def moe_settings(dims: ModelDims) -> dict[str, Any]:
+    """The `model.moe.*` values that route and size the experts as `dims` do (none for a dense model): the
+    computation's, not the training's (balancing, capacity)."""
+    m = dims.moe
+    if m is None:
+        return {}
+    return {"moe.num_experts": m.num_experts, "moe.top_k": m.top_k, "moe.num_shared_experts": m.num_shared_experts,
+            "moe.every_n_layers": m.every_n_layers, "moe.first_dense_layers": m.first_dense_layers,
+            "moe.expert_ffn_dim": m.ffn_dim, "moe.score": m.score, "moe.norm_topk": m.norm_topk}
 
 
 def check_same_dims(found: ModelDims, expected: ModelDims, source: str) -> None:
     """A Hugging Face model can initialise a run only if its shape is the run's: name every `model.*` that differs."""
-    have, want = model_settings(found), model_settings(expected)
-    changed = [f"model.{k}: {want[k]!r} in the job spec, {have[k]!r} in {CONFIG}" for k in want if have[k] != want[k]]
+    dense = {"moe.num_experts": 0}
+    have, want = dense | model_settings(found), dense | model_settings(expected)
+    changed = [f"model.{k}: {want.get(k)!r} in the job spec, {have.get(k)!r} in {CONFIG}"
+               for k in {**want, **have} if have.get(k) != want.get(k)]
     if changed:
         raise UserError(f"{source}: the model differs from the run's: " + "; ".join(changed)
                         + " (`pretrain import` writes a spec with the model's values)")
@@ -154,24 +169,26 @@ def expected_shapes(dims: ModelDims) -> dict[str, tuple[int, ...]]:
 
 class HFWeights(Mapping[str, torch.Tensor]):
     """A Hugging Face model's weights under our names and in our norm convention, read from the safetensors files
-    when asked for."""
+    when asked for (a 3-D expert parameter stacked from its experts' tensors)."""
 
-    def __init__(self, dims: ModelDims, family: Family, files: dict[str, str], hf_names: dict[str, str]):
+    def __init__(self, dims: ModelDims, family: Family, sources: dict[str, list[tuple[str, str]]]):
         self.dims = dims  # the model they make, from config.json
         self.family = family
-        self._files = files  # our name → file
-        self._hf_names = hf_names  # our name → name in the file
+        self._sources = sources  # our name → (file, name in the file) of the whole tensor, or of each expert's
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        with safe_open(self._files[name], framework="pt") as f:
-            tensor = f.get_tensor(self._hf_names[name])
+        parts = []
+        for path, stored in self._sources[name]:
+            with safe_open(path, framework="pt") as f:
+                parts.append(f.get_tensor(stored))
+        tensor = parts[0] if len(self.family.stored_names(name, self.dims)) == 1 else torch.stack(parts)
         return self.family.model_norm(tensor) if is_norm(name) else tensor
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._files)
+        return iter(self._sources)
 
     def __len__(self) -> int:
-        return len(self._files)
+        return len(self._sources)
 
 
 def weight_files(directory: str) -> list[str]:
@@ -206,8 +223,7 @@ def open_hf_weights(directory: str, dims: ModelDims | None = None) -> HFWeights:
     if dims is not None:
         check_same_dims(found, dims, directory)
     wanted = expected_shapes(found)
-    files: dict[str, str] = {}
-    hf_names: dict[str, str] = {}
+    found_at: dict[str, str] = {}  # stored name → file
     for path in weight_files(directory):
         if not os.path.isfile(path):
             raise UserError(f"{path}: missing, listed in {INDEX}")
@@ -217,21 +233,25 @@ def open_hf_weights(directory: str, dims: ModelDims | None = None) -> HFWeights:
         except Exception as e:  # noqa: BLE001 - safetensors raises its own untyped errors for a damaged file
             raise UserError(f"{path}: not a readable safetensors file: {e}") from None
         for hf_name, shape in shapes.items():
-            name = from_hf_name(hf_name)
+            name, expert = family.our_name(hf_name)
             if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and found.tie_embeddings):
                 continue
-            if name not in wanted:
+            need = wanted.get(name)
+            if need is not None and expert is not None:
+                need = need[1:] if expert < need[0] else None
+            if need is None:
                 raise UserError(f"{path}: tensor {hf_name} {list(shape)} has no place in the {family.model_type} "
                                 f"model {CONFIG} describes (unsupported architecture or layer)")
-            if shape != wanted[name]:
+            if shape != need:
                 raise UserError(f"{path}: tensor {hf_name} has shape {list(shape)}, the config ({CONFIG}) "
-                                f"needs {list(wanted[name])}")
-            files[name], hf_names[name] = path, hf_name
-    missing = [to_hf_name(n) for n in wanted if n not in files]
+                                f"needs {list(need)}")
+            found_at[hf_name] = path
+    stored = {name: family.stored_names(name, found) for name in wanted}
+    missing = [n for names in stored.values() for n in names if n not in found_at]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise UserError(f"{directory}: tensor {', '.join(missing[:3])}{more} missing from the weights")
-    return HFWeights(found, family, files, hf_names)
+    return HFWeights(found, family, {name: [(found_at[n], n) for n in names] for name, names in stored.items()})
 
 
 def open_init_weights(path: str, dims: ModelDims) -> HFWeights:
@@ -316,18 +336,22 @@ def save_hf(directory: str, state: Mapping[str, torch.Tensor], dims: ModelDims, 
     for name, shape in wanted.items():
         if tuple(state[name].shape) != shape:
             raise UserError(f"tensor {name} has shape {list(state[name].shape)}, the model needs {list(shape)}")
+    check_no_routing_bias(state, family)
     os.makedirs(directory, exist_ok=True)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name in wanted:
-        tensor = state[name].detach()
-        tensor = (family.stored_norm(tensor) if is_norm(name) else tensor).to("cpu", how.dtype).contiguous()
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > how.max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][to_hf_name(name)] = tensor
-        size += nbytes
+        whole = state[name].detach()
+        whole = family.stored_norm(whole) if is_norm(name) else whole
+        stored = family.stored_names(name, dims)
+        for i, stored_name in enumerate(stored):
+            tensor = (whole[i] if len(stored) > 1 else whole).to("cpu", how.dtype).contiguous()
+            nbytes = tensor.numel() * tensor.element_size()
+            if shards[-1] and size + nbytes > how.max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][stored_name] = tensor
+            size += nbytes
     names = [WEIGHTS] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, shard in zip(names, shards, strict=True):
@@ -341,6 +365,17 @@ def save_hf(directory: str, state: Mapping[str, torch.Tensor], dims: ModelDims, 
         written.append(INDEX)
     _write_json(os.path.join(directory, CONFIG), config)
     return [*written, CONFIG, *_write_identity(directory, how, config)]
+
+
+def check_no_routing_bias(state: Mapping[str, torch.Tensor], family: Family) -> None:
+    """Auxiliary-loss-free balancing (DeepSeek-V3) adds a learned bias to the router's scores to choose the experts;
+    Qwen3-MoE's and Mixtral's routers have no such bias, so a model whose bias moved would route differently there."""
+    for name, bias in state.items():
+        if name.endswith(ROUTING_BIAS) and bool(bias.detach().ne(0).any()):
+            raise UserError(f"tensor {name}: the model routes with a learned expert bias (model.moe.balance="
+                            f"aux_free or both), which {family.architecture} has no place for, so the exported model "
+                            "would choose other experts; train runs meant for transformers with "
+                            "model.moe.balance=aux_loss")
 
 
 def _write_identity(directory: str, how: HFExport, config: dict[str, Any]) -> list[str]:

@@ -6,16 +6,20 @@
 
 Each architecture fixes some of the model's switches (Qwen2 always has q/k/v biases, OLMo 2 always norms after
 attention and MLP and over all heads) and reads others from its config.json (Mistral's window, Gemma 2's
-soft-caps and the layers that slide); `Family` says which. Weight names are the same in every family (the model
-names its parameters as they do), so only Gemma's norms need converting: Gemma stores w in x̂·(1 + w), the model
-computes x̂·w (`Family.norm_offset`). Keys config.json may leave out take the values transformers' config classes
-(5.24) give them, so a sparse config.json means what it means to transformers.
+soft-caps and the layers that slide); `Family` says which. Weight names are the same in every dense family (the
+model names its parameters as they do), so only Gemma's norms need converting: Gemma stores w in x̂·(1 + w), the
+model computes x̂·w (`Family.norm_offset`). The mixtures of experts (Qwen3-MoE, Mixtral) store each expert's
+projections as its own 2-D tensor, as `save_pretrained` writes them (transformers 5 fuses them in memory only),
+where the model holds one 3-D parameter per projection: `Experts` names them, `parallel.hf` stacks and unstacks.
+Keys config.json may leave out take the values transformers' config classes (5.24) give them, so a sparse
+config.json means what it means to transformers.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +29,7 @@ import torch
 from orchestrator.config_parser import show
 from orchestrator.errors import UserError
 from parallel.model import ModelDims
+from parallel.moe import MoEDims
 from parallel.rope import RopeScaling
 
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
@@ -39,6 +44,13 @@ _UNSUPPORTED_WHEN_TRUE = {
     "mlp_bias": "MLP biases are not supported",
     "use_sliding_window": "Qwen's sliding-window layers are not supported",
     "use_bidirectional_attention": "the model is causal only",
+}
+# Mixtures of experts transformers has that the model cannot be, and why: named rather than only "not supported".
+_UNSUPPORTED_MOE = {
+    "qwen2_moe": "shared_expert_gate: Qwen2-MoE scales its shared expert by a learned sigmoid gate, which the "
+                 "model's shared experts do not have",
+    "deepseek_v3": "DeepSeek-V3's multi-head latent attention and grouped sigmoid routing are not supported",
+    "olmoe": "OLMoE's norms over all query and key heads in a mixture of experts are not supported",
 }
 
 
@@ -58,6 +70,42 @@ class Identity:
 
 
 @dataclass(frozen=True)
+class Experts:
+    """How an architecture stores a mixture-of-experts block: the block's module under `layers.{i}`, each expert's
+    linears (the model's 3-D gate_proj / up_proj / down_proj, one [ffn, dim] or [dim, ffn] slice per expert), and
+    the routing switches it always has."""
+
+    module: str  # mlp (Qwen3-MoE) or block_sparse_moe (Mixtral)
+    linears: dict[str, str]  # the model's expert parameter → the expert's linear: gate_proj → w1 (Mixtral)
+    fixed: dict[str, Any]  # MoEDims switches this architecture always has
+
+    def stored_names(self, name: str, num_experts: int) -> list[str] | None:
+        """The tensors a file holds the model's parameter `name` in, when it is this block's (else None)."""
+        if m := _OUR_EXPERTS.fullmatch(name):
+            layer, linear = m.groups()
+            return [f"model.layers.{layer}.{self.module}.experts.{e}.{self.linears[linear]}.weight"
+                    for e in range(num_experts)]
+        if m := _OUR_ROUTER.fullmatch(name):
+            return [f"model.layers.{m.group(1)}.{self.module}.gate.weight"]
+        return None
+
+    def our_name(self, stored: str) -> tuple[str, int] | None:
+        """(the model's parameter, the expert's index; -1 for the router) of a stored tensor of this block."""
+        module = re.escape(self.module)
+        if m := re.fullmatch(rf"model\.layers\.(\d+)\.{module}\.experts\.(\d+)\.(\w+)\.weight", stored):
+            layer, expert, linear = m.groups()
+            ours = {v: k for k, v in self.linears.items()}.get(linear)
+            return (f"layers.{layer}.mlp.experts.{ours}", int(expert)) if ours else None
+        if m := re.fullmatch(rf"model\.layers\.(\d+)\.{module}\.gate\.weight", stored):
+            return f"layers.{m.group(1)}.mlp.gate.weight", -1
+        return None
+
+
+_OUR_EXPERTS = re.compile(r"layers\.(\d+)\.mlp\.experts\.(gate_proj|up_proj|down_proj)")
+_OUR_ROUTER = re.compile(r"layers\.(\d+)\.mlp\.gate\.weight")
+
+
+@dataclass(frozen=True)
 class Family:
     """One transformers architecture: the switches it fixes, how its own keys read and write, its defaults."""
 
@@ -71,6 +119,7 @@ class Family:
     activation_key: str = "hidden_act"
     norm_offset: float = 0.0  # stored norm weight = the model's - norm_offset
     extra: dict[str, Any] = field(default_factory=dict)  # constant keys of its config.json
+    experts: Experts | None = None  # a mixture of experts: how it stores them (None: a dense architecture)
 
     def misfit(self, dims: ModelDims) -> str | None:
         """The first switch of `dims` this architecture cannot express, as `field=value`, or None."""
@@ -78,7 +127,30 @@ class Family:
         for name, value in self.fixed.items():
             if have[name] != value:
                 return f"{name}={have[name]!r} (always {value!r} in {self.model_type})"
+        if self.experts is None or dims.moe is None:
+            return None if self.experts is None and dims.moe is None else (
+                f"moe.num_experts={dims.moe.num_experts if dims.moe else 0} ({self.model_type} is "
+                f"{'a mixture of experts' if self.experts else 'dense'})")
+        for name, value in self.experts.fixed.items():
+            if getattr(dims.moe, name) != value:
+                return f"moe.{name}={getattr(dims.moe, name)!r} (always {value!r} in {self.model_type})"
         return None
+
+    def stored_names(self, name: str, dims: ModelDims) -> list[str]:
+        """The tensors a file of this architecture holds the model's parameter `name` in: one, or under a mixture
+        of experts one per expert of a 3-D expert parameter (stacked on dim 0 in the model)."""
+        if self.experts is not None and dims.moe is not None:
+            stored = self.experts.stored_names(name, dims.moe.num_experts)
+            if stored is not None:
+                return stored
+        return [name if name == "lm_head.weight" else f"model.{name}"]
+
+    def our_name(self, stored: str) -> tuple[str, int | None]:
+        """The model's parameter a stored tensor belongs to, and its expert's index (None: the whole parameter)."""
+        found = self.experts.our_name(stored) if self.experts is not None else None
+        if found is not None:
+            return found[0], None if found[1] < 0 else found[1]
+        return stored.removeprefix("model."), None
 
     def stored_norm(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.float() - self.norm_offset if self.norm_offset else tensor
@@ -139,6 +211,58 @@ def _write_qwen(dims: ModelDims) -> dict[str, Any]:
             "layer_types": ["full_attention"] * dims.n_layers}
 
 
+def _read_experts(config: dict[str, Any], problems: list[str], experts: int, ffn: int, norm_topk: bool,
+                  sparse: list[bool]) -> dict[str, Any]:
+    """The MoE dims of a block of `experts` experts of width `ffn`, on the layers `sparse` marks."""
+    top_k = config["num_experts_per_tok"]
+    if top_k > experts:
+        problems.append(f"num_experts_per_tok={top_k}: more than the {experts} experts")
+    if config.get("router_jitter_noise"):
+        problems.append(f"router_jitter_noise={show(config['router_jitter_noise'])}: routing noise is not "
+                        "supported (only 0)")
+    every = config.get("decoder_sparse_step") or 1
+    for first in range(len(sparse)):
+        moe = MoEDims(num_experts=experts, top_k=top_k, ffn_dim=ffn, every_n_layers=every, first_dense_layers=first,
+                      score="softmax", norm_topk=norm_topk)
+        if [moe.is_moe(i) for i in range(len(sparse))] == sparse:
+            return {"moe": moe}
+    problems.append(f"mlp_only_layers={show(config.get('mlp_only_layers'))}: with decoder_sparse_step={every}, "
+                    "only the first layers dense is supported (model.moe.first_dense_layers), and at least one layer "
+                    "must be a mixture of experts")
+    return {}
+
+
+def _read_qwen3_moe(config: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    only = config.get("mlp_only_layers") or []
+    every = config.get("decoder_sparse_step") or 1
+    experts = config.get("num_experts", config.get("num_local_experts", 128))
+    sparse = [i not in only and (i + 1) % every == 0 for i in range(config["num_hidden_layers"])]
+    return _read_experts(config, problems, experts, config["moe_intermediate_size"],
+                         bool(config["norm_topk_prob"]), sparse)
+
+
+def _write_qwen3_moe(dims: ModelDims) -> dict[str, Any]:
+    moe = dims.moe
+    every = moe.every_n_layers
+    return {**_write_qwen(dims), "num_experts": moe.num_experts, "num_experts_per_tok": moe.top_k,
+            "moe_intermediate_size": moe.ffn_dim, "norm_topk_prob": moe.norm_topk,
+            "decoder_sparse_step": every, "output_router_logits": False,
+            "mlp_only_layers": [i for i in range(dims.n_layers) if (i + 1) % every == 0 and not dims.is_moe(i)]}
+
+
+def _read_mixtral(config: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    n = config["num_hidden_layers"]
+    return {**_read_mistral(config, problems), **_read_experts(
+        config, problems, config["num_local_experts"], config["intermediate_size"], True, [True] * n)}
+
+
+def _write_mixtral(dims: ModelDims) -> dict[str, Any]:
+    return {**_write_mistral(dims), "num_local_experts": dims.moe.num_experts, "num_experts_per_tok": dims.moe.top_k,
+            "intermediate_size": dims.moe.ffn_dim, "router_jitter_noise": 0.0, "output_router_logits": False}
+
+
+# Routing both always have: softmax scores over the experts, no shared experts, no capacity limit.
+_ROUTING = {"score": "softmax", "num_shared_experts": 0}
 _IDS = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("llama", "LlamaForCausalLM", _LLAMA_BLOCK, {
@@ -168,9 +292,24 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
         "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0},
         refused=("attention_bias", "use_bidirectional_attention"), read=_read_gemma2, write=_write_gemma2,
         activation_key="hidden_activation", norm_offset=1.0, extra={"attention_bias": False}),
+    Family("qwen3_moe", "Qwen3MoeForCausalLM", {**_LLAMA_BLOCK, "qk_norm": "head"}, {
+        "rms_norm_eps": 1e-6, "max_position_embeddings": 32768, "num_key_value_heads": 4, "head_dim": None,
+        "tie_word_embeddings": False, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
+        "decoder_sparse_step": 1, "norm_topk_prob": False, "router_aux_loss_coef": 0.001, **_IDS},
+        refused=("attention_bias", "use_sliding_window"), read=_read_qwen3_moe, write=_write_qwen3_moe,
+        extra={"attention_bias": False}, experts=Experts(
+            "mlp", {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}, _ROUTING)),
+    Family("mixtral", "MixtralForCausalLM", {k: v for k, v in _LLAMA_BLOCK.items() if k != "sliding_window"}, {
+        "rms_norm_eps": 1e-5, "max_position_embeddings": 131072, "num_key_value_heads": 8, "head_dim": None,
+        "tie_word_embeddings": False, "sliding_window": None, "rope_theta": 1e6, "num_local_experts": 8,
+        "num_experts_per_tok": 2, "router_aux_loss_coef": 0.001, **_IDS, "bos_token_id": 1, "eos_token_id": 2},
+        read=_read_mixtral, write=_write_mixtral, experts=Experts(
+            "block_sparse_moe", {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"},
+            {**_ROUTING, "norm_topk": True, "every_n_layers": 1, "first_dense_layers": 0})),
 )}
 # The spec's model.family of each architecture (Llama's is decided by its RoPE, `family_name`).
-_SPEC_FAMILY = {"qwen2": "qwen2", "qwen3": "qwen3", "mistral": "mistral", "olmo2": "olmo2", "gemma2": "gemma2"}
+_SPEC_FAMILY = {"qwen2": "qwen2", "qwen3": "qwen3", "mistral": "mistral", "olmo2": "olmo2", "gemma2": "gemma2",
+                "qwen3_moe": "qwen3", "mixtral": "mistral"}
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -178,6 +317,9 @@ _SPEC_FAMILY = {"qwen2": "qwen2", "qwen3": "qwen3", "mistral": "mistral", "olmo2
 
 def family_of(config: dict[str, Any], source: str) -> Family:
     model_type = config.get("model_type")
+    if model_type in _UNSUPPORTED_MOE:
+        raise UserError(f"{source}: model_type={_shown(model_type)}: not supported: {_UNSUPPORTED_MOE[model_type]} "
+                        f"(mixtures of experts: {', '.join(f for f in FAMILIES if FAMILIES[f].experts)})")
     if model_type not in FAMILIES:
         raise UserError(f"{source}: model_type={_shown(model_type)}: not a supported architecture (one of "
                         f"{', '.join(FAMILIES)})")
@@ -266,6 +408,17 @@ def family_name(config: dict[str, Any]) -> str:
     theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
     llama3 = params.get("rope_type", params.get("type")) == "llama3" or theta >= 500000
     return "llama3" if llama3 else "llama2"
+
+
+def training_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The job spec's `model.*` values for training on as the architecture was trained, which a user may change:
+    a mixture of experts balanced by its auxiliary loss at its coefficient (its router has no place for
+    auxiliary-loss-free balancing's bias, which would make the run's checkpoints unexportable to it)."""
+    family = family_of(config, "config.json")
+    if family.experts is None:
+        return {}
+    coef = float(with_defaults(config, family)["router_aux_loss_coef"])
+    return {"moe.balance": "aux_loss", "moe.aux_loss_coef": coef}
 
 
 def identity_of(config: dict[str, Any]) -> Identity:

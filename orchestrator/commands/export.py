@@ -4,7 +4,8 @@
     pretrain export runs/tiny/checkpoints/step_200 out/tiny-hf --dtype bfloat16
 
 OUT gets config.json of the architecture model.family names (or the first whose switches fit: llama, qwen2, qwen3,
-mistral, olmo2, gemma2), model.safetensors (files of at most --max-shard-size, with model.safetensors.index.json when
+mistral, olmo2, gemma2; a mixture of experts qwen3_moe or mixtral, each expert's tensors apart as transformers saves
+them), model.safetensors (files of at most --max-shard-size, with model.safetensors.index.json when
 there are several) and generation_config.json: `AutoModelForCausalLM.from_pretrained(OUT)` and `AutoTokenizer`
 load it. A run started from a Hugging Face model (`pretrain import`) exports with that model's identity, kept in
 each checkpoint: its tokenizer files, chat template, generation config, special token ids and context

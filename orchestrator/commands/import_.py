@@ -3,14 +3,15 @@
     pretrain import models/llama-3.2-1b examples/llama-1b.yaml parallel.tp=2 -o runs/cont.yaml
     pretrain submit runs/cont.yaml          # continued pretraining from those weights, in any layout
 
-Checks the Hugging Face directory completely (config.json describes a Llama, Qwen2, Qwen3, Mistral, OLMo 2 or
-Gemma 2 model we can represent, every tensor is there with its shape), then writes the job spec with every
-`model.*` set from config.json (model.family named, model.size empty: the spec is complete without a preset,
-model.max_positions the model's context) and `checkpoint.init_from` pointing at the directory: the training loop
-loads those weights into whatever layout the spec has when there is no checkpoint of the run to resume, and each
-checkpoint keeps the model's tokenizer and special tokens for `pretrain export` (`parallel.hf_origin`). The
-shards must be tokenized with the model's tokenizer (the spec's validation refuses a shard vocabulary larger than
-the model's).
+Checks the Hugging Face directory completely (config.json describes a Llama, Qwen2, Qwen3, Mistral, OLMo 2,
+Gemma 2, Qwen3-MoE or Mixtral model we can represent, every tensor is there with its shape), then writes the job
+spec with every `model.*` set from config.json (model.family named, model.size empty: the spec is complete without
+a preset, model.max_positions the model's context; a mixture of experts' model.moe, balanced by its auxiliary loss
+at the model's router_aux_loss_coef unless the overrides say otherwise) and `checkpoint.init_from` pointing at the
+directory: the training loop loads those weights into whatever layout the spec has when there is no checkpoint of
+the run to resume, and each checkpoint keeps the model's tokenizer and special tokens for `pretrain export`
+(`parallel.hf_origin`). The shards must be tokenized with the model's tokenizer (the spec's validation refuses a
+shard vocabulary larger than the model's).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from orchestrator.spec import spec_to_yaml
     from orchestrator.validate import load_spec
     from parallel.hf import model_settings, open_hf_weights, read_hf_config
-    from parallel.hf_families import family_name, identity_of
+    from parallel.hf_families import family_name, identity_of, training_settings
 
     weights = open_hf_weights(args.hf_dir)
     config = read_hf_config(args.hf_dir)
@@ -40,15 +41,17 @@ def run(args: argparse.Namespace) -> int:
     settings = {**model_settings(weights.dims), "family": family_name(config), "size": "''",
                 "max_positions": identity_of(config).max_positions, "init_std": weights.dims.init_std}
     taken = [f"model.{k}={v}" for k, v in settings.items()]
-    spec = load_spec(args.spec, [*args.overrides, *taken, f"checkpoint.init_from={hf_dir}"])
+    defaults = [f"model.{k}={v}" for k, v in training_settings(config).items()]
+    spec = load_spec(args.spec, [*defaults, *args.overrides, *taken, f"checkpoint.init_from={hf_dir}"])
     text = spec_to_yaml(spec)
     if args.output:
         write_atomic(args.output, text.encode())
     else:
         print(text, end="")
     d = weights.dims
+    experts = f", {d.moe.num_experts} experts, top-{d.moe.top_k}: {d.active_params():,} active" if d.moe else ""
     print(f"pretrain import: {settings['family']}, {d.num_params():,} parameters ({d.n_layers} layers, dim {d.dim}, "
-          f"vocab {d.vocab_size}) "
+          f"vocab {d.vocab_size}{experts}) "
           f"from {hf_dir}" + (f"; start it with: pretrain submit {args.output}" if args.output else ""),
           file=sys.stderr)
     return 0
