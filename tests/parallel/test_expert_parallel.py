@@ -16,8 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from orchestrator.errors import SpecError
+from orchestrator.validate import parse_spec
 from parallel.expert_parallel import segment_order
 from tests.helpers import PARAM_ATOL, RTOL, reference_run, run_layout
+from tests.parallel.layout_worker import TINY
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("expert-parallel")]
 
@@ -29,7 +32,7 @@ RUN = ["parallel.backend=native", *MOE, STEPS]
 FOUR = {"ep4": [*RUN, "parallel.ep=4"],
         "dp4-ep2": [*RUN, "parallel.ep=2", "parallel.zero_stage=2"],
         "ep2-tp2": [*RUN, "parallel.ep=2", "parallel.tp=2", "parallel.sequence_parallel=true"],
-        "ep2-pp2": [*RUN, "parallel.ep=2", "parallel.pp=2"]}
+        "ep2-pp2": [*RUN, "parallel.ep=2", "parallel.pp=2", "parallel.grad_accum=2"]}
 
 
 def test_tokens_from_each_rank_are_regrouped_by_local_expert() -> None:
@@ -40,6 +43,21 @@ def test_tokens_from_each_rank_are_regrouped_by_local_expert() -> None:
     assert [arrived[i][1] for i in order.tolist()] == [0, 0, 0, 1, 1, 1, 2]
     assert [arrived[i][0] for i in order.tolist()] == ["r0", "r0", "r1", "r1", "r1", "r1", "r0"]
     assert sorted(order.tolist()) == list(range(7))
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["parallel.ep=2"], r"parallel\.ep: 2 splits the experts of an MoE model, but model\.moe\.num_experts is 0"),
+    ([*MOE, "parallel.ep=2", "parallel.backend=deepspeed"], r"parallel\.ep: 2 needs parallel\.backend=native"),
+    (["model.moe.num_experts=6", "parallel.ep=4"], r"parallel\.ep: 4 does not divide model\.moe\.num_experts=6"),
+    ([*MOE, "parallel.ep=4", "parallel.tp=2"], r"parallel\.ep: 4 does not divide dp × cp = 2"),
+    ([*MOE, "parallel.ep=2", "parallel.cp=4"], r"parallel\.ep: 2 is not a multiple of parallel\.cp=4"),
+    ([*MOE, "parallel.ep=2", "resources.num_nodes=2", "resources.gpus_per_node=3"],
+     r"parallel\.ep: ep=2 × tp=1 ranks would straddle nodes"),
+], ids=["dense", "deepspeed", "experts", "dp-cp", "cp", "nodes"])
+def test_layouts_expert_parallelism_cannot_run_are_refused_naming_parallel_ep(overrides: list[str], match: str) -> None:
+    with pytest.raises(SpecError, match=match):
+        parse_spec(TINY, overrides=["resources.gpus_per_node=4", *overrides])
+    parse_spec(TINY, overrides=["resources.gpus_per_node=4", *MOE, "parallel.backend=native", "parallel.ep=2"])
 
 
 @functools.cache
