@@ -16,7 +16,9 @@ Ranks are numbered node by node, so consecutive ranks share a node: with tensor 
 order and context parallel next (rank = ((pp·dp_size + dp)·cp_size + cp)·tp + tp_rank, `parallel.parallel_dims`),
 each tensor-parallel group and each context-parallel group (cp × tp consecutive ranks) stays inside a node
 (validation makes resources.gpus_per_node a multiple of parallel.tp, and of cp × tp, on more than one node) and
-pipeline stages span nodes.
+pipeline stages span nodes. An expert-parallel group is ep consecutive ranks of dp × cp (`ParallelDims.build_mesh`),
+ep × tp consecutive ranks in all: it stays inside a node too, or takes whole nodes when it is larger than one
+(validation refuses one that would straddle nodes), so its all-to-alls of every MoE layer stay on NVLink first.
 """
 
 from __future__ import annotations
