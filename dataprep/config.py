@@ -182,7 +182,7 @@ class QualityConfig:
     max_tokens: int = setting(0, "hf: tokens of a document's start scored; 0: the model's maximum", min=0,
                               max=2**20)
     batch_size: int = setting(32, "hf: documents per forward pass", min=1, max=65536)
-    actors: int = setting(0, "scoring actors (Ray Data); 0: one per GPU for hf on GPUs, else half the CPUs",
+    actors: int = setting(0, "scoring actors (Ray Data); 0: one per GPU for hf on GPUs, else one per CPU",
                           min=0, max=4096)
 
     @property
@@ -313,10 +313,13 @@ def parse_prep_config(raw: Any, *, source: str = "prep config", overrides: Seque
 
 def config_to_dict(config: PrepConfig) -> dict[str, Any]:
     """The config as stage keys and the manifest's `config_hash` read it: a quality section that is off is left
-    out, so a prep from before the section keeps its keys and hash."""
+    out, so a prep from before the section keeps its keys and hash, and so are its actors (how many score, not what
+    the scores are), as `num_cpus` is."""
     d = dataclasses.asdict(config)
     if not config.filters.quality.enabled:
         d["filters"].pop("quality")
+    else:
+        d["filters"]["quality"].pop("actors")
     return d
 
 

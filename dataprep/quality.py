@@ -92,20 +92,20 @@ def score_file(scores_dir: str, part: str) -> str:
 
 
 def scoring_resources(q: QualityConfig) -> tuple[int, dict]:
-    """(actors, resources per actor): a GPU each for a Hugging Face model on a cluster with GPUs, else a CPU each
-    (half the CPUs by default, leaving the rest to Ray Data's reading and writing)."""
+    """(actors, resources per actor): a GPU each for a Hugging Face model on a cluster with GPUs, else a CPU each,
+    one per CPU by default (an actor reads its parts and writes their scores itself; nothing else runs then)."""
     import ray
 
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     if q.type == "hf" and gpus:
         return q.actors or gpus, {"num_gpus": 1}
-    return q.actors or max(1, int(resources.get("CPU", 1)) // 2), {"num_cpus": 1}
+    return q.actors or max(1, int(resources.get("CPU", 1))), {"num_cpus": 1}
 
 
 def score_parts(parts: list[str], directory: str, q: QualityConfig, prep: PrepRun) -> None:
-    """Score every part without a score file yet, through a pool of Ray Data actors each holding the model. An
-    actor that dies is not restarted: the run fails, and a rerun scores only the parts still without scores."""
+    """Score every part without a score file yet, through a fixed pool of Ray Data actors each holding the model;
+    a run that fails midway leaves the finished parts' scores, and a rerun scores only the others."""
     import ray
 
     from dataprep.filters.quality_model import PartScorer
@@ -118,7 +118,7 @@ def score_parts(parts: list[str], directory: str, q: QualityConfig, prep: PrepRu
     actors, resources = scoring_resources(q)
     ds = ray.data.from_items([{"part": p} for p in pending], override_num_blocks=len(pending))
     ds = ds.map_batches(PartScorer, fn_constructor_kwargs={"directory": directory, **scorer_keywords(q)},
-                        batch_size=1, concurrency=min(actors, len(pending)), max_restarts=0, **resources)
+                        batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(actors, len(pending))), **resources)
     try:
         for row in ds.iter_rows():
             prep.stats.add("tasks_done")
