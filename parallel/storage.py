@@ -14,9 +14,9 @@ import hashlib
 import os
 import posixpath
 
-import pyarrow as pa
 import pyarrow.fs as pafs
 
+from dataprep import filesystem
 from dataprep.shards import write_atomic
 from orchestrator.errors import CheckpointError
 
@@ -26,13 +26,10 @@ _CHUNK = 1 << 22
 class Storage:
     def __init__(self, uri: str):
         self.uri = uri
-        if "://" in uri:
-            try:
-                self.fs, self.root = pafs.FileSystem.from_uri(uri)
-            except (pa.ArrowInvalid, OSError, ValueError) as e:
-                raise CheckpointError(f"checkpoint.dir {uri!r}: not a usable filesystem URI: {e}") from None
-        else:
-            self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(uri)
+        try:
+            self.fs, self.root = filesystem.resolve(uri)
+        except filesystem.StorageError as e:
+            raise CheckpointError(f"checkpoint.dir {uri!r}: not a usable filesystem URI: {e}") from None
         self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
 
     def __repr__(self) -> str:
@@ -71,7 +68,7 @@ class Storage:
         self.fs.create_dir(self.path(*parts), recursive=True)
 
     def read_bytes(self, *parts: str) -> bytes:
-        with self.fs.open_input_stream(self.path(*parts)) as f:
+        with self.fs.open_input_stream(self.path(*parts), compression=None) as f:
             return f.read()
 
     def write_bytes(self, data: bytes, *parts: str) -> None:
@@ -79,7 +76,7 @@ class Storage:
         (object-store writes are all-or-nothing by themselves)."""
         target = self.path(*parts)
         if not self.atomic_rename:
-            with self.fs.open_output_stream(target) as f:
+            with self.fs.open_output_stream(target, compression=None) as f:
                 f.write(data)
             return
         os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -101,7 +98,7 @@ class Storage:
 
     def sha256(self, *parts: str) -> tuple[str, int]:
         """(hex digest, size in bytes) of a file, read in chunks."""
-        with self.fs.open_input_stream(self.path(*parts)) as f:
+        with self.fs.open_input_stream(self.path(*parts), compression=None) as f:
             return _digest(f)
 
 
