@@ -38,6 +38,8 @@ from orchestrator.errors import DataError
 
 SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "az")
 _BUFFER = 1 << 20
+# Streams are opened with compression=None throughout: pyarrow would otherwise (de)compress by the name's suffix, and
+# a corpus.jsonl.gz must be stored and read as the bytes it is.
 T = TypeVar("T")
 
 # What a store's error text says → what the user should check. First match wins.
@@ -233,7 +235,7 @@ def read_bytes(path: str) -> bytes:
     fs, inner = resolve(path)
 
     def read() -> bytes:
-        with fs.open_input_stream(inner) as f:
+        with fs.open_input_stream(inner, compression=None) as f:
             return f.read()
 
     return guarded(path, read)
@@ -272,7 +274,7 @@ def write_bytes(path: str, data: bytes) -> None:
     fs, inner = resolve(path)
 
     def put() -> None:
-        with fs.open_output_stream(inner) as f:
+        with fs.open_output_stream(inner, compression=None) as f:
             f.write(data)
 
     guarded(path, put)
