@@ -4,7 +4,9 @@ in float8 with dynamic scales, everything else stays as the precision setting sa
 Recipes are torchao's: `tensorwise` (one scale per tensor; the fastest, and under FSDP the weights are all-gathered
 already in float8, halving that traffic) and `rowwise` (one scale per row of each operand; more robust to outliers,
 a little slower). The lm_head stays in bf16 (its logits feed the loss directly, the usual choice), and so does any
-linear whose sides are not multiples of 16 (the float8 GEMM's tile constraint).
+linear whose sides are not multiples of 16 (the float8 GEMM's tile constraint). In MoE layers the router stays in
+bf16 (it chooses experts: its precision decides where tokens go) and so do the routed experts (3-D parameters of
+grouped GEMMs, not linear layers); the shared experts are plain linears and convert.
 
 Converted before any other technique, on the meta device, like torchtitan's model converters: tensor parallelism is
 refused at validation (its plans would need torchao's float8 variants), compile and checkpointing wrap the converted
@@ -45,8 +47,10 @@ def _torchao_float8():
 
 
 def convertible(module: nn.Module, name: str) -> bool:
-    """Whether a linear layer gets float8 matmuls: every block linear whose sides are multiples of 16."""
-    return isinstance(module, nn.Linear) and _fits(module.in_features, module.out_features)
+    """Whether a linear layer gets float8 matmuls: every block linear whose sides are multiples of 16, but an MoE
+    router (`mlp.gate`)."""
+    return isinstance(module, nn.Linear) and _fits(module.in_features, module.out_features) \
+        and not name.endswith("mlp.gate")
 
 
 def _fits(in_features: int, out_features: int) -> bool:
@@ -55,11 +59,17 @@ def _fits(in_features: int, out_features: int) -> bool:
 
 def float8_flops_per_token(dims: ModelDims) -> int:
     """Training FLOPs per token that run as float8 GEMMs: 6 × the weights of the block linears `convertible` takes.
-    The rest of `ModelDims.flops_per_token` (the lm_head, attention's QK^T and AV) stays in bf16."""
+    The rest of `ModelDims.flops_per_token` (the lm_head, attention's QK^T and AV, an MoE layer's router and routed
+    experts) stays in bf16."""
     q, kv = dims.n_heads * dims.head_dim, dims.n_kv_heads * dims.head_dim
-    d, f = dims.dim, dims.ffn_dim
-    shapes = ((d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d))
-    return 6 * dims.n_layers * sum(i * o for i, o in shapes if _fits(i, o))
+    d = dims.dim
+    total = 0
+    for layer in range(dims.n_layers):
+        moe = dims.moe if dims.is_moe(layer) else None
+        f = dims.ffn_dim if moe is None else moe.num_shared_experts * moe.ffn_dim
+        shapes = ((d, q), (d, kv), (d, kv), (q, d)) + (((d, f), (d, f), (f, d)) if f else ())
+        total += sum(i * o for i, o in shapes if _fits(i, o))
+    return 6 * total
 
 
 def apply_float8(blocks: Iterable[nn.Module], recipe: str, fsdp: bool, emulate: bool) -> None:

@@ -268,6 +268,9 @@ def apply_tensor_parallel(model: Transformer, group, rank: int, size: int,
     """
     d = model.dims
     sp = sequence_parallel
+    if d.moe is not None:
+        raise ValueError("Megatron-style tensor parallelism has no MoE layers (orchestrator.validate refuses MoE on "
+                         "DeepSpeed): use parallel.backend=native")
 
     def column(i, o, bias=False):
         return ColumnParallelLinear(i, o, group, rank, size, sp, bias)

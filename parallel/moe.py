@@ -25,8 +25,10 @@ are stacked into 3-D parameters (`mlp.experts.gate_proj` [E, ffn, dim], `up_proj
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -187,7 +189,8 @@ class MoE(nn.Module):
     statistics since the last `update_expert_bias` (not saved): `tokens_per_expert` [E] (token copies routed to each
     expert, before capacity), `dropped_per_expert` [E], `entropy_sum` (router entropy summed over tokens) and
     `balance_sum` (the unweighted balancing loss summed over forwards), with `forwards`. They count training forwards
-    only: not forwards without gradients (evaluation, generation) nor activation checkpointing's recomputation.
+    only: not forwards without gradients (evaluation, generation), activation checkpointing's recomputation, or
+    forwards run `uncounted`.
     """
 
     def __init__(self, dim: int, moe: MoEDims, activation: str = "silu", shared: nn.Module | None = None):
@@ -199,6 +202,7 @@ class MoE(nn.Module):
         for name, shape, persistent in BUFFERS:
             self.register_buffer(name, torch.zeros(shape(moe.num_experts)), persistent=persistent)
         self.aux_grad_scale = 1.0
+        self.counting = True  # off inside `uncounted`
         self.last_step: torch.Tensor | None = None  # the statistics `update_expert_bias` closed, reduced over ranks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -265,7 +269,7 @@ class MoE(nn.Module):
                 balance: torch.Tensor) -> None:
         # Non-reentrant activation checkpointing reruns this forward inside the backward (a graph task is then
         # running): the tokens were counted the first time.
-        if torch._C._current_graph_task_id() != -1:
+        if torch._C._current_graph_task_id() != -1 or not self.counting:
             return
         self.tokens_per_expert += counts
         self.dropped_per_expert += dropped
@@ -308,6 +312,20 @@ def moe_state(model: nn.Module) -> dict[str, torch.Tensor]:
     holds beside the parameters."""
     return {f"layers.{i}.mlp.{name}": getattr(moe, name)
             for i, moe in moe_layers(model) for name, _, persistent in BUFFERS if persistent}
+
+
+@contextlib.contextmanager
+def uncounted(model: nn.Module) -> Iterator[None]:
+    """Forwards of `model` inside this block leave the routing statistics alone (a pipeline stage's shape
+    inference, which runs a first micro-batch, or empty tensors, through the stage before the schedule starts)."""
+    layers = [moe for _, moe in moe_layers(model)]
+    for moe in layers:
+        moe.counting = False
+    try:
+        yield
+    finally:
+        for moe in layers:
+            moe.counting = True
 
 
 def set_aux_loss_scale(model: nn.Module, scale: float) -> None:

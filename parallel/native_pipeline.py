@@ -26,6 +26,7 @@ from torch.distributed.pipelining import (
 )
 
 from parallel.model import Transformer
+from parallel.moe import uncounted
 
 SCHEDULES = {"1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B,
              "zero_bubble": ScheduleInterleavedZeroBubble}
@@ -93,10 +94,27 @@ def build_schedule(stages: list[StageModule], pp_rank: int, pp: int, schedule: s
     n_stages = pp * stages_per_rank(schedule)
     pipeline_stages = [PipelineStage(module, s, n_stages, device, group=group)
                        for module, s in zip(stages, ids, strict=True)]
+    for stage in pipeline_stages:
+        _infer_uncounted(stage)
     cls = SCHEDULES[schedule]
     runner = cls(pipeline_stages[0] if schedule == "1f1b" else pipeline_stages, n_microbatches=n_microbatches,
                  loss_fn=loss_fn, scale_grads=True)
     return runner, 0 in ids, n_stages - 1 in ids
+
+
+def _infer_uncounted(stage: PipelineStage) -> None:
+    """The stage's shape inference (torch runs it at the first step, through the stage module, on the first
+    micro-batch or on empty tensors) left out of MoE routing statistics, which must count each training token
+    once (`parallel.moe.uncounted`)."""
+    infer = getattr(stage, "_forward_metadata_inference", None)
+    if infer is None:
+        return
+
+    def run(*args, **kwargs):
+        with uncounted(stage.submod):
+            return infer(*args, **kwargs)
+
+    stage._forward_metadata_inference = run
 
 
 def bubble_fraction(pp: int, n_microbatches: int, schedule: str) -> float:
