@@ -4,6 +4,7 @@ transformers' loss on the loader's batches."""
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import socket
@@ -97,6 +98,26 @@ def reference_run(overrides: list[str]) -> dict:
         losses.append(loss.item())
     state = {**dict(model.named_parameters()), **moe_state(model)}
     return {"losses": losses, "params": {n: p.detach() for n, p in state.items()}}
+
+
+@functools.cache
+def cached_reference(overrides: tuple[str, ...]) -> dict:
+    """`reference_run` of these overrides, once per test process."""
+    return reference_run(list(overrides))
+
+
+def hold_to_reference(name: str, losses: list[float], params: dict, overrides: list[str], start: int = 0) -> None:
+    """A layout run's losses (of the steps from `start` on) and final parameters held to the single-process
+    reference of its model, schedule and backend, with the layout tests' tolerances."""
+    expected = cached_reference(tuple(o for o in overrides if o.startswith(("model.", "schedule.",
+                                                                             "parallel.backend"))))
+    assert expected["losses"][-1] < expected["losses"][0] - 0.1, "the reference run should learn something"
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected["losses"][start:]), rtol=RTOL, atol=0,
+                               msg=lambda m: f"{name} losses: {m}")
+    assert params.keys() == expected["params"].keys()
+    for param, value in expected["params"].items():
+        torch.testing.assert_close(params[param], value, rtol=0, atol=PARAM_ATOL,
+                                   msg=lambda m, n=param: f"{name} {n}: {m}")
 
 
 def assert_compiled_as_eager(counter, got: tuple[torch.Tensor, dict], want: tuple[torch.Tensor, dict]) -> None:

@@ -11,7 +11,6 @@ FSDP shards over dp × cp into whole tensors) within the tolerances.
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from native_resume_worker import SAVE_AT
 from test_native_checkpoint import run as run_resume
 
 from parallel.context_parallel import chunk_positions, shard_sequence
-from tests.helpers import PARAM_ATOL, RTOL, reference_run, run_layout
+from tests.helpers import PARAM_ATOL, RTOL, hold_to_reference, run_layout
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("context-parallel")]
 
@@ -48,37 +47,21 @@ def test_a_rank_holds_a_head_and_a_tail_chunk_at_their_true_positions() -> None:
         assert torch.equal(chunk_positions(4, 4, r), part[0])
 
 
-@functools.cache
-def _reference(overrides: tuple[str, ...]) -> dict:
-    return reference_run(list(overrides))
-
-
-def _hold_to_reference(name: str, losses: list[float], params: dict, overrides: list[str]) -> None:
-    expected = _reference(tuple(o for o in overrides if o.startswith(("model.", "schedule."))))
-    assert expected["losses"][-1] < expected["losses"][0] - 0.1, "the reference run should learn something"
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected["losses"]), rtol=RTOL, atol=0,
-                               msg=lambda m: f"{name} losses: {m}")
-    assert params.keys() == expected["params"].keys()
-    for param, value in expected["params"].items():
-        torch.testing.assert_close(params[param], value, rtol=0, atol=PARAM_ATOL,
-                                   msg=lambda m, n=param: f"{name} {n}: {m}")
-
-
 def test_context_parallel_layouts_of_four_ranks_match_one_process(tmp_path: Path) -> None:
     (tmp_path / "cases.json").write_text(json.dumps(FOUR))
     results = run_layout(4, ["--cases", str(tmp_path / "cases.json")], tmp_path / "result.pt", tmp_path)
     for name, overrides in FOUR.items():
         got = results[name]
         assert "error" not in got, f"{name}:\n{got.get('error')}"
-        _hold_to_reference(name, got["losses"], got["params"], overrides)
+        hold_to_reference(name, got["losses"], got["params"], overrides)
         assert got["eval_loss"] < got["losses"][0] - 0.1, "eval of the first batch sees the trained weights"
 
 
 def test_cp2_trains_as_one_process_resumes_exactly_and_reshards_to_cp1(tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt"
     straight = run_resume("save", 2, ckpt, tmp_path / "straight.pt", "parallel.cp=2", STEPS)
-    _hold_to_reference("cp2", [straight["losses"][s] for s in sorted(straight["losses"])], straight["params"],
-                       [STEPS])
+    hold_to_reference("cp2", [straight["losses"][s] for s in sorted(straight["losses"])], straight["params"],
+                      [STEPS])
     resumed = run_resume("load", 2, ckpt, tmp_path / "resumed.pt", "parallel.cp=2", STEPS)
     assert resumed["client_state"] == {"step": SAVE_AT}
     assert resumed["losses"] == {s: v for s, v in straight["losses"].items() if s >= SAVE_AT}
