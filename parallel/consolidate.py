@@ -102,7 +102,7 @@ def layout_spec(spec: JobSpec, step_dir: str) -> JobSpec:
     p = spec.parallel
     p.dp, p.pp, p.tp, p.zero_stage = layout["dp"], layout["pp"], layout["tp"], layout["zero_stage"]
     p.backend = layout["backend"]  # the engine that wrote it is the one that reads it
-    p.cp = 1  # only the native engine has cp, and its DCP checkpoints load into any layout
+    p.cp = p.ep = 1  # only the native engine has cp and ep, and its DCP checkpoints load into any layout
     p.compile = False  # compiling costs more than the one gather it would speed up
     spec.resources.device, spec.resources.num_nodes = "cpu", 1
     spec.resources.gpus_per_node = layout["dp"] * layout["pp"] * layout["tp"]

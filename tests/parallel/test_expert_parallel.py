@@ -17,6 +17,7 @@ import torch
 
 from orchestrator.errors import SpecError
 from orchestrator.validate import parse_spec
+from parallel.consolidate import layout_spec
 from parallel.expert_parallel import segment_order
 from tests.helpers import hold_to_reference, run_layout
 from tests.parallel.layout_worker import TINY
@@ -57,6 +58,18 @@ def test_layouts_expert_parallelism_cannot_run_are_refused_naming_parallel_ep(ov
     with pytest.raises(SpecError, match=match):
         parse_spec(TINY, overrides=["resources.gpus_per_node=4", *overrides])
     parse_spec(TINY, overrides=["resources.gpus_per_node=4", *MOE, "parallel.backend=native", "parallel.ep=2"])
+
+
+def test_consolidation_gathers_an_ep_checkpoint_without_ep(tmp_path: Path) -> None:
+    """Consolidation loads a checkpoint in its saved dp × pp × tp on CPU: DCP reshards the experts, so it runs
+    ep1, which any dp divides."""
+    step = tmp_path / "step_3"
+    step.mkdir()
+    layout = {"backend": "native", "dp": 1, "pp": 2, "tp": 1, "zero_stage": 1, "step": 3, "world_size": 4}
+    (step / "layout.json").write_text(json.dumps(layout))
+    spec = parse_spec(TINY, overrides=[*RUN, "parallel.cp=2", "parallel.ep=2", "resources.gpus_per_node=4"])
+    gathered = layout_spec(spec, str(step))
+    assert (gathered.parallel.ep, gathered.parallel.cp, gathered.world_size) == (1, 1, 2)
 
 
 def _hold(name: str, got: dict, overrides: list[str], start: int = 0) -> None:
