@@ -43,8 +43,8 @@ def resize(spec: JobSpec, num_nodes: int) -> JobSpec | None:
     if world % (p.cp * p.pp * p.tp):
         return None
     dp = world // (p.cp * p.pp * p.tp)
-    if p.global_batch_size % (p.micro_batch_size * dp):
-        return None
+    if p.global_batch_size % (p.micro_batch_size * dp) or (dp * p.cp) % p.ep:
+        return None  # the global batch, or the experts' ep ranks (taken from dp × cp), would not split
     raw = spec_to_dict(spec)
     raw["resources"]["num_nodes"] = num_nodes
     raw["resources"]["min_nodes"] = min(spec.resources.min_nodes, num_nodes)

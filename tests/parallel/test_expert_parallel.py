@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from orchestrator.elastic import resize
 from orchestrator.errors import SpecError
 from orchestrator.validate import parse_spec
 from parallel.consolidate import layout_spec
@@ -70,6 +71,14 @@ def test_consolidation_gathers_an_ep_checkpoint_without_ep(tmp_path: Path) -> No
     spec = parse_spec(TINY, overrides=[*RUN, "parallel.cp=2", "parallel.ep=2", "resources.gpus_per_node=4"])
     gathered = layout_spec(spec, str(step))
     assert (gathered.parallel.ep, gathered.parallel.cp, gathered.world_size) == (1, 1, 2)
+
+
+def test_an_elastic_resize_keeps_ep_only_where_dp_still_splits_over_it() -> None:
+    spec = parse_spec(TINY, overrides=[*RUN, "parallel.ep=4", "parallel.micro_batch_size=1",
+                                       "parallel.global_batch_size=8", "resources.num_nodes=4",
+                                       "resources.gpus_per_node=2", "resources.min_nodes=1"])
+    assert resize(spec, 2).parallel.dp == 4
+    assert resize(spec, 1) is None
 
 
 def _hold(name: str, got: dict, overrides: list[str], start: int = 0) -> None:
