@@ -127,12 +127,11 @@ class PrefixThenDiagonal(torch.autograd.Function):
          cum_q_d, cum_k_d, seed_d, offset_d) = ctx.saved_tensors
         max_q_p, max_k_p, max_q_d, max_k_d = ctx.lengths
         grad_out = grad_out.contiguous()
-        empty = torch.empty(0, device=q.device)
         dq_p, dk_p, dv_p = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            grad_out, q, k_prefix, v_prefix, out, lse, seed_p, offset_p, empty, cum_q_p, cum_k_p, max_q_p, max_k_p,
+            grad_out, q, k_prefix, v_prefix, out, lse, seed_p, offset_p, None, cum_q_p, cum_k_p, max_q_p, max_k_p,
             0.0, False, scale=ctx.scale)
         dq_d, dk_d, dv_d = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            grad_out, q, k_diag, v_diag, out, lse, seed_d, offset_d, empty, cum_q_d, cum_k_d, max_q_d, max_k_d,
+            grad_out, q, k_diag, v_diag, out, lse, seed_d, offset_d, None, cum_q_d, cum_k_d, max_q_d, max_k_d,
             0.0, True, scale=ctx.scale)
         return dq_p + dq_d, dk_p, dv_p, dk_d, dv_d, None
 
