@@ -260,16 +260,23 @@ def makedirs(path: str) -> None:
         os.makedirs(path, exist_ok=True)
 
 
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write a local file under a temporary name, flush to disk, then rename: a reader sees the old file or the
+    whole new one."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def write_bytes(path: str, data: bytes) -> None:
     """Readers see the old content or all of the new: a temporary name, fsync and rename on a disk; one PUT of the
     whole object in a store."""
     if not is_remote(path):
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, data)
         return
     fs, inner = resolve(path)
 

@@ -52,15 +52,7 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write under a temporary name, flush to disk, then rename: a reader sees the old file or the whole new one."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+write_atomic = filesystem.write_atomic  # where the writers of dataprep and parallel import it from
 
 
 class ShardWriter:
