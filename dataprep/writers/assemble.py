@@ -9,6 +9,7 @@ no reader ever sees part of a shard, and a run killed before the manifest simply
 from __future__ import annotations
 
 import os
+import shutil
 
 import numpy as np
 
@@ -119,6 +120,8 @@ def write_shards(output: str, blocks: dict[str, list[str]], seq_len: int, rows_p
         if name.endswith(".arrow"):
             filesystem.remove(filesystem.join(output, name))
     local = staging if filesystem.is_remote(output) else output
+    if local != output:
+        shutil.rmtree(local, ignore_errors=True)  # a killed run's partial files
     splits = {}
     for split, paths in blocks.items():
         arrays = [np.load(p, mmap_mode="r") for p in paths]

@@ -219,3 +219,33 @@ def test_a_missing_bucket_is_one_error_for_prep_and_for_train(store, prep_config
     assert train.returncode == 2 and "Traceback" not in train.stderr
     assert "data.path: s3://no-such-bucket/shards/manifest.json: the bucket 'no-such-bucket' does not exist" \
         in train.stderr
+
+
+def test_every_reader_reads_the_same_records_from_the_store_as_from_a_disk(store, tmp_path, sample_corpora):
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dataprep.readers import read_records
+    from dataprep.readers.base import split_file
+
+    with gzip.open(sample_corpora["wiki_vital_es"], "rb") as f:
+        lines = f.read().splitlines(keepends=True)[:40]
+    texts = [json.loads(line)["text"] for line in lines]
+    local = {"plain.jsonl": b"".join(lines), "doc.txt": texts[0].encode()}
+    pq.write_table(pa.table({"text": texts, "id": list(range(len(texts)))}), tmp_path / "t.parquet",
+                   row_group_size=10)
+    local["t.parquet"] = (tmp_path / "t.parquet").read_bytes()
+    for name, data in local.items():
+        (tmp_path / name).write_bytes(data)
+        _upload(tmp_path / name, f"readers/{name}")
+    assert filesystem.list_files(f"s3://{BUCKET}/readers/*.jsonl") == [f"s3://{BUCKET}/readers/plain.jsonl"]
+    for name in local:
+        remote = f"s3://{BUCKET}/readers/{name}"
+        spans = split_file(remote, "auto", "text", 4096)
+        assert spans == split_file(str(tmp_path / name), "auto", "text", 4096)
+        for span in spans:
+            got = list(read_records(remote, "auto", "text", "id", 10**7, False, span))
+            assert got == list(read_records(str(tmp_path / name), "auto", "text", "id", 10**7, False, span))
+            assert got and all(r.text for r in got), name
