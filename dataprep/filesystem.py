@@ -246,9 +246,13 @@ def download(path: str, local: str) -> None:
     never sees part of it."""
     tmp = f"{local}.tmp-{os.getpid()}"
     fs, inner = resolve(path)
-    guarded(path, lambda: pafs.copy_files(inner, tmp, source_filesystem=fs,
-                                          destination_filesystem=pafs.LocalFileSystem()))
-    os.replace(tmp, local)
+    try:
+        guarded(path, lambda: pafs.copy_files(inner, tmp, source_filesystem=fs,
+                                              destination_filesystem=pafs.LocalFileSystem()))
+        os.replace(tmp, local)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 # ---------------------------------------------------------------------------------------------- writing

@@ -58,12 +58,12 @@ class StreamedShards:
     def __init__(self, paths: list[str], entries: list[dict[str, Any]], seq_len: int, cache_dir: str = ""):
         self.paths, self.entries, self.seq_len = paths, entries, seq_len
         self.width = seq_len + 1
-        self.files = [filesystem.open_native(p) for p in paths]
-        self.starts = [_values_start(f, p, e["rows"], self.width) for f, p, e in zip(self.files, paths, entries,
-                                                                                      strict=True)]
+        self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="shard-read")
+        self.files = list(self._pool.map(filesystem.open_native, paths))  # a request each: all at once
+        self.starts = list(self._pool.map(_values_start, self.files, paths, [e["rows"] for e in entries],
+                                          [self.width] * len(paths)))
         self.lengths = [e["rows"] for e in entries]
         self.local: list[np.ndarray | None] = [None] * len(paths)
-        self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="shard-read")
         self._stop = threading.Event()
         self._failure: BaseException | None = None
         self._copier: threading.Thread | None = None
@@ -107,14 +107,16 @@ class StreamedShards:
             if self._stop.is_set():
                 return
             local = os.path.join(cache_dir, f"{entry['sha256']}.arrow")
+            tmp = f"{local}.part-{os.getpid()}"
             try:
                 if not os.path.exists(local):
-                    tmp = f"{local}.part-{os.getpid()}"
                     filesystem.download(path, tmp)
                     check_sha256(tmp, entry["sha256"], path)
                     os.replace(tmp, local)
                 self.local[shard] = open_shard(local, self.seq_len)
             except DataError as e:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
                 if isinstance(e, filesystem.StorageError):
                     log.warning("shard cache %s: stopped copying (%s); rows stream from the store", cache_dir, e)
                 else:
@@ -138,7 +140,10 @@ def _values_start(file: pa.NativeFile, path: str, rows: int, width: int) -> int:
     if not schema.equals(tokens_schema(width - 1)) or batches != 1 or magic != b"ARROW1":
         raise DataError(f"{path}: expected one record batch of {tokens_schema(width - 1)}, found {batches} of "
                         f"{schema}")
-    offset, metadata, body = _record_batch_blocks(footer)[0]
+    try:
+        offset, metadata, body = _record_batch_blocks(footer)[0]
+    except (struct.error, IndexError):
+        raise DataError(f"{path}: its Arrow footer lists no readable record batch") from None
     values = rows * width * _ITEM
     # No nulls, so the only buffer of the body is the values: it starts the body and fills it but for padding.
     if not values <= body < values + 64:

@@ -25,6 +25,7 @@ import yaml
 
 from dataprep import filesystem
 from dataprep.shards import read_manifest
+from orchestrator.errors import DataError
 from parallel.launch import free_port
 from parallel.loader import ShardLoader
 from tests.helpers import TINY_RUN, losses
@@ -249,3 +250,22 @@ def test_every_reader_reads_the_same_records_from_the_store_as_from_a_disk(store
             got = list(read_records(remote, "auto", "text", "id", 10**7, False, span))
             assert got == list(read_records(str(tmp_path / name), "auto", "text", "id", 10**7, False, span))
             assert got and all(r.text for r in got), name
+
+
+def test_the_cache_refuses_a_shard_whose_object_differs_from_the_manifest(store, tmp_path):
+    from tests.shards import write_shards
+
+    shards = write_shards(tmp_path / "shards", seq_len=32, rows=200)
+    for name in os.listdir(shards):
+        _upload(shards / name, f"changed/{name}")
+    # same size and layout, other rows: only the checksum tells them apart
+    _upload(shards / "train-00001.arrow", "changed/train-00000.arrow")
+    settings = dict(seq_len=32, micro_batch_size=4, seed=1)
+    assert len(_batches(ShardLoader(f"s3://{BUCKET}/changed", **settings), 2)) == 2, "streaming reads it"
+    cached = ShardLoader(f"s3://{BUCKET}/changed", cache_dir=str(tmp_path / "cache"), prefetch=0, **settings)
+    cached.shards._copier.join(timeout=30)
+    with pytest.raises(DataError, match=r"s3://corpus/changed/train-00000.arrow: sha256 \w+ does not match "
+                                        r"manifest.json"):
+        _batches(cached, 1)
+    assert not any(name.startswith(read_manifest(shards)["splits"]["train"]["shards"][0]["sha256"])
+                   for name in os.listdir(tmp_path / "cache")), "the changed copy is not kept"
