@@ -4,7 +4,8 @@ Every run of a small MoE (4 experts, top-2, both balancing methods: the auxiliar
 aux-free bias) is held to the single-process reference with the layout tests' tolerances (1e-5 relative on losses,
 1e-5 absolute on parameters and the experts' bias). Two launches: two ranks run ep1 (dp2), ep2 (dp2, ZeRO-3) saving a
 checkpoint after step 3, ep2 resumed from it (bit for bit) and ep1 resumed from it (DCP reshards the experts'
-Shard(0) over ep into whole tensors); four ranks run ep4, dp4 with ep2, ep2×tp2 (sequence parallel) and ep2×pp2.
+Shard(0) over ep into whole tensors); four ranks run ep4, dp4 with ep2, ep2×tp2 (sequence parallel), ep2×pp2 and
+dp2×cp2 with ep2 over the cp ranks.
 """
 
 from __future__ import annotations
@@ -33,7 +34,11 @@ RUN = ["parallel.backend=native", *MOE, STEPS]
 FOUR = {"ep4": [*RUN, "parallel.ep=4"],
         "dp4-ep2": [*RUN, "parallel.ep=2", "parallel.zero_stage=2"],
         "ep2-tp2": [*RUN, "parallel.ep=2", "parallel.tp=2", "parallel.sequence_parallel=true"],
-        "ep2-pp2": [*RUN, "parallel.ep=2", "parallel.pp=2", "parallel.grad_accum=2"]}
+        "ep2-pp2": [*RUN, "parallel.ep=2", "parallel.pp=2", "parallel.grad_accum=2"],
+        # The ep group is the cp group here. The balancing loss is per sequence, which a cp rank holds in part: the
+        # bias alone balances.
+        "dp2-cp2-ep2": [*(o.replace("balance=both", "balance=aux_free") for o in RUN), "parallel.cp=2",
+                        "parallel.ep=2"]}
 
 
 def test_tokens_from_each_rank_are_regrouped_by_local_expert() -> None:
