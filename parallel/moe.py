@@ -212,7 +212,9 @@ class MoE(nn.Module):
         k, tokens = self.moe.top_k, flat.shape[0]
         choices = routing.experts.flatten()  # token t's j-th choice at t·k + j
         order = torch.argsort(choices, stable=True)
-        counts = torch.bincount(choices, minlength=self.moe.num_experts)
+        # A histogram of fixed size (bincount's output size depends on the data, a graph break under compile).
+        counts = torch.zeros(self.moe.num_experts, dtype=torch.long, device=x.device).scatter_add_(
+            0, choices, torch.ones_like(choices))
         kept, routed = order, counts
         if self.moe.capacity_factor:
             capacity = self.moe.capacity(tokens)

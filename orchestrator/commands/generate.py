@@ -6,7 +6,8 @@
 CKPT is a checkpoint directory (its newest), one of its step_<N>, or a Hugging Face model directory of any family
 `pretrain import` takes. A checkpoint is first gathered from its layout (as `pretrain export` does, with the same
 tokenizer: the imported model's, else the shards') into a temporary directory; a Hugging Face directory brings its
-own tokenizer.json. All prompts run as one left-padded batch.
+own tokenizer.json. A mixture of experts is gathered into the model itself instead (`_generate_moe`). All prompts run
+as one left-padded batch.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
 
     step_dir = find_checkpoint(args.checkpoint)
     spec = load_spec(os.path.join(step_dir, "spec.yaml"))
+    if spec.model.moe.num_experts:
+        return _generate_moe(spec, step_dir, args, config)
     how = export_settings(spec, step_dir)
     if how.tokenizer is None and how.origin is None:
         raise UserError(f"{step_dir}: its run's shards (data.path={spec.data.path!r}) and their tokenizer.json are "
@@ -61,21 +64,62 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _generate(hf_dir: str, args: argparse.Namespace, config) -> int:
-    import dataclasses
-
-    from tokenizers import Tokenizer
-
-    from parallel.generate import generate
     from parallel.hf import TOKENIZER, load_hf_model, read_hf_config
     from parallel.launch import pick_device
 
     path = os.path.join(hf_dir, TOKENIZER)
     if not os.path.isfile(path):
         raise UserError(f"{path}: missing; generation needs the model's tokenizer")
-    tokenizer = Tokenizer.from_file(path)
-    eos = read_hf_config(hf_dir).get("eos_token_id")
-    eos = tuple(eos) if isinstance(eos, list) else () if eos is None else (eos,)
     model = load_hf_model(hf_dir, pick_device(args.device))
+    return _sample(model, path, read_hf_config(hf_dir).get("eos_token_id"), args, config)
+
+
+def _generate_moe(spec, step_dir: str, args: argparse.Namespace, config) -> int:
+    """A mixture of experts generates from the model itself, gathered from the checkpoint, not through a Hugging Face
+    directory: transformers' MoE classes have neither the learned routing bias of aux-free balancing, which the
+    model routes with, nor every routing switch of the model (shared experts, sigmoid scores, capacity)."""
+    import torch
+
+    from parallel.consolidate import TorchWriter, consolidate
+    from parallel.hf import TOKENIZER, read_hf_config, shard_tokenizer
+    from parallel.hf_origin import saved_origin
+    from parallel.launch import pick_device
+    from parallel.lora import apply_lora
+    from parallel.model import build_model
+    from parallel.moe import moe_state
+
+    origin = saved_origin(step_dir)
+    shards = shard_tokenizer(spec.data.path)
+    if origin is not None and os.path.isfile(os.path.join(origin, TOKENIZER)):
+        tokenizer, eos = os.path.join(origin, TOKENIZER), read_hf_config(origin).get("eos_token_id")
+    elif shards is not None:
+        tokenizer, eos = shards.tokenizer_json, shards.eos_id
+    else:
+        raise UserError(f"{step_dir}: its run's shards (data.path={spec.data.path!r}) and their tokenizer.json are "
+                        "gone; point data.path in its spec.yaml at shards with the run's tokenizer")
+    with tempfile.TemporaryDirectory(prefix="pretrain-generate-") as work:
+        path = os.path.join(work, "model.pt")
+        consolidate(spec, step_dir, TorchWriter(path))
+        state = torch.load(path, weights_only=True)
+    model = build_model(spec.model, pick_device(args.device))
+    if spec.model.lora.rank:
+        apply_lora(model, spec.model.lora, spec.checkpoint.init_from)
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *moe_state(model).items()]:
+            tensor.copy_(state[name])
+    return _sample(model.eval(), tokenizer, eos, args, config)
+
+
+def _sample(model, tokenizer_path: str, eos, args: argparse.Namespace, config) -> int:
+    """Continue the prompts with `model`, print each continuation and the speed."""
+    import dataclasses
+
+    from tokenizers import Tokenizer
+
+    from parallel.generate import generate
+
+    tokenizer = Tokenizer.from_file(tokenizer_path)
+    eos = tuple(eos) if isinstance(eos, list) else () if eos is None else (eos,)
     prompts = [tokenizer.encode(p, add_special_tokens=False).ids for p in args.prompt]
     result = generate(model, prompts, dataclasses.replace(config, eos_ids=eos), use_cache=not args.no_cache)
     for i, (prompt, tokens) in enumerate(zip(args.prompt, result.tokens, strict=True), 1):

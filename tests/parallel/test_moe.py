@@ -6,6 +6,7 @@ process, resumed exactly (the aux-free bias included)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+from orchestrator.cli import main as pretrain
 from orchestrator.errors import SpecError
 from orchestrator.spec import ModelConfig, MoEConfig
 from orchestrator.validate import load_spec, parse_spec
@@ -25,6 +27,7 @@ from parallel.materialize import materialize_model
 from parallel.model import build_model, cross_entropy
 from parallel.moe import MoE, gated, moe_layers, routing_stats, update_expert_bias
 from tests.helpers import PARAM_ATOL, RTOL, reference_run, run_layout
+from tests.parallel.test_hf_layouts import byte_tokenizer
 from tests.shards import write_job, write_shards
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -231,10 +234,11 @@ def expert_bias(step_dir: Path, out: Path) -> torch.Tensor:
     return torch.stack([model[f"layers.{i}.mlp.expert_bias"] for i in range(2)])
 
 
-def test_training_on_real_shards_resumes_exactly(tmp_path):
+def test_training_on_real_shards_resumes_exactly_and_generates(tmp_path, capsys):
     """8 steps checkpointed at 4 and 8; the step-8 checkpoint removed, the run resumes from step 4 and trains steps
-    5-8 to the same losses and the same aux-free bias."""
+    5-8 to the same losses and the same aux-free bias; `pretrain generate` continues a prompt from the checkpoint."""
     shards = write_shards(tmp_path / "shards", seq_len=32, rows=160)
+    byte_tokenizer(shards / "tokenizer.json")
     job = write_job(tmp_path / "job.yaml", shards, 32, name="moe",
                     model={"dim": 32, "n_layers": 2, "n_heads": 2, "multiple_of": 16,
                            "moe": {"num_experts": 4, "top_k": 2, "expert_ffn_dim": 32, "bias_update_rate": 0.01}},
@@ -253,3 +257,8 @@ def test_training_on_real_shards_resumes_exactly(tmp_path):
     assert straight.steps[8].loss < straight.steps[1].loss - 0.5, "the model learns"
     assert {s: r.loss for s, r in resumed.steps.items()} == {s: r.loss for s, r in straight.steps.items() if s > 4}
     assert bias.abs().sum() > 0 and torch.equal(expert_bias(tmp_path / "ckpt" / "step_8", tmp_path / "again.pt"), bias)
+    capsys.readouterr()
+    assert pretrain(["generate", str(tmp_path / "ckpt"), "--prompt", "In the beginning", "--temperature", "0",
+                     "--max-new-tokens", "6"]) == 0
+    assert re.search(r"^\[1\] In the beginning.*\npretrain generate: 1 prompt\(s\), [1-6] new tokens",
+                     capsys.readouterr().out, re.S | re.M)
