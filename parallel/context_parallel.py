@@ -136,6 +136,16 @@ class PrefixThenDiagonal(torch.autograd.Function):
         return dq_p + dq_d, dk_p, dv_p, dk_d, dv_d, None
 
 
+@torch.compiler.disable
+def prefix_then_diagonal(q: torch.Tensor, k_prefix: torch.Tensor, v_prefix: torch.Tensor, k_diag: torch.Tensor,
+                         v_diag: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """`PrefixThenDiagonal`, run eagerly between a compiled block's graphs: compiled into them it gave wrong results
+    on an H200 (a compiled 1B cp2 run at seq 32k fell to a loss of 6.26 on random tokens in 12 steps, where one GPU
+    without cp, and cp2 through the bottom-right mask, stayed at 9.81 and 9.84), while the eager call matches the
+    bottom-right SDPA call (tests/parallel/test_context_parallel_cuda.py)."""
+    return PrefixThenDiagonal.apply(q, k_prefix, v_prefix, k_diag, v_diag, scale)
+
+
 class ContextParallelAttention(Attention):
     """Attention whose queries are this rank's two chunks and whose keys and values are the whole sequence's."""
 
@@ -153,8 +163,8 @@ class ContextParallelAttention(Attention):
             keys = (chunk + 1) * c  # a chunk's queries see every key up to their own chunk's end
             if chunk and q.is_cuda and not (self.window or self.softcap):
                 own = slice(keys - c, keys)
-                out.append(PrefixThenDiagonal.apply(queries, k[:, :, :keys - c], v[:, :, :keys - c], k[:, :, own],
-                                                    v[:, :, own], self.scale))
+                out.append(prefix_then_diagonal(queries, k[:, :, :keys - c], v[:, :, :keys - c], k[:, :, own],
+                                                v[:, :, own], self.scale))
                 continue
             if self.window or self.softcap:
                 chunk_mask = causal_mask(c, keys, self.window, q.device)
