@@ -39,6 +39,18 @@ def repo_root() -> Path:
     return REPO
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Single-process model tests run hundreds of tiny ops: on a shared 2-core machine, intra-op threads only wait
+    for each other."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def demo_corpus() -> Path:
     """The small real corpus shipped in examples/corpus (gzip JSONL, several sources)."""
