@@ -41,6 +41,7 @@ def apply_quality(config: PrepConfig, prep: PrepRun, selected: StageOutput) -> S
     q = config.filters.quality
     parts = {t["name"]: parts_of(selected.directory, t["name"]) for t in prep.files}
     scored = [t for t in prep.files if config.sources[t["source"]].kind == "prose"]
+    scored_names = {t["name"] for t in scored}
     scores_dir = stage_dir(prep.work, "quality-scores", selected.directory, scorer_keywords(q), model_digest(q))
     prep.stats.enter("quality", sum(len(parts[t["name"]]) for t in scored))
     score_parts([p for t in scored for p in parts[t["name"]]], scores_dir, q, prep)
@@ -50,7 +51,7 @@ def apply_quality(config: PrepConfig, prep: PrepRun, selected: StageOutput) -> S
     cuts = {source: source_cut(files, q.keep_fraction) for source, files in by_source.items()}
     directory = stage_dir(prep.work, "quality", scores_dir, q.threshold, q.keep_fraction)
     tasks = [(t["name"], {"name": t["name"], "source": t["source"], "parts": parts[t["name"]],
-                          "scores": scores_dir if t in scored else "", "cut": cuts.get(t["source"])})
+                          "scores": scores_dir if t["name"] in scored_names else "", "cut": cuts.get(t["source"])})
              for t in prep.files]
     width = HISTOGRAM_WIDTH[q.type]
     prep.stats.enter("quality_filter", len(tasks))

@@ -4,7 +4,8 @@ wanted) against negative ones (the corpus as crawled), in as many sources of eac
 A source is a JSONL file (`.gz` read too) whose documents all share a label (`--positive`, `--negative`), or whose
 every line names its own in a label field (`--labelled`). A document is held out for the accuracy check by a hash of
 its text (`held_out`), so the split is the same on every run and machine and a document repeated across sources
-stays on one side. Training is single-threaded by default, so the same inputs give the same model file.
+stays on one side. Training is single-threaded by default and runs in a fresh process (`dataprep.fasttext_fit`
+says why), so the same inputs give the same model file.
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import multiprocessing
 import os
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
+from dataprep.fasttext_fit import fit_supervised
 from dataprep.filters.fasttext_predict import predict_lines
 from dataprep.filters.quality_model import NEGATIVE, POSITIVE
 from orchestrator.errors import UserError
@@ -136,12 +140,15 @@ def train_quality(sources: list[tuple[str, str]], output: str, text_field: str =
         if not test:
             raise TrainingDataError(f"no document fell in the held-out {s.held_out:.0%}; give more documents or a "
                                     "larger --held-out")
-        model = fasttext.train_supervised(input=train_path, epoch=s.epochs, lr=s.lr, dim=s.dim,
-                                          wordNgrams=s.word_ngrams, minCount=s.min_count, bucket=s.buckets,
-                                          thread=s.threads, seed=0, verbose=0)
         model_tmp = os.path.join(tmp, "model.bin")
-        model.save_model(model_tmp)
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+            params = {"epoch": s.epochs, "lr": s.lr, "dim": s.dim, "wordNgrams": s.word_ngrams,
+                      "minCount": s.min_count, "bucket": s.buckets, "thread": s.threads}
+            diverged = child.submit(fit_supervised, train_path, model_tmp, params).result()
+        if diverged:
+            raise TrainingDataError(f"training diverged ({diverged}); lower --lr (got {s.lr:g})")
         os.replace(model_tmp, output)
+    model = fasttext.load_model(output)
     predicted, _ = predict_lines(model, [line for _, _, line in test])
     for (number, label, _), top in zip(test, predicted, strict=True):
         counts[number].held_out += 1
