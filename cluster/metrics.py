@@ -97,6 +97,22 @@ CHECKPOINT_SIZE = _gauge("pretrain_checkpoint_bytes", "size on disk of the last 
                          ("run", "operation"))
 CHECKPOINT_STEP = _gauge("pretrain_checkpoint_step", "step of the newest checkpoint saved or resumed from")
 CHECKPOINT_INTERVAL = _gauge("pretrain_checkpoint_interval_steps", "checkpoint.every of the run (0: only at the end)")
+# A mixture of experts' routing over the last step, per MoE layer, from one rank of each pipeline stage (summed
+# over the data-parallel ranks: `parallel.moe.routing_stats`). Token copies: a token routed to top_k experts counts
+# top_k times.
+_LAYER = ("run", "layer")
+MOE_LOAD_MAX = _gauge("pretrain_moe_expert_load_max_tokens", "token copies routed to a MoE layer's busiest expert in "
+                      "the last step", _LAYER)
+MOE_LOAD_MEAN = _gauge("pretrain_moe_expert_load_mean_tokens", "token copies routed to an expert of a MoE layer in the "
+                       "last step, averaged over its experts (the even share)", _LAYER)
+MOE_LOAD_MIN = _gauge("pretrain_moe_expert_load_min_tokens", "token copies routed to a MoE layer's least loaded "
+                      "expert in the last step", _LAYER)
+MOE_ROUTER_ENTROPY = _gauge("pretrain_moe_router_entropy_nats", "mean entropy of a token's expert probabilities in a "
+                            "MoE layer, last step (ln num_experts: uniform; 0: one expert certain)", _LAYER)
+MOE_DROPPED = _gauge("pretrain_moe_dropped_tokens", "token copies a MoE layer dropped at its experts' capacity in the "
+                     "last step (always 0 dropless: model.moe.capacity_factor=0)", _LAYER)
+MOE_BALANCE_LOSS = _gauge("pretrain_moe_balance_loss", "a MoE layer's balancing loss Σ f·P in the last step, "
+                          "unweighted (1: even load; num_experts: one expert takes every token)", _LAYER)
 # Controller: the run as a whole.
 RESTARTS = _counter("pretrain_restarts_total", "gang restarts of the run since it began")
 STRAGGLER_RATIO = _gauge("pretrain_straggler_ratio", "a rank's last busy time over the median of the other ranks",
@@ -114,6 +130,8 @@ DATAPREP_REMOVED = _counter("pretrain_dataprep_removed_documents_total", "docume
                             ("run", "stage", "rule"))
 
 CATALOGUE: tuple[Metric, ...] = tuple(v for v in list(globals().values()) if isinstance(v, Metric))
+MOE_SERIES = {metric.name: metric for metric in (MOE_LOAD_MAX, MOE_LOAD_MEAN, MOE_LOAD_MIN, MOE_ROUTER_ENTROPY,
+                                                 MOE_DROPPED, MOE_BALANCE_LOSS)}
 # Dataprep counter names keyed by what a stage reports (see `DataprepExporter.publish`).
 DATAPREP_COUNTS = {
     "documents_in": DATAPREP_DOCUMENTS_IN, "documents_out": DATAPREP_DOCUMENTS_OUT,
@@ -238,7 +256,8 @@ class RankExporter(BaseCallback):
     """Serves one rank's metrics as a training-loop callback (`parallel.callbacks.Callback`).
 
     Every rank publishes its own step time, throughput share and memory; rank 0 also publishes the run-level series
-    (loss, learning rate, gradient norm, MFU, tokens, checkpoints) so each appears once per run. Hooks only store
+    (loss, learning rate, gradient norm, MFU, tokens, checkpoints) so each appears once per run, and a mixture of
+    experts' routing per layer comes from the ranks whose steps carry it (one per pipeline stage). Hooks only store
     numbers: the HTTP server thread renders them when Prometheus scrapes, off the training loop's critical path.
     """
 
@@ -287,6 +306,9 @@ class RankExporter(BaseCallback):
         if stats.busy_seconds is not None:
             values[STEP_BUSY] = stats.busy_seconds
         self.store.update(values, **self._rank_labels)
+        for layer in stats.moe:
+            self.store.update({MOE_SERIES[name]: value for name, value in layer.series().items()}, run=self.run,
+                              layer=layer.layer)
 
     def on_eval(self, stats: EvalStats) -> None:
         if self.rank != 0:

@@ -14,6 +14,12 @@ from cluster import metrics as m
 
 GROUP = "pretrain"
 STALL_MINUTES = 15
+# A collapsed router: a MoE layer's busiest expert gets over MOE_OVERLOAD times the even share of the token copies,
+# or its least loaded one under MOE_STARVED of it, for MOE_COLLAPSE_MINUTES. Balanced training stays within 2× (the
+# auxiliary-loss-free bias keeps it near 1); a layer sending everything to top_k of E experts reaches E / top_k.
+MOE_OVERLOAD = 3
+MOE_STARVED = 0.05
+MOE_COLLAPSE_MINUTES = 15
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,15 @@ ALERTS = (
           "Run {{ $labels.run }} has not checkpointed for over two checkpoint intervals",
           "Run {{ $labels.run }} is {{ $value }} steps past its last checkpoint: saves are failing or slow; a "
           "failure now would lose that work. Check storage space and the checkpoint duration panel."),
+    Alert("PretrainMoERouterCollapsed",
+          f"max by (run, layer) ({m.MOE_LOAD_MAX.name} / {m.MOE_LOAD_MEAN.name}) > {MOE_OVERLOAD} or "
+          f"min by (run, layer) ({m.MOE_LOAD_MIN.name} / {m.MOE_LOAD_MEAN.name}) < {MOE_STARVED}",
+          f"{MOE_COLLAPSE_MINUTES}m", "warning",
+          "The router of MoE layer {{ $labels.layer }} of run {{ $labels.run }} has collapsed",
+          "An expert of layer {{ $labels.layer }} in run {{ $labels.run }} has been getting {{ $value }}× the even "
+          f"share of the tokens for {MOE_COLLAPSE_MINUTES} minutes (over {MOE_OVERLOAD}×, or under {MOE_STARVED}×): "
+          "a few experts take the layer's tokens and the others learn nothing. Check the MoE panels; raise "
+          "model.moe.bias_update_rate or model.moe.aux_loss_coef (model.moe.balance)."),
     # A rank exporter down while its run's controller still answers: the run is live, the rank is not. The controller
     # takes a run's targets out of the file_sd file when the run ends (finished, stopped or failed), and a controller
     # that is itself down means the job's driver is gone, so a run that is over never fires this.

@@ -92,6 +92,23 @@ TRAINING = Dashboard("pretrain-training", "pretrain / training", (
         (f"{m.RANKS.name}{{{RUN}}}", "ranks running"),
         (f'sum by (role) (up{{{RUN}}})', "{{role}} exporters up"),
     )),
+    # Mixture of experts (model.moe): one row, empty for a dense model.
+    Panel("MoE expert load: busiest and least loaded over the even share", (
+        (f"max by (run, layer) ({m.MOE_LOAD_MAX.name}{{{RUN}}} / {m.MOE_LOAD_MEAN.name}{{{RUN}}})",
+         "layer {{layer}} max"),
+        (f"min by (run, layer) ({m.MOE_LOAD_MIN.name}{{{RUN}}} / {m.MOE_LOAD_MEAN.name}{{{RUN}}})",
+         "layer {{layer}} min"),
+    ), description="token copies routed to each MoE layer's busiest and least loaded expert over the mean: 1 is an "
+                   "even load; the PretrainMoERouterCollapsed alert fires when a layer stays far from it"),
+    Panel("MoE router entropy", ((f"max by (run, layer) ({m.MOE_ROUTER_ENTROPY.name}{{{RUN}}})", "layer {{layer}}"),),
+          description="mean entropy of a token's expert probabilities, in nats: ln(num_experts) is uniform, 0 one "
+                      "expert certain"),
+    Panel("MoE balancing loss", ((f"max by (run, layer) ({m.MOE_BALANCE_LOSS.name}{{{RUN}}})", "layer {{layer}}"),),
+          description="Σ f·P per layer, unweighted: 1 for an even load, num_experts when one expert takes every "
+                      "token"),
+    Panel("MoE dropped tokens", ((f"max by (run, layer) ({m.MOE_DROPPED.name}{{{RUN}}})", "layer {{layer}}"),),
+          description="token copies dropped at the experts' capacity in the last step (model.moe.capacity_factor; "
+                      "0 when dropless)"),
 ))
 
 # dcgm-exporter labels a GPU with its node (`Hostname`) and, on Kubernetes, the pod using it: a run's pods are named

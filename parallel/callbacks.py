@@ -12,6 +12,36 @@ from dataclasses import asdict, dataclass, field
 from typing import Protocol, runtime_checkable
 
 
+@dataclass(frozen=True)
+class MoELayerStats:
+    """One MoE layer's routing over a step, summed over the data-parallel ranks (`parallel.moe.routing_stats`):
+    token copies per expert (a token routed to top_k experts counts top_k times) and how the router decided."""
+
+    layer: int
+    max_load: float  # copies routed to the busiest expert
+    mean_load: float  # ... to an expert on average: the even share
+    min_load: float  # ... to the least loaded expert
+    router_entropy: float  # mean entropy of a token's expert probabilities, in nats
+    dropped_tokens: float  # copies dropped at capacity
+    balance_loss: float  # Σ f·P, unweighted: 1 when the load is even
+
+    def series(self) -> dict[str, float]:
+        """The values under the names every logger gives them (the Prometheus series, `cluster.metrics`)."""
+        return {"pretrain_moe_expert_load_max_tokens": self.max_load,
+                "pretrain_moe_expert_load_mean_tokens": self.mean_load,
+                "pretrain_moe_expert_load_min_tokens": self.min_load,
+                "pretrain_moe_router_entropy_nats": self.router_entropy,
+                "pretrain_moe_dropped_tokens": self.dropped_tokens, "pretrain_moe_balance_loss": self.balance_loss}
+
+
+def moe_layer_stats(model) -> list[MoELayerStats]:
+    """The routing of `model`'s MoE layers over the last step (none for a dense model); one host sync."""
+    from parallel.moe import routing_stats
+
+    return [MoELayerStats(r.layer, r.max_load, r.mean_load, min(r.tokens_per_expert), r.router_entropy,
+                          r.dropped_tokens, r.aux_loss) for r in routing_stats(model)]
+
+
 @dataclass
 class StepStats:
     """One optimizer step as seen by one rank. Times in seconds, memory in bytes, rates per second."""
@@ -32,6 +62,8 @@ class StepStats:
     # This rank's own part of the step, without the time it waited for slower ranks: what tells a straggler, since
     # the collectives make the whole step equally long everywhere. None where the producer does not measure it.
     busy_seconds: float | None = None
+    # A mixture of experts' routing, per MoE layer this rank holds; filled on one rank of each pipeline stage.
+    moe: list[MoELayerStats] = field(default_factory=list)
 
 
 @dataclass

@@ -73,6 +73,8 @@ def step_scalars(stats: StepStats) -> Scalars:
         out["pretrain_mfu_ratio"] = stats.mfu
     if stats.busy_seconds is not None:
         out["pretrain_step_busy_seconds"] = stats.busy_seconds
+    for layer in stats.moe:  # the layer as the last part of the name
+        out |= {f"{name}/{layer.layer}": value for name, value in layer.series().items()}
     return out
 
 

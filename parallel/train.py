@@ -25,7 +25,16 @@ import torch
 
 from orchestrator.errors import UserError
 from orchestrator.spec import JobSpec
-from parallel.callbacks import Callback, EvalStats, HistoryCallback, LogCallback, StepStats, device_peak_flops, mfu
+from parallel.callbacks import (
+    Callback,
+    EvalStats,
+    HistoryCallback,
+    LogCallback,
+    StepStats,
+    device_peak_flops,
+    mfu,
+    moe_layer_stats,
+)
 from parallel.checkpoint import Checkpointer
 from parallel.downstream import build_downstream
 from parallel.engine import Engine, build_engine
@@ -94,6 +103,8 @@ def _train(spec: JobSpec, env: RankEnv, engine: Engine, loader: ShardLoader, val
     flops_per_token = engine.model_dims.flops_per_token(spec.data.seq_len)
     float8_share = float8_flops_per_token(engine.model_dims) / flops_per_token if p.float8 != "none" else 0.0
     peak = device_peak_flops(engine.device.type, spec.metrics.peak_flops, float8_share, spec.metrics.peak_flops_fp8)
+    d = engine.dims  # a mixture of experts' routing is reported by the first rank of each pipeline stage
+    reports_moe = engine.model_dims.moe is not None and d.rank == d.rank_of(d.pp_rank, 0, 0)
     guard, profiles = SpikeGuard(spec.spikes, engine, env.rank), ProfileTrigger(spec, env.rank, engine.device)
     downstream = build_downstream(spec, engine)
     step, loss = start, float("nan")
@@ -130,6 +141,7 @@ def _train(spec: JobSpec, env: RankEnv, engine: Engine, loader: ShardLoader, val
             memory_allocated_bytes=_memory("memory_allocated", engine.device),
             memory_peak_bytes=_memory("max_memory_allocated", engine.device),
             total_tokens=step * tokens_per_step, rank=env.rank, world_size=env.world_size,
+            moe=moe_layer_stats(engine.model) if reports_moe else [],
         )
         for callback in callbacks:
             callback.on_step(stats)

@@ -95,6 +95,24 @@ def test_rank_exporters_publish_per_rank_and_run_level_series(exporters, tmp_pat
     assert abs(zero["pretrain_last_step_timestamp_seconds"][0][1] - time.time()) < 60
 
 
+def test_moe_routing_is_published_per_layer_under_every_loggers_names(exporters):
+    from parallel.callbacks import MoELayerStats
+    from parallel.trackers import step_scalars
+
+    layers = [MoELayerStats(1, 90.0, 64.0, 40.0, 1.5, 0.0, 1.04), MoELayerStats(3, 120.0, 64.0, 8.0, 0.9, 6.0, 1.6)]
+    stage = m.RankExporter("r", 2, node="n1", host="127.0.0.1")  # the first rank of a pipeline stage
+    exporters.append(stage)
+    stage.on_step(step_stats(1, 2, moe=layers))
+    scraped = scrape(stage.target)
+    assert set(m.MOE_SERIES) == set(layers[0].series()) <= {metric.name for metric in m.CATALOGUE}
+    for name in m.MOE_SERIES:
+        assert scraped[name] == [({"run": "r", "layer": str(layer.layer)}, layer.series()[name]) for layer in layers]
+    assert scraped["pretrain_moe_expert_load_max_tokens"][1][1] == 120.0
+    scalars = step_scalars(step_stats(1, 0, moe=layers))
+    assert {k: v for k, v in scalars.items() if k.startswith("pretrain_moe_")} == {
+        f"{name}/{layer.layer}": value for layer in layers for name, value in layer.series().items()}
+
+
 def test_a_nan_loss_is_published_as_nan(exporters):
     rank0 = m.RankExporter("r", 0, host="127.0.0.1")
     exporters.append(rank0)
