@@ -2,12 +2,20 @@
 
 The survivor of an exact group or a near-duplicate cluster is its lowest key: source priority first, then file and
 record order. A document that is both an exact and a near duplicate counts as exact.
+
+Memory per process stays flat however large the corpus: every shuffle (bucket rows, candidate edges, removals) gets
+as many partitions as its rows need for about `PARTITION_BYTES` each (at least one per CPU), so one reduce task
+holds one partition, and Ray Data's disk-based hash shuffle writes the map outputs as Arrow files on each node's
+disk rather than holding them in the object store (`disk_shuffle`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +32,8 @@ from orchestrator.config_parser import WRITTEN_FILE_BOUNDS, load_json
 from orchestrator.errors import DataError
 
 EXACT, NEAR = 1, 2  # removal codes, in precedence order
+PARTITION_BYTES = 16_000_000  # rows of one shuffle partition: what one reduce task holds (and sorts)
+BUCKET_ROW_BYTES, EDGE_ROW_BYTES, REMOVAL_ROW_BYTES = 25, 16, 17  # Arrow bytes of a row of each shuffle
 
 
 class DedupStage(Stage):
@@ -42,8 +52,9 @@ class DedupStage(Stage):
         with atomic_stage(directory) as tmp:
             if tmp is not None:
                 parts = [p for t in prep.files for p in ingest.info[t["name"]]]
+                documents = sum(r["docs_out"] for r in ingest.results.values())
                 try:
-                    result = run_dedup(parts, tmp, self.config.dedup, prep.partitions)
+                    result = run_dedup(parts, tmp, self.config.dedup, prep.partitions, documents)
                 except Exception as e:
                     raise user_error_in(e) or e from None
                 write_atomic(os.path.join(tmp, "stats.json"), json.dumps(result).encode())
@@ -55,14 +66,49 @@ def removal_file(directory: str, file_id: int) -> str:
     return os.path.join(directory, f"removed-{file_id:012d}.parquet")
 
 
-def run_dedup(parts: list[str], out_dir: str, config: DedupConfig, partitions: int) -> dict:
-    """Write `removed-<file>.parquet` (key, code) per input file that lost documents; return the stage counters."""
-    from ray.data.expressions import col
+def partitions_for(rows: int, row_bytes: int, minimum: int) -> int:
+    """Shuffle partitions for `rows` of `row_bytes`: about `PARTITION_BYTES` each, and never fewer than `minimum`."""
+    return max(minimum, math.ceil(rows * row_bytes / PARTITION_BYTES))
 
+
+@contextmanager
+def disk_shuffle() -> Iterator[None]:
+    """Ray Data's disk-based hash shuffle for the datasets created inside: map outputs go to Arrow files on the
+    node's local disk, so a shuffle larger than the object store neither fills it nor spills it block by block."""
+    import ray
+
+    context = ray.data.DataContext.get_current()
+    before = context.use_disk_based_hash_shuffle
+    context.use_disk_based_hash_shuffle = True
+    try:
+        yield
+    finally:
+        context.use_disk_based_hash_shuffle = before
+
+
+def run_dedup(parts: list[str], out_dir: str, config: DedupConfig, partitions: int, documents: int) -> dict:
+    """Write `removed-<file>.parquet` (key, code) per input file that lost documents; return the stage counters.
+
+    `partitions` is the least number of shuffle partitions (the setting, or one per CPU); `documents` sizes the
+    shuffles. With `config.shuffle_partitions` set, every shuffle uses exactly that many."""
     stats: dict = {"exact_removed": 0, "near_removed": 0, "clusters": {}, "rounds": 0, "candidate_edges": 0}
     if not (config.exact or config.near):
         return stats
-    found = find_duplicates(parts, partitions, config.exact, config.near).materialize()
+    with disk_shuffle():
+        _find_and_write(parts, out_dir, config, partitions, documents, stats)
+    return stats
+
+
+def _find_and_write(parts: list[str], out_dir: str, config: DedupConfig, partitions: int, documents: int,
+                    stats: dict) -> None:
+    from ray.data.expressions import col
+
+    def sized(rows: int, row_bytes: int) -> int:
+        return config.shuffle_partitions or partitions_for(rows, row_bytes, partitions)
+
+    rows_per_document = int(config.exact) + (config.bands if config.near else 0)
+    found = find_duplicates(parts, sized(documents * rows_per_document, BUCKET_ROW_BYTES), config.exact,
+                            config.near).materialize()
     removals = found.filter(expr=col("kind") == EXACT_ROW).map_batches(
         lambda t: _codes(t.column("a"), EXACT), batch_format="pyarrow")
     if config.near:
@@ -70,15 +116,15 @@ def run_dedup(parts: list[str], out_dir: str, config: DedupConfig, partitions: i
             lambda t: pa.table({"u": t.column("b"), "v": t.column("a")}), batch_format="pyarrow").materialize()
         stats["candidate_edges"] = edges.count()
         members, stats["rounds"], stats["clusters"] = find_components(
-            edges, partitions, config.local_components_max_edges)
+            edges, sized(2 * stats["candidate_edges"], EDGE_ROW_BYTES), config.local_components_max_edges)
         removals = removals.union(members.map_batches(lambda t: _codes(t.column("key"), NEAR),
                                                       batch_format="pyarrow"))
-    routed = removals.map_batches(_with_file, batch_format="pyarrow").repartition(partitions, keys=["file"])
+    routed = removals.map_batches(_with_file, batch_format="pyarrow").repartition(
+        sized(documents, REMOVAL_ROW_BYTES), keys=["file"])
     counts = routed.map_batches(lambda t: _write_removals(t, out_dir), batch_size=None, batch_format="pyarrow")
     for row in counts.iter_rows():
         stats["exact_removed"] += int(row["exact"])
         stats["near_removed"] += int(row["near"])
-    return stats
 
 
 def _codes(keys: pa.ChunkedArray | pa.Array, code: int) -> pa.Table:
