@@ -36,6 +36,8 @@ import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.distributed.tensor import Shard, distribute_tensor
 
+from parallel.moe import MoE
+
 if TYPE_CHECKING:
     from orchestrator.spec import JobSpec
     from parallel.parallel_dims import ParallelDims
@@ -52,7 +54,7 @@ def exchange_counts(counts: torch.Tensor, group: dist.ProcessGroup) -> torch.Ten
 
 
 def segment_order(lengths: torch.Tensor) -> torch.Tensor:
-    """The rows of tensor cut into consecutive segments of `lengths` [a, b] (in a-major order), taken in b-major
+    """The rows of a tensor cut into consecutive segments of `lengths` [a, b] (in a-major order), taken in b-major
     order: the index that regroups tokens received from each rank (a) for each local expert (b) by expert."""
     flat = lengths.flatten()
     starts = (torch.cumsum(flat, 0) - flat).view_as(lengths).t().flatten()
@@ -112,7 +114,7 @@ def expert_parallel_class(cls: type) -> type:
 
 def moe_experts(blocks: list[nn.Module]) -> list[nn.Module]:
     """The `mlp.experts` module of each MoE block of `blocks`."""
-    return [block.mlp.experts for block in blocks if hasattr(block.mlp, "experts")]
+    return [block.mlp.experts for block in blocks if isinstance(block.mlp, MoE)]
 
 
 def shard_experts(experts: nn.Module, mesh, group: dist.ProcessGroup) -> None:
