@@ -50,8 +50,10 @@ SAVED_OPS = frozenset(
     [getattr(torch.ops.aten, name).default for name in _ATTENTION if hasattr(torch.ops.aten, name)]
     + [getattr(torch.ops._c10d_functional, name).default for name in _COLLECTIVES])
 # op → which of its calls in a block are kept: every other projection from the first, every second batched matmul.
+# An MoE layer's grouped GEMMs (`parallel.moe`, all experts' gate, up and down at once) count as projections.
 COUNTED = {torch.ops.aten.mm.default: ("linear", 1), torch.ops.aten.addmm.default: ("linear", 1),
-           torch.ops.aten._scaled_mm.default: ("linear", 1), torch.ops.aten.bmm.default: ("attention", 0)}
+           torch.ops.aten._scaled_mm.default: ("linear", 1), torch.ops.aten.bmm.default: ("attention", 0),
+           **({torch.ops.aten._grouped_mm.default: ("linear", 1)} if hasattr(torch.ops.aten, "_grouped_mm") else {})}
 
 
 def _selective_contexts() -> tuple[Any, Any]:

@@ -139,12 +139,14 @@ def test_the_aux_free_bias_moves_the_load_toward_balance():
     assert bias[0] == bias.min() and abs(float(bias.sum())) < 1e-5  # the favourite held back; centred
 
 
-@pytest.mark.parametrize("mode", ["full", "selective"])
-def test_activation_checkpointing_recomputes_without_counting_twice(mode):
+@pytest.mark.parametrize("mode,grouped", [("full", False), ("selective", False), ("selective", True)])
+def test_activation_checkpointing_recomputes_without_counting_twice(mode, grouped):
     tokens = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(3))
     results = []
     for checkpointing in ("none", mode):
         model = tiny_moe(balance="both", num_shared_experts=1)
+        for _, moe in moe_layers(model):
+            moe.experts.grouped_mm = grouped
         apply_activation_checkpointing(model.layers, checkpointing)
         cross_entropy(model(tokens[:, :-1]), tokens[:, 1:]).backward()
         grads = {n: p.grad for n, p in model.named_parameters()}
