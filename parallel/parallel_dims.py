@@ -28,7 +28,8 @@ class ParallelDims:
     cp: int = 1
     ep: int = 1
     groups: dict[str, dist.ProcessGroup | None] = field(default_factory=dict, repr=False)
-    mesh: Any = field(default=None, repr=False)  # the native engine's DeviceMesh (pp, dp, cp, tp), where one is built
+    # The native engine's DeviceMesh (pp, dp, cp, tp), or (pp, dp_out, dp_in, cp, tp) under ep > 1, where one is built.
+    mesh: Any = field(default=None, repr=False)
 
     @classmethod
     def from_spec(cls, spec: JobSpec, world_size: int, rank: int) -> ParallelDims:
@@ -112,11 +113,6 @@ class ParallelDims:
     def fsdp_mesh(self) -> Any:
         """The mesh FSDP shards dense parameters over: dp, or dp × cp flattened (`dp_shard`)."""
         return self._fsdp_mesh
-
-    def batch_group(self) -> dist.ProcessGroup:
-        """The ranks of this pp stage and tp rank that see different tokens (dp × cp): what per-token statistics,
-        such as the MoE's tokens per expert, are summed over."""
-        return self._fsdp_mesh.get_group()
 
     def ep_mesh(self) -> Any:
         """The 1-D mesh an MoE layer's experts are split over (ep > 1): ep consecutive ranks of dp × cp."""
