@@ -64,6 +64,10 @@ REFUSALS: dict[tuple[str, str], list[Case] | str] = {
              "model.vocab_size"),
         Case(TP3 + ("model.vocab_size=1026",), ("model.vocab_size=null",), "model.vocab_size", TOKENIZER),
     ],
+    ("parallel/megatron_tp.py", "Megatron-style tensor parallelism has no"): [
+        Case(("resources.gpus_per_node=2", "parallel.tp=2", "model.moe.num_experts=4"), ("parallel.backend=deepspeed",),
+             "parallel.backend"),
+    ],
     ("parallel/activation_checkpoint.py", "activation checkpointing mode {mode!r}"): [
         Case(("parallel.activation_checkpointing=full",), ("parallel.activation_checkpointing=every",),
              "parallel.activation_checkpointing"),
