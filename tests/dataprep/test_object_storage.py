@@ -33,7 +33,7 @@ from tests.helpers import TINY_RUN, losses
 REPO = Path(__file__).resolve().parents[2]
 BUCKET = "corpus"
 
-pytestmark = pytest.mark.xdist_group("dataprep_ray")
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("dataprep_ray")]
 
 
 @pytest.fixture(scope="session")
@@ -87,7 +87,7 @@ def _prep(config: Path, *overrides: str, env: dict, **kwargs) -> subprocess.Pope
     if log:
         return subprocess.Popen(command, env=full, start_new_session=True, stdout=subprocess.DEVNULL,
                                 stderr=log.open("w"))
-    return subprocess.run(command, env=full, capture_output=True, text=True, timeout=300, **kwargs)
+    return subprocess.run(command, env=full, capture_output=True, text=True, timeout=540, **kwargs)
 
 
 @pytest.fixture(scope="session")
