@@ -203,6 +203,7 @@ class MoE(nn.Module):
             self.register_buffer(name, torch.zeros(shape(moe.num_experts)), persistent=persistent)
         self.aux_grad_scale = 1.0
         self.counting = True  # off inside `uncounted`
+        self.sequence_group: dist.ProcessGroup | None = None  # context parallelism: the ranks holding the same rows
         self.last_step: torch.Tensor | None = None  # the statistics `update_expert_bias` closed, reduced over ranks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -255,13 +256,21 @@ class MoE(nn.Module):
     def balance_loss(self, routing: Routing, batch: int) -> torch.Tensor:
         """Σ_i f_i·P_i averaged over groups of tokens (each sequence, or the whole micro-batch): f_i the share of
         the group's token copies routed to expert i times E/top_k, P_i expert i's mean probability. 1 when the
-        load is even, up to E when one expert takes everything; only P carries a gradient."""
+        load is even, up to E when one expert takes everything; only P carries a gradient.
+
+        Under context parallelism a rank holds 1/cp of each row: f is taken over the whole rows (its counts summed
+        over `sequence_group`), P over this rank's tokens, so the loss is linear in them and its gradients, averaged
+        over the cp ranks as every gradient is, are the whole rows' loss's."""
         n = self.moe.num_experts
         groups = batch if self.moe.aux_loss_per == "sequence" else 1
         experts = routing.experts.view(groups, -1)
         counts = torch.zeros(groups, n, device=experts.device).scatter_add_(
             1, experts, torch.ones_like(experts, dtype=torch.float32))
-        share = counts * n / experts.shape[1]
+        copies = experts.shape[1]
+        if self.sequence_group is not None:
+            dist.all_reduce(counts, group=self.sequence_group)
+            copies *= dist.get_world_size(self.sequence_group)
+        share = counts * n / copies
         mean_probability = routing.probabilities.view(groups, -1, n).mean(1)
         return (share * mean_probability).sum(1).mean()
 
@@ -328,6 +337,13 @@ def uncounted(model: nn.Module) -> Iterator[None]:
     finally:
         for moe in layers:
             moe.counting = True
+
+
+def set_sequence_group(model: nn.Module, group: dist.ProcessGroup | None) -> None:
+    """The context-parallel group whose ranks hold the other chunks of this rank's rows (None: whole rows here), for
+    the balancing loss's per-row (or per-micro-batch) counts."""
+    for _, moe in moe_layers(model):
+        moe.sequence_group = group
 
 
 def set_aux_loss_scale(model: nn.Module, scale: float) -> None:

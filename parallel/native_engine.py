@@ -50,7 +50,7 @@ from parallel.launch import RankEnv
 from parallel.lora import initial_value, is_adapter
 from parallel.megatron_tp import VocabParallelLoss
 from parallel.model import ModelDims, build_model, cross_entropy
-from parallel.moe import materialize_buffers, moe_state, set_aux_loss_scale, update_expert_bias
+from parallel.moe import materialize_buffers, moe_state, set_aux_loss_scale, set_sequence_group, update_expert_bias
 from parallel.mup import hidden_lr_scale
 from parallel.optim import build_optimizer, build_param_groups, build_scheduler, set_schedule_step
 from parallel.parallel_dims import ParallelDims
@@ -115,9 +115,10 @@ class NativeEngine:
             self.schedule, self.first_stage, self.last_stage = build_schedule(
                 self.stages, dims.pp_rank, dims.pp, p.pp_schedule, p.grad_accum, self.loss_fn, device, dims.group("pp"))
         # MoE: the balancing loss is averaged over micro-batches as the loss is (the pipeline schedule scales
-        # gradients after the backward instead), and the step's routing counts are summed over the ranks that saw
-        # the other tokens of the step (FSDP's dp × cp) for the aux-free bias.
+        # gradients after the backward instead) and counts whole rows under cp, and the step's routing counts are
+        # summed over the ranks that saw the other tokens of the step (dp × cp) for the aux-free bias.
         set_aux_loss_scale(model, 1.0 if self.pipelined else 1.0 / p.grad_accum)
+        set_sequence_group(model, dims.group("cp") if dims.cp > 1 else None)
         self._routing_group = dims.fsdp_mesh().get_group() if dims.dp_shard > 1 else None
         self._pending_save = None
         self._save_group = None

@@ -1,6 +1,6 @@
 """Mixture of experts (`parallel.moe`): the grouped GEMM and the per-expert loop against a per-token reference,
 dropless and capacity routing, both balancing methods, activation checkpointing, decoding with a KV cache, the
-spec's refusals; dp2 FSDP and pp2 against one process in one 2-rank launch; training on real shards in this
+spec's refusals; dp2 FSDP, pp2 and cp2 against one process in one 2-rank launch; training on real shards in this
 process, resumed exactly (the aux-free bias included)."""
 
 from __future__ import annotations
@@ -201,10 +201,11 @@ CASES = {
     "dp2-fsdp": [*MOE, "model.moe.num_shared_experts=1", "model.moe.balance=both", "model.moe.aux_loss_coef=0.01",
                  "model.moe.router_z_loss_coef=0.001", "parallel.zero_stage=3"],
     "pp2": [*MOE, "model.moe.every_n_layers=2", "parallel.pp=2", "parallel.grad_accum=2"],
+    "cp2": [*MOE, "model.moe.balance=both", "model.moe.aux_loss_coef=0.01", "parallel.cp=2"],
 }
 
 
-def test_dp2_fsdp_and_pp2_equal_one_process(tmp_path):
+def test_dp2_fsdp_pp2_and_cp2_equal_one_process(tmp_path):
     references = {name: reference_run(["parallel.backend=native", *(o for o in overrides if o.startswith("model."))])
                   for name, overrides in CASES.items()}
     cases = tmp_path / "cases.json"
