@@ -35,10 +35,7 @@ FOUR = {"ep4": [*RUN, "parallel.ep=4"],
         "dp4-ep2": [*RUN, "parallel.ep=2", "parallel.zero_stage=2"],
         "ep2-tp2": [*RUN, "parallel.ep=2", "parallel.tp=2", "parallel.sequence_parallel=true"],
         "ep2-pp2": [*RUN, "parallel.ep=2", "parallel.pp=2", "parallel.grad_accum=2"],
-        # The ep group is the cp group here. The balancing loss is per sequence, which a cp rank holds in part: the
-        # bias alone balances.
-        "dp2-cp2-ep2": [*(o.replace("balance=both", "balance=aux_free") for o in RUN), "parallel.cp=2",
-                        "parallel.ep=2"]}
+        "dp2-cp2-ep2": [*RUN, "parallel.cp=2", "parallel.ep=2"]}  # the ep group is the cp group
 
 
 def test_tokens_from_each_rank_are_regrouped_by_local_expert() -> None:
