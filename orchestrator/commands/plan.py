@@ -1,7 +1,8 @@
 """`pretrain plan job.yaml [section.key=value ...] [--gpus 64] [--gpu-mem 80GiB] [--gpus-per-node 8]
 [--budget-flops 1e21 | --budget-gpu-hours 5000] [--unique-tokens 25e9]`
 
-Prints the model's size and FLOPs, its compute-optimal token budget, what repeating the data costs (when the unique
+Prints the model's size and FLOPs (a mixture of experts' total and active parameters, its FLOPs from the active ones),
+its compute-optimal token budget, what repeating the data costs (when the unique
 tokens are known: data.path's manifest.json or --unique-tokens) with the best model size and epochs for the spec's
 compute or the budget given (`orchestrator.planner.data_constrained`), the memory breakdown of the spec's own layout,
 and the fastest layouts that fit the GPUs given (the spec's resources by default), with why the first one won.
@@ -66,6 +67,12 @@ def print_model(spec) -> None:
     print(f"{spec.name}{preset}: {_n(count.total)} parameters (embedding {_n(count.embedding)}, {count.n_layers} "
           f"blocks × {_n(count.per_layer)}, output {_n(count.output) if count.output else 'tied'}); "
           f"{flops / 1e9:.3g} GFLOP per training token at seq_len {spec.data.seq_len}")
+    if m.moe.num_experts:
+        print(f"mixture of experts: {count.moe_layers} of {count.n_layers} blocks route each token to {m.moe.top_k} "
+              f"of {m.moe.num_experts} experts" + (f" and {m.moe.num_shared_experts} shared" if
+                                                   m.moe.num_shared_experts else "")
+              + f": {_n(count.active)} active parameters of {_n(count.total)} ({count.active / count.total:.1%}); "
+              "the FLOPs above are the active ones'")
     print(f"compute-optimal data (Chinchilla, 20 tokens per parameter): {_n(optimal_tokens)} tokens, "
           f"{flops * optimal_tokens:.3g} FLOPs")
     if m.lora.rank:
@@ -159,12 +166,14 @@ def print_table(plan, top: int) -> None:
     print(f"\nfastest layouts for {hw.gpus} GPUs × {hw.gpu_mem_bytes / GiB:.0f} GiB ({hw.node_size} per node), "
           f"MFU {hw.mfu:.2f} of {hw.peak_flops / 1e12:.0f} TFLOP/s:")
     cp = any(c.parallel.cp > 1 for c in plan.ranked[:top])  # a column only where context parallelism is proposed
-    header = ("#", "dp", *(("cp",) if cp else ()), "pp", "tp", "ZeRO", "micro", "accum", "ckpt", "mem GiB", "step s",
-              "tokens/s", "MFU")
+    ep = any(c.parallel.ep > 1 for c in plan.ranked[:top])  # ... and expert parallelism
+    header = ("#", "dp", *(("cp",) if cp else ()), *(("ep",) if ep else ()), "pp", "tp", "ZeRO", "micro", "accum",
+              "ckpt", "mem GiB", "step s", "tokens/s", "MFU")
     rows = [header]
     for i, c in enumerate(plan.ranked[:top], 1):
         p = c.parallel
-        rows.append((str(i), str(p.dp), *((str(p.cp),) if cp else ()), str(p.pp), str(p.tp), str(p.zero_stage),
+        rows.append((str(i), str(p.dp), *((str(p.cp),) if cp else ()), *((str(p.ep),) if ep else ()), str(p.pp),
+                     str(p.tp), str(p.zero_stage),
                      str(p.micro_batch_size),
                      str(p.grad_accum), p.activation_checkpointing, f"{c.memory.total / GiB:.1f}",
                      f"{c.step.total:.3g}", f"{c.tokens_per_second:,.0f}", f"{c.mfu(hw):.2f}"))

@@ -7,6 +7,11 @@ these numbers.
 
 FLOPs per token are the model's own (`parallel.model.ModelDims.flops_per_token`, PaLM's 6·N + 12·L·dim·seq): the
 planner's step times and the MFU the ranks export use one formula.
+
+A mixture of experts (`model.moe`) has two sizes: its total parameters, which memory holds, and its active ones, a
+token's share (the router, its top_k routed experts, the shared experts), which its FLOPs are counted from. Under
+expert parallelism (`parallel.ep`) a rank holds num_experts / ep experts of each MoE layer; its router and shared
+experts stay whole on every tensor-parallel rank, as `parallel.dtensor_tp` leaves a MoE layer's MLP replicated.
 """
 
 from __future__ import annotations
@@ -31,19 +36,36 @@ class ParamCount:
     n_layers: int
     final_norm: int
     output: int  # the output projection; 0 when tied to the embedding
+    moe_layers: int = 0  # layers whose MLP is a mixture of experts (the others have `ffn`)
+    router: int = 0  # per MoE layer: the router's weight
+    experts: int = 0  # per MoE layer: every routed expert's gate, up and down projections
+    active_experts: int = 0  # per MoE layer: the top_k experts a token goes through
+    shared: int = 0  # per MoE layer: the shared experts
+
+    @property
+    def moe_mlp(self) -> int:
+        """A MoE layer's MLP: router, routed and shared experts."""
+        return self.router + self.experts + self.shared
 
     @property
     def per_layer(self) -> int:
-        return self.attention + self.ffn + self.norms
+        """A block, averaged over the layers when some are mixtures of experts."""
+        return (self.total - self.embedding - self.final_norm - self.output) // self.n_layers
 
     @property
     def total(self) -> int:
-        return self.embedding + self.n_layers * self.per_layer + self.final_norm + self.output
+        blocks = self.n_layers * (self.attention + self.norms) + (self.n_layers - self.moe_layers) * self.ffn
+        return self.embedding + blocks + self.moe_layers * self.moe_mlp + self.final_norm + self.output
+
+    @property
+    def active(self) -> int:
+        """Parameters a token goes through: the total less the routed experts it is not sent to."""
+        return self.total - self.moe_layers * (self.experts - self.active_experts)
 
     @property
     def non_embedding(self) -> int:
         """Kaplan et al.'s N: everything but the embedding and output matrices."""
-        return self.n_layers * self.per_layer + self.final_norm
+        return self.total - self.embedding - self.output
 
 
 def check_resolved(model: ModelConfig) -> None:
@@ -70,6 +92,8 @@ def count_params(model: ModelConfig) -> ParamCount:
     biases = q + 2 * kv if model.qkv_bias else 0
     qk_norms = q + kv if model.qk_norm == "full" else 0
     head_norms = 2 * q // model.n_heads if model.qk_norm == "head" else 0  # a q_norm and a k_norm of head_dim
+    moe = model.moe
+    expert = 3 * d * (moe.expert_ffn_dim or model.ffn_dim)
     return ParamCount(
         embedding=vocab * d,
         attention=2 * d * q + 2 * d * kv + biases + qk_norms,
@@ -78,11 +102,35 @@ def count_params(model: ModelConfig) -> ParamCount:
         n_layers=model.n_layers,
         final_norm=d,
         output=0 if model.tie_embeddings else vocab * d,
+        moe_layers=sum(moe_layers(model)),
+        router=moe.num_experts * d,
+        experts=moe.num_experts * expert,
+        active_experts=moe.top_k * expert if moe.num_experts else 0,
+        shared=moe.num_shared_experts * expert,
     )
 
 
-def stage_params(model: ModelConfig, pp: int = 1, tp: int = 1) -> list[int]:
-    """Parameters held by one rank of each pipeline stage.
+def moe_layers(model: ModelConfig) -> list[bool]:
+    """Which layers are mixtures of experts (`parallel.model.ModelDims.is_moe`); all False for a dense model."""
+    if not model.moe.num_experts:
+        return [False] * model.n_layers
+    from parallel.model import ModelDims
+
+    dims = ModelDims.from_config(model)
+    return [dims.is_moe(i) for i in range(model.n_layers)]
+
+
+def layer_params(model: ModelConfig, tp: int = 1, ep: int = 1) -> list[tuple[int, int]]:
+    """(all, of which routed experts) parameters one rank holds of each block: linears split over tp, norms whole;
+    a MoE layer's num_experts / ep experts, its router and shared experts whole."""
+    count = count_params(model)
+    dense = (count.attention + count.ffn) // tp + count.norms
+    sparse = count.attention // tp + count.norms + count.router + count.shared + count.experts // ep
+    return [(sparse, count.experts // ep) if moe else (dense, 0) for moe in moe_layers(model)]
+
+
+def stage_params(model: ModelConfig, pp: int = 1, tp: int = 1, ep: int = 1) -> list[int]:
+    """Parameters held by one rank of each pipeline stage (`stage_expert_params` of them routed experts).
 
     Layers split evenly over stages (the validator requires it); the first stage holds the embedding, the last the
     final norm and output projection, and with tied embeddings and pp > 1 the last stage keeps its own copy of the
@@ -92,12 +140,21 @@ def stage_params(model: ModelConfig, pp: int = 1, tp: int = 1) -> list[int]:
     norms are whole on every tp rank.
     """
     count = count_params(model)
-    layer = (count.attention + count.ffn) // tp + count.norms
-    per_stage = [model.n_layers // pp * layer for _ in range(pp)]
+    layers = [held for held, _ in layer_params(model, tp, ep)]
+    size = model.n_layers // pp
+    per_stage = [sum(layers[s * size:(s + 1) * size]) for s in range(pp)]
     per_stage[0] += count.embedding // tp
     head = count.output or (count.embedding if pp > 1 else 0)
     per_stage[-1] += count.final_norm + head // tp
     return per_stage
+
+
+def stage_expert_params(model: ModelConfig, pp: int = 1, tp: int = 1, ep: int = 1) -> list[int]:
+    """Routed-expert parameters held by one rank of each pipeline stage (num_experts / ep of each MoE layer's):
+    what FSDP shards over the dp × cp / ep ranks holding the same experts, where the rest shards over dp × cp."""
+    experts = [held for _, held in layer_params(model, tp, ep)]
+    size = model.n_layers // pp
+    return [sum(experts[s * size:(s + 1) * size]) for s in range(pp)]
 
 
 def lora_params(model: ModelConfig, pp: int = 1, tp: int = 1) -> list[int]:
@@ -123,13 +180,20 @@ def lora_params(model: ModelConfig, pp: int = 1, tp: int = 1) -> list[int]:
     return [model.n_layers // pp * layer] * pp
 
 
-def trainable_params(model: ModelConfig, pp: int = 1, tp: int = 1) -> list[int]:
+def trainable_params(model: ModelConfig, pp: int = 1, tp: int = 1, ep: int = 1) -> list[int]:
     """Parameters one rank of each stage trains: the adapters under LoRA, else every one it holds."""
-    return lora_params(model, pp, tp) if model.lora.rank else stage_params(model, pp, tp)
+    return lora_params(model, pp, tp) if model.lora.rank else stage_params(model, pp, tp, ep)
+
+
+def routed_flops_share(model: ModelConfig, seq_len: int) -> float:
+    """The share of a token's training FLOPs in its routed experts' matmuls (0 for a dense model)."""
+    count = count_params(model)
+    return 6 * count.moe_layers * count.active_experts / flops_per_token(model, seq_len)
 
 
 def flops_per_token(model: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs (forward and backward) per token, without activation recomputation."""
+    """Training FLOPs (forward and backward) per token, without activation recomputation: of the active parameters
+    under a mixture of experts."""
     from parallel.model import ModelDims
 
     check_resolved(model)

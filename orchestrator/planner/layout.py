@@ -1,20 +1,29 @@
-"""Choose a layout: dp × pp × tp, ZeRO stage, micro-batch and activation checkpointing for a number of GPUs.
+"""Choose a layout: dp × pp × tp (× ep), ZeRO stage, micro-batch and activation checkpointing for a number of GPUs.
 
 Every combination is built as a spec and checked by the validator's own cross-field rules (so the planner never
 proposes what `pretrain validate` would refuse), then by the memory model; the survivors are ranked by an estimated
 step time. The estimate is deliberately simple and says what it counts:
 
     compute      model FLOPs of the step over (GPUs × peak × MFU × matmul efficiency), the efficiency falling for
-                 small micro-batches as m / (m + 256) tokens; activation checkpointing adds a forward pass
+                 small micro-batches as m / (m + 256) tokens (a routed expert's matmuls over the copies it gets: a
+                 micro-batch's tokens × top_k × ep / num_experts); activation checkpointing adds a forward pass
     pp bubble    1F1B idles (pp - 1) / micro-batches of the compute (Narayanan et al., 2021)
     tp traffic   4 all-reduces of a micro-batch's hidden states per block (6 with recomputation), inside a node
     cp traffic   (native engine, parallel.cp) each block all-gathers the keys and values of the whole sequence in
                  its forward (again when recomputed) and reduce-scatters their gradients in its backward, inside a
                  node; each rank computes seq_len / cp tokens of every sequence
+    ep traffic   (a mixture of experts under parallel.ep) each MoE layer all-to-alls a micro-batch's routed tokens
+                 (top_k copies of each) to the ranks holding their experts and the outputs back, in the forward
+                 (again when recomputed) and their gradients in the backward; (ep - 1) / ep of them leave the rank,
+                 inside a node while tp × ep fits in one
     pp traffic   a micro-batch's hidden states forward and their gradient back, per micro-batch
     dp traffic   a ring all-reduce of the rank's gradients per step, hidden behind the last micro-batch's backward
                  as far as it lasts; ZeRO-3 also all-gathers weights for every micro-batch's forward and backward
-                 (not hidden); across nodes once a dp group spans more than one
+                 (not hidden); across nodes once a dp group spans more than one. Routed experts reduce over the
+                 dp × cp / ep ranks holding the same ones, and only the rank's num_experts / ep are gathered
+
+A mixture of experts' compute counts its active parameters (`counting.flops_per_token`); its layouts also range
+over ep, the divisors of dp × cp that divide num_experts (ep takes its ranks from the data-parallel ones).
 
 Ranks are ordered tp fastest, then cp, dp, pp (Megatron's order, with torchtitan's cp), so tp and cp groups stay
 inside a node. Context parallelism is considered only when no layout without it fits: it is for sequences whose
@@ -29,7 +38,15 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from orchestrator.errors import UserError
-from orchestrator.planner.counting import attention_widths, count_params, flops_per_token, stage_params
+from orchestrator.planner.counting import (
+    attention_widths,
+    count_params,
+    flops_per_token,
+    moe_layers,
+    routed_flops_share,
+    stage_expert_params,
+    stage_params,
+)
 from orchestrator.planner.memory import GiB, MemoryBreakdown, checkpointed_layers, estimate_memory
 from orchestrator.spec import JobSpec, ParallelConfig
 from orchestrator.validate import cross_field_problems
@@ -88,6 +105,7 @@ class StepTime:
     pp_comm: float
     dp_comm: float
     cp_comm: float = 0.0
+    ep_comm: float = 0.0
 
     @property
     def total(self) -> float:
@@ -95,8 +113,8 @@ class StepTime:
 
     def parts(self) -> dict[str, float]:
         return {"compute": self.compute, "recomputation": self.recompute, "pipeline bubble": self.bubble,
-                "tp traffic": self.tp_comm, "cp traffic": self.cp_comm, "pp traffic": self.pp_comm,
-                "dp traffic": self.dp_comm}
+                "tp traffic": self.tp_comm, "cp traffic": self.cp_comm, "ep traffic": self.ep_comm,
+                "pp traffic": self.pp_comm, "dp traffic": self.dp_comm}
 
 
 @dataclass(frozen=True)
@@ -178,8 +196,8 @@ def plan_layouts(spec: JobSpec, hw: Hardware, global_batch: int) -> Plan:
 
 
 def enumerate_layouts(spec: JobSpec, hw: Hardware, global_batch: int, context_parallel: bool = False):
-    """Every dp × pp × tp × ZeRO (1-3) × micro-batch × checkpointing combination that keeps the global batch; with
-    `context_parallel`, those with cp > 1 (cp × tp inside a node), else cp = 1."""
+    """Every dp × pp × tp (× ep) × ZeRO (1-3) × micro-batch × checkpointing combination that keeps the global
+    batch; with `context_parallel`, those with cp > 1 (cp × tp inside a node), else cp = 1."""
     base = spec.parallel
     for tp in _divisors(hw.node_size):
         for cp in _divisors(hw.node_size // tp) if context_parallel else [1]:
@@ -192,13 +210,21 @@ def enumerate_layouts(spec: JobSpec, hw: Hardware, global_batch: int, context_pa
                 if global_batch % dp:
                     continue
                 per_rank = global_batch // dp
-                for micro in _divisors(per_rank):
-                    for zero in (1, 2, 3):  # ZeRO-0 moves the same bytes as ZeRO-1 and keeps more
-                        for checkpointing in CHECKPOINTING:
-                            yield dataclasses.replace(
-                                base, dp=dp, cp=cp, pp=pp, tp=tp, zero_stage=zero, micro_batch_size=micro,
-                                grad_accum=per_rank // micro, global_batch_size=global_batch,
-                                sequence_parallel=tp > 1, activation_checkpointing=checkpointing)
+                for ep in expert_parallel_sizes(spec, dp * cp):
+                    for micro in _divisors(per_rank):
+                        for zero in (1, 2, 3):  # ZeRO-0 moves the same bytes as ZeRO-1 and keeps more
+                            for checkpointing in CHECKPOINTING:
+                                yield dataclasses.replace(
+                                    base, dp=dp, cp=cp, pp=pp, tp=tp, ep=ep, zero_stage=zero, micro_batch_size=micro,
+                                    grad_accum=per_rank // micro, global_batch_size=global_batch,
+                                    sequence_parallel=tp > 1, activation_checkpointing=checkpointing)
+
+
+def expert_parallel_sizes(spec: JobSpec, batch_ranks: int) -> list[int]:
+    """The ep sizes to consider: 1 for a dense model; for a mixture of experts the divisors of the dp × cp ranks
+    that split its experts evenly."""
+    experts = spec.model.moe.num_experts
+    return [ep for ep in _divisors(batch_ranks) if not experts % ep] if experts else [1]
 
 
 def with_layout(spec: JobSpec, parallel: ParallelConfig, hw: Hardware) -> JobSpec:
@@ -217,9 +243,13 @@ def evaluate(spec: JobSpec, hw: Hardware) -> Candidate:
     width = 2 if p.precision == "bf16" else 4
 
     micro_tokens = p.micro_batch_size * seq // p.cp  # what one rank computes of a micro-batch
-    efficiency = micro_tokens / (micro_tokens + HALF_EFFICIENCY_TOKENS)
+    # A routed expert multiplies only the copies sent to it: top_k of every token over num_experts, gathered from
+    # the ep ranks (`routed_flops_share` of the FLOPs run at that size).
+    expert_tokens = micro_tokens * m.moe.top_k * p.ep / max(m.moe.num_experts, 1)
+    routed = routed_flops_share(m, seq)
+    slowdown = (1 - routed) / _efficiency(micro_tokens) + (routed / _efficiency(expert_tokens) if routed else 0.0)
     peak = peak_flops(spec, hw)
-    compute = model_flops / (hw.gpus * peak * hw.mfu * efficiency)
+    compute = model_flops * slowdown / (hw.gpus * peak * hw.mfu)
     recompute = compute * _recompute_share(p, m.n_layers)
     bubble = (compute + recompute) * (p.pp - 1) / p.grad_accum
 
@@ -238,16 +268,25 @@ def evaluate(spec: JobSpec, hw: Hardware) -> Candidate:
     pp_bw = hw.inter_node_bw if spans_nodes and p.tp * p.cp * p.dp >= hw.gpus_per_node else hw.intra_node_bw
     pp_comm = 2 * p.grad_accum * hidden_bytes / pp_bw if p.pp > 1 else 0.0
 
-    rank_params = max(stage_params(m, p.pp, p.tp))
+    # Routed tokens to the experts' ranks and back in the forward (and recomputation), gradients in the backward.
+    routed_bytes = hidden_bytes * m.moe.top_k * (p.ep - 1) / p.ep
+    ep_bw = hw.inter_node_bw if p.tp * p.ep > hw.gpus_per_node else hw.intra_node_bw
+    moe_blocks = sum(moe_layers(m)) / p.pp
+    ep_comm = moe_blocks * p.grad_accum * 2 * (2 + whole) * routed_bytes / ep_bw
+
+    stage = max(range(p.pp), key=stage_params(m, p.pp, p.tp, p.ep).__getitem__)
+    rank_params = stage_params(m, p.pp, p.tp, p.ep)[stage]
+    experts = stage_expert_params(m, p.pp, p.tp, p.ep)[stage]
     dp_bw = hw.inter_node_bw if p.tp * p.cp * p.dp > hw.gpus_per_node else hw.intra_node_bw
     last_backward = compute * 2 / 3 / p.grad_accum
-    shard = p.dp * p.cp  # FSDP reduces gradients over dp × cp
-    dp_comm = max(0.0, _ring(shard) * rank_params * width / dp_bw - last_backward)
+    shard = p.dp * p.cp  # FSDP reduces gradients over dp × cp, the routed experts' over dp × cp / ep
+    reduced = _ring(shard) * (rank_params - experts) + _ring(shard // p.ep) * experts
+    dp_comm = max(0.0, reduced * width / dp_bw - last_backward)
     if p.zero_stage == 3:  # an all-gather moves half what an all-reduce does
-        dp_comm += p.grad_accum * 2 * _ring(shard) / 2 * rank_params * width / dp_bw
+        dp_comm += p.grad_accum * 2 * reduced / 2 * width / dp_bw
 
     step = StepTime(compute=compute, recompute=recompute, bubble=bubble, tp_comm=tp_comm, pp_comm=pp_comm,
-                    dp_comm=dp_comm, cp_comm=cp_comm)
+                    dp_comm=dp_comm, cp_comm=cp_comm, ep_comm=ep_comm)
     return Candidate(parallel=p, memory=estimate_memory(spec), step=step, tokens_per_step=tokens,
                      model_flops_per_step=model_flops, peak_flops=peak)
 
@@ -352,19 +391,20 @@ def describe(p: ParallelConfig) -> str:
         extras.append("sequence parallel")
     extras.append(f"activation checkpointing {p.activation_checkpointing}")
     cp = f" cp={p.cp}" if p.cp > 1 else ""
-    return f"dp={p.dp}{cp} pp={p.pp} tp={p.tp} ZeRO-{p.zero_stage}, " + ", ".join(extras)
+    ep = f" ep={p.ep}" if p.ep > 1 else ""
+    return f"dp={p.dp}{cp}{ep} pp={p.pp} tp={p.tp} ZeRO-{p.zero_stage}, " + ", ".join(extras)
 
 
 def _rank_key(c: Candidate) -> tuple:
     """Fastest first; among equals the one leaving the most memory free, then the simpler one."""
     p = c.parallel
     return (round(c.step.total, 9), c.memory.total, p.zero_stage, CHECKPOINTING.index(p.activation_checkpointing),
-            p.pp, p.tp)
+            p.pp, p.tp, p.ep)
 
 
 def _shape(c: Candidate) -> tuple:
     p = c.parallel
-    return (p.dp, p.cp, p.pp, p.tp)
+    return (p.dp, p.cp, p.ep, p.pp, p.tp)
 
 
 def _largest_difference(worse: StepTime, better: StepTime) -> str:
@@ -375,6 +415,11 @@ def _largest_difference(worse: StepTime, better: StepTime) -> str:
 
 def _parts(step: StepTime) -> str:
     return ", ".join(f"{name} {seconds:.3g} s" for name, seconds in step.parts().items() if seconds > 0)
+
+
+def _efficiency(tokens: float) -> float:
+    """The share of their large-batch rate matmuls over `tokens` rows reach."""
+    return tokens / (tokens + HALF_EFFICIENCY_TOKENS)
 
 
 def _ring(n: int) -> float:

@@ -31,6 +31,13 @@ measures on the CPU (bf16, seq 2048, dim 1024, 8 heads), the model is 1-6% above
 each switch (1% for soft-capped attention, whose scores are three quarters of it). Under 1F1B the first pipeline
 stage holds `pp` micro-batches in flight; the last one holds the logits.
 
+A mixture of experts' MLP (`model.moe`) keeps the same four tensors per expert a token is routed to (top_k of
+expert_ffn_dim, and the shared experts'), whole on every tensor-parallel rank, plus each routed copy's input and its
+expert's output upcast to fp32 and weighted for the combine, the router's fp32 scores and (mixed precision) the fp32
+copy of the router's input; counted as an average over the layers, dense and MoE. Measured on the CPU as for dense
+blocks (the experts' per-expert loop), within 10% of what autograd keeps; the GPU's grouped GEMM keeps the same
+tensors, not yet measured there.
+
 Per `parallel.activation_checkpointing` (see `parallel.activation_checkpoint`): `none` keeps all of that for every
 block; `full` keeps each block's input and, while one block is recomputed in backward, that block's activations;
 `selective` keeps attention's outputs, every other matmul's (q, v, gate) and, under tensor parallelism, the
@@ -52,7 +59,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from orchestrator.planner.counting import BLOCK_NORMS, attention_widths, count_params, stage_params
+from orchestrator.planner.counting import BLOCK_NORMS, attention_widths, count_params, moe_layers, stage_params
 from orchestrator.spec import JobSpec, ModelConfig, ParallelConfig
 from orchestrator.validate import pick_backend
 
@@ -65,6 +72,12 @@ BLOCK_INPUTS_D = 2.0
 ATTN_SAVED_D = 2.0  # attention output and the output projection's input (tensor-parallel)
 ATTN_SAVED_QKV = 1.0  # q, k, v after RoPE (tensor-parallel)
 FFN_SAVED_F = 4.0  # gate and up outputs, the activation's output, product into down_proj (tensor-parallel)
+# A MoE layer keeps per token, beside its experts' own tensors: each routed copy's input (activation dtype), its
+# expert's output upcast to fp32 and weighted (two fp32 copies) for the combine, the router's fp32 scores and, in
+# mixed precision, the fp32 copy of its input. Under expert parallelism one layer's copies sent and received (both
+# ways) are in flight.
+MOE_FP32_BYTES = 4
+EP_BUFFERS_D = 4.0
 # Soft-capped attention keeps per score: the tanh output (activation dtype), the fp32 probabilities and, in mixed
 # precision, their cast back. SDPA given a sliding-window mask keeps it: a byte per key for each sequence.
 SCORE_FP32_BYTES = 4
@@ -201,8 +214,34 @@ def activation_bytes_per_token(model: ModelConfig, width: int, tp: int = 1, sequ
     q, _ = attention_widths(model)
     sp = tp if sequence_parallel else 1
     norms = norm_elements(model, tp, sequence_parallel, qk=True) * (4 + width) + BLOCK_INPUTS_D * model.dim * width / sp
-    split = (ATTN_SAVED_D * q + ATTN_SAVED_QKV * saved_qkv(model) + FFN_SAVED_F * model.ffn_dim) * width / tp
-    return norms + split
+    split = (ATTN_SAVED_D * q + ATTN_SAVED_QKV * saved_qkv(model)) * width / tp
+    return norms + split + mlp_saved_bytes(model, width, tp, FFN_SAVED_F)
+
+
+def mlp_saved_bytes(model: ModelConfig, width: int, tp: int, per_width: float, routing: bool = True) -> float:
+    """Bytes per token one rank's MLP keeps, averaged over the layers: `per_width` tensors as wide as the MLP a
+    token goes through (ffn_dim / tp in a dense block; in a MoE layer its top_k experts and the shared experts, whole
+    on every tp rank), and with `routing` what a MoE layer keeps to route and combine (`MOE_FP32_BYTES`)."""
+    moe = model.moe
+    sparse = sum(moe_layers(model))
+    dense_layer = per_width * model.ffn_dim / tp * width
+    if not sparse:
+        return dense_layer
+    d, k, expert = model.dim, moe.top_k, moe.expert_ffn_dim or model.ffn_dim
+    moe_layer = per_width * (k + moe.num_shared_experts) * expert * width
+    if routing:
+        upcast = d if width < MOE_FP32_BYTES else 0
+        moe_layer += k * d * width + (2 * k * d + moe.num_experts + upcast) * MOE_FP32_BYTES
+    return (sparse * moe_layer + (model.n_layers - sparse) * dense_layer) / model.n_layers
+
+
+def ep_buffer_bytes(model: ModelConfig, p: ParallelConfig, seq_len: int, width: int) -> int:
+    """One MoE layer's routed copies in flight under expert parallelism: a micro-batch's tokens × top_k, sent and
+    received, dispatched and combined (0 without ep)."""
+    if p.ep == 1:
+        return 0
+    tokens = p.micro_batch_size * seq_len // p.cp
+    return int(EP_BUFFERS_D * tokens * model.moe.top_k * model.dim * width)
 
 
 def norm_elements(model: ModelConfig, tp: int = 1, sequence_parallel: bool = False, qk: bool = False) -> float:
@@ -239,9 +278,11 @@ def selective_bytes_per_token(model: ModelConfig, width: int, tp: int = 1, seque
     """Bytes selective checkpointing keeps per token and block beside the block's input."""
     d = model.dim
     q, kv = attention_widths(model)
-    split = ((SELECTIVE_SPLIT_D * q + kv + model.ffn_dim) * width + 4 * model.n_heads) / tp
+    split = ((SELECTIVE_SPLIT_D * q + kv) * width + 4 * model.n_heads) / tp
+    gate = mlp_saved_bytes(model, width, tp, 1.0, routing=False)
     reductions = SELECTIVE_REDUCTIONS_D * d * width / (tp if sequence_parallel else 1) if tp > 1 else 0.0
-    return split + reductions
+    return split + gate + reductions
+
 
 
 def checkpointed_layers(p: ParallelConfig, first: int, count: int) -> int:

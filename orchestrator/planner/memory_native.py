@@ -32,6 +32,13 @@ Float8 (`parallel.float8`) changes no term: its weights and master copies stay b
 saves for backward replace bf16 activations of no larger size (measured at 8B: tensorwise 81.1 GiB, rowwise 76.6,
 bf16 81.4).
 
+Expert parallelism (`parallel.ep`, a mixture of experts): a rank holds num_experts / ep of each MoE layer's experts,
+and FSDP shards those over the dp × cp / ep ranks holding the same ones, the rest of the model over dp × cp: per
+rank, the master weights, gradients and moments of the experts are still 1 / (dp × cp) of them, but what is
+gathered to compute (and ZeRO-1's unsharded gradients) holds only the rank's experts. One layer's tokens a rank
+sends to and receives from the other ranks of its ep group are in flight beside them (`memory.ep_buffer_bytes`);
+what the experts keep for backward is the same with or without ep.
+
 Checked against the peaks measured on H200s (`torch.cuda.max_memory_allocated`, benchmarks/results/, test in
 tests/orchestrator/test_plan_memory_native.py): 1.15B seq 2048 micro-batch 8 on one GPU, dp2 ZeRO-1 and ZeRO-3, and
 Llama-3-8B's shape seq 4096 micro-batch 1 with dp2 ZeRO-3 under each checkpointing mode (every_n too) and each float8
@@ -41,8 +48,22 @@ all within 10% (the largest gaps: float8 rowwise +6.4%, full at micro-batch 3 +6
 
 from __future__ import annotations
 
-from orchestrator.planner.counting import attention_widths, count_params, lora_params, stage_params, trainable_params
-from orchestrator.planner.memory import MemoryBreakdown, activation_bytes, norm_elements, saved_qkv
+from orchestrator.planner.counting import (
+    attention_widths,
+    layer_params,
+    lora_params,
+    stage_expert_params,
+    stage_params,
+    trainable_params,
+)
+from orchestrator.planner.memory import (
+    MemoryBreakdown,
+    activation_bytes,
+    ep_buffer_bytes,
+    mlp_saved_bytes,
+    norm_elements,
+    saved_qkv,
+)
 from orchestrator.spec import JobSpec, ModelConfig, ParallelConfig
 
 COMPILED_LOGIT_BYTES = 6
@@ -51,10 +72,11 @@ IN_FLIGHT_BLOCKS = 2  # ZeRO-3: the block computing and the one FSDP2 prefetches
 
 def native_memory(spec: JobSpec, p: ParallelConfig) -> MemoryBreakdown:
     """Peak bytes per GPU of the native engine: the fullest pipeline stage's."""
-    per_stage = stage_params(spec.model, p.pp, p.tp)
-    trained = trainable_params(spec.model, p.pp, p.tp)
+    per_stage = stage_params(spec.model, p.pp, p.tp, p.ep)
+    experts = stage_expert_params(spec.model, p.pp, p.tp, p.ep)
+    trained = trainable_params(spec.model, p.pp, p.tp, p.ep)
     adapters = lora_params(spec.model, p.pp, p.tp)
-    return max((_stage_memory(spec.model, spec.data.seq_len, p, s, params + adapters[s], trained[s])
+    return max((_stage_memory(spec.model, spec.data.seq_len, p, s, params + adapters[s], trained[s], experts[s])
                 for s, params in enumerate(per_stage)), key=lambda b: b.allocated)
 
 
@@ -64,20 +86,28 @@ def compiled_bytes_per_token(model: ModelConfig, width: int, tp: int = 1, sequen
     sequence parallelism)."""
     q, _ = attention_widths(model)
     residual = (norm_elements(model, tp, sequence_parallel, qk=True) + model.dim / (tp if sequence_parallel else 1))
-    return residual * width + (q + saved_qkv(model) + 3 * model.ffn_dim) * width / tp
+    return residual * width + (q + saved_qkv(model)) * width / tp + mlp_saved_bytes(model, width, tp, 3.0)
 
 
 def _stage_memory(model: ModelConfig, seq_len: int, p: ParallelConfig, stage: int, params: int,
-                  trained: int) -> MemoryBreakdown:
+                  trained: int, experts: int = 0) -> MemoryBreakdown:
+    """`experts` of the stage's `params` are routed experts (this rank's num_experts / ep of each MoE layer), which
+    shard over dp × cp / ep ranks; the rest over dp × cp."""
     mixed = p.precision == "bf16"
     width = 2 if mixed else 4
     dp = max(p.dp, 1) * p.cp  # FSDP shards over dp × cp
+
+    trained_experts = 0 if model.lora.rank else experts  # LoRA trains adapters only
+
+    def shard(n: int, held: int) -> int:
+        return (n - held) // dp + held * p.ep // dp
+
     if dp == 1:
         gradients = 4 * trained
         gathered = width * params if mixed else 0  # autocast's cached bf16 casts of the fp32 weights
     else:
-        gradients = 4 * trained if p.zero_stage <= 1 else 4 * trained // dp
-        gathered = width * (params if p.zero_stage < 3 else _resident_when_resharding(model, p, params))
+        gradients = 4 * trained if p.zero_stage <= 1 else 4 * shard(trained, trained_experts)
+        gathered = width * (params if p.zero_stage < 3 else _resident_when_resharding(model, p, stage, params))
     if p.compile:
         block = compiled_bytes_per_token(model, width, p.tp, p.sequence_parallel)
         activations = activation_bytes(model, seq_len, p, stage, width, block, COMPILED_LOGIT_BYTES)
@@ -85,8 +115,9 @@ def _stage_memory(model: ModelConfig, seq_len: int, p: ParallelConfig, stage: in
         activations = activation_bytes(model, seq_len, p, stage, width)
     if p.cp > 1:
         activations = activations // p.cp + context_parallel_kv_bytes(model, seq_len, p, width)
-    return MemoryBreakdown(weights=4 * params // dp, gradients=gradients, optimizer=8 * trained // dp,
-                           activations=activations, overhead=gathered, stage=stage)
+    return MemoryBreakdown(weights=4 * shard(params, experts), gradients=gradients,
+                           optimizer=8 * shard(trained, trained_experts), activations=activations,
+                           overhead=gathered + ep_buffer_bytes(model, p, seq_len, width), stage=stage)
 
 
 def context_parallel_kv_bytes(model: ModelConfig, seq_len: int, p: ParallelConfig, width: int) -> int:
@@ -96,10 +127,10 @@ def context_parallel_kv_bytes(model: ModelConfig, seq_len: int, p: ParallelConfi
     return int(4 * p.micro_batch_size * seq_len * kv / p.tp * width)
 
 
-def _resident_when_resharding(model: ModelConfig, p: ParallelConfig, params: int) -> int:
-    """Parameters gathered at once under ZeRO-3: the blocks in flight and the stage's roots."""
-    count = count_params(model)
-    layer = (count.attention + count.ffn) // p.tp + count.norms
-    blocks = model.n_layers // p.pp
-    roots = params - blocks * layer
-    return min(blocks, IN_FLIGHT_BLOCKS) * layer + roots
+def _resident_when_resharding(model: ModelConfig, p: ParallelConfig, stage: int, params: int) -> int:
+    """Parameters gathered at once under ZeRO-3: the blocks in flight (the stage's largest) and the stage's roots."""
+    size = model.n_layers // p.pp
+    blocks = sorted((held for held, _ in layer_params(model, p.tp, p.ep)[stage * size:(stage + 1) * size]),
+                    reverse=True)
+    roots = params - sum(blocks)
+    return sum(blocks[:IN_FLIGHT_BLOCKS]) + roots
