@@ -128,17 +128,6 @@ def guarded(path: str, call: Callable[[], T]) -> T:
         raise storage_error(path, e) from None
 
 
-@contextmanager
-def errors_named(path: str) -> Iterator[None]:
-    """`guarded` for a block: a with-statement over several calls on one path."""
-    try:
-        yield
-    except StorageError:
-        raise
-    except (OSError, pa.ArrowException) as e:
-        raise storage_error(path, e) from None
-
-
 # ---------------------------------------------------------------------------------------------- asking
 
 
@@ -161,10 +150,6 @@ def exists(path: str) -> bool:
 
 def is_file(path: str) -> bool:
     return file_type(path) == pafs.FileType.File
-
-
-def is_dir(path: str) -> bool:
-    return file_type(path) == pafs.FileType.Directory
 
 
 def size(path: str) -> int:
