@@ -6,7 +6,7 @@
   one-output regression head, or the last label's probability for a classifier of several labels; documents are
   truncated to the model's maximum length and scored `batch_size` at a time, in the order given.
 
-`PartScorer` is the callable class that Ray Data's actors run (`map_batches(PartScorer, concurrency=...)`): a row
+`PartScorer` is the callable class that Ray Data's actors run (`map_batches(PartScorer, compute=...)`): a row
 is one Parquet part of kept documents, and the actor writes the part's scores beside it. The scorer batches the
 documents of one part itself, in key order, so a document's batch, and so its score, does not depend on how Ray
 Data groups rows or how many actors run: padded batches of other sizes give other floating-point results on GPUs.
