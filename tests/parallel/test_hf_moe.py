@@ -185,7 +185,7 @@ def test_a_learned_routing_bias_is_refused_before_writing(saved, tmp_path: Path)
     biases = [n for n in state if n.endswith("mlp.expert_bias")]
     assert biases  # the buffer travels with the state (a checkpoint holds it)
     save_hf(str(tmp_path / "zero"), state, ours.dims, HFExport(family="qwen3"))  # never moved: exports
-    state[biases[0]] = state[biases[0]] + 0.5
+    state[biases[0]][0] += 0.5  # expert 0 of the first MoE layer chosen more often
     with pytest.raises(UserError, match=rf"tensor {biases[0]}: the model routes with a learned expert bias "
                                        r"\(model.moe.balance=aux_free or both\), which Qwen3MoeForCausalLM has no "
                                        "place for"):
