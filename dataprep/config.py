@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from dataprep.filesystem import StorageError, is_remote, list_files
 from orchestrator.config_parser import SEED_MAX, load_yaml, parse_config, setting, show
 from orchestrator.errors import Problem, SpecError
 
@@ -273,7 +272,7 @@ class PrepConfig:
         name made of the output's URI, so a rerun here finds what the killed run finished."""
         if self.work_dir:
             return self.work_dir
-        if not is_remote(self.output):
+        if "://" not in self.output:
             return self.output.rstrip("/") + ".work"
         cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
         return os.path.join(cache, "pretrain", "prep-work", re.sub(r"[^\w.-]+", "_", self.output.rstrip("/")))
@@ -373,11 +372,11 @@ def _cross_field_problems(c: PrepConfig) -> list[Problem]:
     for name, s in c.sources.items():
         if not s.path:
             out.append(Problem(f"sources.{name}.path", "not set"))
-        elif is_remote(s.path):
+        elif "://" in s.path:
             out.extend(_remote_source_problems(name, s.path))
         elif not glob.glob(s.path):
             out.append(Problem(f"sources.{name}.path", f"{s.path!r} matches no file or directory"))
-    if is_remote(c.work_dir):
+    if "://" in c.work_dir:
         out.append(Problem("work_dir", f"{c.work_dir!r}: must be a local directory (stages memory-map their "
                            "outputs); the shards, manifest and report go to `output`, which may be in a store"))
     shares = sum(s.share for s in c.sources.values())
@@ -401,6 +400,8 @@ def _cross_field_problems(c: PrepConfig) -> list[Problem]:
 def _remote_source_problems(name: str, path: str) -> list[Problem]:
     """A source in an object store is listed now, so a refused credential or a missing bucket stops the run
     before any stage starts."""
+    from dataprep.filesystem import StorageError, list_files
+
     try:
         found = list_files(path)
     except StorageError as e:
