@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 import torch
 import yaml
-from test_plan_memory import saved_activation_bytes
+from test_plan_memory import block_activations
 
 from orchestrator.cli import main
 from orchestrator.planner.counting import (
@@ -20,13 +20,7 @@ from orchestrator.planner.counting import (
     stage_params,
 )
 from orchestrator.planner.layout import choose_layout
-from orchestrator.planner.memory import (
-    GiB,
-    activation_bytes_per_token,
-    attention_bytes_per_token,
-    ep_buffer_bytes,
-    estimate_memory,
-)
+from orchestrator.planner.memory import GiB, ep_buffer_bytes, estimate_memory
 from orchestrator.validate import parse_spec
 from parallel.model import ModelDims, build_model
 
@@ -74,15 +68,7 @@ def test_ep_holds_a_share_of_each_moe_layers_experts():
                                                                                         "first_dense_layers": 0,
                                                                                         "capacity_factor": 1.0})])
 def test_moe_block_activations_match_what_autograd_saves(dtype, moe):
-    measured = []
-    for layers in (1, 3):
-        spec = moe_spec(moe, layers=layers)
-        model = build_model(spec.model, "cpu").to(dtype)
-        tokens = torch.randint(0, 512, (2, 97), generator=torch.Generator().manual_seed(0))
-        measured.append(saved_activation_bytes(model, tokens))
-    per_block = (measured[1] - measured[0]) / 2 / (2 * 96)
-    width = 2 if dtype == torch.bfloat16 else 4
-    estimate = activation_bytes_per_token(spec.model, width) + attention_bytes_per_token(spec.model, 96, width)
+    per_block, estimate = block_activations(lambda layers: moe_spec(moe, layers=layers), dtype)
     assert estimate == pytest.approx(per_block, rel=0.10)
 
 

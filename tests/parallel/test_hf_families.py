@@ -216,9 +216,14 @@ def edit_config(directory: Path, **changes) -> None:
         "qwen-sliding", "gemma-layer-pattern", "gemma-layer-count", "quantized"])
 def test_what_the_model_cannot_represent_is_named(name: str, changes: dict, message: str, saved,
                                                   tmp_path: Path) -> None:
-    directory = Path(shutil.copytree(saved(name)[1], tmp_path / "model"))
+    assert_refused(saved(name)[1], tmp_path, changes, r"config.json: (cannot load as a \w+ model: .*)?" + message)
+
+
+def assert_refused(source: Path, tmp_path: Path, changes: dict, pattern: str) -> None:
+    """A copy of the model directory `source` with `changes` made to its config.json is refused as `pattern` says."""
+    directory = Path(shutil.copytree(source, tmp_path / "model"))
     edit_config(directory, **changes)
-    with pytest.raises(UserError, match=r"config.json: (cannot load as a \w+ model: .*)?" + message):
+    with pytest.raises(UserError, match=pattern):
         open_hf_weights(str(directory))
 
 

@@ -22,7 +22,7 @@ from parallel.hf import HFExport, load_hf_model, model_settings, open_hf_weights
 from parallel.hf_families import family_name
 from parallel.model import ModelDims
 from tests.helpers import free_port
-from tests.parallel.test_hf_families import _COMMON, ATOL, PROMPT, TINY, edit_config, random_hf, tokens
+from tests.parallel.test_hf_families import _COMMON, ATOL, PROMPT, TINY, assert_refused, random_hf, tokens
 from tests.shards import write_shards
 
 # name → (config class, its settings, the spec's model.family, the model.moe values import must write)
@@ -157,10 +157,7 @@ def test_an_imported_moe_trains_exports_and_generates(saved, tmp_path: Path, mon
 ], ids=["qwen2-moe", "dense-layer-pattern", "wrong-type", "jitter", "top-k"])
 def test_what_the_model_cannot_represent_is_named(name: str, changes: dict, message: str, saved,
                                                   tmp_path: Path) -> None:
-    directory = Path(shutil.copytree(saved(name)[1], tmp_path / "model"))
-    edit_config(directory, **changes)
-    with pytest.raises(UserError, match=r"config.json: .*" + message):
-        open_hf_weights(str(directory))
+    assert_refused(saved(name)[1], tmp_path, changes, r"config.json: .*" + message)
 
 
 def test_expert_tensors_out_of_place_or_missing_are_named(saved, tmp_path: Path) -> None:
