@@ -52,8 +52,8 @@ class DedupConfig:
     bands: int = setting(16, "LSH bands; bands × rows hash functions", min=1, max=256)
     rows: int = setting(7, "hash functions per band; (1/bands)^(1/rows) ≈ the Jaccard threshold", min=1, max=64)
     seed: int = setting(1, "seed of the MinHash hash functions", min=0, max=SEED_MAX)
-    shuffle_partitions: int = setting(0, "hash-shuffle partitions of buckets and edges; 0: one per CPU", min=0,
-                                     max=65536)
+    shuffle_partitions: int = setting(0, "hash-shuffle partitions of buckets and edges; 0: about 16 MB of rows "
+                                      "each, at least one per CPU", min=0, max=65536)
     local_components_max_edges: int = setting(
         2_000_000, "below this many candidate edges, components are found in one process; above, by "
         "distributed star contraction over Ray Data", min=0, max=10**12)
