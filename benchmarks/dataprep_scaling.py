@@ -191,7 +191,9 @@ def sample_tree(proc, interval: float) -> dict[int, dict]:
                 entry = peaks.get(p.pid)
                 if entry is None:
                     entry = peaks[p.pid] = {"role": role_of(p.cmdline(), p.name(), p.pid == root.pid),
-                                            "rss": 0, "private": 0}
+                                            "rss": 0, "private": 0, "names": set()}
+                if mem.rss > entry["rss"] and entry["role"] == "worker":
+                    entry["names"].add(" ".join(p.cmdline())[:80])  # a Ray worker titles itself after its task
                 entry["rss"] = max(entry["rss"], mem.rss)
                 entry["private"] = max(entry["private"], mem.rss - mem.shared)
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
@@ -226,7 +228,8 @@ def measure(shape: str, fraction: float, inputs: str, work: str, sample_bytes: i
     return {"shape": shape, "fraction": fraction, **figures, "mb_per_s": figures["text_mb"] / figures["wall_s"],
             "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2), "per_role": by_role,
             "processes": sorted(({"role": p["role"], "peak_rss_mib": round(p["rss"] / 2**20),
-                                  "peak_private_mib": round(p["private"] / 2**20)} for p in peaks.values()),
+                                  "peak_private_mib": round(p["private"] / 2**20),
+                                  "names": sorted(p["names"] - {"ray::IDLE"})[:8]} for p in peaks.values()),
                                 key=lambda p: (p["role"], -p["peak_rss_mib"]))}
 
 

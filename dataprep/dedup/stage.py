@@ -5,8 +5,9 @@ record order. A document that is both an exact and a near duplicate counts as ex
 
 Memory per process stays flat however large the corpus: every shuffle (bucket rows, candidate edges, removals) gets
 as many partitions as its rows need for about `PARTITION_BYTES` each (at least one per CPU), so one reduce task
-holds one partition, and Ray Data's disk-based hash shuffle writes the map outputs as Arrow files on each node's
-disk rather than holding them in the object store (`disk_shuffle`).
+holds one partition and one map task about as much input; shuffle data waits in the object store (shared memory,
+spilled to disk by Ray when full), or, when the bucket rows would take more than `DISK_SHUFFLE_SHARE` of it, in
+Ray Data's disk-based hash shuffle, whose map outputs are Arrow files on each node's disk.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ from orchestrator.errors import DataError
 EXACT, NEAR = 1, 2  # removal codes, in precedence order
 PARTITION_BYTES = 16_000_000  # rows of one shuffle partition: what one reduce task holds (and sorts)
 BUCKET_ROW_BYTES, EDGE_ROW_BYTES, REMOVAL_ROW_BYTES = 25, 16, 17  # Arrow bytes of a row of each shuffle
+# Bucket rows above this share of the cluster's object store shuffle through local disk; below, through the object
+# store, which is faster for small shuffles (the disk shuffle starts a file server per node).
+DISK_SHUFFLE_SHARE = 0.25
 
 
 class DedupStage(Stage):
@@ -72,18 +76,19 @@ def partitions_for(rows: int, row_bytes: int, minimum: int) -> int:
 
 
 @contextmanager
-def disk_shuffle() -> Iterator[None]:
-    """Ray Data's disk-based hash shuffle for the datasets created inside: map outputs go to Arrow files on the
-    node's local disk, so a shuffle larger than the object store neither fills it nor spills it block by block."""
+def shuffle_settings(on_disk: bool) -> Iterator[None]:
+    """Ray Data settings for the shuffles of datasets created inside: a map task takes about `PARTITION_BYTES` of
+    input at a time (Ray's default coalesces up to 1 GiB into one task), and `on_disk` selects the disk-based hash
+    shuffle, whose map outputs are Arrow files on each node's local disk instead of objects in the object store."""
     import ray
 
     context = ray.data.DataContext.get_current()
-    before = context.use_disk_based_hash_shuffle
-    context.use_disk_based_hash_shuffle = True
+    before = context.use_disk_based_hash_shuffle, context.shuffle_input_batch_bytes
+    context.use_disk_based_hash_shuffle, context.shuffle_input_batch_bytes = on_disk, PARTITION_BYTES
     try:
         yield
     finally:
-        context.use_disk_based_hash_shuffle = before
+        context.use_disk_based_hash_shuffle, context.shuffle_input_batch_bytes = before
 
 
 def run_dedup(parts: list[str], out_dir: str, config: DedupConfig, partitions: int, documents: int) -> dict:
@@ -94,21 +99,23 @@ def run_dedup(parts: list[str], out_dir: str, config: DedupConfig, partitions: i
     stats: dict = {"exact_removed": 0, "near_removed": 0, "clusters": {}, "rounds": 0, "candidate_edges": 0}
     if not (config.exact or config.near):
         return stats
-    with disk_shuffle():
-        _find_and_write(parts, out_dir, config, partitions, documents, stats)
+    import ray
+
+    bucket_rows = documents * (int(config.exact) + (config.bands if config.near else 0))
+    store = ray.cluster_resources().get("object_store_memory", 0)
+    with shuffle_settings(on_disk=bucket_rows * BUCKET_ROW_BYTES > DISK_SHUFFLE_SHARE * store):
+        _find_and_write(parts, out_dir, config, partitions, documents, bucket_rows, stats)
     return stats
 
 
 def _find_and_write(parts: list[str], out_dir: str, config: DedupConfig, partitions: int, documents: int,
-                    stats: dict) -> None:
+                    bucket_rows: int, stats: dict) -> None:
     from ray.data.expressions import col
 
     def sized(rows: int, row_bytes: int) -> int:
         return config.shuffle_partitions or partitions_for(rows, row_bytes, partitions)
 
-    rows_per_document = int(config.exact) + (config.bands if config.near else 0)
-    found = find_duplicates(parts, sized(documents * rows_per_document, BUCKET_ROW_BYTES), config.exact,
-                            config.near).materialize()
+    found = find_duplicates(parts, sized(bucket_rows, BUCKET_ROW_BYTES), config.exact, config.near).materialize()
     removals = found.filter(expr=col("kind") == EXACT_ROW).map_batches(
         lambda t: _codes(t.column("a"), EXACT), batch_format="pyarrow")
     if config.near:
