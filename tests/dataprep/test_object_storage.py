@@ -108,13 +108,13 @@ def prep_config(store, tmp_path_factory, sample_corpora):
 
 @pytest.fixture(scope="session")
 def prepped(store, prep_config):
-    """A prep into the store, killed once its first stages are done, then run again to the end."""
+    """A prep into the store, killed once its first task has finished, then run again to the end."""
     work = Path(yaml.safe_load(prep_config.read_text())["work_dir"])
     log = prep_config.parent / "killed.log"
     proc = _prep(prep_config, env=store, log=log)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if work.exists() and any(p.name.startswith("select-") for p in work.iterdir()):
+        if work.exists() and any(work.glob("ingest-*/*.done.json")):
             break
         time.sleep(0.1)
     assert proc.poll() is None, "the run ended before it could be interrupted: " + log.read_text()[-3000:]
