@@ -228,7 +228,7 @@ def test_hugging_face_classifier_scores_through_ray_data_as_called_directly(samp
     for i, texts in enumerate((wiki, fortunes)):
         parts.append(str(tmp_path / f"part-{i}.parquet"))
         pq.write_table(pa.table({"key": np.arange(len(texts)) + 1000 * i, "text": texts}), parts[-1])
-    q = QualityConfig(model=model_dir, type="hf", batch_size=5, actors=2)
+    q = QualityConfig(model=model_dir, type="hf", batch_size=5, actors=1)  # each actor imports torch and transformers
     score_parts(parts, str(tmp_path / "scores"), q, PrepRun(PrepConfig(), PrepStats(), False, [], 2))
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
