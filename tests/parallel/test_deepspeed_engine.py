@@ -1,8 +1,9 @@
 """Every dp × pp × tp layout (and ZeRO stage) trains the same as one process: per-step losses and final parameters.
 
 The reference is a plain single-process PyTorch loop over the same model, data, AdamW and schedule (no DeepSpeed),
-so the layouts are checked against the definition of the training step, not against each other. Each layout runs
-once under torchrun (real DeepSpeed engines over gloo); rank 0 writes losses and the gathered parameters.
+so the layouts are checked against the definition of the training step, not against each other. The layouts of one
+process count share one torchrun launch (`layout_worker.py --cases`: real DeepSpeed engines over gloo, built one after
+another on the same process group); rank 0 writes each layout's losses and gathered parameters.
 
 Tolerance: 1e-5 relative on losses and 1e-5 absolute on parameters (values of order 0.02–1), every layout alike.
 The runs are fp32; only the order of floating-point sums differs (tensor-parallel partial matmuls, data-parallel
@@ -12,12 +13,13 @@ Adam's eps is 1e-6 here: with 1e-8 an element whose gradient is ~1e-8 turns roun
 
 from __future__ import annotations
 
-from pathlib import Path
+import json
+from collections.abc import Callable
 
 import pytest
 import torch
 
-from tests.helpers import assert_layout_matches, reference_run, run_layout
+from tests.helpers import cached_reference, hold_to_reference, run_layout
 
 # name → (processes, spec overrides); features ride along where they are numerically neutral.
 LAYOUTS = {
@@ -34,26 +36,50 @@ LAYOUTS = {
                     "model.tie_embeddings=true"]),
     "dp2-pp2-tp2": (8, ["parallel.pp=2", "parallel.tp=2", "parallel.zero_stage=1", "model.tie_embeddings=true"]),
 }
+BF16 = (2, ["parallel.zero_stage=1", "parallel.precision=bf16"])
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("deepspeed-layouts")]
+
+
+def launched_layouts(cases: dict[str, tuple[int, list[str]]], tmp_path_factory) -> Callable[[str], dict]:
+    """name → its run's result: every case of one process count runs in one torchrun launch, on first use."""
+    launched: dict[int, dict[str, dict]] = {}
+
+    def of(name: str) -> dict:
+        procs = cases[name][0]
+        if procs not in launched:
+            tmp = tmp_path_factory.mktemp(f"layouts-{procs}")
+            mine = {case: overrides for case, (n, overrides) in cases.items() if n == procs}
+            (tmp / "cases.json").write_text(json.dumps(mine))
+            launched[procs] = run_layout(procs, ["--cases", str(tmp / "cases.json")], tmp / "result.pt", tmp)
+        got = launched[procs][name]
+        assert "error" not in got, f"{name}:\n{got.get('error')}"
+        return got
+
+    return of
+
+
+def assert_matches_single_process(name: str, got: dict, overrides: list[str]) -> None:
+    """A layout's losses, parameters, schedule and eval loss held to the single-process reference."""
+    hold_to_reference(name, got["losses"], got["params"], overrides)
+    assert len(got["lrs"]) == 10 and got["lrs"][0] < got["lrs"][2]
+    assert all(n > 0 for n in got["grad_norms"])
+    assert got["eval_loss"] < got["losses"][0] - 0.1, "eval of the first batch sees the trained weights"
 
 
 @pytest.fixture(scope="module")
-def references() -> dict[tuple[str, ...], dict]:
-    return {}
+def results(tmp_path_factory) -> Callable[[str], dict]:
+    return launched_layouts({**LAYOUTS, "bf16-zero1": BF16}, tmp_path_factory)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layout_matches_single_process(layout: str, references: dict, tmp_path: Path) -> None:
-    procs, overrides = LAYOUTS[layout]
-    assert_layout_matches(procs, overrides, references, tmp_path)
+def test_layout_matches_single_process(layout: str, results) -> None:
+    assert_matches_single_process(layout, results(layout), LAYOUTS[layout][1])
 
 
-@pytest.mark.slow
-def test_bf16_with_zero1_tracks_the_fp32_run(references: dict, tmp_path: Path) -> None:
+def test_bf16_with_zero1_tracks_the_fp32_run(results) -> None:
     """bf16 weights and activations with fp32 master weights and fp32 gradient accumulation (DeepSpeed's
     BF16_Optimizer): losses stay within 1e-2 relative of fp32 over 10 steps (bf16 keeps 8 bits of mantissa)."""
-    if () not in references:
-        references[()] = reference_run([])
-    got = run_layout(2, ["parallel.zero_stage=1", "parallel.precision=bf16"], tmp_path / "result.pt", tmp_path)
-    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(references[()]["losses"]), rtol=1e-2, atol=0)
-    assert got["losses"] != references[()]["losses"], "bf16 should not be bit-identical to fp32"
+    got, fp32 = results("bf16-zero1"), cached_reference(())
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(fp32["losses"]), rtol=1e-2, atol=0)
+    assert got["losses"] != fp32["losses"], "bf16 should not be bit-identical to fp32"
