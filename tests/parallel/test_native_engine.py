@@ -1,16 +1,16 @@
 """The native backend (FSDP2, DTensor TP, torch.distributed.pipelining) trains every layout the same as one process.
 
 The same harness as the DeepSpeed backend's equivalence tests: `layout_worker.py` under torchrun with
-parallel.backend=native, against the single-process reference loop, same tolerances (fp32, gloo, 10 steps).
+parallel.backend=native, one launch for the layouts of one process count, against the single-process reference loop,
+same tolerances (fp32, gloo, 10 steps).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
-
-from tests.helpers import assert_layout_matches
+from test_deepspeed_engine import assert_matches_single_process, launched_layouts
 
 NATIVE = ["parallel.backend=native"]
 # layout_worker sets grad_accum=2 after validation; the validator must see it to accept two stages.
@@ -34,13 +34,15 @@ LAYOUTS = {
 }
 
 
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("native-layouts")]
+
+
 @pytest.fixture(scope="module")
-def references() -> dict[tuple[str, ...], dict]:
-    return {}
+def results(tmp_path_factory) -> Callable[[str], dict]:
+    return launched_layouts({name: (procs, [*NATIVE, *overrides]) for name, (procs, overrides) in LAYOUTS.items()},
+                            tmp_path_factory)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_native_layout_matches_single_process(layout: str, references: dict, tmp_path: Path) -> None:
-    procs, overrides = LAYOUTS[layout]
-    assert_layout_matches(procs, [*NATIVE, *overrides], references, tmp_path)
+def test_native_layout_matches_single_process(layout: str, results) -> None:
+    assert_matches_single_process(layout, results(layout), [*NATIVE, *LAYOUTS[layout][1]])
