@@ -12,10 +12,11 @@ Refusals are checked where the spec is validated.
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 import torch
+from test_deepspeed_engine import launched_layouts
 
 from orchestrator.errors import SpecError
 from orchestrator.validate import parse_spec
@@ -24,7 +25,7 @@ from parallel.float8 import float8_flops_per_token
 from parallel.model import ModelDims, build_model
 from parallel.parallel_dims import ParallelDims
 from parallel.parallelize import parallelize_model
-from tests.helpers import reference_run, run_layout
+from tests.helpers import cached_reference
 from tests.parallel.layout_worker import TINY
 
 NATIVE = ["parallel.backend=native"]
@@ -38,11 +39,18 @@ LAYOUTS = {
 pytestmark = pytest.mark.xdist_group("float8")
 
 
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> Callable[[str], dict]:
+    """Both recipes' runs of one process count share one torchrun launch."""
+    cases = {f"{recipe}-{i}": (procs, [*NATIVE, f"parallel.float8={recipe}", *extra])
+             for recipe, layouts in LAYOUTS.items() for i, (procs, extra, _) in enumerate(layouts)}
+    return launched_layouts(cases, tmp_path_factory)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", list(LAYOUTS))
-def test_float8_layouts_match_one_process_and_stay_near_full_precision(recipe: str, tmp_path: Path) -> None:
-    runs = [run_layout(procs, [*NATIVE, f"parallel.float8={recipe}", *extra], tmp_path / f"{i}.pt", tmp_path)
-            for i, (procs, extra, _) in enumerate(LAYOUTS[recipe])]
+def test_float8_layouts_match_one_process_and_stay_near_full_precision(recipe: str, results) -> None:
+    runs = [results(f"{recipe}-{i}") for i in range(len(LAYOUTS[recipe]))]
     one, others = runs[0], runs[1:]
     for (procs, extra, rtol), got in zip(LAYOUTS[recipe][1:], others, strict=True):
         where = f"{procs} processes {extra}"
@@ -51,7 +59,7 @@ def test_float8_layouts_match_one_process_and_stay_near_full_precision(recipe: s
         assert got["params"].keys() == one["params"].keys()
         assert got["eval_loss"] == pytest.approx(one["eval_loss"], rel=rtol), where
 
-    full = reference_run([])["losses"]
+    full = cached_reference(())["losses"]
     fp8 = one["losses"]
     assert fp8[-1] < fp8[0] - 0.1, "the float8 run learns"
     gaps = [abs(a - b) / b for a, b in zip(fp8, full, strict=True)]
