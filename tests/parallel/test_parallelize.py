@@ -93,6 +93,7 @@ def test_the_model_imports_no_parallel_technique():
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     assert "torch" in imported
-    # Model code, not techniques: the rotary embedding and its scalings, μP's scales, per-document masks
-    model_code = {"parallel.rope", "parallel.mup", "parallel.documents"}
+    # Model code, not techniques: the rotary embedding and its scalings, μP's scales, per-document masks, the
+    # mixture-of-experts block (expert parallelism lives in parallel.expert_parallel)
+    model_code = {"parallel.rope", "parallel.mup", "parallel.documents", "parallel.moe"}
     assert not {name for name in imported if name and name.startswith("parallel")} - model_code
