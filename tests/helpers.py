@@ -5,11 +5,13 @@ transformers' loss on the loader's batches."""
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -131,23 +133,30 @@ def assert_compiled_as_eager(counter, got: tuple[torch.Tensor, dict], want: tupl
         torch.testing.assert_close(got[1][name], grad, rtol=0, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def assert_layout_matches(procs: int, overrides: list[str], references: dict, tmp_path: Path) -> None:
-    """Run the layout and hold its losses, parameters, schedule and eval loss to the single-process reference."""
-    model_overrides = tuple(o for o in overrides if o.startswith("model."))
-    if model_overrides not in references:
-        references[model_overrides] = reference_run(list(model_overrides))
-    expected = references[model_overrides]
-    got = run_layout(procs, overrides, tmp_path / "result.pt", tmp_path)
+def launched_layouts(cases: dict[str, tuple[int, list[str]]], tmp_path_factory) -> Callable[[str], dict]:
+    """name → its run's result: every case of one process count runs in one torchrun launch, on first use."""
+    launched: dict[int, dict[str, dict]] = {}
 
-    assert expected["losses"][-1] < expected["losses"][0] - 0.1, "the reference run should learn something"
-    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(expected["losses"]), rtol=RTOL, atol=0)
-    assert got["params"].keys() == expected["params"].keys()
-    for name, value in expected["params"].items():
-        torch.testing.assert_close(got["params"][name], value, rtol=0, atol=PARAM_ATOL,
-                                   msg=lambda m, n=name: f"{n}: {m}")
+    def of(name: str) -> dict:
+        procs = cases[name][0]
+        if procs not in launched:
+            tmp = tmp_path_factory.mktemp(f"layouts-{procs}")
+            mine = {case: overrides for case, (n, overrides) in cases.items() if n == procs}
+            (tmp / "cases.json").write_text(json.dumps(mine))
+            launched[procs] = run_layout(procs, ["--cases", str(tmp / "cases.json")], tmp / "result.pt", tmp)
+        got = launched[procs][name]
+        assert "error" not in got, f"{name}:\n{got.get('error')}"
+        return got
+
+    return of
+
+
+def assert_matches_single_process(name: str, got: dict, overrides: list[str]) -> None:
+    """A layout's losses, parameters, schedule and eval loss held to the single-process reference."""
+    hold_to_reference(name, got["losses"], got["params"], overrides)
     assert len(got["lrs"]) == 10 and got["lrs"][0] < got["lrs"][2]
     assert all(n > 0 for n in got["grad_norms"])
-    assert got["eval_loss"] < expected["losses"][0] - 0.1, "eval of the first batch sees the trained weights"
+    assert got["eval_loss"] < got["losses"][0] - 0.1, "eval of the first batch sees the trained weights"
 
 
 def hf_loss(model: torch.nn.Module, micro_batches) -> float:

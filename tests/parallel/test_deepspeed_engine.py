@@ -13,13 +13,12 @@ Adam's eps is 1e-6 here: with 1e-8 an element whose gradient is ~1e-8 turns roun
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
 import pytest
 import torch
 
-from tests.helpers import cached_reference, hold_to_reference, run_layout
+from tests.helpers import assert_matches_single_process, cached_reference, launched_layouts
 
 # name → (processes, spec overrides); features ride along where they are numerically neutral.
 LAYOUTS = {
@@ -39,32 +38,6 @@ LAYOUTS = {
 BF16 = (2, ["parallel.zero_stage=1", "parallel.precision=bf16"])
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("deepspeed-layouts")]
-
-
-def launched_layouts(cases: dict[str, tuple[int, list[str]]], tmp_path_factory) -> Callable[[str], dict]:
-    """name → its run's result: every case of one process count runs in one torchrun launch, on first use."""
-    launched: dict[int, dict[str, dict]] = {}
-
-    def of(name: str) -> dict:
-        procs = cases[name][0]
-        if procs not in launched:
-            tmp = tmp_path_factory.mktemp(f"layouts-{procs}")
-            mine = {case: overrides for case, (n, overrides) in cases.items() if n == procs}
-            (tmp / "cases.json").write_text(json.dumps(mine))
-            launched[procs] = run_layout(procs, ["--cases", str(tmp / "cases.json")], tmp / "result.pt", tmp)
-        got = launched[procs][name]
-        assert "error" not in got, f"{name}:\n{got.get('error')}"
-        return got
-
-    return of
-
-
-def assert_matches_single_process(name: str, got: dict, overrides: list[str]) -> None:
-    """A layout's losses, parameters, schedule and eval loss held to the single-process reference."""
-    hold_to_reference(name, got["losses"], got["params"], overrides)
-    assert len(got["lrs"]) == 10 and got["lrs"][0] < got["lrs"][2]
-    assert all(n > 0 for n in got["grad_norms"])
-    assert got["eval_loss"] < got["losses"][0] - 0.1, "eval of the first batch sees the trained weights"
 
 
 @pytest.fixture(scope="module")

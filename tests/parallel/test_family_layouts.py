@@ -26,8 +26,6 @@ torch 2.13 for every model.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -37,7 +35,7 @@ from orchestrator.validate import parse_spec
 from parallel.activation_checkpoint import apply_activation_checkpointing
 from parallel.compile import apply_compile
 from parallel.model import build_model, cross_entropy
-from tests.helpers import PARAM_ATOL, RTOL, assert_compiled_as_eager, reference_run, run_layout
+from tests.helpers import PARAM_ATOL, RTOL, assert_compiled_as_eager, launched_layouts, reference_run
 from tests.parallel.layout_worker import TINY
 
 MODELS = {
@@ -93,18 +91,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("family-layouts")]
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    """ranks → {case: result}: one torchrun launch for all the cases of that many ranks, on first use."""
-    launched: dict[int, dict[str, dict]] = {}
-
-    def of(ranks: int) -> dict[str, dict]:
-        if ranks not in launched:
-            tmp = tmp_path_factory.mktemp(f"family-layouts-{ranks}")
-            mine = {name: overrides for name, (n, overrides) in CASES.items() if n == ranks}
-            (tmp / "cases.json").write_text(json.dumps(mine))
-            launched[ranks] = run_layout(ranks, ["--cases", str(tmp / "cases.json")], tmp / "results.pt", tmp)
-        return launched[ranks]
-
-    return of
+    """case → its result: one torchrun launch for all the cases of that many ranks, on first use."""
+    return launched_layouts(CASES, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +102,8 @@ def references() -> dict[tuple[str, ...], dict]:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_family_trains_under_the_layout_as_in_one_process(case: str, results, references: dict) -> None:
-    ranks, overrides = CASES[case]
-    got = results(ranks)[case]
-    assert "error" not in got, got.get("error")
+    overrides = CASES[case][1]
+    got = results(case)
     # The reference runs no engine, but a LoRA spec validates only with the native one.
     single = tuple(o for o in overrides if not o.startswith("parallel.") or (o == NATIVE and "lora" in case))
     if single not in references:

@@ -16,7 +16,6 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from test_deepspeed_engine import launched_layouts
 
 from orchestrator.errors import SpecError
 from orchestrator.validate import parse_spec
@@ -25,7 +24,7 @@ from parallel.float8 import float8_flops_per_token
 from parallel.model import ModelDims, build_model
 from parallel.parallel_dims import ParallelDims
 from parallel.parallelize import parallelize_model
-from tests.helpers import cached_reference
+from tests.helpers import cached_reference, launched_layouts
 from tests.parallel.layout_worker import TINY
 
 NATIVE = ["parallel.backend=native"]

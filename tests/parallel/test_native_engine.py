@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from test_deepspeed_engine import assert_matches_single_process, launched_layouts
+
+from tests.helpers import assert_matches_single_process, launched_layouts
 
 NATIVE = ["parallel.backend=native"]
 # layout_worker sets grad_accum=2 after validation; the validator must see it to accept two stages.
