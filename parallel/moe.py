@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from orchestrator.spec import MoEConfig
 
@@ -96,8 +97,10 @@ def gated(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor
 
 
 def _local(weight: torch.Tensor) -> torch.Tensor:
-    """A DTensor parameter's local shard (expert parallelism's experts on this rank), a plain tensor as it is."""
-    return weight.to_local() if hasattr(weight, "to_local") else weight
+    """A DTensor parameter's local shard (expert parallelism's experts on this rank), a plain tensor as it is. An
+    isinstance test, which torch.compile traces; a hasattr test on a DTensor came out False inside the compiled
+    graph, and the DTensor then reached `_grouped_mm` (`tests/parallel/test_moe.py` holds the compiled path)."""
+    return weight.to_local() if isinstance(weight, DTensor) else weight
 
 
 class GroupedExperts(nn.Module):

@@ -12,7 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+from torch import nn
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
 
 from orchestrator.cli import main as pretrain
 from orchestrator.errors import SpecError
@@ -25,7 +29,7 @@ from parallel.generate import SamplingConfig, generate
 from parallel.launch import RankEnv
 from parallel.materialize import materialize_model
 from parallel.model import build_model, cross_entropy
-from parallel.moe import MoE, gated, moe_layers, routing_stats, update_expert_bias
+from parallel.moe import GroupedExperts, MoE, gated, moe_layers, routing_stats, update_expert_bias
 from tests.helpers import PARAM_ATOL, RTOL, reference_run, run_layout
 from tests.parallel.test_hf_layouts import byte_tokenizer
 from tests.shards import write_job, write_shards
@@ -265,3 +269,24 @@ def test_training_on_real_shards_resumes_exactly_and_generates(tmp_path, capsys)
                      "--max-new-tokens", "6"]) == 0
     assert re.search(r"^\[1\] In the beginning.*\npretrain generate: 1 prompt\(s\), [1-6] new tokens",
                      capsys.readouterr().out, re.S | re.M)
+
+
+def test_compiled_grouped_experts_multiply_the_local_shards_of_dtensor_weights(tmp_path):
+    """Expert parallelism makes the experts' weights DTensors; compiled, the grouped path must still multiply their
+    local shards (a plain tensor and a DTensor together are refused by every distributed operator)."""
+    experts = GroupedExperts(4, 16, 8)
+    for weight in experts.parameters():
+        nn.init.normal_(weight, generator=torch.Generator().manual_seed(weight.numel()))
+    experts.to(torch.bfloat16).grouped_mm = True  # the grouped kernel's dtype
+    x = torch.randn(12, 16, generator=torch.Generator().manual_seed(0), dtype=torch.bfloat16)
+    counts = torch.tensor([3, 0, 5, 4])
+    eager = experts(x, counts)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        for name, weight in list(experts.named_parameters()):
+            setattr(experts, name, nn.Parameter(distribute_tensor(weight.detach(), mesh, [Shard(0)])))
+        compiled = torch.compile(experts, backend="aot_eager", fullgraph=True)(x, counts)
+    finally:
+        dist.destroy_process_group()
+    assert torch.equal(compiled, eager)
