@@ -1,28 +1,21 @@
-"""Context parallelism's CUDA attention (`prefix_then_diagonal`: two cuDNN calls merged by log-sum-exp) against one
-bottom-right-causal SDPA call over the same keys: outputs and every gradient, eager and inside a compiled function.
-Runs where there is a GPU."""
+"""Context parallelism's CUDA attention (`cudnn_chunk_attention`: the first chunk one causal cuDNN call, a later one
+two cuDNN calls merged by log-sum-exp) against one bottom-right-causal SDPA call over the same keys: outputs and every
+gradient, eager and inside a compiled function. Runs where there is a GPU."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from parallel.context_parallel import prefix_then_diagonal
+from parallel.context_parallel import cudnn_chunk_attention
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN attention needs a CUDA device")
 
 
-def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """A later chunk's queries over every key up to their chunk's end, as ContextParallelAttention calls it."""
-    c, keys = q.shape[2], k.shape[2]
-    own = slice(keys - c, keys)
-    return prefix_then_diagonal(q, k[:, :, :keys - c], v[:, :, :keys - c], k[:, :, own], v[:, :, own], None)
-
-
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("kv_heads", [8, 2])
-@pytest.mark.parametrize("chunk", [1, 3])
-def test_prefix_then_diagonal_equals_bottom_right_causal_attention(chunk: int, kv_heads: int, compiled: bool) -> None:
+@pytest.mark.parametrize("chunk", [0, 1, 3])
+def test_cudnn_chunk_attention_equals_bottom_right_causal_attention(chunk: int, kv_heads: int, compiled: bool) -> None:
     torch.manual_seed(chunk)
     c, heads, head_dim = 256, 8, 64
     keys = (chunk + 1) * c
@@ -36,8 +29,8 @@ def test_prefix_then_diagonal_equals_bottom_right_causal_attention(chunk: int, k
     grad = torch.randn(2, heads, c, head_dim, device="cuda", dtype=torch.bfloat16)
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(c, keys), enable_gqa=True)
     expected_grads = torch.autograd.grad(expected, (q, k, v), grad)
-    attend = torch.compile(chunk_attention) if compiled else chunk_attention
-    out = attend(q, k, v)
+    attend = torch.compile(cudnn_chunk_attention) if compiled else cudnn_chunk_attention
+    out = attend(q, k, v, None)
     grads = torch.autograd.grad(out, (q, k, v), grad)
     # bf16 kernels that sum in different orders: a few bf16 steps apart at most.
     torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
