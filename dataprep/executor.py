@@ -9,11 +9,14 @@ stages (shuffles) write into a temporary directory renamed into place once compl
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import logging
 import os
 import shutil
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -27,6 +30,9 @@ from orchestrator.config_parser import WRITTEN_FILE_BOUNDS, load_json
 from orchestrator.errors import DataError, UserError
 
 DONE_SUFFIX = ".done.json"
+# glibc's: hands the free pages of its heaps back to the system (absent elsewhere)
+_MALLOC_TRIM = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "malloc_trim", None) \
+    if sys.platform.startswith("linux") else None
 
 
 def stable_hash(*parts: Any) -> str:
@@ -116,6 +122,7 @@ def run_tasks(directory: str, tasks: Sequence[tuple[str, dict]], fn: Callable[[d
         name = row["name"]
         stats = fn(json.loads(row["payload"]), directory)
         mark_done(directory, name, stats)
+        release_freed_memory()
         return {"name": name, "stats": json.dumps(stats)}
 
     items = [{"name": n, "payload": json.dumps(p)} for n, p in pending]
@@ -129,6 +136,15 @@ def run_tasks(directory: str, tasks: Sequence[tuple[str, dict]], fn: Callable[[d
     except Exception as e:
         raise user_error_in(e) or e from None
     return results
+
+
+def release_freed_memory() -> None:
+    """Hand what a finished task freed back to the system: Arrow's allocator and glibc's keep freed pages for reuse,
+    so a long-lived worker's RSS otherwise climbs with every task it has run (the largest file's task sets its peak,
+    not the number of files)."""
+    pa.default_memory_pool().release_unused()
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def user_error_in(error: BaseException) -> UserError | None:
