@@ -11,11 +11,9 @@ chunks r and 2·cp−1−r, so under causal masking every rank's queries see the
 tokens keep their true positions: RoPE rotates them at those positions (`ChunkedRotary`), and each chunk's queries
 see the keys up to their own chunk's end, bottom-right causal (`causal_lower_right` without a window, so a fused
 kernel runs; an explicit mask with a sliding window or soft-capped scores, where `Attention._attend` materialises the
-scores anyway). On CUDA every chunk runs on cuDNN's kernels instead (`cudnn_chunk_attention`): the first chunk as one
-causal call, a later chunk as two calls merged by their log-sum-exps (`PrefixThenDiagonal`). A bottom-right mask has
-only FlashAttention-2 kernels, which ran a cp2 rank's attention at seq 32k 1.8× slower on an H200 than cuDNN's Hopper
-kernels run the same work (23.8 vs 13.2 ms, forward and backward); and the first chunk on FlashAttention-2 left the
-rank holding it behind the others.
+scores anyway). On CUDA a later chunk's attention is two cuDNN calls instead, merged by their log-sum-exps
+(`cudnn_chunk_attention`): a bottom-right mask has only FlashAttention-2 kernels, which ran a cp2 rank's attention at
+seq 32k 1.8× slower on an H200 than cuDNN's Hopper kernels run the same work (23.8 vs 13.2 ms, forward and backward).
 
 The loss: every rank holds the same number of tokens of each sequence, so the mean of the ranks' mean losses is the
 mean over the whole sequence, and FSDP's gradient average over dp × cp (`ParallelDims.dp_shard`) is the gradient of
@@ -140,17 +138,17 @@ class PrefixThenDiagonal(torch.autograd.Function):
 
 @torch.compiler.disable
 def cudnn_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
-    """One chunk's queries over the keys `k`, `v` up to their chunk's end, on cuDNN: the first chunk (as many keys as
-    queries) as one causal call, a later one as `PrefixThenDiagonal`. Run eagerly between a compiled block's graphs:
-    compiled into them the merged calls gave wrong results on an H200 (a compiled 1B cp2 run at seq 32k fell to a
-    loss of 6.26 on random tokens in 12 steps, where one GPU without cp, and cp2 through the bottom-right mask, stayed
-    at 9.81 and 9.84), while the eager calls match the bottom-right SDPA call
-    (tests/parallel/test_context_parallel_cuda.py)."""
+    """A later chunk's queries over the keys `k`, `v` up to their chunk's end, as `PrefixThenDiagonal`'s two cuDNN
+    calls. Every tensor is handed over contiguous ([batch, heads, seq, head_dim]): the op called directly skips the
+    layout checks scaled_dot_product_attention makes before it picks cuDNN, and the model's queries (a view of the
+    projection) and gathered keys (a fresh tensor) differ in layout. Run eagerly between a compiled block's graphs:
+    compiled into them it gave wrong results on an H200 (a 1B cp2 run at seq 32k fell to a loss of 6.26 on random
+    tokens in 12 steps, where one GPU without cp stayed at 9.81). tests/parallel/test_context_parallel_cuda.py holds
+    it to the bottom-right SDPA call."""
     c, keys = q.shape[2], k.shape[2]
-    if keys == c:
-        return _cudnn_attention(q, k, v, True, scale)[0]
     own = slice(keys - c, keys)
-    return PrefixThenDiagonal.apply(q, k[:, :, :keys - c], v[:, :, :keys - c], k[:, :, own], v[:, :, own], scale)
+    parts = (q, k[:, :, :keys - c], v[:, :, :keys - c], k[:, :, own], v[:, :, own])
+    return PrefixThenDiagonal.apply(*(t.contiguous() for t in parts), scale)
 
 
 class ContextParallelAttention(Attention):
@@ -168,7 +166,7 @@ class ContextParallelAttention(Attention):
         out = []
         for chunk, queries in zip(chunk_ids(self.cp, self.cp_rank), (q[:, :, :c], q[:, :, c:]), strict=True):
             keys = (chunk + 1) * c  # a chunk's queries see every key up to their own chunk's end
-            if q.is_cuda and not (self.window or self.softcap):
+            if chunk and q.is_cuda and not (self.window or self.softcap):
                 out.append(cudnn_chunk_attention(queries, k[:, :, :keys], v[:, :, :keys], self.scale))
                 continue
             if self.window or self.softcap:
