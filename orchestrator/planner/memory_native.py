@@ -86,7 +86,8 @@ def compiled_bytes_per_token(model: ModelConfig, width: int, tp: int = 1, sequen
     sequence parallelism)."""
     q, _ = attention_widths(model)
     residual = (norm_elements(model, tp, sequence_parallel, qk=True) + model.dim / (tp if sequence_parallel else 1))
-    return residual * width + (q + saved_qkv(model)) * width / tp + mlp_saved_bytes(model, width, tp, 3.0)
+    mlp = mlp_saved_bytes(model, width, tp, 3.0, compiled=True)
+    return residual * width + (q + saved_qkv(model)) * width / tp + mlp
 
 
 def _stage_memory(model: ModelConfig, seq_len: int, p: ParallelConfig, stage: int, params: int,

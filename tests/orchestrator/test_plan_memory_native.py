@@ -31,6 +31,9 @@ MEASURED = {
     "gpu_backends_4gpu_h200_steps5_x4host.json": "llama-1b.yaml",  # dp4 ZeRO-1 and ZeRO-3
 }
 TOLERANCE = 0.10
+# the specs whose runs record their `parallel` section, told apart by parameter count
+SPECS = ("examples/llama-1b.yaml", "examples/llama-8b.yaml", "examples/moe-1b-7b.yaml",
+         "benchmarks/specs/moe-1b-7b-dense-twin.yaml")
 
 
 def native_runs() -> list[tuple[str, str, dict, int]]:
@@ -69,14 +72,14 @@ def recorded_runs() -> list[tuple[str, dict, dict]]:
 
 
 def recorded_spec(run: dict, seq_len: int) -> JobSpec:
-    """The spec of a run that records its `parallel` section: the example with the run's parameter count."""
-    for example in ("llama-1b.yaml", "llama-8b.yaml"):
-        model = load_yaml(REPO / "examples" / example, empty="")["model"]
-        spec = parse_spec({"model": model, "data": {"seq_len": seq_len}, "parallel": run["parallel"],
-                           "resources": {"num_nodes": 1, "gpus_per_node": run["gpus"], "device": "cuda"}})
-        if count_params(spec.model).total == run["params"]:
-            return spec
-    raise AssertionError(f"{run['run']}: no example has {run['params']} parameters")
+    """The spec of a run that records its `parallel` section: the benchmarked spec with the run's parameter count."""
+    for written in SPECS:
+        model = load_yaml(REPO / written, empty="")["model"]
+        if count_params(parse_spec({"model": model}).model).total == run["params"]:
+            return parse_spec({"model": model, "data": {"seq_len": seq_len},
+                               "parallel": run["parallel"],
+                               "resources": {"num_nodes": 1, "gpus_per_node": run["gpus"], "device": "cuda"}})
+    raise AssertionError(f"{run['run']}: no benchmarked spec has {run['params']} parameters")
 
 
 RUNS = native_runs()
@@ -106,6 +109,7 @@ def test_the_recorded_runs_cover_tp_pp_float8_and_every_checkpointing_mode():
     assert {p["tp"] for p in parallel} >= {1, 2} and {p["pp"] for p in parallel} >= {1, 2}
     assert {p.get("float8", "none") for p in parallel} >= {"none", "tensorwise", "rowwise"}
     assert {p["activation_checkpointing"] for p in parallel} >= {"none", "full", "selective", "every_n"}
+    assert {p.get("ep", 1) for p in parallel} >= {1, 2}, "a mixture of experts under expert parallelism"
 
 
 @pytest.mark.parametrize(("name", "run", "measured"), RECORDED,
