@@ -29,7 +29,9 @@ ZeRO stage, tp, pp, dp = GPUs / (tp·pp)). Command-line flags override single se
 `-ac<mode>` overrides them for one. `plain` is the reference loop and takes the model, batch and precision only.
 Random tokens already on the GPU (the loader is benchmarked on its own). Each run: `--warmup` steps (compilation),
 then `--repeats` windows of `--steps` timed steps, each between two CUDA synchronisations, the loss read once per
-window as a training loop reading it only when it logs would; tokens/s is the median window's. A configuration that
+window as a training loop reading it only when it logs would (every step's loss is kept on the device and recorded
+after the last window, `losses`: two runs of one model and data, e.g. a layout against one GPU, should follow the
+same curve); tokens/s is the median window's. A configuration that
 fails is recorded with its error and the others still run. A native pp run also records its bubble (`pipeline`):
 the schedule's pass alone, timed over m and 2m micro-batches, gives a micro-batch's busy time and thus the idle
 share of a pass, beside the schedule's theory.
@@ -264,8 +266,7 @@ def measure(name: str, args: argparse.Namespace, env: RankEnv, device: torch.dev
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    for i in range(args.warmup):
-        step(batches[i % len(batches)])
+    losses = [step(batches[i % len(batches)]).detach() for i in range(args.warmup)]
     if cuda:
         torch.cuda.synchronize()
     # Between steps: weights, optimizer states and what the engine keeps; the peak adds activations and gradients.
@@ -277,6 +278,7 @@ def measure(name: str, args: argparse.Namespace, env: RankEnv, device: torch.dev
         start = time.perf_counter()
         for i in range(args.steps):
             loss = step(batches[i % len(batches)])
+            losses.append(loss.detach())
         final_loss = float(loss)  # the one host sync of the window
         if cuda:
             torch.cuda.synchronize()
@@ -302,7 +304,8 @@ def measure(name: str, args: argparse.Namespace, env: RankEnv, device: torch.dev
             "peak_mem_gib": round(peak.item() / 2**30, 2), "resident_mem_gib": round(resident.item() / 2**30, 2),
             "step_s": round(seconds / args.steps, 4), "parallel": dataclasses.asdict(p),
             "window_tokens_per_s": [round(tokens_per_step * args.steps / w) for w in windows],
-            "final_loss": round(final_loss, 4), "params": dims.num_params(), **extra}
+            "final_loss": round(final_loss, 4), "losses": [round(float(x), 4) for x in losses],
+            "params": dims.num_params(), **extra}
 
 
 def summary(result: dict) -> str:
