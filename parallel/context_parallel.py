@@ -139,16 +139,13 @@ class PrefixThenDiagonal(torch.autograd.Function):
 @torch.compiler.disable
 def cudnn_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
     """A later chunk's queries over the keys `k`, `v` up to their chunk's end, as `PrefixThenDiagonal`'s two cuDNN
-    calls. Every tensor is handed over contiguous ([batch, heads, seq, head_dim]): the op called directly skips the
-    layout checks scaled_dot_product_attention makes before it picks cuDNN, and the model's queries (a view of the
-    projection) and gathered keys (a fresh tensor) differ in layout. Run eagerly between a compiled block's graphs:
-    compiled into them it gave wrong results on an H200 (a 1B cp2 run at seq 32k fell to a loss of 6.26 on random
-    tokens in 12 steps, where one GPU without cp stayed at 9.81). tests/parallel/test_context_parallel_cuda.py holds
-    it to the bottom-right SDPA call."""
+    calls. Run eagerly between a compiled block's graphs: compiled into them it gave wrong results on an H200 (a 1B
+    cp2 run at seq 32k fell to a loss of 6.26 on random tokens in 12 steps, where one GPU without cp stayed at 9.81).
+    tests/parallel/test_context_parallel_cuda.py holds it to the bottom-right SDPA call, in the projections' layout
+    and the gathered one (the model hands over both: queries are a view of the projection, keys a fresh tensor)."""
     c, keys = q.shape[2], k.shape[2]
     own = slice(keys - c, keys)
-    parts = (q, k[:, :, :keys - c], v[:, :, :keys - c], k[:, :, own], v[:, :, own])
-    return PrefixThenDiagonal.apply(*(t.contiguous() for t in parts), scale)
+    return PrefixThenDiagonal.apply(q, k[:, :, :keys - c], v[:, :, :keys - c], k[:, :, own], v[:, :, own], scale)
 
 
 class ContextParallelAttention(Attention):
