@@ -15,9 +15,11 @@ travels with a run through `parallel.hf_origin`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -396,14 +398,25 @@ def _write_identity(directory: str, how: HFExport, config: dict[str, Any]) -> li
 
 
 def shard_tokenizer(data_path: str) -> TokenizerFiles | None:
-    """The tokenizer a shard directory was written with, or None when the shards (or their tokenizer) are gone."""
+    """The tokenizer a shard directory (a local path or an object-store URI) was written with, or None when the
+    shards (or their tokenizer) are gone. One in an object store is copied to the local temporary directory, under a
+    name of its URI and content, since the tokenizers library reads local files only."""
+    from dataprep import filesystem
     from dataprep.shards import MANIFEST_FILE, read_manifest
 
-    if not data_path or not os.path.isfile(os.path.join(data_path, MANIFEST_FILE)):
+    if not data_path or not filesystem.is_file(filesystem.join(data_path, MANIFEST_FILE)):
         return None
     entry = read_manifest(data_path).get("tokenizer", {})
-    path = os.path.join(data_path, entry.get("file", TOKENIZER))
-    return TokenizerFiles(path, entry.get("eos_id")) if os.path.isfile(path) else None
+    path = filesystem.join(data_path, entry.get("file", TOKENIZER))
+    if not filesystem.is_file(path):
+        return None
+    if filesystem.is_remote(path):
+        data = filesystem.read_bytes(path)
+        digest = hashlib.sha256(path.encode() + data).hexdigest()[:16]
+        local = os.path.join(tempfile.gettempdir(), f"pretrain-tokenizer-{digest}.json")
+        filesystem.write_atomic(local, data)
+        path = local
+    return TokenizerFiles(path, entry.get("eos_id"))
 
 
 def write_tokenizer(directory: str, tokenizer: TokenizerFiles, max_positions: int) -> list[str]:

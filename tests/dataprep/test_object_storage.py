@@ -26,6 +26,7 @@ import yaml
 from dataprep import filesystem
 from dataprep.shards import read_manifest
 from orchestrator.errors import DataError
+from parallel.hf import shard_tokenizer
 from parallel.launch import free_port
 from parallel.loader import ShardLoader
 from tests.helpers import TINY_RUN, losses
@@ -161,6 +162,9 @@ def test_the_loader_streams_the_same_rows_as_a_local_copy_and_resumes_exactly(pr
     local.mkdir()
     for name in filesystem.list_dir(output):
         filesystem.download(filesystem.join(output, name), str(local / name))
+    tokenizer = shard_tokenizer(output)  # what export and generate take from the shards
+    assert Path(tokenizer.tokenizer_json).read_bytes() == (local / "tokenizer.json").read_bytes()
+    assert tokenizer.eos_id == shard_tokenizer(str(local)).eos_id is not None
     settings = dict(seq_len=32, micro_batch_size=4, grad_accum=2, seed=7)
     expected = _batches(ShardLoader(str(local), **settings), 6)
     streamed = ShardLoader(output, **settings)
