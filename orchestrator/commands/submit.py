@@ -16,6 +16,7 @@ Exit codes: 0 the run finished, 1 it failed, 2 the input was wrong, 130 interrup
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
@@ -48,11 +49,16 @@ def run(args: argparse.Namespace) -> int:
     return _run_remote(spec, plan, args)
 
 
+# Every setting of the spec that names a local file or directory (or an object-store URI, which stays).
+PATH_SETTINGS = ("data.path", "data.cache_dir", "checkpoint.dir", "checkpoint.init_from", "metrics.targets_file",
+                 "metrics.tensorboard.dir", "metrics.wandb.dir", "eval.include_path")
+
+
 def absolute_paths(spec: JobSpec) -> JobSpec:
     """Make the spec's local paths absolute against this directory; URIs stay."""
-    for section, key in (("data", "path"), ("checkpoint", "dir"), ("checkpoint", "init_from"),
-                         ("metrics", "targets_file")):
-        owner = getattr(spec, section)
+    for dotted in PATH_SETTINGS:
+        *sections, key = dotted.split(".")
+        owner = functools.reduce(getattr, sections, spec)
         value = getattr(owner, key)
         if value and "://" not in value:
             setattr(owner, key, os.path.abspath(value))

@@ -164,3 +164,37 @@ def test_stop_ends_a_running_job(ray_cluster, shards, tmp_path, capsys):
     finally:
         remove_placement_group(held)
         ray.shutdown()
+
+
+def test_every_local_path_of_the_spec_is_made_absolute_and_uris_stay(tmp_path, monkeypatch):
+    """A submitted run's ranks start in another directory: each path setting must reach them absolute. Every string
+    setting named like a path is in the list, so a new one cannot be forgotten."""
+    from dataclasses import fields, is_dataclass
+
+    from orchestrator.commands.submit import PATH_SETTINGS, absolute_paths
+    from orchestrator.validate import parse_spec
+
+    def string_settings(node, prefix=""):
+        for f in fields(node):
+            value = getattr(node, f.name)
+            if is_dataclass(value):
+                yield from string_settings(value, f"{prefix}{f.name}.")
+            elif isinstance(value, str):
+                yield f"{prefix}{f.name}"
+
+    named_like_paths = {s for s in string_settings(parse_spec({}))
+                        if re.search(r"(^|_)(dir|path|file)$|init_from$", s.rsplit(".", 1)[-1])}
+    assert named_like_paths == set(PATH_SETTINGS)
+    monkeypatch.chdir(tmp_path)
+    relative = [f"{s}=rel/{i}" for i, s in enumerate(PATH_SETTINGS) if s != "data.path"]
+    spec = parse_spec({}, overrides=relative)
+    spec.data.path = "s3://bucket/shards"  # set after validation, which would reach for the store
+    spec = absolute_paths(spec)
+    assert spec.data.path == "s3://bucket/shards"
+    for i, dotted in enumerate(PATH_SETTINGS):
+        if dotted != "data.path":
+            *sections, key = dotted.split(".")
+            owner = spec
+            for section in sections:
+                owner = getattr(owner, section)
+            assert getattr(owner, key) == str(tmp_path / "rel" / str(i)), dotted
