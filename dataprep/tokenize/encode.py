@@ -25,7 +25,9 @@ TRAIN, VAL = 0, 1
 _ENCODE_BATCH = 512
 _ENCODE_BATCH_CHARS = 1 << 20
 _PIECE_CHARS = 1 << 16
-_CUT = re.compile(r"(?<=[!-~]\n)(?=[ \t]?[!-~])")
+# after a printable ASCII character, before whitespace; after ASCII punctuation other than an apostrophe, before an
+# ASCII letter or digit (see `pieces_of`)
+_CUT = re.compile(r"(?<=[!-~])(?=[ \t\n])|(?<=[!-&(-/:-@\[-`{-~])(?=[A-Za-z0-9])")
 
 
 def unit_hash(keys: np.ndarray, seed: int, salt: int = 0) -> np.ndarray:
@@ -53,37 +55,39 @@ class EncodeStage(FileStage):
 
 
 @functools.lru_cache(maxsize=2)
-def load_tokenizer(path: str, digest: str) -> tuple[Any, bool]:
-    """The tokenizer, loaded once per worker process (`digest` keys a changed file), and whether `pieces_of` may cut
-    texts for it. A tokenizer loaded per task left its caches' freed memory scattered over the allocator's
-    per-thread arenas: 48 tasks of 2 MB files ended at 620 MiB of RSS with a fresh tokenizer each, 360 MiB with one.
-    """
+def load_tokenizer(path: str, digest: str) -> tuple[Any, tuple[str, ...] | None]:
+    """The tokenizer, loaded once per worker process (`digest` keys a changed file), and its `uncut_tokens`. A
+    tokenizer loaded per task left its caches' freed memory scattered over the allocator's per-thread arenas: 48
+    tasks of 2 MB files ended at 620 MiB of RSS with a fresh tokenizer each, 360 MiB with one."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(path)
-    return tokenizer, cuts_at_newlines(tokenizer)
+    return tokenizer, uncut_tokens(tokenizer)
 
 
-def cuts_at_newlines(tokenizer) -> bool:
-    """Whether pieces cut by `pieces_of` encode to the whole text's ids: no normalizer, byte-level pre-tokenization
-    with the GPT-2 split and no prefix space, and no added token holding a newline."""
+def uncut_tokens(tokenizer) -> tuple[str, ...] | None:
+    """The added tokens (EOS and the like) that `pieces_of` must not cut into, or None when pieces could encode
+    differently from the whole text: a normalizer, a pre-tokenization other than byte-level with the GPT-2 split
+    and no prefix space, or an added token that takes the whitespace around it or matches whole words only."""
     spec = json.loads(tokenizer.to_str())
     pre = spec.get("pre_tokenizer") or {}
-    return (spec.get("normalizer") is None and pre.get("type") == "ByteLevel" and not pre.get("add_prefix_space")
-            and pre.get("use_regex", True)
-            and not any("\n" in t.content for t in tokenizer.get_added_tokens_decoder().values()))
+    added = list(tokenizer.get_added_tokens_decoder().values())
+    if (spec.get("normalizer") is not None or pre.get("type") != "ByteLevel" or pre.get("add_prefix_space")
+            or not pre.get("use_regex", True) or any(t.lstrip or t.rstrip or t.single_word for t in added)):
+        return None
+    return tuple(t.content for t in added)
 
 
 def encode_file(payload: dict, directory: str, tokenizer_path: str, val_fraction: float, seed: int) -> dict:
     """payload: {name, source, parts}. Writes (key, split, tokens) parts; tokens exclude the EOS added at packing."""
-    tokenizer, cut = load_tokenizer(tokenizer_path, file_digest(tokenizer_path))
+    tokenizer, uncut = load_tokenizer(tokenizer_path, file_digest(tokenizer_path))
     stats = {"source": payload["source"], "train_docs": 0, "train_tokens": 0, "val_docs": 0, "val_tokens": 0}
     for i, part in enumerate(payload["parts"]):
         table = pq.read_table(part)
         keys = table.column("key").to_numpy()
         split = (unit_hash(keys, seed, salt=1) < val_fraction).astype(np.int8)
         texts = table.column("text").to_pylist()
-        values, lengths = encode_texts(tokenizer, texts, cut)
+        values, lengths = encode_texts(tokenizer, texts, uncut)
         offsets = np.zeros(len(lengths) + 1, np.int64)
         np.cumsum(lengths, out=offsets[1:])
         tokens = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values))
@@ -95,17 +99,17 @@ def encode_file(payload: dict, directory: str, tokenizer_path: str, val_fraction
     return stats
 
 
-def encode_texts(tokenizer, texts: list[str], cut: bool) -> tuple[np.ndarray, np.ndarray]:
+def encode_texts(tokenizer, texts: list[str], uncut: tuple[str, ...] | None) -> tuple[np.ndarray, np.ndarray]:
     """All texts' token ids, concatenated as int32, and each text's length.
 
     The tokenizer keeps about 450 bytes per token while it encodes (its per-token records, then Python's int
-    objects), so a text is encoded in pieces (`pieces_of`, where `cut` allows) and batches are bounded in
+    objects), so a text is encoded in pieces (`pieces_of`, unless `uncut` is None) and batches are bounded in
     characters: what one task holds no longer follows its longest document (3 MB in the full corpus, 1.5 GB while
     encoded whole), and each batch's ids become int32 arrays at once.
     """
     pieces, owner = [], []
     for index, text in enumerate(texts):
-        for piece in pieces_of(text) if cut else (text,):
+        for piece in pieces_of(text, uncut) if uncut is not None else (text,):
             pieces.append(piece)
             owner.append(index)
     values = []
@@ -119,21 +123,34 @@ def encode_texts(tokenizer, texts: list[str], cut: bool) -> tuple[np.ndarray, np
     return flat, lengths
 
 
-def pieces_of(text: str) -> list[str]:
+def pieces_of(text: str, uncut: tuple[str, ...] = ()) -> list[str]:
     """`text` cut into pieces of about `_PIECE_CHARS` that encode to the same ids as the whole text.
 
-    Cuts fall after a newline between two printable ASCII characters: byte-level pre-tokenization (the GPT-2 split,
-    no prefix space) ends a token at that newline either way, so each piece's tokens are the whole text's tokens in
-    that range. A text without such a place stays whole.
+    Cuts fall where the GPT-2 split (byte-level pre-tokenization, no prefix space) ends a token without reading
+    past it: a token holding a letter, digit or punctuation mark never takes whitespace, and a run of punctuation
+    never takes a letter or digit (an apostrophe, which starts contractions like 's, is left out). The split has no
+    lookbehind, so the tokens after a cut are the whole text's tokens from there, and each piece's tokens are the
+    whole text's tokens in its range. No cut falls inside or at the edge of one of the `uncut` tokens (the
+    tokenizer matches those before splitting). A text without such a place stays whole.
     """
     if len(text) <= _PIECE_CHARS:
         return [text]
     pieces, lo = [], 0
-    while len(text) - lo > _PIECE_CHARS and (cut := _CUT.search(text, lo + _PIECE_CHARS)):
+    at = lo + _PIECE_CHARS
+    while len(text) - lo > _PIECE_CHARS and (cut := _CUT.search(text, at)):
+        at = cut.start() + 1
+        if any(inside(text, token, cut.start()) for token in uncut):
+            continue
         pieces.append(text[lo:cut.start()])
         lo = cut.start()
+        at = lo + _PIECE_CHARS
     pieces.append(text[lo:])
     return pieces
+
+
+def inside(text: str, token: str, at: int) -> bool:
+    """Whether an occurrence of `token` in `text` holds position `at` or ends there."""
+    return text.find(token, max(0, at - len(token)), at + len(token)) != -1
 
 
 def text_batches(texts: list[str]) -> Iterator[tuple[int, int]]:

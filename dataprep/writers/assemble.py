@@ -1,9 +1,11 @@
 """Write the shard directory from the packed row blocks: a seeded global row order, shards, tokenizer, manifest.
 
-Row blocks are memory-mapped and gathered one shard at a time, so memory holds one shard however large the
-dataset. The manifest goes last: a directory with a manifest is complete. An output in an object store
-(`dataprep.filesystem`) gets each shard written in the work directory first and uploaded whole once complete, so
-no reader ever sees part of a shard, and a run killed before the manifest simply writes them again.
+Row blocks are memory-mapped and gathered one shard at a time, each shard mapping the blocks it reads and
+unmapping them once gathered (a page stays in a process's resident set while mapped, so blocks mapped for the whole
+write grew the driver by every page a shard had read), so memory holds one shard however large the dataset. The
+manifest goes last: a directory with a manifest is complete. An output in an object store (`dataprep.filesystem`)
+gets each shard written in the work directory first and uploaded whole once complete, so no reader ever sees part
+of a shard, and a run killed before the manifest simply writes them again.
 """
 
 from __future__ import annotations
@@ -124,13 +126,12 @@ def write_shards(output: str, blocks: dict[str, list[str]], seq_len: int, rows_p
         shutil.rmtree(local, ignore_errors=True)  # a killed run's partial files
     splits = {}
     for split, paths in blocks.items():
-        arrays = [np.load(p, mmap_mode="r") for p in paths]
-        sizes = np.array([len(a) for a in arrays], np.int64)
+        sizes = np.array([len(np.load(p, mmap_mode="r")) for p in paths], np.int64)
         starts = np.concatenate([[0], np.cumsum(sizes)])
         order = np.random.default_rng([seed, 7 if split == "train" else 8]).permutation(int(starts[-1]))
         writer = ShardWriter(local, split, seq_len, rows_per_shard)
         for lo in range(0, len(order), rows_per_shard):
-            writer.write(_gather(arrays, starts, order[lo: lo + rows_per_shard], seq_len + 1))
+            writer.write(_gather(paths, starts, order[lo: lo + rows_per_shard], seq_len + 1))
             _publish(writer.entries, local, output)
             if progress:
                 progress(min(rows_per_shard, len(order) - lo))
@@ -153,14 +154,15 @@ def _publish(entries: list[dict], local: str, output: str) -> None:
             os.remove(path)
 
 
-def _gather(arrays: list[np.ndarray], starts: np.ndarray, index: np.ndarray, width: int) -> np.ndarray:
+def _gather(paths: list[str], starts: np.ndarray, index: np.ndarray, width: int) -> np.ndarray:
+    """The rows `index` of the blocks in `paths`, whose first rows are at `starts`; each block mapped only here."""
     out = np.empty((len(index), width), np.int32)
     block = np.searchsorted(starts, index, side="right") - 1
     for b in np.unique(block):
         mine = block == b
         local = index[mine] - starts[b]
         order = np.argsort(local)
-        rows = arrays[b][local[order]]
+        rows = np.load(paths[b], mmap_mode="r")[local[order]]
         target = np.flatnonzero(mine)[order]
         out[target] = rows
     return out

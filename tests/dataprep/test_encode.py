@@ -10,19 +10,20 @@ import pytest
 from tokenizers import Tokenizer, normalizers, pre_tokenizers
 
 from dataprep.config import TokenizerConfig
-from dataprep.tokenize.encode import cuts_at_newlines, encode_texts, pieces_of
+from dataprep.tokenize import encode
+from dataprep.tokenize.encode import encode_texts, pieces_of, uncut_tokens
 from dataprep.tokenize.tokenizer import train_tokenizer
 
 
 @pytest.fixture(scope="module")
 def texts(repo_root: Path) -> list[str]:
-    """Real long texts: the project's Python modules and docs, each package and the docs folder as one text, plus
-    the short modules alone."""
+    """Real long texts: the project's Python modules and docs, each package and the docs folder as one text, the
+    docs again as one line (cut between words only), plus the short modules alone."""
     groups = [sorted((repo_root / d).rglob("*.py")) for d in ("dataprep", "orchestrator", "parallel")]
     groups.append(sorted((repo_root / "docs").glob("*.md")))
     long = ["".join(p.read_text() for p in group) for group in groups]
     short = [p.read_text() for p in groups[0][:20]]
-    return long + short
+    return [*long, " ".join(long[-1].split()), *short]
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +36,17 @@ def whole(tokenizer: Tokenizer, texts: list[str]) -> tuple[list[int], list[int]]
     return [i for ids in encoded for i in ids], [len(ids) for ids in encoded]
 
 
-def test_pieces_encode_to_the_whole_texts_ids(tokenizer: Tokenizer, texts: list[str]) -> None:
-    assert cuts_at_newlines(tokenizer)
-    assert sum(len(pieces_of(t)) for t in texts) > len(texts) + 10  # the long texts are cut, many times
-    assert all("".join(pieces_of(t)) == t for t in texts)
-    values, lengths = encode_texts(tokenizer, texts, cut=True)
+@pytest.mark.parametrize("piece_chars", [encode._PIECE_CHARS, 8])  # 8: nearly every place a cut may fall
+def test_pieces_encode_to_the_whole_texts_ids(tokenizer: Tokenizer, texts: list[str], piece_chars: int,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(encode, "_PIECE_CHARS", piece_chars)
+    uncut = uncut_tokens(tokenizer)
+    assert uncut == ("<|endoftext|>",)
+    assert any(uncut[0] in t for t in texts)  # config.py names it: no cut may fall inside
+    pieces = sum(len(pieces_of(t, uncut)) for t in texts)
+    assert pieces > len(texts) + (10 if piece_chars > 8 else sum(map(len, texts)) // 20)  # cut, many times
+    assert all("".join(pieces_of(t, uncut)) == t for t in texts)
+    values, lengths = encode_texts(tokenizer, texts, uncut)
     expected_values, expected_lengths = whole(tokenizer, texts)
     assert values.dtype == np.int32
     assert lengths.tolist() == expected_lengths
@@ -54,8 +61,8 @@ def test_tokenizers_that_could_split_differently_are_not_cut(tokenizer: Tokenize
         other.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     else:
         other.normalizer = normalizers.NFKC()
-    assert not cuts_at_newlines(other)
-    values, lengths = encode_texts(other, texts[:2], cut=False)
+    assert uncut_tokens(other) is None
+    values, lengths = encode_texts(other, texts[:2], None)
     expected_values, expected_lengths = whole(other, texts[:2])
     assert lengths.tolist() == expected_lengths
     assert values.tolist() == expected_values
