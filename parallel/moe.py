@@ -277,13 +277,14 @@ class MoE(nn.Module):
         mean_probability = routing.probabilities.view(groups, -1, n).mean(1)
         return (share * mean_probability).sum(1).mean()
 
-    @torch.compiler.disable
     @torch.no_grad()
     def _record(self, counts: torch.Tensor, dropped: torch.Tensor, probabilities: torch.Tensor,
                 balance: torch.Tensor) -> None:
-        # Non-reentrant activation checkpointing reruns this forward inside the backward (a graph task is then
-        # running): the tokens were counted the first time.
-        if torch._C._current_graph_task_id() != -1 or not self.counting:
+        # Eager non-reentrant activation checkpointing reruns this forward inside the backward (a graph task is then
+        # running): the tokens were counted the first time. Compiled, the updates are traced into the block's graph
+        # (a graph break here would leave a checkpointed block uncompiled altogether) and checkpointing's
+        # recomputation does not replay them.
+        if not self.counting or (not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1):
             return
         self.tokens_per_expert += counts
         self.dropped_per_expert += dropped

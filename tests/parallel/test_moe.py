@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch._dynamo.utils import counters
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
@@ -141,6 +142,38 @@ def test_the_aux_free_bias_moves_the_load_toward_balance():
     assert ratios[0] > 2.5 and max(ratios[-10:]) < 1.6, ratios
     bias = model.layers[0].mlp.expert_bias
     assert bias[0] == bias.min() and abs(float(bias.sum())) < 1e-5  # the favourite held back; centred
+
+
+@pytest.mark.parametrize("mode", ["none", "full", "selective"])
+def test_compiled_moe_blocks_have_no_graph_break_and_count_once(mode):
+    """A graph break inside a checkpointed block leaves the whole block uncompiled (dynamo cannot capture the
+    checkpointed region), so the routing statistics are recorded inside the graph: the grouped path (CUDA's) compiles
+    whole in every checkpointing mode, counts each token once, and matches eager."""
+    tokens = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(3))
+    results = []
+    for compiled in (False, True):
+        model = tiny_moe(balance="both")
+        for _, moe in moe_layers(model):
+            moe.experts.grouped_mm = True
+        apply_activation_checkpointing(model.layers, mode)
+        torch._dynamo.reset()
+        counters.clear()
+        if compiled:
+            for layer in model.layers:
+                layer.compile(backend="aot_eager")
+        with torch.autocast("cpu", torch.bfloat16):  # the grouped kernel's dtype
+            loss = cross_entropy(model(tokens[:, :-1]), tokens[:, 1:])
+        loss.backward()
+        results.append(([p.grad for p in model.parameters()], [moe.statistics() for _, moe in moe_layers(model)]))
+    assert sum(counters["graph_break"].values()) == 0 and counters["stats"]["unique_graphs"] >= 1
+    (want, want_stats), (got, got_stats) = results
+    experts = 4
+    for got_layer, want_layer in zip(got_stats, want_stats, strict=True):
+        assert torch.equal(got_layer[:2 * experts], want_layer[:2 * experts])  # tokens and drops per expert
+        assert got_layer[:experts].sum() == 2 * 16 * 2 and got_layer[-1] == 1  # every copy once, one forward
+        torch.testing.assert_close(got_layer, want_layer)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)
 
 
 @pytest.mark.parametrize("mode,grouped", [("full", False), ("selective", False), ("selective", True)])
