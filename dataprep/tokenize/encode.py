@@ -23,11 +23,12 @@ from dataprep.stages import FileStage, PrepRun
 
 TRAIN, VAL = 0, 1
 _ENCODE_BATCH = 512
-_ENCODE_BATCH_CHARS = 1 << 20
+_ENCODE_BATCH_CHARS = 1 << 18
 _PIECE_CHARS = 1 << 16
-# after a printable ASCII character, before whitespace; after ASCII punctuation other than an apostrophe, before an
-# ASCII letter or digit (see `pieces_of`)
-_CUT = re.compile(r"(?<=[!-~])(?=[ \t\n])|(?<=[!-&(-/:-@\[-`{-~])(?=[A-Za-z0-9])")
+# after a character that is not whitespace, before a space, tab or newline; after ASCII punctuation other than an
+# apostrophe, before an ASCII letter or digit (see `pieces_of`). Python's whitespace holds all of Unicode's, so its \S
+# is never whitespace to the split.
+_CUT = re.compile(r"(?<=\S)(?=[ \t\n])|(?<=[!-&(-/:-@\[-`{-~])(?=[A-Za-z0-9])")
 
 
 def unit_hash(keys: np.ndarray, seed: int, salt: int = 0) -> np.ndarray:
