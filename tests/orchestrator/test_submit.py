@@ -4,6 +4,7 @@ once; on a cluster, from the controller before it reserves anything)."""
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 
@@ -193,8 +194,4 @@ def test_every_local_path_of_the_spec_is_made_absolute_and_uris_stay(tmp_path, m
     assert spec.data.path == "s3://bucket/shards"
     for i, dotted in enumerate(PATH_SETTINGS):
         if dotted != "data.path":
-            *sections, key = dotted.split(".")
-            owner = spec
-            for section in sections:
-                owner = getattr(owner, section)
-            assert getattr(owner, key) == str(tmp_path / "rel" / str(i)), dotted
+            assert functools.reduce(getattr, dotted.split("."), spec) == str(tmp_path / "rel" / str(i)), dotted
