@@ -119,6 +119,16 @@ class GroupedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, ffn_dim))
         self.activation = activation
         self.grouped_mm: bool | None = None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """nn.Linear's default per expert, U(±1/sqrt(fan_in)), as the dense layers get on construction: a model
+        built on a real device and run before `init_weights` must not compute with uninitialised memory (NaN there
+        sends every token to the same experts)."""
+        for weight in (self.gate_proj, self.up_proj, self.down_proj):
+            bound = weight.shape[-1] ** -0.5
+            weight.uniform_(-bound, bound)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         gate, up, down = _local(self.gate_proj), _local(self.up_proj), _local(self.down_proj)

@@ -75,6 +75,16 @@ def naive_moe(moe: MoE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return out.view_as(x), dropped
 
 
+def test_experts_built_on_a_device_start_as_linear_layers_do():
+    """Built on a real device and run before `init_weights` (as the planner's memory tests do), the experts must
+    hold numbers like the dense layers' default, not uninitialised memory."""
+    experts = GroupedExperts(num_experts=8, dim=64, ffn_dim=256)
+    for weight in (experts.gate_proj, experts.up_proj, experts.down_proj):
+        fan_in = weight.shape[-1]
+        assert weight.abs().max() <= fan_in ** -0.5
+        assert weight.std().item() == pytest.approx((3 * fan_in) ** -0.5, rel=0.05)
+
+
 @pytest.mark.parametrize("moe", [
     {},
     {"score": "sigmoid", "norm_topk": False, "num_shared_experts": 1},
