@@ -19,7 +19,9 @@ def find_duplicates(parts: list[str], partitions: int, exact: bool, near: bool):
     """A Ray Dataset of (a, b, kind): kind 0 is 'a duplicates b exactly', kind 1 an LSH edge a < b."""
     import ray
 
-    ds = ray.data.read_parquet(parts).select_columns(["key", "hash", "bands", "has_shingles"])
+    # The columns are read, not selected after reading: a part's text is most of its bytes, and a read task that
+    # loaded it held a block that grew with the corpus.
+    ds = ray.data.read_parquet(parts, columns=["key", "hash", "bands", "has_shingles"])
     rows = ds.map_batches(lambda t: bucket_rows(t, exact, near), batch_format="pyarrow")
     return rows.repartition(partitions, keys=["bucket"]).map_batches(
         scan_buckets, batch_size=None, batch_format="pyarrow")

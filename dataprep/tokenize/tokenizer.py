@@ -10,11 +10,11 @@ import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from dataprep.config import TokenizerConfig, config_to_dict
-from dataprep.executor import file_digest, parts_of, stage_dir
+from dataprep.executor import file_digest, parts_of, release_freed_memory, stage_dir
 from dataprep.mix import target_shares
 from dataprep.shards import write_atomic
 from dataprep.stages import PrepRun, Stage, StageOutput
-from dataprep.tokenize.encode import unit_hash
+from dataprep.tokenize.encode import pieces_of, unit_hash
 from orchestrator.errors import DataError
 
 
@@ -43,7 +43,12 @@ class TokenizerStage(Stage):
                                             "vocab_size": tokenizer.get_vocab_size()})
 
     def _sample(self, prep: PrepRun) -> Iterator[str]:
-        """Kept documents sampled per source in proportion to the target shares (bytes stand in for tokens)."""
+        """Kept documents sampled per source in proportion to the target shares (bytes stand in for tokens), cut
+        into the pieces encode cuts them into (`pieces_of`: the same words to count, so the same tokenizer).
+
+        What the driver holds follows `sample_bytes`, not the corpus: a part's keys are read first and its text
+        only for the rows drawn, freed memory is handed back after each part, and no piece is longer than about
+        64 K characters (the trainer pre-tokenizes a batch of texts at a time, and whole documents reach 3 MB)."""
         c = self.config
         kept = {n: 0 for n in c.sources}
         for stat in prep["select"].results.values():
@@ -52,14 +57,17 @@ class TokenizerStage(Stage):
                                 c.mix.temperature)
         rates = {n: min(1.0, shares.get(n, 0.0) * c.tokenizer.sample_bytes / b) if b else 0.0
                  for n, b in kept.items()}
+        uncut = (c.tokenizer.eos,)
         for task in prep.files:
             for part in parts_of(prep["select"].directory, task["name"]):
-                table = pq.read_table(part)
-                keys = table.column("key").to_numpy()
+                keys = pq.read_table(part, columns=["key"]).column("key").to_numpy()
                 chosen = np.flatnonzero(unit_hash(keys, c.seed, salt=2) < rates[task["source"]])
-                texts = table.column("text")
-                for i in chosen:
-                    yield texts[int(i)].as_py()
+                if len(chosen):
+                    texts = pq.read_table(part, columns=["text"]).column("text").take(chosen).to_pylist()
+                    for text in texts:
+                        yield from pieces_of(text, uncut)
+                    del texts
+                release_freed_memory()
 
 
 def train_tokenizer(texts: Iterable[str], config: TokenizerConfig) -> Tokenizer:

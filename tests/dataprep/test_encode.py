@@ -66,3 +66,15 @@ def test_tokenizers_that_could_split_differently_are_not_cut(tokenizer: Tokenize
     expected_values, expected_lengths = whole(other, texts[:2])
     assert lengths.tolist() == expected_lengths
     assert values.tolist() == expected_values
+
+
+@pytest.mark.parametrize("piece_chars", [encode._PIECE_CHARS, 8])
+def test_a_tokenizer_trained_on_pieces_is_the_one_trained_on_whole_texts(texts: list[str], piece_chars: int,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tokenizer stage trains on its sample cut as encode cuts it (what it holds then follows the cut, not the
+    longest document): the words the trainer counts, so its merges, must not change."""
+    monkeypatch.setattr(encode, "_PIECE_CHARS", piece_chars)
+    config = TokenizerConfig(vocab_size=2000)
+    pieces = [piece for text in texts for piece in pieces_of(text, (config.eos,))]
+    assert len(pieces) > len(texts) + 10
+    assert train_tokenizer(pieces, config).to_str() == train_tokenizer(texts, config).to_str()
