@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 EXACT_ROW, BAND_ROW = 0, 1
 
@@ -19,12 +20,18 @@ def find_duplicates(parts: list[str], partitions: int, exact: bool, near: bool):
     """A Ray Dataset of (a, b, kind): kind 0 is 'a duplicates b exactly', kind 1 an LSH edge a < b."""
     import ray
 
-    # The columns are read, not selected after reading: a part's text is most of its bytes, and a read task that
-    # loaded it held a block that grew with the corpus.
-    ds = ray.data.read_parquet(parts, columns=["key", "hash", "bands", "has_shingles"])
-    rows = ds.map_batches(lambda t: bucket_rows(t, exact, near), batch_format="pyarrow")
+    # One task per ingest part, reading only the columns it shuffles (a part's text is most of its bytes): what a
+    # task holds follows one part, not the corpus, whatever grouping Ray Data's own file reads would choose.
+    files = ray.data.from_items([{"part": p} for p in parts], override_num_blocks=len(parts))
+    rows = files.map_batches(lambda batch: part_rows(batch["part"], exact, near), batch_size=1)
     return rows.repartition(partitions, keys=["bucket"]).map_batches(
         scan_buckets, batch_size=None, batch_format="pyarrow")
+
+
+def part_rows(paths: list[str], exact: bool, near: bool) -> pa.Table:
+    """The bucket rows of the ingest parts at `paths`."""
+    columns = ["key", "hash", "bands", "has_shingles"]
+    return pa.concat_tables([bucket_rows(pq.read_table(p, columns=columns), exact, near) for p in paths])
 
 
 def bucket_rows(table: pa.Table, exact: bool, near: bool) -> pa.Table:
