@@ -35,11 +35,13 @@ class RankEnv:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> RankEnv:
         """Read torchrun's variables; none set means a single process (rank 0 of 1), whose process group listens
-        on a free loopback port: two single-process runs on one machine must not both claim torchrun's 29500."""
+        on a loopback port the system assigns as it binds (`master_port` 0): two single-process runs on one machine
+        must not both claim torchrun's 29500, and a port found free beforehand may be taken by the time the group
+        binds it."""
         environ = os.environ if environ is None else environ
         present = [k for k in _REQUIRED if k in environ]
         if not present:
-            return cls(master_port=free_port())
+            return cls(master_port=0)
         missing = [k for k in _REQUIRED if k not in environ]
         if missing:
             raise UserError(f"launch environment: {', '.join(present)} set but {', '.join(missing)} missing; "

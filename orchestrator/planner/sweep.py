@@ -227,7 +227,7 @@ def _train_in_this_process(base: str, out: str, overrides: list[str]) -> None:
     from orchestrator.validate import load_spec
     from parallel import train
     from parallel.callbacks import BaseCallback
-    from parallel.launch import RankEnv, free_port
+    from parallel.launch import RankEnv
 
     spec = load_spec(base, overrides, require_data=True)
     if spec.resources.device == "cpu":
@@ -241,7 +241,7 @@ def _train_in_this_process(base: str, out: str, overrides: list[str]) -> None:
 
     record = Record()
     start = time.perf_counter()
-    result = train.run(spec, RankEnv(master_port=free_port()), callbacks=[record])
+    result = train.run(spec, RankEnv(master_port=0), callbacks=[record])  # its own store, on any free port
     outcome = {"params": count_params(spec.model).total, "val_loss": record.val_loss, "train_loss": result.loss,
                "seconds": time.perf_counter() - start}
     with open(out, "w", encoding="utf-8") as f:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from orchestrator.errors import UserError
 from parallel.launch import RankEnv, pick_device
+from tests.helpers import REPO
 
 TORCHRUN = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "10.1.2.3",
             "MASTER_PORT": "29400"}
@@ -20,17 +24,24 @@ def test_torchrun_variables_place_the_rank() -> None:
                                                  master_port=29400, local_world_size=2)
 
 
-def test_no_variables_mean_a_single_process() -> None:
-    # torchrun's default port taken (by this socket, or already by someone else): a single process takes a free one,
-    # so that two single-process runs on one machine both start
+def test_no_variables_mean_a_single_process_on_a_port_bound_as_it_joins() -> None:
+    alone = RankEnv.from_env({})
+    assert (alone.rank, alone.world_size, alone.master_addr, alone.master_port) == (0, 1, "127.0.0.1", 0)
+    # torchrun's default port taken (by this socket, or already by someone else): two single-process runs started
+    # together each bind a port of their own as they join, so both start
+    join = ("import torch, torch.distributed as dist\n"
+            "from parallel.launch import RankEnv, init_distributed\n"
+            "init_distributed(RankEnv.from_env({}), torch.device('cpu'))\n"
+            "t = torch.ones(1)\ndist.all_reduce(t)\nprint(dist.get_world_size(), int(t.item()))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
         with contextlib.suppress(OSError):
             taken.bind(("127.0.0.1", 29500))
-        alone = RankEnv.from_env({})
-        assert (alone.rank, alone.world_size, alone.master_addr) == (0, 1, "127.0.0.1")
-        assert alone.master_port != 29500
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.bind(("127.0.0.1", alone.master_port))
+        runs = [subprocess.Popen([sys.executable, "-c", join], env={**env, "PYTHONPATH": str(REPO)},
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        outputs = [run.communicate(timeout=300) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert [out.split() for out, _ in outputs] == [["1", "1"], ["1", "1"]]
 
 
 def test_a_partial_environment_names_what_is_missing() -> None:
