@@ -14,13 +14,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from dataprep.batches import text_batches
 from dataprep.hashing import splitmix64
 
 _WORD_BYTE = np.ones(256, dtype=bool)
 _WORD_BYTE[[ord(c) for c in " \t\n\r\x0b\x0c!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"]] = False
 _P = np.uint64(1099511628211)
 _SHINGLES_PER_BLOCK = 2048
-_TEXT_CHARS_PER_CHUNK = 4_000_000
+_TEXT_CHARS_PER_CHUNK = 1 << 20  # word hashing holds ~40 bytes per character of its chunk
 U64 = np.uint64
 
 
@@ -69,22 +70,17 @@ class MinHasher:
     def signatures(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(uint32 [n, bands·rows] MinHash signatures, bool [n] whether the document had any shingle).
 
-        Texts are taken a few MB at a time, and shingles a block at a time through one preallocated buffer: the
-        permutations are computed in place in cache-sized memory rather than in fresh large temporaries.
+        Texts are taken about a million characters at a time, and shingles a block at a time through one
+        preallocated buffer: the permutations are computed in place in cache-sized memory rather than in fresh large
+        temporaries.
         """
         sig = np.full((len(texts), len(self.a)), np.iinfo(np.uint32).max, dtype=np.uint32)
         has = np.zeros(len(texts), dtype=bool)
         buf = np.empty((_SHINGLES_PER_BLOCK, len(self.a)), dtype=np.uint64)
-        lo = 0
-        while lo < len(texts):
-            hi, size = lo, 0
-            while hi < len(texts) and (hi == lo or size < _TEXT_CHARS_PER_CHUNK):
-                size += len(texts[hi])
-                hi += 1
+        for lo, hi in text_batches(texts, _TEXT_CHARS_PER_CHUNK):
             grams, owner = self.shingles(texts[lo:hi])
             has[lo + owner] = True
             self._fold_minima(grams, owner + lo, sig, buf)
-            lo = hi
         return sig, has
 
     def _fold_minima(self, grams: np.ndarray, owner: np.ndarray, sig: np.ndarray, buf: np.ndarray) -> None:

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from dataprep.batches import text_batches
+
+FILTER_BATCH_CHARS = 1 << 20
+
 
 class Edit(str):
     """A verdict that keeps the document with this text instead; `counts` says what the step changed, by name
@@ -37,19 +41,25 @@ class BaseFilter:
 
 def apply_filters(chain: Sequence[BaseFilter], texts: list[str]) -> tuple[list[str], list[str], dict[str, int]]:
     """Run the chain; returns (texts, reasons, edits) where reason '' means kept and `edits` adds up the edits'
-    counts. Dropped texts skip later filters."""
+    counts. Dropped texts skip later filters.
+
+    The chain sees about a million characters at a time: verdicts are per document, and a vectorized filter holds
+    many times its batch (Gopher's repetition rules, ~30 bytes a character over its words' arrays), so a task's
+    memory follows this batch rather than its part of the corpus.
+    """
     reasons = [""] * len(texts)
     edits: dict[str, int] = {}
     texts = list(texts)
-    for f in chain:
-        alive = [i for i, r in enumerate(reasons) if not r]
-        if not alive:
-            break
-        for i, verdict in zip(alive, f.apply([texts[i] for i in alive]), strict=True):
-            if isinstance(verdict, Edit):
-                texts[i] = str(verdict)
-                for name, n in verdict.counts.items():
-                    edits[name] = edits.get(name, 0) + n
-            elif verdict:
-                reasons[i] = verdict
+    for lo, hi in text_batches(texts, FILTER_BATCH_CHARS):
+        for f in chain:
+            alive = [i for i in range(lo, hi) if not reasons[i]]
+            if not alive:
+                break
+            for i, verdict in zip(alive, f.apply([texts[i] for i in alive]), strict=True):
+                if isinstance(verdict, Edit):
+                    texts[i] = str(verdict)
+                    for name, n in verdict.counts.items():
+                        edits[name] = edits.get(name, 0) + n
+                elif verdict:
+                    reasons[i] = verdict
     return texts, reasons, edits

@@ -10,13 +10,13 @@ import functools
 import json
 import os
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dataprep.batches import text_batches
 from dataprep.executor import file_digest, parts_of, write_table_atomic
 from dataprep.hashing import splitmix64
 from dataprep.stages import FileStage, PrepRun
@@ -115,7 +115,7 @@ def encode_texts(tokenizer, texts: list[str], uncut: tuple[str, ...] | None) -> 
             owner.append(index)
     values = []
     lengths = np.zeros(len(texts), np.int64)
-    for lo, hi in text_batches(pieces):
+    for lo, hi in text_batches(pieces, _ENCODE_BATCH_CHARS, _ENCODE_BATCH):
         encoded = tokenizer.encode_batch(pieces[lo:hi], add_special_tokens=False)
         for index, encoding in zip(owner[lo:hi], encoded, strict=True):
             values.append(np.asarray(encoding.ids, dtype=np.int32))
@@ -152,15 +152,3 @@ def pieces_of(text: str, uncut: tuple[str, ...] = ()) -> list[str]:
 def inside(text: str, token: str, at: int) -> bool:
     """Whether an occurrence of `token` in `text` holds position `at` or ends there."""
     return text.find(token, max(0, at - len(token)), at + len(token)) != -1
-
-
-def text_batches(texts: list[str]) -> Iterator[tuple[int, int]]:
-    """[lo, hi) ranges of at most `_ENCODE_BATCH` texts and `_ENCODE_BATCH_CHARS` characters (a longer text alone)."""
-    lo = 0
-    while lo < len(texts):
-        hi, size = lo + 1, len(texts[lo])
-        while hi < len(texts) and hi - lo < _ENCODE_BATCH and size + len(texts[hi]) <= _ENCODE_BATCH_CHARS:
-            size += len(texts[hi])
-            hi += 1
-        yield lo, hi
-        lo = hi

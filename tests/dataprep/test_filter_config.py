@@ -1,8 +1,11 @@
-"""The prep config's filter sections map onto the filters' keywords: defaults agree, every field reaches its filter."""
+"""The prep config's filter sections map onto the filters' keywords: defaults agree, every field reaches its filter;
+the chain's verdicts do not depend on how documents are batched."""
 
 from __future__ import annotations
 
 import dataclasses
+import gzip
+import json
 
 import pytest
 
@@ -16,7 +19,9 @@ from dataprep.config import (
     PiiConfig,
 )
 from dataprep.filters import build_filters, filter_for
+from dataprep.filters.base import FILTER_BATCH_CHARS, apply_filters
 from dataprep.filters.from_config import FILTER_OF_SECTION
+from dataprep.normalize import normalize_text
 
 
 def test_the_configs_defaults_are_the_papers():
@@ -46,3 +51,23 @@ def test_language_list_and_disabled_sections():
     off = FiltersConfig(c4=C4Config(enabled=False), language=LanguageConfig(enabled=False))
     assert [f.name for f in build_filters(off)] == ["gopher_quality", "gopher_repetition", "pii"]
     assert [f.name for f in build_filters(off, kind="code")] == ["pii"], "code skips the quality filters only"
+
+
+def test_the_chain_gives_each_document_the_verdict_it_gets_alone(sample_corpora):
+    """The chain takes a part of the corpus a batch of characters at a time: every document's verdict and edited
+    text are what it gets in a batch of its own, across the batches' edges too."""
+    texts = []
+    for name in ("wiki_vital_en", "fortunes", "kjv", "postgres_docs", "wiki_vital_fr", "python_docs"):
+        with gzip.open(sample_corpora[name], "rt") as f:
+            texts += [normalize_text(json.loads(line)["text"]) for line in f]
+    assert sum(map(len, texts)) > 2 * FILTER_BATCH_CHARS, "the part spans several batches"
+    chain = build_filters(FiltersConfig(pii=PiiConfig(enabled=True)))
+    together, reasons, edits = apply_filters(chain, texts)
+    alone = [apply_filters(chain, [t]) for t in texts]
+    assert together == [a[0][0] for a in alone] and reasons == [a[1][0] for a in alone]
+    assert len(set(reasons)) > 2, "kept and several reasons of dropping: the chain decided something"
+    summed: dict[str, int] = {}
+    for _, _, counts in alone:
+        for name, n in counts.items():
+            summed[name] = summed.get(name, 0) + n
+    assert edits == summed

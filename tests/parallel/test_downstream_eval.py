@@ -7,8 +7,8 @@ when the two sides agree). transformers' model under the harness's own Hugging F
 reference: `pretrain eval` of the checkpoint under dp2 and under tp2 (torchrun, 2 ranks) gives its accuracy and
 exact match, and for every (context, choice) request the same log-likelihood (equal under dp2, within 1e-6 of its
 size under tp2, fp32); the adapter over the whole model, in this process, matches it request by request too
-(within 1e-6 of its size: it batches them otherwise), including an empty context, rolling windows and generation. Task data is read from JSONL written here, through a
-datasets cache in the test's directory: nothing is downloaded.
+(within 1e-6 of its size: it batches them otherwise), including an empty context, rolling windows and generation.
+Task data is read from JSONL written here, through a datasets cache in the test's directory: nothing is downloaded.
 """
 
 from __future__ import annotations
