@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from dataprep.config import PrepConfig, config_to_dict
 from dataprep.dedup.minhash import MinHasher
-from dataprep.executor import file_digest, parts_of, write_table_atomic
-from dataprep.filters.base import apply_filters
+from dataprep.executor import file_digest, parts_of
+from dataprep.filters.base import FILTER_BATCH_CHARS, apply_filters
 from dataprep.filters.from_config import build_filters
 from dataprep.keys import doc_key
 from dataprep.normalize import normalize_text
@@ -137,10 +138,7 @@ def ingest_file(payload: dict, directory: str, config: PrepConfig) -> dict:
     task = FileTask(**payload)
     out = _Collector(task, config.examples)
     hasher = MinHasher(config.dedup.ngram, config.dedup.bands, config.dedup.rows, config.dedup.seed)
-    chain = build_filters(config.filters, task.kind)
-    batch: list[tuple[int, str, str]] = []
-    batch_bytes = 0
-    name = task.name
+    parts = _PartWriter(directory, task.name, out, hasher, build_filters(config.filters, task.kind), config)
     for record in read_records(task.path, task.fmt, task.text_field, task.id_field, config.max_doc_bytes,
                                config.invalid_utf8 == "repair", (task.start, task.stop, task.first_index)):
         if record.problem == "unreadable_file":
@@ -159,13 +157,8 @@ def ingest_file(payload: dict, directory: str, config: PrepConfig) -> dict:
         if not text:
             out.remove("empty", record.doc_id)
             continue
-        batch.append((doc_key(task.source_rank, task.file_index, record.index), record.doc_id, text))
-        batch_bytes += len(text)
-        if batch_bytes >= config.part_bytes:
-            _write_part(batch, directory, name, out, hasher, chain, config)
-            batch, batch_bytes = [], 0
-    if batch:
-        _write_part(batch, directory, name, out, hasher, chain, config)
+        parts.add(doc_key(task.source_rank, task.file_index, record.index), record.doc_id, text)
+    parts.close()
     if out.stats["docs_in"] == 0 and not out.stats["removed"].get("unreadable_file"):
         _fail_or_count(config, out, "empty_file", task.path, None, "no documents")
     return out.stats
@@ -201,29 +194,75 @@ def _fail_or_count(config: PrepConfig, out: _Collector, reason: str, doc_id: str
     out.remove(reason, doc_id, line=line, detail=detail)
 
 
-def _write_part(batch: list[tuple[int, str, str]], directory: str, name: str, out: _Collector,
-                hasher: MinHasher, chain: list, config: PrepConfig) -> None:
-    keys = [k for k, _, _ in batch]
-    ids = [i for _, i, _ in batch]
-    texts = [t for _, _, t in batch]
-    hashes = [hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).digest() for t in texts]
-    sig, has = hasher.signatures(texts)
-    bands = hasher.band_keys(sig)
-    filtered, reasons, edits = apply_filters(chain, texts)
-    for edit, n in edits.items():
-        out.stats["edits"][edit] = out.stats["edits"].get(edit, 0) + n
-    for doc_id, text, reason in zip(ids, texts, reasons, strict=True):
-        if reason:
-            shown = out.stats["examples"].setdefault(reason, [])
-            if len(shown) < out.examples:
-                shown.append({"doc_id": doc_id, "text": text[:EXAMPLE_CHARS], "detail": ""})
-    stored = [t if not r else "" for t, r in zip(filtered, reasons, strict=True)]
-    table = pa.table({
-        "key": pa.array(keys, pa.int64()), "doc_id": pa.array(ids, pa.string()),
-        "text": pa.array(stored, pa.large_string()), "hash": pa.array(hashes, pa.binary(16)),
-        "reason": pa.array(reasons, pa.string()), "has_shingles": pa.array(has),
-        "bands": pa.FixedSizeListArray.from_arrays(pa.array(bands.reshape(-1), pa.uint64()), hasher.bands),
-    }, schema=part_schema(hasher.bands))
-    write_table_atomic(table, os.path.join(directory, f"{name}-{out.stats['parts']:04d}.parquet"))
-    out.stats["parts"] += 1
-    out.stats["docs_out"] += len(batch)
+class _PartWriter:
+    """A task's output parts, written a batch at a time: every ~million characters of documents are hashed, signed
+    and filtered, and go out as one row group of the open part, which is renamed into place once it holds
+    `part_bytes` of text. A task holds one batch, whatever its file or `part_bytes`."""
+
+    def __init__(self, directory: str, name: str, out: _Collector, hasher: MinHasher, chain: list,
+                 config: PrepConfig):
+        self.directory, self.name, self.out, self.hasher, self.chain = directory, name, out, hasher, chain
+        self.part_bytes = config.part_bytes
+        self.batch: list[tuple[int, str, str]] = []
+        self.batch_chars = self.part_chars = 0
+        self.writer: pq.ParquetWriter | None = None
+
+    def add(self, key: int, doc_id: str, text: str) -> None:
+        self.batch.append((key, doc_id, text))
+        self.batch_chars += len(text)
+        self.part_chars += len(text)
+        if self.part_chars >= self.part_bytes:
+            self.close()
+        elif self.batch_chars >= FILTER_BATCH_CHARS:
+            self._write_batch()
+
+    def close(self) -> None:
+        """Write what is batched and rename the open part into place."""
+        self._write_batch()
+        if self.writer is not None:
+            self.writer.close()
+            os.replace(self._tmp, self._path)
+            self.out.stats["parts"] += 1
+            self.writer, self.part_chars = None, 0
+
+    @property
+    def _path(self) -> str:
+        return os.path.join(self.directory, f"{self.name}-{self.out.stats['parts']:04d}.parquet")
+
+    @property
+    def _tmp(self) -> str:
+        return f"{self._path}.tmp-{os.getpid()}"
+
+    def _write_batch(self) -> None:
+        if not self.batch:
+            return
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self._tmp, part_schema(self.hasher.bands), compression="zstd")
+        self.writer.write_table(self._rows(self.batch))
+        self.out.stats["docs_out"] += len(self.batch)
+        self.batch, self.batch_chars = [], 0
+
+    def _rows(self, batch: list[tuple[int, str, str]]) -> pa.Table:
+        """The batch's rows: hash and MinHash band keys of the normalized text, quality verdict, edited text."""
+        out, hasher = self.out, self.hasher
+        keys = [k for k, _, _ in batch]
+        ids = [i for _, i, _ in batch]
+        texts = [t for _, _, t in batch]
+        hashes = [hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).digest() for t in texts]
+        sig, has = hasher.signatures(texts)
+        bands = hasher.band_keys(sig)
+        filtered, reasons, edits = apply_filters(self.chain, texts)
+        for edit, n in edits.items():
+            out.stats["edits"][edit] = out.stats["edits"].get(edit, 0) + n
+        for doc_id, text, reason in zip(ids, texts, reasons, strict=True):
+            if reason:
+                shown = out.stats["examples"].setdefault(reason, [])
+                if len(shown) < out.examples:
+                    shown.append({"doc_id": doc_id, "text": text[:EXAMPLE_CHARS], "detail": ""})
+        stored = [t if not r else "" for t, r in zip(filtered, reasons, strict=True)]
+        return pa.table({
+            "key": pa.array(keys, pa.int64()), "doc_id": pa.array(ids, pa.string()),
+            "text": pa.array(stored, pa.large_string()), "hash": pa.array(hashes, pa.binary(16)),
+            "reason": pa.array(reasons, pa.string()), "has_shingles": pa.array(has),
+            "bands": pa.FixedSizeListArray.from_arrays(pa.array(bands.reshape(-1), pa.uint64()), hasher.bands),
+        }, schema=part_schema(hasher.bands))
