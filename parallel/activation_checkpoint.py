@@ -32,6 +32,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+import parallel.cudnn_attention  # noqa: F401  registers torch.ops.pretrain.prefix_then_diagonal, kept like a kernel
+
 MODES = ("none", "full", "selective", "every_n")
 
 # What selective checkpointing keeps (torchtitan's per-op policy): the outputs of every attention kernel and every
@@ -48,7 +50,8 @@ _ATTENTION = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_effici
 _COLLECTIVES = ("all_reduce", "reduce_scatter_tensor")
 SAVED_OPS = frozenset(
     [getattr(torch.ops.aten, name).default for name in _ATTENTION if hasattr(torch.ops.aten, name)]
-    + [getattr(torch.ops._c10d_functional, name).default for name in _COLLECTIVES])
+    + [getattr(torch.ops._c10d_functional, name).default for name in _COLLECTIVES]
+    + [torch.ops.pretrain.prefix_then_diagonal.default])
 # op → which of its calls in a block are kept: every other projection from the first, every second batched matmul.
 # An MoE layer's grouped GEMMs (`parallel.moe`, all experts' gate, up and down at once) count as projections.
 COUNTED = {torch.ops.aten.mm.default: ("linear", 1), torch.ops.aten.addmm.default: ("linear", 1),

@@ -11,9 +11,9 @@ chunks r and 2·cp−1−r, so under causal masking every rank's queries see the
 tokens keep their true positions: RoPE rotates them at those positions (`ChunkedRotary`), and each chunk's queries
 see the keys up to their own chunk's end, bottom-right causal (`causal_lower_right` without a window, so a fused
 kernel runs; an explicit mask with a sliding window or soft-capped scores, where `Attention._attend` materialises the
-scores anyway). On CUDA a later chunk's attention is two cuDNN calls instead, merged by their log-sum-exps
-(`cudnn_chunk_attention`): a bottom-right mask has only FlashAttention-2 kernels, which ran a cp2 rank's attention at
-seq 32k 1.8× slower on an H200 than cuDNN's Hopper kernels run the same work (23.8 vs 13.2 ms, forward and backward).
+scores anyway). On CUDA a later chunk's attention is two cuDNN calls instead, merged by their log-sum-exps in one
+operator (`parallel.cudnn_attention`): a bottom-right mask has only FlashAttention-2 kernels, slower on an H200 than
+cuDNN's Hopper kernels.
 
 The loss: every rank holds the same number of tokens of each sequence, so the mean of the ranks' mean losses is the
 mean over the whole sequence, and FSDP's gradient average over dp × cp (`ParallelDims.dp_shard`) is the gradient of
@@ -36,6 +36,7 @@ import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
+from parallel.cudnn_attention import cudnn_chunk_attention
 from parallel.model import Attention, causal_mask
 
 if TYPE_CHECKING:
@@ -93,61 +94,6 @@ def gather_sequence(x: torch.Tensor, cp: int, group: dist.ProcessGroup) -> torch
     return torch.cat(heads + tails, dim=2)
 
 
-def _cudnn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None) -> tuple:
-    """cuDNN's attention with its log-sum-exp and what its backward needs (`_scaled_dot_product_cudnn_attention`)."""
-    return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)
-
-
-class PrefixThenDiagonal(torch.autograd.Function):
-    """One chunk's queries over every key up to its chunk's end: the earlier chunks' keys unmasked, its own chunk's
-    causal (top-left, the chunk against itself), each a fused cuDNN call, their outputs merged by log-sum-exp as ring
-    attention merges its blocks. The backward runs each call's backward against the merged output and log-sum-exp,
-    so each part's probabilities are normalised over all the keys (Liu et al. 2023, ring attention)."""
-
-    @staticmethod
-    def forward(ctx, q: torch.Tensor, k_prefix: torch.Tensor, v_prefix: torch.Tensor, k_diag: torch.Tensor,
-                v_diag: torch.Tensor, scale: float | None) -> torch.Tensor:
-        prefix = _cudnn_attention(q, k_prefix, v_prefix, False, scale)
-        diag = _cudnn_attention(q, k_diag, v_diag, True, scale)
-        lse_p, lse_d = prefix[1].float(), diag[1].float()
-        lse = torch.logaddexp(lse_p, lse_d)
-        weight_p = torch.exp(lse_p - lse).view(*q.shape[:3], 1)
-        weight_d = torch.exp(lse_d - lse).view(*q.shape[:3], 1)
-        out = (prefix[0].float() * weight_p + diag[0].float() * weight_d).to(q.dtype)
-        lse = lse.to(prefix[1].dtype)
-        ctx.save_for_backward(q, k_prefix, v_prefix, k_diag, v_diag, out, lse, *prefix[2:4], *prefix[6:8],
-                              *diag[2:4], *diag[6:8])
-        ctx.lengths = (prefix[4], prefix[5], diag[4], diag[5])
-        ctx.scale = scale
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor) -> tuple:
-        (q, k_prefix, v_prefix, k_diag, v_diag, out, lse, cum_q_p, cum_k_p, seed_p, offset_p,
-         cum_q_d, cum_k_d, seed_d, offset_d) = ctx.saved_tensors
-        max_q_p, max_k_p, max_q_d, max_k_d = ctx.lengths
-        grad_out = grad_out.contiguous()
-        dq_p, dk_p, dv_p = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            grad_out, q, k_prefix, v_prefix, out, lse, seed_p, offset_p, None, cum_q_p, cum_k_p, max_q_p, max_k_p,
-            0.0, False, scale=ctx.scale)
-        dq_d, dk_d, dv_d = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            grad_out, q, k_diag, v_diag, out, lse, seed_d, offset_d, None, cum_q_d, cum_k_d, max_q_d, max_k_d,
-            0.0, True, scale=ctx.scale)
-        return dq_p + dq_d, dk_p, dv_p, dk_d, dv_d, None
-
-
-@torch.compiler.disable
-def cudnn_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
-    """A later chunk's queries over the keys `k`, `v` up to their chunk's end, as `PrefixThenDiagonal`'s two cuDNN
-    calls. Run eagerly between a compiled block's graphs: compiled into them it gave wrong results on an H200 (a 1B
-    cp2 run at seq 32k fell to a loss of 6.26 on random tokens in 12 steps, where one GPU without cp stayed at 9.81).
-    tests/parallel/test_context_parallel_cuda.py holds it to the bottom-right SDPA call, in the projections' layout
-    and the gathered one (the model hands over both: queries are a view of the projection, keys a fresh tensor)."""
-    c, keys = q.shape[2], k.shape[2]
-    own = slice(keys - c, keys)
-    return PrefixThenDiagonal.apply(q, k[:, :, :keys - c], v[:, :, :keys - c], k[:, :, own], v[:, :, own], scale)
-
-
 class ContextParallelAttention(Attention):
     """Attention whose queries are this rank's two chunks and whose keys and values are the whole sequence's."""
 
@@ -179,17 +125,24 @@ def apply_context_parallel(state: Parallelized, dims: ParallelDims, spec: JobSpe
     """`parallelize_llama`'s context-parallel step: every block's attention of `state` gathers keys and values over
     the cp group and rotates its tokens at their true positions (a model on meta: nothing is allocated)."""
     assert spec.data.seq_len % (2 * dims.cp) == 0, "orchestrator.validate guarantees 2·cp chunks of the sequence"
-    rotary = ChunkedRotary(state.model.rotary, dims.cp, dims.cp_rank)
-    group = dims.group("cp")
+    chunk_attention(state.model, state.blocks, dims.cp, dims.cp_rank, dims.group("cp"), spec.data.seq_len)
+
+
+def chunk_attention(model: nn.Module, blocks: list[nn.Module], cp: int, cp_rank: int, group: dist.ProcessGroup,
+                    seq_len: int) -> None:
+    """Each block's attention made a `ContextParallelAttention` of rank `cp_rank` of `group` for sequences of
+    `seq_len`. Over a group of one it computes plain causal attention by chunks, as cp runs it: how one GPU checks
+    the chunked path (benchmarks/cp_chunk_attention.py)."""
+    rotary = ChunkedRotary(model.rotary, cp, cp_rank)
     # The training sequence's causal biases, made here: a tensor subclass cannot be created under selective
     # checkpointing's dispatch mode, which a block's forward may run in.
-    c = spec.data.seq_len // (2 * dims.cp)
-    biases = {(c, (i + 1) * c): causal_lower_right(c, (i + 1) * c) for i in chunk_ids(dims.cp, dims.cp_rank)}
-    for block in state.blocks:
+    c = seq_len // (2 * cp)
+    biases = {(c, (i + 1) * c): causal_lower_right(c, (i + 1) * c) for i in chunk_ids(cp, cp_rank)}
+    for block in blocks:
         attention = block.self_attn
         attention.__class__ = ContextParallelAttention
         attention.rotary = rotary
-        attention.cp, attention.cp_rank, attention.cp_group = dims.cp, dims.cp_rank, group
+        attention.cp, attention.cp_rank, attention.cp_group = cp, cp_rank, group
         attention.causal_biases = biases
 
 
