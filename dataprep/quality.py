@@ -23,10 +23,9 @@ import shutil
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from dataprep.config import PrepConfig, QualityConfig
-from dataprep.executor import file_digest, parts_of, run_tasks, stage_dir, user_error_in, write_table_atomic
+from dataprep.executor import file_digest, parts_of, read_table, run_tasks, stage_dir, user_error_in, write_table_atomic
 from dataprep.filters.from_config import scorer_keywords
 from dataprep.stages import PrepRun, StageOutput
 
@@ -135,7 +134,7 @@ def score_order(scores: np.ndarray) -> np.ndarray:
 
 
 def _order_and_keys(path: str) -> tuple[np.ndarray, np.ndarray]:
-    table = pq.read_table(path)
+    table = read_table(path)
     return score_order(table.column("score").to_numpy()), table.column("key").to_numpy()
 
 
@@ -186,12 +185,12 @@ def filter_file(payload: dict, directory: str, threshold: float, width: float) -
     stats = {"source": payload["source"], "docs_kept": 0, "bytes_kept": 0, "parts": 0, "quality": quality}
     for i, part in enumerate(payload["parts"]):
         target = os.path.join(directory, f"{payload['name']}-{i:04d}.parquet")
-        table = pq.read_table(part, columns=["key", "text"])
+        table = read_table(part, columns=["key", "text"])
         if not payload["scores"]:
             shutil.copyfile(part, target + ".tmp")
             os.replace(target + ".tmp", target)
         else:
-            scores = pq.read_table(score_file(payload["scores"], part))
+            scores = read_table(score_file(payload["scores"], part))
             keys, score = table.column("key").to_numpy(), scores.column("score").to_numpy()
             if not np.array_equal(keys, scores.column("key").to_numpy()):
                 raise RuntimeError(f"{part}: its scores are of other documents; delete {payload['scores']}")

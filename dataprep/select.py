@@ -13,10 +13,9 @@ import os
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from dataprep.dedup.stage import EXACT, NEAR, removal_file
-from dataprep.executor import write_table_atomic
+from dataprep.executor import read_table, write_table_atomic
 from dataprep.quality import apply_quality
 from dataprep.stages import FileStage, PrepRun, StageOutput
 from orchestrator.errors import PretrainError
@@ -76,11 +75,11 @@ def select_file(payload: dict, directory: str) -> dict:
     removed_keys = np.zeros(0, np.int64)
     removed_codes = np.zeros(0, np.int8)
     if removed_path and os.path.exists(removed_path):
-        table = pq.read_table(removed_path)
+        table = read_table(removed_path)
         removed_keys, removed_codes = table.column("key").to_numpy(), table.column("code").to_numpy()
     stats = {"source": payload["source"], "docs_kept": 0, "bytes_kept": 0, "removed": {}, "parts": 0}
     for i, part in enumerate(payload["parts"]):
-        table = pq.read_table(part, columns=["key", "doc_id", "text", "reason"])
+        table = read_table(part, columns=["key", "doc_id", "text", "reason"])
         keys = table.column("key").to_numpy()
         reasons = np.array(table.column("reason").to_pylist(), dtype=object)
         where = np.searchsorted(removed_keys, keys)

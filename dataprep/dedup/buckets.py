@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+from dataprep.executor import read_table
 
 EXACT_ROW, BAND_ROW = 0, 1
 
@@ -31,7 +32,7 @@ def find_duplicates(parts: list[str], partitions: int, exact: bool, near: bool):
 def part_rows(paths: list[str], exact: bool, near: bool) -> pa.Table:
     """The bucket rows of the ingest parts at `paths`."""
     columns = ["key", "hash", "bands", "has_shingles"]
-    return pa.concat_tables([bucket_rows(pq.read_table(p, columns=columns), exact, near) for p in paths])
+    return pa.concat_tables([bucket_rows(read_table(p, columns=columns), exact, near) for p in paths])
 
 
 def bucket_rows(table: pa.Table, exact: bool, near: bool) -> pa.Table:

@@ -20,9 +20,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from dataprep.executor import write_table_atomic
+from dataprep.executor import read_table, write_table_atomic
 from dataprep.filters.fasttext_predict import predict_lines
 from orchestrator.errors import UserError
 
@@ -123,7 +122,7 @@ class PartScorer:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         docs = []
         for part in batch["part"]:
-            table = pq.read_table(part, columns=["key", "text"])
+            table = read_table(part, columns=["key", "text"])
             scores = self.score(table.column("text").to_pylist())
             write_table_atomic(pa.table({"key": table.column("key"), "score": pa.array(scores, pa.float32())}),
                                os.path.join(self.directory, os.path.basename(part)))

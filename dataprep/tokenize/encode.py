@@ -14,10 +14,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from dataprep.batches import text_batches
-from dataprep.executor import file_digest, parts_of, write_table_atomic
+from dataprep.executor import file_digest, parts_of, read_table, write_table_atomic
 from dataprep.hashing import splitmix64
 from dataprep.stages import FileStage, PrepRun
 
@@ -84,7 +83,7 @@ def encode_file(payload: dict, directory: str, tokenizer_path: str, val_fraction
     tokenizer, uncut = load_tokenizer(tokenizer_path, file_digest(tokenizer_path))
     stats = {"source": payload["source"], "train_docs": 0, "train_tokens": 0, "val_docs": 0, "val_tokens": 0}
     for i, part in enumerate(payload["parts"]):
-        table = pq.read_table(part)
+        table = read_table(part)
         keys = table.column("key").to_numpy()
         split = (unit_hash(keys, seed, salt=1) < val_fraction).astype(np.int8)
         texts = table.column("text").to_pylist()

@@ -16,9 +16,8 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from dataprep.executor import parts_of
+from dataprep.executor import parts_of, read_table
 from dataprep.lengths import histogram
 from dataprep.shards import write_atomic
 from dataprep.stages import FileStage, PrepRun
@@ -62,7 +61,7 @@ def pack_file(payload: dict, directory: str, seq_len: int, eos_id: int, seed: in
     Writes <name>-train.npy and <name>-val.npy row blocks."""
     keys, splits, docs = [], [], []
     for part in payload["parts"]:
-        table = pq.read_table(part)
+        table = read_table(part)
         keys.append(table.column("key").to_numpy())
         splits.append(table.column("split").to_numpy())
         docs.extend(np.asarray(d, dtype=np.int32) for d in table.column("tokens").to_numpy(zero_copy_only=False))

@@ -6,11 +6,10 @@ import os
 from collections.abc import Iterable, Iterator
 
 import numpy as np
-import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from dataprep.config import TokenizerConfig, config_to_dict
-from dataprep.executor import file_digest, parts_of, release_freed_memory, stage_dir
+from dataprep.executor import file_digest, parts_of, read_table, release_freed_memory, stage_dir
 from dataprep.mix import target_shares
 from dataprep.shards import write_atomic
 from dataprep.stages import PrepRun, Stage, StageOutput
@@ -60,10 +59,10 @@ class TokenizerStage(Stage):
         uncut = (c.tokenizer.eos,)
         for task in prep.files:
             for part in parts_of(prep["select"].directory, task["name"]):
-                keys = pq.read_table(part, columns=["key"]).column("key").to_numpy()
+                keys = read_table(part, columns=["key"]).column("key").to_numpy()
                 chosen = np.flatnonzero(unit_hash(keys, c.seed, salt=2) < rates[task["source"]])
                 if len(chosen):
-                    texts = pq.read_table(part, columns=["text"]).column("text").take(chosen).to_pylist()
+                    texts = read_table(part, columns=["text"]).column("text").take(chosen).to_pylist()
                     for text in texts:
                         yield from pieces_of(text, uncut)
                     del texts
