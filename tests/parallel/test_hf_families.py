@@ -250,7 +250,9 @@ def test_a_model_no_architecture_expresses_is_refused_before_writing(tmp_path: P
     step = tmp_path / "ckpt" / "step_1"
     step.mkdir(parents=True)
     (step / "manifest.json").write_text("{}")
-    spec = load_spec(TINY, ["model.qkv_bias=true", "model.qk_norm=head", f"model.vocab_size={VOCAB}"])
+    # data.path away from examples/tiny.yaml's runs/demo/shards, which `make demo` fills with a larger vocabulary
+    spec = load_spec(TINY, ["model.qkv_bias=true", "model.qk_norm=head", f"model.vocab_size={VOCAB}",
+                            f"data.path={tmp_path / 'shards'}"])
     (step / "spec.yaml").write_text(spec_to_yaml(spec))
     assert pretrain(["export", str(step), str(tmp_path / "out")]) == 2
     assert "fit no transformers architecture" in capsys.readouterr().err
