@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -99,18 +98,12 @@ def worker(name: str) -> None:
     os._exit(0)  # DeepSpeed ZeRO-3 can abort in interpreter teardown after finishing
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_layout(name: str) -> dict | None:
     from orchestrator.planner.memory import GiB, estimate_memory
 
     gpus, overrides = LAYOUTS[name]
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", __file__, "--worker", name]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", __file__,
+           "--worker", name]
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "4"}
     # A session of its own, so a layout that hangs is stopped with every rank torchrun started.

@@ -27,7 +27,6 @@ import faulthandler
 import importlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -130,6 +129,7 @@ class RankWorker:
         self.rank = rank
         self.beat = Beat()
         self.thread: threading.Thread | None = None
+        self.store = None
 
     def __repr__(self) -> str:
         return f"rank{self.rank}"
@@ -142,11 +142,13 @@ class RankWorker:
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
         }
 
-    def free_port(self) -> int:
-        """A port free on this node now: rank 0's, where torch.distributed's store will listen."""
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("", 0))
-            return s.getsockname()[1]
+    def open_store(self) -> int:
+        """Open the group's rendezvous store on this rank (rank 0) and return its port: it listens from now until the
+        loop joins the group, so no other process on the node can take the port in between."""
+        from parallel.launch import open_store  # torch: imported in the rank's process only
+
+        self.store = open_store()
+        return self.store.port
 
     def start(self, spec: JobSpec, wiring: Wiring, entry: str = DEFAULT_ENTRY) -> str | None:
         """Start the loop in a thread; return where this rank's metrics exporter listens (host:port), if any."""
@@ -168,7 +170,7 @@ class RankWorker:
         try:
             module, _, name = entry.partition(":")
             train = getattr(importlib.import_module(module), name)
-            train(spec, _rank_env(wiring), callbacks=tuple(callbacks))
+            train(spec, _rank_env(wiring, self.store), callbacks=tuple(callbacks))
             self.beat.done = True
         except BaseException as e:  # noqa: BLE001 - every failure of a rank is reported to the controller
             self.beat.user_error = isinstance(e, UserError)
@@ -203,9 +205,12 @@ def stacks_from_outside(node_id: str, pid: int, timeout: float = 90.0) -> str:
         return f"(unavailable: {type(e).__name__}: {e})"
 
 
-def _rank_env(wiring: Wiring) -> Any:
-    from parallel.launch import RankEnv  # torch: imported in the rank's process only, not in the controller's
+def _rank_env(wiring: Wiring, store: Any) -> Any:
+    """The loop's view of the wiring; rank 0 brings the store it holds open, the others connect to it."""
+    from parallel.launch import RankEnv, connect_store  # torch: imported in the rank's process only
 
+    if store is None:
+        store = connect_store(wiring.master_addr, wiring.master_port)
     return RankEnv(rank=wiring.rank, world_size=wiring.world_size, local_rank=wiring.local_rank,
                    master_addr=wiring.master_addr, master_port=wiring.master_port,
-                   local_world_size=wiring.local_world_size)
+                   local_world_size=wiring.local_world_size, store=store)

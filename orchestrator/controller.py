@@ -213,7 +213,7 @@ class Controller:
             workers.append(RankWorker.options(scheduling_strategy=strategy, num_cpus=cpus, num_gpus=gpus,
                                               name=name, namespace=NAMESPACE).remote(rank))
         infos = ray.get([w.describe.remote() for w in workers], timeout=self.startup_s)
-        port = ray.get(workers[0].free_port.remote(), timeout=60)
+        port = ray.get(workers[0].open_store.remote(), timeout=60)
         local, local_world, node_rank = gang.local_ranks()
         devices = _visible_devices(gang.nodes, [i["gpu_ids"] for i in infos])
         p = spec.parallel

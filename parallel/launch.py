@@ -3,7 +3,8 @@
     torchrun --nproc_per_node 2 -m orchestrator.cli train examples/tiny.yaml     # any launcher setting the env vars
     init_distributed(RankEnv(rank=1, world_size=2, local_rank=1, master_addr="10.0.0.3", master_port=29500))
 
-The Ray controller passes explicit values; nothing here knows about Ray. NCCL is picked when CUDA is present,
+The Ray controller passes explicit values and a rendezvous store rank 0 opened beforehand (`open_store`); nothing
+here knows about Ray. NCCL is picked when CUDA is present,
 gloo otherwise (the spec's `resources.device` can force CPU on a GPU machine).
 """
 
@@ -13,7 +14,7 @@ import datetime
 import os
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -31,6 +32,9 @@ class RankEnv:
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
     local_world_size: int = 1
+    store: dist.Store | None = field(default=None, compare=False, repr=False)
+    """The group's rendezvous store, already opened by the launcher (`open_store` on rank 0, `connect_store` on the
+    others); None: meet at master_addr:master_port, rank 0 binding it as the group forms."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> RankEnv:
@@ -68,6 +72,19 @@ class RankEnv:
         )
 
 
+def open_store(timeout_s: float = 1800.0) -> dist.TCPStore:
+    """Rank 0's rendezvous store, listening on a port the system assigns as it binds (`.port`): held from the moment
+    the port is known until the group forms, where a port merely found free could be taken in between (by another
+    job's group, or a metrics exporter on port 0) and fail the attempt."""
+    return dist.TCPStore("0.0.0.0", 0, is_master=True, wait_for_workers=False,
+                         timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def connect_store(master_addr: str, master_port: int, timeout_s: float = 1800.0) -> dist.TCPStore:
+    """Another rank's client of the store `open_store` opened on rank 0."""
+    return dist.TCPStore(master_addr, master_port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
+
+
 def free_port() -> int:
     """A loopback port free now: where a process group of this machine's processes alone can listen."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -93,8 +110,9 @@ def init_distributed(env: RankEnv, device: torch.device, timeout_s: float = 1800
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
-                                init_method=f"tcp://{env.master_addr}:{env.master_port}",
+        meet = {"store": env.store} if env.store is not None else {
+            "init_method": f"tcp://{env.master_addr}:{env.master_port}"}
+        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, **meet,
                                 timeout=datetime.timedelta(seconds=timeout_s),
                                 device_id=device if device.type == "cuda" else None)
 

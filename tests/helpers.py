@@ -38,6 +38,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun(procs: int) -> list[str]:
+    """torchrun on this machine alone; its agent binds the rendezvous port itself (a port found free beforehand can be
+    taken by another test's process before torchrun binds it)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
+
+
 TINY_RUN = ["model.dim=64", "model.n_layers=2", "data.seq_len=64", "parallel.micro_batch_size=4",
             "parallel.grad_accum=2", "schedule.warmup_steps=2", "schedule.eval_every=4", "schedule.eval_batches=2",
             "schedule.log_every=1", "checkpoint.every=4", "checkpoint.async_save=false"]
@@ -47,8 +53,7 @@ def pretrain_train(procs: int, tmp: Path, *overrides: str,
                    program: tuple[str, ...] = ("-m", "orchestrator.cli", "train")) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "TMPDIR": str(tmp),
            "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", *program, str(REPO / "examples" / "tiny.yaml"), *TINY_RUN, *overrides]
+    cmd = [*torchrun(procs), *program, str(REPO / "examples" / "tiny.yaml"), *TINY_RUN, *overrides]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp)
 
 
@@ -69,8 +74,7 @@ def tiny(tie: bool = False):
 def run_layout(procs: int, overrides: list[str], out: Path, tmp: Path, worker: Path = WORKER) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "TMPDIR": str(tmp),
            "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", str(worker), str(out), *overrides]
+    cmd = [*torchrun(procs), str(worker), str(out), *overrides]
     # within the suite's 600 s a test, which counts this launch: 12 four-rank cases took 321 s on a loaded 2-core CPU
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540)
     assert result.returncode == 0 and out.exists(), result.stdout[-3000:] + result.stderr[-6000:]

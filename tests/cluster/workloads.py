@@ -6,7 +6,6 @@ so the controller's restart, hang and straggler paths are tested without buildin
 
 from __future__ import annotations
 
-import datetime
 import os
 import time
 
@@ -14,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from parallel.callbacks import StepStats
+from parallel.launch import init_distributed
 
 STEP_S = 0.2
 
@@ -23,8 +23,7 @@ def allreduce_steps(spec, env, callbacks=()):
 
     `PRETRAIN_TEST_SLOW_RANK=R` makes rank R take three times as long per step (a straggler).
     """
-    dist.init_process_group("gloo", init_method=f"tcp://{env.master_addr}:{env.master_port}", rank=env.rank,
-                            world_size=env.world_size, timeout=datetime.timedelta(seconds=60))
+    init_distributed(env, torch.device("cpu"), timeout_s=60)
     slow = os.environ.get("PRETRAIN_TEST_SLOW_RANK") == str(env.rank)
     for step in range(1, spec.schedule.steps + 1):
         start = time.monotonic()

@@ -6,9 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +23,7 @@ from orchestrator.planner.memory import (
 )
 from orchestrator.validate import parse_spec
 from parallel.model import build_model, cross_entropy
+from tests.helpers import torchrun
 
 PROBE = Path(__file__).with_name("memory_probe.py")
 REPO = PROBE.parents[2]
@@ -197,11 +196,7 @@ def test_model_states_match_a_real_deepspeed_engine(zero, tmp_path):
     out = tmp_path / "probe.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "DS_ACCELERATOR": "cpu",
            "TMPDIR": str(tmp_path), "PYTHONPATH": str(REPO)}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={port}", str(PROBE), str(out), str(zero)]
+    cmd = [*torchrun(2), str(PROBE), str(out), str(zero)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and out.exists(), done.stdout[-2000:] + done.stderr[-4000:]
     live = json.loads(out.read_text())["live_bytes"]

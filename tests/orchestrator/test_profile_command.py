@@ -7,14 +7,13 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from orchestrator.cli import main
-from tests.helpers import REPO, TINY_RUN, free_port
+from tests.helpers import REPO, TINY_RUN, torchrun
 from tests.shards import write_shards
 
 STEPS = 100
@@ -25,8 +24,7 @@ def test_a_running_job_is_profiled_on_every_rank_and_goes_on(tmp_path: Path, cap
     checkpoints = tmp_path / "ckpt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "TMPDIR": str(tmp_path),
            "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", "-m", "orchestrator.cli", "train", str(REPO / "examples" / "tiny.yaml"),
+    cmd = [*torchrun(2), "-m", "orchestrator.cli", "train", str(REPO / "examples" / "tiny.yaml"),
            *TINY_RUN, f"data.path={shards}", f"checkpoint.dir={checkpoints}", "parallel.backend=native",
            f"schedule.steps={STEPS}", "schedule.eval_every=0", "checkpoint.every=0", "schedule.log_every=1000",
            "profile.at_step=2", "profile.steps=1"]

@@ -24,7 +24,7 @@ import pytest
 
 from orchestrator.cli import main as pretrain
 from parallel.callbacks import read_history
-from tests.helpers import REPO, TINY_RUN, free_port
+from tests.helpers import REPO, TINY_RUN, free_port, torchrun
 from tests.parallel.test_hf_layouts import byte_tokenizer
 from tests.shards import write_shards
 
@@ -167,8 +167,7 @@ def test_whole_model_adapter_matches_hflm_request_by_request(run, reference) -> 
 @pytest.mark.parametrize("tp", [1, 2], ids=["dp2", "tp2"])
 def test_pretrain_eval_matches_hflm_under_two_ranks(run, reference, tp: int) -> None:
     out = run["tmp"] / f"eval-tp{tp}.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", "-m", "orchestrator.cli", "eval", str(run["ckpt"]), "--tasks", TASKS,
+    cmd = [*torchrun(2), "-m", "orchestrator.cli", "eval", str(run["ckpt"]), "--tasks", TASKS,
            "--include-path", str(run["tasks"]), "--batch-size", "2", "--tp", str(tp), "--output", str(out),
            "--log-samples"]
     result = subprocess.run(cmd, env=_env(run["tmp"]), capture_output=True, text=True, timeout=300)

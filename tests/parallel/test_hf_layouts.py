@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -32,7 +31,7 @@ from orchestrator.cli import main as pretrain
 from orchestrator.validate import load_spec
 from parallel.callbacks import read_history
 from parallel.loader import build_loaders
-from tests.helpers import free_port
+from tests.helpers import torchrun
 from tests.shards import EOS, write_shards
 
 REPO = Path(__file__).resolve().parents[2]
@@ -115,8 +114,7 @@ def hf_loss(model: tf.PreTrainedModel, micro_batches) -> float:
 def pretrain_train(procs: int, spec: Path, tmp: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "TMPDIR": str(tmp),
            "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", "-m", "orchestrator.cli", "train", str(spec)]
+    cmd = [*torchrun(procs), "-m", "orchestrator.cli", "train", str(spec)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp)
 
 

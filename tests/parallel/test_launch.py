@@ -64,3 +64,29 @@ def test_cuda_on_a_machine_without_it_is_a_user_error() -> None:
     assert pick_device("auto") == torch.device("cpu")
     with pytest.raises(UserError, match="resources.device: 'cuda' asked for, but this machine has no CUDA device"):
         pick_device("cuda")
+
+
+def test_a_store_opened_before_the_group_holds_its_port_until_the_group_forms() -> None:
+    """The Ray controller learns rank 0's port from the store rank 0 already listens on: nothing else on the node can
+    bind that port before the group forms (a port merely found free was taken once, failing the attempt)."""
+    first = ("import socket, sys, torch, torch.distributed as dist\n"
+             "from parallel.launch import RankEnv, init_distributed, open_store\n"
+             "store = open_store()\nprint(store.port, flush=True)\n"
+             "try:\n    socket.create_server(('', store.port))\n    print('taken', flush=True)\n"
+             "except OSError:\n    print('held', flush=True)\n"
+             "env = RankEnv(rank=0, world_size=2, master_port=store.port, store=store)\n"
+             "init_distributed(env, torch.device('cpu'))\n"
+             "t = torch.ones(1)\ndist.all_reduce(t)\nprint(int(t.item()))\n")
+    other = ("import sys, torch, torch.distributed as dist\n"
+             "from parallel.launch import RankEnv, connect_store, init_distributed\n"
+             "port = int(sys.argv[1])\nstore = connect_store('127.0.0.1', port)\n"
+             "init_distributed(RankEnv(rank=1, world_size=2, master_port=port, store=store), torch.device('cpu'))\n"
+             "t = torch.ones(1)\ndist.all_reduce(t)\nprint(int(t.item()))\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "GLOO_SOCKET_IFNAME": "lo"}
+    rank0 = subprocess.Popen([sys.executable, "-c", first], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    port = rank0.stdout.readline().strip()
+    rank1 = subprocess.run([sys.executable, "-c", other, port], env=env, capture_output=True, text=True, timeout=300)
+    out, err = rank0.communicate(timeout=300)
+    assert (rank0.returncode, rank1.returncode) == (0, 0), err[-2000:] + rank1.stderr[-2000:]
+    assert out.split() == ["held", "2"] and rank1.stdout.split() == ["2"]

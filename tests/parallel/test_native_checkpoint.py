@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from native_resume_worker import SAVE_AT
 
-from tests.helpers import PARAM_ATOL, REPO, RTOL, free_port
+from tests.helpers import PARAM_ATOL, REPO, RTOL, torchrun
 
 WORKER = Path(__file__).with_name("native_resume_worker.py")
 
@@ -22,8 +21,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("native-checkpoint")]
 def launch(mode: str, procs: int, ckpt: Path, out: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "TMPDIR": str(out.parent),
            "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", str(WORKER), mode, str(out), str(ckpt), *overrides]
+    cmd = [*torchrun(procs), str(WORKER), mode, str(out), str(ckpt), *overrides]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 

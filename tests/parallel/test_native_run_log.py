@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TINY_RUN, free_port, losses
+from tests.helpers import TINY_RUN, losses, torchrun
 from tests.shards import write_shards
 
 REPO = Path(__file__).resolve().parents[2]
@@ -24,8 +24,7 @@ def train(tmp: Path, blocker: Path, *overrides: str) -> str:
     """`pretrain train` on 2 ranks under torchrun with the blocker first on PYTHONPATH; its stdout and stderr."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "TMPDIR": str(tmp),
            "PYTHONPATH": os.pathsep.join((str(blocker), str(REPO)))}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", "-m", "orchestrator.cli", "train", str(REPO / "examples" / "tiny.yaml"),
+    cmd = [*torchrun(2), "-m", "orchestrator.cli", "train", str(REPO / "examples" / "tiny.yaml"),
            *TINY_RUN, "parallel.backend=native", "checkpoint.async_save=true", "checkpoint.every=2", *overrides]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp)
     log = done.stdout + done.stderr
