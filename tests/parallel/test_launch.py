@@ -87,6 +87,7 @@ def test_a_store_opened_before_the_group_holds_its_port_until_the_group_forms() 
                              text=True)
     port = rank0.stdout.readline().strip()
     rank1 = subprocess.run([sys.executable, "-c", other, port], env=env, capture_output=True, text=True, timeout=300)
-    out, err = rank0.communicate(timeout=300)
+    out, err = rank0.stdout.read(), rank0.stderr.read()  # not communicate(): it would skip what readline buffered
+    rank0.wait(timeout=60)
     assert (rank0.returncode, rank1.returncode) == (0, 0), err[-2000:] + rank1.stderr[-2000:]
     assert out.split() == ["held", "2"] and rank1.stdout.split() == ["2"]
