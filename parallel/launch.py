@@ -4,8 +4,8 @@
     init_distributed(RankEnv(rank=1, world_size=2, local_rank=1, master_addr="10.0.0.3", master_port=29500))
 
 The Ray controller passes explicit values and a rendezvous store rank 0 opened beforehand (`open_store`); nothing
-here knows about Ray. NCCL is picked when CUDA is present,
-gloo otherwise (the spec's `resources.device` can force CPU on a GPU machine).
+here knows about Ray. NCCL is picked when CUDA is present, gloo otherwise (the spec's `resources.device` can force
+CPU on a GPU machine).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch.distributed as dist
 from orchestrator.errors import UserError
 
 _REQUIRED = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+GROUP_TIMEOUT_S = 1800.0  # how long a collective, or a wait on the rendezvous store, may take before it fails
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ class RankEnv:
         )
 
 
-def open_store(timeout_s: float = 1800.0) -> dist.TCPStore:
+def open_store(timeout_s: float = GROUP_TIMEOUT_S) -> dist.TCPStore:
     """Rank 0's rendezvous store, listening on a port the system assigns as it binds (`.port`): held from the moment
     the port is known until the group forms, where a port merely found free could be taken in between (by another
     job's group, or a metrics exporter on port 0) and fail the attempt."""
@@ -80,7 +81,7 @@ def open_store(timeout_s: float = 1800.0) -> dist.TCPStore:
                          timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def connect_store(master_addr: str, master_port: int, timeout_s: float = 1800.0) -> dist.TCPStore:
+def connect_store(master_addr: str, master_port: int, timeout_s: float = GROUP_TIMEOUT_S) -> dist.TCPStore:
     """Another rank's client of the store `open_store` opened on rank 0."""
     return dist.TCPStore(master_addr, master_port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
 
@@ -102,7 +103,7 @@ def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def init_distributed(env: RankEnv, device: torch.device, timeout_s: float = 1800.0) -> None:
+def init_distributed(env: RankEnv, device: torch.device, timeout_s: float = GROUP_TIMEOUT_S) -> None:
     """Join the process group (NCCL for CUDA, gloo for CPU); the DeepSpeed engine adds DeepSpeed's handle to it."""
     env.export()
     if device.type == "cpu":

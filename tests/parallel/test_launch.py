@@ -69,7 +69,7 @@ def test_cuda_on_a_machine_without_it_is_a_user_error() -> None:
 def test_a_store_opened_before_the_group_holds_its_port_until_the_group_forms() -> None:
     """The Ray controller learns rank 0's port from the store rank 0 already listens on: nothing else on the node can
     bind that port before the group forms (a port merely found free was taken once, failing the attempt)."""
-    first = ("import socket, sys, torch, torch.distributed as dist\n"
+    first = ("import socket, torch, torch.distributed as dist\n"
              "from parallel.launch import RankEnv, init_distributed, open_store\n"
              "store = open_store()\nprint(store.port, flush=True)\n"
              "try:\n    socket.create_server(('', store.port))\n    print('taken', flush=True)\n"
