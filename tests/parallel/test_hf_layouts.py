@@ -1,15 +1,19 @@
-"""Hugging Face import and export of every family under tensor and pipeline parallelism, through the real commands.
+"""Hugging Face import and export of every family under tensor or pipeline parallelism, through the real commands.
 
 A random small model of each family, built with transformers' own class (Llama 3.1 with its llama3 RoPE scaling,
 Qwen2 with biases and tied embeddings, Qwen3 with per-head query/key norms and head_dim ≠ dim / n_heads, Mistral with a
 sliding window shorter than the sequence, OLMo 2 with post-norms and norms over all heads, Gemma 2 with sandwich
 norms, soft-caps, scaled and tied embeddings and alternating windows), is imported (`pretrain import`) into a tp2
-and into a pp2 run that trains one step on real shards (`pretrain train` under torchrun, fp32, the engine named
-per case so that both engines run both layouts) and checkpoints. transformers is the reference each way: its loss
-on the run's first batch must be the run's first loss (the imported weights, before the update); after
-`pretrain export` gathers the checkpoint, its loss on the validation batch must be the run's validation loss (the
-trained weights, gathered); and its greedy generation from the exported model must be what `pretrain generate`
-writes from the checkpoint itself, 32 tokens.
+or a pp2 run that trains one step on real shards (`pretrain train` under torchrun, fp32) and checkpoints.
+transformers is the reference each way: its loss on the run's first batch must be the run's first loss (the imported
+weights, before the update); after `pretrain export` gathers the checkpoint, its loss on the validation batch must be
+the run's validation loss (the trained weights, gathered); and its greedy generation from the exported model must be
+what `pretrain generate` writes from the checkpoint itself, 32 tokens.
+
+Each family runs one layout, chosen so that each engine runs both layouts and sequence parallelism runs on both
+engines. What import, export and generation add to training is the conversion of whole state dicts (per family) and
+the gathering of a layout's checkpoint (per engine and layout); every family's switches under every layout of both
+engines are held to one process by test_family_layouts.
 
 Weights are drawn with std 0.2 (transformers' initializer_range) so the logits are peaked: a greedy choice between
 near-equal logits would flip on rounding alone.
@@ -73,26 +77,24 @@ def shards(tmp_path_factory) -> Path:
 
 NATIVE, DEEPSPEED = "parallel.backend=native", "parallel.backend=deepspeed"
 SP = "parallel.sequence_parallel=true"
-# family → (transformers config class, its settings, {layout: the engine and its switches})
+# family → (transformers config class, its settings, its layout, the engine and its switches)
 FAMILIES = {
     "llama3": (tf.LlamaConfig, dict(rope_theta=500000.0, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 16}), {"tp2": [NATIVE, SP], "pp2": [DEEPSPEED]}),
-    "qwen2": (tf.Qwen2Config, dict(tie_word_embeddings=True), {"tp2": [NATIVE], "pp2": [DEEPSPEED]}),
-    "qwen3": (tf.Qwen3Config, dict(head_dim=32), {"tp2": [NATIVE], "pp2": [DEEPSPEED]}),
-    "mistral": (tf.MistralConfig, dict(sliding_window=8), {"tp2": [DEEPSPEED, SP], "pp2": [NATIVE]}),
-    "olmo2": (tf.Olmo2Config, {}, {"tp2": [DEEPSPEED], "pp2": [NATIVE]}),
+        "original_max_position_embeddings": 16}), "tp2", [NATIVE, SP]),
+    "qwen2": (tf.Qwen2Config, dict(tie_word_embeddings=True), "pp2", [DEEPSPEED]),
+    "qwen3": (tf.Qwen3Config, dict(head_dim=32), "pp2", [NATIVE]),
+    "mistral": (tf.MistralConfig, dict(sliding_window=8), "tp2", [DEEPSPEED, SP]),
+    "olmo2": (tf.Olmo2Config, {}, "tp2", [NATIVE]),
     "gemma2": (tf.Gemma2Config, dict(head_dim=32, query_pre_attn_scalar=24, sliding_window=8, tie_word_embeddings=True,
-                                     attn_logit_softcapping=20.0, final_logit_softcapping=10.0),
-               {"tp2": [DEEPSPEED, SP], "pp2": [DEEPSPEED]}),
+                                     attn_logit_softcapping=20.0, final_logit_softcapping=10.0), "pp2", [DEEPSPEED]),
 }
 LAYOUTS = {"tp2": "parallel.tp=2", "pp2": "parallel.pp=2"}
-CASES = [(family, layout) for family in FAMILIES for layout in LAYOUTS]
 PROMPT = "In the beginning"
 
 
 def hf_model(hf_dir: Path, family: str) -> tf.PreTrainedModel:
-    cls, settings, _ = FAMILIES[family]
+    cls, settings, _, _ = FAMILIES[family]
     config = cls(**{"vocab_size": 260, "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
                     "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
                     "max_position_embeddings": 64, "tie_word_embeddings": False, "initializer_range": 0.2,
@@ -118,12 +120,11 @@ def pretrain_train(procs: int, spec: Path, tmp: Path) -> subprocess.CompletedPro
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp)
 
 
-@pytest.mark.parametrize(("family", "layout"), CASES, ids=[f"{f}-{layout}" for f, layout in CASES])
-def test_import_train_export_generate_match_transformers(family: str, layout: str, shards: Path, tmp_path: Path,
-                                                         capsys) -> None:
+@pytest.mark.parametrize("family", FAMILIES, ids=[f"{f}-{FAMILIES[f][2]}" for f in FAMILIES])
+def test_import_train_export_generate_match_transformers(family: str, shards: Path, tmp_path: Path, capsys) -> None:
     reference = hf_model(tmp_path / "hf", family)
     spec_file, ckpt = tmp_path / "job.yaml", tmp_path / "ckpt"
-    engine = FAMILIES[family][2][layout]
+    _, _, layout, engine = FAMILIES[family]
     assert pretrain(["import", str(tmp_path / "hf"), str(REPO / "examples" / "tiny.yaml"), *RUN, LAYOUTS[layout],
                      *engine, f"data.path={shards}", f"checkpoint.dir={ckpt}", "-o", str(spec_file)]) == 0
     spec = load_spec(spec_file)
