@@ -26,6 +26,18 @@ CLUSTER_VARIABLE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 LOG_ENV = {"RAY_DEDUP_LOGS": "0", "RAY_COLOR_PREFIX": "0"}
 
 
+# Ray keeps at most one idle worker process per CPU and ends the others after a second idle; on a machine of few CPUs
+# each Ray Data execution then starts its task workers anew (seconds each: Python, pyarrow, this package), most of a
+# small prep's time there (2 cores: the dedup of the test corpora took 128 s, 11 s with this floor). At or above
+# this many CPUs, Ray's own limit stands.
+MIN_IDLE_WORKERS = 8
+
+
+def system_config(num_cpus: float | None = None) -> dict[str, int]:
+    """Ray's `_system_config` for a cluster started on this machine with `num_cpus` (None: every CPU) per node."""
+    return {"num_workers_soft_limit": max(MIN_IDLE_WORKERS, int(num_cpus or os.cpu_count() or 1))}
+
+
 def apply_local_env() -> bool:
     """Set the loopback / no-telemetry / plain-log variables, keeping any the user set.
 
@@ -47,7 +59,7 @@ def local_cluster(num_cpus: float | None = None, num_gpus: int | None = None) ->
     import ray
 
     ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
-             _node_ip_address="127.0.0.1", configure_logging=False)
+             _node_ip_address="127.0.0.1", configure_logging=False, _system_config=system_config(num_cpus))
     try:
         yield ray.cluster_resources()
     finally:

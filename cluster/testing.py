@@ -13,7 +13,7 @@ import shutil
 import socket
 import tempfile
 
-from cluster.local import apply_local_env
+from cluster.local import apply_local_env, system_config
 
 
 class SimulatedCluster:
@@ -42,7 +42,7 @@ class SimulatedCluster:
             # seconds on a loaded test machine (a false node death takes the jobs on it down); wait longer for a
             # node's agent, slow to start there too.
             "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 8,
-                               "agent_register_timeout_ms": 180000},
+                               "agent_register_timeout_ms": 180000, **system_config(cpus_per_node)},
         })
         # `Cluster` writes that file to /tmp/ray whatever the temp dir: write it where this cluster's drivers look.
         ray_utils.write_ray_address(self.cluster.gcs_address, self.temp_dir)

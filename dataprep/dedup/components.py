@@ -30,31 +30,48 @@ def find_components(edges, partitions: int, local_max_edges: int):
         doubled = edges.map_batches(_both_directions, batch_format="pyarrow")
         edges = doubled.repartition(partitions, keys=["u"]).map_batches(
             _large_star, batch_size=None, batch_format="pyarrow").materialize()
-        if edges.sum("unsettled") == 0:
+        if _unsettled(edges) == 0:
             break
         edges = edges.filter(expr=col("u") >= 0).map_batches(_larger_first, batch_format="pyarrow")
         edges = edges.repartition(partitions, keys=["u"]).map_batches(
             _small_star, batch_size=None, batch_format="pyarrow")
     members = edges.filter(expr=col("u") >= 0).map_batches(
         lambda t: pa.table({"key": t.column("u"), "root": t.column("v")}), batch_format="pyarrow").materialize()
-    return members, rounds, _cluster_sizes(members)
+    return members, rounds, _cluster_sizes(members, partitions)
 
 
 def _histogram(roots: np.ndarray) -> dict[str, int]:
     """{cluster size: clusters} from the root of every non-root member."""
-    _, per_root = np.unique(roots, return_counts=True)
-    size, n = np.unique(per_root + 1, return_counts=True)
+    size, n = _size_counts(roots)
     return {str(int(s)): int(c) for s, c in zip(size, n, strict=True)}
 
 
-def _cluster_sizes(members) -> dict[str, int]:
+def _size_counts(roots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(cluster sizes, clusters of each) from the root of every non-root member of those clusters."""
+    _, per_root = np.unique(roots, return_counts=True)
+    return np.unique(per_root + 1, return_counts=True)
+
+
+def _unsettled(edges) -> int:
+    """The unsettled nodes counted by every block's marker row. A map over the blocks, not `Dataset.sum`: Ray Data
+    runs an aggregate as a hash shuffle of its own, seconds of fixed cost per round for one number a block."""
+    from ray.data.expressions import col
+
+    markers = edges.filter(expr=col("u") < 0).select_columns(["unsettled"])
+    return sum(int(b["unsettled"].sum()) for b in markers.iter_batches(batch_format="numpy"))
+
+
+def _cluster_sizes(members, partitions: int) -> dict[str, int]:
+    """{cluster size: clusters}: members shuffled by root (every root's members in one block, as the contraction's
+    shuffles by node), one histogram a block, added up here."""
     def histogram(t: pa.Table) -> pa.Table:
-        size, n = np.unique(t.column("count()").to_numpy() + 1, return_counts=True)
-        return pa.table({"size": size, "n": n})
+        size, n = _size_counts(t.column("root").to_numpy())
+        return pa.table({"size": pa.array(size, pa.int64()), "n": pa.array(n, pa.int64())})
 
     sizes: dict[int, int] = {}
-    for batch in members.groupby("root").count().map_batches(histogram, batch_format="pyarrow").iter_batches(
-            batch_format="numpy"):
+    blocks = members.repartition(partitions, keys=["root"]).map_batches(histogram, batch_size=None,
+                                                                        batch_format="pyarrow")
+    for batch in blocks.iter_batches(batch_format="numpy"):
         for size, n in zip(batch["size"].tolist(), batch["n"].tolist(), strict=True):
             sizes[size] = sizes.get(size, 0) + n
     return {str(k): v for k, v in sorted(sizes.items())}

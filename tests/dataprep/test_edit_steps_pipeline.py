@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from dataprep.config import load_prep_config
+from dataprep.executor import connect_ray
 from dataprep.filters.decontaminate import words_of
 from dataprep.filters.pii import PiiFilter
 from dataprep.ingest import IngestStage
@@ -79,7 +80,7 @@ def corpus(tmp_path_factory, sample_corpora):
 def ray_session():
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    connect_ray(None, num_cpus=2, progress=False)
     yield
     ray.shutdown()
 

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from dataprep.config import load_prep_config
+from dataprep.executor import connect_ray
 from dataprep.pipeline import run_prep
 from dataprep.shards import open_shard, read_manifest, shard_paths, verify_shard
 from dataprep.stats import PrepStats
@@ -67,7 +68,7 @@ def single_node(prep_yaml):
             seen.append(stats.snapshot())
             stop.wait(0.005)
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    connect_ray(None, num_cpus=2, progress=False)
     poller = threading.Thread(target=poll)
     poller.start()
     try:
@@ -135,9 +136,11 @@ def test_two_node_cluster_with_distributed_components_writes_the_same_shards(sin
     import ray
     from ray.cluster_utils import Cluster
 
+    from cluster.local import system_config
+
     config, _, _ = single_node
     other = load_prep_config(prep_yaml, [f"output={tmp_path}/shards", "dedup.local_components_max_edges=0"])
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "_system_config": system_config(1)})
     cluster.add_node(num_cpus=1)
     try:
         ray.init(address=cluster.address)
@@ -193,7 +196,7 @@ def test_files_read_as_many_spans_give_the_same_shards_and_report(tmp_path, samp
     path.write_text(yaml.safe_dump(raw))
     whole = load_prep_config(path)
     split = load_prep_config(path, [f"output={tmp_path}/split/shards", "span_bytes=20000"])
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    connect_ray(None, num_cpus=2, progress=False)
     try:
         reports = [run_prep(config, progress=False) for config in (whole, split)]
     finally:

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from dataprep.config import PrepConfig, QualityConfig, load_prep_config
+from dataprep.executor import connect_ray
 from dataprep.filters.quality_model import FastTextScorer
 from dataprep.filters.quality_train import held_out
 from dataprep.pipeline import run_prep
@@ -119,7 +120,7 @@ def _parts(directory: str) -> pa.Table:
 def ray_session():
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    connect_ray(None, num_cpus=2, progress=False)
     yield
     ray.shutdown()
 
