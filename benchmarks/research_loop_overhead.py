@@ -58,7 +58,6 @@ import yaml  # noqa: E402
 from orchestrator.spec import EvalConfig  # noqa: E402
 from orchestrator.validate import load_yaml, parse_spec  # noqa: E402
 from parallel.callbacks import BaseCallback, EvalStats, StepStats  # noqa: E402
-from tests.helpers import free_port  # noqa: E402
 from tests.shards import CORPUS, corpus_tokens, write_shards  # noqa: E402
 
 RUNS = {"plain": ["prometheus"], "loop": ["prometheus", "tensorboard", "wandb", "mlflow"]}
@@ -143,7 +142,7 @@ def build_spec(args: argparse.Namespace, run_name: str, checkpoints: Path):
         "name": f"loop-overhead-{run_name}", "model": model, "data": {"path": args.data, "seq_len": args.seq_len},
         "parallel": parallel, "optim": written.get("optim", {}), "schedule": schedule,
         "checkpoint": {"dir": str(checkpoints), "every": 0, "resume": False},
-        "metrics": {"loggers": RUNS[run_name], "host": "127.0.0.1", "port": free_port()},
+        "metrics": {"loggers": RUNS[run_name], "host": "127.0.0.1", "port": 0},
         "resources": {"device": args.device, "gpus_per_node": 1},
     }
     if run_name == "loop":
@@ -181,7 +180,7 @@ def child(args: argparse.Namespace) -> None:
     clock = Clock()
     exporter = RankExporter.from_spec(spec, 0, 0, advertise_host="127.0.0.1")
     begin = time.perf_counter()
-    run(spec, RankEnv(master_port=free_port()), callbacks=[exporter, clock])
+    run(spec, RankEnv(master_port=0), callbacks=[exporter, clock])
     total = time.perf_counter() - begin
     shutil.rmtree(checkpoints, ignore_errors=True)  # ~14 GB at 1B; the next run shares the disk
     Path(args.result).write_text(json.dumps({"steps": clock.steps, "evals": clock.evals, "run_s": total}))

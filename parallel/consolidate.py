@@ -17,6 +17,7 @@ together about the checkpoint's size in memory (model and optimizer state, each 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import pickle
 import subprocess
@@ -32,7 +33,7 @@ from orchestrator.errors import CheckpointError, UserError
 from orchestrator.spec import JobSpec
 from parallel.checkpoint_layout import LATEST_FILE, LAYOUT_FILE, MANIFEST_FILE, STEP_PREFIX, read_layout, step_of
 from parallel.hf import HFExport, save_hf
-from parallel.launch import free_port
+from parallel.launch import connect_store, open_store
 from parallel.model import ModelDims
 
 _ERROR_FILE = "error_rank_{}.txt"
@@ -128,11 +129,13 @@ def consolidate(spec: JobSpec, step_dir: str, write: StateWriter) -> None:
 def _run_ranks(world: int, job: str, work: str) -> None:
     """Start `world` rank processes, wait for all; a failing rank stops the others and its error is raised."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    port = free_port()
+    # The group's store is held here, listening before any rank starts, until every rank is done: a port found free
+    # and bound later by rank 0 could be taken in between.
+    store = open_store()
     # Started from a torchrun rank (resuming across backends), the inherited TORCHELASTIC_* variables would have
-    # these ranks look for torchrun's store instead of rank 0 creating their own.
+    # these ranks look for torchrun's store instead of this one.
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC_")}
-    base = {**inherited, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
+    base = {**inherited, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "WORLD_SIZE": str(world),
             "LOCAL_WORLD_SIZE": str(world), "GLOO_SOCKET_IFNAME": "lo",
             "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world)),
             "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
@@ -174,7 +177,8 @@ def _rank_main(job: str) -> None:
 
     with open(job, "rb") as f:
         spec, step_dir, write = pickle.load(f)
-    env = RankEnv.from_env()
+    launched = RankEnv.from_env()
+    env = dataclasses.replace(launched, store=connect_store(launched.master_addr, launched.master_port))
     try:
         device = torch.device("cpu")
         init_distributed(env, device)

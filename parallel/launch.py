@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -34,8 +33,8 @@ class RankEnv:
     master_port: int = 29500
     local_world_size: int = 1
     store: dist.Store | None = field(default=None, compare=False, repr=False)
-    """The group's rendezvous store, already opened by the launcher (`open_store` on rank 0, `connect_store` on the
-    others); None: meet at master_addr:master_port, rank 0 binding it as the group forms."""
+    """The group's rendezvous store, already opened (`open_store`, on rank 0 or in the process that starts the ranks;
+    `connect_store` on the others); None: meet at master_addr:master_port, rank 0 binding it as the group forms."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> RankEnv:
@@ -84,13 +83,6 @@ def open_store(timeout_s: float = GROUP_TIMEOUT_S) -> dist.TCPStore:
 def connect_store(master_addr: str, master_port: int, timeout_s: float = GROUP_TIMEOUT_S) -> dist.TCPStore:
     """Another rank's client of the store `open_store` opened on rank 0."""
     return dist.TCPStore(master_addr, master_port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
-
-
-def free_port() -> int:
-    """A loopback port free now: where a process group of this machine's processes alone can listen."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:

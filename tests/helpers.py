@@ -8,7 +8,6 @@ import functools
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -30,12 +29,6 @@ REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "parallel" / "layout_worker.py"
 RTOL = 1e-5
 PARAM_ATOL = 1e-5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(procs: int) -> list[str]:

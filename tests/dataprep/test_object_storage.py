@@ -27,7 +27,6 @@ from dataprep import filesystem
 from dataprep.shards import read_manifest
 from orchestrator.errors import DataError
 from parallel.hf import shard_tokenizer
-from parallel.launch import free_port
 from parallel.loader import ShardLoader
 from tests.helpers import TINY_RUN, losses
 
@@ -45,10 +44,9 @@ def store(tmp_path_factory):
     import requests
     from moto.server import ThreadedMotoServer
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # the port it binds
     server.start()
-    url = f"http://127.0.0.1:{port}"
+    url = "http://{}:{}".format(*server.get_host_and_port())
     iam = boto3.client("iam", endpoint_url=url, region_name="us-east-1", aws_access_key_id="setup",
                        aws_secret_access_key="setup")
     iam.create_user(UserName="prep")

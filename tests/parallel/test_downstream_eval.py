@@ -24,7 +24,7 @@ import pytest
 
 from orchestrator.cli import main as pretrain
 from parallel.callbacks import read_history
-from tests.helpers import REPO, TINY_RUN, free_port, torchrun
+from tests.helpers import REPO, TINY_RUN, torchrun
 from tests.parallel.test_hf_layouts import byte_tokenizer
 from tests.shards import write_shards
 
@@ -48,7 +48,7 @@ def _env(tmp: Path) -> dict[str, str]:
 
 
 def _one_process(tmp: Path) -> dict[str, str]:
-    return {**_env(tmp), "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    return {**_env(tmp), "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"}
 
 
 def _task(directory: Path, name: str, rows: list[dict], body: str) -> None:

@@ -9,8 +9,8 @@ and tp2 (sequence parallel) and pp2 on the DeepSpeed engine; the four-rank layou
 engine) compose those same two-rank pieces, so each runs with one model, the models taking turns. Activation
 checkpointing rotates through none, full and selective so that every model meets every mode. The 20 runs of two
 ranks share one torchrun launch (`layout_worker.py --cases`), the 4 of four another (four ranks on two cores are the
-slowest launch of the suite); each is held to the single-process reference with the layout tests' tolerances (1e-5 relative on losses, 1e-5 absolute
-on parameters).
+slowest launch of the suite); each is held to the single-process reference with the layout tests' tolerances (1e-5
+relative on losses, 1e-5 absolute on parameters).
 
 Adam's eps is 1e-5 here (1e-6 in the other layout tests): in 3 steps a token first seen in the last step gets
 Adam's first, normalised update, and with a near-zero gradient element the rounding noise of a different summation

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+from parallel.launch import open_store
 from tests.shards import write_shards
 
 REPO = Path(__file__).resolve().parents[2]
@@ -47,22 +47,17 @@ def job(tmp_path_factory) -> Path:
     return root / "job.yaml"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(job: Path, ranks: int, ckpt: Path, out: Path, *overrides: str, flags: tuple[str, ...] = ()) -> list[int]:
-    """Start `ranks` worker processes (torchrun-style variables) and wait for all; returns their exit codes."""
-    port = _free_port()
+    """Start `ranks` worker processes (torchrun-style variables) and wait for all; returns their exit codes. Their
+    group's store listens here from before the first rank starts (a port found free could be taken meanwhile)."""
+    store = open_store()
     args = [sys.executable, str(WORKER), str(job), str(out), f"checkpoint.dir={ckpt}",
             f"resources.gpus_per_node={ranks}", *overrides, *flags]
     procs = []
     log = open(out.with_suffix(".log"), "w")  # noqa: SIM115 - shared by the ranks, closed below
     for rank in range(ranks):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(ranks), LOCAL_RANK=str(rank),
-                   LOCAL_WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   LOCAL_WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port),
                    OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONPATH=str(REPO))
         procs.append(subprocess.Popen(args, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT))
     try:
