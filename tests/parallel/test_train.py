@@ -47,18 +47,18 @@ def test_a_layout_that_does_not_fit_the_launched_ranks_is_one_readable_error(tmp
 @pytest.mark.slow
 def test_native_checkpoints_resume_exactly_and_cross_to_deepspeed_and_back(tmp_path: Path) -> None:
     shards = write_shards(tmp_path / "shards", seq_len=64, rows=400)
-    # a constant LR after warmup, so stopping at 8 of 8 steps and going on to 10 is the same run as 10 straight
+    # a constant LR after warmup, so the runs that go on to 11 steps below train as the 10-step ones
     native = [f"data.path={shards}", "parallel.backend=native", "parallel.zero_stage=3",
               "checkpoint.async_save=true", "schedule.lr_schedule=constant"]
-    straight = pretrain_train(2, tmp_path, *native, f"checkpoint.dir={tmp_path / 'straight'}", "schedule.steps=10")
+    straight = pretrain_train(2, tmp_path, *native, f"checkpoint.dir={tmp_path / 'straight'}", "schedule.steps=10",
+                              "checkpoint.every=4")
     assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
-    resumed_dir = f"checkpoint.dir={tmp_path / 'resumed'}"
-    first = pretrain_train(2, tmp_path, *native, resumed_dir, "schedule.steps=8")
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    manifest = (tmp_path / "resumed" / "step_8" / "manifest.json").read_text()
+    manifest = (tmp_path / "straight" / "step_8" / "manifest.json").read_text()
     assert "engine/dcp/.metadata" in manifest and ".distcp" in manifest and "engine/engine_state.pt" in manifest
 
-    second = pretrain_train(2, tmp_path, *native, resumed_dir, "schedule.steps=10")
+    # a new run from a copy of its step_8 (saved in the background while training went on) trains steps 9 and 10 as it
+    shutil.copytree(tmp_path / "straight" / "step_8", tmp_path / "resumed" / "step_8")
+    second = pretrain_train(2, tmp_path, *native, f"checkpoint.dir={tmp_path / 'resumed'}", "schedule.steps=10")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     after = losses(second.stdout)
     assert sorted(after) == [9, 10]
