@@ -28,8 +28,8 @@ LOG_ENV = {"RAY_DEDUP_LOGS": "0", "RAY_COLOR_PREFIX": "0"}
 
 # Ray keeps at most one idle worker process per CPU and ends the others after a second idle; on a machine of few CPUs
 # each Ray Data execution then starts its task workers anew (seconds each: Python, pyarrow, this package), most of a
-# small prep's time there (2 cores: the dedup of the test corpora took 128 s, 11 s with this floor). At or above
-# this many CPUs, Ray's own limit stands.
+# small prep's time there (2 cores, the test corpora's prep with distributed components: 107 s, 23 s with this
+# floor). At or above this many CPUs, Ray's own limit stands.
 MIN_IDLE_WORKERS = 8
 
 
