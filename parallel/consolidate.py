@@ -17,7 +17,6 @@ together about the checkpoint's size in memory (model and optimizer state, each 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 import pickle
 import subprocess
@@ -33,7 +32,7 @@ from orchestrator.errors import CheckpointError, UserError
 from orchestrator.spec import JobSpec
 from parallel.checkpoint_layout import LATEST_FILE, LAYOUT_FILE, MANIFEST_FILE, STEP_PREFIX, read_layout, step_of
 from parallel.hf import HFExport, save_hf
-from parallel.launch import connect_store, open_store
+from parallel.launch import join_store, open_store
 from parallel.model import ModelDims
 
 _ERROR_FILE = "error_rank_{}.txt"
@@ -177,8 +176,7 @@ def _rank_main(job: str) -> None:
 
     with open(job, "rb") as f:
         spec, step_dir, write = pickle.load(f)
-    launched = RankEnv.from_env()
-    env = dataclasses.replace(launched, store=connect_store(launched.master_addr, launched.master_port))
+    env = join_store(RankEnv.from_env())
     try:
         device = torch.device("cpu")
         init_distributed(env, device)

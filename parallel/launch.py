@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -83,6 +83,12 @@ def open_store(timeout_s: float = GROUP_TIMEOUT_S) -> dist.TCPStore:
 def connect_store(master_addr: str, master_port: int, timeout_s: float = GROUP_TIMEOUT_S) -> dist.TCPStore:
     """Another rank's client of the store `open_store` opened on rank 0."""
     return dist.TCPStore(master_addr, master_port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def join_store(env: RankEnv) -> RankEnv:
+    """`env` with a client of the store its launching process opened and holds at master_addr:master_port: every
+    rank connects to it, none binds the port."""
+    return replace(env, store=connect_store(env.master_addr, env.master_port))
 
 
 def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:

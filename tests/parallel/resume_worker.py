@@ -12,7 +12,6 @@ itself after writing the first file of checkpoint STEP, leaving it unfinished.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import signal
@@ -25,7 +24,7 @@ import parallel.checkpoint as checkpoint
 from orchestrator.validate import load_spec
 from parallel.checkpoint import Checkpointer
 from parallel.engine import build_engine
-from parallel.launch import RankEnv, connect_store, init_distributed, pick_device
+from parallel.launch import RankEnv, init_distributed, join_store, pick_device
 from parallel.loader import ShardLoader
 from parallel.resume import resume
 
@@ -50,8 +49,7 @@ def main() -> None:
     parser.add_argument("--kill-at", type=int, default=0)
     parser.add_argument("--kill-while-saving", type=int, default=0)
     args = parser.parse_args()
-    launched = RankEnv.from_env()  # the group's store is the launching test's
-    env = dataclasses.replace(launched, store=connect_store(launched.master_addr, launched.master_port))
+    env = join_store(RankEnv.from_env())  # the group's store is the launching test's
     spec = load_spec(args.spec, args.overrides)
     device = pick_device("cpu")
     init_distributed(env, device)
