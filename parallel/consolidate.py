@@ -10,8 +10,10 @@ hold flattened, padded partitions per rank, its pipeline files name layers by st
 `Engine.full_state_dict` is the gathering code the layout-equivalence tests hold to one process. Reading
 DeepSpeed's files directly (zero_to_fp32, or its universal checkpoint) would cover one backend, follow its file
 format from version to version, and the universal route writes a converted copy of the optimizer state (three times
-the model) beside the checkpoint. The price: as many processes as the run had ranks, on this machine's CPUs, holding
-together about the checkpoint's size in memory (model and optimizer state, each rank its share).
+the model) beside the checkpoint. The price for DeepSpeed's checkpoints: as many processes as the run had ranks, on
+this machine's CPUs, holding together about the checkpoint's size in memory (model and optimizer state, each rank its
+share). The native backend's DCP checkpoints reshard on load, so one process reads any layout's: the same memory,
+one process's start instead of one per rank, and no collectives.
 """
 
 from __future__ import annotations
@@ -96,16 +98,19 @@ def saved_layout(step_dir: str) -> dict[str, int]:
 
 
 def layout_spec(spec: JobSpec, step_dir: str) -> JobSpec:
-    """The run's spec with the checkpoint's own layout, on this machine's CPUs, reading checkpoints beside it."""
+    """The run's spec in a layout that reads the checkpoint, on this machine's CPUs, reading checkpoints beside it:
+    DeepSpeed's own layout; one process for the native backend's, whose DCP checkpoints load into any layout."""
     layout = saved_layout(step_dir)
     spec = copy.deepcopy(spec)
     p = spec.parallel
-    p.dp, p.pp, p.tp, p.zero_stage = layout["dp"], layout["pp"], layout["tp"], layout["zero_stage"]
     p.backend = layout["backend"]  # the engine that wrote it is the one that reads it
-    p.cp = p.ep = 1  # only the native engine has cp and ep, and its DCP checkpoints load into any layout
+    p.dp, p.pp, p.tp, p.zero_stage = layout["dp"], layout["pp"], layout["tp"], layout["zero_stage"]
+    if p.backend == "native":
+        p.dp = p.pp = p.tp = 1
+    p.cp = p.ep = 1  # only the native engine has cp and ep
     p.compile = False  # compiling costs more than the one gather it would speed up
     spec.resources.device, spec.resources.num_nodes = "cpu", 1
-    spec.resources.gpus_per_node = layout["dp"] * layout["pp"] * layout["tp"]
+    spec.resources.gpus_per_node = p.dp * p.pp * p.tp
     spec.checkpoint.dir = os.path.dirname(os.path.normpath(step_dir))
     if spec.checkpoint.init_from:  # a LoRA run's frozen model, read by ranks started in another directory
         spec.checkpoint.init_from = os.path.abspath(spec.checkpoint.init_from)

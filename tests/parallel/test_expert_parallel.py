@@ -64,15 +64,15 @@ def test_layouts_expert_parallelism_cannot_run_are_refused_naming_parallel_ep(ov
 
 
 def test_consolidation_gathers_an_ep_checkpoint_without_ep(tmp_path: Path) -> None:
-    """Consolidation loads a checkpoint in its saved dp × pp × tp on CPU: DCP reshards the experts, so it runs
-    ep1, which any dp divides."""
+    """Consolidation reads a native checkpoint of any layout in one process: DCP reshards the experts (and the
+    stages) on load."""
     step = tmp_path / "step_3"
     step.mkdir()
     layout = {"backend": "native", "dp": 1, "pp": 2, "tp": 1, "zero_stage": 1, "step": 3, "world_size": 4}
     (step / "layout.json").write_text(json.dumps(layout))
     spec = parse_spec(TINY, overrides=[*RUN, "parallel.cp=2", "parallel.ep=2", "resources.gpus_per_node=4"])
     gathered = layout_spec(spec, str(step))
-    assert (gathered.parallel.ep, gathered.parallel.cp, gathered.world_size) == (1, 1, 2)
+    assert (gathered.parallel.ep, gathered.parallel.cp, gathered.world_size) == (1, 1, 1)
 
 
 def test_an_elastic_resize_keeps_ep_only_where_dp_still_splits_over_it() -> None:

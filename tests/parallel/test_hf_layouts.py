@@ -12,8 +12,8 @@ what `pretrain generate` writes from the checkpoint itself, 32 tokens.
 
 Each family runs one layout, chosen so that each engine runs both layouts and sequence parallelism runs on both
 engines. What import, export and generation add to training is the conversion of whole state dicts (per family) and
-the gathering of a layout's checkpoint (per engine and layout); every family's switches under every layout of both
-engines are held to one process by test_family_layouts.
+the reading of a layout's checkpoint (DeepSpeed's in its layout, the native engine's resharded into one process);
+every family's switches under every layout of both engines are held to one process by test_family_layouts.
 
 Weights are drawn with std 0.2 (transformers' initializer_range) so the logits are peaked: a greedy choice between
 near-equal logits would flip on rounding alone.
