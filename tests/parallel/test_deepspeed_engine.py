@@ -1,4 +1,6 @@
-"""Every dp × pp × tp layout (and ZeRO stage) trains the same as one process: per-step losses and final parameters.
+"""Every ZeRO stage, dp, pp and tp alone and each pair of them train the same as one process: per-step losses and
+final parameters. All three at once (eight ranks) run on the native engine, the default: under this engine that launch
+took 133 s of this file's 351 s on a 2-core CPU.
 
 The reference is a plain single-process PyTorch loop over the same model, data, AdamW and schedule (no DeepSpeed),
 so the layouts are checked against the definition of the training step, not against each other. The layouts of one
@@ -33,7 +35,6 @@ LAYOUTS = {
     "dp2-pp2": (4, ["parallel.pp=2", "parallel.zero_stage=1"]),
     "pp2-tp2": (4, ["parallel.pp=2", "parallel.tp=2", "parallel.sequence_parallel=true",
                     "model.tie_embeddings=true"]),
-    "dp2-pp2-tp2": (8, ["parallel.pp=2", "parallel.tp=2", "parallel.zero_stage=1", "model.tie_embeddings=true"]),
 }
 BF16 = (2, ["parallel.zero_stage=1", "parallel.precision=bf16"])
 
