@@ -104,9 +104,8 @@ def layout_spec(spec: JobSpec, step_dir: str) -> JobSpec:
     spec = copy.deepcopy(spec)
     p = spec.parallel
     p.backend = layout["backend"]  # the engine that wrote it is the one that reads it
-    p.dp, p.pp, p.tp, p.zero_stage = layout["dp"], layout["pp"], layout["tp"], layout["zero_stage"]
-    if p.backend == "native":
-        p.dp = p.pp = p.tp = 1
+    p.dp, p.pp, p.tp = (1, 1, 1) if p.backend == "native" else (layout["dp"], layout["pp"], layout["tp"])
+    p.zero_stage = layout["zero_stage"]
     p.cp = p.ep = 1  # only the native engine has cp and ep
     p.compile = False  # compiling costs more than the one gather it would speed up
     spec.resources.device, spec.resources.num_nodes = "cpu", 1

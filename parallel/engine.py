@@ -156,6 +156,6 @@ def deepspeed_engine_class() -> type[Engine]:
     try:
         from parallel.deepspeed_engine import DeepSpeedEngine
     finally:
-        if hidden and "mlflow" in sys.modules and sys.modules["mlflow"] is None:
+        if hidden:
             del sys.modules["mlflow"]
     return DeepSpeedEngine
