@@ -9,6 +9,7 @@ torch trains on the CPU anyway (`resources.device: auto`).
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import tempfile
@@ -33,6 +34,8 @@ class SimulatedCluster:
         self.node_args = {"num_cpus": cpus_per_node, "num_gpus": gpus_per_node, "node_ip_address": "127.0.0.1",
                           "temp_dir": self.temp_dir}
         self.jobs_port = _free_port()
+        # `Cluster` also writes that file to Ray's default temp dir, which a machine that never ran Ray lacks.
+        os.makedirs(os.path.dirname(ray_utils.get_ray_address_file(None)), exist_ok=True)
         # Other Ray instances on the machine hold the default ports (the job agent's 52365): take free ones.
         self.cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": head_cpus, "node_ip_address": "127.0.0.1", "include_dashboard": True, "temp_dir": self.temp_dir,
@@ -44,7 +47,7 @@ class SimulatedCluster:
             "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 8,
                                "agent_register_timeout_ms": 180000, **system_config(cpus_per_node)},
         })
-        # `Cluster` writes that file to /tmp/ray whatever the temp dir: write it where this cluster's drivers look.
+        # `Cluster` writes that file to the default temp dir whatever the head's: write it where its drivers look.
         ray_utils.write_ray_address(self.cluster.gcs_address, self.temp_dir)
         self.nodes = [self.cluster.add_node(**self.node_args) for _ in range(nodes)]
         self.size = nodes

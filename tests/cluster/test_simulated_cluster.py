@@ -30,3 +30,15 @@ def test_job_drivers_join_their_cluster_while_another_ray_instance_runs(ray_clus
             assert f"GCS {ray_cluster.address}" in logs, logs
     finally:
         other.shutdown()
+
+
+def test_starts_where_ray_never_ran(tmp_path, monkeypatch):
+    """Ray's `Cluster` writes the current-cluster file into Ray's default temp dir, which a fresh machine lacks."""
+    from cluster.testing import SimulatedCluster
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # the default temp dir is now tmp_path/ray, not made yet
+    cluster = SimulatedCluster(nodes=0)
+    try:
+        assert (tmp_path / "ray" / "ray_current_cluster").read_text() == cluster.address
+    finally:
+        cluster.shutdown()
