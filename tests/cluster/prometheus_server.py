@@ -7,8 +7,8 @@ seconds of an exporter appearing in the targets file.
 from __future__ import annotations
 
 import json
+import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -16,6 +16,9 @@ import urllib.request
 from pathlib import Path
 
 import yaml
+
+# The web listener's line at log level info (logfmt in Prometheus 2, slog in 3), with the port the OS gave it.
+LISTENING = re.compile(r'msg="Listening on" address=\S*:(\d+)')
 
 
 class PrometheusServer:
@@ -35,28 +38,43 @@ class PrometheusServer:
             }],
         }
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(workdir / "prometheus.log", "w")  # noqa: SIM115 - closed in stop()
+        # Port 0: Prometheus binds a free port itself and logs it. A port found free here and bound later by
+        # Prometheus could be taken in between by another of the machine's processes (a Ray node starts dozens).
+        self.log_path = workdir / "prometheus.log"
+        self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [binary, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
+             "--web.listen-address=127.0.0.1:0", "--log.level=info"],
             stdout=self.log, stderr=subprocess.STDOUT,
         )
-        self._wait_ready(30.0)
+        deadline = time.monotonic() + 30.0
+        self.port = self._wait_listening(deadline)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._wait_ready(deadline)
 
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
+    def _wait_listening(self, deadline: float) -> int:
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"prometheus exited with {self.process.returncode}: see {self.log.name}")
+            self._check_alive()
+            found = LISTENING.search(self.log_path.read_text())
+            if found:
+                return int(found[1])
+            time.sleep(0.1)
+        raise RuntimeError(f"prometheus did not say which port it listens on: see {self.log_path}")
+
+    def _wait_ready(self, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            self._check_alive()
             try:
                 with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as response:
                     if response.status == 200:
                         return
             except OSError:
                 time.sleep(0.2)
-        raise RuntimeError(f"prometheus not ready after {timeout} s")
+        raise RuntimeError(f"prometheus not ready within 30 s: see {self.log_path}")
+
+    def _check_alive(self) -> None:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"prometheus exited with {self.process.returncode}: see {self.log_path}")
 
     def query(self, expr: str) -> list[dict]:
         """The instant vector (or scalar) `expr` evaluates to now; a bad expression raises with Prometheus's error."""
@@ -83,8 +101,3 @@ class PrometheusServer:
             self.process.wait()
         self.log.close()
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
