@@ -19,6 +19,7 @@ import yaml
 
 # The web listener's line at log level info (logfmt in Prometheus 2, slog in 3), with the port the OS gave it.
 LISTENING = re.compile(r'msg="Listening on" address=\S*:(\d+)')
+START_TIMEOUT_S = 30.0
 
 
 class PrometheusServer:
@@ -47,7 +48,7 @@ class PrometheusServer:
              "--web.listen-address=127.0.0.1:0", "--log.level=info"],
             stdout=self.log, stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 30.0
+        deadline = time.monotonic() + START_TIMEOUT_S
         self.port = self._wait_listening(deadline)
         self.url = f"http://127.0.0.1:{self.port}"
         self._wait_ready(deadline)
@@ -70,7 +71,7 @@ class PrometheusServer:
                         return
             except OSError:
                 time.sleep(0.2)
-        raise RuntimeError(f"prometheus not ready within 30 s: see {self.log_path}")
+        raise RuntimeError(f"prometheus not ready within {START_TIMEOUT_S:g} s: see {self.log_path}")
 
     def _check_alive(self) -> None:
         if self.process.poll() is not None:
