@@ -61,8 +61,9 @@ from orchestrator.watchdog import STARTUP_S, Watchdog
 POLL_S = 1.0
 # Rank actors are named `<run>-<ray job id>-a<attempt>-rank<r>` in this namespace, so tools can find them.
 NAMESPACE = "pretrain"
-# A rank's error often follows a peer's death (its collective broke): look again this long before blaming it.
-SETTLE_S = 2.0
+# After a rank's error, how long to wait for the others to raise, finish or die before naming the cause: an error
+# often follows a peer's death (its collective broke), and a bad input raises on every rank, some of them later.
+SETTLE_S = 10.0
 # How long a restart waits for enough nodes (a lost pod being replaced) before giving up.
 NODE_WAIT_S = 120.0
 
@@ -239,11 +240,9 @@ class Controller:
         stragglers: dict[int, float] = {}
         while True:
             beats, dead = self._poll(workers)
+            if any(b.error for b in beats.values()) and not dead:
+                beats, dead = self._settle(workers, beats)
             errors = {r: b.error for r, b in beats.items() if b.error}
-            if errors and not dead:
-                time.sleep(SETTLE_S)
-                beats, dead = self._poll(workers)
-                errors = {r: b.error for r, b in beats.items() if b.error}
             if dead:
                 lost = {i["node_id"] for i in infos} - {n["NodeID"] for n in alive_nodes()}
                 cause = Cause.NODE_LOST if any(infos[r]["node_id"] in lost for r in dead) else Cause.RANK_DIED
@@ -261,6 +260,16 @@ class Controller:
                 raise AttemptFailed(Failure(Cause.HANG, steps))
             stragglers = self._report_stragglers(beats, infos, stragglers, spec.resources.straggler_factor)
             time.sleep(self.poll_s)
+
+    def _settle(self, workers: list, beats: dict[int, Beat]) -> tuple[dict[int, Beat], dict[int, str]]:
+        """The ranks' state once each has raised, finished or died, or SETTLE_S after the first error: one message
+        then names every rank that raised the same error, and a death is seen as the cause of the errors it broke."""
+        deadline, dead = time.monotonic() + SETTLE_S, {}
+        while (not dead and time.monotonic() < deadline
+               and (len(beats) < len(workers) or not all(b.error or b.done for b in beats.values()))):
+            time.sleep(min(self.poll_s, max(0.0, deadline - time.monotonic())))
+            beats, dead = self._poll(workers)
+        return beats, dead
 
     def _rank_errors(self, beats: dict[int, Beat]) -> Failure:
         """The failure of ranks that raised. A user error (bad input) is the cause, and its message alone is the
