@@ -73,17 +73,52 @@ def sample_corpora() -> dict[str, Path]:
     return found
 
 
+class _SharedCluster:
+    """The simulated cluster the `ray` group shares, stopped by the teardown of the last collected test that uses it
+    rather than at the end of the run: its idle processes (raylets, dashboard, agents, log monitor) take a fifth of a
+    core, which every later test would lose. Under --dist loadgroup one process runs the whole group, so the tests
+    collected there that use it are the ones it will run."""
+
+    def __init__(self) -> None:
+        self.cluster = None
+        self.users = 0
+
+    def start(self, session: pytest.Session):
+        from cluster.testing import SimulatedCluster
+
+        self.cluster = SimulatedCluster(nodes=2, gpus_per_node=1)
+        self.users = sum("ray_cluster" in item.fixturenames for item in session.items)
+        return self.cluster
+
+    def done_with(self, item: pytest.Item) -> None:
+        if self.cluster is not None and "ray_cluster" in item.fixturenames:
+            self.users -= 1
+            if self.users == 0:
+                self.stop()
+
+    def stop(self) -> None:
+        if self.cluster is not None:
+            self.cluster.shutdown()
+            self.cluster = None
+
+
+SHARED_CLUSTER = _SharedCluster()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
+    yield  # after the test's own fixtures, some of which use the cluster, are torn down
+    SHARED_CLUSTER.done_with(item)
+
+
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_cluster(request: pytest.FixtureRequest):
     """Three Ray nodes on this machine: a head (job drivers, the Jobs API) and two nodes of one simulated GPU each.
 
     Started once per test process and shared: mark its users `xdist_group("ray")`. Ranks can import `tests.*`, and
     a job's `python` is this interpreter, as on a cluster whose image has pretrain installed.
     """
-    from cluster.testing import SimulatedCluster
-
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     os.environ["PATH"] = os.pathsep.join((os.path.dirname(sys.executable), os.environ.get("PATH", "")))
-    cluster = SimulatedCluster(nodes=2, gpus_per_node=1)
-    yield cluster
-    cluster.shutdown()
+    yield SHARED_CLUSTER.start(request.session)
+    SHARED_CLUSTER.stop()

@@ -158,14 +158,15 @@ def test_crash_and_rerun_resumes_and_gives_identical_output(single_node, prep_ya
     command = [sys.executable, "-m", "orchestrator.cli", "prep", str(prep_yaml), f"output={out}",
                f"work_dir={work}", "--quiet"]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    log = tmp_path / "killed.log"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if work.exists() and any(p.name.startswith("select-") for p in work.iterdir()):
             break
         time.sleep(0.2)
-    assert proc.poll() is None, "the run ended before it could be interrupted"
+    assert proc.poll() is None, "the run ended before it could be interrupted: " + log.read_text()[-3000:]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "manifest.json").exists()
