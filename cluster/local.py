@@ -12,6 +12,9 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
+
+from orchestrator.errors import ClusterError
 
 LOCAL_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -38,6 +41,34 @@ def system_config(num_cpus: float | None = None) -> dict[str, int]:
     return {"num_workers_soft_limit": max(MIN_IDLE_WORKERS, int(num_cpus or os.cpu_count() or 1))}
 
 
+# Ray's raylet stops when its dashboard agent has not written its ports within 15 s, a limit Ray does not let us
+# raise (ray-project/ray#65983), and a loaded machine's agent can take longer to import; `ray.init` then fails after
+# its own wait with "The current node timed out during startup". Another start finds the agent's modules in the page
+# cache and the machine perhaps less busy.
+STARTS = 3
+STARTUP_TIMEOUT = "timed out during startup"
+
+
+def start_local_ray(num_cpus: float | None = None, **options: Any) -> None:
+    """`ray.init` of an embedded cluster on this machine (`options` are ray.init's), started again when its node
+    timed out during startup; a `ClusterError` when it never started."""
+    import ray
+
+    for attempt in range(1, STARTS + 1):
+        try:
+            ray.init(address="local", num_cpus=num_cpus, _system_config=system_config(num_cpus), **options)
+            return
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for a node that did not start
+            if STARTUP_TIMEOUT not in str(e):
+                raise
+            ray.shutdown()
+        print(f"pretrain: the local Ray cluster did not start (try {attempt} of {STARTS}): its raylet stopped "
+              "waiting for its dashboard agent, slow on a loaded machine", file=sys.stderr, flush=True)
+    raise ClusterError(f"the local Ray cluster did not start in {STARTS} tries: Ray's dashboard agent took over Ray's "
+                       "15 s limit each time (a loaded machine; see raylet.out under Ray's session_latest/logs). Free "
+                       "some CPUs, or start Ray once with `ray start --head` and pass its address")
+
+
 def apply_local_env() -> bool:
     """Set the loopback / no-telemetry / plain-log variables, keeping any the user set.
 
@@ -58,8 +89,8 @@ def local_cluster(num_cpus: float | None = None, num_gpus: int | None = None) ->
               "machine's address, not only on loopback", file=sys.stderr)
     import ray
 
-    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
-             _node_ip_address="127.0.0.1", configure_logging=False, _system_config=system_config(num_cpus))
+    start_local_ray(num_cpus, num_gpus=num_gpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                    configure_logging=False)
     try:
         yield ray.cluster_resources()
     finally:

@@ -24,7 +24,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cluster.local import system_config
+from cluster.local import start_local_ray
 from dataprep import filesystem
 from dataprep.shards import write_atomic
 from orchestrator.config_parser import WRITTEN_FILE_BOUNDS, load_json
@@ -59,8 +59,7 @@ def connect_ray(address: str | None, num_cpus: int, progress: bool = True) -> bo
         if address:
             ray.init(address=address, log_to_driver=False, logging_level=level)
         else:
-            ray.init(address="local", num_cpus=num_cpus or None, include_dashboard=False, log_to_driver=False,
-                     logging_level=level, _system_config=system_config(num_cpus))
+            start_local_ray(num_cpus or None, include_dashboard=False, log_to_driver=False, logging_level=level)
     ctx = ray.data.DataContext.get_current()
     # Each hash-shuffle aggregator is an actor: on a small machine a few are faster to start than one per partition.
     ctx.max_hash_shuffle_aggregators = max(1, int(ray.cluster_resources().get("CPU", 1)))

@@ -56,6 +56,10 @@ class CheckpointError(UserError):
     """A checkpoint is missing, incomplete or fails its checksum; the message names the file."""
 
 
+class ClusterError(PretrainError):
+    """Ray did not start on this machine; the message says why and what to try."""
+
+
 class SchedulingError(PretrainError):
     """The cluster cannot host the requested gang; the message says what is missing."""
 
