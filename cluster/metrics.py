@@ -215,6 +215,7 @@ class Exporter:
         return f"{self.advertise_host}:{self.port}"
 
     def close(self) -> None:
+        """Stop serving; closing again does nothing."""
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)

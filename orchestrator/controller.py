@@ -119,9 +119,17 @@ class Controller:
                 raise
             return self._run(gang)
         finally:
+            self._stop_exporting()
             self._release_leftovers("at the end of the run")
-            if self.exporter is not None:
-                self.exporter.close()
+
+    def _stop_exporting(self) -> None:
+        """Take the run's targets out of Prometheus's file and stop the controller's exporter, ahead of the ranks'.
+
+        `PretrainExporterDown` reads a rank's exporter down under a live controller as a dead rank; a finished run's
+        ranks must not look like one, so the controller's exporter goes first. Its figures stay readable.
+        """
+        if self.exporter is not None:
+            self.exporter.close()
 
     def _reserve(self, spec: JobSpec, timeout_s: float) -> Gang:
         gang = reserve_gang(spec, timeout_s=timeout_s, notice=self.log)
@@ -198,7 +206,9 @@ class Controller:
                 infos = self._start(spec, gang, workers)
             except RayError as e:  # a rank's process or node died while the gang was being wired
                 raise AttemptFailed(Failure(Cause.RANK_DIED, {-1: _short(e)})) from None
-            return self._monitor(spec, workers, infos)
+            result = self._monitor(spec, workers, infos)
+            self._stop_exporting()
+            return result
         finally:
             for w in workers:
                 ray.kill(w, no_restart=True)

@@ -78,7 +78,7 @@ class PrometheusServer:
             raise RuntimeError(f"prometheus exited with {self.process.returncode}: see {self.log_path}")
 
     def query(self, expr: str) -> list[dict]:
-        """The instant vector (or scalar) `expr` evaluates to now; a bad expression raises with Prometheus's error."""
+        """The series (or scalar) `expr` evaluates to now; a bad expression raises with Prometheus's error."""
         url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
         try:
             with urllib.request.urlopen(url, timeout=10) as response:
@@ -87,7 +87,8 @@ class PrometheusServer:
             body = json.load(e)
             raise ValueError(f"{expr}: {body.get('errorType')}: {body.get('error')}") from None
         data = body["data"]
-        return data["result"] if data["resultType"] == "vector" else [{"metric": {}, "value": data["result"]}]
+        scalar = data["resultType"] in ("scalar", "string")
+        return [{"metric": {}, "value": data["result"]}] if scalar else data["result"]
 
     def targets(self) -> list[dict]:
         with urllib.request.urlopen(f"{self.url}/api/v1/targets", timeout=10) as response:

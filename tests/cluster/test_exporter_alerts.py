@@ -1,8 +1,10 @@
 """The exporter-down alert on a real Prometheus scraping the file_sd targets a real controller writes: it fires while
 a run's rank is dead and the run goes on, and a run that finished leaves no target behind to fire it.
 
-The rules are the committed ones with `PretrainExporterDown`'s `for:` cut from 5 minutes to 1 second (the test
-Prometheus scrapes and evaluates every second). The controller runs in this process on the shared simulated cluster
+The rules are the committed ones with `PretrainExporterDown`'s `for:` cut from 5 minutes to 3 seconds (the test
+Prometheus scrapes and evaluates every second). Scrapes are not instants: as a run ends, a rank's exporter may be
+scraped down up to one interval before its controller's is, so the alert may be pending for that long; it must not
+fire. The controller runs in this process on the shared simulated cluster
 with the light gloo workload of the controller tests; rank 1's process exits after step 3 (the worker's fault
 injection), and the restart waits long enough for Prometheus to see the dead exporters.
 """
@@ -25,6 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "k8s" / "base" / "prometheus" / "rules.yml"
 RUN = "alerting"
 DOWN = f'ALERTS{{alertname="PretrainExporterDown", run="{RUN}"}}'
+FIRING = f'ALERTS{{alertname="PretrainExporterDown", run="{RUN}", alertstate="firing"}}'
 
 
 def test_runs_sharing_a_targets_file_replace_and_remove_only_their_own(tmp_path):
@@ -47,7 +50,7 @@ def _fast_rules(tmp_path: Path) -> Path:
     rules = yaml.safe_load(RULES.read_text())
     for rule in rules["groups"][0]["rules"]:
         if rule["alert"] == "PretrainExporterDown":
-            rule["for"] = "1s"
+            rule["for"] = "3s"
     path = tmp_path / "rules.yml"
     path.write_text(yaml.safe_dump(rules))
     return path
@@ -86,11 +89,11 @@ def test_exporter_down_fires_for_a_live_run_only(ray_cluster, tmp_path):
         thread = threading.Thread(target=lambda: results.append(controller.run()), daemon=True)
         thread.start()
         # Rank 1 is dead and rank 0 stopped with it; the controller is up, waiting to restart them.
-        _wait(lambda: any(a["metric"]["alertstate"] == "firing" for a in prometheus.query(DOWN)) or
-              not thread.is_alive(), 120, "no exporter-down alert during the restart's wait")
-        firing = {a["metric"]["role"] for a in prometheus.query(DOWN) if a["metric"]["alertstate"] == "firing"}
-        assert firing == {"rank"}, prometheus.query(DOWN)
+        _wait(lambda: prometheus.query(FIRING) or not thread.is_alive(), 120,
+              "no exporter-down alert during the restart's wait")
+        assert {a["metric"]["role"] for a in prometheus.query(FIRING)} == {"rank"}, prometheus.query(DOWN)
         thread.join(timeout=240)
+        finished = time.monotonic()
     finally:
         ray.shutdown()
     try:
@@ -98,8 +101,11 @@ def test_exporter_down_fires_for_a_live_run_only(ray_cluster, tmp_path):
         assert not targets.exists(), targets.read_text()
         _wait(lambda: not [t for t in prometheus.targets() if t["labels"].get("run") == RUN], 10,
               "Prometheus still scrapes the finished run's exporters")
-        for _ in range(8):  # scrape and evaluation intervals after the end: the run's exporters are gone, quietly
+        _wait(lambda: not prometheus.query(DOWN), 5, "the finished run's exporter-down alert is still pending")
+        for _ in range(5):  # scrape and evaluation intervals after the end: the run's exporters are gone, quietly
             assert not prometheus.query(DOWN), prometheus.query(DOWN)
             time.sleep(1.0)
+        since_end = f"{int(time.monotonic() - finished)}s"
+        assert not prometheus.query(f"{FIRING}[{since_end}]"), "the finished run's alert fired"
     finally:
         prometheus.stop()
