@@ -40,6 +40,9 @@ PLACEMENT_TIMEOUT_S = 300.0
 RECHECK_S = 5.0
 # A pending reservation says what holds the resources after its first recheck, then this often.
 NOTICE_S = 60.0
+# A pending reservation waits in slices this long: the driver of a job being stopped then handles its SIGTERM (and
+# removes the group) within a second, before Ray's stop kills it outright three seconds on.
+WAIT_SLICE_S = 1.0
 # Group states that hold resources on nodes (a PENDING group holds none yet).
 HOLDING = ("CREATED", "PREPARED", "RESCHEDULING")
 
@@ -166,12 +169,15 @@ def reserve_gang(spec: JobSpec, *, timeout_s: float = PLACEMENT_TIMEOUT_S,
     kept = False
     try:
         start = time.monotonic()
-        deadline, noticed = start + timeout_s, start - NOTICE_S + RECHECK_S
-        while not group.wait(timeout_seconds=max(0.1, min(RECHECK_S, deadline - time.monotonic()))):
+        deadline, checked, noticed = start + timeout_s, start, start - NOTICE_S + RECHECK_S
+        while not group.wait(timeout_seconds=max(0.1, min(WAIT_SLICE_S, deadline - time.monotonic()))):
             now = time.monotonic()
             if now >= deadline:
                 raise SchedulingError(f"{asked} was not met within {timeout_s:g} s; "
                                       f"{holders(bundle, group_prefix(spec), group)}")
+            if now - checked < RECHECK_S:
+                continue
+            checked = now
             check_fits(bundle, ranks, r.gpus_per_node, alive_nodes())
             if notice is not None and now - noticed >= NOTICE_S:
                 notice(f"{asked}: waiting {now - start:.0f} s; {holders(bundle, group_prefix(spec), group)}")

@@ -64,6 +64,9 @@ NAMESPACE = "pretrain"
 # After a rank's error, how long to wait for the others to raise, finish or die before naming the cause: an error
 # often follows a peer's death (its collective broke), and a bad input raises on every rank, some of them later.
 SETTLE_S = 10.0
+# ...and how long for a rank not yet past its first step: starting (imports, engine, loader) takes tens of seconds on
+# a loaded machine, and a rank seconds behind the others reaches the same bad input seconds later.
+STARTUP_SETTLE_S = 60.0
 # How long a restart waits for enough nodes (a lost pod being replaced) before giving up.
 NODE_WAIT_S = 120.0
 
@@ -272,12 +275,18 @@ class Controller:
             time.sleep(self.poll_s)
 
     def _settle(self, workers: list, beats: dict[int, Beat]) -> tuple[dict[int, Beat], dict[int, str]]:
-        """The ranks' state once each has raised, finished or died, or SETTLE_S after the first error: one message
-        then names every rank that raised the same error, and a death is seen as the cause of the errors it broke."""
-        deadline, dead = time.monotonic() + SETTLE_S, {}
-        while (not dead and time.monotonic() < deadline
-               and (len(beats) < len(workers) or not all(b.error or b.done for b in beats.values()))):
-            time.sleep(min(self.poll_s, max(0.0, deadline - time.monotonic())))
+        """The ranks' state once each has raised, finished or died, or SETTLE_S after the first error (STARTUP_SETTLE_S
+        while a rank that has not answered is still starting): one message then names every rank that raised the same
+        error, and a death is seen as the cause of the errors it broke."""
+        start, dead = time.monotonic(), {}
+        while not dead:
+            waiting = [beats.get(r) for r in range(len(workers))
+                       if r not in beats or not (beats[r].error or beats[r].done)]
+            starting = any(b is None or b.step < 1 for b in waiting)
+            left = start + (STARTUP_SETTLE_S if starting else SETTLE_S) - time.monotonic()
+            if not waiting or left <= 0:
+                break
+            time.sleep(min(self.poll_s, left))
             beats, dead = self._poll(workers)
         return beats, dead
 
@@ -307,6 +316,8 @@ class Controller:
     def _report_stragglers(self, beats: dict[int, Beat], infos: list[dict], before: dict[int, float],
                            factor: float) -> dict[int, float]:
         times = {r: b.step_time for r, b in beats.items() if not b.done and b.step_time}
+        if len(times) < 2:  # one rank still stepping, the others done or not yet stepping: nothing to compare
+            return before
         if self.exporter is not None:
             self.exporter.set_step_times({r: (infos[r]["ip"], t) for r, t in times.items()})
         now = find_stragglers(times, factor)

@@ -40,5 +40,7 @@ def test_a_node_that_timed_out_at_startup_is_started_again(tmp_path: Path) -> No
     assert mark.exists(), "the first agent was not held: the test did not slow anything down"
     assert "started with 1.0 CPU" in done.stdout
     notices = [line for line in done.stderr.splitlines() if "the local Ray cluster did not start" in line]
-    assert notices == ["pretrain: the local Ray cluster did not start (try 1 of 3): its raylet stopped waiting for "
-                       "its dashboard agent, slow on a loaded machine"], done.stderr[-3000:]
+    # A second try's agent may be late too on a machine that busy; the first one's certainly was.
+    assert notices[0] == ("pretrain: the local Ray cluster did not start (try 1 of 3): its raylet stopped waiting for "
+                          "its dashboard agent, slow on a loaded machine"), done.stderr[-3000:]
+    assert len(notices) <= 2, notices

@@ -112,12 +112,16 @@ def test_num_nodes_spreads_ranks_that_would_fit_on_one_node(driver):
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("ray")
-def test_unmet_reservation_names_the_jobs_own_group_and_leaves_nothing(driver):
+def test_unmet_reservation_names_the_jobs_own_group_and_leaves_nothing(driver, monkeypatch):
     """A group of the run left from an earlier reservation holds both GPUs: the reservation says so while it waits
-    and when it times out, removes its own pending group, and `release_leftovers` removes the old one."""
+    (after its first recheck, 1 s here) and when it times out, removes its own pending group, and
+    `release_leftovers` removes the old one."""
     from ray.util.placement_group import placement_group
 
+    from cluster import placement
     from cluster.placement import group_prefix, release_leftovers, reserve_gang
+
+    monkeypatch.setattr(placement, "RECHECK_S", 1.0)
 
     spec = _spec(num_nodes=2, gpus_per_node=1)
     leftover = placement_group([{"GPU": 1.0}, {"GPU": 1.0}], strategy="STRICT_SPREAD", name=f"{group_prefix(spec)}old")
