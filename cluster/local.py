@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from typing import Any, TypeVar
 
 from orchestrator.errors import ClusterError
 
@@ -42,11 +42,38 @@ def system_config(num_cpus: float | None = None) -> dict[str, int]:
 
 
 # Ray's raylet stops when its dashboard agent has not written its ports within 15 s, a limit Ray does not let us
-# raise (ray-project/ray#65983), and a loaded machine's agent can take longer to import; `ray.init` then fails after
-# its own wait with "The current node timed out during startup". Another start finds the agent's modules in the page
-# cache and the machine perhaps less busy.
+# raise (ray-project/ray#65983), and a loaded machine's agent can take longer to import; starting the node then fails
+# after Ray's own wait with "The current node timed out during startup". Another start finds the agent's modules in
+# the page cache and the machine perhaps less busy.
 STARTS = 3
 STARTUP_TIMEOUT = "timed out during startup"
+T = TypeVar("T")
+
+
+def started_again(start: Callable[[], T], what: str, advice: str, undo: Callable[[], None] = lambda: None) -> T:
+    """`start()` (of a Ray node in this process), run again when the node timed out during startup, up to STARTS
+    times; `undo` and the kill of the processes a failed try started come first. A `ClusterError` saying `advice`
+    when it never started."""
+    import psutil
+
+    me = psutil.Process()
+    for attempt in range(1, STARTS + 1):
+        before = {p.pid for p in me.children(recursive=True)}
+        try:
+            return start()
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for a node that did not start
+            if STARTUP_TIMEOUT not in str(e):
+                raise
+        undo()
+        left = [p for p in me.children(recursive=True) if p.pid not in before]
+        for process in left:
+            with suppress(psutil.NoSuchProcess):
+                process.kill()
+        psutil.wait_procs(left, timeout=10)
+        print(f"pretrain: {what} did not start (try {attempt} of {STARTS}): its raylet stopped waiting for its "
+              "dashboard agent, slow on a loaded machine", file=sys.stderr, flush=True)
+    raise ClusterError(f"{what} did not start in {STARTS} tries: Ray's dashboard agent took over Ray's 15 s limit "
+                       f"each time (a loaded machine; see raylet.out under Ray's session_latest/logs). {advice}")
 
 
 def start_local_ray(num_cpus: float | None = None, **options: Any) -> None:
@@ -54,19 +81,10 @@ def start_local_ray(num_cpus: float | None = None, **options: Any) -> None:
     timed out during startup; a `ClusterError` when it never started."""
     import ray
 
-    for attempt in range(1, STARTS + 1):
-        try:
-            ray.init(address="local", num_cpus=num_cpus, _system_config=system_config(num_cpus), **options)
-            return
-        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for a node that did not start
-            if STARTUP_TIMEOUT not in str(e):
-                raise
-            ray.shutdown()
-        print(f"pretrain: the local Ray cluster did not start (try {attempt} of {STARTS}): its raylet stopped "
-              "waiting for its dashboard agent, slow on a loaded machine", file=sys.stderr, flush=True)
-    raise ClusterError(f"the local Ray cluster did not start in {STARTS} tries: Ray's dashboard agent took over Ray's "
-                       "15 s limit each time (a loaded machine; see raylet.out under Ray's session_latest/logs). Free "
-                       "some CPUs, or start Ray once with `ray start --head` and pass its address")
+    started_again(lambda: ray.init(address="local", num_cpus=num_cpus, _system_config=system_config(num_cpus),
+                                   **options),
+                  "the local Ray cluster",
+                  "Free some CPUs, or start Ray once with `ray start --head` and pass its address", undo=ray.shutdown)
 
 
 def apply_local_env() -> bool:

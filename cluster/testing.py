@@ -13,8 +13,11 @@ import os
 import shutil
 import socket
 import tempfile
+from typing import Any
 
-from cluster.local import apply_local_env, system_config
+from cluster.local import apply_local_env, started_again, system_config
+
+FREE_CPUS = "Free some CPUs for it"
 
 
 class SimulatedCluster:
@@ -25,7 +28,6 @@ class SimulatedCluster:
             # The nodes advertise 127.0.0.1 while Ray would bind the machine's address: drivers would never connect.
             raise RuntimeError("Ray was imported before cluster.local.apply_local_env() ran; call it first")
         from ray._private import utils as ray_utils
-        from ray.cluster_utils import Cluster
 
         # Its own temp dir: a job's driver finds its cluster through the "current cluster" file in the head's temp
         # dir. In the shared /tmp/ray that file names whichever Ray instance on the machine started last; missing,
@@ -33,13 +35,24 @@ class SimulatedCluster:
         self.temp_dir = tempfile.mkdtemp(prefix="ray-")
         self.node_args = {"num_cpus": cpus_per_node, "num_gpus": gpus_per_node, "node_ip_address": "127.0.0.1",
                           "temp_dir": self.temp_dir}
-        self.jobs_port = _free_port()
         # `Cluster` also writes that file to Ray's default temp dir, which a machine that never ran Ray lacks.
         os.makedirs(os.path.dirname(ray_utils.get_ray_address_file(None)), exist_ok=True)
+        self.cluster, self.jobs_port = started_again(lambda: self._start_head(head_cpus, cpus_per_node),
+                                                     "the simulated Ray cluster's head node", FREE_CPUS)
+        # `Cluster` writes that file to the default temp dir whatever the head's: write it where its drivers look.
+        ray_utils.write_ray_address(self.cluster.gcs_address, self.temp_dir)
+        self.nodes: list = []
+        self.size = nodes
+        self.restore()
+
+    def _start_head(self, head_cpus: float, cpus_per_node: float) -> tuple[Any, int]:
+        from ray.cluster_utils import Cluster
+
+        jobs_port = _free_port()
         # Other Ray instances on the machine hold the default ports (the job agent's 52365): take free ones.
-        self.cluster = Cluster(initialize_head=True, head_node_args={
+        cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": head_cpus, "node_ip_address": "127.0.0.1", "include_dashboard": True, "temp_dir": self.temp_dir,
-            "dashboard_host": "127.0.0.1", "dashboard_port": self.jobs_port,
+            "dashboard_host": "127.0.0.1", "dashboard_port": jobs_port,
             "dashboard_agent_listen_port": _free_port(), "metrics_export_port": _free_port(),
             # Notice a killed node within about 8 s instead of Ray's default 15 s, yet ride out a raylet stalled for
             # seconds on a loaded test machine (a false node death takes the jobs on it down); wait longer for a
@@ -47,10 +60,7 @@ class SimulatedCluster:
             "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 8,
                                "agent_register_timeout_ms": 180000, **system_config(cpus_per_node)},
         })
-        # `Cluster` writes that file to the default temp dir whatever the head's: write it where its drivers look.
-        ray_utils.write_ray_address(self.cluster.gcs_address, self.temp_dir)
-        self.nodes = [self.cluster.add_node(**self.node_args) for _ in range(nodes)]
-        self.size = nodes
+        return cluster, jobs_port
 
     @property
     def address(self) -> str:
@@ -79,12 +89,13 @@ class SimulatedCluster:
 
     def add_node(self) -> None:
         """Add one more worker node (`kill_node()` takes it away again; `restore` does not count it)."""
-        self.nodes.append(self.cluster.add_node(**self.node_args))
+        self.nodes.append(started_again(lambda: self.cluster.add_node(**self.node_args), "a simulated Ray node",
+                                        FREE_CPUS))
 
     def restore(self) -> None:
         """Add worker nodes back until there are as many as at the start."""
         while len(self.nodes) < self.size:
-            self.nodes.append(self.cluster.add_node(**self.node_args))
+            self.add_node()
 
     def live_groups(self, prefix: str = "pretrain-") -> list[str]:
         """Names of the placement groups not yet removed whose name starts with `prefix`, from Ray's state API
