@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Any
@@ -44,8 +45,11 @@ from orchestrator.spec import JobSpec
 from parallel.callbacks import BaseCallback, StepStats
 
 DEFAULT_ENTRY = "parallel.train:run"
+# Faults the tests inject, each "<rank>:<step>:<file>": a hang or an exit after that step, once (the file records
+# it); a hold after that step until the file exists.
 HANG_VARIABLE = "PRETRAIN_TEST_HANG"
 EXIT_VARIABLE = "PRETRAIN_TEST_EXIT"
+HOLD_VARIABLE = "PRETRAIN_TEST_HOLD"
 
 
 @dataclass
@@ -91,6 +95,7 @@ class Heartbeat(BaseCallback):
         self.beat = beat
         self.hang_at = _injected(HANG_VARIABLE, rank)
         self.exit_at = _injected(EXIT_VARIABLE, rank)
+        self.hold_at = _injected(HOLD_VARIABLE, rank)
 
     def on_step(self, stats: StepStats) -> None:
         self.beat.loss = float(stats.loss)
@@ -103,6 +108,10 @@ class Heartbeat(BaseCallback):
         if _due(self.exit_at, stats.step):
             print(f"injected exit after step {stats.step} ({EXIT_VARIABLE})", flush=True)
             os._exit(1)
+        if self.hold_at is not None and stats.step >= self.hold_at[0] and not os.path.exists(self.hold_at[1]):
+            print(f"injected hold after step {stats.step} until {self.hold_at[1]} exists ({HOLD_VARIABLE})", flush=True)
+            while not os.path.exists(self.hold_at[1]):
+                time.sleep(0.1)
 
 
 def _due(fault: tuple[int, str] | None, step: int) -> bool:

@@ -145,23 +145,27 @@ def test_lost_node_then_back_then_killed_rank_finishes_on_both_nodes(ray_cluster
 
     from cluster import submission
 
+    # Rank 0 stays after step 5 until `go` exists: the elastic attempt cannot finish while the node comes back.
+    go = tmp_path / "go"
     job = submission.submit(ray_cluster.jobs_url, _load(_spec(tmp_path, shards, "elastic", min_nodes=1)),
-                            submission_id="elastic")
+                            env={"PRETRAIN_TEST_HOLD": f"0:5:{go}"}, submission_id="elastic")
     ray.init(address=ray_cluster.address)
     try:
         _wait_for_step(ray_cluster, "elastic", 1, 1, 4)  # past the first checkpoint
         ray_cluster.kill_node()
         _wait_for_step(ray_cluster, "elastic", 2, 0, -1)  # the elastic attempt's rank exists
-        ray_cluster.restore()  # while it loads the checkpoint
+        ray_cluster.restore()
         pid = _wait_for_step(ray_cluster, "elastic", 2, 0, 5)
         assert len(ray_cluster.live_groups("pretrain-elastic-")) == 1  # the running gang's, no leftover
         os.kill(pid, signal.SIGKILL)
+        go.touch()
         _wait_for_end(ray_cluster.jobs_url, job)
     finally:
         ray.shutdown()
         ray_cluster.restore()
     log = submission.logs(ray_cluster.jobs_url, job)
     assert "elastic: continuing on 1 of 2 nodes, dp=1, grad_accum=2" in log
+    assert f"injected hold after step 5 until {go} exists" in log
     assert "reserved 1 rank(s) on 1 node(s)" in log
     assert log.count("reserved 2 rank(s) on 2 node(s)") == 2  # the first attempt's and the last one's
     assert "not met within" not in log
