@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 
 import pytest
@@ -109,9 +110,20 @@ def test_job_log_of_a_killed_rank_names_the_resume_point_and_folds_nothing(ray_c
     spec.eval.include_path = str(multiple_choice_task(tmp_path / "tasks"))
     # Ray would fold lines alike but for their numbers that come from several ranks within its window (5 s); a window
     # as long as the job puts the four start lines of the two attempts in one, where folding would show.
-    env = {"PRETRAIN_TEST_EXIT": f"1:3:{tmp_path / 'exited'}", "RAY_DEDUP_LOGS_AGG_WINDOW_S": "600",
-           "HF_DATASETS_OFFLINE": "1"}
+    # Rank 0 stays after step 5 (its exporter showing step 4's score) until Prometheus has scraped a score, if it
+    # has not by then.
+    scraped_once = tmp_path / "scraped"
+    env = {"PRETRAIN_TEST_EXIT": f"1:3:{tmp_path / 'exited'}", "PRETRAIN_TEST_HOLD": f"0:5:{scraped_once}",
+           "RAY_DEDUP_LOGS_AGG_WINDOW_S": "600", "HF_DATASETS_OFFLINE": "1"}
     prometheus = PrometheusServer(tmp_path / "prometheus", tmp_path / "targets.json")  # the run's default targets
+
+    def release_once_scraped() -> None:
+        deadline = time.monotonic() + 120
+        while not prometheus.query('pretrain_eval_score{run="joblog"}') and time.monotonic() < deadline:
+            time.sleep(0.5)
+        scraped_once.touch()
+
+    threading.Thread(target=release_once_scraped, daemon=True).start()
     try:
         info, log = _run_to_end(ray_cluster, spec, "joblog", env=env)
         scraped = [prometheus.query(f'{over}(pretrain_eval_score{{run="joblog"}}[10m])')
@@ -134,7 +146,6 @@ def test_job_log_of_a_killed_rank_names_the_resume_point_and_folds_nothing(ray_c
     assert [s for s, _ in scores] == [2, 4, 6], history["eval"]
     assert not (tmp_path / "targets.json").exists()  # the finished run's exporters are out of Prometheus's targets
     assert_trackers_continued(tmp_path / "checkpoints", scores)
-    # Rank 0's exporter held each score until the next, or until its attempt ended: scraped in one attempt at least.
     samples = [sample for found in scraped for sample in found]
     labels = {(s["metric"]["task"], s["metric"]["metric"], s["metric"]["role"]) for s in samples}
     assert labels == {(TASK, METRIC, "rank")}, samples
