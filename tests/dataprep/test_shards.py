@@ -6,6 +6,7 @@ import json
 import os
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from dataprep.shards import (
@@ -88,6 +89,31 @@ def test_wrong_seq_len_and_non_arrow_files_are_named(shard_dir, tmp_path):
     junk.write_text("not arrow")
     with pytest.raises(DataError, match=r"junk\.arrow: not a readable Arrow IPC file"):
         open_shard(junk)
+
+
+def _write_tokens(path, column) -> None:
+    batch = pa.record_batch([column], names=["tokens"])
+    with pa.ipc.new_file(str(path), batch.schema) as writer:
+        writer.write_batch(batch)
+
+
+@pytest.mark.parametrize("column", [
+    pa.FixedSizeListArray.from_arrays(pa.array([1, None, 3, 4], pa.int32()), 2),
+    pa.FixedSizeListArray.from_arrays(pa.array([1, 2, 3, 4], pa.int32()), 2, mask=pa.array([False, True])),
+], ids=["null-token", "null-row"])
+def test_a_shard_with_nulls_or_an_offset_is_named(tmp_path, column):
+    path = tmp_path / "odd.arrow"
+    _write_tokens(path, column)
+    with pytest.raises(DataError, match=r"odd\.arrow: column 'tokens' has nulls or an offset"):
+        open_shard(path, seq_len=1)
+
+
+def test_open_shard_reads_the_rows_of_a_sliced_batch(tmp_path):
+    """A batch written from a slice: the rows read are the slice's, not its parent's first ones."""
+    rows = np.arange(12, dtype=np.int32).reshape(4, 3)
+    path = tmp_path / "rows.arrow"
+    _write_tokens(path, pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), 3).slice(1, 2))
+    np.testing.assert_array_equal(open_shard(path, seq_len=2), rows[1:3])
 
 
 @pytest.mark.parametrize(("edit", "message"), [
