@@ -108,15 +108,20 @@ class Heartbeat(BaseCallback):
         if _due(self.exit_at, stats.step):
             print(f"injected exit after step {stats.step} ({EXIT_VARIABLE})", flush=True)
             os._exit(1)
-        if self.hold_at is not None and stats.step >= self.hold_at[0] and not os.path.exists(self.hold_at[1]):
+        if _pending(self.hold_at, stats.step):
             print(f"injected hold after step {stats.step} until {self.hold_at[1]} exists ({HOLD_VARIABLE})", flush=True)
             while not os.path.exists(self.hold_at[1]):
                 time.sleep(0.1)
 
 
+def _pending(fault: tuple[int, str] | None, step: int) -> bool:
+    """Whether an injected fault's step is reached and its marker file does not exist yet."""
+    return fault is not None and step >= fault[0] and not os.path.exists(fault[1])
+
+
 def _due(fault: tuple[int, str] | None, step: int) -> bool:
-    """Whether an injected fault happens now: its step is reached and no earlier attempt left its marker (made now)."""
-    if fault is None or step < fault[0] or os.path.exists(fault[1]):
+    """Whether a once-only fault happens now: pending, and no earlier attempt left its marker (made now)."""
+    if not _pending(fault, step):
         return False
     open(fault[1], "w").close()
     return True
