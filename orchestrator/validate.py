@@ -157,11 +157,12 @@ def _layout_fills_world(spec: JobSpec, _: Any) -> list[Problem]:
     return []
 
 
-@rule("parallel.cp", "parallel.backend", "parallel.tp", "data.seq_len", "model.attention_mask", "eval.tasks",
-      "resources.num_nodes", "resources.gpus_per_node")
+@rule("parallel.cp", "parallel.backend", "parallel.tp", "data.seq_len", "eval.tasks", "resources.num_nodes",
+      "resources.gpus_per_node")
 def _context_parallel(spec: JobSpec, _: Any) -> list[Problem]:
     """Context parallelism is the native engine's (`parallel.context_parallel`): the sequence cut into 2·cp chunks,
-    cp × tp consecutive ranks inside one node (keys and values are gathered every layer), causal masks only."""
+    cp × tp consecutive ranks inside one node (keys and values are gathered every layer), whole sequences for
+    downstream tasks."""
     p, r, cp = spec.parallel, spec.resources, spec.parallel.cp
     if cp == 1:
         return []
@@ -176,10 +177,6 @@ def _context_parallel(spec: JobSpec, _: Any) -> list[Problem]:
         out.append(Problem("parallel.cp", f"cp={cp} × tp={p.tp} ranks would span nodes: each of the "
                            f"resources.num_nodes={r.num_nodes} nodes runs resources.gpus_per_node={r.gpus_per_node} "
                            f"consecutive ranks; make gpus_per_node a multiple of {cp * p.tp} or lower parallel.cp"))
-    if spec.model.attention_mask != "causal":
-        out.append(Problem("model.attention_mask", f"{spec.model.attention_mask} with parallel.cp={cp} is not "
-                           "supported yet: context parallelism gathers keys under a causal mask only (set "
-                           "attention_mask=causal or parallel.cp=1)"))
     if spec.eval.tasks:
         out.append(Problem("eval.tasks", f"downstream tasks with parallel.cp={cp} are not supported: their forward "
                            "needs whole sequences on a rank (evaluate the checkpoint with parallel.cp=1)"))

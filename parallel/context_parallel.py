@@ -15,6 +15,13 @@ scores anyway). On CUDA a later chunk's attention is two cuDNN calls instead, me
 operator (`parallel.cudnn_attention`): a bottom-right mask has only FlashAttention-2 kernels, slower on an H200 than
 cuDNN's Hopper kernels.
 
+Per-document masks (`model.attention_mask: document`) come with the rows' document ids, which every cp rank has whole:
+the model builds each of the rank's chunks its own mask, its queries against the keys up to the chunk's end
+(`QueryChunks`, set on the model here; a FlexAttention block mask per chunk on CUDA, so tiles across documents are
+skipped, a boolean mask elsewhere), and per-document RoPE positions are looked up at the chunks' tokens. The
+head-tail split still gives every rank the same number of queries, but no longer the same number of attended keys:
+that depends on where the documents end.
+
 The loss: every rank holds the same number of tokens of each sequence, so the mean of the ranks' mean losses is the
 mean over the whole sequence, and FSDP's gradient average over dp × cp (`ParallelDims.dp_shard`) is the gradient of
 that mean. The loader does not know about cp: a cp rank reads its dp group's rows whole (token ids are cheap) and the
@@ -28,7 +35,7 @@ parameters and their names.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -37,6 +44,7 @@ from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
 from parallel.cudnn_attention import cudnn_chunk_attention
+from parallel.documents import QueryChunks
 from parallel.model import Attention, causal_mask
 
 if TYPE_CHECKING:
@@ -79,6 +87,11 @@ class ChunkedRotary(nn.Module):
             self._cache[key] = cos[index], sin[index]
         return self._cache[key]
 
+    def at(self, positions: torch.Tensor, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-document positions are the tokens' own already (`DocumentContext` keeps this rank's): looked up in
+        the whole sequence's table."""
+        return self.inner.at(positions, length * self.cp, device)
+
 
 # torch 2.13 renamed the differentiable all-gather (the old name warns there); torch 2.11 has only the old name.
 _all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
@@ -102,13 +115,18 @@ class ContextParallelAttention(Attention):
     cp_group: dist.ProcessGroup
     causal_biases: dict[tuple[int, int], torch.Tensor]  # (queries, keys) → causal_lower_right, made beforehand
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        # `mask` is the one forward made for the local sequence as if it were whole: not this rank's, so unused.
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any) -> torch.Tensor:
+        # `mask` is a tuple of this rank's two chunks' per-document masks (`DocumentContext` over `QueryChunks`), or
+        # one the forward made for the local sequence as if it were whole: not this rank's, so unused.
         k, v = gather_sequence(k, self.cp, self.cp_group), gather_sequence(v, self.cp, self.cp_group)
         c = q.shape[2] // 2
         out = []
-        for chunk, queries in zip(chunk_ids(self.cp, self.cp_rank), (q[:, :, :c], q[:, :, c:]), strict=True):
+        for i, (chunk, queries) in enumerate(zip(chunk_ids(self.cp, self.cp_rank), (q[:, :, :c], q[:, :, c:]),
+                                                 strict=True)):
             keys = (chunk + 1) * c  # a chunk's queries see every key up to their own chunk's end
+            if isinstance(mask, tuple):
+                out.append(super()._attend(queries, k[:, :, :keys], v[:, :, :keys], mask[i]))
+                continue
             if chunk and q.is_cuda and not (self.window or self.softcap):
                 out.append(cudnn_chunk_attention(queries, k[:, :, :keys], v[:, :, :keys], self.scale))
                 continue
@@ -134,6 +152,7 @@ def chunk_attention(model: nn.Module, blocks: list[nn.Module], cp: int, cp_rank:
     `seq_len`. Over a group of one it computes plain causal attention by chunks, as cp runs it: how one GPU checks
     the chunked path (benchmarks/cp_chunk_attention.py)."""
     rotary = ChunkedRotary(model.rotary, cp, cp_rank)
+    model.query_chunks = QueryChunks(2 * cp, chunk_ids(cp, cp_rank))
     # The training sequence's causal biases, made here: a tensor subclass cannot be created under selective
     # checkpointing's dispatch mode, which a block's forward may run in.
     c = seq_len // (2 * cp)

@@ -46,24 +46,30 @@ def use_flex_attention(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def dense_mask(documents: torch.Tensor, window: int) -> torch.Tensor:
-    """[batch, 1, seq, seq] True where a query may attend: same document, not later, within `window` if set."""
-    q = torch.arange(documents.shape[-1], device=documents.device)[:, None]
-    k = q.T
+def dense_mask(documents: torch.Tensor, window: int, span: tuple[int, int] | None = None) -> torch.Tensor:
+    """[batch, 1, queries, keys] True where a query may attend: same document, not later, within `window` if set.
+    The queries are the row's positions in `span` (start, stop), all of them by default; the keys are those up to
+    the span's stop."""
+    start, stop = span or (0, documents.shape[-1])
+    q = torch.arange(start, stop, device=documents.device)[:, None]
+    k = torch.arange(stop, device=documents.device)
     allowed = (k <= q) & (q - k < window) if window else k <= q
-    return (documents[:, None, :, None] == documents[:, None, None, :]) & allowed
+    return (documents[:, None, start:stop, None] == documents[:, None, None, :stop]) & allowed
 
 
-def block_mask(documents: torch.Tensor, window: int) -> Any:
+def block_mask(documents: torch.Tensor, window: int, span: tuple[int, int] | None = None) -> Any:
     """The same mask as `dense_mask`, as a FlexAttention BlockMask."""
     from torch.nn.attention.flex_attention import create_block_mask
 
+    start, stop = span or (0, documents.shape[-1])
+
     def mask_mod(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        q = q + start
         allowed = (documents[b, q] == documents[b, k]) & (k <= q)
         return allowed & (q - k < window) if window else allowed
 
-    batch, seq = documents.shape
-    return create_block_mask(mask_mod, batch, None, seq, seq, device=documents.device, _compile=True)
+    return create_block_mask(mask_mod, documents.shape[0], None, stop - start, stop, device=documents.device,
+                             _compile=True)
 
 
 @cache
@@ -87,9 +93,25 @@ def softcap_score_mod(cap: float) -> Any:
 
 
 @dataclass(frozen=True)
+class QueryChunks:
+    """The part of each row whose queries this process computes when the row is cut into `count` equal chunks and
+    it holds those numbered `held`, in that order (context parallelism's load-balanced split,
+    `parallel.context_parallel`); its keys stay the whole row's."""
+
+    count: int
+    held: tuple[int, ...]
+
+    def spans(self, seq: int) -> list[tuple[int, int]]:
+        """(start, stop) positions of the held chunks of a row of `seq` tokens."""
+        c = seq // self.count
+        return [(i * c, (i + 1) * c) for i in self.held]
+
+
+@dataclass(frozen=True)
 class DocumentContext:
     """What one forward needs of the rows' documents: a mask per sliding window (None when attention stays causal
-    over the row) and RoPE positions (None: positions count from the row's start)."""
+    over the row) and RoPE positions (None: positions count from the row's start). Over `QueryChunks` a window's
+    mask is a tuple, one per held chunk, and the positions are the held chunks' only."""
 
     masks: dict[int, Any] | None
     positions: torch.Tensor | None
@@ -99,18 +121,23 @@ class DocumentContext:
 
 
 def document_context(documents: torch.Tensor | None, attention_mask: str, rope_positions: str,
-                     windows: set[int]) -> DocumentContext | None:
+                     windows: set[int], chunks: QueryChunks | None = None) -> DocumentContext | None:
     """The context of rows with document ids `documents` [batch, seq] for a model with these settings and layer
-    windows; None when the model treats every row as one stream (or no ids came), which is plain causal attention.
+    windows, computing the queries of `chunks` (all of the row by default); None when the model treats every row as
+    one stream (or no ids came), which is plain causal attention.
 
     Masks are built here, once per forward and distinct window, not in each layer (a block mask costs a pass over
     the tiles; a compiled block then only reads it).
     """
     if documents is None or (attention_mask == "causal" and rope_positions == "sequence"):
         return None
+    spans = chunks.spans(documents.shape[-1]) if chunks is not None else None
     masks = None
     if attention_mask == "document":
         build = block_mask if use_flex_attention(documents.device) else dense_mask
-        masks = {w: build(documents, w) for w in windows}
+        masks = {w: build(documents, w) if spans is None else tuple(build(documents, w, span) for span in spans)
+                 for w in windows}
     positions = document_positions(documents) if rope_positions == "document" else None
+    if positions is not None and spans is not None:
+        positions = torch.cat([positions[..., start:stop] for start, stop in spans], dim=-1)
     return DocumentContext(masks, positions)

@@ -29,7 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from orchestrator.spec import ModelConfig
-from parallel.documents import DocumentContext, compiled_flex_attention, document_context, softcap_score_mod
+from parallel.documents import (
+    DocumentContext,
+    QueryChunks,
+    compiled_flex_attention,
+    document_context,
+    softcap_score_mod,
+)
 from parallel.moe import MoE, MoEDims, gated
 from parallel.mup import attention_scale_dim, init_std_scale, logit_scale
 from parallel.rope import RopeScaling, RotaryEmbedding, apply_rope
@@ -247,10 +253,10 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(b, s, -1, self.head_dim).transpose(1, 2)
         start = cache.pos if cache is not None else 0
-        cos, sin = self.rotary(start + s, x.device)
         if docs is not None and docs.positions is not None:
-            cos, sin = cos[docs.positions][:, None], sin[docs.positions][:, None]
+            cos, sin = self.rotary.at(docs.positions, start + s, x.device)
         else:
+            cos, sin = self.rotary(start + s, x.device)
             cos, sin = cos[start:], sin[start:]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
@@ -338,6 +344,9 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(dims.dim, dims.vocab_size, bias=False)
         if dims.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        # Whose queries a forward computes of each row: all of it, unless context parallelism gives this rank chunks
+        # (`parallel.context_parallel`), for which per-document masks and positions are then built.
+        self.query_chunks: QueryChunks | None = None
 
     def forward(self, tokens: torch.Tensor, caches: list[KVCache] | None = None,
                 documents: torch.Tensor | None = None) -> torch.Tensor:
@@ -353,7 +362,8 @@ class Transformer(nn.Module):
         """The masks and positions of one forward over rows with these document ids (every pipeline stage calls
         this for its own layers)."""
         d = self.dims
-        return document_context(documents, d.attention_mask, d.rope_positions, {d.window(i) for i in range(d.n_layers)})
+        return document_context(documents, d.attention_mask, d.rope_positions, {d.window(i) for i in range(d.n_layers)},
+                                self.query_chunks)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token embeddings entering the first block (a pipeline's first stage calls this)."""

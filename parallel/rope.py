@@ -90,6 +90,12 @@ class RotaryEmbedding(nn.Module):
             self._cache[key] = (angles.cos() * self.attention_factor, angles.sin() * self.attention_factor)
         return self._cache[key]
 
+    def at(self, positions: torch.Tensor, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tables at each row's own `positions` [batch, seq] (RoPE restarting per document), all below `length`,
+        as [batch, 1, seq, head_dim] to broadcast over heads."""
+        cos, sin = self(length, device)
+        return cos[positions][:, None], sin[positions][:, None]
+
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate [batch, heads, seq, head_dim] by position, in Hugging Face's rotate-half layout."""

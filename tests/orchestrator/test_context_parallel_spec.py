@@ -31,13 +31,11 @@ def spec_with(**sections) -> dict:
     ({"parallel": {"backend": "deepspeed"}}, r"parallel\.cp: 2 needs parallel\.backend=native; the DeepSpeed engine "
                                              r"has no context parallelism"),
     ({"data": {"seq_len": 30}}, r"data\.seq_len: 30 is not divisible by 2 × parallel\.cp=2"),
-    ({"model": {"attention_mask": "document"}}, r"model\.attention_mask: document with parallel\.cp=2 is not "
-                                                r"supported yet"),
     ({"eval": {"tasks": "hellaswag"}}, r"eval\.tasks: downstream tasks with parallel\.cp=2 are not supported"),
     ({"resources": {"num_nodes": 2, "gpus_per_node": 2}, "parallel": {"tp": 2}},
      r"parallel\.cp: cp=2 × tp=2 ranks would span nodes"),
     ({"parallel": {"dp": 2}}, r"parallel: dp=2 × cp=2 × pp=1 × tp=1 = 4, but the run has 2 ranks"),
-], ids=["deepspeed", "seq-len", "document-mask", "eval-tasks", "spans-nodes", "world"])
+], ids=["deepspeed", "seq-len", "eval-tasks", "spans-nodes", "world"])
 def test_a_layout_cp_cannot_run_is_refused_naming_the_field(sections: dict, message: str) -> None:
     raw = spec_with(**{k: v for k, v in sections.items() if k in BASE})
     raw.update({k: v for k, v in sections.items() if k not in BASE})
@@ -51,8 +49,10 @@ def test_cp_fills_the_world_with_dp_and_leaves_the_global_batch_to_dp() -> None:
     assert spec.parallel.global_batch_size == spec.parallel.micro_batch_size * spec.parallel.grad_accum * 2
 
 
-def test_sliding_windows_and_soft_caps_are_accepted_under_cp() -> None:
-    parse_spec(spec_with(model={"sliding_window": 8, "attn_softcap": 20.0}))
+def test_sliding_windows_soft_caps_and_document_masks_are_accepted_under_cp() -> None:
+    spec = parse_spec(spec_with(model={"sliding_window": 8, "attn_softcap": 20.0, "attention_mask": "document",
+                                       "rope_positions": "document"}))
+    assert (spec.parallel.cp, spec.model.attention_mask) == (2, "document")
 
 
 def test_native_memory_divides_activations_by_cp_and_shards_weights_over_dp_and_cp(repo_root) -> None:

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from orchestrator.validate import parse_spec
+from parallel.context_parallel import gather_sequence, shard_sequence
 from parallel.documents import document_ids
 from parallel.engine import build_engine
 from parallel.launch import RankEnv
@@ -49,20 +50,28 @@ def probe_diffs(logits: torch.Tensor) -> dict[str, float]:
 @torch.no_grad()
 def engine_logits(engine, rows: torch.Tensor, documents: torch.Tensor) -> torch.Tensor | None:
     """This rank's logits of the rows (a tensor-parallel rank's vocabulary shard), or None on a pipeline stage
-    without the head; a pipeline runs its schedule with the document ids as a keyword input of every stage."""
+    without the head; a pipeline runs its schedule with the document ids as a keyword input of every stage. A
+    context-parallel rank runs its chunks of the rows (with the whole rows' document ids, as the engine does) and
+    gathers the whole sequence's logits from its cp peers."""
+    dims = engine.dims
+    rows = shard_sequence(rows, dims.cp, dims.cp_rank)
     if not engine.pipelined:
         logits = engine.model(rows, documents=documents)
-        return logits.to_local() if isinstance(logits, DTensor) else logits
-    args = (rows,) if engine.first_stage else ()
-    kwargs = {"target": torch.zeros_like(rows), "losses": []} if engine.last_stage else {}
-    out = engine.schedule.eval(*args, documents=documents, **kwargs)
-    return out if engine.last_stage else None
+        logits = logits.to_local() if isinstance(logits, DTensor) else logits
+    else:
+        args = (rows,) if engine.first_stage else ()
+        kwargs = {"target": torch.zeros_like(rows), "losses": []} if engine.last_stage else {}
+        out = engine.schedule.eval(*args, documents=documents, **kwargs)
+        logits = out if engine.last_stage else None
+    if logits is None or dims.cp == 1:
+        return logits
+    return gather_sequence(logits[:, None], dims.cp, dims.group("cp"))[:, 0]
 
 
 def probe(env: RankEnv, device: torch.device, overrides: list[str]) -> dict[str, float]:
     """The probe's differences of an untrained engine of this layout, the largest over the ranks that hold logits."""
     spec = parse_spec(TINY, overrides=[*overrides, f"resources.gpus_per_node={env.world_size}"])
-    dp = env.world_size // (spec.parallel.pp * spec.parallel.tp)
+    dp = env.world_size // (spec.parallel.pp * spec.parallel.tp * spec.parallel.cp)
     spec.parallel.micro_batch_size = GLOBAL_BATCH // (GRAD_ACCUM * dp)
     spec.parallel.grad_accum = GRAD_ACCUM
     engine = build_engine(spec, env, device)

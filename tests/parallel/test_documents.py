@@ -3,7 +3,8 @@
 One process: a token's logits do not depend on the other documents of its row and equal those of its document run
 alone; compiled and checkpointed blocks give the eager gradients. Two ranks (one torchrun launch of
 documents_worker.py): the same probes under native tp2, pp2 (1F1B, and zero-bubble: two stages per rank, split
-backward) and FSDP, and training with document masks under those and DeepSpeed tp2 matches one process.
+backward), FSDP and cp2 (documents crossing the chunks' borders), and training with document masks under those and
+DeepSpeed tp2 matches one process.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ CASES = {
     "native-pp2-zero-bubble": [*RUN, *DOCUMENT, NATIVE, "parallel.pp=2", "parallel.grad_accum=2",
                                "parallel.pp_schedule=zero_bubble"],
     "native-fsdp2": [*RUN, *DOCUMENT, NATIVE, "parallel.zero_stage=3"],
+    "native-cp2": [*RUN, *DOCUMENT, NATIVE, "parallel.cp=2"],
     "deepspeed-tp2": [*RUN, *DOCUMENT, DEEPSPEED, "parallel.tp=2"],
 }
 
@@ -137,8 +139,9 @@ def layouts(tmp_path_factory) -> dict[str, dict]:
 @pytest.mark.slow
 @pytest.mark.parametrize("case", [c for c in CASES if c.startswith("native")])
 def test_documents_are_independent_under_the_layout(case: str, layouts: dict) -> None:
-    """Under tp2 (each rank's vocabulary shard) and pp2 (the last stage's logits, document ids sent to every stage
-    through the schedule) a document's logits ignore the others and equal its own at a row's start."""
+    """Under tp2 (each rank's vocabulary shard), pp2 (the last stage's logits, document ids sent to every stage
+    through the schedule) and cp2 (each rank's chunks, their logits gathered) a document's logits ignore the others
+    and equal its own at a row's start."""
     assert "error" not in layouts[case], layouts[case].get("error")
     diffs = layouts[case]["probe"]
     assert diffs["moved"] == 0.0 and diffs["perturbed"] > 1e-3, diffs
