@@ -11,21 +11,31 @@ the keys, exactly what a later chunk of a cp run computes. The two compute the s
 agree to bf16 noise. Random tokens cannot be learned beyond their batches' memorisation, which both runs share: a
 chunked loss falling well below the plain one means its attention sees tokens it should not. Prints each step's loss
 for both and the median step time (after two warm-up steps).
+
+With `--doc-tokens N` the rows are packed documents of ~N tokens (EOS after each) under per-document masks and RoPE
+positions (`model.attention_mask: document`): the plain run masks with one FlexAttention block mask over the whole row,
+the chunked one with a block mask per chunk, its queries against the keys up to its end, as a cp rank builds them.
+
+    python benchmarks/cp_chunk_attention.py --device cuda --dim 2048 --layers 20 --heads 16 --kv-heads 8 \
+        --vocab 50304 --seq 32768 --steps 8 --ac none --doc-tokens 4096  # per-document masks at seq 32k
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
 import torch
 import torch.distributed as dist
+from document_mask_cost import EOS, packed_rows
 from llama_args import add_model_arguments, llama_dims
 
 from parallel.activation_checkpoint import apply_activation_checkpointing
 from parallel.compile import apply_compile
 from parallel.context_parallel import chunk_attention
+from parallel.documents import document_ids
 from parallel.model import ModelDims, build_model, cross_entropy
 
 
@@ -45,8 +55,9 @@ def train(dims: ModelDims, batches: list[torch.Tensor], steps: int, ac: str, chu
         rows = batches[step % len(batches)]
         torch.cuda.synchronize()
         start = time.perf_counter()
+        documents = document_ids(rows[:, :-1], EOS) if dims.attention_mask == "document" else None
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = cross_entropy(model(rows[:, :-1]), rows[:, 1:])
+            loss = cross_entropy(model(rows[:, :-1], documents=documents), rows[:, 1:])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -63,17 +74,25 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batches", type=int, default=4, help="random batches, cycled")
     parser.add_argument("--ac", nargs="+", default=["none", "full"], choices=["none", "full", "selective"])
+    parser.add_argument("--doc-tokens", type=int, default=0,
+                        help="mean document length of packed rows under per-document masks (0: causal rows)")
     args = parser.parse_args()
     device = torch.device(args.device)
     assert device.type == "cuda", "the merged cuDNN operator runs on CUDA only"
     dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
     dims = llama_dims(args, rope_theta=500000.0)
-    g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=g).to(device)
-               for _ in range(args.batches)]
+    if args.doc_tokens:
+        dims = dataclasses.replace(dims, attention_mask="document", rope_positions="document")
+        batches = [packed_rows(args.batch, args.seq, args.doc_tokens, args.vocab, seed).to(device)
+                   for seed in range(args.batches)]
+    else:
+        g = torch.Generator().manual_seed(0)
+        batches = [torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=g).to(device)
+                   for _ in range(args.batches)]
     tokens = args.batch * args.seq
+    rows = f"documents of ~{args.doc_tokens} tokens, per-document masks" if args.doc_tokens else "causal"
     print(f"dim {args.dim} layers {args.layers} heads {args.heads}/{args.kv_heads} seq {args.seq} batch {args.batch}, "
-          f"{args.steps} steps on {args.batches} random batches")
+          f"{args.steps} steps on {args.batches} random batches ({rows})")
     for ac in args.ac:
         runs = {}
         for name, chunked in (("plain", False), ("chunked", True)):

@@ -1,17 +1,24 @@
 """Context parallelism's CUDA attention (`cudnn_chunk_attention`: a later chunk's two cuDNN calls merged by
 log-sum-exp in one operator) against one bottom-right-causal SDPA call over the same keys: outputs and every gradient,
 eager, compiled as one graph (`fullgraph=True`: no break), and compiled inside activation checkpointing, with the
-queries, keys and values laid out as the model hands them over. Runs where there is a GPU."""
+queries, keys and values laid out as the model hands them over; and a cp rank's per-chunk FlexAttention document masks
+against the whole row's. Runs where there is a GPU."""
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint
 
+from orchestrator.validate import parse_spec
+from parallel.context_parallel import chunk_attention
 from parallel.cudnn_attention import cudnn_chunk_attention
+from parallel.documents import document_ids
+from parallel.model import build_model, cross_entropy
+from tests.parallel.layout_worker import EOS, TINY
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN attention needs a CUDA device")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def checkpointed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
@@ -50,3 +57,38 @@ def test_cudnn_chunk_attention_equals_bottom_right_causal_attention(gathered: bo
     torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
     for got, want in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
+
+
+@pytest.fixture
+def group_of_one():
+    """A one-process NCCL group: a cp rank's attention gathers over it, so both chunks run here."""
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("extra", [[], ["model.attn_softcap=20", "model.sliding_window=96",
+                                        "model.full_attention_every=2"]], ids=["llama", "gemma-like"])
+def test_chunked_document_masks_give_the_whole_rows_numbers(group_of_one, extra: list[str]) -> None:
+    """Per-document masks as a cp rank builds them on CUDA (a FlexAttention block mask per chunk, its queries against
+    the keys up to its end) against one block mask over the whole row: logits and every gradient, fp32, documents
+    crossing the chunks' border."""
+    spec = parse_spec(TINY, overrides=["data.seq_len=512", "model.attention_mask=document",
+                                       "model.rope_positions=document", *extra])
+    rows = torch.randint(1, spec.model.vocab_size, (2, 513), generator=torch.Generator().manual_seed(3))
+    rows[0, [100, 250, 300]] = rows[1, [40, 380]] = EOS
+    rows = rows.cuda()
+    documents = document_ids(rows[:, :-1], EOS)
+    results = []
+    for chunked in (False, True):
+        model = build_model(spec.model, "cuda")
+        model.init_weights(seed=0)
+        if chunked:
+            chunk_attention(model, list(model.layers), 1, 0, group_of_one, spec.data.seq_len)
+        logits = model(rows[:, :-1], documents=documents)
+        cross_entropy(logits, rows[:, 1:]).backward()
+        results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (want, want_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
