@@ -70,6 +70,8 @@ def run_layout(procs: int, overrides: list[str], out: Path, tmp: Path, worker: P
     cmd = [*torchrun(procs), str(worker), str(out), *overrides]
     # within the suite's 600 s a test, which counts this launch: 12 four-rank cases took 321 s on a loaded 2-core CPU
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540)
+    failed = Path(f"{out}.error")
+    assert not failed.exists(), failed.read_text()
     assert result.returncode == 0 and out.exists(), result.stdout[-3000:] + result.stderr[-6000:]
     return torch.load(out, weights_only=False)
 
@@ -142,9 +144,7 @@ def launched_layouts(cases: dict[str, tuple[int, list[str]]], tmp_path_factory) 
             mine = {case: overrides for case, (n, overrides) in cases.items() if n == procs}
             (tmp / "cases.json").write_text(json.dumps(mine))
             launched[procs] = run_layout(procs, ["--cases", str(tmp / "cases.json")], tmp / "result.pt", tmp)
-        got = launched[procs][name]
-        assert "error" not in got, f"{name}:\n{got.get('error')}"
-        return got
+        return launched[procs][name]
 
     return of
 

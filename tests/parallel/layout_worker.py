@@ -4,7 +4,8 @@ parameters written by rank 0. Started by torchrun from tests/helpers.py (run_lay
     torchrun --nproc_per_node 4 tests/parallel/layout_worker.py OUT.pt parallel.pp=2 parallel.tp=2 ...
 
 With `--cases CASES.json` ({name: [override, ...]}) one launch runs each case in turn on the same process group and
-writes {name: result}, a case that raised recording its traceback instead: many small layouts for one start-up.
+writes {name: result}: many small layouts for one start-up. A case that raises on any rank ends the launch, its
+traceback in OUT.error (its peers would otherwise wait in a collective for the group's timeout).
 A case may also be {"overrides": [...], "save": DIR, "save_at": N} (a native checkpoint written after step N) or
 {"overrides": [...], "load": DIR} (resumed from it, training the steps after it): resume and reshard in the same
 launch.
@@ -110,8 +111,9 @@ def main(out: str, args: list[str],
         for name, case in json.loads(Path(args[1]).read_text()).items():
             try:
                 results[name] = run(env, device, case) if isinstance(case, list) else run(env, device, **case)
-            except Exception:  # noqa: BLE001 - recorded for the test of this case; the next case still runs
-                results[name] = {"error": traceback.format_exc()}
+            except Exception:  # noqa: BLE001 - written for the tests, then the launch ends: torchrun stops the peers
+                Path(f"{out}.error").write_text(f"case {name!r} failed on rank {env.rank}:\n{traceback.format_exc()}")
+                os._exit(1)
             gc.collect()
     else:
         results = run(env, device, args)

