@@ -150,12 +150,27 @@ def moe_settings(dims: ModelDims) -> dict[str, Any]:
             "moe.expert_ffn_dim": m.ffn_dim, "moe.score": m.score, "moe.norm_topk": m.norm_topk}
 
 
+def is_rope_setting(key: str) -> bool:
+    """RoPE's base frequency and scaling say how positions are read, not what the weights hold: a run may set them
+    apart from the model it starts from, which is how a context is extended (a model pretrained at 4k trained on at
+    32k under a larger rope_theta or a RoPE scaling, as Llama 3 and Qwen 2.5 extend theirs)."""
+    return key == "rope_theta" or key.startswith("rope_scaling.")
+
+
+def rope_changes(found: ModelDims, run: ModelDims) -> list[str]:
+    """The RoPE settings of `run` that differ from those of the model `found` it starts from, each as
+    `model.<key>: <the model's> → <the run's>`."""
+    have, want = model_settings(found), model_settings(run)
+    return [f"model.{k}: {have[k]!r} → {want[k]!r}" for k in want if is_rope_setting(k) and have[k] != want[k]]
+
+
 def check_same_dims(found: ModelDims, expected: ModelDims, source: str) -> None:
-    """A Hugging Face model can initialise a run only if its shape is the run's: name every `model.*` that differs."""
+    """A Hugging Face model can initialise a run only if its shape is the run's: name every `model.*` that differs,
+    RoPE's settings apart (`is_rope_setting`)."""
     dense = {"moe.num_experts": 0}
     have, want = dense | model_settings(found), dense | model_settings(expected)
     changed = [f"model.{k}: {want.get(k)!r} in the job spec, {have.get(k)!r} in {CONFIG}"
-               for k in {**want, **have} if have.get(k) != want.get(k)]
+               for k in {**want, **have} if have.get(k) != want.get(k) and not is_rope_setting(k)]
     if changed:
         raise UserError(f"{source}: the model differs from the run's: " + "; ".join(changed)
                         + " (`pretrain import` writes a spec with the model's values)")

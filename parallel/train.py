@@ -39,7 +39,7 @@ from parallel.checkpoint import Checkpointer
 from parallel.downstream import build_downstream
 from parallel.engine import Engine, build_engine
 from parallel.float8 import float8_flops_per_token
-from parallel.hf import open_init_weights
+from parallel.hf import open_init_weights, rope_changes
 from parallel.launch import RankEnv, init_distributed, pick_device, shutdown_distributed
 from parallel.loader import ShardLoader, build_loaders
 from parallel.profiling import ProfileTrigger
@@ -74,14 +74,16 @@ def run(spec: JobSpec, env: RankEnv | None = None, callbacks: Sequence[Callback]
     checkpointer = Checkpointer(spec, engine.dims)
     try:
         resumed = resume(checkpointer, engine)
-        start = 0
+        start, rope = 0, []
         if resumed is not None:
             train_loader.load_state_dict(resumed.loader_state)
             start = resumed.step
         elif spec.checkpoint.init_from:
-            engine.load_full_state_dict(open_init_weights(spec.checkpoint.init_from, engine.model_dims))
+            weights = open_init_weights(spec.checkpoint.init_from, engine.model_dims)
+            engine.load_full_state_dict(weights)
+            rope = rope_changes(weights.dims, engine.model_dims)
         if env.rank == 0:
-            print(_starting_point(spec, resumed), flush=True)
+            print(_starting_point(spec, resumed, rope), flush=True)
         for callback in callbacks:
             callback.on_train_start(start, env.rank)
         step, loss = _train(spec, env, engine, train_loader, val_loader, checkpointer, callbacks, start)
@@ -172,11 +174,14 @@ def evaluate(engine: Engine, loader: ShardLoader, batches: int, step: int, rank:
     return EvalStats(step=step, loss=loss, batches=batches, seconds=time.perf_counter() - begin, rank=rank)
 
 
-def _starting_point(spec: JobSpec, resumed: Resumed | None) -> str:
-    """The log line of where this attempt starts: the checkpoint and data position it resumed from, or why none."""
+def _starting_point(spec: JobSpec, resumed: Resumed | None, rope: list[str]) -> str:
+    """The log line of where this attempt starts: the checkpoint and data position it resumed from, or why none;
+    `rope`: the RoPE settings the run changes from the weights it starts from (`parallel.hf.rope_changes`)."""
     c = spec.checkpoint
     if resumed is None:
         weights = f"the weights of {c.init_from}" if c.init_from else "fresh weights"
+        if rope:
+            weights += f", RoPE as the job spec sets it ({'; '.join(rope)})"
         why = f"no checkpoint in {c.dir}" if c.resume else "checkpoint.resume=false"
         return f"starting at step 0 with {weights} ({why})"
     data = resumed.loader_state

@@ -11,7 +11,11 @@ at the model's router_aux_loss_coef unless the overrides say otherwise) and `che
 directory: the training loop loads those weights into whatever layout the spec has when there is no checkpoint of
 the run to resume, and each checkpoint keeps the model's tokenizer and special tokens for `pretrain export`
 (`parallel.hf_origin`). The shards must be tokenized with the model's tokenizer (the spec's validation refuses a
-shard vocabulary larger than the model's).
+shard vocabulary larger than the model's). Overrides of RoPE's settings (model.rope_theta, model.rope_scaling.*) and
+of model.max_positions are kept: that is how a context is extended (docs/long-context.md).
+
+    pretrain import models/llama-3.2-1b examples/llama-1b.yaml data.seq_len=32768 model.max_positions=32768 \
+        model.rope_theta=8000000 parallel.cp=2 -o runs/32k.yaml
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from dataprep.shards import write_atomic
     from orchestrator.spec import spec_to_yaml
     from orchestrator.validate import load_spec
-    from parallel.hf import model_settings, open_hf_weights, read_hf_config
+    from parallel.hf import is_rope_setting, model_settings, open_hf_weights, read_hf_config
     from parallel.hf_families import family_name, identity_of, training_settings
 
     weights = open_hf_weights(args.hf_dir)
@@ -40,7 +44,11 @@ def run(args: argparse.Namespace) -> int:
     hf_dir = os.path.abspath(args.hf_dir)
     settings = {**model_settings(weights.dims), "family": family_name(config), "size": "''",
                 "max_positions": identity_of(config).max_positions, "init_std": weights.dims.init_std}
-    taken = [f"model.{k}={v}" for k, v in settings.items()]
+    # RoPE's settings and the context are the run's to set when the overrides do (a context extension); every other
+    # model.* is the model's whatever the overrides say.
+    given = {o.split("=", 1)[0].removeprefix("model.") for o in args.overrides}
+    taken = [f"model.{k}={v}" for k, v in settings.items()
+             if not (k in given and (is_rope_setting(k) or k == "max_positions"))]
     defaults = [f"model.{k}={v}" for k, v in training_settings(config).items()]
     spec = load_spec(args.spec, [*defaults, *args.overrides, *taken, f"checkpoint.init_from={hf_dir}"])
     text = spec_to_yaml(spec)

@@ -4,6 +4,7 @@ mismatched run is one clear UserError. Each family's mapping is tests/parallel/t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -16,8 +17,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from orchestrator.cli import main as pretrain
 from orchestrator.errors import CheckpointError, UserError
 from parallel.consolidate import find_checkpoint
-from parallel.hf import HFExport, load_hf_model, open_hf_weights, open_init_weights, save_hf
+from parallel.hf import HFExport, load_hf_model, open_hf_weights, open_init_weights, rope_changes, save_hf
 from parallel.model import ModelDims, build_model
+from parallel.rope import RopeScaling
 
 ATOL = 1e-4
 TINY = Path(__file__).resolve().parents[2] / "examples" / "tiny.yaml"
@@ -148,12 +150,41 @@ def test_weights_only_in_pytorch_format_are_refused(hf_dir: Path) -> None:
 
 
 def test_init_from_a_model_of_another_shape_names_each_field(hf_dir: Path) -> None:
+    """RoPE's settings may differ (a context extension); the shape may not."""
     run = ModelDims(vocab_size=211, dim=128, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=176, norm_eps=1e-5,
-                    rope_theta=10000.0, tie_embeddings=False, init_std=0.02)
+                    rope_theta=500000.0, tie_embeddings=False, init_std=0.02)
     with pytest.raises(UserError, match=r"checkpoint.init_from: .*model: the model differs from the run's: "
                                        r"model.dim: 128 in the job spec, 64 in config.json; "
-                                       r"model.n_kv_heads: 4 in the job spec, 2 in config.json"):
+                                       r"model.n_kv_heads: 4 in the job spec, 2 in config.json") as refused:
         open_init_weights(str(hf_dir), run)
+    assert "rope" not in str(refused.value)
+
+
+def test_init_from_takes_the_weights_under_the_run_s_rope(good_dir: Path) -> None:
+    """A context extension: the run starts from the model's weights with its own rope_theta and llama3 scaling, and
+    computes what transformers computes with those weights under that RoPE (not the config's)."""
+    config = load_hf_model(str(good_dir)).dims
+    scaling = RopeScaling("llama3", factor=8.0, original_max_positions=64, low_freq_factor=1.0, high_freq_factor=4.0)
+    run = dataclasses.replace(config, rope_theta=500000.0, rope_scaling=scaling)
+    weights = open_init_weights(str(good_dir), run)
+    assert rope_changes(weights.dims, run) == [
+        "model.rope_theta: 10000.0 → 500000.0", "model.rope_scaling.type: 'none' → 'llama3'",
+        "model.rope_scaling.factor: 1.0 → 8.0", "model.rope_scaling.original_max_positions: 8192 → 64"]
+    assert rope_changes(weights.dims, config) == []
+    ours = build_model(run, "cpu").eval()
+    with torch.no_grad():
+        for name, param in ours.named_parameters():
+            param.copy_(weights[name])
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64}
+    config_json = json.loads((good_dir / "config.json").read_text())
+    extended_config = LlamaConfig(**{**config_json, "rope_theta": 500000.0, "rope_scaling": rope})
+    extended = LlamaForCausalLM.from_pretrained(good_dir, config=extended_config).eval()
+    original = LlamaForCausalLM.from_pretrained(good_dir).eval()
+    x = tokens(211)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), extended(x).logits, rtol=0, atol=ATOL)
+        assert (ours(x) - original(x).logits).abs().max() > 10 * ATOL, "the RoPE change reached the logits"
 
 
 def test_init_from_a_pretrain_checkpoint_says_to_export_it(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ near-equal logits would flip on rounding alone.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -34,7 +35,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from orchestrator.cli import main as pretrain
 from orchestrator.validate import load_spec
 from parallel.callbacks import read_history
+from parallel.hf import open_init_weights
 from parallel.loader import build_loaders
+from parallel.model import build_model, cross_entropy
 from tests.helpers import torchrun
 from tests.shards import EOS, write_shards
 
@@ -166,3 +169,43 @@ def test_import_train_export_generate_match_transformers(family: str, shards: Pa
                      "--device", "cpu"]) == 0
     written = capsys.readouterr().out.rsplit("\npretrain generate: ", 1)[0]
     assert written == f"[1] {PROMPT}{tokenizer.decode(expected, skip_special_tokens=False)}"
+
+
+def test_a_context_extension_trains_from_the_import_under_its_own_rope(tmp_path: Path, capsys) -> None:
+    """The long-context workflow on an imported model (max_position_embeddings 64): `pretrain import` keeps the
+    overrides' context (128) and ten times larger rope_theta, and the run trains at that length with per-document
+    masks and positions under cp2. Its first loss is that of the model's weights under the new RoPE, in one process
+    with the same documents: the run read the weights, took the spec's RoPE, and cut the documents' masks into the
+    cp chunks."""
+    hf_model(tmp_path / "hf", "llama3")
+    shards = write_shards(tmp_path / "shards", seq_len=128, rows=40, sources=("fortunes",))
+    byte_tokenizer(shards / "tokenizer.json")
+    spec_file, ckpt = tmp_path / "job.yaml", tmp_path / "ckpt"
+    extension = ["data.seq_len=128", "model.max_positions=128", "model.rope_theta=5000000.0", "parallel.cp=2",
+                 "model.attention_mask=document", "model.rope_positions=document"]
+    assert pretrain(["import", str(tmp_path / "hf"), str(REPO / "examples" / "tiny.yaml"), *RUN, *extension, NATIVE,
+                     f"data.path={shards}", f"checkpoint.dir={ckpt}", "-o", str(spec_file)]) == 0
+    done = pretrain_train(2, spec_file, tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    assert "RoPE as the job spec sets it (model.rope_theta: 500000.0 → 5000000.0)" in done.stdout
+    spec = load_spec(spec_file)
+    assert (spec.model.max_positions, spec.model.rope_theta, spec.model.rope_scaling.type) == (128, 5e6, "llama3")
+    model = build_model(spec.model, "cpu").eval()
+    weights = open_init_weights(str(tmp_path / "hf"), model.dims)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(weights[name])
+    train_loader, val_loader = build_loaders(spec, dp_rank=0, dp_size=1)
+    batch = train_loader.next_step()
+    train_loader.close()
+    val_loader.close()
+    assert any(len(mb.documents.unique()) > 1 for mb in batch), "the rows hold several documents"
+    with torch.no_grad():
+        expected = torch.stack([cross_entropy(model(mb.inputs, documents=mb.documents), mb.targets) for mb in batch])
+    first = read_history(str(ckpt / "history.jsonl"))["step"][0]["loss"]
+    assert first == pytest.approx(float(expected.mean()), abs=ATOL)
+    original = build_model(dataclasses.replace(spec.model, rope_theta=500000.0), "cpu").eval()
+    original.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        before = torch.stack([cross_entropy(original(mb.inputs, documents=mb.documents), mb.targets) for mb in batch])
+    assert abs(float(before.mean()) - first) > 10 * ATOL, "the spec's RoPE, not the model's, ran"
