@@ -14,6 +14,8 @@ sliding window if it has one. How the mask is applied is decided in one place, `
 FlexAttention block mask (compiled: FlexAttention is meant to be, and the block mask skips whole tiles across
 documents); elsewhere a boolean [batch, 1, seq, seq] mask for scaled_dot_product_attention — on CPU FlexAttention
 runs only as an unfused reference that warns its backward may be wrong, and the boolean mask gives the same numbers.
+A process that computes only some chunks of each row's queries (a context-parallel rank, `QueryChunks`) gets one mask
+per chunk, its queries against the keys up to the chunk's end, and the positions of its chunks' tokens.
 """
 
 from __future__ import annotations
