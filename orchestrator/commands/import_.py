@@ -12,7 +12,8 @@ directory: the training loop loads those weights into whatever layout the spec h
 the run to resume, and each checkpoint keeps the model's tokenizer and special tokens for `pretrain export`
 (`parallel.hf_origin`). The shards must be tokenized with the model's tokenizer (the spec's validation refuses a
 shard vocabulary larger than the model's). Overrides of RoPE's settings (model.rope_theta, model.rope_scaling.*) and
-of model.max_positions are kept: that is how a context is extended (docs/long-context.md).
+of model.max_positions are kept: that is how a context is extended (docs/long-context.md); an override of any other
+setting the model fixes (model.dim, model.n_layers, ...) is refused, naming it.
 
     pretrain import models/llama-3.2-1b examples/llama-1b.yaml data.seq_len=32768 model.max_positions=32768 \
         model.rope_theta=8000000 parallel.cp=2 -o runs/32k.yaml
@@ -34,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dataprep.shards import write_atomic
+    from orchestrator.errors import UserError
     from orchestrator.spec import spec_to_yaml
     from orchestrator.validate import load_spec
     from parallel.hf import is_rope_setting, model_settings, open_hf_weights, read_hf_config
@@ -45,10 +47,15 @@ def run(args: argparse.Namespace) -> int:
     settings = {**model_settings(weights.dims), "family": family_name(config), "size": "''",
                 "max_positions": identity_of(config).max_positions, "init_std": weights.dims.init_std}
     # RoPE's settings and the context are the run's to set when the overrides do (a context extension); every other
-    # model.* is the model's whatever the overrides say.
-    given = {o.split("=", 1)[0].removeprefix("model.") for o in args.overrides}
-    taken = [f"model.{k}={v}" for k, v in settings.items()
-             if not (k in given and (is_rope_setting(k) or k == "max_positions"))]
+    # setting of the model's is the model's.
+    given = {o.split("=", 1)[0].removeprefix("model.") for o in args.overrides if o.startswith("model.")}
+    kept = {k for k in given if is_rope_setting(k) or k == "max_positions"}
+    refused = sorted(k for k in given & settings.keys() - kept)
+    if refused:
+        raise UserError(", ".join(f"model.{k}" for k in refused) + f": set by the model in {args.hf_dir} "
+                        f"({', '.join(f'{settings[k]}' for k in refused)}); drop the override (RoPE's settings and "
+                        "model.max_positions may be changed, to extend the context)")
+    taken = [f"model.{k}={v}" for k, v in settings.items() if k not in kept]
     defaults = [f"model.{k}={v}" for k, v in training_settings(config).items()]
     spec = load_spec(args.spec, [*defaults, *args.overrides, *taken, f"checkpoint.init_from={hf_dir}"])
     text = spec_to_yaml(spec)

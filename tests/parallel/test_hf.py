@@ -208,6 +208,15 @@ def test_checkpoint_lookup_errors(tmp_path: Path) -> None:
     assert find_checkpoint(str(tmp_path)) == str(tmp_path / "step_3")
 
 
+def test_import_refuses_overrides_of_what_the_model_fixes(good_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "job.yaml"
+    assert pretrain(["import", str(good_dir), str(TINY), "model.dim=128", "model.n_layers=4", "model.rope_theta=5e5",
+                     "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pretrain import: model.dim, model.n_layers: set by the model in ") and "(64, 2)" in err
+    assert "rope_theta" not in err.split(";")[0] and "Traceback" not in err and not out.exists()
+
+
 def test_cli_reports_bad_inputs_in_one_line(hf_dir: Path, tmp_path: Path, capsys) -> None:
     edit_config(hf_dir, attention_bias=True)
     assert pretrain(["import", str(hf_dir), str(TINY)]) == 2
