@@ -66,8 +66,8 @@ def shard_sequence(x: torch.Tensor, cp: int, cp_rank: int, dim: int = 1) -> torc
 
 def chunk_positions(local_len: int, cp: int, cp_rank: int) -> torch.Tensor:
     """The true positions of a rank's `local_len` tokens in the sequence of cp·local_len."""
-    c = local_len // 2
-    return torch.cat([torch.arange(i * c, (i + 1) * c) for i in chunk_ids(cp, cp_rank)])
+    spans = QueryChunks(2 * cp, chunk_ids(cp, cp_rank)).spans(local_len * cp)
+    return torch.cat([torch.arange(start, stop) for start, stop in spans])
 
 
 class ChunkedRotary(nn.Module):

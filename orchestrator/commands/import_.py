@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     refused = sorted(k for k in given & settings.keys() - kept)
     if refused:
         raise UserError(", ".join(f"model.{k}" for k in refused) + f": set by the model in {args.hf_dir} "
-                        f"({', '.join(f'{settings[k]}' for k in refused)}); drop the override (RoPE's settings and "
+                        f"({', '.join(str(settings[k]) for k in refused)}); drop the override (RoPE's settings and "
                         "model.max_positions may be changed, to extend the context)")
     taken = [f"model.{k}={v}" for k, v in settings.items() if k not in kept]
     defaults = [f"model.{k}={v}" for k, v in training_settings(config).items()]
