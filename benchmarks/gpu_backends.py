@@ -40,8 +40,10 @@ tokens/s counts the whole job's tokens. MFU per GPU = `ModelDims.flops_per_token
 + 12·L·seq·dim for attention, PaLM's formula, no causal halving) × tokens/s / (GPUs × 989 TFLOP/s, H100 SXM dense
 bf16). Peak memory is `torch.cuda.max_memory_allocated`, the largest over ranks; resident memory is what stays
 allocated between steps (weights, optimizer states), so peak − resident is what a step adds (activations,
-gradients). One line per run and a JSON file (device, versions, figures, the `parallel` section that ran) in --out
-($OUT when set, else benchmarks/results/).
+gradients); `--memory-peak` runs one more step of each run under the CUDA allocator's history and records what is
+alive at its peak, by the line that allocated it (`memory_peak`, benchmarks/memory_peak.py). One line per run and a
+JSON file (device, versions, figures, the `parallel` section that ran) in --out ($OUT when set, else
+benchmarks/results/).
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from memory_peak import record_step
 
 from orchestrator.validate import load_yaml, parse_spec
 from parallel.engine import build_engine
@@ -292,6 +295,8 @@ def measure(name: str, args: argparse.Namespace, env: RankEnv, device: torch.dev
     dims = ModelDims.from_config(spec.model)
     mfu = dims.flops_per_token(spec.data.seq_len) * tokens_per_s / (world * H100_FLOPS)
     extra = {}
+    if args.memory_peak and cuda:
+        extra["memory_peak"] = record_step(functools.partial(step, batches[0]))
     if p.pp > 1 and p.backend == "native":
         extra["pipeline"] = pipeline_bubble(step.args[0], batches[0], args.repeats)
     del step
@@ -345,6 +350,9 @@ def main() -> None:
                         help="job spec whose model, seq_len and parallel settings are benchmarked")
     add_parallel_flags(parser)
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a smoke run of the script")
+    parser.add_argument("--memory-peak", action="store_true",
+                        help="record one more step of each run under the CUDA allocator's history and keep what is "
+                             "alive at its peak, by allocating line (benchmarks/memory_peak.py)")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "benchmarks" / "results"))
     args = parser.parse_args()
     args.seq_len = args.seq_len or (load_yaml(args.model).get("data") or {}).get("seq_len", 2048)

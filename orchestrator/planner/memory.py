@@ -301,31 +301,39 @@ def checkpointed_layers(p: ParallelConfig, first: int, count: int) -> int:
 
 
 def activation_bytes(model: ModelConfig, seq_len: int, p: ParallelConfig, stage: int, width: int,
-                     block_bytes_per_token: float | None = None, logit_bytes: int = LOGIT_BYTES) -> int:
+                     block_bytes_per_token: float | None = None, logit_bytes: int = LOGIT_BYTES,
+                     residual_width: int | None = None) -> int:
     """Activations at the peak of pipeline stage `stage`, per `p.activation_checkpointing`. A block keeps
     `block_bytes_per_token` without recomputation (default: what eager autograd saves, `activation_bytes_per_token`)
-    and each logit of the last stage `logit_bytes`."""
+    and each logit of the last stage `logit_bytes`; a checkpointed block keeps its input, `residual_width` bytes an
+    element (default `width`), and so does the final norm, beside its fp32 normalised input and its output. The loss
+    frees its logits before the backward recomputes the first checkpointed block, so the peak holds the larger of
+    the two, not both."""
     tokens = p.micro_batch_size * seq_len
     layers = model.n_layers // p.pp
     in_flight = min(p.pp - stage, p.grad_accum)
     if block_bytes_per_token is None:
         block_bytes_per_token = activation_bytes_per_token(model, width, p.tp, p.sequence_parallel)
     full_layer = tokens * (block_bytes_per_token + attention_bytes_per_token(model, seq_len, width, p.tp))
-    block_input = tokens * model.dim / (p.tp if p.sequence_parallel else 1) * width
+    residual = tokens * model.dim / (p.tp if p.sequence_parallel else 1)
+    block_input = residual * (residual_width or width)
+    recomputing = full_layer  # one block recomputed at a time
     if p.activation_checkpointing == "full":
-        kept = layers * in_flight * block_input + full_layer  # one block recomputed at a time
+        kept = layers * in_flight * block_input
     elif p.activation_checkpointing == "selective":
         kept_per_block = block_input + tokens * selective_bytes_per_token(model, width, p.tp, p.sequence_parallel)
-        kept = layers * in_flight * kept_per_block + full_layer
+        kept = layers * in_flight * kept_per_block
     elif p.activation_checkpointing == "every_n":
         recomputed = checkpointed_layers(p, stage * layers, layers)
-        kept = (recomputed * block_input + (layers - recomputed) * full_layer) * in_flight \
-            + (full_layer if recomputed else 0)
+        kept = (recomputed * block_input + (layers - recomputed) * full_layer) * in_flight
+        recomputing = full_layer if recomputed else 0
     else:
-        kept = layers * in_flight * full_layer
-    if stage == p.pp - 1:
-        kept += tokens * model.vocab_size / p.tp * logit_bytes
-    return int(kept)
+        kept, recomputing = layers * in_flight * full_layer, 0
+    if stage < p.pp - 1:
+        return int(kept + recomputing)
+    final_norm = residual * ((residual_width or width) + 4 + width)
+    logits = tokens * model.vocab_size / p.tp * logit_bytes
+    return int(kept + final_norm + max(recomputing, logits))
 
 
 def _buffer_bytes(model: ModelConfig, p: ParallelConfig, buffers: EngineBuffers, width: int, zero: int) -> int:

@@ -5,16 +5,22 @@ gradient shard and Adam's two fp32 moments beside it: 16 bytes a parameter over 
 (fp32 in fp32 training) copies it gathers to compute: under ZeRO-3 the block running and the one prefetched behind
 it, plus the roots (embedding, final norm, lm_head), which stay gathered from their forward to their backward; under
 ZeRO-1/2 every block, since none is resharded after forward. ZeRO-1 accumulates the micro-batches' gradients
-unsharded in fp32 and reduce-scatters them once a step, so its gradients are a whole fp32 copy. With one
-data-parallel rank there is no FSDP: fp32 weights, gradients and moments, and under bf16 autocast the bf16 casts of
-the weights, cached through the forward for the backward.
+unsharded in fp32 and reduce-scatters them once a step, so over several micro-batches its gradients are a whole fp32
+copy; a step of one micro-batch reduce-scatters block by block, as ZeRO-2 does. With one data-parallel rank there is
+no FSDP: fp32 weights, gradients and moments, and under bf16 autocast the bf16 casts of the weights, kept for the
+backward except where a checkpointed block recomputes them; the embedding's output is fp32 there, and with it the
+whole residual stream (4 bytes an element where FSDP's bf16 weights give 2).
+
+With one micro-batch a step the gradients are made as the backward frees the activations: the peak is the
+forward's, at the loss, unless the gradients alone outgrow the activations (`benchmarks/memory_peak.py` shows what
+is alive there: the block inputs, the logits and the loss's buffer of their size).
 
 Activations are `memory.activation_bytes` per checkpointing mode. Compiled blocks (`parallel.compile`) save less than
-eager autograd: inductor fuses each norm and RoPE into the kernels around them, so a norm keeps only its bf16 input,
-attention q, k, v and its output, SwiGLU gate, up and the product into down_proj, plus one more residual-wide tensor
-a block; the fused loss holds the bf16 logits and the fp32 gradient of the softmax at its peak (6 bytes a logit
-against eager's 12). The last two are fitted: which tensors inductor saves is not visible from the model, and the
-peaks measured at micro-batch 1 and 3 (8B, every checkpointing mode) fix them.
+eager autograd: inductor fuses each norm and RoPE into the kernels around them, so a norm keeps only its bf16 output,
+attention q, k, v, its output and that output's copy laid out for o_proj, SwiGLU gate, up and the product into
+down_proj, and the block's output; the fused loss holds the bf16 logits and a bf16 buffer of their size (4 bytes a
+logit against eager's 12). These are the tensors `benchmarks/gpu_backends.py --memory-peak` found alive at the peak
+(1.15B at seq 32k, one GPU), not fitted.
 
 Under LoRA (`model.lora`) the model's weights are frozen: they are held (fp32 shards, gathered as above) with no
 gradients or moments; only the adapters (`counting.lora_params`) have an fp32 gradient and Adam's two fp32 moments.
@@ -40,10 +46,11 @@ sends to and receives from the other ranks of its ep group are in flight beside 
 what the experts keep for backward is the same with or without ep.
 
 Checked against the peaks measured on H200s (`torch.cuda.max_memory_allocated`, benchmarks/results/, test in
-tests/orchestrator/test_plan_memory_native.py): 1.15B seq 2048 micro-batch 8 on one GPU, dp2 ZeRO-1 and ZeRO-3, and
-Llama-3-8B's shape seq 4096 micro-batch 1 with dp2 ZeRO-3 under each checkpointing mode (every_n too) and each float8
-recipe, micro-batch 3 with none, full, selective and selective float8, tp2 with sequence parallelism and pp2 1F1B are
-all within 10% (the largest gaps: float8 rowwise +6.4%, full at micro-batch 3 +6.1%, tp2 +6.0%).
+tests/orchestrator/test_plan_memory_native.py): 1.15B seq 2048 micro-batch 8 on one GPU, dp2 ZeRO-1 and ZeRO-3, one
+GPU at seq 32k (none, selective) and 128k (full), and Llama-3-8B's shape seq 4096 micro-batch 1 with dp2 ZeRO-3
+under each checkpointing mode (every_n too) and each float8 recipe, micro-batch 3 with none, full, selective and
+selective float8, tp2 with sequence parallelism and pp2 1F1B are all within 10% (the largest gaps: float8 rowwise
++6.6%, a selective policy that kept every matmul's output -6.1%, tp2 -3.6%; all others within 2%).
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ from orchestrator.planner.counting import (
 from orchestrator.planner.memory import (
     MemoryBreakdown,
     activation_bytes,
+    checkpointed_layers,
     ep_buffer_bytes,
     mlp_saved_bytes,
     norm_elements,
@@ -66,7 +74,7 @@ from orchestrator.planner.memory import (
 )
 from orchestrator.spec import JobSpec, ModelConfig, ParallelConfig
 
-COMPILED_LOGIT_BYTES = 6
+COMPILED_LOGIT_BYTES = 4
 IN_FLIGHT_BLOCKS = 2  # ZeRO-3: the block computing and the one FSDP2 prefetches behind it
 
 
@@ -80,14 +88,17 @@ def native_memory(spec: JobSpec, p: ParallelConfig) -> MemoryBreakdown:
                 for s, params in enumerate(per_stage)), key=lambda b: b.allocated)
 
 
-def compiled_bytes_per_token(model: ModelConfig, width: int, tp: int = 1, sequence_parallel: bool = False) -> float:
-    """Bytes a compiled block keeps per token without recomputation: each norm's input and one more residual-wide
-    tensor, q, k, v and attention's output, gate, up and their product (split by tp; the residual-wide ones only with
-    sequence parallelism)."""
+def compiled_bytes_per_token(model: ModelConfig, width: int, tp: int = 1, sequence_parallel: bool = False,
+                             residual_width: int | None = None) -> float:
+    """Bytes a compiled block keeps per token without recomputation: each norm's output, the block's output
+    (`residual_width` bytes an element, default `width`), q, k, v, attention's output and its copy laid out for the
+    output projection, gate, up and their product (split by tp; the residual-wide ones only with sequence
+    parallelism)."""
     q, _ = attention_widths(model)
-    residual = (norm_elements(model, tp, sequence_parallel, qk=True) + model.dim / (tp if sequence_parallel else 1))
+    sp = tp if sequence_parallel else 1
+    residual = norm_elements(model, tp, sequence_parallel, qk=True) * width + model.dim / sp * (residual_width or width)
     mlp = mlp_saved_bytes(model, width, tp, 3.0, compiled=True)
-    return residual * width + (q + saved_qkv(model)) * width / tp + mlp
+    return residual + (2 * q + saved_qkv(model)) * width / tp + mlp
 
 
 def _stage_memory(model: ModelConfig, seq_len: int, p: ParallelConfig, stage: int, params: int,
@@ -105,17 +116,25 @@ def _stage_memory(model: ModelConfig, seq_len: int, p: ParallelConfig, stage: in
 
     if dp == 1:
         gradients = 4 * trained
-        gathered = width * params if mixed else 0  # autocast's cached bf16 casts of the fp32 weights
+        # autocast's bf16 casts of the fp32 weights: kept for backward, except those of blocks that recompute them,
+        # whose casts go with autocast's cache when the forward leaves it; a pipeline schedule runs forward and
+        # backward inside one autocast, which keeps every cast until the schedule ends
+        recast = _recomputed_block_params(model, p, stage) if p.pp == 1 else 0
+        gathered = width * (params - recast) if mixed else 0
     else:
-        gradients = 4 * trained if p.zero_stage <= 1 else 4 * shard(trained, trained_experts)
+        whole = p.zero_stage <= 1 and p.grad_accum > 1  # one micro-batch is reduce-scattered block by block
+        gradients = 4 * trained if whole else 4 * shard(trained, trained_experts)
         gathered = width * (params if p.zero_stage < 3 else _resident_when_resharding(model, p, stage, params))
+    residual = 4 if dp == 1 else width  # without FSDP's bf16 weights the embedding and the residual stream are fp32
     if p.compile:
-        block = compiled_bytes_per_token(model, width, p.tp, p.sequence_parallel)
-        activations = activation_bytes(model, seq_len, p, stage, width, block, COMPILED_LOGIT_BYTES)
+        block = compiled_bytes_per_token(model, width, p.tp, p.sequence_parallel, residual)
+        activations = activation_bytes(model, seq_len, p, stage, width, block, COMPILED_LOGIT_BYTES, residual)
     else:
-        activations = activation_bytes(model, seq_len, p, stage, width)
+        activations = activation_bytes(model, seq_len, p, stage, width, residual_width=residual)
     if p.cp > 1:
         activations = activations // p.cp + context_parallel_kv_bytes(model, seq_len, p, width)
+    if p.grad_accum == 1 and p.pp == 1:
+        gradients = max(0, gradients - activations)  # made as the backward frees the activations
     return MemoryBreakdown(weights=4 * shard(params, experts), gradients=gradients,
                            optimizer=8 * shard(trained, trained_experts), activations=activations,
                            overhead=gathered + ep_buffer_bytes(model, p, seq_len, width), stage=stage)
@@ -126,6 +145,14 @@ def context_parallel_kv_bytes(model: ModelConfig, seq_len: int, p: ParallelConfi
     backward, their gradients): 2 × 2 × kv width × seq tokens of a micro-batch, split by tp with the heads."""
     _, kv = attention_widths(model)
     return int(4 * p.micro_batch_size * seq_len * kv / p.tp * width)
+
+
+def _recomputed_block_params(model: ModelConfig, p: ParallelConfig, stage: int) -> int:
+    """Parameters of the stage's blocks that activation checkpointing recomputes."""
+    size = model.n_layers // p.pp
+    first = stage * size
+    layers = layer_params(model, p.tp, p.ep)[first:first + size]
+    return sum(held for i, (held, _) in enumerate(layers) if checkpointed_layers(p, first + i, 1))
 
 
 def _resident_when_resharding(model: ModelConfig, p: ParallelConfig, stage: int, params: int) -> int:
