@@ -14,7 +14,8 @@ for both and the median step time (after two warm-up steps).
 
 With `--doc-tokens N` the rows are packed documents of ~N tokens (EOS after each) under per-document masks and RoPE
 positions (`model.attention_mask: document`): the plain run masks with one FlexAttention block mask over the whole row,
-the chunked one with a block mask per chunk, its queries against the keys up to its end, as a cp rank builds them.
+the chunked one with the block mask a cp rank builds, its split's queries against the gathered keys at their row
+positions (over a group of one the split holds every chunk; benchmarks/cp_balance.py times the ranks of wider splits).
 
     python benchmarks/cp_chunk_attention.py --device cuda --dim 2048 --layers 20 --heads 16 --kv-heads 8 \
         --vocab 50304 --seq 32768 --steps 8 --ac none --doc-tokens 4096  # per-document masks at seq 32k

@@ -15,17 +15,18 @@ scores anyway). On CUDA a later chunk's attention is two cuDNN calls instead, me
 operator (`parallel.cudnn_attention`): a bottom-right mask has only FlashAttention-2 kernels, slower on an H200 than
 cuDNN's Hopper kernels.
 
-Per-document masks (`model.attention_mask: document`) come with the rows' document ids, which every cp rank has whole:
-the model builds each of the rank's chunks its own mask, its queries against the keys up to the chunk's end
-(`QueryChunks`, set on the model here; a FlexAttention block mask per chunk on CUDA, so tiles across documents are
-skipped, a boolean mask elsewhere), and per-document RoPE positions are looked up at the chunks' tokens. The
-head-tail split still gives every rank the same number of queries, but no longer the same number of attended keys:
-that depends on where the documents end.
+Per-document masks (`model.attention_mask: document`) come with the rows' document ids, which every cp rank has whole.
+Head-tail no longer balances them: a chunk's work is the sum of its tokens' positions within their documents. So each
+row is cut into more chunks, dealt to the ranks by their work (`parallel.documents.balanced_positions`, computed from
+the ids on every rank alike, by the engine to shard the rows and by the model for its masks and positions). A rank
+all-gathers the keys and values in rank order, not sequence order, and one mask per window (a FlexAttention block
+mask on CUDA, so tiles across documents are skipped; a boolean mask elsewhere) holds its queries against them at
+their true positions (`SplitMask`); its RoPE positions are its tokens' own.
 
 The loss: every rank holds the same number of tokens of each sequence, so the mean of the ranks' mean losses is the
 mean over the whole sequence, and FSDP's gradient average over dp × cp (`ParallelDims.dp_shard`) is the gradient of
 that mean. The loader does not know about cp: a cp rank reads its dp group's rows whole (token ids are cheap) and the
-engine keeps its chunks (`shard_sequence`), so the loader's state and a checkpoint's data position do not depend on
+engine keeps its tokens (`shard_pairs`), so the loader's state and a checkpoint's data position do not depend on
 cp, and a run resumes under another cp.
 
 Applied from outside, as `parallel.activation_checkpoint` swaps a block's forward: each block's attention becomes a
@@ -44,7 +45,7 @@ from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
 from parallel.cudnn_attention import cudnn_chunk_attention
-from parallel.documents import QueryChunks
+from parallel.documents import QuerySplit, SplitMask, head_tail_positions, split_positions
 from parallel.model import Attention, causal_mask
 
 if TYPE_CHECKING:
@@ -56,18 +57,6 @@ if TYPE_CHECKING:
 def chunk_ids(cp: int, cp_rank: int) -> tuple[int, int]:
     """The two of the sequence's 2·cp chunks rank `cp_rank` holds, head and tail."""
     return cp_rank, 2 * cp - 1 - cp_rank
-
-
-def shard_sequence(x: torch.Tensor, cp: int, cp_rank: int, dim: int = 1) -> torch.Tensor:
-    """This rank's part of `x` along the sequence dimension `dim`: its two chunks, head first."""
-    chunks = x.chunk(2 * cp, dim)
-    return torch.cat([chunks[i] for i in chunk_ids(cp, cp_rank)], dim)
-
-
-def chunk_positions(local_len: int, cp: int, cp_rank: int) -> torch.Tensor:
-    """The true positions of a rank's `local_len` tokens in the sequence of cp·local_len."""
-    spans = QueryChunks(2 * cp, chunk_ids(cp, cp_rank)).spans(local_len * cp)
-    return torch.cat([torch.arange(start, stop) for start, stop in spans])
 
 
 class ChunkedRotary(nn.Module):
@@ -83,7 +72,7 @@ class ChunkedRotary(nn.Module):
         key = (length, str(device))
         if key not in self._cache:
             cos, sin = self.inner(length * self.cp, device)
-            index = chunk_positions(length, self.cp, self.cp_rank).to(device)
+            index = head_tail_positions(length * self.cp, self.cp, device)[self.cp_rank]
             self._cache[key] = cos[index], sin[index]
         return self._cache[key]
 
@@ -107,8 +96,13 @@ def gather_sequence(x: torch.Tensor, cp: int, group: dist.ProcessGroup) -> torch
     return torch.cat(heads + tails, dim=2)
 
 
+def gather_ranks(x: torch.Tensor, cp: int, group: dist.ProcessGroup) -> torch.Tensor:
+    """[batch, heads, cp·local, head_dim]: every rank's `x` all-gathered in rank order; differentiable."""
+    return torch.cat(_all_gather_autograd(x.contiguous(), gather_dim=0, group=group).chunk(cp), dim=2)
+
+
 class ContextParallelAttention(Attention):
-    """Attention whose queries are this rank's two chunks and whose keys and values are the whole sequence's."""
+    """Attention whose queries are this rank's chunks and whose keys and values are the whole sequence's."""
 
     cp: int
     cp_rank: int
@@ -116,17 +110,16 @@ class ContextParallelAttention(Attention):
     causal_biases: dict[tuple[int, int], torch.Tensor]  # (queries, keys) → causal_lower_right, made beforehand
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any) -> torch.Tensor:
-        # `mask` is a tuple of this rank's two chunks' per-document masks (`DocumentContext` over `QueryChunks`), or
-        # one the forward made for the local sequence as if it were whole: not this rank's, so unused.
+        # `mask` is this rank's per-document mask (`SplitMask`), or one the forward made for the local sequence as
+        # if it were whole: not this rank's, so unused.
+        if isinstance(mask, SplitMask):
+            k, v = gather_ranks(k, self.cp, self.cp_group), gather_ranks(v, self.cp, self.cp_group)
+            return super()._attend(q, k, v, mask.mask)
         k, v = gather_sequence(k, self.cp, self.cp_group), gather_sequence(v, self.cp, self.cp_group)
         c = q.shape[2] // 2
         out = []
-        for i, (chunk, queries) in enumerate(zip(chunk_ids(self.cp, self.cp_rank), (q[:, :, :c], q[:, :, c:]),
-                                                 strict=True)):
+        for chunk, queries in zip(chunk_ids(self.cp, self.cp_rank), (q[:, :, :c], q[:, :, c:]), strict=True):
             keys = (chunk + 1) * c  # a chunk's queries see every key up to their own chunk's end
-            if isinstance(mask, tuple):
-                out.append(super()._attend(queries, k[:, :, :keys], v[:, :, :keys], mask[i]))
-                continue
             if chunk and q.is_cuda and not (self.window or self.softcap):
                 out.append(cudnn_chunk_attention(queries, k[:, :, :keys], v[:, :, :keys], self.scale))
                 continue
@@ -152,7 +145,7 @@ def chunk_attention(model: nn.Module, blocks: list[nn.Module], cp: int, cp_rank:
     `seq_len`. Over a group of one it computes plain causal attention by chunks, as cp runs it: how one GPU checks
     the chunked path (benchmarks/cp_chunk_attention.py)."""
     rotary = ChunkedRotary(model.rotary, cp, cp_rank)
-    model.query_chunks = QueryChunks(2 * cp, chunk_ids(cp, cp_rank))
+    model.query_split = QuerySplit(cp, cp_rank)
     # The training sequence's causal biases, made here: a tensor subclass cannot be created under selective
     # checkpointing's dispatch mode, which a block's forward may run in.
     c = seq_len // (2 * cp)
@@ -165,12 +158,18 @@ def chunk_attention(model: nn.Module, blocks: list[nn.Module], cp: int, cp_rank:
         attention.causal_biases = biases
 
 
-def shard_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]], dims: ParallelDims
-                ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each (inputs, targets) of whole sequences cut down to this rank's chunks (identity without cp)."""
+def shard_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]], documents: list[torch.Tensor | None],
+                dims: ParallelDims, attention_mask: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each (inputs, targets) of whole sequences cut down to this rank's tokens (identity without cp), those of the
+    split the model computes from the same document ids (`split_positions`)."""
     if dims.cp == 1:
         return pairs
-    return [(shard_sequence(x, dims.cp, dims.cp_rank), shard_sequence(y, dims.cp, dims.cp_rank)) for x, y in pairs]
+    out = []
+    for (x, y), docs in zip(pairs, documents, strict=True):
+        every = split_positions(docs, x.shape[1], dims.cp, attention_mask, x.device)
+        mine = every[:, dims.cp_rank].expand(x.shape[0], -1)
+        out.append((x.gather(1, mine), y.gather(1, mine)))
+    return out
 
 
 def mean_over_cp(loss: torch.Tensor, dims: ParallelDims) -> torch.Tensor:

@@ -31,7 +31,7 @@ from torch import nn
 from orchestrator.spec import ModelConfig
 from parallel.documents import (
     DocumentContext,
-    QueryChunks,
+    QuerySplit,
     compiled_flex_attention,
     document_context,
     softcap_score_mod,
@@ -344,9 +344,9 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(dims.dim, dims.vocab_size, bias=False)
         if dims.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        # Whose queries a forward computes of each row: all of it, unless context parallelism gives this rank chunks
+        # Whose queries a forward computes of each row: all of it, unless context parallelism gives this rank some
         # (`parallel.context_parallel`), for which per-document masks and positions are then built.
-        self.query_chunks: QueryChunks | None = None
+        self.query_split: QuerySplit | None = None
 
     def forward(self, tokens: torch.Tensor, caches: list[KVCache] | None = None,
                 documents: torch.Tensor | None = None) -> torch.Tensor:
@@ -363,7 +363,7 @@ class Transformer(nn.Module):
         this for its own layers)."""
         d = self.dims
         return document_context(documents, d.attention_mask, d.rope_positions, {d.window(i) for i in range(d.n_layers)},
-                                self.query_chunks)
+                                self.query_split)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token embeddings entering the first block (a pipeline's first stage calls this)."""

@@ -151,7 +151,8 @@ class NativeEngine:
     def train_step(self, micro_batches: Sequence[Any], accept: Accept | None = None) -> StepResult:
         lr = self.lr
         docs = device_documents(micro_batches, self.device)
-        pairs = shard_pairs(device_pairs(micro_batches, self.spec.parallel.grad_accum, self.device), self.dims)
+        pairs = shard_pairs(device_pairs(micro_batches, self.spec.parallel.grad_accum, self.device), docs, self.dims,
+                            self.model_dims.attention_mask)
         if self.pipelined:
             loss = self._run_pipeline(pairs, train=True, documents=docs)
         else:
@@ -180,7 +181,8 @@ class NativeEngine:
     @torch.no_grad()
     def eval_loss(self, micro_batches: Sequence[Any]) -> torch.Tensor:
         docs = device_documents(micro_batches, self.device)
-        pairs = shard_pairs(device_pairs(micro_batches, None, self.device), self.dims)
+        pairs = shard_pairs(device_pairs(micro_batches, None, self.device), docs, self.dims,
+                            self.model_dims.attention_mask)
         if self.pipelined:
             n = self.spec.parallel.grad_accum
             if len(pairs) % n:

@@ -14,8 +14,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from orchestrator.validate import parse_spec
-from parallel.context_parallel import gather_sequence, shard_sequence
-from parallel.documents import document_ids
+from parallel.documents import document_ids, split_positions
 from parallel.engine import build_engine
 from parallel.launch import RankEnv
 from tests.parallel.layout_worker import EOS, GLOBAL_BATCH, GRAD_ACCUM, TINY, main, run_case
@@ -51,10 +50,13 @@ def probe_diffs(logits: torch.Tensor) -> dict[str, float]:
 def engine_logits(engine, rows: torch.Tensor, documents: torch.Tensor) -> torch.Tensor | None:
     """This rank's logits of the rows (a tensor-parallel rank's vocabulary shard), or None on a pipeline stage
     without the head; a pipeline runs its schedule with the document ids as a keyword input of every stage. A
-    context-parallel rank runs its chunks of the rows (with the whole rows' document ids, as the engine does) and
+    context-parallel rank runs its tokens of the rows (with the whole rows' document ids, as the engine does) and
     gathers the whole sequence's logits from its cp peers."""
-    dims = engine.dims
-    rows = shard_sequence(rows, dims.cp, dims.cp_rank)
+    dims, every = engine.dims, None
+    if dims.cp > 1:
+        every = split_positions(documents, rows.shape[1], dims.cp, engine.spec.model.attention_mask, rows.device)
+        every = every.expand(len(rows), -1, -1)
+        rows = rows.gather(1, every[:, dims.cp_rank])
     if not engine.pipelined:
         logits = engine.model(rows, documents=documents)
         logits = logits.to_local() if isinstance(logits, DTensor) else logits
@@ -63,9 +65,14 @@ def engine_logits(engine, rows: torch.Tensor, documents: torch.Tensor) -> torch.
         kwargs = {"target": torch.zeros_like(rows), "losses": []} if engine.last_stage else {}
         out = engine.schedule.eval(*args, documents=documents, **kwargs)
         logits = out if engine.last_stage else None
-    if logits is None or dims.cp == 1:
+    if logits is None or every is None:
         return logits
-    return gather_sequence(logits[:, None], dims.cp, dims.group("cp"))[:, 0]
+    parts = [torch.empty_like(logits) for _ in range(dims.cp)]
+    dist.all_gather(parts, logits.contiguous(), group=dims.group("cp"))
+    whole = logits.new_empty(len(rows), every.shape[1] * every.shape[2], logits.shape[-1])
+    for rank, part in enumerate(parts):
+        whole.scatter_(1, every[:, rank, :, None].expand_as(part), part)
+    return whole
 
 
 def probe(env: RankEnv, device: torch.device, overrides: list[str]) -> dict[str, float]:

@@ -21,7 +21,7 @@ import torch
 from native_resume_worker import SAVE_AT
 from test_native_checkpoint import run as run_resume
 
-from parallel.context_parallel import chunk_positions, shard_sequence
+from parallel.documents import head_tail_positions
 from tests.helpers import PARAM_ATOL, RTOL, hold_to_reference, run_layout
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("context-parallel")]
@@ -42,13 +42,10 @@ FOUR = {"cp4": [*RUN, "parallel.cp=4", "parallel.activation_checkpointing=select
 
 
 def test_a_rank_holds_a_head_and_a_tail_chunk_at_their_true_positions() -> None:
-    seq = torch.arange(16)[None]
-    parts = [shard_sequence(seq, 4, r) for r in range(4)]
-    assert [p.tolist()[0] for p in parts][0] == [0, 1, 14, 15]
-    assert [p.tolist()[0] for p in parts][3] == [6, 7, 8, 9]
-    assert sorted(torch.cat(parts, 1)[0].tolist()) == list(range(16))
-    for r, part in enumerate(parts):
-        assert torch.equal(chunk_positions(4, 4, r), part[0])
+    parts = head_tail_positions(16, 4)
+    assert parts[0].tolist() == [0, 1, 14, 15]
+    assert parts[3].tolist() == [6, 7, 8, 9]
+    assert sorted(parts.flatten().tolist()) == list(range(16))
 
 
 def test_context_parallel_layouts_of_four_ranks_match_one_process(tmp_path: Path) -> None:

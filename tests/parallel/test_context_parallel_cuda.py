@@ -1,8 +1,8 @@
 """Context parallelism's CUDA attention (`cudnn_chunk_attention`: a later chunk's two cuDNN calls merged by
 log-sum-exp in one operator) against one bottom-right-causal SDPA call over the same keys: outputs and every gradient,
 eager, compiled as one graph (`fullgraph=True`: no break), and compiled inside activation checkpointing, with the
-queries, keys and values laid out as the model hands them over; and a cp rank's per-chunk FlexAttention document masks
-against the whole row's. Runs where there is a GPU."""
+queries, keys and values laid out as the model hands them over; and a cp rank's FlexAttention document masks (its
+split's queries against every rank's keys) against the whole row's. Runs where there is a GPU."""
 
 import pytest
 import torch
@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from orchestrator.validate import parse_spec
 from parallel.context_parallel import chunk_attention
 from parallel.cudnn_attention import cudnn_chunk_attention
-from parallel.documents import document_ids
+from parallel.documents import balanced_positions, block_mask, compiled_flex_attention, dense_mask, document_ids
 from parallel.model import build_model, cross_entropy
 from tests.parallel.layout_worker import EOS, TINY
 
@@ -70,9 +70,9 @@ def group_of_one():
 @pytest.mark.parametrize("extra", [[], ["model.attn_softcap=20", "model.sliding_window=96",
                                         "model.full_attention_every=2"]], ids=["llama", "gemma-like"])
 def test_chunked_document_masks_give_the_whole_rows_numbers(group_of_one, extra: list[str]) -> None:
-    """Per-document masks as a cp rank builds them on CUDA (a FlexAttention block mask per chunk, its queries against
-    the keys up to its end) against one block mask over the whole row: logits and every gradient, fp32, documents
-    crossing the chunks' border."""
+    """Per-document masks as a cp rank builds them on CUDA (one FlexAttention block mask of its split's queries
+    against the gathered keys, at their row positions) against one block mask over the whole row: logits and every
+    gradient, fp32, documents crossing the chunks' borders."""
     spec = parse_spec(TINY, overrides=["data.seq_len=512", "model.attention_mask=document",
                                        "model.rope_positions=document", *extra])
     rows = torch.randint(1, spec.model.vocab_size, (2, 513), generator=torch.Generator().manual_seed(3))
@@ -92,3 +92,28 @@ def test_chunked_document_masks_give_the_whole_rows_numbers(group_of_one, extra:
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     for name, grad in want_grads.items():
         torch.testing.assert_close(got_grads[name], grad, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("window", [0, 96])
+def test_a_ranks_block_mask_attends_as_its_dense_mask(window: int) -> None:
+    """The FlexAttention block mask of a cp2 rank's balanced split (queries and keys out of row order, tiles skipped)
+    against SDPA under the boolean mask of the same positions: outputs and gradients."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    rows = torch.randint(1, 50, (2, 2048), device="cuda", generator=g)
+    rows[0, [300, 301, 900, 1500]] = rows[1, [1000]] = EOS
+    documents = document_ids(rows, EOS)
+    every = balanced_positions(documents, 2)
+    queries, keys = every[:, 1], every.flatten(1)
+
+    def leaf(heads: int, length: int) -> torch.Tensor:
+        return torch.randn(2, heads, length, 64, device="cuda", generator=g, requires_grad=True)
+
+    q, k, v = leaf(8, 1024), leaf(2, 2048), leaf(2, 2048)
+    grad = torch.randn(2, 8, 1024, 64, device="cuda", generator=g)
+    got = compiled_flex_attention()(q, k, v, block_mask=block_mask(documents, window, queries, keys), enable_gqa=True)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(documents, window, queries, keys),
+                                          enable_gqa=True)
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+    for a, b in zip(torch.autograd.grad(got, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad),
+                    strict=True):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)

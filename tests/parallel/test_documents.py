@@ -23,7 +23,7 @@ from orchestrator.spec import spec_to_yaml
 from orchestrator.validate import parse_spec
 from parallel.activation_checkpoint import apply_activation_checkpointing
 from parallel.compile import apply_compile
-from parallel.documents import dense_mask, document_ids, document_positions
+from parallel.documents import balanced_positions, dense_mask, document_ids, document_positions, head_tail_positions
 from parallel.generate import SamplingConfig, generate
 from parallel.loader import ShardLoader
 from parallel.model import build_model, cross_entropy
@@ -74,6 +74,51 @@ def test_document_ids_and_positions_come_from_eos() -> None:
     mask = dense_mask(docs, 0)[0, 0]
     assert mask[3].tolist() == [False, False, False, True, False, False, False, False]
     assert mask[7].tolist() == [False] * 6 + [True, True]
+
+
+def packed_documents(rows: int, seq: int, mean: float, seed: int) -> torch.Tensor:
+    """[rows, seq] document ids of rows packed with documents of exponentially distributed lengths."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.empty(rows * seq).exponential_(1 / mean, generator=g).long() + 1
+    starts = torch.zeros(rows * seq, dtype=torch.int64)
+    starts[lengths.cumsum(0)[lengths.cumsum(0) < rows * seq]] = 1
+    return starts.view(rows, seq).cumsum(-1)
+
+
+def keys_attended(documents: torch.Tensor, every: torch.Tensor) -> torch.Tensor:
+    """[rows, ranks]: how many keys each cp rank's queries attend under per-document masks."""
+    work = document_positions(documents) + 1
+    return torch.stack([work.gather(1, every[:, r]).sum(-1) for r in range(every.shape[1])], 1)
+
+
+@pytest.mark.parametrize("cp", [2, 4, 8])
+def test_a_cp_split_under_document_masks_gives_every_rank_the_same_attention_work(cp: int) -> None:
+    """Head-tail balances one causal stream; with documents the busiest rank's keys are the measure of the step."""
+    seq = 8192
+    documents = packed_documents(6, seq, mean=seq / 4, seed=cp)
+    every = balanced_positions(documents, cp)
+    assert every.shape == (6, cp, seq // cp)
+    for row in every:
+        assert torch.equal(row.flatten().sort().values, torch.arange(seq))
+        assert all(torch.equal(held, held.sort().values) for held in row)
+    imbalance = {}
+    for name, split in {"balanced": every, "head-tail": head_tail_positions(seq, cp).expand(6, -1, -1)}.items():
+        work = keys_attended(documents, split).double()
+        imbalance[name] = (work.max(1).values / work.mean(1)).max().item()
+    assert imbalance["balanced"] < 1.05 < imbalance["head-tail"], imbalance
+    one_document = keys_attended(torch.zeros(1, seq, dtype=torch.int64),
+                                 balanced_positions(torch.zeros(1, seq, dtype=torch.int64), cp))
+    assert (one_document == one_document[0, 0]).all(), "one causal stream: every rank attends as many keys"
+
+
+@pytest.mark.parametrize("window", [0, 5])
+def test_a_split_mask_is_the_whole_rows_mask_at_its_queries_and_keys(window: int) -> None:
+    documents = packed_documents(2, 32, mean=6, seed=0)
+    every = balanced_positions(documents, 2)
+    queries, keys = every[:, 1], every.flatten(1)
+    whole = dense_mask(documents, window)
+    expected = torch.stack([whole[b, 0][queries[b]][:, keys[b]] for b in range(2)])[:, None]
+    assert torch.equal(dense_mask(documents, window, queries, keys), expected)
 
 
 @pytest.mark.parametrize("extra", [[], GEMMA_LIKE], ids=["llama", "gemma-like"])
