@@ -27,7 +27,9 @@ its model, data.seq_len and whole `parallel` section (activation checkpointing, 
 compile, micro-batch, accumulation, ...), except the layout, which the run name and the launch's GPUs set (backend,
 ZeRO stage, tp, pp, dp = GPUs / (tp·pp)). Command-line flags override single settings for every run; the run name's
 `-ac<mode>` overrides them for one. `plain` is the reference loop and takes the model, batch and precision only.
-Random tokens already on the GPU (the loader is benchmarked on its own). Each run: `--warmup` steps (compilation),
+Random tokens already on the GPU (the loader is benchmarked on its own); with `--doc-tokens N`, rows packed with
+documents of ~N tokens (exponential lengths, an EOS after each) under per-document masks (`model.attention_mask:
+document`), to set beside the causal run of the same layout. Each run: `--warmup` steps (compilation),
 then `--repeats` windows of `--steps` timed steps, each between two CUDA synchronisations, the loss read once per
 window as a training loop reading it only when it logs would (every step's loss is kept on the device and recorded
 after the last window, `losses`: two runs of one model and data, e.g. a layout against one GPU, should follow the
@@ -37,7 +39,7 @@ the schedule's pass alone, timed over m and 2m micro-batches, gives a micro-batc
 share of a pass, beside the schedule's theory.
 
 tokens/s counts the whole job's tokens. MFU per GPU = `ModelDims.flops_per_token(seq)` (6·N over the matmul weights
-+ 12·L·seq·dim for attention, PaLM's formula, no causal halving) × tokens/s / (GPUs × 989 TFLOP/s, H100 SXM dense
++ 12·L·seq·dim for attention, PaLM's formula, no causal halving; whole rows even under per-document masks) × tokens/s / (GPUs × 989 TFLOP/s, H100 SXM dense
 bf16). Peak memory is `torch.cuda.max_memory_allocated`, the largest over ranks; resident memory is what stays
 allocated between steps (weights, optimizer states), so peak − resident is what a step adds (activations,
 gradients); `--memory-peak` runs one more step of each run under the CUDA allocator's history and records what is
@@ -62,9 +64,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from document_mask_cost import EOS, packed_rows
 from memory_peak import record_step
 
 from orchestrator.validate import load_yaml, parse_spec
+from parallel.documents import document_ids
 from parallel.engine import build_engine
 from parallel.launch import RankEnv, init_distributed, pick_device
 from parallel.loader import MicroBatch
@@ -127,7 +131,7 @@ def build_spec(backend: str, zero_stage: int, world: int, args: argparse.Namespa
         parallel["pp_schedule"] = pp_schedule
     raw = {
         "name": "gpu-backends",
-        "model": written["model"],
+        "model": {**written["model"], **({"attention_mask": "document"} if args.doc_tokens else {})},
         "data": {"seq_len": args.seq_len},
         "parallel": parallel,
         "optim": {"lr": 3e-4, "min_lr": 3e-5, "weight_decay": 0.1, "grad_clip": 1.0},
@@ -138,15 +142,22 @@ def build_spec(backend: str, zero_stage: int, world: int, args: argparse.Namespa
     return parse_spec(raw)
 
 
-def random_micro_batches(spec, device: torch.device, count: int) -> list[list[MicroBatch]]:
+def random_micro_batches(spec, device: torch.device, count: int, doc_tokens: int = 0) -> list[list[MicroBatch]]:
+    """`count` steps of random rows; with `doc_tokens`, packed documents of about that length and their ids."""
     p, seq, vocab = spec.parallel, spec.data.seq_len, spec.model.vocab_size
     # Ranks of one data-parallel rank's model replica (its tp and cp groups and its pp stages) read the same batch.
-    generator = torch.Generator(device=device).manual_seed(1234 + dist.get_rank() // (p.tp * p.cp) % p.dp)
+    seed = 1234 + dist.get_rank() // (p.tp * p.cp) % p.dp
+    generator = torch.Generator(device=device).manual_seed(seed)
     steps = []
-    for _ in range(count):
-        rows = torch.randint(0, vocab, (p.grad_accum, p.micro_batch_size, seq + 1), device=device,
-                             generator=generator)
-        steps.append([MicroBatch(inputs=r[:, :-1], targets=r[:, 1:], sample_ids=torch.arange(len(r))) for r in rows])
+    for step in range(count):
+        if doc_tokens:
+            rows = torch.stack([packed_rows(p.micro_batch_size, seq, doc_tokens, vocab, (seed * count + step) * 64 + i)
+                                for i in range(p.grad_accum)]).to(device)
+        else:
+            rows = torch.randint(0, vocab, (p.grad_accum, p.micro_batch_size, seq + 1), device=device,
+                                 generator=generator)
+        steps.append([MicroBatch(inputs=r[:, :-1], targets=r[:, 1:], sample_ids=torch.arange(len(r)),
+                                 documents=document_ids(r[:, :-1], EOS) if doc_tokens else None) for r in rows])
     return steps
 
 
@@ -265,7 +276,7 @@ def pipeline_bubble(engine, micro_batches: list[MicroBatch], repeats: int) -> di
 def measure(name: str, args: argparse.Namespace, env: RankEnv, device: torch.device) -> dict:
     world = env.world_size
     spec, step = build_runner(name, args, env, device)
-    batches = random_micro_batches(spec, device, 4)
+    batches = random_micro_batches(spec, device, 4, args.doc_tokens)
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -310,7 +321,7 @@ def measure(name: str, args: argparse.Namespace, env: RankEnv, device: torch.dev
             "step_s": round(seconds / args.steps, 4), "parallel": dataclasses.asdict(p),
             "window_tokens_per_s": [round(tokens_per_step * args.steps / w) for w in windows],
             "final_loss": round(final_loss, 4), "losses": [round(float(x), 4) for x in losses],
-            "params": dims.num_params(), **extra}
+            "params": dims.num_params(), "doc_tokens": args.doc_tokens, **extra}
 
 
 def summary(result: dict) -> str:
@@ -350,6 +361,9 @@ def main() -> None:
                         help="job spec whose model, seq_len and parallel settings are benchmarked")
     add_parallel_flags(parser)
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a smoke run of the script")
+    parser.add_argument("--doc-tokens", type=int, default=0,
+                        help="rows of packed documents of about this many tokens under per-document masks "
+                             "(0: causal rows of random tokens)")
     parser.add_argument("--memory-peak", action="store_true",
                         help="record one more step of each run under the CUDA allocator's history and keep what is "
                              "alive at its peak, by allocating line (benchmarks/memory_peak.py)")
@@ -360,6 +374,8 @@ def main() -> None:
     for name in names:
         if name != "plain":
             parse_run(name)
+        elif args.doc_tokens:
+            raise SystemExit("--doc-tokens: the plain loop has no per-document masks; leave plain out of --runs")
     env = RankEnv.from_env()
     device = pick_device(args.device, env.local_rank)
     init_distributed(env, device)
