@@ -40,12 +40,12 @@ share of a pass, beside the schedule's theory.
 
 tokens/s counts the whole job's tokens. MFU per GPU = `ModelDims.flops_per_token(seq)` (6·N over the matmul weights
 + 12·L·seq·dim for attention, PaLM's formula, no causal halving; whole rows even under per-document masks) ×
-tokens/s / (GPUs × 989 TFLOP/s, H100 SXM dense bf16). Peak memory is `torch.cuda.max_memory_allocated`, the largest over ranks; resident memory is what stays
-allocated between steps (weights, optimizer states), so peak − resident is what a step adds (activations,
-gradients); `--memory-peak` runs one more step of each run under the CUDA allocator's history and records what is
-alive at its peak, by the line that allocated it (`memory_peak`, benchmarks/memory_peak.py). One line per run and a
-JSON file (device, versions, figures, the `parallel` section that ran) in --out ($OUT when set, else
-benchmarks/results/).
+tokens/s / (GPUs × 989 TFLOP/s, H100 SXM dense bf16). Peak memory is `torch.cuda.max_memory_allocated`, the
+largest over ranks; resident memory is what stays allocated between steps (weights, optimizer states), so
+peak − resident is what a step adds (activations, gradients); `--memory-peak` runs one more step of each run under
+the CUDA allocator's history and records what is alive at its peak, by the line that allocated it (`memory_peak`,
+benchmarks/memory_peak.py). One line per run and a JSON file (device, versions, figures, the `parallel` section that
+ran) in --out ($OUT when set, else benchmarks/results/).
 """
 
 from __future__ import annotations
