@@ -37,7 +37,7 @@ def test_bubble_is_idle_slots_over_all_slots(schedule: str) -> None:
 def _args(**overrides) -> argparse.Namespace:
     flags = dict.fromkeys(gpu_backends.PARALLEL_FLAGS)
     return argparse.Namespace(model=str(REPO / "examples" / "llama-8b.yaml"), seq_len=4096, device="cpu",
-                              **{**flags, **overrides})
+                              doc_tokens=0, **{**flags, **overrides})
 
 
 @pytest.mark.parametrize(("name", "schedule"), [("native-zero1-pp2", "1f1b"), ("native-zero1-pp2-1f1b", "1f1b"),
@@ -63,6 +63,14 @@ def _spec(name: str, args: argparse.Namespace):
     return gpu_backends.build_spec("native", 1, 2, args, tp=int(run["tp"] or 1), pp=int(run["pp"] or 1),
                                    activation_checkpointing=run["ac"],
                                    pp_schedule=gpu_backends.SCHEDULES.get(run["schedule"] or ""))
+
+
+def test_doc_tokens_run_the_spec_under_per_document_masks() -> None:
+    causal = gpu_backends.build_spec("native", 1, 2, _args(), cp=2)
+    documents = gpu_backends.build_spec("native", 1, 2, _args(doc_tokens=4096), cp=2)
+    assert (causal.model.attention_mask, documents.model.attention_mask) == ("causal", "document")
+    assert documents.model.rope_positions == causal.model.rope_positions
+    assert documents.parallel.cp == 2
 
 
 def test_tp_run_keeps_the_specs_sequence_parallelism() -> None:
