@@ -35,9 +35,9 @@ def test_bubble_is_idle_slots_over_all_slots(schedule: str) -> None:
 
 
 def _args(**overrides) -> argparse.Namespace:
-    flags = dict.fromkeys(gpu_backends.PARALLEL_FLAGS)
+    flags = {**dict.fromkeys(gpu_backends.PARALLEL_FLAGS), "doc_tokens": 0}
     return argparse.Namespace(model=str(REPO / "examples" / "llama-8b.yaml"), seq_len=4096, device="cpu",
-                              doc_tokens=0, **{**flags, **overrides})
+                              **{**flags, **overrides})
 
 
 @pytest.mark.parametrize(("name", "schedule"), [("native-zero1-pp2", "1f1b"), ("native-zero1-pp2-1f1b", "1f1b"),
