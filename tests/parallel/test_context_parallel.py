@@ -2,13 +2,13 @@
 
 Every run is held to the single-process reference with the layout tests' tolerances (1e-5 relative on losses, 1e-5
 absolute on parameters). The four-rank layouts, 4 steps each, share one torchrun launch (`layout_worker.py --cases`):
-cp4, dp2×cp2, cp2×tp2 (sequence parallel), cp2×pp2, and dp2×cp2 of a Gemma 2-like model (sliding windows shorter
-than a chunk's keys, soft-capped scores and logits, its own attention scale), whose attention takes the explicit-mask
-path, and that model under cp2×pp2 with per-document masks and RoPE positions (documents crossing the chunks' borders,
-each chunk's mask built from the whole rows' document ids); test_documents holds cp2's logits of each document to its
-own, independent of the others. Plain cp2 is the resume test's run (`native_resume_worker.py`): it trains 7 steps,
-saving after step 5, and is held to the reference; loaded under cp2 it continues bit for bit, loaded under cp1 (one
-process: DCP reshards the FSDP shards over dp × cp into whole tensors) within the tolerances.
+cp4, dp2×cp2, cp2×tp2 (sequence parallel), cp2×pp2, and dp2×cp2 of a Gemma 2-like model (sliding windows shorter than a
+chunk's keys, soft-capped scores and logits, its own attention scale), whose attention takes the explicit-mask path, and
+that model under cp2×pp2 with per-document masks and RoPE positions (the rows' chunks dealt to the ranks by their
+attention work, a rank's mask built from the whole rows' document ids); test_documents holds cp2's logits of each
+document to its own, independent of the others. Plain cp2 is the resume test's run (`native_resume_worker.py`): it
+trains 7 steps, saving after step 5, and is held to the reference; loaded under cp2 it continues bit for bit, loaded
+under cp1 (one process: DCP reshards the FSDP shards over dp × cp into whole tensors) within the tolerances.
 """
 
 from __future__ import annotations
