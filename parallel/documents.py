@@ -70,8 +70,6 @@ def _row_positions(documents: torch.Tensor, positions: torch.Tensor | None) -> t
 def block_mask(documents: torch.Tensor, window: int, queries: torch.Tensor | None = None,
                keys: torch.Tensor | None = None) -> Any:
     """The same mask as `dense_mask`, as a FlexAttention BlockMask."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
     q_at, k_at = _row_positions(documents, queries), _row_positions(documents, keys)
 
     def mask_mod(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -79,8 +77,16 @@ def block_mask(documents: torch.Tensor, window: int, queries: torch.Tensor | Non
         allowed = (documents[b, q] == documents[b, k]) & (k <= q)
         return allowed & (q - k < window) if window else allowed
 
-    return create_block_mask(mask_mod, documents.shape[0], None, q_at.shape[-1], k_at.shape[-1],
-                             device=documents.device, _compile=True)
+    return compiled_create_block_mask()(mask_mod, documents.shape[0], None, q_at.shape[-1], k_at.shape[-1],
+                                        device=documents.device)
+
+
+@cache
+def compiled_create_block_mask() -> Any:
+    """create_block_mask compiled once per process: eager, it materialises the whole [queries, keys] mask."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return torch.compile(create_block_mask)
 
 
 @cache
