@@ -129,12 +129,12 @@ def balanced_positions(documents: torch.Tensor, ranks: int) -> torch.Tensor:
     """[batch, ranks, seq / ranks]: each row cut into equal chunks, dealt to the ranks so that their queries attend
     about as many keys under per-document masks, a rank's chunks in row order.
 
-    Head-tail balances one causal stream only: with documents, a chunk's work is the sum of its tokens' positions
-    within their documents, and where the long documents lie decides it (at seq 128k with exponentially distributed
-    lengths of mean 32k, the busiest of 4 ranks attends 1.36× the mean). Here each row is cut into 2·m chunks per
-    rank and dealt heaviest first, back and forth over the ranks (0 … r−1, r−1 … 0, …), each rank taking as many:
-    with m = 4 the busiest rank attends within a few percent of the mean, and one document over the row gives the
-    head-tail split itself. Computed on the device from the document ids every rank holds, so every rank deals the
+    Head-tail balances one causal stream only: with documents, a chunk's work is the sum of its tokens' positions within
+    their documents, and where the long documents lie decides it (at seq 128k with exponentially distributed lengths of
+    mean 32k, the busiest of 4 ranks attends 1.36× the mean). Here each row is cut into 2·m chunks per rank and dealt
+    heaviest first, back and forth over the ranks (0 … r−1, r−1 … 0, …), each rank taking as many: with m = 4 or 8 the
+    busiest rank attends within a few percent of the mean, and one document over the row gives every rank exactly the
+    same work, as head-tail does. Computed on the device from the document ids every rank holds, so every rank deals the
     same without a word between them; sliding windows are not weighed (a layer's window caps its work)."""
     batch, seq = documents.shape
     per_rank = chunks_per_rank(seq, ranks, documents.device)
