@@ -45,18 +45,13 @@ from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
 from parallel.cudnn_attention import cudnn_chunk_attention
-from parallel.documents import QuerySplit, SplitMask, head_tail_positions, split_positions
+from parallel.documents import QuerySplit, SplitMask, chunk_ids, head_tail_positions, split_positions
 from parallel.model import Attention, causal_mask
 
 if TYPE_CHECKING:
     from orchestrator.spec import JobSpec
     from parallel.parallel_dims import ParallelDims
     from parallel.parallelize import Parallelized
-
-
-def chunk_ids(cp: int, cp_rank: int) -> tuple[int, int]:
-    """The two of the sequence's 2·cp chunks rank `cp_rank` holds, head and tail."""
-    return cp_rank, 2 * cp - 1 - cp_rank
 
 
 class ChunkedRotary(nn.Module):

@@ -118,11 +118,17 @@ class QuerySplit:
     rank: int
 
 
+def chunk_ids(ranks: int, rank: int) -> tuple[int, int]:
+    """The two of a row's 2·ranks chunks that rank `rank` holds under the head-tail split, head and tail."""
+    return rank, 2 * ranks - 1 - rank
+
+
 def head_tail_positions(seq: int, ranks: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """[ranks, seq / ranks]: the row cut into 2·ranks chunks, rank r holding chunks r and 2·ranks−1−r, head first.
-    Under causal attention every rank's queries then see the same number of keys in total."""
+    """[ranks, seq / ranks]: the row cut into 2·ranks chunks, rank r holding chunks r and 2·ranks−1−r
+    (`chunk_ids`), head first. Under causal attention every rank's queries then see the same number of keys in
+    total."""
     chunks = torch.arange(seq, device=device).view(2 * ranks, -1)
-    return torch.stack([torch.cat([chunks[r], chunks[2 * ranks - 1 - r]]) for r in range(ranks)])
+    return torch.stack([chunks[list(chunk_ids(ranks, r))].flatten() for r in range(ranks)])
 
 
 def balanced_positions(documents: torch.Tensor, ranks: int) -> torch.Tensor:
