@@ -208,54 +208,82 @@ class FeatureParallelRMSNorm(_Sharded):
         return self.weight * h.to(x.dtype)
 
 
+def _shard_log_sum_exp(logits: torch.Tensor) -> torch.Tensor:
+    """[rows]: log Σ exp over this shard's logits, in fp32; compiled, one pass over them (the fp32 copy exists only
+    inside the kernel)."""
+    return torch.logsumexp(logits.float(), dim=-1)
+
+
+def _shard_grad(logits: torch.Tensor, log_normaliser: torch.Tensor, local: torch.Tensor, outside: torch.Tensor,
+                scale: torch.Tensor) -> torch.Tensor:
+    """d loss / d logits of this shard: (softmax - one-hot target) · scale, recomputed from the logits and the
+    rows' log-normaliser rather than kept from the forward. Eager: in place on one fp32 buffer."""
+    grad = (logits.float() - log_normaliser.unsqueeze(-1)).exp_()
+    grad.scatter_add_(-1, local.unsqueeze(-1), -(~outside).to(grad.dtype).unsqueeze(-1))
+    return grad.mul_(scale).to(logits.dtype)
+
+
+def _fused_shard_grad(logits: torch.Tensor, log_normaliser: torch.Tensor, local: torch.Tensor, outside: torch.Tensor,
+                      scale: torch.Tensor) -> torch.Tensor:
+    """`_shard_grad` as one element-wise expression, which inductor fuses into a single pass over the logits that
+    writes only the gradient (a scatter would make it write an fp32 buffer first: 1.3× the time, 3× the memory)."""
+    target = (torch.arange(logits.shape[-1], device=logits.device) == local.unsqueeze(-1)) & ~outside.unsqueeze(-1)
+    softmax = (logits.float() - log_normaliser.unsqueeze(-1)).exp()
+    return ((softmax - target.float()) * scale).to(logits.dtype)
+
+
+_compiled_shard_log_sum_exp = torch.compile(_shard_log_sum_exp)
+_compiled_shard_grad = torch.compile(_fused_shard_grad)
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Keeps the logits as they came (bf16 under mixed precision) and a few numbers a row: 2 bytes a logit where
+    keeping the fp32 softmax took 4. Each rank reduces its shard to a log-sum-exp per row; the rows' normaliser
+    is then log Σ_ranks exp(shard's), taken about their maximum, so only [rows] vectors cross the group."""
+
     @staticmethod
-    def forward(ctx, logits, labels, group):
-        ctx.dtype = logits.dtype
-        logits = logits.float()
-        vocab_start = dist.get_rank(group) * logits.shape[-1]
-        logits_max = logits.max(dim=-1).values
-        dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
-        shifted = logits - logits_max.unsqueeze(-1)
-        local = labels - vocab_start
+    def forward(ctx, logits, labels, group, compiled):
+        log_sum_exp, grad = ((_compiled_shard_log_sum_exp, _compiled_shard_grad) if compiled
+                             else (_shard_log_sum_exp, _shard_grad))
+        local = labels - dist.get_rank(group) * logits.shape[-1]
         outside = (local < 0) | (local >= logits.shape[-1])
         local = local.masked_fill(outside, 0)
-        target = shifted.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
-        dist.all_reduce(target, group=group)
-        exp = shifted.exp()
-        sum_exp = exp.sum(dim=-1)
-        dist.all_reduce(sum_exp, group=group)
-        loss = sum_exp.log() - target
-        softmax = exp.div_(sum_exp.unsqueeze(-1))
-        ctx.save_for_backward(softmax, local, outside)
-        return loss.mean()
+        shard = log_sum_exp(logits)
+        top = shard.clone()
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+        target = logits.gather(-1, local.unsqueeze(-1)).squeeze(-1).float().masked_fill(outside, 0.0)
+        sums = torch.stack([(shard - top).exp(), target])
+        dist.all_reduce(sums, group=group)
+        log_normaliser = top + sums[0].log()
+        ctx.save_for_backward(logits, log_normaliser, local, outside)
+        ctx.shard_grad = grad
+        return (log_normaliser - sums[1]).mean()
 
     @staticmethod
-    def backward(ctx, grad):
-        softmax, local, outside = ctx.saved_tensors
-        grad_logits = softmax
-        hit = (~outside).to(softmax.dtype)
-        grad_logits.scatter_add_(-1, local.unsqueeze(-1), -hit.unsqueeze(-1))
-        grad_logits.mul_(grad / local.numel())
-        return grad_logits.to(ctx.dtype), None, None
+    def backward(ctx, grad_loss):
+        logits, log_normaliser, local, outside = ctx.saved_tensors
+        return ctx.shard_grad(logits, log_normaliser, local, outside, grad_loss / local.numel()), None, None, None
 
 
-def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, group) -> torch.Tensor:
+def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, group,
+                                 compiled: bool = False) -> torch.Tensor:
     """Mean next-token loss from vocab-sharded logits [..., V/tp]; the full-vocab logits never exist anywhere.
 
-    Computed in fp32 whatever the logits' dtype, like `parallel.model.cross_entropy`.
+    Computed in fp32 whatever the logits' dtype, like `parallel.model.cross_entropy`; `compiled` fuses each
+    direction's fp32 arithmetic over the logits into a kernel (torch.compile), as the unsharded loss is under
+    `parallel.compile`.
     """
-    return _VocabParallelCrossEntropy.apply(logits, labels, group)
+    return _VocabParallelCrossEntropy.apply(logits, labels, group, compiled)
 
 
 class VocabParallelLoss:
     """`loss_fn(logits, labels)` bound to a tensor-parallel group (picklable, unlike a lambda)."""
 
-    def __init__(self, group):
-        self.group = group
+    def __init__(self, group, compiled: bool = False):
+        self.group, self.compiled = group, compiled
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return vocab_parallel_cross_entropy(logits, labels, self.group)
+        return vocab_parallel_cross_entropy(logits, labels, self.group, self.compiled)
 
 
 # ---------------------------------------------------------------------------------------------- applying
@@ -313,4 +341,4 @@ def apply_megatron_tp(state: Parallelized, dims: ParallelDims, spec: JobSpec) ->
     trained with the vocabulary-parallel loss."""
     group = dims.group("tp")
     apply_tensor_parallel(state.model, group, dims.tp_rank, dims.tp, spec.parallel.sequence_parallel)
-    state.loss_fn = VocabParallelLoss(group)
+    state.loss_fn = VocabParallelLoss(group, spec.parallel.compile)

@@ -64,7 +64,7 @@ def apply_dtensor_tensor_parallel(state: Parallelized, dims: ParallelDims, spec:
     """`parallelize_llama`'s tensor-parallel step: DTensor plans over the mesh's tp axis; logits stay
     vocabulary-sharded for `VocabParallelLoss`."""
     apply_dtensor_tp(state.model, state.blocks, dims.mesh["tp"], spec.parallel.sequence_parallel)
-    state.loss_fn = VocabParallelLoss(dims.group("tp"))
+    state.loss_fn = VocabParallelLoss(dims.group("tp"), spec.parallel.compile)
 
 
 def apply_torch_pipelining(state: Parallelized, dims: ParallelDims, spec: JobSpec) -> None:
