@@ -5,7 +5,7 @@
 #   128k       the same at seq 131072 under full checkpointing (ga 1), ours with --memory-peak;
 #   documents  cp2 at 32k on rows of packed ~4k-token documents under per-document masks, then causal rows.
 # Run from the repository root on an nvidia-h200-x2 machine with `carry: [".whl", ".tt"]` (built here first by
-# benchmarks/device/prepare-wheels.sh and ../shared/device/torchtitan/prepare.sh):
+# benchmarks/device/prepare-wheels.sh and the torchtitan kit's prepare.sh, which fills .tt/):
 #   bash benchmarks/device/long_context_cp2.sh 32k
 # Each run's JSON lands in $OUT under the part's name; compare ratios only within one call.
 set -uo pipefail
