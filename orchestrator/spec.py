@@ -220,6 +220,10 @@ class ParallelConfig:
     activation_checkpointing_every: int = setting(
         2, "with activation_checkpointing=every_n: checkpoint the n-th, 2n-th, … block (layers n-1, 2n-1, … from 0, "
         "as torchtitan's selective_ac_option: n); 1 is the same as full", min=1, max=1024)
+    activation_offload: bool = setting(
+        False, "with activation_checkpointing=full (native backend, no pp): keep the blocks' inputs in pinned host "
+        "memory between forward and backward, copied out and back on side streams behind the compute; for long "
+        "sequences, where those inputs are a large part of the activations")
     micro_batch_size: int = setting(4, "sequences per rank per micro-batch", min=1, max=65536)
     grad_accum: int = setting(1, "micro-batches per optimizer step (pipeline micro-batches when pp > 1)", min=1,
                                  max=65536)

@@ -217,6 +217,26 @@ def _checkpointing_every_picks_a_block(spec: JobSpec, _: Any) -> list[Problem]:
     return []
 
 
+@rule("parallel.activation_offload", "parallel.activation_checkpointing", "parallel.backend", "parallel.pp")
+def _offload_what_full_checkpointing_keeps(spec: JobSpec, _: Any) -> list[Problem]:
+    """Offload moves the blocks' inputs, which are all that full checkpointing keeps of them; under other modes the
+    blocks keep much else, and a pipeline schedule interleaves micro-batches' backwards out of the forwards' order."""
+    p = spec.parallel
+    if not p.activation_offload:
+        return []
+    out = []
+    if p.activation_checkpointing != "full":
+        out.append(Problem("parallel.activation_offload", "moves the blocks' inputs, all that full checkpointing keeps "
+                           f"of them; set activation_checkpointing=full (it is {p.activation_checkpointing}) or "
+                           "activation_offload=false"))
+    if p.backend != "native":
+        out.append(Problem("parallel.activation_offload", "needs parallel.backend=native"))
+    if p.pp > 1:
+        out.append(Problem("parallel.activation_offload", f"is not supported with parallel.pp={p.pp}; set pp=1 or "
+                           "activation_offload=false"))
+    return out
+
+
 @rule("model.dim", "model.n_heads", "model.n_kv_heads", "model.head_dim", "parallel.tp")
 def _heads_fit(spec: JobSpec, _: Any) -> list[Problem]:
     """Heads split whole over tp, key/value heads group the query heads evenly, and RoPE rotates pairs of a head's

@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_map_only
 
 from orchestrator.errors import CheckpointError
 from orchestrator.spec import JobSpec
+from parallel.activation_offload import ActivationOffload
 from parallel.context_parallel import mean_over_cp, shard_pairs
 from parallel.dtensor_tp import apply_dtensor_tp
 from parallel.engine import (
@@ -104,6 +105,7 @@ class NativeEngine:
         self._autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 and not self.sharded \
             else contextlib.nullcontext
         self._materialize(spec.schedule.seed)
+        self._offload = ActivationOffload(model, device).forward if p.activation_offload else contextlib.nullcontext
         self.params = [q for q in model.parameters()]
         groups = build_param_groups(model.named_parameters(), spec.optim.weight_decay,
                                     hidden_lr_scale(self.model_dims))
@@ -161,7 +163,9 @@ class NativeEngine:
                 if self.reduce_once_per_step:
                     self.model.set_requires_gradient_sync(i == len(pairs) - 1)
                 with self._autocast():
-                    loss = self.loss_fn(self.model(inputs, documents=docs[i]), targets)
+                    with self._offload():
+                        logits = self.model(inputs, documents=docs[i])
+                    loss = self.loss_fn(logits, targets)
                 (loss / len(pairs)).backward()
                 losses.append(loss.detach())
             loss = torch.stack(losses).mean()

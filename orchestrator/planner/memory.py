@@ -92,6 +92,9 @@ SELECTIVE_REDUCTIONS_D = 2.0
 # Per logit at the start of backward, either precision: the fp32 log-softmax kept for backward, the gradient coming
 # into it and the one going out (the logits themselves are freed once upcast).
 LOGIT_BYTES = 12
+# Block inputs on the GPU under `parallel.activation_offload`: the one a backward reads and the ones brought back
+# ahead of it (`parallel.activation_offload.PREFETCH`); the others are in host memory.
+OFFLOADED_RESIDENT_INPUTS = 3
 
 # Beside the tensors: CUDA context and NCCL buffers, and the caching allocator's fragmentation.
 RESERVE_BYTES = int(1.5 * GiB)
@@ -319,7 +322,8 @@ def activation_bytes(model: ModelConfig, seq_len: int, p: ParallelConfig, stage:
     block_input = residual * (residual_width or width)
     recomputing = full_layer  # one block recomputed at a time
     if p.activation_checkpointing == "full":
-        kept = layers * in_flight * block_input
+        resident = min(layers, OFFLOADED_RESIDENT_INPUTS) if p.activation_offload else layers
+        kept = resident * in_flight * block_input
     elif p.activation_checkpointing == "selective":
         kept_per_block = block_input + tokens * selective_bytes_per_token(model, width, p.tp, p.sequence_parallel)
         kept = layers * in_flight * kept_per_block

@@ -119,6 +119,14 @@ def test_checkpointing_keeps_block_inputs_only(billion):
     assert recomputed > block_inputs
 
 
+def test_activation_offload_leaves_three_block_inputs_on_the_gpu(billion):
+    full = with_parallel(billion, backend="native", activation_checkpointing="full")
+    offloaded = dataclasses.replace(full, activation_offload=True)
+    moved = estimate_memory(billion, full).activations - estimate_memory(billion, offloaded).activations
+    block_input = 2 * 2048 * 2048 * 2  # micro-batch 2 × seq × dim, bf16 under FSDP over 8 ranks
+    assert moved == (16 - 3) * block_input
+
+
 def test_selective_checkpointing_keeps_less_than_none_and_more_than_full(billion):
     kept = {mode: estimate_memory(billion, with_parallel(billion, activation_checkpointing=mode)).activations
             for mode in ("none", "selective", "full")}

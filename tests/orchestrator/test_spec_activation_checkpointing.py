@@ -79,3 +79,24 @@ def test_every_n_past_one_pipeline_stage_is_allowed() -> None:
                        "parallel": {"pp": 2, "grad_accum": 2, "activation_checkpointing": "every_n",
                                     "activation_checkpointing_every": 3}})
     assert spec.parallel.activation_checkpointing_every == 3
+
+
+def test_activation_offload_is_accepted_with_full_checkpointing_on_the_native_backend() -> None:
+    spec = parse_spec({}, overrides=["parallel.activation_offload=true", "parallel.activation_checkpointing=full",
+                                     "parallel.backend=native"])
+    assert spec.parallel.activation_offload
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["parallel.activation_checkpointing=selective"],
+     r"parallel\.activation_offload: moves the blocks' inputs, all that full checkpointing keeps of them; set "
+     r"activation_checkpointing=full \(it is selective\)"),
+    (["parallel.activation_checkpointing=full", "parallel.backend=deepspeed"],
+     r"parallel\.activation_offload: needs parallel\.backend=native"),
+    (["parallel.activation_checkpointing=full", "parallel.pp=2", "parallel.grad_accum=2", "resources.gpus_per_node=2"],
+     r"parallel\.activation_offload: is not supported with parallel\.pp=2"),
+])
+def test_activation_offload_where_it_cannot_run_is_refused_naming_the_field(overrides: list[str],
+                                                                              message: str) -> None:
+    with pytest.raises(SpecError, match=message):
+        parse_spec({}, overrides=["parallel.activation_offload=true", *overrides])

@@ -80,6 +80,14 @@ def test_tp_run_keeps_the_specs_sequence_parallelism() -> None:
     assert not off.parallel.sequence_parallel
 
 
+def test_offload_run_name_offloads_under_full_checkpointing() -> None:
+    run = gpu_backends.parse_run("native-zero1-acfull-offload")
+    spec = gpu_backends.build_spec("native", 1, 1, _args(), activation_checkpointing=run["ac"],
+                                   activation_offload=bool(run["offload"]))
+    assert (spec.parallel.activation_checkpointing, spec.parallel.activation_offload) == ("full", True)
+    assert not gpu_backends.parse_run("native-zero1-acfull")["offload"]
+
+
 @pytest.mark.parametrize("name", ["native-zero1-pp", "native-zero1-pp2-gpipe", "native-zero1-ac-pp2"])
 def test_bad_run_name_names_the_allowed_form(name: str) -> None:
     with pytest.raises(SystemExit, match=r"is not plain or .*-pp<n>\[-1f1b\|-interleaved\|-zerobubble\]"):

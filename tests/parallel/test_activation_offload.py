@@ -1,0 +1,55 @@
+"""Activation offload moves exactly the blocks' inputs out of the forward and back into the backward, and the
+gradients are bit for bit those without it, eager and compiled. One process on CPU, where the copies are plain
+copies (`parallel.activation_offload`); the engine runs it under dp2 in test_native_engine, and the validator's
+refusals are in tests/orchestrator/test_spec_activation_checkpointing.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from orchestrator.spec import ModelConfig
+from parallel.activation_checkpoint import apply_activation_checkpointing
+from parallel.activation_offload import ActivationOffload
+from parallel.compile import apply_compile
+from parallel.model import build_model, cross_entropy
+
+CONFIG = ModelConfig(vocab_size=96, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, multiple_of=32)
+MICRO_BATCHES, ROWS, SEQ = 2, 2, 24
+
+
+def train(compiled: bool, offload: bool) -> tuple[dict[str, torch.Tensor], ActivationOffload | None]:
+    """Gradients of two micro-batches under full checkpointing, and the offload that ran (None: without)."""
+    torch._dynamo.reset()
+    model = build_model(CONFIG, "cpu")
+    model.init_weights(seed=5)
+    apply_activation_checkpointing(model.layers, "full")
+    if compiled:
+        apply_compile(model.layers, backend=CompileCounterWithBackend("aot_eager_decomp_partition"))
+    moved = ActivationOffload(model, torch.device("cpu")) if offload else None
+    g = torch.Generator().manual_seed(3)
+    for _ in range(MICRO_BATCHES):
+        tokens = torch.randint(0, CONFIG.vocab_size, (ROWS, SEQ + 1), generator=g)
+        if moved is None:
+            logits = model(tokens[:, :-1])
+        else:
+            with moved.forward():
+                logits = model(tokens[:, :-1])
+            assert moved.restored < moved.offloaded, "nothing is brought back before the backward needs it"
+        cross_entropy(logits, tokens[:, 1:]).backward()
+    with torch.no_grad():
+        model(tokens[:, :-1])  # a forward outside the offload's moves nothing
+    return {n: p.grad for n, p in model.named_parameters()}, moved
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_offload_moves_each_block_input_out_and_back_and_trains_bit_for_bit(compiled: bool) -> None:
+    want, _ = train(compiled, offload=False)
+    got, moved = train(compiled, offload=True)
+    blocks = MICRO_BATCHES * CONFIG.n_layers
+    assert (moved.offloaded, moved.restored) == (blocks, blocks), "each block's input, out and back once"
+    assert moved.offloaded_bytes == blocks * ROWS * SEQ * CONFIG.dim * 4
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
