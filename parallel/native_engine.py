@@ -162,10 +162,9 @@ class NativeEngine:
             for i, (inputs, targets) in enumerate(pairs):
                 if self.reduce_once_per_step:
                     self.model.set_requires_gradient_sync(i == len(pairs) - 1)
-                with self._autocast():
-                    with self._offload():
-                        logits = self.model(inputs, documents=docs[i])
-                    loss = self.loss_fn(logits, targets)
+                # The logits are the loss's alone: nothing here may hold them through the backward.
+                with self._autocast(), self._offload():
+                    loss = self.loss_fn(self.model(inputs, documents=docs[i]), targets)
                 (loss / len(pairs)).backward()
                 losses.append(loss.detach())
             loss = torch.stack(losses).mean()
