@@ -199,6 +199,7 @@ def enumerate_layouts(spec: JobSpec, hw: Hardware, global_batch: int, context_pa
     """Every dp × pp × tp (× ep) × ZeRO (1-3) × micro-batch × checkpointing combination that keeps the global
     batch; with `context_parallel`, those with cp > 1 (cp × tp inside a node), else cp = 1."""
     base = spec.parallel
+    modes = ("full",) if base.activation_offload else CHECKPOINTING  # offload moves what full checkpointing keeps
     for tp in _divisors(hw.node_size):
         for cp in _divisors(hw.node_size // tp) if context_parallel else [1]:
             if (cp > 1) != context_parallel:
@@ -213,7 +214,7 @@ def enumerate_layouts(spec: JobSpec, hw: Hardware, global_batch: int, context_pa
                 for ep in expert_parallel_sizes(spec, dp * cp):
                     for micro in _divisors(per_rank):
                         for zero in (1, 2, 3):  # ZeRO-0 moves the same bytes as ZeRO-1 and keeps more
-                            for checkpointing in CHECKPOINTING:
+                            for checkpointing in modes:
                                 yield dataclasses.replace(
                                     base, dp=dp, cp=cp, pp=pp, tp=tp, ep=ep, zero_stage=zero, micro_batch_size=micro,
                                     grad_accum=per_rank // micro, global_batch_size=global_batch,
@@ -360,6 +361,11 @@ def _what_would_fit(spec: JobSpec, hw: Hardware, global_batch: int, smallest: Ca
         offloaded = dataclasses.replace(spec, parallel=dataclasses.replace(spec.parallel, offload_optimizer=True))
         if _fits_somewhere(offloaded, hw, global_batch):
             options.append("parallel.offload_optimizer=true (optimizer states in host memory)")
+    if not spec.parallel.activation_offload:
+        offloaded = dataclasses.replace(spec, parallel=dataclasses.replace(spec.parallel, activation_offload=True))
+        if _fits_somewhere(offloaded, hw, global_batch):  # only full checkpointing without pp passes the rules
+            options.append("parallel.activation_offload=true with activation_checkpointing=full (the blocks' inputs "
+                           "in host memory)")
     shorter = spec.data.seq_len // 2
     if shorter >= 8:
         short = dataclasses.replace(spec, data=dataclasses.replace(spec.data, seq_len=shorter))

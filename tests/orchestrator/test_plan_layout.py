@@ -9,7 +9,7 @@ import pytest
 from orchestrator.errors import SpecError, UserError
 from orchestrator.planner.layout import Hardware, NoLayoutError, choose_layout, evaluate, with_layout
 from orchestrator.planner.memory import GiB
-from orchestrator.validate import load_spec, parse_spec, spec_to_dict
+from orchestrator.validate import load_spec, load_yaml, parse_spec, spec_to_dict
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +134,16 @@ def test_unresolvable_vocab_is_a_spec_error(repo_root):
     spec = load_spec(repo_root / "examples" / "tiny.yaml", ["data.path=/nonexistent"])
     with pytest.raises(SpecError, match=r"model.vocab_size: not set"):
         choose_layout(spec, gpus=2, gpu_mem_bytes=80 * GiB)
+
+
+def test_a_long_sequence_that_fits_only_with_its_block_inputs_offloaded_is_told_so(repo_root):
+    spec = parse_spec(load_yaml(repo_root / "examples" / "llama-1b.yaml"),
+                      overrides=["data.seq_len=131072", "model.max_positions=131072", "parallel.micro_batch_size=1",
+                                 "parallel.grad_accum=1", "resources.num_nodes=1", "resources.gpus_per_node=1"])
+    with pytest.raises(NoLayoutError) as info:
+        choose_layout(spec, gpus=1, gpu_mem_bytes=56 * GiB)
+    assert "parallel.activation_offload=true with activation_checkpointing=full" in str(info.value)
+    offloaded = parse_spec(spec_to_dict(spec), overrides=["parallel.activation_offload=true",
+                                                          "parallel.activation_checkpointing=full"])
+    plan = choose_layout(offloaded, gpus=1, gpu_mem_bytes=56 * GiB)
+    assert (plan.parallel.activation_checkpointing, plan.parallel.activation_offload) == ("full", True)
