@@ -74,9 +74,8 @@ class ActivationOffload:
         finally:
             self._residual = None
         # Backward starts with the last blocks: start bringing them back while the loss and the head run theirs.
-        for index in range(len(saved) - 1, len(saved) - 1 - PREFETCH, -1):
-            if index >= 0:
-                self._bring_back(saved[index])
+        for entry in reversed(saved[-PREFETCH:]):
+            self._bring_back(entry)
 
     def _pack(self, saved: list[_Offloaded], t: torch.Tensor) -> torch.Tensor | _Handle:
         if (self._residual is None or t.shape != self._residual or isinstance(t, nn.Parameter)

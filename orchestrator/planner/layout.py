@@ -357,15 +357,15 @@ def _what_would_fit(spec: JobSpec, hw: Hardware, global_batch: int, smallest: Ca
             options.append(f"{bigger.gpus} GPUs of {_gib(hw.gpu_mem_bytes)} (global batch scaled to "
                            f"{global_batch * factor})")
             break
-    if not spec.parallel.offload_optimizer:
-        offloaded = dataclasses.replace(spec, parallel=dataclasses.replace(spec.parallel, offload_optimizer=True))
+    # Activation offload passes the rules only with full checkpointing and no pp, which is what its option says.
+    for switch, option in (("offload_optimizer", "(optimizer states in host memory)"),
+                           ("activation_offload", "with activation_checkpointing=full (the blocks' inputs in host "
+                                                  "memory)")):
+        if getattr(spec.parallel, switch):
+            continue
+        offloaded = dataclasses.replace(spec, parallel=dataclasses.replace(spec.parallel, **{switch: True}))
         if _fits_somewhere(offloaded, hw, global_batch):
-            options.append("parallel.offload_optimizer=true (optimizer states in host memory)")
-    if not spec.parallel.activation_offload:
-        offloaded = dataclasses.replace(spec, parallel=dataclasses.replace(spec.parallel, activation_offload=True))
-        if _fits_somewhere(offloaded, hw, global_batch):  # only full checkpointing without pp passes the rules
-            options.append("parallel.activation_offload=true with activation_checkpointing=full (the blocks' inputs "
-                           "in host memory)")
+            options.append(f"parallel.{switch}=true {option}")
     shorter = spec.data.seq_len // 2
     if shorter >= 8:
         short = dataclasses.replace(spec, data=dataclasses.replace(spec.data, seq_len=shorter))
