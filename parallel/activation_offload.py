@@ -2,8 +2,9 @@
 
 Under full checkpointing each block keeps only its input for backward, and at long contexts those inputs are most
 of what a step holds beside the logits (the 1B model at seq 128k on one GPU: 20 GiB of fp32 block inputs in a 60 GiB
-peak). Offload copies each to pinned host memory as the forward goes on, lets the GPU copy go, and brings it back a
-few blocks ahead of the backward that reads it. Both copies run on their own CUDA streams, so they overlap the
+peak). Offload copies each to pinned host memory as the forward goes on, lets the GPU copy go when the next block's
+input is saved, and brings it back a few blocks ahead of the backward that reads it; the last blocks' inputs, which
+the backward reads first, stay where they are. Both copies run on their own CUDA streams, so they overlap the
 blocks' compute: at 128k a block input of 1 GiB crosses PCIe in tens of milliseconds, a block's backward takes
 hundreds.
 
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 PREFETCH = 2  # block inputs brought back ahead of the backward that reads them
+LAG = 1  # block inputs whose copy to host may still be running when the next block's input is saved
 
 
 @dataclass(frozen=True)
@@ -37,19 +39,21 @@ class _Handle:
 @dataclass
 class _Offloaded:
     host: torch.Tensor
-    copied: torch.cuda.Event | None  # the copy to host is done
-    device: torch.Tensor | None = None  # the copy back, once started
-    ready: torch.cuda.Event | None = None  # the copy back is done
+    source: torch.Tensor | None  # the tensor autograd saved, until its copy to host is done or backward takes it
+    copied: torch.cuda.Event | None = None  # the copy to host is done
+    device: torch.Tensor | None = None  # what backward reads: the source kept, or the copy back once started
+    ready: torch.cuda.Event | None = None  # `device` may be read
     used: bool = False  # its block's backward has run: never brought back again
 
 
 class ActivationOffload:
     """Offload for one model's training forwards: `with offload.forward(): model(...)`, then backward as usual.
-    Counts what it moved: `offloaded` tensors (`offloaded_bytes`) and `restored` ones, since it was made."""
+    Counts what it did since it was made: `offloaded` tensors (`offloaded_bytes`), `restored` ones, and `kept` ones,
+    the last blocks' inputs, still on the GPU when the forward ends and read there by the backward's first blocks."""
 
     def __init__(self, model: nn.Module, device: torch.device):
         self.device = device
-        self.offloaded = self.offloaded_bytes = self.restored = 0
+        self.offloaded = self.offloaded_bytes = self.restored = self.kept = 0
         self.cuda = device.type == "cuda"
         self.to_host = torch.cuda.Stream(device) if self.cuda else None
         self.to_device = torch.cuda.Stream(device) if self.cuda else None
@@ -73,9 +77,11 @@ class ActivationOffload:
                 yield
         finally:
             self._residual = None
-        # Backward starts with the last blocks: start bringing them back while the loss and the head run theirs.
+        # Backward starts with the last blocks: their inputs stay (or come back) while the loss and head run theirs.
         for entry in reversed(saved[-PREFETCH:]):
             self._bring_back(entry)
+        for entry in saved:
+            self._release(entry)
 
     def _pack(self, saved: list[_Offloaded], t: torch.Tensor) -> torch.Tensor | _Handle:
         if (self._residual is None or t.shape != self._residual or isinstance(t, nn.Parameter)
@@ -83,16 +89,28 @@ class ActivationOffload:
             return t
         self.offloaded += 1
         self.offloaded_bytes += t.numel() * t.element_size()
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.cuda)
-        if not self.cuda:
-            saved.append(_Offloaded(host.copy_(t), None))
-            return _Handle(len(saved) - 1)
-        self.to_host.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.to_host):
-            host.copy_(t, non_blocking=True)
-            t.record_stream(self.to_host)  # its memory is not reused until the copy has read it
-            saved.append(_Offloaded(host, self.to_host.record_event()))
+        entry = _Offloaded(torch.empty(t.shape, dtype=t.dtype, pin_memory=self.cuda), source=t)
+        if self.cuda:
+            self.to_host.wait_stream(self._compute())
+            with torch.cuda.stream(self.to_host):
+                entry.host.copy_(t, non_blocking=True)
+                entry.copied = self.to_host.record_event()
+        else:
+            entry.host.copy_(t)
+        saved.append(entry)
+        if len(saved) > LAG:
+            self._release(saved[-1 - LAG])
         return _Handle(len(saved) - 1)
+
+    def _release(self, entry: _Offloaded) -> None:
+        """Lets an offloaded tensor's GPU memory go once its copy to host is done. The compute stream waits for the
+        copy, so the free is ordered after it on the stream that allocated the tensor: at most LAG inputs wait on
+        PCIe however far the copies fall behind, where `record_stream` would hold every one still queued."""
+        if entry.source is None:
+            return
+        if entry.copied is not None:
+            self._compute().wait_event(entry.copied)
+        entry.source = None
 
     def _unpack(self, saved: list[_Offloaded], packed: torch.Tensor | _Handle) -> torch.Tensor:
         if not isinstance(packed, _Handle):
@@ -100,26 +118,39 @@ class ActivationOffload:
         entry = saved[packed.index]
         entry.used = False  # read again (a tensor saved twice): bring it back again
         self._bring_back(entry)
+        if entry.ready is not None:
+            self._compute().wait_event(entry.ready)
         t = entry.device
-        if self.cuda:
-            current = torch.cuda.current_stream(self.device)
-            current.wait_event(entry.ready)
-            t.record_stream(current)
         # Backward runs the blocks last to first: the later blocks are done with theirs, the earlier come next.
         for later in saved[packed.index + 1:]:
-            later.device, later.used = None, True
+            self._drop(later)
         for earlier in saved[max(packed.index - PREFETCH, 0):packed.index]:
             self._bring_back(earlier)
         return t
 
     def _bring_back(self, entry: _Offloaded) -> None:
+        """Starts the copy back into memory allocated on the compute stream, so that its free after the block's
+        backward needs no `record_stream` and goes back to the pool the blocks allocate from."""
         if entry.device is not None or entry.used:
+            return
+        if entry.source is not None:
+            self.kept += 1
+            entry.device, entry.source, entry.ready = entry.source, None, entry.copied
             return
         self.restored += 1
         if not self.cuda:
             entry.device = entry.host.clone()
             return
-        self.to_device.wait_event(entry.copied)
+        entry.device = torch.empty(entry.host.shape, dtype=entry.host.dtype, device=self.device)
+        self.to_device.wait_stream(self._compute())  # the memory's earlier users on the compute stream are done
         with torch.cuda.stream(self.to_device):
-            entry.device = entry.host.to(self.device, non_blocking=True)
+            entry.device.copy_(entry.host, non_blocking=True)
             entry.ready = self.to_device.record_event()
+
+    def _drop(self, entry: _Offloaded) -> None:
+        if entry.device is not None and entry.ready is not None:
+            self._compute().wait_event(entry.ready)  # a copy never read: done before its memory is reused
+        entry.device, entry.used = None, True
+
+    def _compute(self) -> torch.cuda.Stream:
+        return torch.cuda.current_stream(self.device)

@@ -30,9 +30,9 @@ rank 16 on every projection, bf16): one GPU +0.7%, dp2 ZeRO-3 +8.9%, tp2 -4.7%; 
 the first step within 5% of weights + gradients + optimizer here.
 
 Activation offload (`parallel.activation_offload`, with full checkpointing) leaves three block inputs on the GPU
-(`memory.OFFLOADED_RESIDENT_INPUTS`) instead of every layer's. Measured at 1B and seq 64k on one H200: 30.4 GiB
-against 28.3 estimated; that run's engine also held the logits through the backward (fixed since), and inputs whose
-copies to host had not finished were not yet given back (docs/backends.md, "Activation offload").
+(`memory.OFFLOADED_RESIDENT_INPUTS`) instead of every layer's. Measured on one H200 at 1B, peak allocated against
+estimated (docs/backends.md, "Activation offload"): seq 64k 27.7 GiB against 28.3, seq 128k 42.3 against 43.3; the
+trace of each peak holds exactly three block inputs.
 
 Context parallelism (`parallel.cp`) divides the activations by cp: a rank holds seq_len / cp tokens of each
 sequence, and each of them keeps what it keeps without cp (a soft-capped score row still spans the keys of the whole

@@ -6,13 +6,16 @@ test_native_engine, and the validator's refusals are in tests/orchestrator/test_
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from orchestrator.spec import ModelConfig
 from parallel.activation_checkpoint import apply_activation_checkpointing
-from parallel.activation_offload import ActivationOffload
+from parallel.activation_offload import LAG, PREFETCH, ActivationOffload
 from parallel.compile import apply_compile
 from parallel.model import build_model, cross_entropy
 
@@ -37,9 +40,11 @@ def train(compiled: bool, offload: bool, device: str = "cpu") -> tuple[dict[str,
         if moved is None:
             logits = model(tokens[:, :-1])
         else:
+            restored = moved.restored
             with moved.forward():
                 logits = model(tokens[:, :-1])
-            assert moved.restored < moved.offloaded, "nothing is brought back before the backward needs it"
+            assert moved.restored - restored == PREFETCH - LAG, \
+                "the forward's end brings back what the backward reads first, unless it is still on the device"
         cross_entropy(logits, tokens[:, 1:]).backward()
     with torch.no_grad():
         model(tokens[:, :-1])  # a forward outside the offload's moves nothing
@@ -53,7 +58,9 @@ def test_offload_moves_each_block_input_out_and_back_and_trains_as_without_it(co
     want, _ = train(compiled, offload=False, device=device)
     got, moved = train(compiled, offload=True, device=device)
     blocks = MICRO_BATCHES * CONFIG.n_layers
-    assert (moved.offloaded, moved.restored) == (blocks, blocks), "each block's input, out and back once"
+    kept = MICRO_BATCHES * LAG
+    assert (moved.offloaded, moved.kept, moved.restored) == (blocks, kept, blocks - kept), \
+        "each block's input out once, and back once unless it is among the last, which backward reads first"
     assert moved.offloaded_bytes == blocks * ROWS * SEQ * CONFIG.dim * 4
     assert got.keys() == want.keys()
     for name in want:
@@ -61,3 +68,30 @@ def test_offload_moves_each_block_input_out_and_back_and_trains_as_without_it(co
             assert torch.equal(got[name], want[name]), name
         else:
             torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_forward_holds_no_more_block_inputs_on_the_gpu_than_the_copies_in_flight_and_the_last_ones() -> None:
+    config = dataclasses.replace(CONFIG, dim=256, n_layers=10)
+    rows, seq = 2, 8192
+    model = build_model(config, "cuda")
+    model.init_weights(seed=5)
+    apply_activation_checkpointing(model.layers, "full")
+    tokens = torch.randint(0, config.vocab_size, (rows, seq + 1), device="cuda")
+
+    def forward_peak(offload: ActivationOffload | None) -> int:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        with offload.forward() if offload else contextlib.nullcontext():
+            logits = model(tokens[:, :-1])
+        peak = torch.cuda.max_memory_allocated() - before
+        cross_entropy(logits, tokens[:, 1:]).backward()
+        model.zero_grad(set_to_none=True)
+        return peak
+
+    block_input = rows * seq * config.dim * 4
+    forward_peak(None)  # the allocator's first blocks, outside either measure
+    without = forward_peak(None)
+    with_offload = forward_peak(ActivationOffload(model, torch.device("cuda")))
+    assert without - with_offload >= (config.n_layers - PREFETCH - LAG - 1) * block_input, (without, with_offload)
