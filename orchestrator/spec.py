@@ -224,6 +224,11 @@ class ParallelConfig:
         False, "with activation_checkpointing=full (native backend, no pp): keep the blocks' inputs in pinned host "
         "memory between forward and backward, copied out and back on side streams behind the compute; for long "
         "sequences, where those inputs are a large part of the activations")
+    loss_chunks: int = setting(
+        1, "native backend, no pp: run the final norm, the lm_head and the loss over this many equal slices of each "
+        "row, each recomputed in the backward, so that one slice's logits are alive at a time instead of all of "
+        "them (at long contexts the largest thing a step holds); it divides a rank's part of a row, data.seq_len / "
+        "cp (/ tp under sequence_parallel)", min=1, max=4096)
     micro_batch_size: int = setting(4, "sequences per rank per micro-batch", min=1, max=65536)
     grad_accum: int = setting(1, "micro-batches per optimizer step (pipeline micro-batches when pp > 1)", min=1,
                                  max=65536)

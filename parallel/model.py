@@ -349,14 +349,15 @@ class Transformer(nn.Module):
         self.query_split: QuerySplit | None = None
 
     def forward(self, tokens: torch.Tensor, caches: list[KVCache] | None = None,
-                documents: torch.Tensor | None = None) -> torch.Tensor:
+                documents: torch.Tensor | None = None, head: bool = True) -> torch.Tensor:
         """Logits of `tokens` [batch, seq]; `documents` [batch, seq]: each token's document id within its row
-        (`parallel.documents`), used when model.attention_mask or rope_positions is `document`."""
+        (`parallel.documents`), used when model.attention_mask or rope_positions is `document`. head=False: the
+        last block's output instead, for a loss that runs `head` itself (`parallel.loss_chunks`)."""
         h = self.embed(tokens)
         docs = self.documents(documents)
         for i, layer in enumerate(self.layers):
             h = layer(h, caches[i] if caches is not None else None, docs)
-        return self.head(h)
+        return self.head(h) if head else h
 
     def documents(self, documents: torch.Tensor | None) -> DocumentContext | None:
         """The masks and positions of one forward over rows with these document ids (every pipeline stage calls

@@ -34,6 +34,7 @@ from torch.utils._pytree import tree_map_only
 from orchestrator.errors import CheckpointError
 from orchestrator.spec import JobSpec
 from parallel.activation_offload import ActivationOffload
+from parallel.chunked_loss import chunked_loss
 from parallel.context_parallel import mean_over_cp, shard_pairs
 from parallel.dtensor_tp import apply_dtensor_tp
 from parallel.engine import (
@@ -164,7 +165,7 @@ class NativeEngine:
                     self.model.set_requires_gradient_sync(i == len(pairs) - 1)
                 # The logits are the loss's alone: nothing here may hold them through the backward.
                 with self._autocast(), self._offload():
-                    loss = self.loss_fn(self.model(inputs, documents=docs[i]), targets)
+                    loss = self._loss(inputs, targets, docs[i])
                 (loss / len(pairs)).backward()
                 losses.append(loss.detach())
             loss = torch.stack(losses).mean()
@@ -195,10 +196,19 @@ class NativeEngine:
                                 for i in range(0, len(pairs), n)]).mean()
         else:
             with self._autocast():
-                loss = torch.stack([self.loss_fn(self.model(x, documents=d), y)
-                                    for (x, y), d in zip(pairs, docs, strict=True)]).mean()
+                loss = torch.stack([self._loss(x, y, d) for (x, y), d in zip(pairs, docs, strict=True)]).mean()
         self._reshard()
         return mean_over_dp(mean_over_cp(loss, self.dims), self.dims)
+
+    def _loss(self, inputs: torch.Tensor, targets: torch.Tensor, documents: torch.Tensor | None) -> torch.Tensor:
+        """One micro-batch's mean loss, its head and loss run a slice of the tokens at a time under
+        `parallel.loss_chunks`."""
+        chunks = self.spec.parallel.loss_chunks
+        if chunks == 1:
+            return self.loss_fn(self.model(inputs, documents=documents), targets)
+        shards = self.dims.tp if self.spec.parallel.sequence_parallel else 1
+        return chunked_loss(self.model.head, self.loss_fn, self.model(inputs, documents=documents, head=False),
+                            targets, chunks, shards)
 
     @torch.no_grad()
     def forward_logits(self, tokens: torch.Tensor, caches: list | None = None) -> torch.Tensor:

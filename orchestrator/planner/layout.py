@@ -57,6 +57,7 @@ HALF_EFFICIENCY_TOKENS = 256  # tokens per micro-batch at which matmuls reach ha
 # element-wise ops. Measured on the Llama-3-8B shape (seq 4096, FSDP dp2, H200s): +17% and +8% step time.
 RECOMPUTE_SHARE = {"none": 0.0, "selective": 0.1, "full": 1 / 3}
 CHECKPOINTING = tuple(RECOMPUTE_SHARE)  # every_n is planned only when the spec asks for it, not searched
+SUGGESTED_LOSS_CHUNKS = 8  # the slices a spec that misses by its logits is told of: an eighth of them is left
 
 
 class NoLayoutError(UserError):
@@ -358,14 +359,15 @@ def _what_would_fit(spec: JobSpec, hw: Hardware, global_batch: int, smallest: Ca
                            f"{global_batch * factor})")
             break
     # Activation offload passes the rules only with full checkpointing and no pp, which is what its option says.
-    for switch, option in (("offload_optimizer", "(optimizer states in host memory)"),
-                           ("activation_offload", "with activation_checkpointing=full (the blocks' inputs in host "
-                                                  "memory)")):
-        if getattr(spec.parallel, switch):
+    for setting, value, option in (("offload_optimizer", True, "(optimizer states in host memory)"),
+                                   ("activation_offload", True, "with activation_checkpointing=full (the blocks' "
+                                                                "inputs in host memory)"),
+                                   ("loss_chunks", SUGGESTED_LOSS_CHUNKS, "(the logits a slice of the row at a time)")):
+        if getattr(spec.parallel, setting) == value:
             continue
-        offloaded = dataclasses.replace(spec, parallel=dataclasses.replace(spec.parallel, **{switch: True}))
-        if _fits_somewhere(offloaded, hw, global_batch):
-            options.append(f"parallel.{switch}=true {option}")
+        changed = dataclasses.replace(spec, parallel=dataclasses.replace(spec.parallel, **{setting: value}))
+        if _fits_somewhere(changed, hw, global_batch):
+            options.append(f"parallel.{setting}={str(value).lower()} {option}")
     shorter = spec.data.seq_len // 2
     if shorter >= 8:
         short = dataclasses.replace(spec, data=dataclasses.replace(spec.data, seq_len=shorter))

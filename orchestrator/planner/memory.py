@@ -335,8 +335,9 @@ def activation_bytes(model: ModelConfig, seq_len: int, p: ParallelConfig, stage:
         kept, recomputing = layers * in_flight * full_layer, 0
     if stage < p.pp - 1:
         return int(kept + recomputing)
-    final_norm = residual * ((residual_width or width) + 4 + width)
-    logits = tokens * model.vocab_size / p.tp * logit_bytes
+    # Under loss_chunks the head keeps only its input; its norm and logits live a slice at a time.
+    final_norm = residual * ((residual_width or width) + (4 + width) / p.loss_chunks)
+    logits = tokens * model.vocab_size / p.tp * logit_bytes / p.loss_chunks
     return int(kept + final_norm + max(recomputing, logits))
 
 

@@ -33,10 +33,11 @@ GEMMA = ["model.norm_placement=sandwich", "model.activation=gelu_tanh", "model.a
          "model.attn_scale_dim=24", "model.head_dim=32"]
 FOUR = {"cp4": [*RUN, "parallel.cp=4", "parallel.activation_checkpointing=selective"],
         "dp2-cp2": [*RUN, "parallel.cp=2", "parallel.zero_stage=2"],
-        "cp2-tp2": [*RUN, "parallel.cp=2", "parallel.tp=2", "parallel.sequence_parallel=true"],
+        "cp2-tp2": [*RUN, "parallel.cp=2", "parallel.tp=2", "parallel.sequence_parallel=true",
+                    "parallel.loss_chunks=2"],
         "cp2-pp2": [*RUN, "parallel.cp=2", "parallel.pp=2", "parallel.grad_accum=2"],
         "dp2-cp2-gemma": [*RUN, "parallel.cp=2", "parallel.zero_stage=3", "parallel.activation_checkpointing=full",
-                          *GEMMA],
+                          "parallel.loss_chunks=2", *GEMMA],
         "cp2-pp2-gemma-documents": [*RUN, "parallel.cp=2", "parallel.pp=2", "parallel.grad_accum=2", *GEMMA,
                                     "model.attention_mask=document", "model.rope_positions=document"]}
 
