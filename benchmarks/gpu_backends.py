@@ -81,9 +81,9 @@ H100_FLOPS = 989e12
 RUN = re.compile(r"(?P<backend>native|deepspeed)-zero(?P<stage>[0-3])(-tp(?P<tp>\d+))?(-cp(?P<cp>\d+))?"
                  r"(-pp(?P<pp>\d+)(-(?P<schedule>1f1b|interleaved|zerobubble))?)?"
                  r"(-ac(?P<ac>none|full|selective|every(?P<every>[1-9]\d*)))?(?P<offload>-offload)?"
-                 r"(-fp8(?P<fp8>none|tensorwise|rowwise))?(?P<untuned>-untuned)?")
+                 r"(-loss(?P<chunks>[1-9]\d*))?(-fp8(?P<fp8>none|tensorwise|rowwise))?(?P<untuned>-untuned)?")
 RUN_FORM = ("<native|deepspeed>-zero<0-3>[-tp<n>][-cp<n>][-pp<n>[-1f1b|-interleaved|-zerobubble]][-ac<mode>]"
-            "[-offload][-fp8<recipe>][-untuned]")
+            "[-offload][-loss<chunks>][-fp8<recipe>][-untuned]")
 # The run name's schedule word → `parallel.pp_schedule`.
 SCHEDULES = {"1f1b": "1f1b", "interleaved": "interleaved_1f1b", "zerobubble": "zero_bubble"}
 # Set by the benchmark's run, not taken from the spec: the layout over the GPUs of this launch.
@@ -117,11 +117,13 @@ def add_parallel_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_spec(backend: str, zero_stage: int, world: int, args: argparse.Namespace, tp: int = 1, pp: int = 1,
                activation_checkpointing: str | None = None, pp_schedule: str | None = None,
-               float8: str | None = None, cp: int = 1, activation_offload: bool = False):
+               float8: str | None = None, cp: int = 1, activation_offload: bool = False, loss_chunks: int = 0):
     written = load_yaml(args.model)
     parallel = spec_parallel(written, args, backend=backend, zero_stage=zero_stage, tp=tp, pp=pp, cp=cp)
     if activation_offload:
         parallel["activation_offload"] = True
+    if loss_chunks:
+        parallel["loss_chunks"] = loss_chunks
     if activation_checkpointing and activation_checkpointing.startswith("every"):
         parallel["activation_checkpointing"] = "every_n"
         parallel["activation_checkpointing_every"] = int(activation_checkpointing.removeprefix("every"))
@@ -223,7 +225,7 @@ def build_runner(name: str, args: argparse.Namespace, env: RankEnv, device: torc
     spec = build_spec(run["backend"], int(run["stage"]), world, args, tp=int(run["tp"] or 1),
                       pp=int(run["pp"] or 1), cp=int(run["cp"] or 1), activation_checkpointing=run["ac"],
                       pp_schedule=SCHEDULES.get(run["schedule"] or ""), float8=run["fp8"],
-                      activation_offload=bool(run["offload"]))
+                      activation_offload=bool(run["offload"]), loss_chunks=int(run["chunks"] or 0))
     if run["untuned"]:
         import parallel.deepspeed_engine as ds_engine
 

@@ -41,7 +41,10 @@ def chunked_loss(head: Callable[[torch.Tensor], torch.Tensor], loss_fn: Loss, h:
     for part, target in zip(h.split(per_slice, dim=1), target_slices, strict=True):
         target = target.reshape(rows, sequence_shards * per_slice)
         if recompute:
-            losses.append(checkpoint(_slice_loss, head, loss_fn, part, target, use_reentrant=False))
+            # Recomputed to the end: stopping early raises out of a compiled loss's autograd.Function, which
+            # torch 2.11 turns into a SystemError (pytorch/pytorch#179536).
+            losses.append(checkpoint(_slice_loss, head, loss_fn, part, target, use_reentrant=False,
+                                     early_stop=False))
         else:
             losses.append(_slice_loss(head, loss_fn, part, target))
     return torch.stack(losses).mean()

@@ -147,3 +147,16 @@ def test_a_long_sequence_that_fits_only_with_its_block_inputs_offloaded_is_told_
                                                           "parallel.activation_checkpointing=full"])
     plan = choose_layout(offloaded, gpus=1, gpu_mem_bytes=56 * GiB)
     assert (plan.parallel.activation_checkpointing, plan.parallel.activation_offload) == ("full", True)
+
+
+def test_a_long_sequence_that_misses_by_its_logits_is_told_of_loss_slices(repo_root):
+    spec = parse_spec(load_yaml(repo_root / "examples" / "llama-1b.yaml"),
+                      overrides=["data.seq_len=131072", "model.max_positions=131072", "parallel.micro_batch_size=1",
+                                 "parallel.grad_accum=1", "resources.num_nodes=1", "resources.gpus_per_node=1",
+                                 "parallel.backend=native", "parallel.activation_checkpointing=full",
+                                 "parallel.activation_offload=true"])
+    with pytest.raises(NoLayoutError) as info:
+        choose_layout(spec, gpus=1, gpu_mem_bytes=40 * GiB)
+    assert "parallel.loss_chunks=8 (the logits a slice of the row at a time)" in str(info.value)
+    sliced = parse_spec(spec_to_dict(spec), overrides=["parallel.loss_chunks=8"])
+    assert choose_layout(sliced, gpus=1, gpu_mem_bytes=40 * GiB).parallel.loss_chunks == 8

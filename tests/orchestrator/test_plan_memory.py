@@ -15,6 +15,7 @@ from memory_probe import SPEC
 
 from orchestrator.planner.counting import stage_params
 from orchestrator.planner.memory import (
+    LOGIT_BYTES,
     activation_bytes,
     activation_bytes_per_token,
     attention_bytes_per_token,
@@ -221,3 +222,15 @@ def test_model_states_match_a_real_deepspeed_engine(zero, tmp_path):
     memory = estimate_memory(spec)
     kept = memory.weights + memory.gradients + memory.optimizer + (memory.overhead if zero == 3 else 0)
     assert live == pytest.approx(kept, rel=0.05)
+
+
+def test_loss_slices_keep_one_slices_logits(billion):
+    """At a long sequence the logits are the larger part of the peak: slices take most of them off it, down to where
+    one block's recomputation is the larger part instead."""
+    long = dataclasses.replace(billion, data=dataclasses.replace(billion.data, seq_len=32768))
+    full = with_parallel(long, backend="native", activation_checkpointing="full", micro_batch_size=1)
+    tokens = long.data.seq_len
+    whole_logits = tokens * long.model.vocab_size * LOGIT_BYTES
+    kept = {n: estimate_memory(long, dataclasses.replace(full, loss_chunks=n)).activations for n in (1, 8, 64)}
+    assert 3 / 4 * whole_logits <= kept[1] - kept[8] <= whole_logits + tokens * long.model.dim * (4 + 2)
+    assert kept[64] <= kept[8]

@@ -13,6 +13,7 @@ launch.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -112,7 +113,9 @@ def main(out: str, args: list[str],
             try:
                 results[name] = run(env, device, case) if isinstance(case, list) else run(env, device, **case)
             except Exception:  # noqa: BLE001 - written for the tests, then the launch ends: torchrun stops the peers
-                Path(f"{out}.error").write_text(f"case {name!r} failed on rank {env.rank}:\n{traceback.format_exc()}")
+                # The first rank's failure is the cause; the peers' that follow are lost connections.
+                with contextlib.suppress(FileExistsError), open(f"{out}.error", "x") as failed:
+                    failed.write(f"case {name!r} failed on rank {env.rank}:\n{traceback.format_exc()}")
                 os._exit(1)
             gc.collect()
     else:

@@ -88,6 +88,14 @@ def test_offload_run_name_offloads_under_full_checkpointing() -> None:
     assert not gpu_backends.parse_run("native-zero1-acfull")["offload"]
 
 
+def test_loss_run_name_sets_the_loss_slices() -> None:
+    run = gpu_backends.parse_run("native-zero1-acfull-offload-loss8")
+    spec = gpu_backends.build_spec("native", 1, 1, _args(), activation_checkpointing=run["ac"],
+                                   activation_offload=bool(run["offload"]), loss_chunks=int(run["chunks"]))
+    assert (spec.parallel.loss_chunks, spec.parallel.activation_offload) == (8, True)
+    assert gpu_backends.build_spec("native", 1, 1, _args()).parallel.loss_chunks == 1  # the spec's
+
+
 @pytest.mark.parametrize("name", ["native-zero1-pp", "native-zero1-pp2-gpipe", "native-zero1-ac-pp2"])
 def test_bad_run_name_names_the_allowed_form(name: str) -> None:
     with pytest.raises(SystemExit, match=r"is not plain or .*-pp<n>\[-1f1b\|-interleaved\|-zerobubble\]"):
