@@ -42,9 +42,9 @@ def chunked_loss(head: Callable[[torch.Tensor], torch.Tensor], loss_fn: Loss, h:
         target = target.reshape(rows, sequence_shards * per_slice)
         if recompute:
             # Recomputed to the end: stopping early raises out of a compiled loss's autograd.Function, which
-            # torch 2.11 turns into a SystemError (pytorch/pytorch#179536).
+            # torch 2.11 turns into a SystemError (pytorch/pytorch#179536). The head draws no random numbers.
             losses.append(checkpoint(_slice_loss, head, loss_fn, part, target, use_reentrant=False,
-                                     early_stop=False))
+                                     early_stop=False, preserve_rng_state=False))
         else:
             losses.append(_slice_loss(head, loss_fn, part, target))
     return torch.stack(losses).mean()
