@@ -315,11 +315,8 @@ def activation_bytes(model: ModelConfig, seq_len: int, p: ParallelConfig, stage:
     tokens = p.micro_batch_size * seq_len
     layers = model.n_layers // p.pp
     in_flight = min(p.pp - stage, p.grad_accum)
-    if block_bytes_per_token is None:
-        block_bytes_per_token = activation_bytes_per_token(model, width, p.tp, p.sequence_parallel)
-    full_layer = tokens * (block_bytes_per_token + attention_bytes_per_token(model, seq_len, width, p.tp))
+    full_layer, block_input = _block_bytes(model, seq_len, p, width, block_bytes_per_token, residual_width)
     residual = tokens * model.dim / (p.tp if p.sequence_parallel else 1)
-    block_input = residual * (residual_width or width)
     recomputing = full_layer  # one block recomputed at a time
     if p.activation_checkpointing == "full":
         resident = min(layers, OFFLOADED_RESIDENT_INPUTS) if p.activation_offload else layers
@@ -339,6 +336,28 @@ def activation_bytes(model: ModelConfig, seq_len: int, p: ParallelConfig, stage:
     final_norm = residual * ((residual_width or width) + (4 + width) / p.loss_chunks)
     logits = tokens * model.vocab_size / p.tp * logit_bytes / p.loss_chunks
     return int(kept + final_norm + max(recomputing, logits))
+
+
+def backward_end_bytes(model: ModelConfig, seq_len: int, p: ParallelConfig, width: int,
+                       block_bytes_per_token: float | None = None, residual_width: int | None = None) -> int:
+    """Activations alive as the backward reaches the first blocks, beside gradients made for nearly every parameter:
+    one block's activations (recomputed, or kept) with the gradients of its MLP's intermediates, and the block
+    inputs still on the GPU (three brought back under activation offload, else the block's own)."""
+    full_layer, block_input = _block_bytes(model, seq_len, p, width, block_bytes_per_token, residual_width)
+    tokens = p.micro_batch_size * seq_len
+    inputs = min(model.n_layers // p.pp, OFFLOADED_RESIDENT_INPUTS) if p.activation_offload else 1
+    return int(full_layer + tokens * mlp_saved_bytes(model, width, p.tp, 3.0, routing=False) + inputs * block_input)
+
+
+def _block_bytes(model: ModelConfig, seq_len: int, p: ParallelConfig, width: int,
+                 block_bytes_per_token: float | None, residual_width: int | None) -> tuple[float, float]:
+    """A block's activations without recomputation, and its input, for one micro-batch (see `activation_bytes`)."""
+    tokens = p.micro_batch_size * seq_len
+    if block_bytes_per_token is None:
+        block_bytes_per_token = activation_bytes_per_token(model, width, p.tp, p.sequence_parallel)
+    full_layer = tokens * (block_bytes_per_token + attention_bytes_per_token(model, seq_len, width, p.tp))
+    residual = tokens * model.dim / (p.tp if p.sequence_parallel else 1)
+    return full_layer, residual * (residual_width or width)
 
 
 def _buffer_bytes(model: ModelConfig, p: ParallelConfig, buffers: EngineBuffers, width: int, zero: int) -> int:
