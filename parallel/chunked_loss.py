@@ -5,8 +5,8 @@ At long contexts the logits are the largest thing a step holds: [tokens, vocab] 
 the same size beside them in the backward (the 1B model at seq 128k on one GPU: 25 GiB of a 42 GiB peak under full
 checkpointing with activation offload). Each slice runs the final norm, the lm_head and the loss under
 checkpointing, so the forward keeps only the last block's output; the slice's backward recomputes its logits (one
-more lm_head forward, 2·dim·vocab FLOPs a token: a few percent of a step at seq 4k, under one at 128k) and lets
-them go before the next slice's.
+more lm_head forward, 2·dim·vocab FLOPs a token: 1B on an H200 ran 3.8% slower at seq 4k, 0.7% at 128k) and
+lets them go before the next slice's.
 
 Under sequence parallelism each tp rank holds its own part of the row, and the lm_head all-gathers its input over
 tp: slice i of every rank's part makes one global slice, whose targets are those parts' targets in rank order.
