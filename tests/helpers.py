@@ -71,7 +71,8 @@ def run_layout(procs: int, overrides: list[str], out: Path, tmp: Path, worker: P
     # within the suite's 600 s a test, which counts this launch: 12 four-rank cases took 321 s on a loaded 2-core CPU
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540)
     failed = Path(f"{out}.error")
-    assert not failed.exists(), failed.read_text()
+    # torchrun's own log names a rank that died without a Python error (a signal), which the file cannot.
+    assert not failed.exists(), failed.read_text() + "\n--- torchrun ---\n" + result.stderr[-3000:]
     assert result.returncode == 0 and out.exists(), result.stdout[-3000:] + result.stderr[-6000:]
     return torch.load(out, weights_only=False)
 
