@@ -225,7 +225,7 @@ class ParallelConfig:
         "memory between forward and backward, copied out and back on side streams behind the compute; for long "
         "sequences, where those inputs are a large part of the activations")
     loss_chunks: int = setting(
-        1, "native backend, no pp: run the final norm, the lm_head and the loss over this many equal slices of each "
+        1, "native backend: run the final norm, the lm_head and the loss over this many equal slices of each "
         "row, each recomputed in the backward, so that one slice's logits are alive at a time instead of all of "
         "them (at long contexts the largest thing a step holds); it divides a rank's part of a row, data.seq_len / "
         "cp (/ tp under sequence_parallel)", min=1, max=4096)

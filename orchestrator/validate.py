@@ -237,20 +237,17 @@ def _offload_what_full_checkpointing_keeps(spec: JobSpec, _: Any) -> list[Proble
     return out
 
 
-@rule("parallel.loss_chunks", "parallel.backend", "parallel.pp", "parallel.cp", "parallel.tp",
-      "parallel.sequence_parallel", "data.seq_len")
+@rule("parallel.loss_chunks", "parallel.backend", "parallel.cp", "parallel.tp", "parallel.sequence_parallel",
+      "data.seq_len")
 def _loss_chunks_split_a_row(spec: JobSpec, _: Any) -> list[Problem]:
     """The slices are equal parts of what a rank holds of a row, so that the mean of their losses is the row's and
-    one compiled loss serves them all; a pipeline's last stage hands its logits to the schedule's loss instead."""
+    one compiled loss serves them all."""
     p = spec.parallel
     if p.loss_chunks == 1:
         return []
     out = []
     if p.backend != "native":
         out.append(Problem("parallel.loss_chunks", "needs parallel.backend=native"))
-    if p.pp > 1:
-        out.append(Problem("parallel.loss_chunks", f"is not supported with parallel.pp={p.pp}; set pp=1 or "
-                           "loss_chunks=1"))
     shards = p.cp * (p.tp if p.sequence_parallel else 1)
     if spec.data.seq_len % (shards * p.loss_chunks):
         held = "data.seq_len / cp" + (" / tp" if p.sequence_parallel and p.tp > 1 else "")

@@ -19,6 +19,7 @@ by a background thread) under names that do not depend on the layout, so a check
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -115,8 +116,16 @@ class NativeEngine:
         if self.pipelined:
             from parallel.native_pipeline import build_schedule
 
+            schedule_loss = self.loss_fn
+            if p.loss_chunks > 1:  # the last stage computes the loss of its slices in its forward
+                for stage in self.stages:
+                    if stage.head is not None:
+                        stage.slice_loss = functools.partial(chunked_loss, stage.head, self.loss_fn,
+                                                             chunks=p.loss_chunks, sequence_shards=self._shards)
+                schedule_loss = _passed_through
             self.schedule, self.first_stage, self.last_stage = build_schedule(
-                self.stages, dims.pp_rank, dims.pp, p.pp_schedule, p.grad_accum, self.loss_fn, device, dims.group("pp"))
+                self.stages, dims.pp_rank, dims.pp, p.pp_schedule, p.grad_accum, schedule_loss, device,
+                dims.group("pp"))
         # MoE: the balancing loss is averaged over micro-batches as the loss is (the pipeline schedule scales
         # gradients after the backward instead) and counts whole rows under cp, and the step's routing counts are
         # summed over the ranks that saw the other tokens of the step (dp × cp) for the aux-free bias.
@@ -206,9 +215,13 @@ class NativeEngine:
         chunks = self.spec.parallel.loss_chunks
         if chunks == 1:
             return self.loss_fn(self.model(inputs, documents=documents), targets)
-        shards = self.dims.tp if self.spec.parallel.sequence_parallel else 1
         return chunked_loss(self.model.head, self.loss_fn, self.model(inputs, documents=documents, head=False),
-                            targets, chunks, shards)
+                            targets, chunks, self._shards)
+
+    @property
+    def _shards(self) -> int:
+        """The parts of a row the lm_head gathers over tp: tp under sequence parallelism, else 1."""
+        return self.dims.tp if self.spec.parallel.sequence_parallel else 1
 
     @torch.no_grad()
     def forward_logits(self, tokens: torch.Tensor, caches: list | None = None) -> torch.Tensor:
@@ -233,6 +246,8 @@ class NativeEngine:
         args = (torch.cat([x for x, _ in pairs]),) if self.first_stage else ()
         losses: list[torch.Tensor] = []
         kwargs = {"target": torch.cat([y for _, y in pairs]), "losses": losses} if self.last_stage else {}
+        if self.last_stage and self.spec.parallel.loss_chunks > 1:
+            kwargs["targets"] = kwargs["target"]  # to the last stage's forward, which slices the loss itself
         if documents[0] is not None:
             kwargs["documents"] = torch.cat(documents)
         with self._autocast():
@@ -350,3 +365,8 @@ class NativeEngine:
         self.optimizer.state.clear()
         if step is not None:
             set_schedule_step(self.scheduler, step)
+
+
+def _passed_through(loss: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The schedule's loss when the last stage's forward has computed it, [1] (`parallel.loss_chunks`)."""
+    return loss.squeeze(0)

@@ -46,7 +46,9 @@ class StageModule(nn.Module):
     The forward takes tokens (first stage) or hidden states, and the rows' document ids on every stage (a keyword
     input of the schedule, `parallel.documents`), and returns hidden states or logits (last stage). The
     first stage runs the model's own `embed` and the last its `head` (bound methods over the same parts), so a
-    family's embedding scale and logit soft-cap are applied exactly as in one process.
+    family's embedding scale and logit soft-cap are applied exactly as in one process. Under `parallel.loss_chunks`
+    the last stage also takes the targets and returns the loss of its slices (`slice_loss`, shape [1]), computed
+    inside its forward, where FSDP has its parameters gathered; the schedule's loss then passes it through.
     """
 
     def __init__(self, model: Transformer, layer_ids: list[int], first: bool, last: bool):
@@ -58,14 +60,20 @@ class StageModule(nn.Module):
         self.embed = model.embed if first else None
         self.head = model.head if last else None
         self.documents = model.documents
+        self.slice_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # (h, targets) → loss
 
-    def forward(self, h: torch.Tensor, documents: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, documents: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
         if self.embed is not None:
             h = self.embed(h)
         docs = self.documents(documents)
         for layer in self.layers.values():
             h = layer(h, None, docs)
-        return self.head(h) if self.head is not None else h
+        if self.head is None:
+            return h
+        if self.slice_loss is None:
+            return self.head(h)
+        return self.slice_loss(h, targets).reshape(1)  # the schedule concatenates the micro-batches' outputs
 
 
 def prune_to_stages(model: Transformer, pp_rank: int, pp: int, schedule: str) -> list[StageModule]:

@@ -35,7 +35,7 @@ FOUR = {"cp4": [*RUN, "parallel.cp=4", "parallel.activation_checkpointing=select
         "dp2-cp2": [*RUN, "parallel.cp=2", "parallel.zero_stage=2"],
         "cp2-tp2": [*RUN, "parallel.cp=2", "parallel.tp=2", "parallel.sequence_parallel=true",
                     "parallel.loss_chunks=2"],
-        "cp2-pp2": [*RUN, "parallel.cp=2", "parallel.pp=2", "parallel.grad_accum=2"],
+        "cp2-pp2": [*RUN, "parallel.cp=2", "parallel.pp=2", "parallel.grad_accum=2", "parallel.loss_chunks=2"],
         "dp2-cp2-gemma": [*RUN, "parallel.cp=2", "parallel.zero_stage=3", "parallel.activation_checkpointing=full",
                           "parallel.loss_chunks=2", *GEMMA],
         "cp2-pp2-gemma-documents": [*RUN, "parallel.cp=2", "parallel.pp=2", "parallel.grad_accum=2", *GEMMA,
