@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 
 from orchestrator.errors import SpecError, UserError
-from orchestrator.planner.layout import Hardware, NoLayoutError, choose_layout, evaluate, with_layout
+from orchestrator.planner.counting import flops_per_token
+from orchestrator.planner.layout import Hardware, NoLayoutError, choose_layout, describe, evaluate, with_layout
 from orchestrator.planner.memory import GiB
 from orchestrator.validate import load_spec, load_yaml, parse_spec, spec_to_dict
 
@@ -159,4 +160,17 @@ def test_a_long_sequence_that_misses_by_its_logits_is_told_of_loss_slices(repo_r
         choose_layout(spec, gpus=1, gpu_mem_bytes=40 * GiB)
     assert "parallel.loss_chunks=8 (the logits a slice of the row at a time)" in str(info.value)
     sliced = parse_spec(spec_to_dict(spec), overrides=["parallel.loss_chunks=8"])
-    assert choose_layout(sliced, gpus=1, gpu_mem_bytes=40 * GiB).parallel.loss_chunks == 8
+    plan = choose_layout(sliced, gpus=1, gpu_mem_bytes=40 * GiB)
+    assert plan.parallel.loss_chunks == 8
+    assert "block inputs in host memory, loss in 8 slices" in describe(plan.parallel)
+
+
+def test_loss_slices_add_the_heads_forward_to_the_recomputation(repo_root):
+    spec = parse_spec(load_yaml(repo_root / "examples" / "llama-1b.yaml"),
+                      overrides=["data.seq_len=4096", "resources.num_nodes=1", "resources.gpus_per_node=1"])
+    sliced = parse_spec(spec_to_dict(spec), overrides=["parallel.loss_chunks=8"])
+    hw = Hardware(gpus=1, gpu_mem_bytes=141 * GiB)
+    whole, slices = evaluate(spec, hw).step, evaluate(sliced, hw).step
+    head = 2 * spec.model.dim * spec.model.vocab_size / flops_per_token(spec.model, 4096)
+    assert slices.compute == whole.compute
+    assert slices.recompute - whole.recompute == pytest.approx(whole.compute * head)
