@@ -209,8 +209,8 @@ class FeatureParallelRMSNorm(_Sharded):
 
 
 def _shard_log_sum_exp(logits: torch.Tensor) -> torch.Tensor:
-    """[rows]: log Σ exp over this shard's logits, in fp32; compiled, one pass over them (the fp32 copy exists only
-    inside the kernel)."""
+    """[rows]: log Σ exp over this shard's logits, in fp32. Compiled it is one pass over them, the fp32 copy existing
+    only inside the kernel; eager makes the copy."""
     return torch.logsumexp(logits.float(), dim=-1)
 
 
