@@ -41,6 +41,9 @@ class RopeScalingConfig:
     attention_factor: float = setting(0.0, "yarn: scale of cos/sin; 0: 0.1·ln(factor) + 1", min=0.0, max=100.0)
 
 
+# The checkpointing modes under which a block keeps one tensor of the residual stream, its input, which
+# `parallel.activation_offload` moves to host memory.
+OFFLOADED_MODES = ("full", "selective")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -221,9 +224,9 @@ class ParallelConfig:
         2, "with activation_checkpointing=every_n: checkpoint the n-th, 2n-th, … block (layers n-1, 2n-1, … from 0, "
         "as torchtitan's selective_ac_option: n); 1 is the same as full", min=1, max=1024)
     activation_offload: bool = setting(
-        False, "with activation_checkpointing=full (native backend, no pp): keep the blocks' inputs in pinned host "
-        "memory between forward and backward, copied out and back on side streams behind the compute; for long "
-        "sequences, where those inputs are a large part of the activations")
+        False, "with activation_checkpointing=full or selective (native backend, no pp): keep the blocks' inputs in "
+        "pinned host memory between forward and backward, copied out and back on side streams behind the compute; "
+        "for long sequences or large micro-batches, where those inputs are a large part of the activations")
     loss_chunks: int = setting(
         1, "native backend: run the final norm, the lm_head and the loss over this many equal slices of each "
         "row, each recomputed in the backward, so that one slice's logits are alive at a time instead of all of "

@@ -20,7 +20,7 @@ from orchestrator import config_parser
 from orchestrator.config_parser import WRITTEN_FILE_BOUNDS, leaf_fields, loads_json, parse_config
 from orchestrator.errors import Problem, SpecError
 from orchestrator.presets import apply_preset
-from orchestrator.spec import LORA_TARGETS, TRACKERS_INSTALL, JobSpec, ModelConfig, parse_windows
+from orchestrator.spec import LORA_TARGETS, OFFLOADED_MODES, TRACKERS_INSTALL, JobSpec, ModelConfig, parse_windows
 
 # Padding independent of tp, so a run resumed under another tensor-parallel size keeps the same vocabulary.
 VOCAB_PAD = 1024
@@ -218,17 +218,19 @@ def _checkpointing_every_picks_a_block(spec: JobSpec, _: Any) -> list[Problem]:
 
 
 @rule("parallel.activation_offload", "parallel.activation_checkpointing", "parallel.backend", "parallel.pp")
-def _offload_what_full_checkpointing_keeps(spec: JobSpec, _: Any) -> list[Problem]:
-    """Offload moves the blocks' inputs, which are all that full checkpointing keeps of them; under other modes the
-    blocks keep much else, and a pipeline schedule interleaves micro-batches' backwards out of the forwards' order."""
+def _offload_what_checkpointing_keeps(spec: JobSpec, _: Any) -> list[Problem]:
+    """Offload moves the blocks' inputs, one tensor a block: all that full checkpointing keeps of a block, and under
+    selective the one beside its matmul outputs. Without checkpointing a block keeps several tensors of that shape,
+    more than PCIe carries in a block's forward, and every_n has such blocks; a pipeline schedule interleaves
+    micro-batches' backwards out of the forwards' order."""
     p = spec.parallel
     if not p.activation_offload:
         return []
     out = []
-    if p.activation_checkpointing != "full":
-        out.append(Problem("parallel.activation_offload", "moves the blocks' inputs, all that full checkpointing keeps "
-                           f"of them; set activation_checkpointing=full (it is {p.activation_checkpointing}) or "
-                           "activation_offload=false"))
+    if p.activation_checkpointing not in OFFLOADED_MODES:
+        out.append(Problem("parallel.activation_offload", "moves the blocks' inputs, which full and selective "
+                           "checkpointing keep alone of the residual stream; set activation_checkpointing=full or "
+                           f"selective (it is {p.activation_checkpointing}) or activation_offload=false"))
     if p.backend != "native":
         out.append(Problem("parallel.activation_offload", "needs parallel.backend=native"))
     if p.pp > 1:

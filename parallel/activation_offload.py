@@ -2,17 +2,18 @@
 
 Under full checkpointing each block keeps only its input for backward, and at long contexts those inputs are most
 of what a step holds beside the logits (the 1B model at seq 128k on one GPU: 20 GiB of fp32 block inputs in a 60 GiB
-peak). Offload copies each to pinned host memory as the forward goes on, lets the GPU copy go when the next block's
-input is saved, and brings it back a few blocks ahead of the backward that reads it; the last blocks' inputs, which
-the backward reads first, stay where they are. Both copies run on their own CUDA streams, so they overlap the
-blocks' compute: at 128k a block input of 1 GiB crosses PCIe in tens of milliseconds, a block's backward takes
-hundreds.
+peak); under selective checkpointing they sit beside the kept matmul outputs. Offload copies each to pinned host
+memory as the forward goes on, lets the GPU copy go when the next block's input is saved, and brings it back a few
+blocks ahead of the backward that reads it; the last blocks' inputs, which the backward reads first, stay where they
+are. Both copies run on their own CUDA streams, so they overlap the blocks' compute: at 128k a block input of 1 GiB
+crosses PCIe in tens of milliseconds, a block's backward takes hundreds.
 
 What moves is exactly the blocks' inputs: a tensor autograd saves while the blocks run (between the embedding's
 output and the final norm's input, marked by hooks on those two modules, neither of which is compiled) with the
-residual stream's shape. Full checkpointing saves nothing else of that shape there; parameters, RoPE tables and
-masks stay where they are. On CPU the copies are plain copies: nothing is gained, and the bookkeeping is the same
-(the CPU tests hold a run with offload to one without).
+residual stream's shape. Full and selective checkpointing save nothing else of that shape there (selective keeps
+the matmuls' outputs, of other widths; under tensor parallelism also the reductions' outputs, which then move too);
+parameters, RoPE tables and masks stay where they are. On CPU the copies are plain copies: nothing is gained, and the
+bookkeeping is the same (the CPU tests hold a run with offload to one without).
 """
 
 from __future__ import annotations

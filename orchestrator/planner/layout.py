@@ -48,7 +48,7 @@ from orchestrator.planner.counting import (
     stage_params,
 )
 from orchestrator.planner.memory import GiB, MemoryBreakdown, checkpointed_layers, estimate_memory
-from orchestrator.spec import JobSpec, ParallelConfig
+from orchestrator.spec import OFFLOADED_MODES, JobSpec, ParallelConfig
 from orchestrator.validate import cross_field_problems
 
 HALF_EFFICIENCY_TOKENS = 256  # tokens per micro-batch at which matmuls reach half their large-batch efficiency
@@ -200,7 +200,7 @@ def enumerate_layouts(spec: JobSpec, hw: Hardware, global_batch: int, context_pa
     """Every dp × pp × tp (× ep) × ZeRO (1-3) × micro-batch × checkpointing combination that keeps the global
     batch; with `context_parallel`, those with cp > 1 (cp × tp inside a node), else cp = 1."""
     base = spec.parallel
-    modes = ("full",) if base.activation_offload else CHECKPOINTING  # offload moves what full checkpointing keeps
+    modes = OFFLOADED_MODES if base.activation_offload else CHECKPOINTING
     for tp in _divisors(hw.node_size):
         for cp in _divisors(hw.node_size // tp) if context_parallel else [1]:
             if (cp > 1) != context_parallel:
@@ -358,10 +358,10 @@ def _what_would_fit(spec: JobSpec, hw: Hardware, global_batch: int, smallest: Ca
             options.append(f"{bigger.gpus} GPUs of {_gib(hw.gpu_mem_bytes)} (global batch scaled to "
                            f"{global_batch * factor})")
             break
-    # Activation offload passes the rules only with full checkpointing and no pp, which is what its option says.
+    # Activation offload passes the rules only with full or selective checkpointing and no pp, as its option says.
     for setting, value, option in (("offload_optimizer", True, "(optimizer states in host memory)"),
-                                   ("activation_offload", True, "with activation_checkpointing=full (the blocks' "
-                                                                "inputs in host memory)"),
+                                   ("activation_offload", True, "with activation_checkpointing=full or selective "
+                                                                "(the blocks' inputs in host memory)"),
                                    ("loss_chunks", SUGGESTED_LOSS_CHUNKS, "(the logits a slice of the row at a time)")):
         if getattr(spec.parallel, setting) == value:
             continue

@@ -318,12 +318,13 @@ def activation_bytes(model: ModelConfig, seq_len: int, p: ParallelConfig, stage:
     full_layer, block_input = _block_bytes(model, seq_len, p, width, block_bytes_per_token, residual_width)
     residual = tokens * model.dim / (p.tp if p.sequence_parallel else 1)
     recomputing = full_layer  # one block recomputed at a time
+    inputs = layers * in_flight * block_input
+    if p.activation_offload:
+        inputs = min(layers, OFFLOADED_RESIDENT_INPUTS) * in_flight * block_input
     if p.activation_checkpointing == "full":
-        resident = min(layers, OFFLOADED_RESIDENT_INPUTS) if p.activation_offload else layers
-        kept = resident * in_flight * block_input
+        kept = inputs
     elif p.activation_checkpointing == "selective":
-        kept_per_block = block_input + tokens * selective_bytes_per_token(model, width, p.tp, p.sequence_parallel)
-        kept = layers * in_flight * kept_per_block
+        kept = inputs + layers * in_flight * tokens * selective_bytes_per_token(model, width, p.tp, p.sequence_parallel)
     elif p.activation_checkpointing == "every_n":
         recomputed = checkpointed_layers(p, stage * layers, layers)
         kept = (recomputed * block_input + (layers - recomputed) * full_layer) * in_flight

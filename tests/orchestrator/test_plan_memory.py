@@ -120,10 +120,11 @@ def test_checkpointing_keeps_block_inputs_only(billion):
     assert recomputed > block_inputs
 
 
-def test_activation_offload_leaves_three_block_inputs_on_the_gpu(billion):
-    full = with_parallel(billion, backend="native", activation_checkpointing="full")
-    offloaded = dataclasses.replace(full, activation_offload=True)
-    moved = estimate_memory(billion, full).activations - estimate_memory(billion, offloaded).activations
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_offload_leaves_three_block_inputs_on_the_gpu(billion, mode: str):
+    kept = with_parallel(billion, backend="native", activation_checkpointing=mode)
+    offloaded = dataclasses.replace(kept, activation_offload=True)
+    moved = estimate_memory(billion, kept).activations - estimate_memory(billion, offloaded).activations
     block_input = 2 * 2048 * 2048 * 2  # micro-batch 2 × seq × dim, bf16 under FSDP over 8 ranks
     assert moved == (16 - 3) * block_input
 

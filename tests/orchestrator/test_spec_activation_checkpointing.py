@@ -81,16 +81,18 @@ def test_every_n_past_one_pipeline_stage_is_allowed() -> None:
     assert spec.parallel.activation_checkpointing_every == 3
 
 
-def test_activation_offload_is_accepted_with_full_checkpointing_on_the_native_backend() -> None:
-    spec = parse_spec({}, overrides=["parallel.activation_offload=true", "parallel.activation_checkpointing=full",
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_offload_is_accepted_with_full_or_selective_checkpointing_on_the_native_backend(mode: str) -> None:
+    spec = parse_spec({}, overrides=["parallel.activation_offload=true", f"parallel.activation_checkpointing={mode}",
                                      "parallel.backend=native"])
-    assert spec.parallel.activation_offload
+    assert (spec.parallel.activation_offload, spec.parallel.activation_checkpointing) == (True, mode)
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (["parallel.activation_checkpointing=selective"],
-     r"parallel\.activation_offload: moves the blocks' inputs, all that full checkpointing keeps of them; set "
-     r"activation_checkpointing=full \(it is selective\)"),
+    *[([f"parallel.activation_checkpointing={mode}"],
+       r"parallel\.activation_offload: moves the blocks' inputs, which full and selective checkpointing keep alone "
+       rf"of the residual stream; set activation_checkpointing=full or selective \(it is {mode}\)")
+      for mode in ("none", "every_n")],
     (["parallel.activation_checkpointing=full", "parallel.backend=deepspeed"],
      r"parallel\.activation_offload: needs parallel\.backend=native"),
     (["parallel.activation_checkpointing=full", "parallel.pp=2", "parallel.grad_accum=2", "resources.gpus_per_node=2"],

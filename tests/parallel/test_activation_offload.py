@@ -1,8 +1,9 @@
-"""Activation offload moves exactly the blocks' inputs out of the forward and back into the backward, and the
-gradients are those without it, eager and compiled. One process: on CPU, where the copies are plain copies, bit for
-bit; where there is a GPU, also on it, through pinned memory and the side streams, compiled by inductor, to within
-the nondeterminism of CUDA's atomic adds (`parallel.activation_offload`). The engine runs it under dp2 in
-test_native_engine, and the validator's refusals are in tests/orchestrator/test_spec_activation_checkpointing.py."""
+"""Activation offload moves exactly the blocks' inputs out of the forward and back into the backward, under full
+and selective checkpointing, and the gradients are those without it, eager and compiled. One process: on CPU, where
+the copies are plain copies, bit for bit; where there is a GPU, also on it, through pinned memory and the side
+streams, compiled by inductor, to within the nondeterminism of CUDA's atomic adds (`parallel.activation_offload`). The
+engine runs it under dp2 in test_native_engine, and the validator's refusals are in
+tests/orchestrator/test_spec_activation_checkpointing.py."""
 
 from __future__ import annotations
 
@@ -23,13 +24,13 @@ CONFIG = ModelConfig(vocab_size=96, dim=64, n_layers=3, n_heads=4, n_kv_heads=2,
 MICRO_BATCHES, ROWS, SEQ = 2, 2, 24
 
 
-def train(compiled: bool, offload: bool, device: str = "cpu") -> tuple[dict[str, torch.Tensor],
-                                                                        ActivationOffload | None]:
-    """Gradients of two micro-batches under full checkpointing, and the offload that ran (None: without)."""
+def train(compiled: bool, offload: bool, device: str = "cpu", mode: str = "full") -> tuple[
+        dict[str, torch.Tensor], ActivationOffload | None]:
+    """Gradients of two micro-batches under checkpointing `mode`, and the offload that ran (None: without)."""
     torch._dynamo.reset()
     model = build_model(CONFIG, device)
     model.init_weights(seed=5)
-    apply_activation_checkpointing(model.layers, "full")
+    apply_activation_checkpointing(model.layers, mode)
     if compiled:
         apply_compile(model.layers, backend="inductor" if device == "cuda"
                       else CompileCounterWithBackend("aot_eager_decomp_partition"))
@@ -54,9 +55,11 @@ def train(compiled: bool, offload: bool, device: str = "cpu") -> tuple[dict[str,
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device"))])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_offload_moves_each_block_input_out_and_back_and_trains_as_without_it(compiled: bool, device: str) -> None:
-    want, _ = train(compiled, offload=False, device=device)
-    got, moved = train(compiled, offload=True, device=device)
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_offload_moves_each_block_input_out_and_back_and_trains_as_without_it(mode: str, compiled: bool,
+                                                                              device: str) -> None:
+    want, _ = train(compiled, offload=False, device=device, mode=mode)
+    got, moved = train(compiled, offload=True, device=device, mode=mode)
     blocks = MICRO_BATCHES * CONFIG.n_layers
     kept = MICRO_BATCHES * LAG
     assert (moved.offloaded, moved.kept, moved.restored) == (blocks, kept, blocks - kept), \
