@@ -2,9 +2,8 @@
 
 A spec that names none of parallel.dp / cp / pp / tp leaves the split to us: on GPUs, the planner
 (`orchestrator.planner.layout.choose_layout`) picks dp × cp × pp × tp (cp only where nothing else fits), the ZeRO
-stage, the micro-batch and activation
-checkpointing for the devices' memory, keeping the global batch. On CPU ranks there is nothing to plan for: the
-validator's dp = ranks / (pp·tp) stays.
+stage, the micro-batch, activation checkpointing and loss slices for the devices' memory, keeping the global batch.
+On CPU ranks there is nothing to plan for: the validator's dp = ranks / (pp·tp) stays.
 """
 
 from __future__ import annotations
@@ -34,6 +33,6 @@ def apply_planner(spec: JobSpec, gpu_mem_bytes: int) -> tuple[JobSpec, list[str]
     raw = spec_to_dict(spec)
     chosen = plan.parallel
     for key in (*LAYOUT_KEYS, "zero_stage", "micro_batch_size", "grad_accum", "global_batch_size",
-                "sequence_parallel", "activation_checkpointing"):
+                "sequence_parallel", "activation_checkpointing", "loss_chunks"):
         raw["parallel"][key] = getattr(chosen, key)
     return parse_spec(raw, source=f"{spec.name} (planned layout)"), plan.explanation

@@ -1,4 +1,5 @@
-"""Choose a layout: dp × pp × tp (× ep), ZeRO stage, micro-batch and activation checkpointing for a number of GPUs.
+"""Choose a layout: dp × pp × tp (× ep), ZeRO stage, micro-batch, activation checkpointing and loss slices for a
+number of GPUs.
 
 Every combination is built as a spec and checked by the validator's own cross-field rules (so the planner never
 proposes what `pretrain validate` would refuse), then by the memory model; the survivors are ranked by an estimated
@@ -6,7 +7,8 @@ step time. The estimate is deliberately simple and says what it counts:
 
     compute      model FLOPs of the step over (GPUs × peak × MFU × matmul efficiency), the efficiency falling for
                  small micro-batches as m / (m + 256) tokens (a routed expert's matmuls over the copies it gets: a
-                 micro-batch's tokens × top_k × ep / num_experts); activation checkpointing adds a forward pass
+                 micro-batch's tokens × top_k × ep / num_experts); activation checkpointing adds a forward pass,
+                 loss slices (`parallel.loss_chunks`, native engine) the lm_head's forward
     pp bubble    1F1B idles (pp - 1) / micro-batches of the compute (Narayanan et al., 2021)
     tp traffic   4 all-reduces of a micro-batch's hidden states per block (6 with recomputation), inside a node
     cp traffic   (native engine, parallel.cp) each block all-gathers the keys and values of the whole sequence in
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 
 from orchestrator.errors import UserError
@@ -57,7 +60,9 @@ HALF_EFFICIENCY_TOKENS = 256  # tokens per micro-batch at which matmuls reach ha
 # element-wise ops. Measured on the Llama-3-8B shape (seq 4096, FSDP dp2, H200s): +17% and +8% step time.
 RECOMPUTE_SHARE = {"none": 0.0, "selective": 0.1, "full": 1 / 3}
 CHECKPOINTING = tuple(RECOMPUTE_SHARE)  # every_n is planned only when the spec asks for it, not searched
-SUGGESTED_LOSS_CHUNKS = 8  # the slices a spec that misses by its logits is told of: an eighth of them is left
+# The loss slices the planner weighs against none: an eighth of the logits left alive, for the head's forward run
+# again (2.3% of the 1B model's FLOPs at seq 4k).
+PLANNED_LOSS_CHUNKS = 8
 
 
 class NoLayoutError(UserError):
@@ -197,8 +202,8 @@ def plan_layouts(spec: JobSpec, hw: Hardware, global_batch: int) -> Plan:
 
 
 def enumerate_layouts(spec: JobSpec, hw: Hardware, global_batch: int, context_parallel: bool = False):
-    """Every dp × pp × tp (× ep) × ZeRO (1-3) × micro-batch × checkpointing combination that keeps the global
-    batch; with `context_parallel`, those with cp > 1 (cp × tp inside a node), else cp = 1."""
+    """Every dp × pp × tp (× ep) × ZeRO (1-3) × micro-batch × checkpointing × loss slices combination that keeps
+    the global batch; with `context_parallel`, those with cp > 1 (cp × tp inside a node), else cp = 1."""
     base = spec.parallel
     modes = OFFLOADED_MODES if base.activation_offload else CHECKPOINTING
     for tp in _divisors(hw.node_size):
@@ -214,12 +219,23 @@ def enumerate_layouts(spec: JobSpec, hw: Hardware, global_batch: int, context_pa
                 per_rank = global_batch // dp
                 for ep in expert_parallel_sizes(spec, dp * cp):
                     for micro in _divisors(per_rank):
-                        for zero in (1, 2, 3):  # ZeRO-0 moves the same bytes as ZeRO-1 and keeps more
-                            for checkpointing in modes:
-                                yield dataclasses.replace(
-                                    base, dp=dp, cp=cp, pp=pp, tp=tp, ep=ep, zero_stage=zero, micro_batch_size=micro,
-                                    grad_accum=per_rank // micro, global_batch_size=global_batch,
-                                    sequence_parallel=tp > 1, activation_checkpointing=checkpointing)
+                        for zero, checkpointing, chunks in itertools.product(
+                                (1, 2, 3),  # ZeRO-0 moves the same bytes as ZeRO-1 and keeps more
+                                modes, _loss_chunks(spec, cp * tp)):
+                            yield dataclasses.replace(
+                                base, dp=dp, cp=cp, pp=pp, tp=tp, ep=ep, zero_stage=zero, micro_batch_size=micro,
+                                grad_accum=per_rank // micro, global_batch_size=global_batch,
+                                sequence_parallel=tp > 1, activation_checkpointing=checkpointing,
+                                loss_chunks=chunks)
+
+
+def _loss_chunks(spec: JobSpec, shards: int) -> tuple[int, ...]:
+    """The spec's loss slices if it sets them, else none and, on the native engine where they divide a rank's part
+    of a row (seq_len / (cp · tp), sequence parallelism being planned with tp), PLANNED_LOSS_CHUNKS."""
+    p = spec.parallel
+    if p.loss_chunks > 1 or p.backend != "native" or spec.data.seq_len % (shards * PLANNED_LOSS_CHUNKS):
+        return (p.loss_chunks,)
+    return (1, PLANNED_LOSS_CHUNKS)
 
 
 def expert_parallel_sizes(spec: JobSpec, batch_ranks: int) -> list[int]:
@@ -361,8 +377,7 @@ def _what_would_fit(spec: JobSpec, hw: Hardware, global_batch: int, smallest: Ca
     # Activation offload passes the rules only with full or selective checkpointing and no pp, as its option says.
     for setting, value, option in (("offload_optimizer", True, "(optimizer states in host memory)"),
                                    ("activation_offload", True, "with activation_checkpointing=full or selective "
-                                                                "(the blocks' inputs in host memory)"),
-                                   ("loss_chunks", SUGGESTED_LOSS_CHUNKS, "(the logits a slice of the row at a time)")):
+                                                                "(the blocks' inputs in host memory)")):
         if getattr(spec.parallel, setting) == value:
             continue
         changed = dataclasses.replace(spec, parallel=dataclasses.replace(spec.parallel, **{setting: value}))

@@ -8,8 +8,16 @@ import pytest
 
 from orchestrator.errors import SpecError, UserError
 from orchestrator.planner.counting import flops_per_token
-from orchestrator.planner.layout import Hardware, NoLayoutError, choose_layout, describe, evaluate, with_layout
-from orchestrator.planner.memory import GiB
+from orchestrator.planner.layout import (
+    PLANNED_LOSS_CHUNKS,
+    Hardware,
+    NoLayoutError,
+    choose_layout,
+    describe,
+    evaluate,
+    with_layout,
+)
+from orchestrator.planner.memory import GiB, estimate_memory
 from orchestrator.validate import load_spec, load_yaml, parse_spec, spec_to_dict
 
 
@@ -142,27 +150,34 @@ def test_a_long_sequence_that_fits_only_with_its_block_inputs_offloaded_is_told_
                       overrides=["data.seq_len=131072", "model.max_positions=131072", "parallel.micro_batch_size=1",
                                  "parallel.grad_accum=1", "resources.num_nodes=1", "resources.gpus_per_node=1"])
     with pytest.raises(NoLayoutError) as info:
-        choose_layout(spec, gpus=1, gpu_mem_bytes=56 * GiB)
+        choose_layout(spec, gpus=1, gpu_mem_bytes=44 * GiB)
     assert "parallel.activation_offload=true with activation_checkpointing=full or selective" in str(info.value)
     offloaded = parse_spec(spec_to_dict(spec), overrides=["parallel.activation_offload=true",
                                                           "parallel.activation_checkpointing=full"])
-    plan = choose_layout(offloaded, gpus=1, gpu_mem_bytes=56 * GiB)
+    plan = choose_layout(offloaded, gpus=1, gpu_mem_bytes=44 * GiB)
     assert (plan.parallel.activation_checkpointing, plan.parallel.activation_offload) == ("full", True)
 
 
-def test_a_long_sequence_that_misses_by_its_logits_is_told_of_loss_slices(repo_root):
+def test_a_long_sequence_that_misses_by_its_logits_is_planned_with_loss_slices(repo_root):
     spec = parse_spec(load_yaml(repo_root / "examples" / "llama-1b.yaml"),
                       overrides=["data.seq_len=131072", "model.max_positions=131072", "parallel.micro_batch_size=1",
                                  "parallel.grad_accum=1", "resources.num_nodes=1", "resources.gpus_per_node=1",
                                  "parallel.backend=native", "parallel.activation_checkpointing=full",
                                  "parallel.activation_offload=true"])
-    with pytest.raises(NoLayoutError) as info:
-        choose_layout(spec, gpus=1, gpu_mem_bytes=40 * GiB)
-    assert "parallel.loss_chunks=8 (the logits a slice of the row at a time)" in str(info.value)
-    sliced = parse_spec(spec_to_dict(spec), overrides=["parallel.loss_chunks=8"])
-    plan = choose_layout(sliced, gpus=1, gpu_mem_bytes=40 * GiB)
-    assert plan.parallel.loss_chunks == 8
+    assert estimate_memory(spec).total > 40 * GiB  # the logits of the whole row do not fit beside the rest
+    plan = choose_layout(spec, gpus=1, gpu_mem_bytes=40 * GiB)
+    assert plan.parallel.loss_chunks == PLANNED_LOSS_CHUNKS
     assert "block inputs in host memory, loss in 8 slices" in describe(plan.parallel)
+
+
+def test_loss_slices_are_planned_only_where_they_make_a_faster_layout_fit(repo_root):
+    spec = parse_spec(load_yaml(repo_root / "examples" / "llama-1b.yaml"),
+                      overrides=["data.seq_len=4096", "resources.num_nodes=1", "resources.gpus_per_node=1"])
+    roomy = choose_layout(spec, gpus=1, gpu_mem_bytes=141 * GiB)
+    assert roomy.parallel.loss_chunks == 1, "slices cost the head's forward again: not taken where all fits"
+    assert any(c.parallel.loss_chunks == PLANNED_LOSS_CHUNKS for c in roomy.ranked), "weighed all the same"
+    deepspeed = parse_spec(spec_to_dict(spec), overrides=["parallel.backend=deepspeed"])
+    assert {c.parallel.loss_chunks for c in choose_layout(deepspeed, gpus=1, gpu_mem_bytes=141 * GiB).ranked} == {1}
 
 
 def test_loss_slices_add_the_heads_forward_to_the_recomputation(repo_root):
