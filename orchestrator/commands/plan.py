@@ -167,15 +167,17 @@ def print_table(plan, top: int) -> None:
           f"MFU {hw.mfu:.2f} of {hw.peak_flops / 1e12:.0f} TFLOP/s:")
     cp = any(c.parallel.cp > 1 for c in plan.ranked[:top])  # a column only where context parallelism is proposed
     ep = any(c.parallel.ep > 1 for c in plan.ranked[:top])  # ... and expert parallelism
+    sliced = any(c.parallel.loss_chunks > 1 for c in plan.ranked[:top])  # ... and loss slices
     header = ("#", "dp", *(("cp",) if cp else ()), *(("ep",) if ep else ()), "pp", "tp", "ZeRO", "micro", "accum",
-              "ckpt", "mem GiB", "step s", "tokens/s", "MFU")
+              "ckpt", *(("slices",) if sliced else ()), "mem GiB", "step s", "tokens/s", "MFU")
     rows = [header]
     for i, c in enumerate(plan.ranked[:top], 1):
         p = c.parallel
         rows.append((str(i), str(p.dp), *((str(p.cp),) if cp else ()), *((str(p.ep),) if ep else ()), str(p.pp),
                      str(p.tp), str(p.zero_stage),
                      str(p.micro_batch_size),
-                     str(p.grad_accum), p.activation_checkpointing, f"{c.memory.total / GiB:.1f}",
+                     str(p.grad_accum), p.activation_checkpointing,
+                     *((str(p.loss_chunks),) if sliced else ()), f"{c.memory.total / GiB:.1f}",
                      f"{c.step.total:.3g}", f"{c.tokens_per_second:,.0f}", f"{c.mfu(hw):.2f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for r in rows:

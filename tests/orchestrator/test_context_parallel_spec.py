@@ -118,3 +118,5 @@ def test_pretrain_plan_shows_cp_and_the_specs_cp_layout(repo_root, capsys) -> No
     table = out.split("fastest layouts for 8 GPUs × 12 GiB (8 per node)")[1].splitlines()
     assert table[1].split()[:5] == ["#", "dp", "cp", "pp", "tp"]
     assert int(table[2].split()[2]) > 1
+    slices = table[1].split().index("slices")  # a column only where some layout shown runs the loss in slices
+    assert table[2].split()[slices] == "8"
