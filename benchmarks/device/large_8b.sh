@@ -4,13 +4,14 @@
 #   selective  FSDP dp2 ZeRO-3 at micro-batch 2 × accumulation 4: ours without checkpointing, selective, and
 #              selective with the block inputs offloaded, then torchtitan's per-op selective on the same batch;
 #   tp2        tp2 with sequence parallelism (the compiled vocabulary-parallel loss) and FSDP dp2 with selective
-#              checkpointing, micro-batch 1 × accumulation 8, as the spec writes them.
+#              checkpointing, micro-batch 1 × accumulation 8, as the spec writes them;
+#   pp2        pp2 under 1F1B and interleaved 1F1B (two stages a rank), each with its measured bubble.
 # Run from the repository root on an nvidia-h200-x2 machine with `carry: [".whl", ".tt"]` (built here first by
 # benchmarks/device/prepare-wheels.sh and the torchtitan kit's prepare.sh, which fills .tt/):
 #   bash benchmarks/device/large_8b.sh selective
 # Each run's JSON lands in $OUT under the part's name; compare ratios only within one call.
 set -uo pipefail
-part=${1:?usage: large_8b.sh selective|tp2}
+part=${1:?usage: large_8b.sh selective|tp2|pp2}
 : "${OUT:?set OUT to the folder that comes back}"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD
@@ -36,8 +37,12 @@ tp2)
     ours 8b_tp2 --micro-batch-size 1 --grad-accum 8 --steps 3 --repeats 2 --warmup 2 \
         --runs native-zero1-tp2,native-zero3-acselective
     ;;
+pp2)
+    ours 8b_pp2 --micro-batch-size 1 --grad-accum 8 --steps 3 --repeats 2 --warmup 2 \
+        --runs native-zero1-pp2-1f1b,native-zero1-pp2-interleaved
+    ;;
 *)
-    echo "large_8b.sh: part must be selective or tp2, not '$part'" >&2
+    echo "large_8b.sh: part must be selective, tp2 or pp2, not '$part'" >&2
     exit 2
     ;;
 esac
