@@ -76,16 +76,30 @@ def _selective_contexts() -> tuple[Any, Any]:
     return create_selective_checkpoint_contexts(policy)
 
 
-def _checkpointed_forward(block: nn.Module, context_fn: Callable[[], tuple[Any, Any]] | None,
+def _recompute_collectives(ctx: Any, func: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    """Full checkpointing's policy: everything runs again, the collectives too. Under torch.compile the partitioner
+    otherwise keeps every collective's output (torch's `force_save_collectives`, so that ranks never disagree on
+    what they recompute) unless the region says to recompute it: context parallelism's gathered keys and values, a
+    sequence's worth per block, would stay from forward to backward, as they did (the 1B model at seq 128k under
+    cp2: 15 of a rank's 37 GiB). Every rank applies the same policy, so all of them gather again."""
+    if getattr(func, "namespace", None) == "_c10d_functional":
+        return CheckpointPolicy.MUST_RECOMPUTE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _full_contexts() -> tuple[Any, Any]:
+    return create_selective_checkpoint_contexts(_recompute_collectives)
+
+
+def _checkpointed_forward(block: nn.Module, context_fn: Callable[[], tuple[Any, Any]],
                           *args: Any, **kwargs: Any) -> Any:
     """`type(block).forward` under non-reentrant checkpointing.
 
     preserve_rng_state=False: the block draws no random numbers (no dropout), so stashing and restoring the RNG
     state of every device around each recomputation buys nothing.
     """
-    extra = {"context_fn": context_fn} if context_fn is not None else {}
     return checkpoint(type(block).forward, block, *args, use_reentrant=False, preserve_rng_state=False,
-                      **extra, **kwargs)
+                      context_fn=context_fn, **kwargs)
 
 
 def is_checkpointed(layer: int, every: int) -> bool:
@@ -109,7 +123,7 @@ def apply_activation_checkpointing(blocks: nn.ModuleList | list[nn.Module], mode
     # checkpointed region that mutates outer state (the whole block would fall back to eager) unless told that the
     # mutation need not be replayed when backward recomputes the region: a cache that is already full needs none.
     torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
-    context_fn = _selective_contexts if mode == "selective" else None
+    context_fn = _selective_contexts if mode == "selective" else _full_contexts
     for layer, block in enumerate(blocks):
         if mode != "every_n" or is_checkpointed(layer, every):
             block.forward = functools.partial(_checkpointed_forward, block, context_fn)

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
+from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from orchestrator.spec import ModelConfig
 from parallel.activation_checkpoint import MODES, apply_activation_checkpointing
 from parallel.compile import apply_compile
+from parallel.context_parallel import chunk_attention
 from parallel.model import build_model, cross_entropy
 
 CONFIG = ModelConfig(vocab_size=96, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, multiple_of=32)
@@ -136,3 +140,38 @@ def test_an_unknown_mode_is_refused_with_the_allowed_ones() -> None:
 def test_every_below_one_is_refused() -> None:
     with pytest.raises(ValueError, match="every 0 blocks; allowed: 1 or more"):
         apply_activation_checkpointing(build_model(CONFIG, "meta").layers, "every_n", 0)
+
+
+def gathers(graph: torch.fx.GraphModule) -> int:
+    return sum(node.target is torch.ops._c10d_functional.all_gather_into_tensor.default for node in graph.graph.nodes)
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_compiled_full_checkpointing_gathers_the_keys_and_values_again_in_backward(mode: str, tmp_path) -> None:
+    """Under compile the partitioner keeps every collective's output unless the checkpointed region says to
+    recompute it: context parallelism's gathered keys and values would stay from forward to backward, a whole
+    sequence's per block. Full checkpointing gathers them again (two per block, in backward); selective keeps
+    them, as it keeps attention's output. The backward graphs are AOTAutograd's, split by inductor's partitioner."""
+    backwards: list[torch.fx.GraphModule] = []
+
+    def keep_backward(graph: torch.fx.GraphModule, _: object) -> object:
+        backwards.append(graph)
+        return make_boxed_func(graph.forward)
+
+    backend = aot_autograd(fw_compiler=lambda graph, _: make_boxed_func(graph.forward), bw_compiler=keep_backward,
+                           partition_fn=min_cut_rematerialization_partition)
+    rows = tokens()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        torch._dynamo.reset()
+        model = build_model(CONFIG, "cpu")
+        model.init_weights(seed=5)
+        chunk_attention(model, list(model.layers), 1, 0, dist.group.WORLD, rows.shape[1] - 1)
+        apply_activation_checkpointing(model.layers, mode)
+        apply_compile(model.layers, backend=backend)
+        cross_entropy(model(rows[:, :-1]), rows[:, 1:]).backward()
+    finally:
+        dist.destroy_process_group()
+        torch._dynamo.reset()
+    assert backwards, "no block was compiled"
+    assert [gathers(graph) for graph in backwards] == [2 if mode == "full" else 0] * len(backwards)
