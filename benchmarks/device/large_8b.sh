@@ -17,18 +17,9 @@
 # Each run's JSON lands in $OUT under the part's name; compare ratios only within one call.
 set -uo pipefail
 part=${1:?usage: large_8b.sh selective|tp2|pp2|dp2-tp2|dp2-pp2|dp2-pp2-tp2}
-: "${OUT:?set OUT to the folder that comes back}"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD
-
-# ours NAME GPUS ARGS...: one gpu_backends.py launch, its JSON kept as gpu_backends_NAME.json
-ours() {
-    local name=$1 gpus=$2
-    shift 2
-    timeout "${OURS_TIMEOUT:-360}" torchrun --nproc_per_node "$gpus" benchmarks/gpu_backends.py \
-        --model examples/llama-8b.yaml --seq-len 4096 "$@"
-    mv "$OUT/gpu_backends_${gpus}gpu.json" "$OUT/gpu_backends_$name.json" 2>/dev/null || echo "$name: no result"
-}
+OURS_TIMEOUT=${OURS_TIMEOUT:-360}
+source "$(dirname "$0")/common.sh"
+shape=(--model examples/llama-8b.yaml --seq-len 4096)
 
 # torchtitan TAG GPUS FLAGS...: its run of the same shape with the spec's per-op selective checkpointing
 torchtitan() {
@@ -38,10 +29,10 @@ torchtitan() {
         --activation_checkpoint.selective_ac_option op "$@"
 }
 
-steady=(--micro-batch-size 1 --grad-accum 8 --steps 3 --repeats 2 --warmup 2)
+steady=("${shape[@]}" --micro-batch-size 1 --grad-accum 8 --steps 3 --repeats 2 --warmup 2)
 case $part in
 selective)
-    ours 8b_mb2_ac 2 --micro-batch-size 2 --grad-accum 4 --steps 2 --repeats 2 --warmup 2 --memory-peak \
+    ours 8b_mb2_ac 2 "${shape[@]}" --micro-batch-size 2 --grad-accum 4 --steps 2 --repeats 2 --warmup 2 --memory-peak \
         --runs native-zero3-acnone,native-zero3-acselective,native-zero3-acselective-offload
     TT_TIMEOUT=200 torchtitan selective_mb2 2 --training.local_batch_size 2 --training.global_batch_size 16 \
         --training.steps 8 --metrics.log_freq 2

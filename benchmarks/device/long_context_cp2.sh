@@ -10,28 +10,19 @@
 # Each run's JSON lands in $OUT under the part's name; compare ratios only within one call.
 set -uo pipefail
 part=${1:?usage: long_context_cp2.sh 32k|128k|documents}
-: "${OUT:?set OUT to the folder that comes back}"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD
-
-# ours NAME GPUS ARGS...: one gpu_backends.py launch, its JSON kept as gpu_backends_NAME.json
-ours() {
-    local name=$1 gpus=$2
-    shift 2
-    timeout "${OURS_TIMEOUT:-240}" torchrun --nproc_per_node "$gpus" benchmarks/gpu_backends.py --micro-batch-size 1 "$@"
-    mv "$OUT/gpu_backends_${gpus}gpu.json" "$OUT/gpu_backends_$name.json" 2>/dev/null || echo "$name: no result"
-}
+OURS_TIMEOUT=${OURS_TIMEOUT:-240}
+source "$(dirname "$0")/common.sh"
 
 case $part in
 32k)
-    fast=(--seq-len 32768 --grad-accum 4 --steps 3 --repeats 3 --warmup 3)
+    fast=(--micro-batch-size 1 --seq-len 32768 --grad-accum 4 --steps 3 --repeats 3 --warmup 3)
     ours cp2_32k 2 "${fast[@]}" --runs native-zero1-cp2
     TT_TAG=cp2_32k bash .tt/run.sh 1b 2 --parallelism.context_parallel_degree 2 --training.seq_len 32768 \
         --training.local_batch_size 1 --training.global_batch_size 4 --training.steps 12 --metrics.log_freq 2
     ours 1gpu_32k 1 "${fast[@]}" --runs native-zero1
     ;;
 128k)
-    long=(--seq-len 131072 --grad-accum 1 --steps 2 --repeats 2 --warmup 2)
+    long=(--micro-batch-size 1 --seq-len 131072 --grad-accum 1 --steps 2 --repeats 2 --warmup 2)
     ours cp2_128k 2 "${long[@]}" --runs native-zero1-cp2-acfull --memory-peak
     TT_TAG=cp2_128k bash .tt/run.sh 1b 2 --parallelism.context_parallel_degree 2 --training.seq_len 131072 \
         --training.local_batch_size 1 --training.global_batch_size 1 --training.steps 8 --metrics.log_freq 2 \
@@ -39,7 +30,7 @@ case $part in
     ours 1gpu_128k 1 "${long[@]}" --runs native-zero1-acfull
     ;;
 documents)
-    fast=(--seq-len 32768 --grad-accum 4 --steps 3 --repeats 3 --warmup 3 --runs native-zero1-cp2)
+    fast=(--micro-batch-size 1 --seq-len 32768 --grad-accum 4 --steps 3 --repeats 3 --warmup 3 --runs native-zero1-cp2)
     ours cp2_32k_documents 2 "${fast[@]}" --doc-tokens 4096
     ours cp2_32k_causal 2 "${fast[@]}"
     ;;
