@@ -9,7 +9,7 @@ import pytest
 
 from orchestrator.cli import main
 from orchestrator.errors import SpecError
-from orchestrator.planner.layout import choose_layout
+from orchestrator.planner.layout import Hardware, choose_layout, evaluate
 from orchestrator.planner.memory import GiB, activation_bytes
 from orchestrator.planner.memory_native import context_parallel_kv_bytes, native_memory
 from orchestrator.validate import load_spec, parse_spec, spec_to_dict
@@ -120,3 +120,19 @@ def test_pretrain_plan_shows_cp_and_the_specs_cp_layout(repo_root, capsys) -> No
     assert int(table[2].split()[2]) > 1
     slices = table[1].split().index("slices")  # a column only where some layout shown runs the loss in slices
     assert table[2].split()[slices] == "8"
+
+
+def test_every_recomputing_mode_gathers_the_keys_and_values_again(repo_root) -> None:
+    """Full and selective checkpointing both gather a block's keys and values again in the backward (selective keeps
+    attention's output, not its gathered inputs): tests/parallel/test_activation_checkpoint.py reads it from the
+    compiled graphs. The step time counts a third gather for them, none for `none`."""
+    raw = spec_to_dict(load_spec(repo_root / "examples" / "llama-1b.yaml"))
+    raw["data"]["seq_len"] = 32768
+    raw["parallel"].update(backend="native", dp=1, cp=2, micro_batch_size=1, grad_accum=1, global_batch_size=0)
+    raw["resources"].update(num_nodes=1, gpus_per_node=2)
+    hw = Hardware(gpus=2, gpu_mem_bytes=141 * GiB, gpus_per_node=2)
+    comm = {}
+    for mode in ("none", "selective", "full"):
+        raw["parallel"]["activation_checkpointing"] = mode
+        comm[mode] = evaluate(parse_spec(raw), hw).step.cp_comm
+    assert comm["selective"] == comm["full"] == pytest.approx(comm["none"] * 3 / 2)
