@@ -318,9 +318,8 @@ def activation_bytes(model: ModelConfig, seq_len: int, p: ParallelConfig, stage:
     full_layer, block_input = _block_bytes(model, seq_len, p, width, block_bytes_per_token, residual_width)
     residual = tokens * model.dim / (p.tp if p.sequence_parallel else 1)
     recomputing = full_layer  # one block recomputed at a time
-    inputs = layers * in_flight * block_input
-    if p.activation_offload:
-        inputs = min(layers, OFFLOADED_RESIDENT_INPUTS) * in_flight * block_input
+    resident = min(layers, OFFLOADED_RESIDENT_INPUTS) if p.activation_offload else layers
+    inputs = resident * in_flight * block_input
     if p.activation_checkpointing == "full":
         kept = inputs
     elif p.activation_checkpointing == "selective":
