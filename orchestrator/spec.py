@@ -41,8 +41,8 @@ class RopeScalingConfig:
     attention_factor: float = setting(0.0, "yarn: scale of cos/sin; 0: 0.1·ln(factor) + 1", min=0.0, max=100.0)
 
 
-# The checkpointing modes under which a block keeps one tensor of the residual stream, its input, which
-# `parallel.activation_offload` moves to host memory.
+# The checkpointing modes under which a block keeps few tensors of the residual stream's shape (its input; under tp
+# with selective also the kept reductions' outputs), which `parallel.activation_offload` moves to host memory.
 OFFLOADED_MODES = ("full", "selective")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

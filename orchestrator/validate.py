@@ -219,18 +219,20 @@ def _checkpointing_every_picks_a_block(spec: JobSpec, _: Any) -> list[Problem]:
 
 @rule("parallel.activation_offload", "parallel.activation_checkpointing", "parallel.backend", "parallel.pp")
 def _offload_what_checkpointing_keeps(spec: JobSpec, _: Any) -> list[Problem]:
-    """Offload moves the blocks' inputs, one tensor a block: all that full checkpointing keeps of a block, and under
-    selective the one beside its matmul outputs. Without checkpointing a block keeps several tensors of that shape,
-    more than PCIe carries in a block's forward, and every_n has such blocks; a pipeline schedule interleaves
-    micro-batches' backwards out of the forwards' order."""
+    """Offload moves what the blocks keep of the residual stream's shape: the block's input under full
+    checkpointing, and under selective the input beside the matmul outputs (with tensor parallelism, the kept
+    reductions' outputs too). Without checkpointing a block keeps more tensors of that shape than PCIe carries in its
+    forward, and every_n has such blocks; a pipeline schedule interleaves micro-batches' backwards out of the
+    forwards' order."""
     p = spec.parallel
     if not p.activation_offload:
         return []
     out = []
     if p.activation_checkpointing not in OFFLOADED_MODES:
-        out.append(Problem("parallel.activation_offload", "moves the blocks' inputs, which full and selective "
-                           "checkpointing keep alone of the residual stream; set activation_checkpointing=full or "
-                           f"selective (it is {p.activation_checkpointing}) or activation_offload=false"))
+        out.append(Problem("parallel.activation_offload", "moves what the blocks keep of the residual stream, "
+                           "little under full and selective checkpointing and more than PCIe carries without; set "
+                           f"activation_checkpointing=full or selective (it is {p.activation_checkpointing}) or "
+                           "activation_offload=false"))
     if p.backend != "native":
         out.append(Problem("parallel.activation_offload", "needs parallel.backend=native"))
     if p.pp > 1:

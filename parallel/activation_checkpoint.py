@@ -3,8 +3,9 @@
 Modes (`parallel.activation_checkpointing`):
   none      every activation autograd needs is kept from forward to backward;
   full      only each block's input is kept; the whole block runs again in backward;
-  selective attention's outputs and every other matmul's are kept; the other matmuls and the cheap element-wise ops
-            (RMSNorms, RoPE, SiLU·up, residual adds) run again: most of no-AC's speed for part of its memory;
+  selective attention's outputs, every other matmul's and the collectives' are kept; the other matmuls and the
+            cheap element-wise ops (RMSNorms, RoPE, SiLU·up, residual adds) run again: most of no-AC's speed for
+            part of its memory;
   every_n   `full` on every n-th block (`parallel.activation_checkpointing_every`) and nothing on the others:
             memory and recomputation in steps of 1/n between none and full (n=1 is full). torchtitan's selective
             layer checkpointing (`selective_ac_option: <n>`), with its convention: counting blocks from 1, the
@@ -36,18 +37,21 @@ import parallel.cudnn_attention  # noqa: F401  registers torch.ops.pretrain.pref
 
 MODES = ("none", "full", "selective", "every_n")
 
-# What selective checkpointing keeps (torchtitan's per-op policy): the outputs of every attention kernel and every
-# other matmul, and, under tensor parallelism, of the reductions after the row-parallel projections, so that
-# recomputation sends nothing. Of a block's seven projections q, v, gate (and down, whose output backward never
-# reads) are kept and k, o and up recomputed: about a third of the forward matmul FLOPs again, for about half the
-# memory of keeping them all. A projection with a bias (Qwen2's q/k/v) is an addmm rather than an mm, and a float8
-# one a _scaled_mm; both count the same. Soft-capped attention has no fused kernel: it is two batched matmuls
-# (scores, then probabilities · values), and the second, attention's output, is kept like a kernel's. Every
-# element-wise op (RMSNorms, RoPE, SiLU·up, residual adds, the soft-cap and softmax of eager attention) is
-# recomputed.
+# What selective checkpointing keeps (torchtitan's per-op policy, and more): the outputs of every attention kernel and
+# every other matmul, and of the collectives inside a block, so that recomputation sends nothing: under tensor
+# parallelism the reductions after the row-parallel projections, and with sequence parallelism also the gathered inputs
+# of the column-parallel ones (torchtitan gathers those again; keeping them ran Llama-3-8B's tp2 3.5% faster for 4 GiB a
+# rank, docs/backends.md); under context parallelism the gathered keys and values; under expert parallelism the
+# per-expert counts and the tokens sent to their experts and back. Of a block's seven projections q, v, gate (and
+# down, whose output backward never reads) are kept and k, o and up recomputed: about a third of the forward matmul
+# FLOPs again, for about half the memory of keeping them all. A projection with a bias (Qwen2's q/k/v) is an
+# addmm rather than an mm, and a float8 one a _scaled_mm; both count the same. Soft-capped attention has no fused
+# kernel: it is two batched matmuls (scores, then probabilities · values), and the second, attention's output, is kept
+# like a kernel's. Every element-wise op (RMSNorms, RoPE, SiLU·up, residual adds, the soft-cap and softmax of eager
+# attention) is recomputed.
 _ATTENTION = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
               "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
-_COLLECTIVES = ("all_reduce", "reduce_scatter_tensor")
+_COLLECTIVES = ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "all_to_all_single")
 SAVED_OPS = frozenset(
     [getattr(torch.ops.aten, name).default for name in _ATTENTION if hasattr(torch.ops.aten, name)]
     + [getattr(torch.ops._c10d_functional, name).default for name in _COLLECTIVES]

@@ -12,8 +12,11 @@ What moves is exactly the blocks' inputs: a tensor autograd saves while the bloc
 output and the final norm's input, marked by hooks on those two modules, neither of which is compiled) with the
 residual stream's shape. Full and selective checkpointing save nothing else of that shape there (selective keeps
 the matmuls' outputs, of other widths; under tensor parallelism also the reductions' outputs, which then move too);
-parameters, RoPE tables and masks stay where they are. On CPU the copies are plain copies: nothing is gained, and the
-bookkeeping is the same (the CPU tests hold a run with offload to one without).
+parameters, RoPE tables and masks stay where they are. Every block saves as many such tensors as the next, so the
+lag and the prefetch count blocks, each the number of tensors a forward moved over its blocks: the copies of a block
+with several have the whole next block to finish in, not the next tensor's few operations. On CPU the copies are
+plain copies: nothing is gained, and the bookkeeping is the same (the CPU tests hold a run with offload to one
+without).
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-PREFETCH = 2  # block inputs brought back ahead of the backward that reads them
-LAG = 1  # block inputs whose copy to host may still be running when the next block's input is saved
+PREFETCH = 2  # blocks whose saved tensors are brought back ahead of the backward that reads them
+LAG = 1  # blocks whose copies to host may still be running when the next block's tensors are saved
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,8 @@ class _Offloaded:
 class ActivationOffload:
     """Offload for one model's training forwards: `with offload.forward(): model(...)`, then backward as usual.
     Counts what it did since it was made: `offloaded` tensors (`offloaded_bytes`), `restored` ones, and `kept` ones,
-    the last blocks' inputs, still on the GPU when the forward ends and read there by the backward's first blocks."""
+    the last blocks' inputs, still on the GPU when the forward ends and read there by the backward's first blocks.
+    `model` has `embed_tokens`, `layers` and `norm`, all of its blocks (pipeline stages are not supported)."""
 
     def __init__(self, model: nn.Module, device: torch.device):
         self.device = device
@@ -59,6 +63,8 @@ class ActivationOffload:
         self.to_host = torch.cuda.Stream(device) if self.cuda else None
         self.to_device = torch.cuda.Stream(device) if self.cuda else None
         self._residual: torch.Size | None = None  # the block inputs' shape while the blocks run, else None
+        self._blocks = len(model.layers)
+        self._per_block = 1  # tensors moved a block, as the last forward found; 1 until a forward has run
         model.embed_tokens.register_forward_hook(self._blocks_start)
         model.norm.register_forward_pre_hook(self._blocks_end)
 
@@ -78,8 +84,9 @@ class ActivationOffload:
                 yield
         finally:
             self._residual = None
+        self._per_block = max(len(saved) // self._blocks, 1)
         # Backward starts with the last blocks: their inputs stay (or come back) while the loss and head run theirs.
-        for entry in reversed(saved[-PREFETCH:]):
+        for entry in reversed(saved[-PREFETCH * self._per_block:]):
             self._bring_back(entry)
         for entry in saved:
             self._release(entry)
@@ -99,8 +106,9 @@ class ActivationOffload:
         else:
             entry.host.copy_(t)
         saved.append(entry)
-        if len(saved) > LAG:
-            self._release(saved[-1 - LAG])
+        lag = LAG * self._per_block
+        if len(saved) > lag:
+            self._release(saved[-1 - lag])
         return _Handle(len(saved) - 1)
 
     def _release(self, entry: _Offloaded) -> None:
@@ -123,9 +131,10 @@ class ActivationOffload:
             self._compute().wait_event(entry.ready)
         t = entry.device
         # Backward runs the blocks last to first: the later blocks are done with theirs, the earlier come next.
-        for later in saved[packed.index + 1:]:
+        block = packed.index // self._per_block
+        for later in saved[(block + 1) * self._per_block:]:
             self._drop(later)
-        for earlier in saved[max(packed.index - PREFETCH, 0):packed.index]:
+        for earlier in saved[max(block - PREFETCH, 0) * self._per_block:(block + 1) * self._per_block]:
             self._bring_back(earlier)
         return t
 

@@ -48,9 +48,9 @@ def exchange_counts(counts: torch.Tensor, group: dist.ProcessGroup) -> torch.Ten
     """[ep, E/ep]: row j holds how many tokens rank j sends to each of this rank's experts, from every rank's
     `counts` [E] (its tokens per expert, experts split over the ep ranks in order)."""
     ep = dist.get_world_size(group)
-    received = torch.empty_like(counts)
-    dist.all_to_all_single(received, counts.contiguous(), group=group)
-    return received.view(ep, -1)
+    # The functional collective, as the tokens' are: selective checkpointing keeps its output rather than exchanging
+    # the counts again in the recomputation.
+    return funcol.all_to_all_single(counts.contiguous(), None, None, group).wait().view(ep, -1)
 
 
 def segment_order(lengths: torch.Tensor) -> torch.Tensor:
@@ -123,6 +123,11 @@ def shard_experts(experts: nn.Module, mesh, group: dist.ProcessGroup) -> None:
     for name, param in list(experts.named_parameters(recurse=False)):
         sharded = distribute_tensor(param.data, mesh, [Shard(0)], src_data_rank=None)
         experts.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
+    dispatch_over(experts, group)
+
+
+def dispatch_over(experts: nn.Module, group: dist.ProcessGroup) -> None:
+    """`experts`' forward runs on the experts it holds with the tokens of every rank of `group`."""
     experts.__class__ = expert_parallel_class(type(experts))
     experts.ep_group = group
 

@@ -273,16 +273,15 @@ def evaluate(spec: JobSpec, hw: Hardware) -> Candidate:
 
     hidden_bytes = micro_tokens * m.dim * width
     blocks = m.n_layers // p.pp
-    # A block recomputed whole all-reduces twice more; selective keeps the reductions' outputs.
+    # A block recomputed whole all-reduces twice more; selective keeps every collective's output.
     whole = 0.0 if p.activation_checkpointing == "selective" else checkpointed_layers(p, 0, m.n_layers) / m.n_layers
     all_reduces = 4 + 2 * whole
     tp_comm = blocks * p.grad_accum * all_reduces * _ring(p.tp) * hidden_bytes / hw.intra_node_bw
-    # Keys and values of the whole micro-batch sequence: gathered in the forward (and again in every checkpointed
-    # block's recomputation, selective's too: it keeps attention's output, not the gathered inputs), their
-    # gradients reduce-scattered in the backward; each moves (cp - 1) / cp of them.
+    # Keys and values of the whole micro-batch sequence: gathered in the forward (and again in every block
+    # recomputed whole; selective keeps them), their gradients reduce-scattered in the backward; each moves
+    # (cp - 1) / cp of them.
     kv_bytes = 2 * p.micro_batch_size * seq * attention_widths(m)[1] / p.tp * width
-    regathered = checkpointed_layers(p, 0, m.n_layers) / m.n_layers
-    cp_comm = blocks * p.grad_accum * (2 + regathered) * _ring(p.cp) / 2 * kv_bytes / hw.intra_node_bw
+    cp_comm = blocks * p.grad_accum * (2 + whole) * _ring(p.cp) / 2 * kv_bytes / hw.intra_node_bw
 
     spans_nodes = hw.gpus > hw.gpus_per_node
     pp_bw = hw.inter_node_bw if spans_nodes and p.tp * p.cp * p.dp >= hw.gpus_per_node else hw.intra_node_bw

@@ -86,7 +86,10 @@ SCORE_FP32_BYTES = 4
 MASK_BYTES = 1
 # Selective checkpointing keeps, per token and block: q, v, gate (ffn_dim), attention's output (query width)
 # and its fp32 log-sum-exp (one per head), all split by tp; under tensor parallelism also the outputs of the two
-# reductions after the row-parallel projections (dim each, split by tp only with sequence parallelism).
+# reductions after the row-parallel projections (dim each, split by tp only with sequence parallelism). On the
+# native engine it keeps every collective's output in a block: with sequence parallelism the two gathered norm
+# outputs (dim each, the residual's width, the whole sequence on every tp rank: Llama-3-8B tp2 at seq 4096, 4.0
+# GiB measured and counted), under cp the gathered keys and values.
 SELECTIVE_SPLIT_D = 2.0
 SELECTIVE_REDUCTIONS_D = 2.0
 # Per logit at the start of backward, either precision: the fp32 log-softmax kept for backward, the gradient coming
@@ -283,14 +286,24 @@ def attention_bytes_per_token(model: ModelConfig, seq_len: int, width: int, tp: 
     return sliding / model.n_layers * seq_len * MASK_BYTES
 
 
-def selective_bytes_per_token(model: ModelConfig, width: int, tp: int = 1, sequence_parallel: bool = False) -> float:
-    """Bytes selective checkpointing keeps per token and block beside the block's input."""
-    d = model.dim
+def selective_bytes_per_token(model: ModelConfig, width: int, p: ParallelConfig,
+                              residual_width: int | None = None) -> float:
+    """Bytes selective checkpointing keeps per token and block beside the block's input; under cp per token of
+    the whole sequence, as `activation_bytes` counts them before the caller divides by cp."""
+    d, tp = model.dim, p.tp
     q, kv = attention_widths(model)
     split = ((SELECTIVE_SPLIT_D * q + kv) * width + 4 * model.n_heads) / tp
     gate = mlp_saved_bytes(model, width, tp, 1.0, routing=False)
-    reductions = SELECTIVE_REDUCTIONS_D * d * width / (tp if sequence_parallel else 1) if tp > 1 else 0.0
-    return split + gate + reductions
+    reductions = SELECTIVE_REDUCTIONS_D * d * width / (tp if p.sequence_parallel else 1) if tp > 1 else 0.0
+    gathered = 0.0
+    if p.backend == "native":
+        if tp > 1 and p.sequence_parallel:
+            gathered += 2 * d * (residual_width or width)
+        if p.cp > 1:
+            gathered += 2 * kv / tp * width * p.cp
+        if p.ep > 1:  # each MoE layer's routed copies as they arrive at the experts and as they come back
+            gathered += 2 * model.moe.top_k * d * width * sum(moe_layers(model)) / model.n_layers
+    return split + gate + reductions + gathered
 
 
 
@@ -323,7 +336,7 @@ def activation_bytes(model: ModelConfig, seq_len: int, p: ParallelConfig, stage:
     if p.activation_checkpointing == "full":
         kept = inputs
     elif p.activation_checkpointing == "selective":
-        kept = inputs + layers * in_flight * tokens * selective_bytes_per_token(model, width, p.tp, p.sequence_parallel)
+        kept = inputs + layers * in_flight * tokens * selective_bytes_per_token(model, width, p, residual_width)
     elif p.activation_checkpointing == "every_n":
         recomputed = checkpointed_layers(p, stage * layers, layers)
         kept = (recomputed * block_input + (layers - recomputed) * full_layer) * in_flight

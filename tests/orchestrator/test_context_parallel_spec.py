@@ -122,17 +122,25 @@ def test_pretrain_plan_shows_cp_and_the_specs_cp_layout(repo_root, capsys) -> No
     assert table[2].split()[slices] == "8"
 
 
-def test_every_recomputing_mode_gathers_the_keys_and_values_again(repo_root) -> None:
-    """Full and selective checkpointing both gather a block's keys and values again in the backward (selective keeps
-    attention's output, not its gathered inputs): tests/parallel/test_activation_checkpoint.py reads it from the
-    compiled graphs. The step time counts a third gather for them, none for `none`."""
+def test_full_checkpointing_gathers_the_keys_and_values_again_and_selective_keeps_them(repo_root) -> None:
+    """Full checkpointing gathers a block's keys and values again in the backward, selective keeps them
+    (tests/parallel/test_activation_checkpoint.py reads both from the compiled graphs). The step time counts a
+    third gather for full only; the memory, the whole sequence's keys and values of every block for selective."""
     raw = spec_to_dict(load_spec(repo_root / "examples" / "llama-1b.yaml"))
     raw["data"]["seq_len"] = 32768
     raw["parallel"].update(backend="native", dp=1, cp=2, micro_batch_size=1, grad_accum=1, global_batch_size=0)
     raw["resources"].update(num_nodes=1, gpus_per_node=2)
     hw = Hardware(gpus=2, gpu_mem_bytes=141 * GiB, gpus_per_node=2)
-    comm = {}
+    comm, activations = {}, {}
     for mode in ("none", "selective", "full"):
         raw["parallel"]["activation_checkpointing"] = mode
-        comm[mode] = evaluate(parse_spec(raw), hw).step.cp_comm
-    assert comm["selective"] == comm["full"] == pytest.approx(comm["none"] * 3 / 2)
+        candidate = evaluate(parse_spec(raw), hw)
+        comm[mode], activations[mode] = candidate.step.cp_comm, candidate.memory.activations
+    assert comm["full"] == pytest.approx(comm["none"] * 3 / 2)
+    assert comm["selective"] == comm["none"]
+    model = parse_spec(raw).model
+    kv = model.dim * model.n_kv_heads // model.n_heads
+    gathered = model.n_layers * 32768 * 2 * kv * 2  # keys and values of the whole sequence, bf16, every block
+    raw["parallel"]["activation_checkpointing"] = "selective"
+    without_cp = evaluate(parse_spec(raw | {"parallel": {**raw["parallel"], "cp": 1, "dp": 2}}), hw).memory
+    assert activations["selective"] - without_cp.activations // 2 >= gathered

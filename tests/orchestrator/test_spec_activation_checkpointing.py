@@ -90,8 +90,9 @@ def test_activation_offload_is_accepted_with_full_or_selective_checkpointing_on_
 
 @pytest.mark.parametrize(("overrides", "message"), [
     *[([f"parallel.activation_checkpointing={mode}"],
-       r"parallel\.activation_offload: moves the blocks' inputs, which full and selective checkpointing keep alone "
-       rf"of the residual stream; set activation_checkpointing=full or selective \(it is {mode}\)")
+       r"parallel\.activation_offload: moves what the blocks keep of the residual stream, little under full and "
+       r"selective checkpointing and more than PCIe carries without; set activation_checkpointing=full or selective "
+       rf"\(it is {mode}\)")
       for mode in ("none", "every_n")],
     (["parallel.activation_checkpointing=full", "parallel.backend=deepspeed"],
      r"parallel\.activation_offload: needs parallel\.backend=native"),

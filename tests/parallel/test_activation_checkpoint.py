@@ -8,6 +8,8 @@ where checkpointing under compile happens), without inductor's C++ build, so the
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -16,10 +18,11 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from orchestrator.spec import ModelConfig
+from orchestrator.spec import ModelConfig, MoEConfig
 from parallel.activation_checkpoint import MODES, apply_activation_checkpointing
 from parallel.compile import apply_compile
 from parallel.context_parallel import chunk_attention
+from parallel.expert_parallel import dispatch_over, moe_experts
 from parallel.model import build_model, cross_entropy
 
 CONFIG = ModelConfig(vocab_size=96, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, multiple_of=32)
@@ -80,23 +83,30 @@ def test_compiled_blocks_capture_the_checkpointed_region(mode: str) -> None:
     torch._dynamo.reset()
 
 
-class MatmulCounter(TorchDispatchMode):
-    def __init__(self) -> None:
+class OpCounter(TorchDispatchMode):
+    """How many times any of `ops` runs."""
+
+    def __init__(self, *ops: torch._ops.OpOverload) -> None:
         super().__init__()
+        self.ops = ops
         self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+        self.count += func in self.ops
         return func(*args, **(kwargs or {}))
 
 
-def backward_matmuls(mode: str, every: int = 2) -> int:
-    model = model_with(mode, every=every)
+def backward_ops(model: torch.nn.Module, *ops: torch._ops.OpOverload) -> int:
     rows = tokens()
     loss = cross_entropy(model(rows[:, :-1]), rows[:, 1:])
-    with MatmulCounter() as counter:
+    with OpCounter(*ops) as counter:
         loss.backward()
     return counter.count
+
+
+def backward_matmuls(mode: str, every: int = 2) -> int:
+    return backward_ops(model_with(mode, every=every), torch.ops.aten.mm.default, torch.ops.aten.addmm.default,
+                        torch.ops.aten.bmm.default)
 
 
 def test_full_recomputes_every_matmul_and_selective_every_other() -> None:
@@ -146,13 +156,14 @@ def gathers(graph: torch.fx.GraphModule) -> int:
     return sum(node.target is torch.ops._c10d_functional.all_gather_into_tensor.default for node in graph.graph.nodes)
 
 
-@pytest.mark.parametrize("mode", ["full", "selective"])
-def test_compiled_full_checkpointing_gathers_the_keys_and_values_again_in_backward(mode: str, tmp_path) -> None:
+@pytest.mark.parametrize(("mode", "gathered_again"), [("full", 2), ("selective", 0)])
+def test_compiled_full_checkpointing_gathers_the_keys_and_values_again_and_selective_keeps_them(
+        mode: str, gathered_again: int, tmp_path) -> None:
     """Under compile the partitioner keeps every collective's output unless the checkpointed region says to
     recompute it: context parallelism's gathered keys and values would stay from forward to backward, a whole
-    sequence's per block. Full checkpointing gathers them again (two per block, in backward), and so does
-    selective, which keeps attention's output, not its gathered inputs (the planner's step time counts both). The
-    backward graphs are AOTAutograd's, split by inductor's partitioner."""
+    sequence's per block. Full checkpointing gathers them again (two per block, in backward); selective keeps them,
+    as it keeps every collective's output, and sends nothing again (the planner counts both: the traffic of one,
+    the memory of the other). The backward graphs are AOTAutograd's, split by inductor's partitioner."""
     backwards: list[torch.fx.GraphModule] = []
 
     def keep_backward(graph: torch.fx.GraphModule, _: object) -> object:
@@ -175,4 +186,30 @@ def test_compiled_full_checkpointing_gathers_the_keys_and_values_again_in_backwa
         dist.destroy_process_group()
         torch._dynamo.reset()
     assert backwards, "no block was compiled"
-    assert [gathers(graph) for graph in backwards] == [2] * len(backwards)
+    assert [gathers(graph) for graph in backwards] == [gathered_again] * len(backwards)
+
+
+@pytest.mark.parametrize(("mode", "exchanged_again"), [("none", 0), ("full", 3), ("selective", 0)])
+def test_expert_parallelism_exchanges_again_only_in_blocks_recomputed_whole(
+        mode: str, exchanged_again: int, tmp_path) -> None:
+    """An MoE layer under expert parallelism exchanges its per-expert counts, then sends its tokens to their experts
+    and back: three all-to-alls a layer, which full checkpointing runs again in backward and selective keeps (the
+    planner counts the traffic of one, the memory of the other). The backward's own are the tokens' gradients, two a
+    layer. One gloo rank is a whole ep group; training is the same as without checkpointing."""
+    config = dataclasses.replace(CONFIG, moe=MoEConfig(num_experts=4, top_k=2))
+
+    def expert_parallel(checkpointing: str) -> torch.nn.Module:
+        model = build_model(config, "cpu")
+        model.init_weights(seed=5)
+        for experts in moe_experts(list(model.layers)):
+            dispatch_over(experts, dist.group.WORLD)
+        apply_activation_checkpointing(model.layers, checkpointing)
+        return model
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        a2a = torch.ops._c10d_functional.all_to_all_single.default
+        assert backward_ops(expert_parallel(mode), a2a) == config.n_layers * (2 + exchanged_again)
+        assert_same_training(mode, expert_parallel("none"), expert_parallel(mode))
+    finally:
+        dist.destroy_process_group()

@@ -25,8 +25,9 @@ MICRO_BATCHES, ROWS, SEQ = 2, 2, 24
 
 
 def train(compiled: bool, offload: bool, device: str = "cpu", mode: str = "full") -> tuple[
-        dict[str, torch.Tensor], ActivationOffload | None]:
-    """Gradients of two micro-batches under checkpointing `mode`, and the offload that ran (None: without)."""
+        dict[str, torch.Tensor], ActivationOffload | None, list[int]]:
+    """Gradients of two micro-batches under checkpointing `mode`, the offload that ran (None: without), and how many
+    tensors each forward's end brought back for the backward's first blocks."""
     torch._dynamo.reset()
     model = build_model(CONFIG, device)
     model.init_weights(seed=5)
@@ -36,6 +37,7 @@ def train(compiled: bool, offload: bool, device: str = "cpu", mode: str = "full"
                       else CompileCounterWithBackend("aot_eager_decomp_partition"))
     moved = ActivationOffload(model, torch.device(device)) if offload else None
     g = torch.Generator().manual_seed(3)
+    brought_back = []
     for _ in range(MICRO_BATCHES):
         tokens = torch.randint(0, CONFIG.vocab_size, (ROWS, SEQ + 1), generator=g).to(device)
         if moved is None:
@@ -44,12 +46,20 @@ def train(compiled: bool, offload: bool, device: str = "cpu", mode: str = "full"
             restored = moved.restored
             with moved.forward():
                 logits = model(tokens[:, :-1])
-            assert moved.restored - restored == PREFETCH - LAG, \
-                "the forward's end brings back what the backward reads first, unless it is still on the device"
+            brought_back.append(moved.restored - restored)
         cross_entropy(logits, tokens[:, 1:]).backward()
     with torch.no_grad():
         model(tokens[:, :-1])  # a forward outside the offload's moves nothing
-    return {n: p.grad.cpu() for n, p in model.named_parameters()}, moved
+    return {n: p.grad.cpu() for n, p in model.named_parameters()}, moved, brought_back
+
+
+def assert_same_gradients(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], device: str) -> None:
+    assert got.keys() == want.keys()
+    for name in want:
+        if device == "cpu":
+            assert torch.equal(got[name], want[name]), name
+        else:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
@@ -58,19 +68,30 @@ def train(compiled: bool, offload: bool, device: str = "cpu", mode: str = "full"
 @pytest.mark.parametrize("mode", ["full", "selective"])
 def test_offload_moves_each_block_input_out_and_back_and_trains_as_without_it(mode: str, compiled: bool,
                                                                               device: str) -> None:
-    want, _ = train(compiled, offload=False, device=device, mode=mode)
-    got, moved = train(compiled, offload=True, device=device, mode=mode)
+    want, _, _ = train(compiled, offload=False, device=device, mode=mode)
+    got, moved, brought_back = train(compiled, offload=True, device=device, mode=mode)
     blocks = MICRO_BATCHES * CONFIG.n_layers
     kept = MICRO_BATCHES * LAG
     assert (moved.offloaded, moved.kept, moved.restored) == (blocks, kept, blocks - kept), \
         "each block's input out once, and back once unless it is among the last, which backward reads first"
+    assert brought_back == [PREFETCH - LAG] * MICRO_BATCHES, \
+        "the forward's end brings back what the backward reads first, unless it is still on the device"
     assert moved.offloaded_bytes == blocks * ROWS * SEQ * CONFIG.dim * 4
-    assert got.keys() == want.keys()
-    for name in want:
-        if device == "cpu":
-            assert torch.equal(got[name], want[name]), name
-        else:
-            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_gradients(got, want, device)
+
+
+def test_blocks_saving_several_residual_tensors_move_them_a_block_at_a_time() -> None:
+    """Eager and without checkpointing a block saves several tensors of the residual's shape (as tensor
+    parallelism's kept reductions do under selective): the lag and the prefetch count blocks of them, once a forward
+    has shown how many a block saves; the first forward lets each tensor's copy lag by one tensor."""
+    want, _, _ = train(compiled=False, offload=False, mode="none")
+    got, moved, brought_back = train(compiled=False, offload=True, mode="none")
+    per_block, rest = divmod(moved.offloaded, MICRO_BATCHES * CONFIG.n_layers)
+    assert rest == 0 and per_block > 1, moved.offloaded
+    kept = LAG + LAG * per_block
+    assert (moved.kept, moved.restored) == (kept, moved.offloaded - kept), (moved.kept, moved.restored)
+    assert brought_back == [PREFETCH * per_block - LAG, (PREFETCH - LAG) * per_block], brought_back
+    assert_same_gradients(got, want, "cpu")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
