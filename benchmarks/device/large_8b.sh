@@ -5,7 +5,8 @@
 #              selective with the block inputs offloaded, then torchtitan's per-op selective on the same batch;
 #   tp2        tp2 with sequence parallelism (the compiled vocabulary-parallel loss) and FSDP dp2 with selective
 #              checkpointing, micro-batch 1 × accumulation 8, as the spec writes them;
-#   pp2        pp2 under 1F1B and interleaved 1F1B (two stages a rank), each with its measured bubble.
+#   pp2        pp2 under 1F1B and interleaved 1F1B (two stages a rank), each with its measured bubble;
+#   zerobubble pp2 under interleaved 1F1B and zero-bubble, both eager (zero-bubble's split backward is not compiled).
 # On an nvidia-h200-x4 machine, where torchtitan trains tp and pp in bf16 (under FSDP over dp 2):
 #   dp2-tp2    FSDP dp2 × tp2 with sequence parallelism, ours then torchtitan's;
 #   dp2-pp2    FSDP dp2 × pp2 under 1F1B, 8 micro-batches of one sequence, ours then torchtitan's.
@@ -16,7 +17,7 @@
 #   bash benchmarks/device/large_8b.sh selective
 # Each run's JSON lands in $OUT under the part's name; compare ratios only within one call.
 set -uo pipefail
-part=${1:?usage: large_8b.sh selective|tp2|pp2|dp2-tp2|dp2-pp2|dp2-pp2-tp2}
+part=${1:?usage: large_8b.sh selective|tp2|pp2|zerobubble|dp2-tp2|dp2-pp2|dp2-pp2-tp2}
 OURS_TIMEOUT=${OURS_TIMEOUT:-360}
 source "$(dirname "$0")/common.sh"
 shape=(--model examples/llama-8b.yaml --seq-len 4096)
@@ -43,6 +44,9 @@ tp2)
 pp2)
     ours 8b_pp2 2 "${steady[@]}" --runs native-zero1-pp2-1f1b,native-zero1-pp2-interleaved
     ;;
+zerobubble)
+    ours 8b_pp2_zerobubble 2 "${steady[@]}" --no-compile --runs native-zero1-pp2-interleaved,native-zero1-pp2-zerobubble
+    ;;
 dp2-tp2)
     ours 8b_dp2_tp2 4 "${steady[@]}" --runs native-zero3-tp2
     torchtitan dp2_tp2 4 --parallelism.tensor_parallel_degree 2 --training.steps 10 --metrics.log_freq 2
@@ -59,7 +63,7 @@ dp2-pp2-tp2)
         --metrics.log_freq 2
     ;;
 *)
-    echo "large_8b.sh: part must be selective, tp2, pp2, dp2-tp2, dp2-pp2 or dp2-pp2-tp2, not '$part'" >&2
+    echo "large_8b.sh: part must be selective, tp2, pp2, zerobubble, dp2-tp2, dp2-pp2 or dp2-pp2-tp2, not '$part'" >&2
     exit 2
     ;;
 esac
