@@ -70,18 +70,18 @@ def test_a_store_opened_before_the_group_holds_its_port_until_the_group_forms() 
     """The Ray controller learns rank 0's port from the store rank 0 already listens on: nothing else on the node can
     bind that port before the group forms (a port merely found free was taken once, failing the attempt)."""
     first = ("import socket, torch, torch.distributed as dist\n"
-             "from parallel.launch import RankEnv, init_distributed, open_store\n"
+             "from parallel.launch import RankEnv, init_distributed, open_store, shutdown_distributed\n"
              "store = open_store()\nprint(store.port, flush=True)\n"
              "try:\n    socket.create_server(('', store.port))\n    print('taken', flush=True)\n"
              "except OSError:\n    print('held', flush=True)\n"
              "env = RankEnv(rank=0, world_size=2, master_port=store.port, store=store)\n"
              "init_distributed(env, torch.device('cpu'))\n"
-             "t = torch.ones(1)\ndist.all_reduce(t)\nprint(int(t.item()))\n")
+             "t = torch.ones(1)\ndist.all_reduce(t)\nprint(int(t.item()))\nshutdown_distributed()\n")
     other = ("import sys, torch, torch.distributed as dist\n"
-             "from parallel.launch import RankEnv, connect_store, init_distributed\n"
+             "from parallel.launch import RankEnv, connect_store, init_distributed, shutdown_distributed\n"
              "port = int(sys.argv[1])\nstore = connect_store('127.0.0.1', port)\n"
              "init_distributed(RankEnv(rank=1, world_size=2, master_port=port, store=store), torch.device('cpu'))\n"
-             "t = torch.ones(1)\ndist.all_reduce(t)\nprint(int(t.item()))\n")
+             "t = torch.ones(1)\ndist.all_reduce(t)\nprint(int(t.item()))\nshutdown_distributed()\n")
     env = {**os.environ, "PYTHONPATH": str(REPO), "GLOO_SOCKET_IFNAME": "lo"}
     rank0 = subprocess.Popen([sys.executable, "-c", first], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
