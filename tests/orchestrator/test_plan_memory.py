@@ -139,7 +139,8 @@ def test_selective_checkpointing_keeps_less_than_none_and_more_than_full(billion
     # Sequence parallelism splits what selective keeps; the native engine's selective also keeps the gathered
     # inputs of the column-parallel projections, a whole sequence's on every rank (test_plan_memory_native holds that
     # to a measured peak), which DeepSpeed's tensor parallelism gathers again.
-    gathered = 2 * 2048 * 2 * billion.data.seq_len * billion.parallel.micro_batch_size * 16  # two a block, bf16
+    m, tokens = billion.model, billion.data.seq_len * billion.parallel.micro_batch_size
+    gathered = 2 * m.dim * 2 * tokens * m.n_layers  # two a block, bf16
     for backend in ("deepspeed", "native"):
         tp = with_parallel(billion, backend=backend, tp=2, dp=4, activation_checkpointing="selective")
         without_sp = estimate_memory(billion, tp).activations
