@@ -286,8 +286,7 @@ def attention_bytes_per_token(model: ModelConfig, seq_len: int, width: int, tp: 
     return sliding / model.n_layers * seq_len * MASK_BYTES
 
 
-def selective_bytes_per_token(model: ModelConfig, width: int, p: ParallelConfig,
-                              residual_width: int | None = None) -> float:
+def selective_bytes_per_token(model: ModelConfig, width: int, p: ParallelConfig, residual_width: int) -> float:
     """Bytes selective checkpointing keeps per token and block beside the block's input; under cp per token of
     the whole sequence, as `activation_bytes` counts them before the caller divides by cp."""
     d, tp = model.dim, p.tp
@@ -298,7 +297,7 @@ def selective_bytes_per_token(model: ModelConfig, width: int, p: ParallelConfig,
     gathered = 0.0
     if p.backend == "native":
         if tp > 1 and p.sequence_parallel:
-            gathered += 2 * d * (residual_width or width)
+            gathered += 2 * d * residual_width
         if p.cp > 1:
             gathered += 2 * kv / tp * width * p.cp
         if p.ep > 1:  # each MoE layer's routed copies as they arrive at the experts and as they come back
@@ -328,6 +327,7 @@ def activation_bytes(model: ModelConfig, seq_len: int, p: ParallelConfig, stage:
     tokens = p.micro_batch_size * seq_len
     layers = model.n_layers // p.pp
     in_flight = min(p.pp - stage, p.grad_accum)
+    residual_width = residual_width or width
     full_layer, block_input = _block_bytes(model, seq_len, p, width, block_bytes_per_token, residual_width)
     residual = tokens * model.dim / (p.tp if p.sequence_parallel else 1)
     recomputing = full_layer  # one block recomputed at a time
@@ -346,7 +346,7 @@ def activation_bytes(model: ModelConfig, seq_len: int, p: ParallelConfig, stage:
     if stage < p.pp - 1:
         return int(kept + recomputing)
     # Under loss_chunks the head keeps only its input; its norm and logits live a slice at a time.
-    final_norm = residual * ((residual_width or width) + (4 + width) / p.loss_chunks)
+    final_norm = residual * (residual_width + (4 + width) / p.loss_chunks)
     logits = tokens * model.vocab_size / p.tp * logit_bytes / p.loss_chunks
     return int(kept + final_norm + max(recomputing, logits))
 
